@@ -1,0 +1,196 @@
+"""The `rewrite_attention` pass: replace canonical attention nodes by block-sparse `SparseAttention` modules."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from sparsify.errors import StrategyError, UnsupportedError
+from sparsify.ops import dense_attention
+from sparsify.passes.infra import SITE_META_KEY, GraphPass, attention_nodes
+from sparsify.site import AttentionSite
+from sparsify.tables import BlockTables
+
+if TYPE_CHECKING:
+    from sparsify.patterns import Pattern
+    from sparsify.strategy import Strategy
+
+logger = logging.getLogger(__name__)
+
+# Backends tried by backend="auto", fastest first; the first that supports the call serves it.
+AUTO_BACKEND_ORDER = ("triton", "flex", "torch")
+
+
+class SparseAttention(torch.nn.Module):
+    """Attention of one site with per-head patterns: dense heads via SDPA, sparse heads via a backend.
+
+    Block tables for the sequence lengths seen at capture are buffers (they move with
+    ``.to(device)``); tables for other lengths are built from the patterns on first use and
+    cached per ``(q_len, k_len, device)``.
+
+    Example:
+        >>> from sparsify import patterns
+        >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=16, q_len=128, k_len=128)
+        >>> layer = SparseAttention(site, [patterns.dense(), patterns.sliding_window(32)], block_size=32)
+        >>> q = torch.randn(1, 2, 128, 16)
+        >>> layer(q, q, q, None, False, None).shape
+        torch.Size([1, 2, 128, 16])
+    """
+
+    def __init__(self, site: AttentionSite, head_patterns: list["Pattern"], *, block_size: int, backend: str = "auto"):
+        super().__init__()
+        if len(head_patterns) != site.num_heads:
+            raise StrategyError(f"site {site.name!r} has {site.num_heads} heads, got {len(head_patterns)} patterns")
+        self.site = site
+        self.head_patterns = list(head_patterns)
+        self.block_size = block_size
+        self.backend = backend
+        dense = [h for h, p in enumerate(head_patterns) if _is_dense(p)]
+        sparse = [h for h, p in enumerate(head_patterns) if not _is_dense(p)]
+        group = site.gqa_group_size
+        self.register_buffer("dense_heads", torch.tensor(dense, dtype=torch.long), persistent=False)
+        self.register_buffer("sparse_heads", torch.tensor(sparse, dtype=torch.long), persistent=False)
+        self.register_buffer("dense_kv_heads", torch.tensor([h // group for h in dense], dtype=torch.long), persistent=False)
+        self._table_cache: dict[tuple[int, int, str], BlockTables] = {}
+        tables = self._build_tables(site.q_len, site.k_len, torch.device("cpu"))
+        self._captured_lengths = (site.q_len, site.k_len)
+        self.register_buffer("kv_indices", tables.kv_indices, persistent=False)
+        self.register_buffer("kv_counts", tables.kv_counts, persistent=False)
+        self.register_buffer("sparse_kv_heads", tables.kv_head_index, persistent=False)
+
+    def extra_repr(self) -> str:
+        return (f"site={self.site.name!r}, heads={self.site.num_heads} "
+                f"(dense {self.dense_heads.numel()}, sparse {self.sparse_heads.numel()}), "
+                f"block_size={self.block_size}, backend={self.backend!r}")
+
+    def _build_tables(self, q_len: int, k_len: int, device: torch.device) -> BlockTables:
+        q_blocks = -(-q_len // self.block_size)
+        k_blocks = -(-k_len // self.block_size)
+        sparse = [self.head_patterns[h] for h in self.sparse_heads.tolist()]
+        if sparse:
+            masks = torch.stack([
+                p.block_mask(q_blocks, k_blocks, block_size=self.block_size, causal=self.site.causal) for p in sparse
+            ])
+        else:
+            masks = torch.ones(0, q_blocks, k_blocks, dtype=torch.bool)
+        group = self.site.gqa_group_size
+        kv_heads = torch.tensor([h // group for h in self.sparse_heads.tolist()], dtype=torch.long)
+        if not sparse:
+            return BlockTables(torch.zeros(0, q_blocks, 1, dtype=torch.int32), torch.ones(0, q_blocks, dtype=torch.int32),
+                               kv_heads, self.block_size, q_len, k_len, self.site.causal)
+        return BlockTables.from_block_masks(masks, block_size=self.block_size, q_len=q_len, k_len=k_len,
+                                            causal=self.site.causal, kv_head_index=kv_heads).to(device)
+
+    def tables(self, q_len: int, k_len: int, device: torch.device) -> BlockTables:
+        """Block tables of the sparse heads for these lengths (cached)."""
+        if (q_len, k_len) == self._captured_lengths:
+            return BlockTables(self.kv_indices, self.kv_counts, self.sparse_kv_heads, self.block_size,
+                               q_len, k_len, self.site.causal)
+        key = (q_len, k_len, str(device))
+        if key not in self._table_cache:
+            self._table_cache[key] = self._build_tables(q_len, k_len, device)
+        return self._table_cache[key]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                is_causal: bool, scale: float | None) -> torch.Tensor:
+        if self.sparse_heads.numel() == 0:
+            return dense_attention(q, k, v, attn_mask, is_causal, scale)
+        if q.shape[1] != self.site.num_heads or k.shape[1] != self.site.num_kv_heads:
+            raise UnsupportedError(
+                f"site {self.site.name!r} was compiled for {self.site.num_heads} query / {self.site.num_kv_heads} "
+                f"key-value heads, got q {tuple(q.shape)} and k {tuple(k.shape)}"
+            )
+        if attn_mask is not None and attn_mask.dim() < 4:
+            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        if is_causal and not self.site.causal:
+            raise UnsupportedError(f"site {self.site.name!r} was compiled as non-causal but is called with is_causal=True")
+        output = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        if self.dense_heads.numel():
+            dense_mask = _select_heads(attn_mask, self.dense_heads)
+            dense_out = dense_attention(q.index_select(1, self.dense_heads), k.index_select(1, self.dense_kv_heads),
+                                        v.index_select(1, self.dense_kv_heads), dense_mask, is_causal, scale)
+            output.index_copy_(1, self.dense_heads, dense_out)
+        tables = self.tables(q.shape[2], k.shape[2], q.device)
+        backend = self._backend_for(q)
+        sparse_out = backend.attention(q.index_select(1, self.sparse_heads), k, v, tables,
+                                       attn_mask=_select_heads(attn_mask, self.sparse_heads), scale=scale)
+        output.index_copy_(1, self.sparse_heads, sparse_out.to(output.dtype))
+        return output
+
+    def _backend_for(self, q: torch.Tensor):
+        from sparsify.backends import available_backends, get_backend
+
+        if self.backend != "auto":
+            backend = get_backend(self.backend)
+            reason = backend.unsupported_reason(self.site, q.dtype, q.device) if backend.is_available() else "not available in this process"
+            if reason:
+                raise UnsupportedError(f"backend {self.backend!r} cannot serve site {self.site.name!r}: {reason}")
+            return backend
+        for name in AUTO_BACKEND_ORDER:
+            if name in available_backends():
+                backend = get_backend(name)
+                if backend.supports(self.site, q.dtype, q.device):
+                    return backend
+        raise UnsupportedError(f"no backend serves site {self.site.name!r} for {q.dtype} on {q.device}")
+
+
+def _is_dense(pattern: "Pattern") -> bool:
+    return pattern.to_dict().get("pattern") == "dense"
+
+
+def _select_heads(mask: torch.Tensor | None, heads: torch.Tensor) -> torch.Tensor | None:
+    if mask is None or mask.shape[1] == 1:
+        return mask
+    return mask.index_select(1, heads)
+
+
+class RewriteAttention(GraphPass):
+    """Replace each canonical attention node with a `SparseAttention` submodule per the strategy.
+
+    Sites whose heads are all dense keep the canonical dense op. ``rewritten`` counts the
+    replaced nodes after the pass ran.
+
+    Example:
+        >>> result = RewriteAttention(strategy).call(graph_module)   # doctest: +SKIP
+    """
+
+    name = "rewrite_attention"
+
+    def __init__(self, strategy: "Strategy", *, backend: str = "auto", source: str = "strategy"):
+        self.strategy = strategy
+        self.backend = backend
+        self.source = source
+        self.rewritten = 0
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        sites = [node.meta[SITE_META_KEY] for node in attention_nodes(graph_module)]
+        self.strategy.validate_for(sites, source=self.source)
+        if self.backend != "auto":
+            from sparsify.backends import get_backend
+
+            get_backend(self.backend)  # unknown names fail here, listing the known ones
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        self.rewritten = 0
+        for node in attention_nodes(graph_module):
+            site: AttentionSite = node.meta[SITE_META_KEY]
+            site_strategy = self.strategy.sites[site.name]
+            if all(_is_dense(p) for p in site_strategy.heads):
+                continue
+            module = SparseAttention(site, site_strategy.heads, block_size=self.strategy.block_size, backend=self.backend)
+            target = f"sparse_attention_{site.index}"
+            graph_module.add_submodule(target, module)
+            with graph_module.graph.inserting_before(node):
+                replacement = graph_module.graph.call_module(target, node.args, node.kwargs)
+            replacement.meta.update(node.meta)
+            node.replace_all_uses_with(replacement)
+            graph_module.graph.erase_node(node)
+            self.rewritten += 1
+        graph_module.graph.lint()
+        graph_module.recompile()
+        logger.info("rewrote %d attention site(s) to sparse attention", self.rewritten)
+        return PassResult(graph_module, self.rewritten > 0)

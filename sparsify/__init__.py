@@ -1,0 +1,34 @@
+"""sparsify: a compiler for attention sparsity in PyTorch."""
+
+from sparsify import ops  # noqa: F401  (registers torch.ops.sparsify.attention)
+from sparsify import examples, patterns
+from sparsify.api import SparsifiedModule, compile, find_attention
+from sparsify.errors import (
+    CaptureError,
+    NoAttentionFoundError,
+    PassError,
+    PatternError,
+    SparsifyError,
+    StrategyError,
+    UnsupportedError,
+)
+from sparsify.site import AttentionSite
+from sparsify.strategy import Strategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionSite",
+    "CaptureError",
+    "NoAttentionFoundError",
+    "PassError",
+    "PatternError",
+    "SparsifiedModule",
+    "SparsifyError",
+    "Strategy",
+    "StrategyError",
+    "UnsupportedError",
+    "compile",
+    "find_attention",
+    "patterns",
+]
