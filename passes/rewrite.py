@@ -55,7 +55,8 @@ class SparseAttention(torch.nn.Module):
         self.register_buffer("dense_heads", torch.tensor(dense, dtype=torch.long), persistent=False)
         self.register_buffer("sparse_heads", torch.tensor(sparse, dtype=torch.long), persistent=False)
         self.register_buffer("dense_kv_heads", torch.tensor([h // group for h in dense], dtype=torch.long), persistent=False)
-        self._table_cache: dict[tuple[int, int, str], BlockTables] = {}
+        self._table_cache: dict[tuple, BlockTables] = {}
+        self._backend_cache: dict[tuple, object] = {}
         tables = self._build_tables(site.q_len, site.k_len, torch.device("cpu"))
         self._captured_lengths = (site.q_len, site.k_len)
         self.register_buffer("kv_indices", tables.kv_indices, persistent=False)
@@ -73,7 +74,9 @@ class SparseAttention(torch.nn.Module):
         sparse = [self.head_patterns[h] for h in self.sparse_heads.tolist()]
         if sparse:
             masks = torch.stack([
-                p.block_mask(q_blocks, k_blocks, block_size=self.block_size, causal=self.site.causal) for p in sparse
+                p.block_mask(q_blocks, k_blocks, block_size=self.block_size, causal=self.site.causal,
+                             q_len=q_len, k_len=k_len)
+                for p in sparse
             ])
         else:
             masks = torch.ones(0, q_blocks, k_blocks, dtype=torch.bool)
@@ -86,13 +89,15 @@ class SparseAttention(torch.nn.Module):
                                             causal=self.site.causal, kv_head_index=kv_heads).to(device)
 
     def tables(self, q_len: int, k_len: int, device: torch.device) -> BlockTables:
-        """Block tables of the sparse heads for these lengths (cached)."""
-        if (q_len, k_len) == self._captured_lengths:
-            return BlockTables(self.kv_indices, self.kv_counts, self.sparse_kv_heads, self.block_size,
-                               q_len, k_len, self.site.causal)
-        key = (q_len, k_len, str(device))
+        """Block tables of the sparse heads for these lengths (cached; backends cache plans per tables)."""
+        captured = (q_len, k_len) == self._captured_lengths and self.kv_indices.device == device
+        key = (q_len, k_len, str(device), self.kv_indices.data_ptr() if captured else 0)
         if key not in self._table_cache:
-            self._table_cache[key] = self._build_tables(q_len, k_len, device)
+            if captured:
+                self._table_cache[key] = BlockTables(self.kv_indices, self.kv_counts, self.sparse_kv_heads,
+                                                     self.block_size, q_len, k_len, self.site.causal)
+            else:
+                self._table_cache[key] = self._build_tables(q_len, k_len, device)
         return self._table_cache[key]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -122,6 +127,12 @@ class SparseAttention(torch.nn.Module):
         return output
 
     def _backend_for(self, q: torch.Tensor):
+        key = (q.dtype, str(q.device))
+        if key not in self._backend_cache:
+            self._backend_cache[key] = self._resolve_backend(q)
+        return self._backend_cache[key]
+
+    def _resolve_backend(self, q: torch.Tensor):
         from sparsify.backends import available_backends, get_backend
 
         if self.backend != "auto":

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx
 from tabulate import tabulate
 
 from sparsify.capture import Captured, capture, normalize_inputs
+from sparsify.cost import CostModel
 from sparsify.errors import SparsifyError, StrategyError
 from sparsify.passes.find_attention import FindAttention
 from sparsify.passes.infra import SITE_META_KEY, PassManager, attention_nodes
 from sparsify.passes.rewrite import RewriteAttention
 from sparsify.site import AttentionSite
+from sparsify.search import DEFAULT_MAX_ERROR, SearchConfig, SearchResult, collect_batches, search
 from sparsify.strategy import Strategy
 
 logger = logging.getLogger(__name__)
@@ -87,36 +91,61 @@ class SparsifiedModule(torch.nn.Module):
                 counts[str(pattern)] = counts.get(str(pattern), 0) + 1
             q_blocks = -(-site.q_len // self.strategy.block_size)
             k_blocks = -(-site.k_len // self.strategy.block_size)
-            densities = [p.density(q_blocks, k_blocks, block_size=self.strategy.block_size, causal=site.causal)
+            densities = [p.density(q_blocks, k_blocks, block_size=self.strategy.block_size, causal=site.causal,
+                                   q_len=site.q_len, k_len=site.k_len)
                          for p in site_strategy.heads]
             rows.append([
                 site.name, f"{site.num_heads}/{site.num_kv_heads}", "causal" if site.causal else site.kind,
                 "; ".join(f"{n}× {p}" for p, n in counts.items()), f"{sum(densities) / len(densities):.3f}",
             ])
-        return tabulate(rows, headers=["site", "heads (q/kv)", "kind", "patterns", "density"], tablefmt="github")
+        return tabulate(rows, headers=["site", "heads (q/kv)", "kind", "patterns", "density"], tablefmt="simple")
 
 
 def compile(  # noqa: A001 - mirrors torch.compile
     model: torch.nn.Module,
-    calib_loader: Iterable[Any] | None = None,
+    calib_loader: Iterable[Any] | Callable[[torch.nn.Module], None] | None = None,
     *,
     strategy: Strategy | str | os.PathLike | None = None,
     example_inputs: Any = None,
     backend: str = "auto",
+    max_error: float = DEFAULT_MAX_ERROR,
+    target_density: float | None = None,
+    target_speedup: float | None = None,
+    block_size: int | None = None,
+    dense_steps: int = 0,
+    min_recall: float = 0.7,
+    holdout_fraction: float = 0.25,
+    seed: int = 0,
+    cost_model: CostModel | None = None,
+    progress: bool = True,
     dynamic: bool = True,
 ) -> SparsifiedModule:
-    """Compile ``model`` so that its attentions run block-sparse per ``strategy``.
+    """Compile ``model`` so that its attentions run block-sparse.
+
+    Two ways in:
+
+    * ``compile(model, calib_loader, max_error=...)`` profiles the calibration data, searches
+      per site and head the cheapest pattern within ``max_error`` (relative L2 error of each
+      site's output against dense) and rewrites the graph;
+    * ``compile(model, strategy="strategy.json", example_inputs=...)`` applies a saved strategy
+      without data.
 
     Args:
         model: any ``nn.Module``; it is not modified (the result shares its weights).
-        calib_loader: calibration batches for the search (tensor / tuple of args / dict of
-            kwargs per batch). The search that uses them arrives with the search pipeline;
-            today pass ``strategy``.
-        strategy: a `Strategy` or the path of a strategy JSON file written earlier.
-        example_inputs: inputs to capture the graph with; defaults to the first calibration
-            batch.
-        backend: ``"auto"`` (fastest available per site and device) or a backend name
-            (``sparsify.backends.available_backends()``).
+        calib_loader: an iterable of batches (a tensor, a tuple of positional arguments or a
+            dict of keyword arguments each), or a ``forward_loop(model)`` callable that runs
+            the model on calibration data.
+        strategy: a `Strategy` or the path of a strategy JSON file.
+        example_inputs: inputs to capture the graph with; defaults to the first batch.
+        backend: ``"auto"`` (fastest available per site and device) or a backend name.
+        max_error: per-site output error budget in [0, 1); 0 keeps everything dense.
+        target_density / target_speedup: optional global target, allocated over heads.
+        block_size: block edge in tokens (default 64 on CPU, 128 on GPU).
+        dense_steps: leading forward calls (diffusion steps) that stay dense.
+        min_recall: candidates keeping less attention mass on the profile are not scored.
+        holdout_fraction: share of batches held out to score candidates and check the result.
+        cost_model: a `CostModel` (default: analytic constants plus shipped hardware profiles).
+        progress: show tqdm progress bars.
         dynamic: capture with dynamic batch and sequence dimensions.
 
     Example:
@@ -127,16 +156,86 @@ def compile(  # noqa: A001 - mirrors torch.compile
         >>> torch.allclose(compiled(x), layer.eval()(x), atol=1e-5)
         True
     """
-    if strategy is None:
-        if calib_loader is None:
-            raise SparsifyError(
-                "sparsify.compile needs a strategy (a Strategy or the path of a strategy JSON file), or calibration "
-                "data to search one: sparsify.compile(model, strategy='strategy.json', example_inputs=...)"
-            )
+    if strategy is not None:
+        return _apply_strategy(model, strategy, calib_loader, example_inputs, backend, dynamic)
+    if calib_loader is None:
         raise SparsifyError(
-            "calibration-driven search is not available in this version yet; pass strategy=... "
-            "(e.g. Strategy.uniform(sparsify.find_attention(model, batch), pattern))"
+            "sparsify.compile needs calibration data to search a strategy (compile(model, calib_loader)), or a "
+            "saved strategy (compile(model, strategy='strategy.json', example_inputs=...))"
         )
+    config = SearchConfig(max_error=max_error, target_density=target_density, target_speedup=target_speedup,
+                          block_size=block_size, min_recall=min_recall, holdout_fraction=holdout_fraction,
+                          backend=backend, dense_steps=dense_steps, seed=seed)
+    result = search_model(model, calib_loader, config, example_inputs=example_inputs, cost_model=cost_model,
+                          progress=progress, dynamic=dynamic)
+    return result.compiled
+
+
+@dataclasses.dataclass
+class ModelSearchResult:
+    """`search_model`'s output: the compiled module and everything the search measured."""
+
+    compiled: "SparsifiedModule"
+    search: SearchResult
+
+
+def search_model(model: torch.nn.Module, calib_loader: Any, config: SearchConfig, *, example_inputs: Any = None,
+                 cost_model: CostModel | None = None, progress: bool = True, dynamic: bool = True) -> ModelSearchResult:
+    """Capture, profile, search and rewrite; measures the end-to-end error on held-out batches.
+
+    Example:
+        >>> result = search_model(model, batches, SearchConfig(max_error=0.05))   # doctest: +SKIP
+        >>> result.compiled.strategy.summary()["mean_density"]                    # doctest: +SKIP
+    """
+    torch.manual_seed(config.seed)
+    batches = collect_batches(model, calib_loader)
+    captured = capture(model, example_inputs if example_inputs is not None else batches[0], dynamic=dynamic)
+    finder = FindAttention((captured.args, captured.kwargs), root=model)
+    PassManager([finder]).run(captured.graph_module)
+    sites = [node.meta[SITE_META_KEY] for node in attention_nodes(captured.graph_module)]
+    result = search(captured, sites, [_with_fixed(b, captured.fixed_kwargs) for b in batches], config,
+                    cost_model=cost_model, progress=progress)
+    rewrite = RewriteAttention(result.strategy, backend=config.backend, source="search")
+    rewritten = PassManager([rewrite]).run(captured.graph_module).graph_module
+    compiled = SparsifiedModule(rewritten, result.strategy, sites, captured.fixed_kwargs, rewrite.rewritten)
+    error = end_to_end_error(compiled, model, result.held_out)
+    metadata = dict(result.strategy.metadata, end_to_end_error=round(error, 6))
+    compiled.strategy = dataclasses.replace(result.strategy, metadata=metadata)
+    result.strategy = compiled.strategy
+    logger.info("search done: %s; end-to-end relative error %.3e", compiled.strategy.summary(), error)
+    return ModelSearchResult(compiled, result)
+
+
+def end_to_end_error(compiled: torch.nn.Module, model: torch.nn.Module, batches: Sequence[tuple[tuple, dict]]) -> float:
+    """Relative L2 error of the first output tensor of ``compiled`` against ``model`` over ``batches``."""
+    squared = reference = 0.0
+    with torch.no_grad():
+        for args, kwargs in batches:
+            output = _first_tensor(compiled(*args, **kwargs)).double()
+            expected = _first_tensor(model(*args, **kwargs)).double()
+            squared += float((output - expected).pow(2).sum())
+            reference += float(expected.pow(2).sum())
+    return math.sqrt(squared / max(reference, 1e-300))
+
+
+def _with_fixed(batch: tuple[tuple, dict], fixed_kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+    args, kwargs = batch
+    return args, {**fixed_kwargs, **kwargs}
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if hasattr(value, "to_tuple"):
+        value = value.to_tuple()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)) and value:
+        return _first_tensor(value[0])
+    raise SparsifyError(f"the model's output holds no tensor to compare ({type(value).__name__})")
+
+
+def _apply_strategy(model, strategy, calib_loader, example_inputs, backend, dynamic) -> SparsifiedModule:
     source = "strategy"
     if isinstance(strategy, (str, os.PathLike)):
         source = os.fspath(strategy)

@@ -124,7 +124,9 @@ def _has_tensor(value: Any) -> bool:
 def _dynamic_shapes(args: tuple, kwargs: dict, signature: inspect.Signature | None) -> Any:
     def spec(value: Any) -> Any:
         return torch.utils._pytree.tree_map(
-            lambda leaf: {i: Dim.AUTO for i in range(leaf.dim())} if isinstance(leaf, torch.Tensor) else None, value
+            # Sizes 0 and 1 would be specialised anyway (with a warning); keep them static.
+            lambda leaf: {i: Dim.AUTO for i in range(leaf.dim()) if leaf.shape[i] > 1} if isinstance(leaf, torch.Tensor) else None,
+            value,
         )
 
     if signature is None or any(p.kind == p.VAR_POSITIONAL for p in signature.parameters.values()):

@@ -86,8 +86,8 @@ def command_demo(args: argparse.Namespace) -> int:
     pattern = patterns.sliding_window(args.window) | patterns.attention_sinks(64)
     strategy = sparsify.Strategy.uniform(sites, pattern, block_size=64)
     # Keep the first head of every site dense to show a mixed site.
-    for site_strategy in strategy.sites.values():
-        site_strategy.heads[0] = patterns.dense()
+    for site in sites:
+        strategy = strategy.with_heads(site.name, [patterns.dense()] + [pattern] * (site.num_heads - 1))
     compiled = sparsify.compile(model, strategy=strategy, example_inputs=(tokens,))
     print(compiled.report(), "\n")
     with torch.no_grad():

@@ -1,0 +1,66 @@
+"""The observe pass: run calibration batches through the captured graph and hand each site's inputs to observers.
+
+The canonical attention nodes run their dense computation as usual; before that, every observer
+registered for the run receives ``(site, q, k, v, attn_mask, is_causal, scale)``. The graph is
+not edited: an `torch.fx.Interpreter` intercepts the canonical nodes, so the same captured graph
+serves profiling, candidate scoring and, afterwards, the rewrite.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx
+
+from sparsify.capture import flat_graph_inputs
+from sparsify.errors import SparsifyError
+from sparsify.ops import dense_attention
+from sparsify.passes.infra import SITE_META_KEY
+from sparsify.site import AttentionSite
+
+CANONICAL_ATTENTION = torch.ops.sparsify.attention.default
+
+SiteObserver = Callable[[AttentionSite, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, "float | None"], None]
+
+
+class ObservingInterpreter(torch.fx.Interpreter):
+    """Runs a captured graph, calling ``observer`` at every canonical attention node.
+
+    Example:
+        >>> seen = []
+        >>> interpreter = ObservingInterpreter(graph_module, lambda site, *inputs: seen.append(site.name))  # doctest: +SKIP
+        >>> interpreter.run_batch(args, kwargs)                                                             # doctest: +SKIP
+    """
+
+    def __init__(self, graph_module: torch.fx.GraphModule, observer: SiteObserver, batch_index: int = 0):
+        super().__init__(graph_module)
+        self.observer = observer
+        self.batch_index = batch_index
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        if node.op == "call_function" and node.target is CANONICAL_ATTENTION and SITE_META_KEY in node.meta:
+            site: AttentionSite = node.meta[SITE_META_KEY]
+            q, k, v, attn_mask, is_causal, scale = (self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args)
+            for name, tensor in (("query", q), ("key", k), ("value", v)):
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise SparsifyError(
+                        f"calibration batch {self.batch_index}: the {name} of site {site.name!r} holds NaN or inf; "
+                        f"check the inputs and the model's dtype (fp16 overflow?) before calibrating"
+                    )
+            self.observer(site, q, k, v, attn_mask, is_causal, scale)
+            return dense_attention(q, k, v, attn_mask, is_causal, scale)
+        return super().run_node(node)
+
+    def run_batch(self, args: tuple, kwargs: dict) -> Any:
+        with torch.no_grad():
+            return self.run(*flat_graph_inputs(self.module, args, kwargs))
+
+
+def observe(graph_module: torch.fx.GraphModule, batches: Sequence[tuple[tuple, dict]], observer: SiteObserver,
+            progress: Iterable[int] | None = None) -> None:
+    """Run every batch through the graph, calling ``observer`` at each attention site."""
+    indices = progress if progress is not None else range(len(batches))
+    for index in indices:
+        args, kwargs = batches[index]
+        ObservingInterpreter(graph_module, observer, index).run_batch(args, kwargs)

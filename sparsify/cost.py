@@ -1,0 +1,320 @@
+"""Cost model: estimated latency of a site's attention, sparse per backend and dense, per device.
+
+The model is analytic — launch overhead, a per-row cost, and a cost per kept block proportional
+to ``block_size² × head_dim`` multiply-adds — with constants per (backend, device). Defaults are
+rough; `calibrate` measures the real kernels on the current device, fits the constants by least
+squares and writes them as a small JSON *hardware profile*; profiles shipped in
+``sparsify/hardware_profiles/`` are picked up automatically when the device name matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import time
+from importlib import resources
+from typing import Any, Callable, Sequence
+
+import torch
+
+from sparsify.errors import SparsifyError
+from sparsify.site import AttentionSite
+
+logger = logging.getLogger(__name__)
+
+PROFILE_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendCosts:
+    """Latency constants of one backend on one device (seconds).
+
+    * ``launch`` — fixed cost of one site call (sparse path);
+    * ``per_row_block`` — per (batch × head × query block) of the sparse path;
+    * ``per_block_element`` — per multiply-add of a kept block (``block_size² × head_dim``);
+    * ``dense_launch`` / ``dense_per_element`` — the same for dense attention (SDPA), per
+      ``q_len × k_len × head_dim`` multiply-add (half of it at a causal site).
+    """
+
+    launch: float
+    per_row_block: float
+    per_block_element: float
+    dense_launch: float
+    dense_per_element: float
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise SparsifyError(f"cost constant {field.name} must be a finite number >= 0, got {value!r}")
+
+
+# Rough defaults; `calibrate` replaces them with measured ones.
+DEFAULT_COSTS: dict[tuple[str, str], BackendCosts] = {
+    ("torch", "cpu"): BackendCosts(2e-4, 2e-6, 5.0e-11, 5e-5, 3.0e-11),
+    ("torch", "cuda"): BackendCosts(3e-4, 1e-7, 6.0e-14, 2e-5, 2.0e-15),
+    ("flex", "cuda"): BackendCosts(3e-5, 2e-8, 3.0e-15, 2e-5, 2.0e-15),
+    ("triton", "cuda"): BackendCosts(2e-5, 1e-8, 2.3e-15, 2e-5, 2.0e-15),
+}
+
+
+def _device_type(device: torch.device | str) -> str:
+    return torch.device(device).type
+
+
+def device_name(device: torch.device | str) -> str:
+    """A human-readable name of the device: the GPU's name, or the CPU's model."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+@dataclasses.dataclass
+class HardwareProfile:
+    """Measured cost constants of one backend on one device, saved as JSON.
+
+    Example:
+        >>> profile = HardwareProfile("torch", "cpu", "test cpu", DEFAULT_COSTS[("torch", "cpu")])
+        >>> HardwareProfile.from_dict(profile.to_dict()).costs == profile.costs
+        True
+    """
+
+    backend: str
+    device_type: str
+    device_name: str
+    costs: BackendCosts
+    fit: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": PROFILE_FORMAT_VERSION,
+            "backend": self.backend,
+            "device_type": self.device_type,
+            "device_name": self.device_name,
+            "costs": dataclasses.asdict(self.costs),
+            "fit": self.fit,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<dict>") -> "HardwareProfile":
+        if not isinstance(data, dict):
+            raise SparsifyError(f"{source}: a hardware profile is a JSON object")
+        version = data.get("format_version")
+        if version != PROFILE_FORMAT_VERSION:
+            raise SparsifyError(f"{source}: hardware profile format_version {version!r} is not understood; "
+                                f"understood: {PROFILE_FORMAT_VERSION}")
+        try:
+            costs = BackendCosts(**data["costs"])
+            return cls(str(data["backend"]), str(data["device_type"]), str(data["device_name"]), costs,
+                       dict(data.get("fit") or {}))
+        except (KeyError, TypeError) as error:
+            raise SparsifyError(f"{source}: malformed hardware profile ({error}); expected keys backend, "
+                                f"device_type, device_name, costs{{{', '.join(f.name for f in dataclasses.fields(BackendCosts))}}}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as file:
+            json.dump(self.to_dict(), file, indent=2)
+            file.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "HardwareProfile":
+        try:
+            with open(path) as file:
+                data = json.load(file)
+        except (OSError, json.JSONDecodeError) as error:
+            raise SparsifyError(f"cannot read hardware profile {os.fspath(path)!r}: {error}") from None
+        return cls.from_dict(data, source=os.fspath(path))
+
+
+def shipped_profiles() -> list[HardwareProfile]:
+    """Hardware profiles that ship with the package (measured on named GPUs)."""
+    profiles = []
+    folder = resources.files("sparsify") / "hardware_profiles"
+    if not folder.is_dir():
+        return profiles
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".json"):
+            profiles.append(HardwareProfile.from_dict(json.loads(entry.read_text()), source=entry.name))
+    return profiles
+
+
+class CostModel:
+    """Latency estimates for dense and block-sparse attention of a site.
+
+    Args:
+        profiles: measured hardware profiles; they override the defaults for their
+            (backend, device type) when their device name matches the current device, or
+            always when ``match_device_name=False``.
+
+    Example:
+        >>> model = CostModel()
+        >>> site = AttentionSite("attn", 0, num_heads=8, num_kv_heads=8, head_dim=64, q_len=4096, k_len=4096)
+        >>> dense = model.dense_latency(site, backend="torch", device="cpu")
+        >>> sparse = model.sparse_latency(site, [8] * 8, backend="torch", device="cpu", block_size=64)
+        >>> sparse < dense
+        True
+    """
+
+    def __init__(self, profiles: Sequence[HardwareProfile] = (), *, match_device_name: bool = True):
+        self.profiles = list(profiles)
+        self.match_device_name = match_device_name
+
+    @classmethod
+    def default(cls) -> "CostModel":
+        """Defaults plus every shipped profile whose device matches the current one."""
+        return cls(shipped_profiles())
+
+    def costs(self, backend: str, device: torch.device | str) -> BackendCosts:
+        """The constants used for ``backend`` on ``device``."""
+        device_type = _device_type(device)
+        for profile in self.profiles:
+            if profile.backend != backend or profile.device_type != device_type:
+                continue
+            if not self.match_device_name or _same_device(profile.device_name, device):
+                return profile.costs
+        if (backend, device_type) in DEFAULT_COSTS:
+            return DEFAULT_COSTS[(backend, device_type)]
+        raise SparsifyError(f"no cost constants for backend {backend!r} on {device_type}; "
+                            f"known: {sorted(DEFAULT_COSTS)} — run `sparsify-cli calibrate --backend {backend}`")
+
+    def dense_head_latency(self, site: AttentionSite, *, backend: str, device, batch: int = 1,
+                           q_len: int | None = None, k_len: int | None = None) -> float:
+        """Marginal latency of one dense head."""
+        costs = self.costs(backend, device)
+        q_len, k_len = q_len or site.q_len, k_len or site.k_len
+        work = q_len * k_len * site.head_dim * (0.5 if site.causal else 1.0)
+        return batch * work * costs.dense_per_element
+
+    def sparse_head_latency(self, site: AttentionSite, kept_blocks: float, *, backend: str, device, block_size: int,
+                            batch: int = 1, q_len: int | None = None) -> float:
+        """Marginal latency of one sparse head keeping ``kept_blocks`` blocks in all."""
+        costs = self.costs(backend, device)
+        q_blocks = -(-(q_len or site.q_len) // block_size)
+        return batch * (q_blocks * costs.per_row_block + kept_blocks * block_size**2 * site.head_dim * costs.per_block_element)
+
+    def dense_latency(self, site: AttentionSite, *, backend: str, device, batch: int = 1) -> float:
+        """Latency of the whole site run dense (SDPA)."""
+        costs = self.costs(backend, device)
+        return costs.dense_launch + site.num_heads * self.dense_head_latency(site, backend=backend, device=device, batch=batch)
+
+    def sparse_latency(self, site: AttentionSite, kept_blocks_per_head: Sequence[float | None], *, backend: str, device,
+                       block_size: int, batch: int = 1) -> float:
+        """Latency of a site whose head ``h`` keeps ``kept_blocks_per_head[h]`` blocks (``None``: dense head)."""
+        costs = self.costs(backend, device)
+        total = 0.0
+        dense_heads = [k for k in kept_blocks_per_head if k is None]
+        sparse_heads = [k for k in kept_blocks_per_head if k is not None]
+        if dense_heads:
+            total += costs.dense_launch + len(dense_heads) * self.dense_head_latency(site, backend=backend, device=device, batch=batch)
+        if sparse_heads:
+            total += costs.launch + sum(self.sparse_head_latency(site, k, backend=backend, device=device,
+                                                                 block_size=block_size, batch=batch) for k in sparse_heads)
+        return total
+
+    def latency(self, site: AttentionSite, block_tables, backend: str, device) -> float:
+        """Latency of a site for `BlockTables` of its sparse heads (dense heads: the rest)."""
+        kept = [float(c) for c in block_tables.kv_counts.sum(-1).tolist()]
+        kept_per_head: list[float | None] = kept + [None] * (site.num_heads - len(kept))
+        return self.sparse_latency(site, kept_per_head, backend=backend, device=device, block_size=block_tables.block_size)
+
+
+def _same_device(profile_device_name: str, device) -> bool:
+    current = device_name(device)
+    if _device_type(device) == "cuda":
+        # "NVIDIA H100 80GB HBM3" matches a profile named after its model ("H100").
+        return any(token in current for token in profile_device_name.split() if token.startswith(("H", "A", "B", "L")))
+    return profile_device_name == current
+
+
+def _time(function: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def calibrate(backend: str = "torch", device: str | torch.device = "cpu", *, dtype: torch.dtype | None = None,
+              lengths: Sequence[int] = (1024, 2048, 4096), densities: Sequence[float] = (0.05, 0.15, 0.3, 0.6),
+              heads: int = 8, head_dim: int = 64, block_size: int = 64, repeats: int = 3,
+              progress: Callable[[str], None] | None = None) -> HardwareProfile:
+    """Measure ``backend`` and dense SDPA on ``device`` over random block tables and fit `BackendCosts`.
+
+    Example:
+        >>> profile = calibrate("torch", "cpu", lengths=(256,), densities=(0.25, 0.5), repeats=1)  # doctest: +SKIP
+    """
+    from sparsify.backends import get_backend
+    from sparsify.ops import dense_attention
+    from sparsify.tables import BlockTables
+
+    device = torch.device(device)
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    implementation = get_backend(backend)
+    if not implementation.is_available():
+        raise SparsifyError(f"backend {backend!r} is not available here; cannot calibrate it")
+    generator = torch.Generator().manual_seed(0)
+    sparse_rows: list[list[float]] = []
+    sparse_times: list[float] = []
+    dense_rows: list[list[float]] = []
+    dense_times: list[float] = []
+    for length in lengths:
+        q, k, v = (torch.randn(1, heads, length, head_dim, generator=generator).to(device, dtype) for _ in range(3))
+        dense_times.append(_time(lambda: dense_attention(q, k, v), device, repeats))
+        dense_rows.append([1.0, heads * length * length * head_dim])
+        blocks = -(-length // block_size)
+        for density in densities:
+            masks = torch.rand(heads, blocks, blocks, generator=generator) < density
+            masks |= torch.eye(blocks, dtype=torch.bool)
+            tables = BlockTables.from_block_masks(masks, block_size=block_size, q_len=length, k_len=length, causal=False,
+                                                  kv_head_index=torch.arange(heads)).to(device)
+            seconds = _time(lambda: implementation.attention(q, k, v, tables), device, repeats)
+            sparse_times.append(seconds)
+            sparse_rows.append([1.0, heads * blocks, float(masks.sum()) * block_size**2 * head_dim])
+            if progress:
+                progress(f"S={length} density={density:.2f}: {seconds * 1e3:.2f} ms")
+    sparse_fit = _nonnegative_fit(sparse_rows, sparse_times)
+    dense_fit = _nonnegative_fit(dense_rows, dense_times)
+    costs = BackendCosts(sparse_fit[0], sparse_fit[1], sparse_fit[2], dense_fit[0], dense_fit[1])
+    predicted = [sum(c * x for c, x in zip(sparse_fit, row)) for row in sparse_rows]
+    relative = [abs(p - t) / t for p, t in zip(predicted, sparse_times)]
+    fit = {"samples": len(sparse_times) + len(dense_times), "mean_relative_error": sum(relative) / len(relative),
+           "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, "heads": heads, "head_dim": head_dim,
+           "block_size": block_size, "lengths": list(lengths), "densities": list(densities)}
+    return HardwareProfile(backend, device.type, device_name(device), costs, fit)
+
+
+def _nonnegative_fit(rows: list[list[float]], times: list[float]) -> list[float]:
+    """Least squares with coefficients clamped at zero (refit without the clamped columns)."""
+    matrix = torch.tensor(rows, dtype=torch.float64)
+    target = torch.tensor(times, dtype=torch.float64)
+    active = list(range(matrix.shape[1]))
+    coefficients = torch.zeros(matrix.shape[1], dtype=torch.float64)
+    # Relative weighting: fit log-scale-ish by dividing each row by its time.
+    weights = 1.0 / target
+    while active:
+        solution = torch.linalg.lstsq(matrix[:, active] * weights[:, None], target * weights).solution
+        if bool((solution >= 0).all()):
+            coefficients[active] = solution
+            break
+        active = [a for a, s in zip(active, solution.tolist()) if s > 0]
+    return coefficients.tolist()

@@ -1,0 +1,1305 @@
+"""Sparsity patterns: small named, parametrised objects that give a block mask for any length."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from sparsify.errors import PatternError
+
+__all__ = [
+    "BlockGrid",
+    "Pattern",
+    "DistancePattern",
+    "Dense",
+    "Skip",
+    "SlidingWindow",
+    "AttentionSinks",
+    "LastTokens",
+    "AShape",
+    "MultiDiagonal",
+    "VerticalStripes",
+    "VerticalSlash",
+    "Strided",
+    "Radial",
+    "PowerOfTwo",
+    "BlockTopK",
+    "Union",
+    "Intersection",
+    "dense",
+    "skip",
+    "sliding_window",
+    "attention_sinks",
+    "last_tokens",
+    "a_shape",
+    "multi_diagonal",
+    "vertical_stripes",
+    "vertical_slash",
+    "strided",
+    "radial",
+    "power_of_two",
+    "block_top_k",
+    "causal_block_mask",
+    "register_pattern",
+    "known_patterns",
+    "pattern_from_dict",
+]
+
+_REGISTRY: dict[str, type[Pattern]] = {}
+
+_PatternClass = TypeVar("_PatternClass", bound="type[Pattern]")
+
+
+def register_pattern(name: str) -> Callable[[_PatternClass], _PatternClass]:
+    """Class decorator that files a `Pattern` subclass under ``name`` (its JSON ``"pattern"`` key).
+
+    Registration happens once, at import time; names must be unique.
+
+    Example:
+        >>> @register_pattern("my_diagonal")                      # doctest: +SKIP
+        ... @dataclasses.dataclass(frozen=True)
+        ... class MyDiagonal(Pattern):
+        ...     def _block_mask(self, grid):
+        ...         return torch.eye(grid.q_blocks, grid.k_blocks, dtype=torch.bool)
+    """
+
+    def decorate(cls: _PatternClass) -> _PatternClass:
+        if name in _REGISTRY:
+            raise PatternError(
+                f"pattern name {name!r} is already registered by {_REGISTRY[name].__qualname__}"
+            )
+        if not (isinstance(cls, type) and issubclass(cls, Pattern)):
+            raise PatternError(f"register_pattern({name!r}) decorates Pattern subclasses only")
+        cls.pattern_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def known_patterns() -> list[str]:
+    """Names of every registered pattern, sorted.
+
+    Example:
+        >>> "sliding_window" in known_patterns()
+        True
+    """
+    return sorted(_REGISTRY)
+
+
+def causal_block_mask(q_blocks: int, k_blocks: int) -> torch.Tensor:
+    """Lower block triangle ``bool [q_blocks, k_blocks]``: key block ``j <= i`` for query ``i``.
+
+    With equal block sizes for queries and keys and top-left alignment, these are exactly the
+    blocks that hold at least one (query, key) pair with ``key <= query``.
+
+    Example:
+        >>> causal_block_mask(3, 2).int().tolist()
+        [[1, 0], [1, 1], [1, 1]]
+    """
+    return torch.ones(q_blocks, k_blocks, dtype=torch.bool).tril()
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockGrid:
+    """The block layout of one attention: how many blocks and which tokens each block covers.
+
+    Query block ``i`` covers tokens ``[i * block_size, min((i + 1) * block_size, q_len))`` and
+    key block ``j`` likewise up to ``k_len``; query and key token ``t`` are aligned top-left (as
+    ``F.scaled_dot_product_attention(is_causal=True)`` does when ``q_len != k_len``). Without
+    explicit lengths the last blocks are taken to be full.
+
+    Example:
+        >>> grid = BlockGrid(2, 3, block_size=64, q_len=100, k_len=192)
+        >>> grid.query_last.flatten().tolist()
+        [63, 99]
+    """
+
+    q_blocks: int
+    k_blocks: int
+    block_size: int = 64
+    q_len: int | None = None
+    k_len: int | None = None
+    causal: bool = False
+
+    def __post_init__(self) -> None:
+        for field in ("q_blocks", "k_blocks", "block_size"):
+            _check_positive_int("block grid", field, getattr(self, field))
+        if not isinstance(self.causal, bool):
+            raise PatternError(f"block grid: causal must be a bool, got {self.causal!r}")
+        for length_field, blocks_field in (("q_len", "q_blocks"), ("k_len", "k_blocks")):
+            length = getattr(self, length_field)
+            blocks = getattr(self, blocks_field)
+            if length is None:
+                object.__setattr__(self, length_field, blocks * self.block_size)
+                continue
+            _check_positive_int("block grid", length_field, length)
+            if -(-length // self.block_size) != blocks:
+                raise PatternError(
+                    f"block grid: {length_field}={length} needs {-(-length // self.block_size)} "
+                    f"blocks of {self.block_size} tokens, not {blocks_field}={blocks}"
+                )
+
+    @property
+    def query_first(self) -> torch.Tensor:
+        """First token of each query block, ``int64 [q_blocks, 1]``."""
+        return (torch.arange(self.q_blocks) * self.block_size).unsqueeze(1)
+
+    @property
+    def query_last(self) -> torch.Tensor:
+        """Last token of each query block, ``int64 [q_blocks, 1]``."""
+        return (self.query_first + self.block_size - 1).clamp(max=self.q_len - 1)
+
+    @property
+    def key_first(self) -> torch.Tensor:
+        """First token of each key block, ``int64 [1, k_blocks]``."""
+        return (torch.arange(self.k_blocks) * self.block_size).unsqueeze(0)
+
+    @property
+    def key_last(self) -> torch.Tensor:
+        """Last token of each key block, ``int64 [1, k_blocks]``."""
+        return (self.key_first + self.block_size - 1).clamp(max=self.k_len - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern(abc.ABC):
+    """Base of every sparsity pattern: a frozen, JSON round-trippable recipe for a block mask.
+
+    Subclasses are frozen dataclasses whose fields are the pattern's parameters (plain JSON
+    values), are registered with `register_pattern`, validate themselves in ``__post_init__``
+    and implement only `_block_mask`; the base class adds the causal triangle and guarantees that
+    every query block keeps at least one key block.
+
+    Example:
+        >>> pattern = sliding_window(64) | attention_sinks(4)
+        >>> pattern.block_mask(4, 4, block_size=64, causal=True).int().tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 1, 1]]
+        >>> pattern_from_dict(pattern.to_dict()) == pattern
+        True
+    """
+
+    pattern_name: ClassVar[str] = ""
+    # How many leading parameters `str` shows without their names; later ones show as
+    # ``name=value`` and are left out while they equal their default.
+    _positional: ClassVar[int] = 1
+
+    @property
+    def is_skip(self) -> bool:
+        """True for `skip`: the head's output is dropped (the rewrite writes zeros for it)."""
+        return False
+
+    @abc.abstractmethod
+    def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
+        """Kept blocks ``bool [q_blocks, k_blocks]`` before the causal triangle and row fallback."""
+
+    def block_mask(
+        self,
+        q_blocks: int,
+        k_blocks: int,
+        *,
+        block_size: int = 64,
+        causal: bool = False,
+        q_len: int | None = None,
+        k_len: int | None = None,
+    ) -> torch.Tensor:
+        """Kept blocks ``bool [q_blocks, k_blocks]`` on CPU; every row keeps at least one block.
+
+        A block is kept when the pattern keeps any (query, key) token pair inside it. ``causal``
+        drops the blocks above the diagonal (key block ``j > i``). A query row left empty keeps
+        key block ``min(i, k_blocks - 1)``. ``q_len``/``k_len`` give the true token counts when
+        the last block is partial (default: full blocks).
+
+        Example:
+            >>> sliding_window(64).block_mask(3, 3, block_size=64).int().tolist()
+            [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
+        """
+        grid = BlockGrid(q_blocks, k_blocks, block_size, q_len, k_len, causal)
+        mask = self._block_mask(grid)
+        if (
+            not isinstance(mask, torch.Tensor)
+            or mask.dtype != torch.bool
+            or tuple(mask.shape) != (q_blocks, k_blocks)
+        ):
+            got = (
+                f"{mask.dtype} {tuple(mask.shape)}"
+                if isinstance(mask, torch.Tensor)
+                else type(mask).__name__
+            )
+            raise PatternError(
+                f"pattern {self}: _block_mask must return bool [{q_blocks}, {k_blocks}], got {got}"
+            )
+        # A fresh tensor either way: the fallback below writes into it.
+        mask = mask.cpu() & causal_block_mask(q_blocks, k_blocks) if causal else mask.cpu().clone()
+        empty_rows = (~mask.any(dim=1)).nonzero().flatten()
+        if empty_rows.numel():
+            mask[empty_rows, empty_rows.clamp(max=k_blocks - 1)] = True
+        return mask
+
+    def density(
+        self,
+        q_blocks: int,
+        k_blocks: int,
+        *,
+        block_size: int = 64,
+        causal: bool = False,
+        q_len: int | None = None,
+        k_len: int | None = None,
+    ) -> float:
+        """Kept blocks over the blocks dense attention computes (the lower triangle at causal).
+
+        `skip` computes nothing and has density 0.0 (its block mask is only a placeholder).
+
+        Example:
+            >>> dense().density(4, 4, causal=True)
+            1.0
+            >>> attention_sinks(64).density(4, 4)
+            0.25
+        """
+        kept = self.block_mask(
+            q_blocks, k_blocks, block_size=block_size, causal=causal, q_len=q_len, k_len=k_len
+        )
+        if self.is_skip:
+            return 0.0
+        total = int(causal_block_mask(q_blocks, k_blocks).sum()) if causal else q_blocks * k_blocks
+        return int(kept.sum()) / total
+
+    # --- JSON -----------------------------------------------------------------------------------
+
+    def _params(self) -> dict[str, Any]:
+        """Parameters as plain JSON values (tuples become lists), in field order."""
+        return {
+            field.name: _json_value(getattr(self, field.name)) for field in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def _from_params(cls, params: Mapping[str, Any], location: str) -> Pattern:
+        """Build from parameters already checked for unknown and missing names."""
+        return cls(**params)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"pattern": name, **params}`` with plain JSON values; `pattern_from_dict` inverts it.
+
+        Example:
+            >>> sliding_window(512).to_dict()
+            {'pattern': 'sliding_window', 'window': 512}
+        """
+        return {"pattern": self.pattern_name, **self._params()}
+
+    # --- composition and display ----------------------------------------------------------------
+
+    def __or__(self, other: Pattern) -> Pattern:
+        if not isinstance(other, Pattern):
+            return NotImplemented
+        return Union(_flatten(Union, (self, other)))
+
+    def __and__(self, other: Pattern) -> Pattern:
+        if not isinstance(other, Pattern):
+            return NotImplemented
+        return Intersection(_flatten(Intersection, (self, other)))
+
+    def __str__(self) -> str:
+        fields = dataclasses.fields(self)
+        shown = []
+        for index, (field, value) in enumerate(zip(fields, self._params().values())):
+            if index < self._positional:
+                shown.append(repr(value))
+            elif field.default is dataclasses.MISSING or _json_value(field.default) != value:
+                shown.append(f"{field.name}={value!r}")
+        return f"{self.pattern_name}({', '.join(shown)})"
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _flatten(kind: type[Pattern], parts: tuple[Pattern, ...]) -> tuple[Pattern, ...]:
+    """Splice the parts of nested unions (or intersections) into one flat tuple."""
+    flat: list[Pattern] = []
+    for part in parts:
+        flat.extend(part.parts if type(part) is kind else (part,))  # type: ignore[attr-defined]
+    return tuple(flat)
+
+
+def _json_value(value: Any) -> Any:
+    """Tuples (how patterns store lists, to stay hashable) as JSON lists, recursively."""
+    if isinstance(value, tuple):
+        return [_json_value(item) for item in value]
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(owner: str, field: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise PatternError(f"{owner}: {field} must be a positive int, got {value!r}")
+
+
+def _check_nonnegative_int(owner: str, field: str, value: Any) -> None:
+    if not _is_int(value) or value < 0:
+        raise PatternError(f"{owner}: {field} must be a non-negative int, got {value!r}")
+
+
+def _int_tuple(owner: str, field: str, values: Any) -> tuple[int, ...]:
+    """``values`` (a list or tuple of ints) sorted and deduplicated, else a `PatternError`."""
+    if not isinstance(values, (list, tuple)) or not all(_is_int(value) for value in values):
+        raise PatternError(f"{owner}: {field} must be a list of ints, got {values!r}")
+    return tuple(sorted(set(values)))
+
+
+def _relative_positions(owner: str, field: str, values: Any) -> tuple[float, ...]:
+    """Relative key positions in ``[0, 1)`` as sorted, deduplicated floats."""
+    if not isinstance(values, (list, tuple)) or not all(
+        isinstance(value, (int, float)) and not isinstance(value, bool) for value in values
+    ):
+        raise PatternError(
+            f"{owner}: {field} must be a list of relative positions in [0, 1), got {values!r}"
+        )
+    for value in values:
+        if not 0.0 <= value < 1.0:
+            raise PatternError(
+                f"{owner}: {field} must lie in [0, 1) (fractions of the key length), "
+                f"got {value!r}"
+            )
+    return tuple(sorted({float(value) for value in values}))
+
+
+def _floor_div(numerator: torch.Tensor, denominator: int) -> torch.Tensor:
+    return torch.div(numerator, denominator, rounding_mode="floor")
+
+
+def _distance_bounds(grid: BlockGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block pair, the range ``[lo, hi]`` of distances ``d = q - k`` it holds, ``[q, k]``.
+
+    Over a block pair the distances fill every integer of ``[query_first - key_last,
+    query_last - key_first]``; at causal sites only ``d >= 0`` counts, so ``lo`` is raised to 0
+    (the pair holds no causal token pair where then ``lo > hi``).
+    """
+    lo = (grid.query_first - grid.key_last).expand(grid.q_blocks, grid.k_blocks)
+    hi = (grid.query_last - grid.key_first).expand(grid.q_blocks, grid.k_blocks)
+    return (lo.clamp(min=0) if grid.causal else lo), hi
+
+
+def _key_ranges_block_mask(grid: BlockGrid, starts: list[int], ends: list[int]) -> torch.Tensor:
+    """Blocks holding a kept pair when every query keeps the keys ``[starts[n], ends[n]]``.
+
+    At causal sites a key block counts only up to the query block's last token.
+    """
+    if not starts:
+        return torch.zeros(grid.q_blocks, grid.k_blocks, dtype=torch.bool)
+    first = grid.key_first.expand(grid.q_blocks, grid.k_blocks)
+    last = grid.key_last.expand(grid.q_blocks, grid.k_blocks)
+    if grid.causal:
+        last = torch.minimum(last, grid.query_last)
+    lo = torch.maximum(first.unsqueeze(-1), torch.tensor(starts))
+    hi = torch.minimum(last.unsqueeze(-1), torch.tensor(ends))
+    return (lo <= hi).any(dim=-1)
+
+
+def _stripe_ranges(
+    positions: tuple[float, ...], width: int, k_len: int
+) -> tuple[list[int], list[int]]:
+    """Key ranges ``[floor(p * k_len), floor(p * k_len) + width - 1]`` of relative positions."""
+    starts = [math.floor(position * k_len) for position in positions]
+    return starts, [start + width - 1 for start in starts]
+
+
+# --- the pattern families ---------------------------------------------------------------------
+
+
+@register_pattern("dense")
+@dataclasses.dataclass(frozen=True, repr=False)
+class Dense(Pattern):
+    """Every block (only the lower triangle at causal sites).
+
+    Example:
+        >>> dense().block_mask(2, 2, causal=True).int().tolist()
+        [[1, 0], [1, 1]]
+    """
+
+    def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
+        return torch.ones(grid.q_blocks, grid.k_blocks, dtype=torch.bool)
+
+
+@register_pattern("sliding_window")
+@dataclasses.dataclass(frozen=True, repr=False)
+class SlidingWindow(Pattern):
+    """Each query token keeps the keys within ``window`` tokens: ``|q - k| <= window``.
+
+    At causal sites only ``k <= q`` counts. A block is kept when any token pair in it is.
+
+    Example:
+        >>> SlidingWindow(window=16).block_mask(3, 3, block_size=16).int().tolist()
+        [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
+    """
+
+    window: int
+
+    def __post_init__(self) -> None:
+        _check_positive_int("sliding_window", "window", self.window)
+
+    def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
+        # The differences q - k over a block pair fill the integer range
+        # [query_first - key_last, query_last - key_first]; keep the block when that range meets
+        # [-window, window] (or [0, window] at causal).
+        lowest_allowed = 0 if grid.causal else -self.window
+        return (grid.query_first - grid.key_last <= self.window) & (
+            grid.query_last - grid.key_first >= lowest_allowed
+        )
+
+
+@register_pattern("attention_sinks")
+@dataclasses.dataclass(frozen=True, repr=False)
+class AttentionSinks(Pattern):
+    """Every query keeps the first ``num_tokens`` keys (the blocks covering ``[0, num_tokens)``).
+
+    Example:
+        >>> attention_sinks(4).block_mask(2, 3, block_size=16).int().tolist()
+        [[1, 0, 0], [1, 0, 0]]
+    """
+
+    num_tokens: int
+
+    def __post_init__(self) -> None:
+        _check_positive_int("attention_sinks", "num_tokens", self.num_tokens)
+
+    def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
+        return (grid.key_first < self.num_tokens).expand(grid.q_blocks, grid.k_blocks)
+
+
+@register_pattern("skip")
+@dataclasses.dataclass(frozen=True, repr=False)
+class Skip(Pattern):
+    """The head is dropped: its output is zeros and none of its blocks is computed.
+
+    Token level it keeps no pair. Since block masks never have empty rows, `block_mask` gives
+    the fallback placeholder (one block per row, key block ``min(i, k_blocks - 1)``) so that
+    shape code keeps working; `is_skip` tells the rewrite to zero the head instead, and
+    `density` is 0.0. The search picks it only where it proves the head harmless. A skipped head
+    does not combine with other patterns.
+
+    Example:
+        >>> skip().is_skip, skip().density(4, 4)
+        (True, 0.0)
+        >>> skip().block_mask(2, 2).int().tolist()
+        [[1, 0], [0, 1]]
+    """
+
+    @property
+    def is_skip(self) -> bool:
+        return True
+
+    def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
+        return torch.zeros(grid.q_blocks, grid.k_blocks, dtype=torch.bool)
+
+
+@register_pattern("last_tokens")
+@dataclasses.dataclass(frozen=True, repr=False)
+class LastTokens(Pattern):
+    """Every query keeps the last ``num_tokens`` keys: ``j >= k_len - num_tokens``.
+
+    Relative to the end of the key sequence, so it follows the length (at causal sites a query
+    sees them only once it reaches them, ``j <= i``).
+
+    Example:
+        >>> last_tokens(4).block_mask(2, 3, block_size=16).int().tolist()
+        [[0, 0, 1], [0, 0, 1]]
+    """
+
+    num_tokens: int
+
+    def __post_init__(self) -> None:
+        _check_positive_int("last_tokens", "num_tokens", self.num_tokens)
+
+    def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
+        return _key_ranges_block_mask(grid, [grid.k_len - self.num_tokens], [grid.k_len - 1])
+
+
+@register_pattern("a_shape")
+@dataclasses.dataclass(frozen=True, repr=False)
+class AShape(Pattern):
+    """Attention sinks plus a sliding window (the "A" shape of StreamingLLM / MInference).
+
+    Keeps ``j < sink_tokens or |i - j| <= window`` — the same blocks as
+    ``attention_sinks(sink_tokens) | sliding_window(window)``, saved under its own name.
+
+    Example:
+        >>> a_shape(4, 16).block_mask(4, 4, block_size=16, causal=True).int().tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 1, 1]]
+        >>> a_shape(4, 512).to_dict()
+        {'pattern': 'a_shape', 'sink_tokens': 4, 'window': 512}
+    """
+
+    sink_tokens: int
+    window: int
+    _positional: ClassVar[int] = 2
+
+    def __post_init__(self) -> None:
+        _check_positive_int("a_shape", "sink_tokens", self.sink_tokens)
+        _check_positive_int("a_shape", "window", self.window)
+
+    def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
+        sinks = AttentionSinks(self.sink_tokens)._block_mask(grid)
+        return sinks | SlidingWindow(self.window)._block_mask(grid)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class DistancePattern(Pattern):
+    """Base of patterns that keep a token pair by its distance ``d = i - j`` alone.
+
+    Subclasses implement `keeps_distance_range`. Over one block pair the distances fill a
+    contiguous integer range, so "some kept distance in the range" is exactly the "any token
+    pair" pooling; at causal sites the range is cut to ``d >= 0`` first. Cost: one vectorised
+    test per block pair.
+
+    Example:
+        >>> d = torch.tensor([0, 5, 9])
+        >>> strided(8, width=2).keeps_distance_range(d, d).tolist()
+        [True, False, True]
+    """
+
+    @abc.abstractmethod
+    def keeps_distance_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """``bool`` (broadcast of ``lo``, ``hi``): some kept distance lies in ``[lo, hi]``.
+
+        Only entries with ``lo <= hi`` are read; others may hold anything.
+        """
+
+    def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
+        lo, hi = _distance_bounds(grid)
+        return (lo <= hi) & self.keeps_distance_range(lo, hi)
+
+
+def _symmetric_range(
+    keeps_abs_range: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+) -> torch.Tensor:
+    """`keeps_distance_range` of a pattern that keeps ``d`` iff it keeps ``-d``.
+
+    Splits ``[lo, hi]`` into its part at ``d >= 0`` and the mirror of its part at ``d < 0``, and
+    asks ``keeps_abs_range(a, b)`` (``0 <= a``; read only where ``a <= b``) about each.
+    """
+    lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
+    up_lo, up_hi = lo.clamp(min=0), hi.clamp(min=0)
+    down_lo, down_hi = (-hi).clamp(min=1), (-lo).clamp(min=0)
+    up = (up_lo <= hi) & keeps_abs_range(up_lo, up_hi)
+    down = (down_lo <= -lo) & keeps_abs_range(down_lo, down_hi)
+    return up | down
+
+
+@register_pattern("multi_diagonal")
+@dataclasses.dataclass(frozen=True, repr=False)
+class MultiDiagonal(DistancePattern):
+    """Diagonal bands every ``period`` tokens (dilated attention; video: period = frame size).
+
+    Keeps ``(i, j)`` when ``|d - m * period| <= width`` for ``d = i - j`` and some integer
+    ``m`` — any ``m``, or ``|m| <= count`` when ``count`` is given. ``m = 0`` is the local
+    window; ``m = ±1`` the same spot one frame back / ahead.
+
+    Example:
+        >>> multi_diagonal(32, width=0, count=1).block_mask(4, 4, block_size=16).int().tolist()
+        [[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]]
+        >>> multi_diagonal(1024, width=64)
+        multi_diagonal(1024, width=64)
+    """
+
+    period: int
+    width: int = 0
+    count: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive_int("multi_diagonal", "period", self.period)
+        _check_nonnegative_int("multi_diagonal", "width", self.width)
+        if self.count is not None:
+            _check_nonnegative_int("multi_diagonal", "count", self.count)
+
+    def keeps_distance_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        # Band m meets [lo, hi] iff m * period - width <= hi and m * period + width >= lo.
+        lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
+        first = -_floor_div(self.width - lo, self.period)  # ceil((lo - width) / period)
+        last = _floor_div(hi + self.width, self.period)
+        if self.count is not None:
+            first, last = first.clamp(min=-self.count), last.clamp(max=self.count)
+        return first <= last
+
+
+@register_pattern("strided")
+@dataclasses.dataclass(frozen=True, repr=False)
+class Strided(DistancePattern):
+    """The Sparse Transformer's strided pattern: keys ``j`` with ``(i - j) mod stride < width``.
+
+    ``mod`` is the non-negative remainder (Python's ``%``), so ``width`` consecutive keys are
+    kept ending at ``i``, ``i - stride``, ``i - 2 * stride``, ... (and ahead of ``i`` when not
+    causal). ``width == stride`` is dense.
+
+    Example:
+        >>> strided(32).block_mask(4, 4, block_size=16, causal=True).int().tolist()
+        [[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1]]
+    """
+
+    stride: int
+    width: int = 1
+
+    def __post_init__(self) -> None:
+        _check_positive_int("strided", "stride", self.stride)
+        _check_positive_int("strided", "width", self.width)
+        if self.width > self.stride:
+            raise PatternError(
+                f"strided: width must be at most stride={self.stride}, got {self.width}"
+            )
+
+    def keeps_distance_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        # Kept distances are [m * stride, m * stride + width - 1] for every integer m.
+        lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
+        first = -_floor_div(self.width - 1 - lo, self.stride)  # ceil((lo - width + 1) / stride)
+        return first <= _floor_div(hi, self.stride)
+
+
+@register_pattern("radial")
+@dataclasses.dataclass(frozen=True, repr=False)
+class Radial(DistancePattern):
+    """Radial attention: dense near the diagonal, ever sparser with distance.
+
+    With ``a = |i - j|``: keep when ``a <= window``; otherwise keep when ``a`` is a multiple of
+    ``2 ** e``, ``e = max(0, floor(log2(a / decay_tokens)))``. So every key is kept up to
+    ``max(window, 2 * decay_tokens - 1)``, every 2nd key for ``a`` in
+    ``[2 * decay_tokens, 4 * decay_tokens)``, every 4th in the next octave, and so on (the
+    density halves each time the distance doubles). ``radial(w)`` takes ``decay_tokens = w``.
+
+    Example:
+        >>> kept = radial(2).block_mask(1, 20, block_size=1)[0]   # keys of query 0, token level
+        >>> kept.nonzero().flatten().tolist()
+        [0, 1, 2, 3, 4, 6, 8, 12, 16]
+        >>> radial(256, decay_tokens=1024)
+        radial(256, decay_tokens=1024)
+    """
+
+    window: int
+    decay_tokens: int
+
+    def __post_init__(self) -> None:
+        _check_positive_int("radial", "window", self.window)
+        _check_positive_int("radial", "decay_tokens", self.decay_tokens)
+
+    def keeps_distance_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return _symmetric_range(self._keeps_abs_range, lo, hi)
+
+    def _keeps_abs_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        decay = self.decay_tokens
+        keep = lo <= max(self.window, 2 * decay - 1)
+        farthest = int(hi.max()) if hi.numel() else 0
+        exponent = 1
+        # Octave e covers a in [decay * 2**e, decay * 2**(e + 1)) and keeps multiples of 2**e.
+        while decay << exponent <= farthest:
+            step = 1 << exponent
+            start = lo.clamp(min=decay << exponent)
+            stop = hi.clamp(max=(decay << (exponent + 1)) - 1)
+            first_multiple = -_floor_div(-start, step) * step
+            keep = keep | ((start <= stop) & (first_multiple <= stop))
+            exponent += 1
+        return keep
+
+
+@register_pattern("power_of_two")
+@dataclasses.dataclass(frozen=True, repr=False)
+class PowerOfTwo(DistancePattern):
+    """Keys at distances 0 and ``±2**k``: keeps ``|d - s| <= width`` for ``d = i - j``.
+
+    ``s`` runs over ``0`` and ``±2**k`` for ``k = 0 .. max_exponent`` (every ``k`` when
+    ``max_exponent`` is None); ``width`` widens each line to ``2 * width + 1`` tokens.
+
+    Example:
+        >>> kept = power_of_two(3).block_mask(1, 12, block_size=1)[0]   # keys of query 0
+        >>> kept.nonzero().flatten().tolist()
+        [0, 1, 2, 4, 8]
+        >>> power_of_two(width=2)
+        power_of_two(None, width=2)
+    """
+
+    max_exponent: int | None = None
+    width: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_exponent is not None:
+            _check_nonnegative_int("power_of_two", "max_exponent", self.max_exponent)
+        _check_nonnegative_int("power_of_two", "width", self.width)
+
+    def keeps_distance_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
+        farthest = max(int(lo.abs().max()), int(hi.abs().max())) if lo.numel() else 0
+        top = (farthest + self.width).bit_length()  # 2**top - width > farthest
+        if self.max_exponent is not None:
+            top = min(top, self.max_exponent)
+        keep = (lo <= self.width) & (hi >= -self.width)
+        for exponent in range(top + 1):
+            for line in (1 << exponent, -(1 << exponent)):
+                keep = keep | ((lo <= line + self.width) & (hi >= line - self.width))
+        return keep
+
+
+@register_pattern("vertical_stripes")
+@dataclasses.dataclass(frozen=True, repr=False)
+class VerticalStripes(Pattern):
+    """Key columns at fixed relative positions, for every query (they follow the length).
+
+    Position ``p`` in ``[0, 1)`` keeps keys ``c <= j < c + width`` with
+    ``c = floor(p * k_len)`` (float64 product), cut at ``k_len``. `attention_sinks` keeps the
+    absolute first keys, `last_tokens` the absolute last ones.
+
+    Example:
+        >>> vertical_stripes([0.5], width=8).block_mask(2, 4, block_size=16).int().tolist()
+        [[0, 0, 1, 0], [0, 0, 1, 0]]
+    """
+
+    positions: tuple[float, ...]
+    width: int = 1
+
+    def __post_init__(self) -> None:
+        positions = _relative_positions("vertical_stripes", "positions", self.positions)
+        if not positions:
+            raise PatternError("vertical_stripes: positions must hold at least one position")
+        object.__setattr__(self, "positions", positions)
+        _check_positive_int("vertical_stripes", "width", self.width)
+
+    def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
+        return _key_ranges_block_mask(grid, *_stripe_ranges(self.positions, self.width, grid.k_len))
+
+
+@register_pattern("vertical_slash")
+@dataclasses.dataclass(frozen=True, repr=False)
+class VerticalSlash(Pattern):
+    """Vertical lines plus slash lines (MInference's vertical-slash, with static positions).
+
+    Keeps ``(i, j)`` when ``c <= j < c + width`` for a vertical line, ``c = floor(p * k_len)``
+    with ``p`` in ``vertical`` (relative key positions in ``[0, 1)``), or when
+    ``o <= i - j < o + width`` for a slash offset ``o`` in ``slash`` (tokens; 0 is the main
+    diagonal, negative offsets lie above it).
+
+    Example:
+        >>> pattern = vertical_slash(vertical=[0.0], slash=[0, 32], width=4)
+        >>> pattern.block_mask(4, 4, block_size=16, causal=True).int().tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+        >>> vertical_slash([0.5], [3]).block_mask(4, 4, block_size=1).int().tolist()
+        [[0, 0, 1, 0], [0, 0, 1, 0], [0, 0, 1, 0], [1, 0, 1, 0]]
+    """
+
+    vertical: tuple[float, ...] = ()
+    slash: tuple[int, ...] = ()
+    width: int = 1
+    _positional: ClassVar[int] = 2
+
+    def __post_init__(self) -> None:
+        vertical = _relative_positions("vertical_slash", "vertical", self.vertical)
+        slash = _int_tuple("vertical_slash", "slash", self.slash)
+        if not vertical and not slash:
+            raise PatternError("vertical_slash: vertical and slash are both empty")
+        object.__setattr__(self, "vertical", vertical)
+        object.__setattr__(self, "slash", slash)
+        _check_positive_int("vertical_slash", "width", self.width)
+
+    def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
+        mask = _key_ranges_block_mask(grid, *_stripe_ranges(self.vertical, self.width, grid.k_len))
+        if self.slash:
+            lo, hi = _distance_bounds(grid)
+            offsets = torch.tensor(self.slash)
+            meets = (lo.unsqueeze(-1) <= offsets + self.width - 1) & (hi.unsqueeze(-1) >= offsets)
+            mask = mask | ((lo <= hi) & meets.any(dim=-1))
+        return mask
+
+
+_RELATIVE_TO = ("start", "diagonal")
+
+
+@register_pattern("block_top_k")
+@dataclasses.dataclass(frozen=True, repr=False)
+class BlockTopK(Pattern):
+    """Static key blocks chosen per query block from a profile, moved to other lengths.
+
+    ``table[r]`` lists the key blocks kept by query block ``r`` of the source grid
+    (``source_q_blocks x source_k_blocks``, usually the calibration length). Defined on blocks,
+    not tokens (``q_len``/``k_len`` are not used). A target block ``(I, J)`` of another grid is
+    kept when any source block it maps onto is kept:
+
+    - ``relative_to="start"``: by relative position from the start. Target row ``I`` covers
+      ``[I / q_blocks, (I + 1) / q_blocks)`` of the rows, the source rows overlapping that
+      interval are its source rows; columns likewise. Same grid: the table itself.
+    - ``relative_to="diagonal"``: rows as above; columns by block offset ``D = I - J`` from the
+      diagonal. ``|D| <= near_blocks`` keeps the offset (source blocks ``(r, r - D)``); beyond,
+      the far part ``|D| - near_blocks`` maps proportionally (by ``source_q_blocks / q_blocks``
+      below the diagonal, ``source_k_blocks / k_blocks`` above it) onto source offsets.
+
+    Build it from profiled scores with `BlockTopK.from_block_scores`.
+
+    Example:
+        >>> pattern = block_top_k([[0], [0, 1]], source_q_blocks=2, source_k_blocks=2)
+        >>> pattern.block_mask(4, 4, causal=True).int().tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+        >>> block_top_k.from_block_scores(torch.tensor([[9., 1.], [5., 7.]]), k=1)
+        block_top_k(<2x2 table, 2 blocks>, relative_to='start')
+    """
+
+    table: tuple[tuple[int, ...], ...]
+    source_q_blocks: int
+    source_k_blocks: int
+    relative_to: str = "start"
+    near_blocks: int = 4
+
+    def __post_init__(self) -> None:
+        _check_positive_int("block_top_k", "source_q_blocks", self.source_q_blocks)
+        _check_positive_int("block_top_k", "source_k_blocks", self.source_k_blocks)
+        if not isinstance(self.table, (list, tuple)):
+            raise PatternError(
+                f"block_top_k: table must be a list of lists of key block indices, got "
+                f"{type(self.table).__name__}"
+            )
+        if len(self.table) != self.source_q_blocks:
+            raise PatternError(
+                f"block_top_k: table has {len(self.table)} rows, source_q_blocks is "
+                f"{self.source_q_blocks}"
+            )
+        rows = []
+        for index, row in enumerate(self.table):
+            row = _int_tuple("block_top_k", f"table[{index}]", row)
+            if row and not (0 <= row[0] and row[-1] < self.source_k_blocks):
+                raise PatternError(
+                    f"block_top_k: table[{index}] holds key blocks outside "
+                    f"[0, {self.source_k_blocks}): {list(row)}"
+                )
+            rows.append(row)
+        object.__setattr__(self, "table", tuple(rows))
+        if self.relative_to not in _RELATIVE_TO:
+            raise PatternError(
+                f"block_top_k: relative_to must be one of {', '.join(_RELATIVE_TO)}, "
+                f"got {self.relative_to!r}"
+            )
+        _check_nonnegative_int("block_top_k", "near_blocks", self.near_blocks)
+
+    @classmethod
+    def from_block_scores(
+        cls,
+        scores: torch.Tensor,
+        *,
+        k: int | None = None,
+        density: float | None = None,
+        causal: bool = False,
+        relative_to: str = "start",
+        near_blocks: int = 4,
+    ) -> BlockTopK:
+        """Keep, per query block, the ``k`` best-scoring key blocks (or a ``density`` share).
+
+        ``scores`` is ``[q_blocks, k_blocks]`` (e.g. the profiled attention mass of one head).
+        ``density`` keeps ``ceil(density * n)`` blocks of the ``n`` a row can see (at least
+        one). ``causal`` only considers key blocks ``j <= i``. Ties go to the lower index.
+
+        Example:
+            >>> scores = torch.tensor([[1., 0., 0.], [3., 1., 2.]])
+            >>> BlockTopK.from_block_scores(scores, k=2, causal=True).table
+            ((0,), (0, 1))
+        """
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or 0 in scores.shape:
+            raise PatternError(
+                "block_top_k: scores must be a [q_blocks, k_blocks] tensor, got "
+                f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}"
+            )
+        if (k is None) == (density is None):
+            raise PatternError("block_top_k: give exactly one of k and density")
+        if k is not None:
+            _check_positive_int("block_top_k", "k", k)
+        elif (
+            isinstance(density, bool)
+            or not isinstance(density, (int, float))
+            or not 0 < density <= 1
+        ):
+            raise PatternError(f"block_top_k: density must lie in (0, 1], got {density!r}")
+        scores = scores.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(scores).all()):
+            raise PatternError("block_top_k: scores must be finite (no NaN or inf)")
+        q_blocks, k_blocks = scores.shape
+        visible = (
+            causal_block_mask(q_blocks, k_blocks).sum(dim=1)
+            if causal
+            else torch.full((q_blocks,), k_blocks)
+        )
+        if causal:
+            scores = scores.masked_fill(~causal_block_mask(q_blocks, k_blocks), -math.inf)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        table = []
+        for row, seen in enumerate(visible.tolist()):
+            if k is not None:
+                count = min(k, seen)
+            else:
+                count = max(1, min(seen, math.ceil(density * seen - 1e-9)))
+            table.append(sorted(order[row, :count].tolist()))
+        return cls(table, q_blocks, k_blocks, relative_to, near_blocks)
+
+    def _source_mask(self) -> torch.Tensor:
+        mask = torch.zeros(self.source_q_blocks, self.source_k_blocks, dtype=torch.bool)
+        for row, columns in enumerate(self.table):
+            mask[row, list(columns)] = True
+        return mask
+
+    def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
+        source = self._source_mask()
+        sq, sk = self.source_q_blocks, self.source_k_blocks
+        row_lo, row_hi = _overlapping(grid.q_blocks, sq)
+        row_lo, row_hi = row_lo.unsqueeze(1), row_hi.unsqueeze(1)
+        if self.relative_to == "start":
+            col_lo, col_hi = _overlapping(grid.k_blocks, sk)
+            return _any_in_rectangles(source, row_lo, row_hi, col_lo, col_hi)
+        # Diagonal coordinates: column (offset + sk - 1) of row r holds source block (r, r - offset).
+        rows, columns = source.nonzero(as_tuple=True)
+        by_offset = torch.zeros(sq, sq + sk - 1, dtype=torch.bool)
+        by_offset[rows, rows - columns + sk - 1] = True
+        offset = torch.arange(grid.q_blocks).unsqueeze(1) - torch.arange(grid.k_blocks)
+        near = self.near_blocks
+        below = (offset - near).clamp(min=1)  # far part, target blocks below the diagonal
+        above = (-offset - near).clamp(min=1)
+        off_lo = torch.where(
+            offset > near,
+            near + 1 + (below - 1) * sq // grid.q_blocks,
+            torch.where(offset < -near, -(near + 1 + (above * sk - 1) // grid.k_blocks), offset),
+        )
+        off_hi = torch.where(
+            offset > near,
+            near + 1 + (below * sq - 1) // grid.q_blocks,
+            torch.where(offset < -near, -(near + 1 + (above - 1) * sk // grid.k_blocks), offset),
+        )
+        return _any_in_rectangles(
+            by_offset, row_lo, row_hi, off_lo + sk - 1, off_hi + sk - 1
+        )
+
+    def __str__(self) -> str:
+        kept = sum(len(row) for row in self.table)
+        shown = [f"<{self.source_q_blocks}x{self.source_k_blocks} table, {kept} blocks>"]
+        shown.append(f"relative_to={self.relative_to!r}")
+        if self.relative_to == "diagonal":
+            shown.append(f"near_blocks={self.near_blocks}")
+        return f"block_top_k({', '.join(shown)})"
+
+
+def _overlapping(target: int, source: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per target index ``t``, the source indices ``[lo, hi]`` overlapping ``[t, t + 1) * source / target``."""
+    index = torch.arange(target)
+    return index * source // target, ((index + 1) * source - 1) // target
+
+
+def _any_in_rectangles(
+    mask: torch.Tensor,
+    row_lo: torch.Tensor,
+    row_hi: torch.Tensor,
+    col_lo: torch.Tensor,
+    col_hi: torch.Tensor,
+) -> torch.Tensor:
+    """Whether ``mask[row_lo..row_hi, col_lo..col_hi]`` (inclusive, clipped) holds a True.
+
+    Bounds broadcast together; one summed-area table, so O(1) per rectangle.
+    """
+    rows, columns = mask.shape
+    sums = torch.zeros(rows + 1, columns + 1, dtype=torch.int64)
+    sums[1:, 1:] = mask.long().cumsum(0).cumsum(1)
+    r0, r1 = row_lo.clamp(0, rows), (row_hi + 1).clamp(0, rows)
+    c0, c1 = col_lo.clamp(0, columns), (col_hi + 1).clamp(0, columns)
+    r0, r1, c0, c1 = torch.broadcast_tensors(r0, r1, c0, c1)
+    total = sums[r1, c1] - sums[r0, c1] - sums[r1, c0] + sums[r0, c0]
+    return (r0 < r1) & (c0 < c1) & (total > 0)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _Composite(Pattern):
+    """Shared JSON, validation and display of `Union` and `Intersection`."""
+
+    parts: tuple[Pattern, ...]
+    _operator: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.parts, list):
+            object.__setattr__(self, "parts", tuple(self.parts))
+        if not isinstance(self.parts, tuple) or len(self.parts) < 2:
+            raise PatternError(
+                f"{self.pattern_name}: parts must hold at least two patterns, got {self.parts!r}"
+            )
+        for index, part in enumerate(self.parts):
+            if not isinstance(part, Pattern):
+                raise PatternError(
+                    f"{self.pattern_name}: parts[{index}] must be a Pattern, got {part!r}"
+                )
+            if part.is_skip:
+                raise PatternError(
+                    f"{self.pattern_name}: parts[{index}] is skip(); a dropped head does not "
+                    "combine with other patterns"
+                )
+
+    def _params(self) -> dict[str, Any]:
+        return {"parts": [part.to_dict() for part in self.parts]}
+
+    @classmethod
+    def _from_params(cls, params: Mapping[str, Any], location: str) -> Pattern:
+        parts = params["parts"]
+        if not isinstance(parts, list):
+            raise PatternError(
+                f"{location}: pattern {cls.pattern_name!r}: parts must be a list of patterns, "
+                f"got {type(parts).__name__}"
+            )
+        return cls(
+            tuple(_from_dict(part, f"{location}.parts[{i}]") for i, part in enumerate(parts))
+        )
+
+    def __str__(self) -> str:
+        shown = [f"({part})" if isinstance(part, _Composite) else str(part) for part in self.parts]
+        return f" {self._operator} ".join(shown)
+
+
+@register_pattern("union")
+@dataclasses.dataclass(frozen=True, repr=False)
+class Union(_Composite):
+    """Blocks kept by any part (``a | b``).
+
+    Example:
+        >>> str(sliding_window(512) | attention_sinks(4))
+        'sliding_window(512) | attention_sinks(4)'
+    """
+
+    _operator: ClassVar[str] = "|"
+
+    def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
+        mask = self.parts[0]._block_mask(grid)
+        for part in self.parts[1:]:
+            mask = mask | part._block_mask(grid)
+        return mask
+
+
+@register_pattern("intersection")
+@dataclasses.dataclass(frozen=True, repr=False)
+class Intersection(_Composite):
+    """Blocks kept by every part (``a & b``); taken on block masks, not token by token.
+
+    Example:
+        >>> (dense() & attention_sinks(4)).block_mask(2, 2, block_size=16).int().tolist()
+        [[1, 0], [1, 0]]
+    """
+
+    _operator: ClassVar[str] = "&"
+
+    def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
+        mask = self.parts[0]._block_mask(grid)
+        for part in self.parts[1:]:
+            mask = mask & part._block_mask(grid)
+        return mask
+
+
+# --- factories ----------------------------------------------------------------------------------
+
+
+def dense() -> Dense:
+    """Dense attention: every block (the causal triangle at causal sites).
+
+    Example:
+        >>> dense()
+        dense()
+    """
+    return Dense()
+
+
+def sliding_window(window: int) -> SlidingWindow:
+    """Keys within ``window`` tokens of the query (``|q - k| <= window``; ``k <= q`` at causal).
+
+    Example:
+        >>> sliding_window(512)
+        sliding_window(512)
+    """
+    return SlidingWindow(window)
+
+
+def attention_sinks(num_tokens: int) -> AttentionSinks:
+    """The first ``num_tokens`` keys, for every query.
+
+    Example:
+        >>> attention_sinks(4)
+        attention_sinks(4)
+    """
+    return AttentionSinks(num_tokens)
+
+
+def skip() -> Skip:
+    """The head is dropped (zeros); see `Skip` — chosen only where the search proves it harmless.
+
+    Example:
+        >>> skip()
+        skip()
+    """
+    return Skip()
+
+
+def last_tokens(num_tokens: int) -> LastTokens:
+    """The last ``num_tokens`` keys, for every query (``j >= k_len - num_tokens``).
+
+    Example:
+        >>> last_tokens(16)
+        last_tokens(16)
+    """
+    return LastTokens(num_tokens)
+
+
+def a_shape(sink_tokens: int, window: int) -> AShape:
+    """Sinks plus window: ``j < sink_tokens or |i - j| <= window``.
+
+    Example:
+        >>> a_shape(4, 512)
+        a_shape(4, 512)
+    """
+    return AShape(sink_tokens, window)
+
+
+def multi_diagonal(period: int, width: int = 0, count: int | None = None) -> MultiDiagonal:
+    """Bands ``|i - j - m * period| <= width`` for every integer ``m`` (or ``|m| <= count``).
+
+    Example:
+        >>> multi_diagonal(1560, width=64, count=2)   # 1560 tokens per video frame
+        multi_diagonal(1560, width=64, count=2)
+    """
+    return MultiDiagonal(period, width, count)
+
+
+def strided(stride: int, width: int = 1) -> Strided:
+    """Keys with ``(i - j) mod stride < width`` (Sparse Transformer, strided).
+
+    Example:
+        >>> strided(128, width=4)
+        strided(128, width=4)
+    """
+    return Strided(stride, width)
+
+
+def radial(window: int, decay_tokens: int | None = None) -> Radial:
+    """Dense within ``window``; beyond, every ``2**floor(log2(|i - j| / decay_tokens))``-th key.
+
+    ``decay_tokens`` defaults to ``window``.
+
+    Example:
+        >>> radial(256)
+        radial(256, decay_tokens=256)
+    """
+    return Radial(window, window if decay_tokens is None else decay_tokens)
+
+
+def power_of_two(max_exponent: int | None = None, width: int = 0) -> PowerOfTwo:
+    """Keys at distance 0 and ``±2**k`` (``k <= max_exponent``), each ``±width`` tokens wide.
+
+    Example:
+        >>> power_of_two(10)
+        power_of_two(10)
+    """
+    return PowerOfTwo(max_exponent, width)
+
+
+def vertical_stripes(positions: Sequence[float], width: int = 1) -> VerticalStripes:
+    """Key columns at relative positions ``positions`` (in ``[0, 1)``), ``width`` keys each.
+
+    Example:
+        >>> vertical_stripes([0.5, 0.25], width=64)
+        vertical_stripes([0.25, 0.5], width=64)
+    """
+    return VerticalStripes(tuple(positions), width)
+
+
+def vertical_slash(
+    vertical: Sequence[float] = (), slash: Sequence[int] = (), width: int = 1
+) -> VerticalSlash:
+    """Vertical lines at relative key positions plus slash lines ``i - j = offset``.
+
+    Example:
+        >>> vertical_slash([0.0], [0, 1024], width=64)
+        vertical_slash([0.0], [0, 1024], width=64)
+    """
+    return VerticalSlash(tuple(vertical), tuple(slash), width)
+
+
+def block_top_k(
+    table: Sequence[Sequence[int]],
+    source_q_blocks: int,
+    source_k_blocks: int,
+    relative_to: str = "start",
+    near_blocks: int = 4,
+) -> BlockTopK:
+    """Static key blocks per query block (``table``), chosen at a source grid; see `BlockTopK`.
+
+    ``block_top_k.from_block_scores(scores, k=... | density=...)`` picks them from a profile.
+
+    Example:
+        >>> block_top_k([[0], [1]], 2, 2)
+        block_top_k(<2x2 table, 2 blocks>, relative_to='start')
+    """
+    if not isinstance(table, (list, tuple)):
+        return BlockTopK(table, source_q_blocks, source_k_blocks, relative_to, near_blocks)
+    rows = tuple(tuple(row) if isinstance(row, (list, tuple)) else row for row in table)
+    return BlockTopK(rows, source_q_blocks, source_k_blocks, relative_to, near_blocks)
+
+
+block_top_k.from_block_scores = BlockTopK.from_block_scores  # type: ignore[attr-defined]
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def pattern_from_dict(data: Mapping[str, Any]) -> Pattern:
+    """Rebuild a pattern from `Pattern.to_dict` output, checking name and parameters.
+
+    Raises `PatternError` naming the pattern and listing the known names or the expected
+    parameters.
+
+    Example:
+        >>> pattern_from_dict({"pattern": "sliding_window", "window": 512})
+        sliding_window(512)
+    """
+    return _from_dict(data, "")
+
+
+def _from_dict(data: Any, location: str) -> Pattern:
+    where = f"{location}: " if location else ""
+    if not isinstance(data, Mapping):
+        raise PatternError(
+            f"{where}a pattern must be a JSON object like {{\"pattern\": \"dense\"}}, "
+            f"got {type(data).__name__}"
+        )
+    if "pattern" not in data:
+        raise PatternError(
+            f"{where}pattern object has no 'pattern' key; known patterns: "
+            f"{', '.join(known_patterns())}"
+        )
+    name = data["pattern"]
+    if not isinstance(name, str) or name not in _REGISTRY:
+        close = (
+            difflib.get_close_matches(name, known_patterns(), n=1) if isinstance(name, str) else []
+        )
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise PatternError(
+            f"{where}unknown pattern {name!r}{hint}; known: {', '.join(known_patterns())}"
+        )
+    cls = _REGISTRY[name]
+    params = {key: value for key, value in data.items() if key != "pattern"}
+    expected = [field.name for field in dataclasses.fields(cls)]
+    unknown = sorted(set(params) - set(expected))
+    missing = [key for key in expected if key not in params]
+    if unknown or missing:
+        problems = []
+        if unknown:
+            problems.append(f"unknown parameter(s) {', '.join(map(repr, unknown))}")
+        if missing:
+            problems.append(f"missing parameter(s) {', '.join(map(repr, missing))}")
+        raise PatternError(
+            f"{where}pattern {name!r}: {'; '.join(problems)}; expected: "
+            f"{', '.join(expected) if expected else '(no parameters)'}"
+        )
+    try:
+        return cls._from_params(params, location or name)
+    except PatternError as error:
+        if location and not str(error).startswith(location):
+            raise PatternError(f"{where}{error}") from error
+        raise

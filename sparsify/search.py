@@ -1,0 +1,494 @@
+"""Search: for every site and head, the cheapest sparse pattern whose output error fits the budget.
+
+Flow (DESIGN.md §5):
+
+1. profile — the first calibration batches give each head's block-pooled attention mass;
+2. candidates — every pattern family over a parameter grid, plus static block top-k tables
+   picked from the profile; candidates the cost model says are not faster than dense drop out;
+3. filter — candidates whose attention-mass recall on the profile is below ``min_recall``;
+4. confirm — the held-out batches score every survivor by the relative L2 error of the head's
+   output against dense (`sparsify.profile.CandidateErrors`);
+5. choose — per site, the cheapest combination whose site output error stays within
+   ``max_error`` (a multiple-choice knapsack solved with a Lagrange multiplier); with a global
+   ``target_density`` / ``target_speedup``, the multiplier is shared by all sites and the
+   error is allocated where it costs least.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from sparsify import patterns as pattern_library
+from sparsify.capture import Captured, normalize_inputs
+from sparsify.cost import CostModel
+from sparsify.errors import SparsifyError
+from sparsify.patterns import Pattern
+from sparsify.profile import BlockMassProfile, CandidateErrors
+from sparsify.site import AttentionSite
+from sparsify.strategy import SiteStrategy, Strategy
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_ERROR = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Options of the search (validated).
+
+    Attributes:
+        max_error: largest relative L2 error of each site's output against dense, in [0, 1).
+            ``0`` keeps every head dense.
+        target_density: optional global target of kept work over dense work (0, 1].
+        target_speedup: optional global target of estimated attention speedup (> 1).
+        block_size: block edge in tokens; ``None``: 64 on CPU, 128 on GPU.
+        min_recall: candidates keeping less attention mass on the profile are not scored.
+        holdout_fraction: share of calibration batches held out to score candidates.
+        backend: backend the cost model prices (``"auto"``: ``torch`` on CPU, ``triton`` on GPU).
+        dense_steps: leading forward calls (e.g. diffusion steps) that stay dense.
+        seed: seed for every random choice.
+    """
+
+    max_error: float = DEFAULT_MAX_ERROR
+    target_density: float | None = None
+    target_speedup: float | None = None
+    block_size: int | None = None
+    min_recall: float = 0.7
+    holdout_fraction: float = 0.25
+    backend: str = "auto"
+    dense_steps: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_error, (int, float)) and 0 <= self.max_error < 1):
+            raise SparsifyError(f"max_error must be in [0, 1), got {self.max_error!r}")
+        if self.target_density is not None and not 0 < self.target_density <= 1:
+            raise SparsifyError(f"target_density must be in (0, 1], got {self.target_density!r}")
+        if self.target_speedup is not None and not self.target_speedup >= 1:
+            raise SparsifyError(f"target_speedup must be >= 1, got {self.target_speedup!r}")
+        if self.target_density is not None and self.target_speedup is not None:
+            raise SparsifyError("give target_density or target_speedup, not both")
+        if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise SparsifyError(f"block_size must be a power of two >= 16, got {self.block_size!r}")
+        if not 0 <= self.min_recall < 1:
+            raise SparsifyError(f"min_recall must be in [0, 1), got {self.min_recall!r}")
+        if not 0 < self.holdout_fraction < 1:
+            raise SparsifyError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction!r}")
+        if self.dense_steps < 0:
+            raise SparsifyError(f"dense_steps must be >= 0, got {self.dense_steps!r}")
+
+
+# -- calibration data -----------------------------------------------------------------------------
+
+def collect_batches(model: torch.nn.Module, calib_loader: Any) -> list[tuple[tuple, dict]]:
+    """Calibration batches as ``(args, kwargs)``: from an iterable of batches or a ``forward_loop(model)``.
+
+    Every batch must have the same structure as the first (tensor / tuple of the same length /
+    dict with the same keys).
+
+    Example:
+        >>> batches = collect_batches(torch.nn.Identity(), [torch.zeros(2), torch.ones(2)])
+        >>> len(batches), batches[0][0][0].shape
+        (2, torch.Size([2]))
+    """
+    if calib_loader is None:
+        raise SparsifyError("no calibration data: pass an iterable of batches or a forward_loop(model) callable")
+    if callable(calib_loader) and not hasattr(calib_loader, "__iter__"):
+        recorded: list[tuple[tuple, dict]] = []
+
+        class _Recorder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = model
+
+            def forward(self, *args, **kwargs):
+                recorded.append((args, kwargs))
+                return self.inner(*args, **kwargs)
+
+        with torch.no_grad():
+            calib_loader(_Recorder())
+        raw = [(args, kwargs) for args, kwargs in recorded]
+    else:
+        try:
+            raw = [normalize_inputs(batch) for batch in calib_loader]
+        except TypeError as error:
+            raise SparsifyError(f"calibration batches must be tensors, tuples of arguments or dicts of keyword "
+                                f"arguments: {error}") from None
+    if not raw:
+        raise SparsifyError("the calibration loader is empty: it yielded no batch (forward_loop made no call)")
+    first_args, first_kwargs = raw[0]
+    for index, (args, kwargs) in enumerate(raw[1:], start=1):
+        if len(args) != len(first_args) or sorted(kwargs) != sorted(first_kwargs):
+            raise SparsifyError(
+                f"calibration batch {index} has {len(args)} positional arguments and keys {sorted(kwargs)}, but batch 0 "
+                f"has {len(first_args)} and {sorted(first_kwargs)}: every batch must have the same structure"
+            )
+    return raw
+
+
+def split_batches(count: int, holdout_fraction: float) -> tuple[list[int], list[int]]:
+    """Indices of profile and held-out batches; one batch serves both (with a warning)."""
+    if count == 1:
+        logger.warning("one calibration batch: it both profiles and scores candidates (no held-out data); "
+                       "pass several batches for an honest error estimate")
+        return [0], [0]
+    held_out = max(1, round(count * holdout_fraction))
+    return list(range(count - held_out)), list(range(count - held_out, count))
+
+
+# -- candidates -------------------------------------------------------------------------------------
+
+def _geometric(low: int, high: int, factor: float = 2.0) -> list[int]:
+    values, value = [], float(low)
+    while value <= high:
+        values.append(int(round(value)))
+        value *= factor
+    return sorted(set(values))
+
+
+def candidate_patterns(site: AttentionSite, block_size: int, profile: BlockMassProfile | None) -> list[list[Pattern]]:
+    """Per head, the candidate patterns to score (dense first, then sparse families).
+
+    Families: sliding window, A-shape (sinks + window), multi-diagonal with periods read off the
+    profile's strongest off-diagonal offsets, vertical-slash from the profile's strongest
+    columns and diagonals, static block top-k from the profile, strided, radial, power-of-two,
+    and skip.
+    """
+    length = max(site.q_len, site.k_len)
+    shared: list[Pattern] = []
+    windows = _geometric(block_size // 2, length, math.sqrt(2))
+    for window in windows:
+        shared.append(pattern_library.sliding_window(window))
+        shared.append(pattern_library.a_shape(block_size, window))
+    shared.append(pattern_library.attention_sinks(block_size))
+    for stride in _geometric(2 * block_size, length // 2):
+        shared.append(pattern_library.strided(stride, block_size) | pattern_library.sliding_window(block_size))
+    for window in _geometric(block_size, length // 4):
+        shared.append(pattern_library.radial(window, window))
+    shared.append(pattern_library.power_of_two(width=block_size // 2))
+    shared.append(pattern_library.skip())
+    per_head: list[list[Pattern]] = []
+    for head in range(site.num_heads):
+        candidates = [pattern_library.dense(), *shared]
+        if profile is not None:
+            mass = profile.normalized()[head]
+            candidates += _profile_candidates(mass, block_size, site)
+        per_head.append(_unique(candidates))
+    return per_head
+
+
+def _profile_candidates(mass: torch.Tensor, block_size: int, site: AttentionSite) -> list[Pattern]:
+    """Candidates read off one head's block attention map."""
+    found: list[Pattern] = []
+    q_blocks, k_blocks = mass.shape
+    # Strongest diagonal offsets (in blocks) beyond the local neighbourhood → multi-diagonal periods.
+    offsets = torch.zeros(q_blocks + k_blocks, dtype=torch.float64)
+    rows = torch.arange(q_blocks).unsqueeze(1)
+    columns = torch.arange(k_blocks).unsqueeze(0)
+    distance = (rows - columns).abs()
+    offsets.index_add_(0, distance.flatten(), mass.flatten())
+    counts = torch.bincount(distance.flatten(), minlength=q_blocks + k_blocks).clamp_min(1)
+    per_offset = offsets / counts
+    if per_offset.numel() > 3:
+        far = per_offset.clone()
+        far[:2] = 0
+        for offset in far.topk(min(2, int((far > 0).sum()))).indices.tolist():
+            if offset >= 2:
+                period = offset * block_size
+                found.append(pattern_library.multi_diagonal(period, block_size // 2))
+                found.append(pattern_library.multi_diagonal(period, block_size // 2) | pattern_library.attention_sinks(block_size))
+    # Vertical-slash: strongest key columns (relative) and diagonals.
+    column_mass = mass.sum(0)
+    top_columns = column_mass.topk(min(4, k_blocks)).indices.tolist()
+    vertical = sorted({round((c * block_size + block_size / 2) / max(site.k_len, 1), 4) for c in top_columns if c > 0})
+    slash = sorted({int(o) * block_size for o in per_offset.topk(min(4, per_offset.numel())).indices.tolist()})
+    if vertical or slash:
+        found.append(pattern_library.vertical_slash(vertical, slash, block_size) | pattern_library.attention_sinks(block_size))
+    # Static block top-k at several densities.
+    for density in (0.05, 0.1, 0.2, 0.3, 0.5):
+        found.append(pattern_library.block_top_k.from_block_scores(mass, density=density))
+    return found
+
+
+def _unique(candidates: Sequence[Pattern]) -> list[Pattern]:
+    seen: set[str] = set()
+    unique = []
+    for pattern in candidates:
+        key = repr(pattern.to_dict())
+        if key not in seen:
+            seen.add(key)
+            unique.append(pattern)
+    return unique
+
+
+# -- choosing ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class HeadOptions:
+    """What the search knows of one head's candidates (dense is index 0)."""
+
+    site: str
+    head: int
+    patterns: list[Pattern]
+    cost: torch.Tensor  # seconds per candidate (estimated)
+    work: torch.Tensor  # kept work per candidate, in dense-work units of this head
+    squared_error: torch.Tensor  # Σ squared output error per candidate (held-out data)
+    relative_error: torch.Tensor
+    recall: torch.Tensor
+    output_norm: float  # Σ ||dense output||² of the head
+
+
+def choose_with_multiplier(options: Sequence[HeadOptions], primary: Callable[[HeadOptions], torch.Tensor],
+                           secondary: Callable[[HeadOptions], torch.Tensor], budget: float) -> list[int]:
+    """Pick one candidate per head minimising Σ primary subject to Σ secondary <= budget.
+
+    Lagrangian relaxation: each head takes ``argmin primary + λ·secondary``; λ is found by
+    bisection (in log space) as the smallest that meets the budget. Index 0 of every head must
+    be feasible on its own for the budget (dense has zero error), so a solution always exists.
+
+    Example:
+        >>> option = HeadOptions("s", 0, [], torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.5]),
+        ...                      torch.tensor([0.0, 3.0]), torch.zeros(2), torch.ones(2), 1.0)
+        >>> choose_with_multiplier([option], lambda o: o.cost, lambda o: o.squared_error, 5.0)
+        [1]
+    """
+
+    def pick(multiplier: float) -> tuple[list[int], float]:
+        choice = [int(torch.argmin(primary(o) + multiplier * secondary(o))) for o in options]
+        return choice, sum(float(secondary(o)[c]) for o, c in zip(options, choice))
+
+    choice, used = pick(0.0)
+    if used <= budget:
+        return choice
+    low, high = 1e-12, 1.0
+    while pick(high)[1] > budget and high < 1e30:
+        high *= 16
+    best = pick(high)[0]
+    for _ in range(60):
+        middle = math.sqrt(low * high)
+        candidate, used = pick(middle)
+        if used <= budget:
+            high, best = middle, candidate
+        else:
+            low = middle
+    return best
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """The search's output: the strategy plus what it measured (for reports and pictures)."""
+
+    strategy: Strategy
+    captured: Captured
+    sites: list[AttentionSite]
+    profiles: dict[str, BlockMassProfile]
+    options: dict[str, list[HeadOptions]]
+    held_out: list[tuple[tuple, dict]]
+
+
+def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence[tuple[tuple, dict]],
+           config: SearchConfig, *, cost_model: CostModel | None = None, device: torch.device | None = None,
+           progress: bool = True) -> SearchResult:
+    """Profile, score and choose patterns for every head of every site (see the module docstring).
+
+    ``captured`` is the graph after `FindAttention` (canonical nodes with sites); ``batches``
+    are ``(args, kwargs)`` pairs from `collect_batches`.
+    """
+    from tqdm.auto import tqdm
+
+    from sparsify.passes.profile import observe
+
+    if not sites:
+        raise SparsifyError("search needs at least one attention site")
+    cost_model = cost_model or CostModel.default()
+    device = device or _device_of(captured.graph_module)
+    block_size = config.block_size or (128 if device.type == "cuda" else 64)
+    backend = config.backend if config.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
+    profile_indices, holdout_indices = split_batches(len(batches), config.holdout_fraction)
+
+    if config.max_error == 0 and config.target_density is None and config.target_speedup is None:
+        strategy = Strategy.dense(list(sites), block_size=block_size)
+        strategy = _with_metadata(strategy, config, {"note": "max_error=0: every head dense"})
+        return SearchResult(strategy, captured, list(sites), {}, {}, [batches[i] for i in holdout_indices])
+
+    # 1. profile
+    profiles: dict[str, BlockMassProfile] = {}
+
+    def profile_site(site, q, k, v, attn_mask, is_causal, scale):
+        key = site.name
+        existing = profiles.get(key)
+        if existing is None or (existing.q_len, existing.k_len) != (q.shape[2], k.shape[2]):
+            if existing is not None and existing.q_len * existing.k_len >= q.shape[2] * k.shape[2]:
+                return  # keep the profile of the longest sequence seen
+            profiles[key] = BlockMassProfile.empty(site.num_heads, q.shape[2], k.shape[2], block_size)
+        profiles[key].add(q, k, v, attn_mask, is_causal or site.causal, scale)
+
+    observe(captured.graph_module, batches, profile_site,
+            progress=tqdm(profile_indices, desc="sparsify: profiling", disable=not progress, unit="batch"))
+
+    # 2. candidates per site/head (at the profile's lengths)
+    candidates: dict[str, list[list[Pattern]]] = {}
+    for site in sites:
+        candidates[site.name] = candidate_patterns(site, block_size, profiles.get(site.name))
+
+    # 3-4. score on held-out batches
+    scores: dict[str, CandidateErrors] = {
+        site.name: CandidateErrors.empty([len(c) for c in candidates[site.name]]) for site in sites
+    }
+    mask_cache: dict[tuple[str, int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    def score_site(site, q, k, v, attn_mask, is_causal, scale):
+        key = (site.name, q.shape[2], k.shape[2])
+        if key not in mask_cache:
+            mask_cache[key] = _candidate_masks(candidates[site.name], q.shape[2], k.shape[2], block_size, site.causal, q.device)
+        masks, skips = mask_cache[key]
+        scores[site.name].add(q, k, v, attn_mask, is_causal or site.causal, scale, block_size, masks, skips)
+
+    observe(captured.graph_module, batches, score_site,
+            progress=tqdm(holdout_indices, desc="sparsify: scoring candidates", disable=not progress, unit="batch"))
+
+    # 5. choose
+    options: dict[str, list[HeadOptions]] = {}
+    for site in sites:
+        options[site.name] = _head_options(site, candidates[site.name], scores[site.name], block_size, cost_model,
+                                           backend, device, config)
+    chosen = _choose(sites, options, config)
+    strategy = _build_strategy(sites, options, chosen, block_size, config, cost_model, backend, device)
+    return SearchResult(strategy, captured, list(sites), profiles, options, [batches[i] for i in holdout_indices])
+
+
+def _device_of(graph_module: torch.nn.Module) -> torch.device:
+    for tensor in list(graph_module.parameters()) + list(graph_module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _candidate_masks(per_head: list[list[Pattern]], q_len: int, k_len: int, block_size: int, causal: bool,
+                     device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    q_blocks, k_blocks = -(-q_len // block_size), -(-k_len // block_size)
+    masks, skips = [], []
+    cache: dict[str, torch.Tensor] = {}
+    for candidates in per_head:
+        head_masks = []
+        for pattern in candidates:
+            key = repr(pattern.to_dict())
+            if key not in cache:
+                cache[key] = pattern.block_mask(q_blocks, k_blocks, block_size=block_size, causal=causal,
+                                                q_len=q_len, k_len=k_len)
+            head_masks.append(cache[key])
+        masks.append(torch.stack(head_masks).to(device))
+        skips.append(torch.tensor([_is_skip(p) for p in candidates], device=device))
+    return masks, skips
+
+
+def _is_skip(pattern: Pattern) -> bool:
+    return bool(getattr(pattern, "is_skip", False))
+
+
+def _head_options(site: AttentionSite, candidates: list[list[Pattern]], scores: CandidateErrors, block_size: int,
+                  cost_model: CostModel, backend: str, device: torch.device, config: SearchConfig) -> list[HeadOptions]:
+    q_blocks, k_blocks = -(-site.q_len // block_size), -(-site.k_len // block_size)
+    dense_blocks = float(pattern_library.dense().block_mask(q_blocks, k_blocks, block_size=block_size, causal=site.causal,
+                                                            q_len=site.q_len, k_len=site.k_len).sum())
+    dense_cost = cost_model.dense_head_latency(site, backend=backend, device=device)
+    options = []
+    for head, head_candidates in enumerate(candidates):
+        costs, work = [], []
+        for index, pattern in enumerate(head_candidates):
+            if index == 0:
+                costs.append(dense_cost)
+                work.append(1.0)
+                continue
+            if _is_skip(pattern):
+                costs.append(0.0)
+                work.append(0.0)
+                continue
+            kept = float(pattern.block_mask(q_blocks, k_blocks, block_size=block_size, causal=site.causal,
+                                            q_len=site.q_len, k_len=site.k_len).sum())
+            costs.append(cost_model.sparse_head_latency(site, kept, backend=backend, device=device, block_size=block_size))
+            work.append(kept / dense_blocks)
+        cost = torch.tensor(costs, dtype=torch.float64)
+        relative_error = scores.relative_error(head)
+        recall = scores.recall(head)
+        squared_error = scores.squared_error[head].clone()
+        # Rule out: not faster than dense by the cost model, or too little attention mass kept.
+        excluded = (cost >= dense_cost) | ((recall < config.min_recall) & ~torch.tensor([_is_skip(p) for p in head_candidates]))
+        excluded[0] = False
+        squared_error[excluded] = math.inf
+        options.append(HeadOptions(site.name, head, list(head_candidates), cost, torch.tensor(work, dtype=torch.float64),
+                                   squared_error, relative_error, recall, float(scores.output_norm[head])))
+    return options
+
+
+def _choose(sites: Sequence[AttentionSite], options: dict[str, list[HeadOptions]], config: SearchConfig) -> dict[str, list[int]]:
+    chosen: dict[str, list[int]] = {}
+    if config.target_density is None and config.target_speedup is None:
+        for site in sites:
+            site_options = options[site.name]
+            budget = config.max_error**2 * sum(o.output_norm for o in site_options)
+            chosen[site.name] = choose_with_multiplier(site_options, lambda o: o.cost, lambda o: o.squared_error, budget)
+        return chosen
+    # Global target: minimise Σ (site-relative squared error) subject to Σ work or Σ cost <= target.
+    everything = [o for site in sites for o in options[site.name]]
+    site_norm = {site.name: max(sum(o.output_norm for o in options[site.name]), 1e-30) for site in sites}
+    if config.target_density is not None:
+        weights = {site.name: _dense_work(site) for site in sites}
+        secondary = lambda o: o.work * weights[o.site]  # noqa: E731
+        budget = config.target_density * sum(weights[o.site] for o in everything)
+    else:
+        secondary = lambda o: o.cost  # noqa: E731
+        budget = sum(float(o.cost[0]) for o in everything) / config.target_speedup
+    primary = lambda o: o.squared_error / site_norm[o.site]  # noqa: E731
+    picks = choose_with_multiplier(everything, primary, secondary, budget)
+    position = 0
+    for site in sites:
+        count = len(options[site.name])
+        chosen[site.name] = picks[position:position + count]
+        position += count
+    return chosen
+
+
+def _dense_work(site: AttentionSite) -> float:
+    return site.q_len * site.k_len * site.head_dim * (0.5 if site.causal else 1.0)
+
+
+def _build_strategy(sites, options, chosen, block_size, config, cost_model, backend, device) -> Strategy:
+    site_strategies = {}
+    dense_total = sparse_total = 0.0
+    for site in sites:
+        heads, metrics = [], []
+        for option, index in zip(options[site.name], chosen[site.name]):
+            heads.append(option.patterns[index])
+            metrics.append({
+                "recall": round(float(option.recall[index]), 6),
+                "error": round(float(option.relative_error[index]), 6),
+                "work": round(float(option.work[index]), 6),
+                "estimated_seconds": float(option.cost[index]),
+            })
+            dense_total += float(option.cost[0])
+            sparse_total += float(option.cost[index])
+        site_strategies[site.name] = SiteStrategy(site.name, heads, head_metrics=metrics, dense_steps=config.dense_steps)
+    base = Strategy.dense(list(sites), block_size=block_size)
+    strategy = dataclasses.replace(base, sites=site_strategies)
+    return _with_metadata(strategy, config, {
+        "backend": backend,
+        "device": str(device),
+        "estimated_attention_speedup": round(dense_total / max(sparse_total, 1e-30), 4),
+    })
+
+
+def _with_metadata(strategy: Strategy, config: SearchConfig, extra: dict[str, Any]) -> Strategy:
+    from sparsify import __version__
+
+    metadata = dict(strategy.metadata)
+    metadata.update({
+        "sparsify_version": __version__,
+        "search": {k: v for k, v in dataclasses.asdict(config).items() if v is not None},
+        **extra,
+    })
+    return dataclasses.replace(strategy, metadata=metadata)

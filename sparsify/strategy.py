@@ -1,0 +1,756 @@
+"""`Strategy`: the versioned JSON document naming each site's per-head sparsity patterns."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sparsify.errors import PatternError, StrategyError
+from sparsify.patterns import Dense, Pattern, causal_block_mask, dense, pattern_from_dict
+from sparsify.site import AttentionSite
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SUPPORTED_FORMAT_VERSIONS",
+    "SiteStrategy",
+    "Strategy",
+    "fusion_groups_of",
+    "site_fingerprint",
+]
+
+FORMAT_VERSION = 1
+"""Version written by `Strategy.save`."""
+
+SUPPORTED_FORMAT_VERSIONS = (1,)
+"""Versions `Strategy.load` understands."""
+
+_TOP_LEVEL_KEYS = ("format_version", "block_size", "fingerprint", "sites", "metadata")
+_SITE_KEYS = ("heads", "fusion_groups", "head_metrics", "dense_steps")
+# Fingerprint entries may carry more keys (carried as they are); these are checked.
+_FINGERPRINT_TYPES: dict[str, type] = {
+    "name": str,
+    "num_heads": int,
+    "num_kv_heads": int,
+    "head_dim": int,
+    "causal": bool,
+    "kind": str,
+}
+_OPTIONAL_FINGERPRINT_TYPES: dict[str, type] = {"q_len": int, "k_len": int}
+_COMPARED_FINGERPRINT_KEYS = ("num_kv_heads", "head_dim", "causal", "kind")
+_MAX_LISTED_NAMES = 10
+
+
+def site_fingerprint(site: AttentionSite) -> dict[str, Any]:
+    """``site.fingerprint()`` plus the ``q_len``/``k_len`` seen at capture (used for densities).
+
+    Example:
+        >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=8,
+        ...                      q_len=128, k_len=128)
+        >>> site_fingerprint(site)["q_len"]
+        128
+    """
+    return {**site.fingerprint(), "q_len": site.q_len, "k_len": site.k_len}
+
+
+def fusion_groups_of(heads: Sequence[Pattern]) -> list[list[int]]:
+    """Group head indices whose patterns are identical, in order of each group's first head.
+
+    Example:
+        >>> from sparsify.patterns import dense, sliding_window
+        >>> fusion_groups_of([dense(), sliding_window(64), dense()])
+        [[0, 2], [1]]
+    """
+    groups: dict[str, list[int]] = {}
+    for index, pattern in enumerate(heads):
+        key = json.dumps(pattern.to_dict(), sort_keys=True)
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteStrategy:
+    """The patterns chosen for one attention site, one per query head.
+
+    Attributes:
+        name: the site's name (`AttentionSite.name`).
+        heads: one `Pattern` per query head.
+        head_metrics: per head, optional measured numbers (recall, error, cost...) as a JSON
+            object; carried, not interpreted. ``None`` when nothing was measured.
+        fusion_groups: head indices that run together (identical patterns); a partition of the
+            heads. Computed with `fusion_groups_of` when ``None``.
+        dense_steps: leading steps (e.g. diffusion timesteps) that run dense.
+
+    Example:
+        >>> from sparsify.patterns import dense, sliding_window
+        >>> site = SiteStrategy("attn", [dense(), sliding_window(64), sliding_window(64)])
+        >>> site.fusion_groups, site.sparse_heads
+        ([[0], [1, 2]], [1, 2])
+    """
+
+    name: str
+    heads: list[Pattern]
+    head_metrics: list[dict[str, Any]] | None = None
+    fusion_groups: list[list[int]] | None = None
+    dense_steps: int = 0
+
+    def __post_init__(self) -> None:
+        where = f"sites[{self.name!r}]"
+        if not isinstance(self.name, str) or not self.name:
+            raise StrategyError(f"site name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.heads, (list, tuple)) or not self.heads:
+            raise StrategyError(f"{where}.heads: must be a non-empty list of patterns")
+        for index, pattern in enumerate(self.heads):
+            if not isinstance(pattern, Pattern):
+                raise StrategyError(
+                    f"{where}.heads[{index}]: expected a Pattern, got {type(pattern).__name__}"
+                )
+        # A tuple: heads change through `Strategy.with_heads`, which recomputes fusion groups.
+        object.__setattr__(self, "heads", tuple(self.heads))
+        num_heads = len(self.heads)
+
+        if self.head_metrics is not None:
+            if not isinstance(self.head_metrics, (list, tuple)):
+                raise StrategyError(f"{where}.head_metrics: must be a list or null")
+            if len(self.head_metrics) != num_heads:
+                raise StrategyError(
+                    f"{where}.head_metrics: has {len(self.head_metrics)} entries for "
+                    f"{num_heads} heads"
+                )
+            for index, metrics in enumerate(self.head_metrics):
+                if not isinstance(metrics, dict):
+                    raise StrategyError(
+                        f"{where}.head_metrics[{index}]: must be a JSON object, "
+                        f"got {type(metrics).__name__}"
+                    )
+                _check_json_value(metrics, f"{where}.head_metrics[{index}]")
+            object.__setattr__(self, "head_metrics", [dict(m) for m in self.head_metrics])
+
+        if self.fusion_groups is None:
+            object.__setattr__(self, "fusion_groups", fusion_groups_of(self.heads))
+        else:
+            self._check_fusion_groups(where)
+            object.__setattr__(self, "fusion_groups", [list(g) for g in self.fusion_groups])
+
+        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int):
+            raise StrategyError(f"{where}.dense_steps: must be an int, got {self.dense_steps!r}")
+        if self.dense_steps < 0:
+            raise StrategyError(f"{where}.dense_steps: must be >= 0, got {self.dense_steps}")
+
+    def _check_fusion_groups(self, where: str) -> None:
+        groups = self.fusion_groups
+        num_heads = len(self.heads)
+        if not isinstance(groups, (list, tuple)):
+            raise StrategyError(f"{where}.fusion_groups: must be a list of lists of head indices")
+        seen: dict[int, int] = {}
+        for group_index, group in enumerate(groups):
+            location = f"{where}.fusion_groups[{group_index}]"
+            if not isinstance(group, (list, tuple)) or not group:
+                raise StrategyError(f"{location}: must be a non-empty list of head indices")
+            for head in group:
+                if isinstance(head, bool) or not isinstance(head, int):
+                    raise StrategyError(f"{location}: head index {head!r} is not an int")
+                if not 0 <= head < num_heads:
+                    raise StrategyError(
+                        f"{location}: head {head} is out of range for {num_heads} heads"
+                    )
+                if head in seen:
+                    raise StrategyError(
+                        f"{location}: head {head} is already in fusion_groups[{seen[head]}]"
+                    )
+                seen[head] = group_index
+            first = self.heads[group[0]]
+            for head in group[1:]:
+                if self.heads[head] != first:
+                    raise StrategyError(
+                        f"{location}: heads {group[0]} ({first}) and {head} "
+                        f"({self.heads[head]}) have different patterns and cannot be fused"
+                    )
+        missing = [head for head in range(num_heads) if head not in seen]
+        if missing:
+            raise StrategyError(f"{where}.fusion_groups: heads {missing} are in no group")
+
+    @property
+    def num_heads(self) -> int:
+        """Query heads of the site."""
+        return len(self.heads)
+
+    def is_dense(self, head: int) -> bool:
+        """Whether ``head`` runs dense attention.
+
+        Example:
+            >>> from sparsify.patterns import dense, sliding_window
+            >>> SiteStrategy("attn", [dense(), sliding_window(64)]).is_dense(1)
+            False
+        """
+        return isinstance(self.heads[head], Dense)
+
+    @property
+    def dense_heads(self) -> list[int]:
+        """Indices of the heads that run dense."""
+        return [head for head in range(self.num_heads) if self.is_dense(head)]
+
+    @property
+    def sparse_heads(self) -> list[int]:
+        """Indices of the heads that run a sparse pattern."""
+        return [head for head in range(self.num_heads) if not self.is_dense(head)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (the site's name is its key in the document, so not repeated).
+
+        Example:
+            >>> SiteStrategy("attn", [dense()]).to_dict()["heads"]
+            [{'pattern': 'dense'}]
+        """
+        return {
+            "heads": [pattern.to_dict() for pattern in self.heads],
+            "fusion_groups": [list(group) for group in self.fusion_groups or []],
+            "head_metrics": (
+                None if self.head_metrics is None else [dict(m) for m in self.head_metrics]
+            ),
+            "dense_steps": self.dense_steps,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"SiteStrategy({self.name!r}, {self.num_heads} heads: "
+            f"{len(self.sparse_heads)} sparse, {len(self.dense_heads)} dense)"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """Per-site, per-head sparsity patterns of one model: the search's output, the rewrite's input.
+
+    Saved as plain, versioned JSON (``format_version``, ``block_size``, ``fingerprint``,
+    ``sites``, ``metadata``); `load` validates everything and names the file and the JSON
+    location of each problem. Patterns are parametric, so a strategy applies to any length.
+
+    Attributes:
+        block_size: block edge in tokens (a power of two >= 16).
+        sites: `SiteStrategy` per site name, in the model's site order.
+        fingerprint: per site, in the same order, `site_fingerprint` (the shapes the strategy was
+            made for; ``q_len``/``k_len`` optional).
+        metadata: free JSON (sparsify version, notes...).
+
+    Example:
+        >>> from sparsify.patterns import sliding_window
+        >>> site = AttentionSite("attn", 0, num_heads=4, num_kv_heads=2, head_dim=64,
+        ...                      q_len=1024, k_len=1024, causal=True)
+        >>> strategy = Strategy.uniform([site], sliding_window(128))
+        >>> Strategy.from_dict(strategy.to_dict()) == strategy
+        True
+        >>> strategy.summary()["sparse_heads"]
+        4
+    """
+
+    block_size: int
+    sites: dict[str, SiteStrategy]
+    fingerprint: list[dict[str, Any]]
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_block_size(self.block_size, "block_size")
+        if not isinstance(self.sites, Mapping) or not self.sites:
+            raise StrategyError("sites: a strategy must cover at least one site")
+        for name, site in self.sites.items():
+            if not isinstance(site, SiteStrategy):
+                raise StrategyError(
+                    f"sites[{name!r}]: expected a SiteStrategy, got {type(site).__name__}"
+                )
+            if site.name != name:
+                raise StrategyError(f"sites[{name!r}]: holds the strategy of site {site.name!r}")
+        object.__setattr__(self, "sites", dict(self.sites))
+
+        if not isinstance(self.fingerprint, (list, tuple)):
+            raise StrategyError("fingerprint: must be a list with one object per site")
+        for index, entry in enumerate(self.fingerprint):
+            _check_fingerprint_entry(entry, f"fingerprint[{index}]")
+        fingerprint_names = [entry["name"] for entry in self.fingerprint]
+        if fingerprint_names != list(self.sites):
+            raise StrategyError(
+                f"fingerprint: names {_short_list(fingerprint_names)} do not match the sites "
+                f"{_short_list(list(self.sites))} (same names, same order expected)"
+            )
+        for index, entry in enumerate(self.fingerprint):
+            site = self.sites[entry["name"]]
+            if entry["num_heads"] != site.num_heads:
+                raise StrategyError(
+                    f"sites[{site.name!r}].heads: has {site.num_heads} patterns but "
+                    f"fingerprint[{index}] says the site has {entry['num_heads']} heads"
+                )
+        object.__setattr__(self, "fingerprint", [dict(entry) for entry in self.fingerprint])
+
+        if not isinstance(self.metadata, dict):
+            raise StrategyError(
+                f"metadata: must be a JSON object, got {type(self.metadata).__name__}"
+            )
+        _check_json_value(self.metadata, "metadata")
+
+    # --- constructors ---------------------------------------------------------------------------
+
+    @classmethod
+    def uniform(
+        cls,
+        sites: Sequence[AttentionSite],
+        pattern: Pattern,
+        block_size: int = 64,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Strategy:
+        """The same ``pattern`` on every head of every site.
+
+        Example:
+            >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=64,
+            ...                      q_len=256, k_len=256)
+            >>> from sparsify.patterns import sliding_window
+            >>> Strategy.uniform([site], sliding_window(64)).sites["attn"].fusion_groups
+            [[0, 1]]
+        """
+        if not isinstance(pattern, Pattern):
+            raise StrategyError(f"uniform: expected a Pattern, got {type(pattern).__name__}")
+        sites = list(sites)
+        for index, site in enumerate(sites):
+            if not isinstance(site, AttentionSite):
+                raise StrategyError(
+                    f"sites[{index}]: expected an AttentionSite, got {type(site).__name__}"
+                )
+        names = [site.name for site in sites]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise StrategyError(f"sites: duplicate site names {duplicates}")
+        return cls(
+            block_size=block_size,
+            sites={
+                site.name: SiteStrategy(site.name, [pattern] * site.num_heads) for site in sites
+            },
+            fingerprint=[site_fingerprint(site) for site in sites],
+            metadata=dict(metadata or {}),
+        )
+
+    @classmethod
+    def dense(
+        cls,
+        sites: Sequence[AttentionSite],
+        block_size: int = 64,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Strategy:
+        """Every head of every site dense (the compiled model equals the original).
+
+        Example:
+            >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=64,
+            ...                      q_len=256, k_len=256)
+            >>> Strategy.dense([site]).sites["attn"].dense_heads
+            [0, 1]
+        """
+        return cls.uniform(sites, dense(), block_size, metadata=metadata)
+
+    # --- JSON -----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document as plain values, keys in a fixed order (sites in model order)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "block_size": self.block_size,
+            "fingerprint": [dict(entry) for entry in self.fingerprint],
+            "sites": {name: site.to_dict() for name, site in self.sites.items()},
+            "metadata": json.loads(json.dumps(self.metadata)),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<dict>") -> Strategy:
+        """Validate and rebuild a strategy; errors name ``source`` and the JSON location.
+
+        Example:
+            >>> Strategy.from_dict({"format_version": 2}, source="s.json")  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            sparsify.errors.StrategyError: s.json: format_version 2 is not understood ...
+        """
+
+        def fail(message: str) -> StrategyError:
+            return StrategyError(f"{source}: {message}")
+
+        if not isinstance(data, dict):
+            raise fail(f"a strategy must be a JSON object, got {_json_type(data)}")
+        unknown = [key for key in data if key not in _TOP_LEVEL_KEYS]
+        if unknown:
+            raise fail(f"unknown key(s) {_quoted(unknown)}; expected: {', '.join(_TOP_LEVEL_KEYS)}")
+        # format_version first: a newer document may differ in everything else.
+        if "format_version" not in data:
+            raise fail(f"missing key 'format_version'; expected: {', '.join(_TOP_LEVEL_KEYS)}")
+        version = data["format_version"]
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise fail(f"format_version: must be an int, got {_json_type(version)}")
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise fail(
+                f"format_version {version} is not understood by this sparsify; understood "
+                f"versions: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}"
+            )
+        required = ("block_size", "fingerprint", "sites")
+        missing = [key for key in required if key not in data]
+        if missing:
+            raise fail(
+                f"missing key {_quoted(missing)}; expected: {', '.join(_TOP_LEVEL_KEYS)}"
+            )
+        _expect_type(data["block_size"], int, "block_size", fail)
+        _expect_type(data["fingerprint"], list, "fingerprint", fail)
+        _expect_type(data["sites"], dict, "sites", fail)
+        metadata = data.get("metadata", {})
+        _expect_type(metadata, dict, "metadata", fail)
+
+        sites: dict[str, SiteStrategy] = {}
+        for name, site_data in data["sites"].items():
+            sites[name] = _site_from_dict(name, site_data, fail)
+        try:
+            return cls(
+                block_size=data["block_size"],
+                sites=sites,
+                fingerprint=data["fingerprint"],
+                metadata=metadata,
+            )
+        except StrategyError as error:
+            raise fail(str(error)) from error
+
+    def with_heads(self, site_name: str, heads: Sequence[Pattern], **changes: Any) -> "Strategy":
+        """A copy with new per-head patterns for one site (fusion groups recomputed).
+
+        ``changes`` may set other `SiteStrategy` fields (``head_metrics``, ``dense_steps``).
+
+        Example:
+            >>> from sparsify.patterns import dense, sliding_window
+            >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=64,
+            ...                      q_len=1024, k_len=1024)
+            >>> mixed = Strategy.dense([site]).with_heads("attn", [dense(), sliding_window(128)])
+            >>> mixed.sites["attn"].sparse_heads
+            [1]
+        """
+        if site_name not in self.sites:
+            known = ", ".join(self.sites)
+            raise StrategyError(f"strategy has no site {site_name!r}; its sites: {known}")
+        old = self.sites[site_name]
+        if len(heads) != old.num_heads:
+            raise StrategyError(f"sites[{site_name!r}]: {old.num_heads} heads, got {len(heads)} patterns")
+        fields = {"head_metrics": old.head_metrics, "dense_steps": old.dense_steps, **changes}
+        sites = dict(self.sites)
+        sites[site_name] = SiteStrategy(site_name, list(heads), fusion_groups=None, **fields)
+        return dataclasses.replace(self, sites=sites)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the strategy as indented JSON (stable key order, so diffs stay small).
+
+        Example:
+            >>> strategy.save("strategy.json")                     # doctest: +SKIP
+        """
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(text + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Strategy:
+        """Read and validate a strategy file written by `save`; never executes anything.
+
+        Example:
+            >>> strategy = Strategy.load("strategy.json")          # doctest: +SKIP
+        """
+        source = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise StrategyError(f"{source}: cannot read strategy file: {error}") from error
+        try:
+            data = json.loads(
+                text, parse_constant=_reject_constant, object_pairs_hook=_reject_duplicate_keys
+            )
+        except (json.JSONDecodeError, ValueError) as error:
+            raise StrategyError(f"{source}: not valid JSON: {error}") from error
+        return cls.from_dict(data, source=source)
+
+    # --- checks against a model -----------------------------------------------------------------
+
+    def validate_for(self, sites: Sequence[AttentionSite], *, source: str = "strategy") -> None:
+        """Raise `StrategyError` listing every mismatch between this strategy and the model's sites.
+
+        Checks site names both ways (with close-name suggestions), head counts, and the
+        fingerprint's key/value heads, head size, causality and self/cross kind.
+
+        Example:
+            >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=64,
+            ...                      q_len=256, k_len=256)
+            >>> Strategy.dense([site]).validate_for([site])
+        """
+        model = {site.name: site for site in sites}
+        model_names = list(model)
+        strategy_names = list(self.sites)
+        only_strategy = [name for name in strategy_names if name not in model]
+        only_model = [name for name in model_names if name not in self.sites]
+        problems: list[str] = []
+        if len(only_strategy) == len(strategy_names):
+            problems.append(
+                f"the strategy covers none of the model's {len(model_names)} sites "
+                f"(strategy sites: {_short_list(strategy_names)}; model sites: "
+                f"{_short_list(model_names)})"
+            )
+        elif only_strategy or only_model:
+            if only_strategy:
+                problems.append(
+                    f"strategy sites not in the model: {_short_list(only_strategy)}"
+                    + _suggestions(only_strategy, only_model)
+                )
+            if only_model:
+                problems.append(f"model sites not in the strategy: {_short_list(only_model)}")
+        fingerprints = {entry["name"]: entry for entry in self.fingerprint}
+        for name in strategy_names:
+            site = model.get(name)
+            if site is None:
+                continue
+            if self.sites[name].num_heads != site.num_heads:
+                problems.append(
+                    f"site {name!r}: strategy has {self.sites[name].num_heads} heads, the model "
+                    f"has {site.num_heads}"
+                )
+            expected = site.fingerprint()
+            recorded = fingerprints[name]
+            for key in _COMPARED_FINGERPRINT_KEYS:
+                if recorded.get(key) != expected.get(key):
+                    problems.append(
+                        f"site {name!r}: {key} is {expected.get(key)!r} in the model but "
+                        f"{recorded.get(key)!r} in the strategy"
+                    )
+        if problems:
+            listed = "\n".join(f"  - {problem}" for problem in problems)
+            raise StrategyError(
+                f"{source} does not match the model ({len(problems)} problem"
+                f"{'s' if len(problems) > 1 else ''}):\n{listed}"
+            )
+
+    # --- reporting ------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """Counts, and the mean density at the recorded lengths (``None`` when not recorded).
+
+        ``mean_density`` is all heads' kept blocks over the blocks dense attention computes
+        (lower triangle at causal sites), at each site's recorded ``q_len``/``k_len``.
+
+        Example:
+            >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=64,
+            ...                      q_len=256, k_len=256)
+            >>> Strategy.dense([site]).summary()["mean_density"]
+            1.0
+        """
+        heads = sum(site.num_heads for site in self.sites.values())
+        dense_heads = sum(len(site.dense_heads) for site in self.sites.values())
+        return {
+            "num_sites": len(self.sites),
+            "num_heads": heads,
+            "dense_heads": dense_heads,
+            "sparse_heads": heads - dense_heads,
+            "fusion_groups": sum(len(site.fusion_groups or []) for site in self.sites.values()),
+            "block_size": self.block_size,
+            "mean_density": self._mean_density(),
+        }
+
+    def _mean_density(self) -> float | None:
+        kept = 0
+        computed = 0
+        for entry in self.fingerprint:
+            if "q_len" not in entry or "k_len" not in entry:
+                return None
+            q_len, k_len, causal = entry["q_len"], entry["k_len"], entry["causal"]
+            q_blocks = -(-q_len // self.block_size)
+            k_blocks = -(-k_len // self.block_size)
+            dense_blocks = (
+                int(causal_block_mask(q_blocks, k_blocks).sum()) if causal else q_blocks * k_blocks
+            )
+            site = self.sites[entry["name"]]
+            for group in site.fusion_groups or []:
+                mask = site.heads[group[0]].block_mask(
+                    q_blocks, k_blocks, block_size=self.block_size, causal=causal,
+                    q_len=q_len, k_len=k_len,
+                )
+                kept += int(mask.sum()) * len(group)
+                computed += dense_blocks * len(group)
+        return kept / computed
+
+    def __repr__(self) -> str:
+        summary = self.summary()
+        return (
+            f"Strategy({summary['num_sites']} sites, {summary['num_heads']} heads: "
+            f"{summary['sparse_heads']} sparse, {summary['dense_heads']} dense, "
+            f"block_size={self.block_size})"
+        )
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _site_from_dict(name: str, data: Any, fail: Any) -> SiteStrategy:
+    where = f"sites[{name!r}]"
+    if not name:
+        raise fail("sites: site names must be non-empty strings")
+    if not isinstance(data, dict):
+        raise fail(f"{where}: must be a JSON object, got {_json_type(data)}")
+    unknown = [key for key in data if key not in _SITE_KEYS]
+    if unknown:
+        raise fail(f"{where}: unknown key(s) {_quoted(unknown)}; expected: {', '.join(_SITE_KEYS)}")
+    if "heads" not in data:
+        raise fail(f"{where}: missing key 'heads'; expected: {', '.join(_SITE_KEYS)}")
+    _expect_type(data["heads"], list, f"{where}.heads", fail)
+    heads = []
+    for index, head in enumerate(data["heads"]):
+        try:
+            heads.append(pattern_from_dict(head))
+        except PatternError as error:
+            raise fail(f"{where}.heads[{index}]: {error}") from error
+    head_metrics = data.get("head_metrics")
+    if head_metrics is not None:
+        _expect_type(head_metrics, list, f"{where}.head_metrics", fail)
+    fusion_groups = data.get("fusion_groups")
+    if fusion_groups is not None:
+        _expect_type(fusion_groups, list, f"{where}.fusion_groups", fail)
+    dense_steps = data.get("dense_steps", 0)
+    _expect_type(dense_steps, int, f"{where}.dense_steps", fail)
+    try:
+        return SiteStrategy(
+            name=name,
+            heads=heads,
+            head_metrics=head_metrics,
+            fusion_groups=fusion_groups,
+            dense_steps=dense_steps,
+        )
+    except StrategyError as error:
+        raise fail(str(error)) from error
+
+
+def _check_block_size(value: Any, location: str) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 16
+        or value & (value - 1)
+    ):
+        raise StrategyError(
+            f"{location}: must be a power of two >= 16 (16, 32, 64, 128, ...), got {value!r}"
+        )
+
+
+def _check_fingerprint_entry(entry: Any, location: str) -> None:
+    if not isinstance(entry, dict):
+        raise StrategyError(f"{location}: must be a JSON object, got {_json_type(entry)}")
+    missing = [key for key in _FINGERPRINT_TYPES if key not in entry]
+    if missing:
+        raise StrategyError(
+            f"{location}: missing key {_quoted(missing)}; expected: {', '.join(_FINGERPRINT_TYPES)}"
+        )
+    for key, expected in {**_FINGERPRINT_TYPES, **_OPTIONAL_FINGERPRINT_TYPES}.items():
+        if key not in entry:
+            continue
+        value = entry[key]
+        if expected is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise StrategyError(f"{location}.{key}: must be a positive int, got {value!r}")
+        if not isinstance(value, expected):
+            raise StrategyError(
+                f"{location}.{key}: must be {_json_type_name(expected)}, got {_json_type(value)}"
+            )
+    if entry["kind"] not in ("self", "cross"):
+        raise StrategyError(f"{location}.kind: must be 'self' or 'cross', got {entry['kind']!r}")
+    _check_json_value(entry, location)
+
+
+def _check_json_value(value: Any, location: str) -> None:
+    """Raise unless ``value`` is made of JSON objects (string keys), arrays and finite scalars."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise StrategyError(f"{location}: {value!r} is not a JSON number")
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_json_value(item, f"{location}[{index}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise StrategyError(f"{location}: key {key!r} is not a string")
+            _check_json_value(item, f"{location}[{key!r}]")
+        return
+    raise StrategyError(f"{location}: {type(value).__name__} is not a JSON value")
+
+
+def _expect_type(value: Any, expected: type, location: str, fail: Any) -> None:
+    if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
+        raise fail(f"{location}: must be {_json_type_name(expected)}, got {_json_type(value)}")
+
+
+def _json_type_name(kind: type) -> str:
+    return {
+        int: "an integer",
+        str: "a string",
+        bool: "true or false",
+        list: "a JSON array",
+        dict: "a JSON object",
+    }.get(kind, kind.__name__)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (boolean)"
+    if isinstance(value, (int, float)):
+        return f"{value!r} (number)"
+    if isinstance(value, str):
+        return f"{value!r} (string)"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        result[key] = value
+    return result
+
+
+def _quoted(names: Sequence[str]) -> str:
+    return ", ".join(repr(name) for name in names)
+
+
+def _short_list(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(name) for name in names[:_MAX_LISTED_NAMES])
+    more = len(names) - _MAX_LISTED_NAMES
+    return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
+
+
+def _suggestions(unknown: Sequence[str], candidates: Sequence[str]) -> str:
+    """``" (did you mean: 'a' -> 'b'?)"``, pairing each unknown name with at most one close
+    candidate and each candidate with at most one name, closest pairs first."""
+    scored = []
+    for name in unknown:
+        for candidate in candidates:
+            ratio = difflib.SequenceMatcher(None, name, candidate).ratio()
+            if ratio >= 0.6:
+                scored.append((-ratio, name, candidate))
+    paired: dict[str, str] = {}
+    for _, name, candidate in sorted(scored):
+        if name not in paired and candidate not in paired.values():
+            paired[name] = candidate
+    hints = [f"{name!r} -> {paired[name]!r}" for name in unknown if name in paired]
+    shown = ", ".join(hints[:_MAX_LISTED_NAMES])
+    return f" (did you mean: {shown}?)" if hints else ""

@@ -1,0 +1,116 @@
+"""sparsify.compile end to end: dense strategies reproduce the model, sparse ones fire, bad input is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import model_zoo
+from helpers import call, max_relative_error
+import sparsify
+from sparsify import NoAttentionFoundError, SparsifyError, Strategy, StrategyError, patterns
+
+MODELS = ["gpt2", "llama", "llama_eager", "bert", "vit", "dit", "transformer_encoder", "multihead", "manual", "video"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_dense_strategy_reproduces_the_model(name):
+    model, inputs = getattr(model_zoo, name)()
+    sites = sparsify.find_attention(model, inputs)
+    compiled = sparsify.compile(model, strategy=Strategy.dense(sites), example_inputs=inputs)
+    assert isinstance(compiled.strategy, Strategy) and compiled.rewritten_sites == 0
+    assert max_relative_error(call(compiled, inputs), call(model, inputs)) <= 1e-5
+
+
+def test_compiled_model_serves_other_batch_and_sequence_lengths():
+    model, inputs = model_zoo.llama(seq=96)
+    sites = sparsify.find_attention(model, inputs)
+    strategy = Strategy.uniform(sites, patterns.sliding_window(1000), block_size=16)  # covers every key: dense
+    compiled = sparsify.compile(model, strategy=strategy, example_inputs=inputs)
+    assert compiled.rewritten_sites == 2
+    other, other_inputs = model_zoo.llama(seq=150, batch=3, seed=1)
+    assert max_relative_error(call(compiled, other_inputs), call(model, other_inputs)) <= 1e-5
+
+
+def test_strategy_round_trips_through_a_file(tmp_path):
+    model, inputs = model_zoo.bert()
+    sites = sparsify.find_attention(model, inputs)
+    strategy = Strategy.uniform(sites, patterns.sliding_window(32) | patterns.attention_sinks(16), block_size=16)
+    path = tmp_path / "strategy.json"
+    strategy.save(path)
+    from_object = sparsify.compile(model, strategy=strategy, example_inputs=inputs)
+    from_file = sparsify.compile(model, strategy=str(path), example_inputs=inputs)
+    assert from_file.strategy == strategy
+    assert torch.equal(call(from_file, inputs).last_hidden_state, call(from_object, inputs).last_hidden_state)
+
+
+def test_compile_leaves_the_user_model_untouched():
+    model, inputs = model_zoo.gpt2()
+    before = call(model, inputs).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model.modules()]
+    sites = sparsify.find_attention(model, inputs)
+    compiled = sparsify.compile(model, strategy=Strategy.uniform(sites, patterns.sliding_window(16), block_size=16),
+                                example_inputs=inputs)
+    assert compiled is not model
+    assert [type(m) for m in model.modules()] == modules
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(call(model, inputs).logits, before)
+
+
+def test_report_lists_every_site():
+    model, inputs = model_zoo.manual()
+    sites = sparsify.find_attention(model, inputs)
+    compiled = sparsify.compile(model, strategy=Strategy.uniform(sites, patterns.sliding_window(16), block_size=16),
+                                example_inputs=inputs)
+    report = compiled.report()
+    assert "attention" in report and "sliding_window(16)" in report
+
+
+def test_compile_without_strategy_or_data_says_what_to_do():
+    model, inputs = model_zoo.manual()
+    with pytest.raises(SparsifyError, match="needs calibration data"):
+        sparsify.compile(model)
+
+
+def test_compile_with_mismatched_strategy_file(tmp_path):
+    model, inputs = model_zoo.bert()
+    other = sparsify.find_attention(*model_zoo.gpt2())
+    path = tmp_path / "gpt2.json"
+    Strategy.dense(other).save(path)
+    with pytest.raises(StrategyError) as failure:
+        sparsify.compile(model, strategy=path, example_inputs=inputs)
+    assert "gpt2.json" in str(failure.value) and "encoder.layer.0.attention.self" in str(failure.value)
+
+
+def test_compile_with_malformed_strategy_file(tmp_path):
+    model, inputs = model_zoo.bert()
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(StrategyError, match="broken.json"):
+        sparsify.compile(model, strategy=path, example_inputs=inputs)
+
+
+def test_model_without_attention_fails_before_anything_else():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    site = sparsify.AttentionSite("attention", 0, num_heads=1, num_kv_heads=1, head_dim=8, q_len=4, k_len=4)
+    with pytest.raises(NoAttentionFoundError):
+        sparsify.compile(model, strategy=Strategy.dense([site]), example_inputs=(torch.randn(2, 8),))
+
+
+def test_unknown_backend_lists_the_known_ones():
+    model, inputs = model_zoo.manual()
+    sites = sparsify.find_attention(model, inputs)
+    with pytest.raises(SparsifyError, match="known: .*torch"):
+        sparsify.compile(model, strategy=Strategy.uniform(sites, patterns.sliding_window(16), block_size=16),
+                         example_inputs=inputs, backend="cuda_magic")
+
+
+def test_fixed_keyword_arguments_are_checked():
+    model, inputs = model_zoo.gpt2()
+    sites = sparsify.find_attention(model, inputs)
+    compiled = sparsify.compile(model, strategy=Strategy.dense(sites), example_inputs=inputs)
+    with pytest.raises(SparsifyError, match="use_cache"):
+        compiled(**inputs, use_cache=True)

@@ -1,0 +1,559 @@
+"""Tests of sparsify.patterns: block masks against token-level definitions, JSON, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsify.errors import PatternError
+from sparsify.patterns import (
+    AShape,
+    AttentionSinks,
+    BlockGrid,
+    BlockTopK,
+    Dense,
+    DistancePattern,
+    Intersection,
+    LastTokens,
+    MultiDiagonal,
+    Pattern,
+    PowerOfTwo,
+    Radial,
+    Skip,
+    SlidingWindow,
+    Strided,
+    Union,
+    VerticalSlash,
+    VerticalStripes,
+    a_shape,
+    attention_sinks,
+    block_top_k,
+    causal_block_mask,
+    dense,
+    known_patterns,
+    last_tokens,
+    multi_diagonal,
+    pattern_from_dict,
+    power_of_two,
+    radial,
+    register_pattern,
+    skip,
+    sliding_window,
+    strided,
+    vertical_slash,
+    vertical_stripes,
+)
+
+# --- an independent, token-level reference ----------------------------------------------------
+
+
+def element_mask(pattern: Pattern, q_len: int, k_len: int) -> torch.Tensor:
+    """``bool [q_len, k_len]``: the token pairs a leaf pattern keeps, from its definition."""
+    query = torch.arange(q_len).unsqueeze(1)
+    key = torch.arange(k_len).unsqueeze(0)
+    if isinstance(pattern, Dense):
+        return torch.ones(q_len, k_len, dtype=torch.bool)
+    if isinstance(pattern, SlidingWindow):
+        return (query - key).abs() <= pattern.window
+    if isinstance(pattern, AttentionSinks):
+        return (key < pattern.num_tokens).expand(q_len, k_len)
+    distance = query - key
+    if isinstance(pattern, Skip):
+        return torch.zeros(q_len, k_len, dtype=torch.bool)
+    if isinstance(pattern, LastTokens):
+        return (key >= k_len - pattern.num_tokens).expand(q_len, k_len)
+    if isinstance(pattern, AShape):
+        return (key < pattern.sink_tokens) | (distance.abs() <= pattern.window)
+    if isinstance(pattern, VerticalStripes):
+        return columns_mask(pattern.positions, pattern.width, q_len, k_len)
+    if isinstance(pattern, VerticalSlash):
+        mask = columns_mask(pattern.vertical, pattern.width, q_len, k_len)
+        for offset in pattern.slash:
+            mask = mask | ((distance >= offset) & (distance < offset + pattern.width))
+        return mask
+    if isinstance(pattern, DistancePattern):
+        kept = [keeps_distance(pattern, d) for d in range(-k_len, q_len + 1)]
+        return torch.tensor(kept)[distance + k_len]
+    raise AssertionError(f"no token-level definition for {pattern}")
+
+
+def keeps_distance(pattern: DistancePattern, d: int) -> bool:
+    """Whether a distance pattern keeps ``d = i - j``, straight from its definition."""
+    if isinstance(pattern, MultiDiagonal):
+        reach = pattern.count if pattern.count is not None else abs(d) // pattern.period + 2
+        return any(abs(d - m * pattern.period) <= pattern.width for m in range(-reach, reach + 1))
+    if isinstance(pattern, Strided):
+        return d % pattern.stride < pattern.width
+    if isinstance(pattern, Radial):
+        a = abs(d)
+        if a <= pattern.window:
+            return True
+        exponent = 0  # largest e >= 0 with decay * 2**e <= a
+        while pattern.decay_tokens * 2 ** (exponent + 1) <= a:
+            exponent += 1
+        return a % 2**exponent == 0
+    if isinstance(pattern, PowerOfTwo):
+        top = pattern.max_exponent if pattern.max_exponent is not None else 12  # 2**12 > 600
+        lines = [0] + [sign * 2**k for k in range(top + 1) for sign in (1, -1)]
+        return any(abs(d - line) <= pattern.width for line in lines)
+    raise AssertionError(f"no distance definition for {pattern}")
+
+
+def columns_mask(positions, width: int, q_len: int, k_len: int) -> torch.Tensor:
+    key = torch.arange(k_len)
+    mask = torch.zeros(k_len, dtype=torch.bool)
+    for position in positions:
+        start = math.floor(position * k_len)
+        mask |= (key >= start) & (key < start + width)
+    return mask.expand(q_len, k_len)
+
+
+def overlapping_sources(target: int, index: int, source: int) -> list[int]:
+    """Source indices whose ``[s, s + 1) / source`` meets ``[index, index + 1) / target``."""
+    return [
+        s for s in range(source)
+        if Fraction(s, source) < Fraction(index + 1, target)
+        and Fraction(s + 1, source) > Fraction(index, target)
+    ]
+
+
+def far_offsets(t: int, source: int, target: int, near: int) -> list[int]:
+    """Source offsets of far target offset ``near + t``: far indices ``u`` meeting ``[t-1, t) * s/t``."""
+    return [
+        near + 1 + u for u in range(source + 1)
+        if u < Fraction(t * source, target) and u + 1 > Fraction((t - 1) * source, target)
+    ]
+
+
+def block_top_k_reference(pattern: BlockTopK, q_blocks: int, k_blocks: int) -> torch.Tensor:
+    """`BlockTopK` moved to another grid, block by block, from its documented definition."""
+    sq, sk, near = pattern.source_q_blocks, pattern.source_k_blocks, pattern.near_blocks
+    source = [[column in row for column in range(sk)] for row in pattern.table]
+    mask = torch.zeros(q_blocks, k_blocks, dtype=torch.bool)
+    for i in range(q_blocks):
+        rows = overlapping_sources(q_blocks, i, sq)
+        for j in range(k_blocks):
+            if pattern.relative_to == "start":
+                cells = [(r, c) for r in rows for c in overlapping_sources(k_blocks, j, sk)]
+            else:
+                offset = i - j
+                if abs(offset) <= near:
+                    offsets = [offset]
+                elif offset > 0:
+                    offsets = far_offsets(offset - near, sq, q_blocks, near)
+                else:
+                    offsets = [-o for o in far_offsets(-offset - near, sk, k_blocks, near)]
+                cells = [(r, r - o) for r in rows for o in offsets]
+            mask[i, j] = any(source[r][c] for r, c in cells if 0 <= c < sk)
+    return mask
+
+
+def pool_to_blocks(mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A block is kept when any token pair inside it is (padding tokens count as not kept)."""
+    q_len, k_len = mask.shape
+    q_blocks, k_blocks = -(-q_len // block_size), -(-k_len // block_size)
+    padded = torch.zeros(q_blocks * block_size, k_blocks * block_size, dtype=torch.bool)
+    padded[:q_len, :k_len] = mask
+    return padded.view(q_blocks, block_size, k_blocks, block_size).any(dim=3).any(dim=1)
+
+
+def reference_raw(pattern: Pattern, q_len: int, k_len: int, block_size: int, causal: bool):
+    """Kept blocks before the empty-row fallback.
+
+    Leaves and unions are pooled token masks (union = token-wise or, which pools exactly);
+    intersections are taken on the parts' block masks, as documented.
+    """
+    if isinstance(pattern, Union):
+        masks = [reference_raw(p, q_len, k_len, block_size, causal) for p in pattern.parts]
+        return torch.stack(masks).any(dim=0)
+    if isinstance(pattern, Intersection):
+        masks = [reference_raw(p, q_len, k_len, block_size, causal) for p in pattern.parts]
+        return torch.stack(masks).all(dim=0)
+    if isinstance(pattern, BlockTopK):  # defined on blocks, not tokens
+        mask = block_top_k_reference(pattern, blocks(q_len, block_size), blocks(k_len, block_size))
+        return mask & causal_block_mask(*mask.shape) if causal else mask
+    mask = element_mask(pattern, q_len, k_len)
+    if causal:
+        mask = mask & torch.ones(q_len, k_len, dtype=torch.bool).tril()
+    return pool_to_blocks(mask, block_size)
+
+
+def with_fallback(mask: torch.Tensor) -> torch.Tensor:
+    """Give every empty query row key block ``min(i, k_blocks - 1)``, row by row."""
+    mask = mask.clone()
+    k_blocks = mask.shape[1]
+    for row in range(mask.shape[0]):
+        if not mask[row].any():
+            mask[row, min(row, k_blocks - 1)] = True
+    return mask
+
+
+def reference_block_mask(pattern, q_len, k_len, block_size, causal):
+    return with_fallback(reference_raw(pattern, q_len, k_len, block_size, causal))
+
+
+def blocks(length: int, block_size: int) -> int:
+    return -(-length // block_size)
+
+
+# --- hypothesis strategies ----------------------------------------------------------------------
+
+relative_positions = st.lists(
+    st.floats(0, 1, exclude_max=True, allow_subnormal=False), min_size=1, max_size=4
+)
+
+
+@st.composite
+def block_top_k_patterns(draw):
+    source_q, source_k = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    table = [
+        draw(st.lists(st.integers(0, source_k - 1), max_size=source_k)) for _ in range(source_q)
+    ]
+    relative_to = draw(st.sampled_from(["start", "diagonal"]))
+    return block_top_k(table, source_q, source_k, relative_to, draw(st.integers(0, 4)))
+
+
+@st.composite
+def vertical_slash_patterns(draw):
+    vertical = draw(st.lists(st.floats(0, 1, exclude_max=True, allow_subnormal=False), max_size=3))
+    slash = draw(st.lists(st.integers(-100, 300), min_size=0 if vertical else 1, max_size=3))
+    return vertical_slash(vertical, slash, draw(st.integers(1, 40)))
+
+
+@st.composite
+def strided_patterns(draw):
+    stride = draw(st.integers(1, 100))
+    return strided(stride, draw(st.integers(1, stride)))
+
+
+leaf_patterns = st.one_of(
+    st.just(dense()),
+    st.integers(1, 400).map(sliding_window),
+    st.integers(1, 400).map(attention_sinks),
+    st.integers(1, 400).map(last_tokens),
+    st.builds(a_shape, st.integers(1, 200), st.integers(1, 200)),
+    st.builds(
+        multi_diagonal, st.integers(1, 120), st.integers(0, 40), st.none() | st.integers(0, 4)
+    ),
+    strided_patterns(),
+    st.builds(radial, st.integers(1, 64), st.integers(1, 64)),
+    st.builds(power_of_two, st.none() | st.integers(0, 10), st.integers(0, 6)),
+    st.builds(vertical_stripes, relative_positions, st.integers(1, 40)),
+    vertical_slash_patterns(),
+    block_top_k_patterns(),
+)
+all_leaf_patterns = st.one_of(st.just(skip()), leaf_patterns)
+composite_patterns = st.recursive(
+    leaf_patterns,
+    lambda children: st.one_of(
+        st.lists(children, min_size=2, max_size=3).map(lambda parts: Union(tuple(parts))),
+        st.lists(children, min_size=2, max_size=3).map(lambda parts: Intersection(tuple(parts))),
+    ),
+    max_leaves=5,
+)
+lengths = st.integers(1, 300)
+block_sizes = st.sampled_from([8, 16, 32, 64])
+
+
+# --- block masks --------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(all_leaf_patterns, lengths, lengths, block_sizes, st.booleans())
+def test_leaf_block_mask_is_pooled_token_mask(pattern, q_len, k_len, block_size, causal):
+    got = pattern.block_mask(
+        blocks(q_len, block_size), blocks(k_len, block_size),
+        block_size=block_size, causal=causal, q_len=q_len, k_len=k_len,
+    )
+    assert torch.equal(got, reference_block_mask(pattern, q_len, k_len, block_size, causal))
+
+
+@settings(max_examples=200, deadline=None)
+@given(composite_patterns, lengths, lengths, block_sizes, st.booleans())
+def test_composite_block_mask_matches_reference(pattern, q_len, k_len, block_size, causal):
+    got = pattern.block_mask(
+        blocks(q_len, block_size), blocks(k_len, block_size),
+        block_size=block_size, causal=causal, q_len=q_len, k_len=k_len,
+    )
+    assert torch.equal(got, reference_block_mask(pattern, q_len, k_len, block_size, causal))
+
+
+@settings(max_examples=100, deadline=None)
+@given(composite_patterns, st.integers(1, 12), st.integers(1, 12), block_sizes, st.booleans())
+def test_without_lengths_the_last_blocks_are_full(pattern, q_blocks, k_blocks, block_size, causal):
+    got = pattern.block_mask(q_blocks, k_blocks, block_size=block_size, causal=causal)
+    expected = reference_block_mask(
+        pattern, q_blocks * block_size, k_blocks * block_size, block_size, causal
+    )
+    assert torch.equal(got, expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(composite_patterns, st.integers(1, 40), st.integers(1, 40), block_sizes, st.booleans())
+def test_rows_are_never_empty_and_causal_blocks_stay_below_diagonal(
+    pattern, q_blocks, k_blocks, block_size, causal
+):
+    mask = pattern.block_mask(q_blocks, k_blocks, block_size=block_size, causal=causal)
+    assert mask.dtype == torch.bool and mask.device.type == "cpu"
+    assert tuple(mask.shape) == (q_blocks, k_blocks)
+    assert bool(mask.any(dim=1).all())
+    if causal:
+        assert not bool((mask & ~causal_block_mask(q_blocks, k_blocks)).any())
+
+
+def test_union_and_intersection_equal_or_and_of_parts():
+    window, sinks = sliding_window(100), attention_sinks(40)
+    for causal in (False, True):
+        a = window.block_mask(10, 12, block_size=32, causal=causal)
+        b = sinks.block_mask(10, 12, block_size=32, causal=causal)
+        assert torch.equal((window | sinks).block_mask(10, 12, block_size=32, causal=causal), a | b)
+        assert torch.equal(
+            (window & sinks).block_mask(10, 12, block_size=32, causal=causal), with_fallback(a & b)
+        )
+
+
+def test_intersection_is_taken_on_blocks_and_empty_rows_fall_back_to_the_diagonal():
+    mask = (sliding_window(1) & attention_sinks(1)).block_mask(4, 4, block_size=16)
+    # Block (1, 0) is kept by both parts (token pairs (16, 15) and (16, 0)), though no single
+    # token pair is; rows 2 and 3 keep nothing in common and fall back to the diagonal.
+    assert mask.int().tolist() == [[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+
+
+def test_fallback_block_when_queries_outrun_keys():
+    # Query blocks past the last key block fall back to the last key block.
+    mask = sliding_window(8).block_mask(4, 2, block_size=16, causal=False)
+    assert mask.int().tolist() == [[1, 1], [1, 1], [0, 1], [0, 1]]
+
+
+def test_partial_last_block_is_exact():
+    # The last query block holds one token (64); keys 128..191 are 64 tokens away.
+    exact = sliding_window(10).block_mask(2, 3, block_size=64, q_len=65, k_len=192)
+    full = sliding_window(10).block_mask(2, 3, block_size=64)
+    assert exact.int().tolist() == [[1, 1, 0], [1, 1, 0]]
+    assert full.int().tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_causal_block_mask_is_lower_triangle_top_left_aligned():
+    assert causal_block_mask(2, 3).int().tolist() == [[1, 0, 0], [1, 1, 0]]
+    assert torch.equal(dense().block_mask(5, 3, causal=True), causal_block_mask(5, 3))
+
+
+def test_density():
+    assert dense().density(8, 8) == 1.0
+    assert dense().density(8, 8, causal=True) == 1.0
+    assert attention_sinks(64).density(4, 4, block_size=64) == 0.25
+    # Causal: one kept block per row over 1 + 2 + 3 + 4 computed blocks.
+    assert attention_sinks(64).density(4, 4, block_size=64, causal=True) == 4 / 10
+    mask = sliding_window(100).block_mask(7, 9, block_size=32, causal=True)
+    expected = int(mask.sum()) / int(causal_block_mask(7, 9).sum())
+    assert sliding_window(100).density(7, 9, block_size=32, causal=True) == expected
+
+
+def test_inconsistent_lengths_are_rejected():
+    with pytest.raises(PatternError, match="q_len=200 needs 4 blocks"):
+        dense().block_mask(3, 3, block_size=64, q_len=200)
+    with pytest.raises(PatternError, match="k_blocks must be a positive int"):
+        dense().block_mask(3, 0)
+    with pytest.raises(PatternError, match="block_size must be a positive int"):
+        BlockGrid(1, 1, block_size=0)
+
+
+# --- JSON and display -----------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(composite_patterns)
+def test_json_round_trip(pattern):
+    data = json.loads(json.dumps(pattern.to_dict()))
+    rebuilt = pattern_from_dict(data)
+    assert rebuilt == pattern
+    assert hash(rebuilt) == hash(pattern)
+    assert str(rebuilt) == str(pattern)
+
+
+def test_to_dict_is_plain_json():
+    pattern = sliding_window(512) | attention_sinks(4)
+    assert pattern.to_dict() == {
+        "pattern": "union",
+        "parts": [
+            {"pattern": "sliding_window", "window": 512},
+            {"pattern": "attention_sinks", "num_tokens": 4},
+        ],
+    }
+    assert dense().to_dict() == {"pattern": "dense"}
+
+
+def test_str_and_repr_are_short():
+    pattern = sliding_window(512) | attention_sinks(4)
+    assert str(pattern) == repr(pattern) == "sliding_window(512) | attention_sinks(4)"
+    assert repr(dense()) == "dense()"
+    assert str((sliding_window(8) | attention_sinks(4)) & dense()) == (
+        "(sliding_window(8) | attention_sinks(4)) & dense()"
+    )
+
+
+def test_operators_flatten_same_kind():
+    a, b, c = sliding_window(1), sliding_window(2), attention_sinks(3)
+    assert (a | b | c).parts == (a, b, c)
+    assert (a & b & c).parts == (a, b, c)
+    assert ((a | b) & c).parts == (Union((a, b)), c)
+    assert (a | b) == Union((a, b))
+    assert (a | b) != (b | a)  # order is kept (and shows in the JSON)
+
+
+def test_registry_lists_the_families():
+    assert {"dense", "sliding_window", "attention_sinks", "union", "intersection"} <= set(
+        known_patterns()
+    )
+    assert known_patterns() == sorted(known_patterns())
+
+
+def test_registering_a_taken_name_fails():
+    with pytest.raises(PatternError, match="'dense' is already registered"):
+        register_pattern("dense")(SlidingWindow)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: sliding_window(0), "sliding_window: window must be a positive int, got 0"),
+        (lambda: sliding_window(-3), "sliding_window: window must be a positive int, got -3"),
+        (lambda: sliding_window(1.5), "window must be a positive int, got 1.5"),
+        (lambda: sliding_window(True), "window must be a positive int, got True"),
+        (lambda: sliding_window("8"), "window must be a positive int, got '8'"),
+        (lambda: attention_sinks(0), "attention_sinks: num_tokens must be a positive int"),
+        (lambda: Union((dense(),)), "union: parts must hold at least two patterns"),
+        (lambda: Intersection((dense(), 3)), r"intersection: parts\[1\] must be a Pattern"),
+    ],
+)
+def test_bad_parameters(make, expected):
+    with pytest.raises(PatternError, match=expected):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"pattern": "slidng_window", "window": 8},
+            "unknown pattern 'slidng_window' (did you mean 'sliding_window'?); known: "
+            "a_shape, attention_sinks, block_top_k, dense, intersection, last_tokens, "
+            "multi_diagonal, power_of_two, radial, skip, sliding_window, strided, union, "
+            "vertical_slash, vertical_stripes",
+        ),
+        ({"pattern": 3}, "unknown pattern 3; known: a_shape, attention_sinks"),
+        ({"window": 8}, "no 'pattern' key; known patterns: a_shape, attention_sinks"),
+        ([1, 2], "a pattern must be a JSON object"),
+        (
+            {"pattern": "sliding_window", "windw": 8},
+            "pattern 'sliding_window': unknown parameter(s) 'windw'; missing parameter(s) "
+            "'window'; expected: window",
+        ),
+        (
+            {"pattern": "dense", "window": 8},
+            "pattern 'dense': unknown parameter(s) 'window'; expected: (no parameters)",
+        ),
+        ({"pattern": "attention_sinks", "num_tokens": -1}, "num_tokens must be a positive int"),
+        ({"pattern": "union", "parts": {"pattern": "dense"}}, "parts must be a list of patterns"),
+        (
+            {"pattern": "union", "parts": [{"pattern": "dense"}, {"pattern": "skp"}]},
+            "union.parts[1]: unknown pattern 'skp'",
+        ),
+        (
+            {
+                "pattern": "intersection",
+                "parts": [
+                    {"pattern": "dense"},
+                    {"pattern": "union", "parts": [{"pattern": "dense"}, {"pattern": "x"}]},
+                ],
+            },
+            "intersection.parts[1].parts[1]: unknown pattern 'x'",
+        ),
+    ],
+)
+def test_bad_dicts(data, expected):
+    with pytest.raises(PatternError) as caught:
+        pattern_from_dict(data)
+    assert expected in str(caught.value)
+
+
+def test_pattern_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        sliding_window(0)
+
+
+# --- FlexAttention agrees ----------------------------------------------------------------------
+
+flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
+
+
+def flex_block_mask(mask_mod, q_len: int, k_len: int, block_size: int) -> torch.Tensor:
+    """Partial and full blocks of FlexAttention's mask as ``bool [q_blocks, k_blocks]``."""
+    block_mask = flex_attention.create_block_mask(
+        mask_mod, None, None, q_len, k_len, device="cpu", BLOCK_SIZE=block_size
+    )
+    q_blocks, k_blocks = blocks(q_len, block_size), blocks(k_len, block_size)
+    dense_mask = torch.zeros(q_blocks, k_blocks, dtype=torch.bool)
+    for counts, indices in (
+        (block_mask.kv_num_blocks, block_mask.kv_indices),
+        (block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
+    ):
+        if counts is None:
+            continue
+        for row in range(q_blocks):
+            dense_mask[row, indices[0, 0, row, : counts[0, 0, row]].long()] = True
+    return dense_mask
+
+
+def window_mod(window: int, causal: bool):
+    def mask_mod(batch, head, query, key):
+        near = (query - key).abs() <= window
+        return near & (query >= key) if causal else near
+
+    return mask_mod
+
+
+def sinks_mod(num_tokens: int, causal: bool):
+    def mask_mod(batch, head, query, key):
+        sink = key < num_tokens
+        return sink & (query >= key) if causal else sink
+
+    return mask_mod
+
+
+def causal_mod(batch, head, query, key):
+    return query >= key
+
+
+FLEX_SIZES = [(1, 1), (16, 16), (40, 100), (100, 40), (129, 129), (200, 77)]
+
+
+@pytest.mark.parametrize(("q_len", "k_len"), FLEX_SIZES)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_agrees_with_flex_attention_create_block_mask(q_len, k_len, block_size, causal):
+    q_blocks, k_blocks = blocks(q_len, block_size), blocks(k_len, block_size)
+    cases = [
+        (sliding_window(1), window_mod(1, causal)),
+        (sliding_window(20), window_mod(20, causal)),
+        (attention_sinks(4), sinks_mod(4, causal)),
+        (attention_sinks(40), sinks_mod(40, causal)),
+    ]
+    if causal:
+        cases.append((dense(), causal_mod))
+    for pattern, mask_mod in cases:
+        got = pattern.block_mask(
+            q_blocks, k_blocks, block_size=block_size, causal=causal, q_len=q_len, k_len=k_len
+        )
+        # Flex may leave a row empty; our fallback rule then applies on top of it.
+        expected = with_fallback(flex_block_mask(mask_mod, q_len, k_len, block_size))
+        assert torch.equal(got, expected), (pattern, q_len, k_len, block_size, causal)
