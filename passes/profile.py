@@ -21,7 +21,8 @@ from sparsify.site import AttentionSite
 
 CANONICAL_ATTENTION = torch.ops.sparsify.attention.default
 
-SiteObserver = Callable[[AttentionSite, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, "float | None"], None]
+SiteObserver = Callable[[AttentionSite, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, "float | None"],
+                        "torch.Tensor | None"]
 
 
 class ObservingInterpreter(torch.fx.Interpreter):
@@ -43,13 +44,15 @@ class ObservingInterpreter(torch.fx.Interpreter):
             site: AttentionSite = node.meta[SITE_META_KEY]
             q, k, v, attn_mask, is_causal, scale = (self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args)
             for name, tensor in (("query", q), ("key", k), ("value", v)):
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                # One reduction is enough: NaN or inf anywhere makes the sum non-finite.
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
                     raise SparsifyError(
                         f"calibration batch {self.batch_index}: the {name} of site {site.name!r} holds NaN or inf; "
                         f"check the inputs and the model's dtype (fp16 overflow?) before calibrating"
                     )
-            self.observer(site, q, k, v, attn_mask, is_causal, scale)
-            return dense_attention(q, k, v, attn_mask, is_causal, scale)
+            output = self.observer(site, q, k, v, attn_mask, is_causal, scale)
+            # An observer that computed the dense output anyway may return it (saves a second pass).
+            return output if isinstance(output, torch.Tensor) else dense_attention(q, k, v, attn_mask, is_causal, scale)
         return super().run_node(node)
 
     def run_batch(self, args: tuple, kwargs: dict) -> Any:

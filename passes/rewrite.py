@@ -50,10 +50,12 @@ class SparseAttention(torch.nn.Module):
         self.block_size = block_size
         self.backend = backend
         dense = [h for h, p in enumerate(head_patterns) if _is_dense(p)]
-        sparse = [h for h, p in enumerate(head_patterns) if not _is_dense(p)]
+        skipped = [h for h, p in enumerate(head_patterns) if getattr(p, "is_skip", False)]
+        sparse = [h for h, p in enumerate(head_patterns) if not _is_dense(p) and h not in skipped]
         group = site.gqa_group_size
         self.register_buffer("dense_heads", torch.tensor(dense, dtype=torch.long), persistent=False)
         self.register_buffer("sparse_heads", torch.tensor(sparse, dtype=torch.long), persistent=False)
+        self.register_buffer("skipped_heads", torch.tensor(skipped, dtype=torch.long), persistent=False)
         self.register_buffer("dense_kv_heads", torch.tensor([h // group for h in dense], dtype=torch.long), persistent=False)
         self._table_cache: dict[tuple, BlockTables] = {}
         self._backend_cache: dict[tuple, object] = {}
@@ -64,8 +66,8 @@ class SparseAttention(torch.nn.Module):
         self.register_buffer("sparse_kv_heads", tables.kv_head_index, persistent=False)
 
     def extra_repr(self) -> str:
-        return (f"site={self.site.name!r}, heads={self.site.num_heads} "
-                f"(dense {self.dense_heads.numel()}, sparse {self.sparse_heads.numel()}), "
+        return (f"site={self.site.name!r}, heads={self.site.num_heads} (dense {self.dense_heads.numel()}, "
+                f"sparse {self.sparse_heads.numel()}, skipped {self.skipped_heads.numel()}), "
                 f"block_size={self.block_size}, backend={self.backend!r}")
 
     def _build_tables(self, q_len: int, k_len: int, device: torch.device) -> BlockTables:
@@ -102,7 +104,7 @@ class SparseAttention(torch.nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                 is_causal: bool, scale: float | None) -> torch.Tensor:
-        if self.sparse_heads.numel() == 0:
+        if self.sparse_heads.numel() == 0 and self.skipped_heads.numel() == 0:
             return dense_attention(q, k, v, attn_mask, is_causal, scale)
         if q.shape[1] != self.site.num_heads or k.shape[1] != self.site.num_kv_heads:
             raise UnsupportedError(
@@ -114,11 +116,15 @@ class SparseAttention(torch.nn.Module):
         if is_causal and not self.site.causal:
             raise UnsupportedError(f"site {self.site.name!r} was compiled as non-causal but is called with is_causal=True")
         output = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        if self.skipped_heads.numel():
+            output.index_fill_(1, self.skipped_heads, 0)  # a skipped head contributes nothing
         if self.dense_heads.numel():
             dense_mask = _select_heads(attn_mask, self.dense_heads)
             dense_out = dense_attention(q.index_select(1, self.dense_heads), k.index_select(1, self.dense_kv_heads),
                                         v.index_select(1, self.dense_kv_heads), dense_mask, is_causal, scale)
             output.index_copy_(1, self.dense_heads, dense_out)
+        if self.sparse_heads.numel() == 0:
+            return output
         tables = self.tables(q.shape[2], k.shape[2], q.device)
         backend = self._backend_for(q)
         sparse_out = backend.attention(q.index_select(1, self.sparse_heads), k, v, tables,

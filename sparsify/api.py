@@ -82,23 +82,10 @@ class SparsifiedModule(torch.nn.Module):
         return self.graph_module(*args, **kwargs)
 
     def report(self) -> str:
-        """A table per site: heads, chosen patterns, block density at the captured lengths."""
-        rows = []
-        for site in self.sites:
-            site_strategy = self.strategy.sites[site.name]
-            counts: dict[str, int] = {}
-            for pattern in site_strategy.heads:
-                counts[str(pattern)] = counts.get(str(pattern), 0) + 1
-            q_blocks = -(-site.q_len // self.strategy.block_size)
-            k_blocks = -(-site.k_len // self.strategy.block_size)
-            densities = [p.density(q_blocks, k_blocks, block_size=self.strategy.block_size, causal=site.causal,
-                                   q_len=site.q_len, k_len=site.k_len)
-                         for p in site_strategy.heads]
-            rows.append([
-                site.name, f"{site.num_heads}/{site.num_kv_heads}", "causal" if site.causal else site.kind,
-                "; ".join(f"{n}× {p}" for p, n in counts.items()), f"{sum(densities) / len(densities):.3f}",
-            ])
-        return tabulate(rows, headers=["site", "heads (q/kv)", "kind", "patterns", "density"], tablefmt="simple")
+        """A table per site: heads, chosen patterns, density, measured error, estimated speedup."""
+        from sparsify.report import strategy_table
+
+        return strategy_table(self.strategy)
 
 
 def compile(  # noqa: A001 - mirrors torch.compile

@@ -13,7 +13,22 @@ from typing import Any, Callable, Sequence
 import torch
 from tabulate import tabulate
 
-DEFAULT_EXAMPLE = "sparsify.examples:video_transformer"
+DEFAULT_EXAMPLE = "sparsify.examples:structured_video_transformer"
+DEFAULT_EXAMPLE_CALIBRATION = "sparsify.examples:structured_video_batches"
+
+
+def _resolve(spec: str, option: str) -> Callable[..., Any]:
+    if ":" not in spec:
+        raise SystemExit(f"{option} expects 'package.module:function', got {spec!r}")
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise SystemExit(f"cannot import {module_name!r} (from {option} {spec!r}): {error}") from None
+    function = getattr(module, attribute, None)
+    if function is None or not callable(function):
+        raise SystemExit(f"{module_name!r} has no callable {attribute!r} (from {option} {spec!r})")
+    return function
 
 
 def load_factory(spec: str) -> tuple[torch.nn.Module, Any]:
@@ -24,17 +39,7 @@ def load_factory(spec: str) -> tuple[torch.nn.Module, Any]:
         >>> type(model).__name__
         'ManualAttentionBlock'
     """
-    if ":" not in spec:
-        raise SystemExit(f"--model expects 'package.module:factory', got {spec!r}")
-    module_name, _, attribute = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise SystemExit(f"cannot import {module_name!r} (from --model {spec!r}): {error}") from None
-    factory: Callable[[], Any] | None = getattr(module, attribute, None)
-    if factory is None or not callable(factory):
-        raise SystemExit(f"{module_name!r} has no callable {attribute!r} (from --model {spec!r})")
-    result = factory()
+    result = _resolve(spec, "--model")()
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
         raise SystemExit(f"{spec} must return (model, example_inputs), got {type(result).__name__}")
     return result
@@ -72,6 +77,72 @@ def command_apply(args: argparse.Namespace) -> int:
     print(f"\n{compiled.rewritten_sites} of {len(compiled.sites)} sites run sparse; "
           f"output relative L2 error vs the original model: {error:.3e}")
     return 0
+
+
+def command_search(args: argparse.Namespace) -> int:
+    """Profile, search, write the strategy (and its profile maps), print the report."""
+    from sparsify.api import search_model
+    from sparsify.report import save_profile_maps, render_png
+    from sparsify.search import SearchConfig
+
+    if args.model is None:
+        print("no --model given: searching the built-in example (a structured video transformer, 2048 tokens)\n")
+        model, _ = load_factory(DEFAULT_EXAMPLE)
+        batches = _resolve(DEFAULT_EXAMPLE_CALIBRATION, "--calib")()
+    else:
+        model, example_inputs = load_factory(args.model)
+        if args.calib:
+            batches = _resolve(args.calib, "--calib")()
+        else:
+            print("no --calib given: calibrating on the factory's example inputs only (one batch)", file=sys.stderr)
+            batches = [example_inputs]
+    config = SearchConfig(max_error=args.max_error, target_density=args.target_density,
+                          target_speedup=args.target_speedup, block_size=args.block_size, backend=args.backend)
+    result = search_model(model, batches, config, progress=not args.no_progress)
+    strategy = result.compiled.strategy
+    strategy.save(args.out)
+    profile_path = _profile_path(args.out)
+    maps = {name: profile.normalized() for name, profile in result.search.profiles.items()}
+    if maps:
+        save_profile_maps(maps, profile_path)
+    print(result.compiled.report())
+    print(f"\nstrategy written to {args.out}" + (f" (profile maps: {profile_path})" if maps else ""))
+    if args.png:
+        render_png(strategy, args.png, maps)
+        print(f"picture written to {args.png}")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from sparsify import Strategy
+    from sparsify.report import load_profile_maps, render_png, strategy_table
+
+    strategy = Strategy.load(args.strategy)
+    print(strategy_table(strategy))
+    if args.png:
+        import os
+
+        profile_path = args.profile or _profile_path(args.strategy)
+        maps = load_profile_maps(profile_path) if os.path.exists(profile_path) else None
+        render_png(strategy, args.png, maps)
+        print(f"picture written to {args.png}" + ("" if maps else " (no profile maps found: masks only)"))
+    return 0
+
+
+def command_calibrate(args: argparse.Namespace) -> int:
+    from sparsify.cost import calibrate
+
+    profile = calibrate(args.backend, args.device, lengths=tuple(args.lengths), repeats=args.repeats, progress=print)
+    profile.save(args.out)
+    print(tabulate([[k, f"{v:.3e}"] for k, v in vars(profile.costs).items()], headers=["constant", "seconds"]))
+    print(f"fit: {profile.fit['samples']} samples, mean relative error {profile.fit['mean_relative_error']:.1%}")
+    print(f"hardware profile for {profile.device_name} written to {args.out}")
+    return 0
+
+
+def _profile_path(strategy_path: str) -> str:
+    stem = strategy_path[:-5] if strategy_path.endswith(".json") else strategy_path
+    return stem + ".profile.json"
 
 
 def command_demo(args: argparse.Namespace) -> int:
@@ -146,6 +217,34 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--strategy", required=True, help="strategy JSON file")
     apply.add_argument("--backend", default="auto", help="backend name or 'auto'")
     apply.set_defaults(handler=command_apply)
+
+    search_parser = commands.add_parser("search", help="profile calibration data and write the chosen strategy as JSON")
+    search_parser.add_argument("--model", default=None, help="package.module:factory returning (model, example_inputs); "
+                               "default: the built-in structured video transformer")
+    search_parser.add_argument("--calib", default=None, help="package.module:function returning an iterable of batches")
+    search_parser.add_argument("--out", default="strategy.json", help="where to write the strategy (default strategy.json)")
+    search_parser.add_argument("--max-error", type=float, default=0.05, help="per-site output error budget (default 0.05)")
+    search_parser.add_argument("--target-density", type=float, default=None, help="global density target in (0, 1]")
+    search_parser.add_argument("--target-speedup", type=float, default=None, help="global attention speedup target")
+    search_parser.add_argument("--block-size", type=int, default=None, help="block edge in tokens (default 64 CPU / 128 GPU)")
+    search_parser.add_argument("--backend", default="auto", help="backend the cost model prices and the rewrite uses")
+    search_parser.add_argument("--png", default=None, help="also draw attention maps and chosen masks to this PNG")
+    search_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    search_parser.set_defaults(handler=command_search)
+
+    report = commands.add_parser("report", help="print a strategy's table; --png draws maps and masks")
+    report.add_argument("strategy", help="strategy JSON file")
+    report.add_argument("--png", default=None, help="write a picture here")
+    report.add_argument("--profile", default=None, help="profile maps JSON (default: <strategy>.profile.json)")
+    report.set_defaults(handler=command_report)
+
+    calibrate_parser = commands.add_parser("calibrate", help="measure a backend on this device and write a hardware profile")
+    calibrate_parser.add_argument("--backend", default="torch")
+    calibrate_parser.add_argument("--device", default="cpu")
+    calibrate_parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    calibrate_parser.add_argument("--repeats", type=int, default=3)
+    calibrate_parser.add_argument("--out", default="hardware_profile.json")
+    calibrate_parser.set_defaults(handler=command_calibrate)
 
     demo = commands.add_parser("demo", help="run the whole flow on a built-in example (no downloads)")
     demo.add_argument("--frames", type=int, default=8, help="video frames of 16x16 tokens (default 8: 2048 tokens)")

@@ -172,9 +172,11 @@ class Pattern(abc.ABC):
     """Base of every sparsity pattern: a frozen, JSON round-trippable recipe for a block mask.
 
     Subclasses are frozen dataclasses whose fields are the pattern's parameters (plain JSON
-    values), are registered with `register_pattern`, validate themselves in ``__post_init__``
-    and implement only `_block_mask`; the base class adds the causal triangle and guarantees that
-    every query block keeps at least one key block.
+    values; lists are kept as tuples, so patterns stay hashable), are registered with
+    `register_pattern`, validate themselves in ``__post_init__`` and implement only
+    `_block_mask`; the base class adds the causal triangle and guarantees that every query block
+    keeps at least one key block. `DistancePattern` is the base of patterns that depend on
+    ``i - j`` only.
 
     Example:
         >>> pattern = sliding_window(64) | attention_sinks(4)
@@ -672,6 +674,8 @@ class Radial(DistancePattern):
     ``max(window, 2 * decay_tokens - 1)``, every 2nd key for ``a`` in
     ``[2 * decay_tokens, 4 * decay_tokens)``, every 4th in the next octave, and so on (the
     density halves each time the distance doubles). ``radial(w)`` takes ``decay_tokens = w``.
+    Whole blocks drop out only where the stride ``2 ** e`` exceeds the block size, i.e. beyond
+    about ``2 * decay_tokens * block_size`` tokens.
 
     Example:
         >>> kept = radial(2).block_mask(1, 20, block_size=1)[0]   # keys of query 0, token level
@@ -720,11 +724,12 @@ class PowerOfTwo(DistancePattern):
         >>> kept.nonzero().flatten().tolist()
         [0, 1, 2, 4, 8]
         >>> power_of_two(width=2)
-        power_of_two(None, width=2)
+        power_of_two(width=2)
     """
 
     max_exponent: int | None = None
     width: int = 0
+    _positional: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
         if self.max_exponent is not None:
@@ -830,10 +835,13 @@ class BlockTopK(Pattern):
     - ``relative_to="start"``: by relative position from the start. Target row ``I`` covers
       ``[I / q_blocks, (I + 1) / q_blocks)`` of the rows, the source rows overlapping that
       interval are its source rows; columns likewise. Same grid: the table itself.
-    - ``relative_to="diagonal"``: rows as above; columns by block offset ``D = I - J`` from the
-      diagonal. ``|D| <= near_blocks`` keeps the offset (source blocks ``(r, r - D)``); beyond,
-      the far part ``|D| - near_blocks`` maps proportionally (by ``source_q_blocks / q_blocks``
-      below the diagonal, ``source_k_blocks / k_blocks`` above it) onto source offsets.
+    - ``relative_to="diagonal"``: rows as above; for each source row ``r`` of target row
+      ``I``, key blocks within ``near_blocks`` of the diagonal keep their offset
+      (``|I - J| <= near_blocks`` maps to source block ``(r, r - (I - J))``), and the far keys
+      map proportionally: ``[0, I - near_blocks)`` onto ``[0, r - near_blocks)`` (overlap, as
+      above) and ``(I + near_blocks, k_blocks)`` onto ``(r + near_blocks, source_k_blocks)``.
+      A local band stays as many blocks wide at any length, and columns anchored at the start
+      (sinks) stay at the start.
 
     Build it from profiled scores with `BlockTopK.from_block_scores`.
 
@@ -904,9 +912,13 @@ class BlockTopK(Pattern):
             ((0,), (0, 1))
         """
         if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or 0 in scores.shape:
+            got = (
+                tuple(scores.shape)
+                if isinstance(scores, torch.Tensor)
+                else type(scores).__name__
+            )
             raise PatternError(
-                "block_top_k: scores must be a [q_blocks, k_blocks] tensor, got "
-                f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}"
+                f"block_top_k: scores must be a [q_blocks, k_blocks] tensor, got {got}"
             )
         if (k is None) == (density is None):
             raise PatternError("block_top_k: give exactly one of k and density")
@@ -953,27 +965,44 @@ class BlockTopK(Pattern):
         if self.relative_to == "start":
             col_lo, col_hi = _overlapping(grid.k_blocks, sk)
             return _any_in_rectangles(source, row_lo, row_hi, col_lo, col_hi)
-        # Diagonal coordinates: column (offset + sk - 1) of row r holds source block (r, r - offset).
-        rows, columns = source.nonzero(as_tuple=True)
-        by_offset = torch.zeros(sq, sq + sk - 1, dtype=torch.bool)
-        by_offset[rows, rows - columns + sk - 1] = True
-        offset = torch.arange(grid.q_blocks).unsqueeze(1) - torch.arange(grid.k_blocks)
-        near = self.near_blocks
-        below = (offset - near).clamp(min=1)  # far part, target blocks below the diagonal
-        above = (-offset - near).clamp(min=1)
-        off_lo = torch.where(
-            offset > near,
-            near + 1 + (below - 1) * sq // grid.q_blocks,
-            torch.where(offset < -near, -(near + 1 + (above * sk - 1) // grid.k_blocks), offset),
-        )
-        off_hi = torch.where(
-            offset > near,
-            near + 1 + (below * sq - 1) // grid.q_blocks,
-            torch.where(offset < -near, -(near + 1 + (above - 1) * sk // grid.k_blocks), offset),
-        )
-        return _any_in_rectangles(
-            by_offset, row_lo, row_hi, off_lo + sk - 1, off_hi + sk - 1
-        )
+        return self._diagonal_block_mask(source, row_lo, row_hi, grid.k_blocks)
+
+    def _diagonal_block_mask(
+        self, source: torch.Tensor, row_lo: torch.Tensor, row_hi: torch.Tensor, k_blocks: int
+    ) -> torch.Tensor:
+        """`relative_to="diagonal"`: one pass per source row a target row overlaps."""
+        sq, sk, near = self.source_q_blocks, self.source_k_blocks, self.near_blocks
+        prefix = torch.zeros(sq, sk + 1, dtype=torch.int64)
+        prefix[:, 1:] = source.long().cumsum(1)
+        query = torch.arange(row_lo.shape[0]).unsqueeze(1)
+        key = torch.arange(k_blocks).unsqueeze(0)
+        offset = query - key
+        kept = torch.zeros(row_lo.shape[0], k_blocks, dtype=torch.bool)
+        for step in range(int((row_hi - row_lo).max()) + 1):
+            row = (row_lo + step).clamp(max=sq - 1)
+            # Far left: target keys [0, query - near) onto source keys [0, row - near).
+            left_target, left_source = (query - near).clamp(min=1), row - near
+            left_lo = key * left_source // left_target
+            left_hi = ((key + 1) * left_source - 1) // left_target
+            # Far right: target keys (query + near, k_blocks) onto source keys (row + near, sk).
+            right_target = (k_blocks - query - near - 1).clamp(min=1)
+            right_source = sk - row - near - 1
+            right_key = key - query - near - 1
+            right_lo = row + near + 1 + right_key * right_source // right_target
+            right_hi = row + near + 1 + ((right_key + 1) * right_source - 1) // right_target
+            lo = torch.where(
+                offset > near, left_lo, torch.where(offset < -near, right_lo, row - offset)
+            )
+            hi = torch.where(
+                offset > near, left_hi, torch.where(offset < -near, right_hi, row - offset)
+            )
+            reachable = torch.where(
+                offset > near, left_source > 0, (offset >= -near) | (right_source > 0)
+            )
+            lo, hi = lo.clamp(min=0), hi.clamp(max=sk - 1)
+            found = prefix[row, (hi + 1).clamp(0, sk)] - prefix[row, lo.clamp(0, sk)] > 0
+            kept |= (row_lo + step <= row_hi) & reachable & (lo <= hi) & found
+        return kept
 
     def __str__(self) -> str:
         kept = sum(len(row) for row in self.table)
@@ -985,7 +1014,8 @@ class BlockTopK(Pattern):
 
 
 def _overlapping(target: int, source: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per target index ``t``, the source indices ``[lo, hi]`` overlapping ``[t, t + 1) * source / target``."""
+    """Per target index ``t``, the source indices ``[lo, hi]`` that meet
+    ``[t, t + 1) * source / target`` (relative positions)."""
     index = torch.arange(target)
     return index * source // target, ((index + 1) * source - 1) // target
 
@@ -1194,7 +1224,7 @@ def power_of_two(max_exponent: int | None = None, width: int = 0) -> PowerOfTwo:
 
     Example:
         >>> power_of_two(10)
-        power_of_two(10)
+        power_of_two(max_exponent=10)
     """
     return PowerOfTwo(max_exponent, width)
 

@@ -33,18 +33,21 @@ class ProbabilityChunk:
     row_end: int
     pooled: torch.Tensor  # Z: [batch, heads, rows, key_blocks] probability mass per key block
     block_values: torch.Tensor | None  # N: [batch, heads, key_blocks, rows, value_dim] or None
-    output: torch.Tensor  # dense attention output [batch, heads, rows, value_dim]
+    output: torch.Tensor | None  # dense attention output [batch, heads, rows, value_dim] (when asked)
 
 
 def probability_chunks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-    scale: float | None, block_size: int, *, with_block_values: bool, chunk_bytes: int = CHUNK_BYTES,
+    scale: float | None, block_size: int, *, with_block_values: bool, with_output: bool = True,
+    chunk_bytes: int = CHUNK_BYTES, row_offsets: torch.Tensor | None = None,
 ) -> Iterator[ProbabilityChunk]:
     """Dense attention in chunks of whole query blocks, pooled over key blocks.
 
     ``q`` ``[B, H, Sq, D]``, ``k``/``v`` ``[B, Hkv, Sk, D]`` (query head h reads kv head
     ``h // (H // Hkv)``), ``attn_mask`` bool/additive broadcastable to ``[B, H, Sq, Sk]``.
-    Computes in float32 (float64 inputs stay float64).
+    Computes in float32 (float64 inputs stay float64). With ``row_offsets`` (sorted offsets in
+    ``[0, block_size)``), only those rows of every query block are computed — a cheaper,
+    unbiased estimate of block-pooled mass; ``row_start``/``row_end`` then index sampled rows.
 
     Example:
         >>> q = torch.randn(1, 2, 100, 8)
@@ -64,30 +67,50 @@ def probability_chunks(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     k_blocks = -(-k_len // block_size)
     padded_keys = k_blocks * block_size
-    value_blocks = torch.nn.functional.pad(v, (0, 0, 0, padded_keys - k_len)).view(batch, heads, k_blocks, block_size, -1)
+    value_blocks = None
+    if with_block_values:
+        padded_values = v if padded_keys == k_len else torch.nn.functional.pad(v, (0, 0, 0, padded_keys - k_len))
+        value_blocks = padded_values.view(batch, heads, k_blocks, block_size, -1)
     if attn_mask is not None and attn_mask.dim() < 4:
         attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     bytes_per_row = batch * heads * padded_keys * 4 * (3 if with_block_values else 2)
     if with_block_values:
         bytes_per_row += batch * heads * k_blocks * v.shape[-1] * 4
     rows = max(block_size, (chunk_bytes // max(bytes_per_row, 1)) // block_size * block_size)
+    if row_offsets is not None:
+        q_blocks = -(-q_len // block_size)
+        positions = (torch.arange(q_blocks, device=q.device).unsqueeze(1) * block_size + row_offsets.to(q.device)).flatten()
+        positions = positions[positions < q_len]
+        q = q.index_select(2, positions)
+        q_len = positions.numel()
+        rows = max(row_offsets.numel(), rows // block_size * row_offsets.numel())
+    else:
+        positions = None
     for row_start in range(0, q_len, rows):
         row_end = min(q_len, row_start + rows)
-        scores = (q[:, :, row_start:row_end].to(compute_dtype) @ k.transpose(-2, -1)) * scale
+        scores = (q[:, :, row_start:row_end].to(compute_dtype) * scale) @ k.transpose(-2, -1)
         if attn_mask is not None:
-            mask = attn_mask[..., row_start:row_end, :] if attn_mask.shape[-2] > 1 else attn_mask
+            if attn_mask.shape[-2] == 1:
+                mask = attn_mask
+            elif positions is not None:
+                mask = attn_mask.index_select(-2, positions[row_start:row_end])
+            else:
+                mask = attn_mask[..., row_start:row_end, :]
             if mask.dtype == torch.bool:
                 scores = scores.masked_fill(~mask, float("-inf"))
             else:
                 scores = scores + mask.to(compute_dtype)
         if is_causal:
-            query_positions = torch.arange(row_start, row_end, device=q.device).unsqueeze(-1)
+            query_positions = (positions[row_start:row_end] if positions is not None
+                               else torch.arange(row_start, row_end, device=q.device)).unsqueeze(-1)
             future = torch.arange(k_len, device=q.device) > query_positions
             scores = scores.masked_fill(future, float("-inf"))
-        probabilities = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+        probabilities = torch.softmax(scores, dim=-1)
         del scores
-        output = probabilities @ v
-        padded = torch.nn.functional.pad(probabilities, (0, padded_keys - k_len))
+        if attn_mask is not None:
+            probabilities = probabilities.nan_to_num_(0.0)  # rows the mask hides entirely
+        output = probabilities @ v if with_output else None
+        padded = probabilities if padded_keys == k_len else torch.nn.functional.pad(probabilities, (0, padded_keys - k_len))
         blocked = padded.view(batch, heads, row_end - row_start, k_blocks, block_size)
         pooled = blocked.sum(-1)
         block_values = None
@@ -125,12 +148,23 @@ class BlockMassProfile:
         q_blocks, k_blocks = -(-q_len // block_size), -(-k_len // block_size)
         return cls(q_len, k_len, block_size, torch.zeros(heads, q_blocks, k_blocks, dtype=torch.float64))
 
-    def add(self, q, k, v, attn_mask, is_causal, scale) -> None:
-        """Accumulate one batch of a site's inputs."""
-        for chunk in probability_chunks(q, k, v, attn_mask, is_causal, scale, self.block_size, with_block_values=False):
-            first_block = chunk.row_start // self.block_size
-            pooled = pool_query_blocks(chunk.pooled, chunk.row_start, self.block_size).to(torch.float64)
-            self.mass[:, first_block:first_block + pooled.shape[1]] += pooled.cpu()
+    def add(self, q, k, v, attn_mask, is_causal, scale, rows_per_block: int | None = None,
+            generator: torch.Generator | None = None) -> None:
+        """Accumulate one batch of a site's inputs.
+
+        ``rows_per_block`` samples that many query rows of every block (the same offsets in
+        each block, drawn from ``generator``) and scales their mass up: an unbiased estimate at a
+        ``block_size / rows_per_block`` times lower cost. ``None`` uses every row.
+        """
+        offsets = None
+        if rows_per_block is not None and rows_per_block < self.block_size:
+            offsets = torch.randperm(self.block_size, generator=generator)[:rows_per_block].sort().values
+        sampled = offsets.numel() if offsets is not None else self.block_size
+        for chunk in probability_chunks(q, k, v, attn_mask, is_causal, scale, self.block_size, with_block_values=False,
+                                        with_output=False, row_offsets=offsets):
+            first_block = chunk.row_start // sampled
+            pooled = pool_query_blocks(chunk.pooled, chunk.row_start, sampled).to(torch.float64)
+            self.mass[:, first_block:first_block + pooled.shape[1]] += pooled.cpu() * (self.block_size / sampled)
         self.rows += q.shape[0] * q.shape[2]
 
     def normalized(self) -> torch.Tensor:
@@ -165,33 +199,45 @@ class CandidateErrors:
                    torch.zeros(heads, dtype=torch.float64), torch.zeros(heads, dtype=torch.float64))
 
     def add(self, q, k, v, attn_mask, is_causal, scale, block_size: int, head_masks: list[torch.Tensor],
-            skip_candidates: list[torch.Tensor] | None = None) -> None:
-        """Score every candidate of every head on one batch.
+            skip_candidates: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Score every candidate of every head on one batch; returns the dense attention output.
 
         ``head_masks[h]`` is ``bool [candidates, q_blocks, k_blocks]`` at this batch's lengths;
         ``skip_candidates[h]`` (bool ``[candidates]``) marks candidates that drop the head (output 0).
         """
+        outputs = []
         for chunk in probability_chunks(q, k, v, attn_mask, is_causal, scale, block_size, with_block_values=True):
+            outputs.append(chunk.output)
             rows = chunk.row_end - chunk.row_start
-            row_blocks = torch.arange(chunk.row_start, chunk.row_end, device=q.device) // block_size
-            batch = chunk.output.shape[0]
+            padded_rows = -(-rows // block_size) * block_size
+            first_block = chunk.row_start // block_size
+            query_blocks = padded_rows // block_size
+            batch, _, k_blocks, _, value_dim = chunk.block_values.shape
+            pad = padded_rows - rows
+            # Rows of one query block share a mask: one batched matmul per chunk and head, over query blocks.
+            values = torch.nn.functional.pad(chunk.block_values, (0, 0, 0, pad))  # [B, H, kb, rows', D]
+            values = values.view(batch, -1, k_blocks, query_blocks, block_size, value_dim)
+            pooled = torch.nn.functional.pad(chunk.pooled, (0, 0, 0, pad))  # [B, H, rows', kb]
+            pooled = pooled.view(batch, -1, query_blocks, block_size, k_blocks)
+            dense = torch.nn.functional.pad(chunk.output, (0, 0, 0, pad)).view(batch, -1, query_blocks, block_size, value_dim)
             for head, masks in enumerate(head_masks):
                 candidates = masks.shape[0]
-                dense = chunk.output[:, head].permute(1, 0, 2)  # [rows, B, D]
-                row_masks = masks.to(chunk.pooled.dtype)[:, row_blocks, :].permute(1, 0, 2)  # [rows, C, kb]
-                pooled = chunk.pooled[:, head].permute(1, 2, 0)  # [rows, kb, B]
-                values = chunk.block_values[:, head].permute(2, 1, 0, 3).reshape(rows, -1, batch * dense.shape[-1])
-                numerator = (row_masks @ values).view(rows, candidates, batch, -1)
-                denominator = row_masks @ pooled  # [rows, C, B]
+                block_masks = masks[:, first_block:first_block + query_blocks].to(values.dtype).transpose(0, 1)  # [nq, C, kb]
+                head_values = values[:, head].permute(2, 1, 3, 0, 4).reshape(query_blocks, k_blocks, -1)  # [nq, kb, bs*B*D]
+                head_pooled = pooled[:, head].permute(1, 3, 2, 0).reshape(query_blocks, k_blocks, -1)  # [nq, kb, bs*B]
+                numerator = (block_masks @ head_values).view(query_blocks, candidates, block_size * batch, value_dim)
+                denominator = block_masks @ head_pooled  # [nq, C, bs*B]
+                # Where a candidate keeps no mass the numerator is 0 too, so the output is 0.
                 output = numerator / denominator.unsqueeze(-1).clamp_min(1e-30)
-                output = torch.where(denominator.unsqueeze(-1) > 0, output, torch.zeros_like(output))
                 if skip_candidates is not None and bool(skip_candidates[head].any()):
                     output[:, skip_candidates[head]] = 0
-                error = (output - dense.unsqueeze(1)).pow(2).sum((0, 2, 3))
+                reference = dense[:, head].permute(1, 2, 0, 3).reshape(query_blocks, 1, block_size * batch, value_dim)
+                error = (output - reference).pow(2).sum((0, 2, 3))
                 self.squared_error[head] += error.to(torch.float64).cpu()
                 self.kept_mass[head] += denominator.sum((0, 2)).to(torch.float64).cpu()
-                self.output_norm[head] += float(dense.pow(2).sum())
-                self.total_mass[head] += float(pooled.sum())
+                self.output_norm[head] += float(reference.pow(2).sum())
+                self.total_mass[head] += float(head_pooled.sum())
+        return torch.cat(outputs, dim=2).to(q.dtype)
 
     def relative_error(self, head: int) -> torch.Tensor:
         return (self.squared_error[head] / self.output_norm[head].clamp_min(1e-30)).sqrt()

@@ -35,6 +35,9 @@ from sparsify.strategy import SiteStrategy, Strategy
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_ERROR = 0.05
+# Static block tables hold positions of the calibration length; at equal cost a pattern defined
+# relative to the query and the sequence ends transfers better, so tables pay this much more.
+STATIC_TABLE_COST_FACTOR = 1.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,8 @@ class SearchConfig:
         backend: backend the cost model prices (``"auto"``: ``torch`` on CPU, ``triton`` on GPU).
         dense_steps: leading forward calls (e.g. diffusion steps) that stay dense.
         seed: seed for every random choice.
+        profile_rows_per_block: query rows per block sampled for the block-mass profile
+            (``None``: all rows); the held-out scoring always uses every row.
     """
 
     max_error: float = DEFAULT_MAX_ERROR
@@ -63,6 +68,7 @@ class SearchConfig:
     backend: str = "auto"
     dense_steps: int = 0
     seed: int = 0
+    profile_rows_per_block: int | None = 16
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_error, (int, float)) and 0 <= self.max_error < 1):
@@ -194,14 +200,17 @@ def _profile_candidates(mass: torch.Tensor, block_size: int, site: AttentionSite
     offsets.index_add_(0, distance.flatten(), mass.flatten())
     counts = torch.bincount(distance.flatten(), minlength=q_blocks + k_blocks).clamp_min(1)
     per_offset = offsets / counts
-    if per_offset.numel() > 3:
-        far = per_offset.clone()
+    # Periods: the offsets (>= 2 blocks, with at least two periods in the sequence) holding the most mass.
+    longest = min(q_blocks, k_blocks) // 2
+    if longest >= 2:
+        far = offsets[: longest + 1].clone()
         far[:2] = 0
         for offset in far.topk(min(2, int((far > 0).sum()))).indices.tolist():
             if offset >= 2:
                 period = offset * block_size
-                found.append(pattern_library.multi_diagonal(period, block_size // 2))
-                found.append(pattern_library.multi_diagonal(period, block_size // 2) | pattern_library.attention_sinks(block_size))
+                for width in (0, block_size // 2):
+                    found.append(pattern_library.multi_diagonal(period, width))
+                    found.append(pattern_library.multi_diagonal(period, width) | pattern_library.attention_sinks(block_size))
     # Vertical-slash: strongest key columns (relative) and diagonals.
     column_mass = mass.sum(0)
     top_columns = column_mass.topk(min(4, k_blocks)).indices.tolist()
@@ -211,8 +220,36 @@ def _profile_candidates(mass: torch.Tensor, block_size: int, site: AttentionSite
         found.append(pattern_library.vertical_slash(vertical, slash, block_size) | pattern_library.attention_sinks(block_size))
     # Static block top-k at several densities.
     for density in (0.05, 0.1, 0.2, 0.3, 0.5):
-        found.append(pattern_library.block_top_k.from_block_scores(mass, density=density))
+        found.append(pattern_library.block_top_k.from_block_scores(
+            mass, density=density, causal=site.causal,
+            relative_to="diagonal" if site.is_self_attention else "start"))
     return found
+
+
+def prefilter_candidates(candidates: Sequence[Pattern], profile: BlockMassProfile, head: int, causal: bool,
+                         min_recall: float, dominance_margin: float = 0.002) -> list[Pattern]:
+    """Drop candidates the profile already rules out, before the (costlier) output-error scoring.
+
+    A candidate goes when it keeps less than ``min_recall`` of the head's attention mass, or
+    when another keeps no more blocks and at least ``dominance_margin`` more mass. Dense
+    (index 0) and skip always stay: their errors are exact without the profile.
+    """
+    q_blocks, k_blocks = profile.mass.shape[1:]
+    masks = torch.stack([p.block_mask(q_blocks, k_blocks, block_size=profile.block_size, causal=causal,
+                                      q_len=profile.q_len, k_len=profile.k_len) for p in candidates])
+    recall = profile.recall(masks.unsqueeze(0).expand(profile.mass.shape[0], *masks.shape))[head]
+    kept = masks.flatten(1).sum(1)
+    keep = []
+    for index, pattern in enumerate(candidates):
+        if index == 0 or _is_skip(pattern):
+            keep.append(pattern)
+            continue
+        if recall[index] < min_recall:
+            continue
+        dominated = (kept <= kept[index]) & (recall >= recall[index] + dominance_margin)
+        if not bool(dominated.any()):
+            keep.append(pattern)
+    return keep
 
 
 def _unique(candidates: Sequence[Pattern]) -> list[Pattern]:
@@ -318,6 +355,7 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
 
     # 1. profile
     profiles: dict[str, BlockMassProfile] = {}
+    generator = torch.Generator().manual_seed(config.seed)
 
     def profile_site(site, q, k, v, attn_mask, is_causal, scale):
         key = site.name
@@ -326,7 +364,8 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
             if existing is not None and existing.q_len * existing.k_len >= q.shape[2] * k.shape[2]:
                 return  # keep the profile of the longest sequence seen
             profiles[key] = BlockMassProfile.empty(site.num_heads, q.shape[2], k.shape[2], block_size)
-        profiles[key].add(q, k, v, attn_mask, is_causal or site.causal, scale)
+        profiles[key].add(q, k, v, attn_mask, is_causal or site.causal, scale,
+                          rows_per_block=config.profile_rows_per_block, generator=generator)
 
     observe(captured.graph_module, batches, profile_site,
             progress=tqdm(profile_indices, desc="sparsify: profiling", disable=not progress, unit="batch"))
@@ -334,7 +373,11 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
     # 2. candidates per site/head (at the profile's lengths)
     candidates: dict[str, list[list[Pattern]]] = {}
     for site in sites:
-        candidates[site.name] = candidate_patterns(site, block_size, profiles.get(site.name))
+        per_head = candidate_patterns(site, block_size, profiles.get(site.name))
+        if site.name in profiles:
+            per_head = [prefilter_candidates(patterns, profiles[site.name], head, site.causal, config.min_recall)
+                        for head, patterns in enumerate(per_head)]
+        candidates[site.name] = per_head
 
     # 3-4. score on held-out batches
     scores: dict[str, CandidateErrors] = {
@@ -347,7 +390,7 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
         if key not in mask_cache:
             mask_cache[key] = _candidate_masks(candidates[site.name], q.shape[2], k.shape[2], block_size, site.causal, q.device)
         masks, skips = mask_cache[key]
-        scores[site.name].add(q, k, v, attn_mask, is_causal or site.causal, scale, block_size, masks, skips)
+        return scores[site.name].add(q, k, v, attn_mask, is_causal or site.causal, scale, block_size, masks, skips)
 
     observe(captured.graph_module, batches, score_site,
             progress=tqdm(holdout_indices, desc="sparsify: scoring candidates", disable=not progress, unit="batch"))
@@ -410,7 +453,10 @@ def _head_options(site: AttentionSite, candidates: list[list[Pattern]], scores: 
                 continue
             kept = float(pattern.block_mask(q_blocks, k_blocks, block_size=block_size, causal=site.causal,
                                             q_len=site.q_len, k_len=site.k_len).sum())
-            costs.append(cost_model.sparse_head_latency(site, kept, backend=backend, device=device, block_size=block_size))
+            cost = cost_model.sparse_head_latency(site, kept, backend=backend, device=device, block_size=block_size)
+            if isinstance(pattern, pattern_library.BlockTopK):
+                cost *= STATIC_TABLE_COST_FACTOR
+            costs.append(cost)
             work.append(kept / dense_blocks)
         cost = torch.tensor(costs, dtype=torch.float64)
         relative_error = scores.relative_error(head)
@@ -459,8 +505,12 @@ def _dense_work(site: AttentionSite) -> float:
 
 def _build_strategy(sites, options, chosen, block_size, config, cost_model, backend, device) -> Strategy:
     site_strategies = {}
+    site_errors = {}
     dense_total = sparse_total = 0.0
     for site in sites:
+        squared = sum(float(o.squared_error[i]) for o, i in zip(options[site.name], chosen[site.name]))
+        norm = sum(o.output_norm for o in options[site.name])
+        site_errors[site.name] = round(math.sqrt(squared / max(norm, 1e-300)), 6)
         heads, metrics = [], []
         for option, index in zip(options[site.name], chosen[site.name]):
             heads.append(option.patterns[index])
@@ -469,6 +519,7 @@ def _build_strategy(sites, options, chosen, block_size, config, cost_model, back
                 "error": round(float(option.relative_error[index]), 6),
                 "work": round(float(option.work[index]), 6),
                 "estimated_seconds": float(option.cost[index]),
+                "dense_seconds": float(option.cost[0]),
             })
             dense_total += float(option.cost[0])
             sparse_total += float(option.cost[index])
@@ -479,6 +530,7 @@ def _build_strategy(sites, options, chosen, block_size, config, cost_model, back
         "backend": backend,
         "device": str(device),
         "estimated_attention_speedup": round(dense_total / max(sparse_total, 1e-30), 4),
+        "site_errors": site_errors,
     })
 
 

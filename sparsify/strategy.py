@@ -554,6 +554,8 @@ class Strategy:
             "fusion_groups": sum(len(site.fusion_groups or []) for site in self.sites.values()),
             "block_size": self.block_size,
             "mean_density": self._mean_density(),
+            "estimated_speedup": self.metadata.get("estimated_attention_speedup"),
+            "end_to_end_error": self.metadata.get("end_to_end_error"),
         }
 
     def _mean_density(self) -> float | None:
@@ -569,13 +571,18 @@ class Strategy:
                 int(causal_block_mask(q_blocks, k_blocks).sum()) if causal else q_blocks * k_blocks
             )
             site = self.sites[entry["name"]]
+            work_per_block = entry.get("head_dim", 1)  # each head's blocks weighted by its work
             for group in site.fusion_groups or []:
-                mask = site.heads[group[0]].block_mask(
-                    q_blocks, k_blocks, block_size=self.block_size, causal=causal,
-                    q_len=q_len, k_len=k_len,
-                )
-                kept += int(mask.sum()) * len(group)
-                computed += dense_blocks * len(group)
+                pattern = site.heads[group[0]]
+                if getattr(pattern, "is_skip", False):
+                    kept_blocks = 0
+                else:
+                    kept_blocks = int(pattern.block_mask(
+                        q_blocks, k_blocks, block_size=self.block_size, causal=causal,
+                        q_len=q_len, k_len=k_len,
+                    ).sum())
+                kept += kept_blocks * len(group) * work_per_block
+                computed += dense_blocks * len(group) * work_per_block
         return kept / computed
 
     def __repr__(self) -> str:

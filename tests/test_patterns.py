@@ -86,8 +86,12 @@ def element_mask(pattern: Pattern, q_len: int, k_len: int) -> torch.Tensor:
 def keeps_distance(pattern: DistancePattern, d: int) -> bool:
     """Whether a distance pattern keeps ``d = i - j``, straight from its definition."""
     if isinstance(pattern, MultiDiagonal):
-        reach = pattern.count if pattern.count is not None else abs(d) // pattern.period + 2
-        return any(abs(d - m * pattern.period) <= pattern.width for m in range(-reach, reach + 1))
+        period, width, count = pattern.period, pattern.width, pattern.count
+        # Every m with |d - m * period| <= width lies in [d - width, d + width] / period.
+        candidates = range((d - width) // period, (d + width) // period + 1)
+        return any(
+            abs(d - m * period) <= width and (count is None or abs(m) <= count) for m in candidates
+        )
     if isinstance(pattern, Strided):
         return d % pattern.stride < pattern.width
     if isinstance(pattern, Radial):
@@ -123,14 +127,6 @@ def overlapping_sources(target: int, index: int, source: int) -> list[int]:
     ]
 
 
-def far_offsets(t: int, source: int, target: int, near: int) -> list[int]:
-    """Source offsets of far target offset ``near + t``: far indices ``u`` meeting ``[t-1, t) * s/t``."""
-    return [
-        near + 1 + u for u in range(source + 1)
-        if u < Fraction(t * source, target) and u + 1 > Fraction((t - 1) * source, target)
-    ]
-
-
 def block_top_k_reference(pattern: BlockTopK, q_blocks: int, k_blocks: int) -> torch.Tensor:
     """`BlockTopK` moved to another grid, block by block, from its documented definition."""
     sq, sk, near = pattern.source_q_blocks, pattern.source_k_blocks, pattern.near_blocks
@@ -141,15 +137,19 @@ def block_top_k_reference(pattern: BlockTopK, q_blocks: int, k_blocks: int) -> t
         for j in range(k_blocks):
             if pattern.relative_to == "start":
                 cells = [(r, c) for r in rows for c in overlapping_sources(k_blocks, j, sk)]
-            else:
-                offset = i - j
-                if abs(offset) <= near:
-                    offsets = [offset]
-                elif offset > 0:
-                    offsets = far_offsets(offset - near, sq, q_blocks, near)
-                else:
-                    offsets = [-o for o in far_offsets(-offset - near, sk, k_blocks, near)]
-                cells = [(r, r - o) for r in rows for o in offsets]
+            elif abs(i - j) <= near:
+                cells = [(r, r - (i - j)) for r in rows]
+            elif j < i - near:  # far left: [0, i - near) onto [0, r - near)
+                cells = [
+                    (r, c) for r in rows if r - near > 0
+                    for c in overlapping_sources(i - near, j, r - near)
+                ]
+            else:  # far right: (i + near, k_blocks) onto (r + near, sk)
+                target_far = k_blocks - i - near - 1
+                cells = [
+                    (r, r + near + 1 + c) for r in rows if sk - r - near - 1 > 0
+                    for c in overlapping_sources(target_far, j - i - near - 1, sk - r - near - 1)
+                ]
             mask[i, j] = any(source[r][c] for r, c in cells if 0 <= c < sk)
     return mask
 
@@ -491,6 +491,334 @@ def test_pattern_error_is_a_value_error():
         sliding_window(0)
 
 
+# --- the extended families ------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.builds(
+            multi_diagonal, st.integers(1, 50), st.integers(0, 20), st.none() | st.integers(0, 3)
+        ),
+        strided_patterns(),
+        st.builds(radial, st.integers(1, 40), st.integers(1, 40)),
+        st.builds(power_of_two, st.none() | st.integers(0, 8), st.integers(0, 4)),
+    ),
+    st.integers(-300, 300),
+    st.integers(0, 80),
+)
+def test_keeps_distance_range_is_any_kept_distance(pattern, lo, span):
+    hi = lo + span
+    got = pattern.keeps_distance_range(torch.tensor([lo]), torch.tensor([hi]))
+    assert got.tolist() == [any(keeps_distance(pattern, d) for d in range(lo, hi + 1))]
+
+
+def test_skip_is_marked_and_keeps_only_the_fallback():
+    assert skip().is_skip and not dense().is_skip and not sliding_window(8).is_skip
+    nothing = torch.zeros(3, 5, dtype=torch.bool)
+    assert torch.equal(skip().block_mask(3, 5, block_size=16), with_fallback(nothing))
+    assert skip().block_mask(3, 3, causal=True).int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    assert skip().density(4, 4) == 0.0 and skip().density(4, 4, causal=True) == 0.0
+    assert skip().to_dict() == {"pattern": "skip"}
+    assert pattern_from_dict({"pattern": "skip"}) == skip()
+    assert str(skip()) == "skip()"
+
+
+def test_skip_does_not_combine():
+    with pytest.raises(PatternError, match=r"union: parts\[1\] is skip\(\)"):
+        sliding_window(8) | skip()
+    with pytest.raises(PatternError, match=r"intersection: parts\[0\] is skip\(\)"):
+        skip() & dense()
+    with pytest.raises(PatternError, match=r"union: parts\[0\] is skip\(\)"):
+        pattern_from_dict(
+            {"pattern": "union", "parts": [{"pattern": "skip"}, {"pattern": "dense"}]}
+        )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_shape_is_sinks_or_window(causal):
+    for q_len, k_len, block_size in [(100, 100, 16), (37, 300, 32), (300, 50, 8)]:
+        shape = dict(block_size=block_size, causal=causal, q_len=q_len, k_len=k_len)
+        q_blocks, k_blocks = blocks(q_len, block_size), blocks(k_len, block_size)
+        assert torch.equal(
+            a_shape(5, 20).block_mask(q_blocks, k_blocks, **shape),
+            (attention_sinks(5) | sliding_window(20)).block_mask(q_blocks, k_blocks, **shape),
+        )
+
+
+def test_columns_count_only_up_to_the_query_at_causal_sites():
+    # Query block 1 holds tokens 8..9 only; the stripe at key 12 lies in key block 1 but past
+    # every query of the block, so at causal sites block (1, 1) keeps nothing.
+    shape = dict(block_size=8, causal=True, q_len=10, k_len=16)
+    for pattern in (
+        vertical_stripes([0.0, 0.75]),
+        vertical_slash([0.0, 0.75]),
+        attention_sinks(1) | last_tokens(4),
+    ):
+        assert pattern.block_mask(2, 2, **shape).int().tolist() == [[1, 0], [1, 0]]
+        no_causal = dict(shape, causal=False)
+        assert pattern.block_mask(2, 2, **no_causal).int().tolist() == [[1, 1], [1, 1]]
+
+
+def test_relative_columns_follow_the_length():
+    stripes = vertical_stripes([0.5], width=16)
+    assert stripes.block_mask(1, 4, block_size=16).int().tolist() == [[0, 0, 1, 0]]
+    assert stripes.block_mask(1, 8, block_size=16).int().tolist() == [[0, 0, 0, 0, 1, 0, 0, 0]]
+    ends = last_tokens(16)
+    assert ends.block_mask(1, 4, block_size=16).int().tolist() == [[0, 0, 0, 1]]
+    assert ends.block_mask(1, 4, block_size=16, k_len=50).int().tolist() == [[0, 0, 1, 1]]
+
+
+def test_multi_diagonal_bands_repeat_every_period():
+    # Period of two blocks: the diagonal band and every second block diagonal from it.
+    mask = multi_diagonal(32, width=0).block_mask(6, 6, block_size=16)
+    offsets = torch.arange(6).unsqueeze(1) - torch.arange(6)
+    assert torch.equal(mask, offsets % 2 == 0)
+    limited = multi_diagonal(32, width=0, count=1).block_mask(6, 6, block_size=16)
+    assert torch.equal(limited, (offsets % 2 == 0) & (offsets.abs() <= 2))
+
+
+def test_radial_gets_sparser_with_distance():
+    # Blocks thin out once the stride 2**e outgrows the block (beyond 2 * 8 * 16 tokens here).
+    densities = [radial(8).density(n, n, block_size=16, causal=True) for n in (4, 32, 128, 256)]
+    assert densities[0] == 1.0 and densities[0] > densities[1] > densities[2] > densities[3]
+    # At token level the kept keys of query 0 thin out octave by octave.
+    kept = radial(4, decay_tokens=2).block_mask(1, 40, block_size=1)[0].nonzero().flatten().tolist()
+    assert kept == [0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+
+
+def test_power_of_two_lines():
+    kept = power_of_two(4, width=1).block_mask(1, 40, block_size=1)[0].nonzero().flatten().tolist()
+    assert kept == [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17]
+    distance = torch.arange(-40, 41)
+    kept = distance[power_of_two().keeps_distance_range(distance, distance)].tolist()
+    assert kept == [-32, -16, -8, -4, -2, -1, 0, 1, 2, 4, 8, 16, 32]
+
+
+def test_strided_keeps_every_stride():
+    kept = strided(8, width=2).block_mask(1, 30, block_size=1, q_len=1)[0]
+    assert kept.nonzero().flatten().tolist() == [0, 7, 8, 15, 16, 23, 24]
+    assert strided(8, width=8).density(10, 10, block_size=4) == 1.0
+
+
+def test_block_top_k_is_its_table_on_the_source_grid():
+    table = [[0, 3], [1], [], [2, 3]]
+    for relative_to in ("start", "diagonal"):
+        pattern = block_top_k(table, 4, 4, relative_to)
+        raw = torch.zeros(4, 4, dtype=torch.bool)
+        for row, columns in enumerate(table):
+            raw[row, columns] = True
+        assert torch.equal(pattern.block_mask(4, 4, block_size=32), with_fallback(raw))
+
+
+def test_block_top_k_scales_by_relative_position():
+    pattern = block_top_k([[0], [1]], 2, 2)
+    assert pattern.block_mask(4, 4).int().tolist() == [
+        [1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1],
+    ]
+    # Shrinking keeps a block wherever any source block it covers was kept.
+    shrunk = block_top_k([[0], [0], [3], [3]], 4, 4).block_mask(2, 2)
+    assert shrunk.int().tolist() == [[1, 0], [0, 1]]
+
+
+def test_block_top_k_relative_to_diagonal_keeps_near_offsets():
+    # A local band (the diagonal and the block before it) plus the first block column.
+    table = [[0]] + [[0, row - 1, row] for row in range(1, 8)]
+    pattern = block_top_k(table, 8, 8, relative_to="diagonal", near_blocks=2)
+    mask = pattern.block_mask(32, 32, causal=True)
+    offsets = torch.arange(32).unsqueeze(1) - torch.arange(32)
+    # From source row 3 on (target rows 12+), the sink column is far from the diagonal: the
+    # band stays two blocks wide at 4x the length ("start" would widen it to 4-5 blocks) and
+    # the first column stays kept. (Nearer the start the sink lies within near_blocks of the
+    # diagonal and moves with it.)
+    assert torch.equal((mask & (offsets.abs() <= 2))[12:], ((offsets >= 0) & (offsets <= 1))[12:])
+    assert bool(mask[12:, 0].all())
+    start = block_top_k(table, 8, 8, relative_to="start").block_mask(32, 32, causal=True)
+    assert int(start.sum()) > int(mask.sum())
+    near_diagonal = offsets.abs() <= 2
+    assert int((start & near_diagonal)[12:].sum()) > int((mask & near_diagonal)[12:].sum())
+
+
+def test_block_top_k_from_block_scores():
+    scores = torch.tensor([[5.0, 1.0, 3.0], [0.0, 2.0, 2.0], [1.0, 9.0, 8.0]])
+    assert BlockTopK.from_block_scores(scores, k=2).table == ((0, 2), (1, 2), (1, 2))
+    assert block_top_k.from_block_scores(scores, k=1).table == ((0,), (1,), (1,))
+    causal = BlockTopK.from_block_scores(scores, k=2, causal=True)
+    assert causal.table == ((0,), (0, 1), (1, 2))
+    assert BlockTopK.from_block_scores(scores, density=0.5).table == ((0, 2), (1, 2), (1, 2))
+    assert BlockTopK.from_block_scores(scores, density=0.01).table == ((0,), (1,), (1,))
+    made = BlockTopK.from_block_scores(scores, k=1, relative_to="diagonal", near_blocks=1)
+    assert (made.source_q_blocks, made.source_k_blocks, made.relative_to, made.near_blocks) == (
+        3, 3, "diagonal", 1,
+    )
+    assert made.to_dict() == {
+        "pattern": "block_top_k", "table": [[0], [1], [1]], "source_q_blocks": 3,
+        "source_k_blocks": 3, "relative_to": "diagonal", "near_blocks": 1,
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (dict(scores=torch.zeros(3), k=1), r"block_top_k: scores must be a \[q_blocks, k_blocks\]"),
+        (dict(scores=torch.zeros(2, 2)), "block_top_k: give exactly one of k and density"),
+        (dict(scores=torch.zeros(2, 2), k=1, density=0.5), "give exactly one of k and density"),
+        (dict(scores=torch.zeros(2, 2), k=0), "block_top_k: k must be a positive int"),
+        (dict(scores=torch.zeros(2, 2), density=1.5), r"density must lie in \(0, 1\]"),
+        (dict(scores=torch.tensor([[1.0, float("nan")]]), k=1), "scores must be finite"),
+    ],
+)
+def test_block_top_k_from_bad_scores(kwargs, expected):
+    with pytest.raises(PatternError, match=expected):
+        BlockTopK.from_block_scores(kwargs.pop("scores"), **kwargs)
+
+
+@settings(max_examples=100, deadline=None)
+@given(leaf_patterns, st.integers(1, 20), st.integers(1, 20), st.booleans())
+def test_density_is_kept_blocks_over_computed_blocks(pattern, q_blocks, k_blocks, causal):
+    mask = pattern.block_mask(q_blocks, k_blocks, block_size=16, causal=causal)
+    total = int(causal_block_mask(q_blocks, k_blocks).sum()) if causal else q_blocks * k_blocks
+    density = pattern.density(q_blocks, k_blocks, block_size=16, causal=causal)
+    assert density == int(mask.sum()) / total and 0 < density <= 1
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text", "data"),
+    [
+        (skip(), "skip()", {"pattern": "skip"}),
+        (last_tokens(8), "last_tokens(8)", {"pattern": "last_tokens", "num_tokens": 8}),
+        (
+            a_shape(4, 512),
+            "a_shape(4, 512)",
+            {"pattern": "a_shape", "sink_tokens": 4, "window": 512},
+        ),
+        (
+            multi_diagonal(1560, width=64),
+            "multi_diagonal(1560, width=64)",
+            {"pattern": "multi_diagonal", "period": 1560, "width": 64, "count": None},
+        ),
+        (
+            multi_diagonal(100, count=2),
+            "multi_diagonal(100, count=2)",
+            {"pattern": "multi_diagonal", "period": 100, "width": 0, "count": 2},
+        ),
+        (strided(64), "strided(64)", {"pattern": "strided", "stride": 64, "width": 1}),
+        (
+            radial(128),
+            "radial(128, decay_tokens=128)",
+            {"pattern": "radial", "window": 128, "decay_tokens": 128},
+        ),
+        (
+            power_of_two(),
+            "power_of_two()",
+            {"pattern": "power_of_two", "max_exponent": None, "width": 0},
+        ),
+        (
+            vertical_stripes([0.5, 0.0, 0.5]),
+            "vertical_stripes([0.0, 0.5])",
+            {"pattern": "vertical_stripes", "positions": [0.0, 0.5], "width": 1},
+        ),
+        (
+            vertical_slash(slash=[64, 0], width=8),
+            "vertical_slash([], [0, 64], width=8)",
+            {"pattern": "vertical_slash", "vertical": [], "slash": [0, 64], "width": 8},
+        ),
+        (
+            block_top_k([[1, 0], [1, 1]], 2, 3, "diagonal", 2),
+            "block_top_k(<2x3 table, 3 blocks>, relative_to='diagonal', near_blocks=2)",
+            {
+                "pattern": "block_top_k", "table": [[0, 1], [1]], "source_q_blocks": 2,
+                "source_k_blocks": 3, "relative_to": "diagonal", "near_blocks": 2,
+            },
+        ),
+    ],
+)
+def test_new_families_display_and_json(pattern, text, data):
+    assert str(pattern) == repr(pattern) == text
+    assert pattern.to_dict() == data
+    assert json.loads(json.dumps(data)) == data
+    assert pattern_from_dict(data) == pattern
+    assert pattern.pattern_name in known_patterns()
+
+
+@settings(max_examples=200, deadline=None)
+@given(all_leaf_patterns)
+def test_leaf_json_round_trip(pattern):
+    rebuilt = pattern_from_dict(json.loads(json.dumps(pattern.to_dict())))
+    assert rebuilt == pattern and hash(rebuilt) == hash(pattern) and str(rebuilt) == str(pattern)
+    for block_size in (16, 64):
+        expected = pattern.block_mask(5, 7, block_size=block_size)
+        assert torch.equal(rebuilt.block_mask(5, 7, block_size=block_size), expected)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: last_tokens(0), "last_tokens: num_tokens must be a positive int, got 0"),
+        (lambda: a_shape(0, 8), "a_shape: sink_tokens must be a positive int, got 0"),
+        (lambda: a_shape(4, -1), "a_shape: window must be a positive int, got -1"),
+        (lambda: multi_diagonal(0), "multi_diagonal: period must be a positive int, got 0"),
+        (lambda: multi_diagonal(8, width=-1), "multi_diagonal: width must be a non-negative int"),
+        (lambda: multi_diagonal(8, count=1.0), "multi_diagonal: count must be a non-negative int"),
+        (lambda: strided(0), "strided: stride must be a positive int, got 0"),
+        (lambda: strided(8, width=0), "strided: width must be a positive int, got 0"),
+        (lambda: strided(8, width=9), "strided: width must be at most stride=8, got 9"),
+        (lambda: radial(0), "radial: window must be a positive int, got 0"),
+        (lambda: radial(8, decay_tokens=0), "radial: decay_tokens must be a positive int"),
+        (lambda: power_of_two(-1), "power_of_two: max_exponent must be a non-negative int"),
+        (lambda: power_of_two(width=True), "power_of_two: width must be a non-negative int"),
+        (lambda: vertical_stripes([]), "vertical_stripes: positions must hold at least one"),
+        (lambda: vertical_stripes([1.0]), r"vertical_stripes: positions must lie in \[0, 1\)"),
+        (lambda: vertical_stripes([-0.1]), r"positions must lie in \[0, 1\)"),
+        (lambda: vertical_stripes(["a"]), "vertical_stripes: positions must be a list of relative"),
+        (lambda: vertical_stripes([0.5], width=0), "vertical_stripes: width must be a positive"),
+        (lambda: vertical_slash(), "vertical_slash: vertical and slash are both empty"),
+        (lambda: vertical_slash([0.5], [1.5]), "vertical_slash: slash must be a list of ints"),
+        (lambda: vertical_slash([2.0]), r"vertical_slash: vertical must lie in \[0, 1\)"),
+        (lambda: vertical_slash(slash=[0], width=0), "vertical_slash: width must be a positive"),
+        (lambda: block_top_k([[0]], 2, 2), "block_top_k: table has 1 rows, source_q_blocks is 2"),
+        (lambda: block_top_k([[0, 2]], 1, 2), r"block_top_k: table\[0\] holds key blocks outside"),
+        (lambda: block_top_k([[-1]], 1, 2), r"table\[0\] holds key blocks outside \[0, 2\)"),
+        (lambda: block_top_k([["0"]], 1, 2), r"block_top_k: table\[0\] must be a list of ints"),
+        (lambda: block_top_k(5, 1, 2), "block_top_k: table must be a list of lists"),
+        (lambda: block_top_k([[0]], 0, 2), "block_top_k: source_q_blocks must be a positive int"),
+        (lambda: block_top_k([[0]], 1, 1, "end"), "relative_to must be one of start, diagonal"),
+        (lambda: block_top_k([[0]], 1, 1, "diagonal", -1), "near_blocks must be a non-negative"),
+    ],
+)
+def test_bad_parameters_of_the_new_families(make, expected):
+    with pytest.raises(PatternError, match=expected):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"pattern": "radial", "window": 8},
+            "pattern 'radial': missing parameter(s) 'decay_tokens'",
+        ),
+        ({"pattern": "vertical_stripes", "positions": 0.5, "width": 1}, "positions must be a list"),
+        (
+            {"pattern": "block_top_k", "table": [[0], [5]], "source_q_blocks": 2,
+             "source_k_blocks": 2, "relative_to": "start", "near_blocks": 0},
+            "block_top_k: table[1] holds key blocks outside [0, 2): [5]",
+        ),
+        (
+            {
+                "pattern": "union",
+                "parts": [{"pattern": "dense"}, {"pattern": "strided", "stride": 4, "width": 5}],
+            },
+            "union.parts[1]: strided: width must be at most stride=4, got 5",
+        ),
+    ],
+)
+def test_bad_dicts_of_the_new_families(data, expected):
+    with pytest.raises(PatternError) as caught:
+        pattern_from_dict(data)
+    assert expected in str(caught.value)
+
+
 # --- FlexAttention agrees ----------------------------------------------------------------------
 
 flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
@@ -534,6 +862,62 @@ def causal_mod(batch, head, query, key):
     return query >= key
 
 
+def with_causal(mod, causal: bool):
+    def mask_mod(batch, head, query, key):
+        kept = mod(batch, head, query, key)
+        return kept & (query >= key) if causal else kept
+
+    return mask_mod
+
+
+def multi_diagonal_mod(period: int, width: int, count: int | None):
+    # |d - m * period| <= width for m = floor((d + width) / period), the only candidate when
+    # 2 * width < period.
+    assert 2 * width < period
+
+    def mask_mod(batch, head, query, key):
+        shifted = query - key + width
+        residue = torch.remainder(shifted, period)
+        near = residue <= 2 * width
+        if count is None:
+            return near
+        return near & ((shifted - residue).abs() <= count * period)
+
+    return mask_mod
+
+
+def a_shape_mod(sink_tokens: int, window: int):
+    def mask_mod(batch, head, query, key):
+        return (key < sink_tokens) | ((query - key).abs() <= window)
+
+    return mask_mod
+
+
+def strided_mod(stride: int, width: int):
+    def mask_mod(batch, head, query, key):
+        return torch.remainder(query - key, stride) < width
+
+    return mask_mod
+
+
+def last_tokens_mod(num_tokens: int, k_len: int):
+    def mask_mod(batch, head, query, key):
+        return key >= k_len - num_tokens
+
+    return mask_mod
+
+
+def slash_mod(offsets: list[int], width: int):
+    def mask_mod(batch, head, query, key):
+        distance = query - key
+        kept = (distance >= offsets[0]) & (distance < offsets[0] + width)
+        for offset in offsets[1:]:
+            kept = kept | ((distance >= offset) & (distance < offset + width))
+        return kept
+
+    return mask_mod
+
+
 FLEX_SIZES = [(1, 1), (16, 16), (40, 100), (100, 40), (129, 129), (200, 77)]
 
 
@@ -547,6 +931,19 @@ def test_agrees_with_flex_attention_create_block_mask(q_len, k_len, block_size, 
         (sliding_window(20), window_mod(20, causal)),
         (attention_sinks(4), sinks_mod(4, causal)),
         (attention_sinks(40), sinks_mod(40, causal)),
+    ]
+    cases += [
+        (pattern, with_causal(mod, causal))
+        for pattern, mod in [
+            (multi_diagonal(24, width=3), multi_diagonal_mod(24, 3, None)),
+            (multi_diagonal(50, width=0, count=1), multi_diagonal_mod(50, 0, 1)),
+            (a_shape(4, 20), a_shape_mod(4, 20)),
+            (a_shape(40, 1), a_shape_mod(40, 1)),
+            (strided(24, width=2), strided_mod(24, 2)),
+            (strided(7), strided_mod(7, 1)),
+            (last_tokens(10), last_tokens_mod(10, k_len)),
+            (vertical_slash(slash=[-20, 0, 33], width=5), slash_mod([-20, 0, 33], 5)),
+        ]
     ]
     if causal:
         cases.append((dense(), causal_mod))

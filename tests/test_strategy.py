@@ -197,7 +197,7 @@ MALFORMED = {
         _set([*SITE, "heads", 3], {"pattern": "slidng_window", "window": 4}),
         [
             "sites['h.0.attn'].heads[3]: unknown pattern 'slidng_window'",
-            "known: attention_sinks, dense",
+            "known: a_shape, attention_sinks",
         ],
     ),
     "bad pattern parameter": (
@@ -403,8 +403,9 @@ def test_mean_density_weights_heads_over_dense_blocks(sites):
         mask = window.block_mask(q_blocks, k_blocks, block_size=32, causal=site.causal,
                                  q_len=site.q_len, k_len=site.k_len)
         dense_mask = dense().block_mask(q_blocks, k_blocks, causal=site.causal)
-        kept += int(mask.sum()) * site.num_heads
-        computed += int(dense_mask.sum()) * site.num_heads
+        # Each head's blocks weigh by its work per block (proportional to head_dim).
+        kept += int(mask.sum()) * site.num_heads * site.head_dim
+        computed += int(dense_mask.sum()) * site.num_heads * site.head_dim
     assert strategy.summary()["mean_density"] == pytest.approx(kept / computed)
 
 

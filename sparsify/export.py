@@ -1,0 +1,693 @@
+"""ONNX export of a compiled model: sparse attention in standard ONNX ops, run by any ONNX runtime.
+
+`export_onnx(compiled, example_inputs, path)` writes the rewritten graph of a `SparsifiedModule`
+as an ONNX model that onnxruntime (or any runtime) runs *sparse*, not masked:
+
+* every `SparseAttention` site becomes a block gather: the kept key/value blocks of each
+  (sparse head, query block) row are gathered with one ``Gather`` on a constant index tensor
+  into ``[batch, heads, q_blocks, kept * block, head_dim]``, then ``MatMul → Add (bias) →
+  Softmax → MatMul``. Block tables are initializers; the bias (padding slots of rows that keep
+  fewer blocks than the widest row, the partial last key block, the causal triangle of diagonal
+  blocks) is built in the graph from small constants, so the file stays small and the runtime
+  folds it once at session start. Dense heads of a site run plain ``MatMul → Softmax → MatMul``.
+  The work per call is proportional to the kept blocks (the widest row of a site), which is
+  where the speedup comes from.
+* canonical dense sites (``torch.ops.sparsify.attention``) become ``MatMul → Softmax → MatMul``.
+
+The graph holds standard ONNX domains only (checked after export), so nothing custom needs to
+be registered in the runtime.
+
+Sequence length is fixed at export, batch is dynamic. The block tables are a function of the
+sequence length computed by pattern code (unions, static top-k tables from a profile, ...), not
+by a closed formula, so computing them in-graph would mean an ONNX lowering per pattern and
+data-dependent shapes (``NonZero``) that the runtime re-plans at every call; as constants they
+cost nothing at run time. The exported inputs therefore carry static sequence dimensions and
+onnxruntime refuses another length with "Got invalid dimensions for input ...". Export once per
+deployed length (typical for DiT/video models, whose token count is fixed by the resolution).
+``dynamic_seq=True`` is accepted only for models whose sites are all dense.
+
+The exporter is ``torch.onnx.export(..., dynamo=True)`` (it needs ``onnxscript``): the
+TorchScript exporter bakes the captured graph's symbolic sizes (``sym_size``) into constants,
+so batch would not stay dynamic.
+
+Example:
+    >>> compiled = sparsify.compile(model, strategy=strategy, example_inputs=inputs)  # doctest: +SKIP
+    >>> sparsify.export_onnx(compiled, inputs, "model.onnx")                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from sparsify.capture import normalize_inputs
+from sparsify.errors import SparsifyError, UnsupportedError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MIN_OPSET",
+    "BlockGatherAttention",
+    "OnnxExport",
+    "add_export_command",
+    "command_export",
+    "dense_attention_lowering",
+    "export_onnx",
+    "onnx_lowerings",
+    "register_onnx_lowering",
+]
+
+#: Oldest opset the export supports: the dynamo exporter's ONNX function library (onnxscript's
+#: torchlib) emits opset-18 forms (``Split`` with ``num_outputs``, ``ReduceMax`` with axes as an
+#: input); at opset 17 the exported model fails the checker.
+MIN_OPSET = 18
+_CANONICAL = "sparsify.attention"
+_STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+# ----------------------------------------------------------------------------------------------
+# Lowerings: export-friendly attention in plain torch ops
+
+
+def dense_attention_lowering(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                             is_causal: bool, scale: float | None) -> torch.Tensor:
+    """``torch.ops.sparsify.attention`` as ``MatMul → (mask) → Softmax → MatMul`` (exports to plain ONNX).
+
+    Example:
+        >>> q = torch.randn(1, 2, 8, 4)
+        >>> out = dense_attention_lowering(q, q, q, None, True, None)
+        >>> torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True), atol=1e-6)
+        True
+    """
+    if k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    visible = None
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = attn_mask
+    elif attn_mask is not None:
+        scores = scores + attn_mask.to(scores.dtype)
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        visible = causal if visible is None else visible & causal
+    if visible is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    output = torch.matmul(torch.softmax(scores, dim=-1), v)
+    # As F.scaled_dot_product_attention: a query that sees no key gives zeros (softmax gave NaN).
+    return torch.where(visible.any(-1, keepdim=True), output, 0.0)
+
+
+class BlockGatherAttention(torch.nn.Module):
+    """One `SparseAttention` site on fixed lengths, in export-friendly torch ops.
+
+    Sparse heads gather their kept key/value blocks (constant indices), compute
+    ``[batch, heads, q_blocks, block, width * block]`` scores against them, add a constant
+    structural bias (padding slots, partial last block, causal diagonal) and the user's mask
+    gathered tile by tile, then softmax and a second matmul. ``width`` is the widest row of
+    the site after dropping blocks a causal mask hides; narrower rows are padded and masked.
+    Dense heads run `dense_attention_lowering`. Equal to ``SparseAttention.forward`` on inputs
+    of these lengths (rows whose keys are all masked give zeros, as the torch backend does).
+
+    Example:
+        >>> from sparsify import patterns
+        >>> from sparsify.passes.rewrite import SparseAttention
+        >>> from sparsify.site import AttentionSite
+        >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=16, q_len=128, k_len=128)
+        >>> layer = SparseAttention(site, [patterns.dense(), patterns.sliding_window(32)], block_size=32)
+        >>> lowered = BlockGatherAttention(layer, 128, 128)
+        >>> q = torch.randn(1, 2, 128, 16)
+        >>> torch.allclose(lowered(q, q, q, None, False, None), layer(q, q, q, None, False, None), atol=1e-5)
+        True
+    """
+
+    def __init__(self, module: torch.nn.Module, q_len: int, k_len: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        site = module.site
+        bs = module.block_size
+        self.site_name = site.name
+        self.q_len, self.k_len, self.block = q_len, k_len, bs
+        self.q_blocks, self.k_blocks = -(-q_len // bs), -(-k_len // bs)
+        self.num_heads, self.num_kv_heads = site.num_heads, site.num_kv_heads
+        dense = module.dense_heads.detach().cpu().long()
+        sparse = module.sparse_heads.detach().cpu().long()
+        self.has_dense = dense.numel() > 0
+        self.has_sparse = sparse.numel() > 0
+        self.register_buffer("dense_heads", dense.clone(), persistent=False)
+        self.register_buffer("dense_kv_heads", module.dense_kv_heads.detach().cpu().long().clone(), persistent=False)
+        self.register_buffer("sparse_heads", sparse.clone(), persistent=False)
+        # Output heads come as [dense..., sparse...]; this gathers them back into head order.
+        order = torch.cat([dense, sparse])
+        self.identity_order = bool(torch.equal(order, torch.arange(order.numel())))
+        self.register_buffer("head_order", torch.argsort(order), persistent=False)
+        self.width = 1
+        if self.has_sparse:
+            self._init_tables(module.tables(q_len, k_len, torch.device("cpu")), dtype)
+
+    def _init_tables(self, tables, dtype: torch.dtype) -> None:
+        bs, q_blocks, k_blocks = self.block, self.q_blocks, self.k_blocks
+        indices = tables.kv_indices.detach().cpu().long()
+        counts = tables.kv_counts.detach().cpu().long()
+        kv_head = tables.kv_head_index.detach().cpu().long()
+        heads, _, max_kept = indices.shape
+        valid = torch.arange(max_kept) < counts.unsqueeze(-1)
+        query_block = torch.arange(q_blocks).view(1, q_blocks, 1)
+        if tables.causal:
+            valid &= indices <= query_block           # blocks after the query block hide every key
+        kept = valid.sum(-1)                                                  # [H, QB]
+        width = max(int(kept.max()), 1)
+        order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+        blocks = indices.gather(-1, order)
+        slot_valid = torch.arange(width) < kept.unsqueeze(-1)                 # [H, QB, W]
+        blocks = torch.where(slot_valid, blocks, blocks[..., :1]).clamp(0, k_blocks - 1)
+        self.width = width
+        self.sparse_count = heads
+        # K/V gather: flat block row (kv_head * k_blocks + block) of each (head, query block, slot).
+        self.register_buffer("kv_rows", (kv_head.view(-1, 1, 1) * k_blocks + blocks).reshape(-1), persistent=False)
+        # User-mask gathers: a mask shared by heads, or one per head; varying along queries or not.
+        head = torch.arange(heads).view(-1, 1, 1)
+        self.register_buffer("mask_keys_shared", blocks.reshape(-1), persistent=False)
+        self.register_buffer("mask_keys_per_head", (head * k_blocks + blocks).reshape(-1), persistent=False)
+        self.register_buffer("mask_tiles_shared", (query_block * k_blocks + blocks).reshape(-1), persistent=False)
+        self.register_buffer("mask_tiles_per_head", ((head * q_blocks + query_block) * k_blocks + blocks).reshape(-1),
+                             persistent=False)
+        # Structural mask: padding slots | keys past k_len in the partial last block | the causal
+        # triangle of diagonal blocks. Small boolean factors here; the [H, QB, bs, W * bs] bias is
+        # built in the graph from them (the runtime folds it once, the file stays small).
+        shape = (heads, q_blocks, 1, width, 1)
+        tail = self.k_len - (k_blocks - 1) * bs                 # keys in the last key block
+        partial = slot_valid & (blocks == k_blocks - 1) if tail < bs else torch.zeros_like(slot_valid)
+        diagonal = slot_valid & (blocks == query_block) if tables.causal else torch.zeros_like(slot_valid)
+        self.has_padding, self.has_partial, self.has_diagonal = (
+            not bool(slot_valid.all()), bool(partial.any()), bool(diagonal.any()))
+        self.register_buffer("padding_slots", (~slot_valid).view(shape), persistent=False)
+        self.register_buffer("partial_slots", partial.view(shape), persistent=False)
+        self.register_buffer("tail_columns", (torch.arange(bs) >= tail).view(1, 1, 1, 1, bs), persistent=False)
+        self.register_buffer("diagonal_slots", diagonal.view(shape), persistent=False)
+        self.register_buffer("upper_triangle", torch.ones(bs, bs, dtype=torch.bool).triu(1).view(1, bs, 1, bs),
+                             persistent=False)
+        # Rows that keep no visible block at all (possible only under causal) give zeros.
+        alive = kept > 0
+        self.has_dead_rows = not bool(alive.all())
+        self.register_buffer("alive_rows", alive.repeat_interleave(bs, 1)[:, : self.q_len].unsqueeze(-1),
+                             persistent=False)
+
+    def extra_repr(self) -> str:
+        return (f"site={self.site_name!r}, q_len={self.q_len}, k_len={self.k_len}, block={self.block}, "
+                f"width={self.width}, sparse_heads={self.sparse_heads.numel()}, dense_heads={self.dense_heads.numel()}")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                is_causal: bool, scale: float | None) -> torch.Tensor:
+        if not self.has_sparse:
+            return dense_attention_lowering(q, k, v, attn_mask, is_causal, scale)
+        if attn_mask is not None and attn_mask.dim() < 4:
+            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        outputs = []
+        if self.has_dense:
+            dense_mask = attn_mask
+            if attn_mask is not None and attn_mask.shape[1] > 1:
+                dense_mask = attn_mask.index_select(1, self.dense_heads)
+            outputs.append(dense_attention_lowering(q.index_select(1, self.dense_heads),
+                                                    k.index_select(1, self.dense_kv_heads),
+                                                    v.index_select(1, self.dense_kv_heads), dense_mask, is_causal, scale))
+        outputs.append(self._sparse(q, k, v, attn_mask, scale))
+        output = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+        if not self.identity_order:
+            output = output.index_select(1, self.head_order)
+        return output
+
+    def _structural_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``-inf`` where the tables hide a key, else 0: ``[H, QB, bs, W * bs]`` (``None`` if nothing is hidden)."""
+        masked = None
+        for present, term in ((self.has_padding, lambda: self.padding_slots),
+                              (self.has_partial, lambda: self.partial_slots & self.tail_columns),
+                              (self.has_diagonal, lambda: self.diagonal_slots & self.upper_triangle)):
+            if present:
+                masked = term() if masked is None else masked | term()
+        if masked is None:
+            return None
+        heads, bs = self.sparse_count, self.block
+        masked = masked.expand(heads, self.q_blocks, bs, self.width, bs).reshape(heads, self.q_blocks, bs, self.width * bs)
+        return torch.where(masked, float("-inf"), 0.0).to(dtype)
+
+    def _sparse(self, q, k, v, attn_mask, scale) -> torch.Tensor:
+        heads, bs, width = self.sparse_count, self.block, self.width
+        q_blocks, k_blocks = self.q_blocks, self.k_blocks
+        head_dim, value_dim = q.shape[-1], v.shape[-1]
+        if scale is None:
+            scale = 1.0 / math.sqrt(head_dim)
+        qs = q.index_select(1, self.sparse_heads) * scale
+        if q_blocks * bs != self.q_len:
+            qs = F.pad(qs, (0, 0, 0, q_blocks * bs - self.q_len))
+        qs = qs.reshape(-1, heads, q_blocks, bs, head_dim)
+        if k_blocks * bs != self.k_len:
+            k = F.pad(k, (0, 0, 0, k_blocks * bs - self.k_len))
+            v = F.pad(v, (0, 0, 0, k_blocks * bs - self.k_len))
+        kb = k.reshape(-1, self.num_kv_heads * k_blocks, bs, head_dim)
+        vb = v.reshape(-1, self.num_kv_heads * k_blocks, bs, value_dim)
+        keys = kb.index_select(1, self.kv_rows).reshape(-1, heads, q_blocks, width * bs, head_dim)
+        scores = torch.matmul(qs, keys.transpose(-2, -1))                    # [B, H, QB, bs, W*bs]
+        bias = self._structural_bias(scores.dtype)
+        if bias is not None:
+            scores = scores + bias
+        dead = None
+        if attn_mask is not None:
+            scores = scores + self._mask_tiles(attn_mask, scores.dtype)
+            # Rows the user's mask leaves without a visible key give zeros (torch backend semantics);
+            # their softmax is NaN, which the Where below drops.
+            dead = scores.amax(-1, keepdim=True) == float("-inf")
+        probs = torch.softmax(scores, dim=-1)
+        values = vb.index_select(1, self.kv_rows).reshape(-1, heads, q_blocks, width * bs, value_dim)
+        out = torch.matmul(probs, values)                                    # [B, H, QB, bs, Dv]
+        if dead is not None:
+            out = torch.where(dead, 0.0, out)
+        out = out.reshape(-1, heads, q_blocks * bs, value_dim)
+        if q_blocks * bs != self.q_len:
+            out = out[:, :, : self.q_len]
+        if self.has_dead_rows:
+            out = torch.where(self.alive_rows, out, 0.0)
+        return out
+
+    def _mask_tiles(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The user's mask as a bias broadcastable to the scores ``[B, H, QB, bs, W*bs]``."""
+        heads, bs, width = self.sparse_count, self.block, self.width
+        q_blocks, k_blocks = self.q_blocks, self.k_blocks
+        if mask.dtype == torch.bool:
+            mask = torch.where(mask, 0.0, float("-inf")).to(dtype)
+        else:
+            mask = mask.to(dtype)
+        per_head = mask.shape[1] > 1
+        if per_head:
+            mask = mask.index_select(1, self.sparse_heads)
+        mask_heads = heads if per_head else 1
+        along_q, along_k = mask.shape[2] > 1, mask.shape[3] > 1
+        if along_q and q_blocks * bs != self.q_len:
+            mask = F.pad(mask, (0, 0, 0, q_blocks * bs - self.q_len))
+        if along_k and k_blocks * bs != self.k_len:
+            mask = F.pad(mask, (0, k_blocks * bs - self.k_len))
+        if not along_k:
+            return mask.reshape(-1, mask_heads, q_blocks if along_q else 1, bs if along_q else 1, 1)
+        if not along_q:
+            keys = mask.reshape(-1, mask_heads * k_blocks, bs)
+            index = self.mask_keys_per_head if per_head else self.mask_keys_shared
+            return keys.index_select(1, index).reshape(-1, heads, q_blocks, 1, width * bs)
+        tiles = mask.reshape(-1, mask_heads, q_blocks, bs, k_blocks, bs).transpose(3, 4)
+        tiles = tiles.reshape(-1, mask_heads * q_blocks * k_blocks, bs, bs)
+        index = self.mask_tiles_per_head if per_head else self.mask_tiles_shared
+        gathered = tiles.index_select(1, index).reshape(-1, heads, q_blocks, width, bs, bs)
+        return gathered.transpose(3, 4).reshape(-1, heads, q_blocks, bs, width * bs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry: which backends' sparse sites have an ONNX lowering
+
+#: ``lowering(sparse_attention_module, q_len, k_len, dtype) -> nn.Module`` with the same call
+#: signature as `SparseAttention`, built from plain torch ops that export to standard ONNX.
+Lowering = Callable[[torch.nn.Module, int, int, torch.dtype], torch.nn.Module]
+_LOWERINGS: dict[str, Lowering] = {}
+
+
+def register_onnx_lowering(backend: str) -> Callable[[Lowering], Lowering]:
+    """Decorator registering the ONNX lowering of the sites compiled for ``backend``.
+
+    Example:
+        >>> @register_onnx_lowering("my_kernel")        # doctest: +SKIP
+        ... def lower(module, q_len, k_len, dtype):
+        ...     return BlockGatherAttention(module, q_len, k_len, dtype)
+    """
+
+    def decorate(lowering: Lowering) -> Lowering:
+        if backend in _LOWERINGS:
+            raise ValueError(f"an ONNX lowering for backend {backend!r} is registered twice")
+        _LOWERINGS[backend] = lowering
+        return lowering
+
+    return decorate
+
+
+def onnx_lowerings() -> list[str]:
+    """Backends whose sparse sites export to ONNX."""
+    return sorted(_LOWERINGS)
+
+
+# The built-in backends all compute exactly what the block tables describe (each is tested
+# against the torch reference), so one block-gather lowering serves every one of them.
+for _name in ("auto", "torch", "flex", "triton"):
+    register_onnx_lowering(_name)(BlockGatherAttention)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+@dataclasses.dataclass
+class OnnxExport:
+    """What `export_onnx` wrote: the file, its interface and the lengths it is fixed to."""
+
+    path: pathlib.Path
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    sparse_sites: int
+    dense_sites: int
+    seq_lengths: dict[str, tuple[int, int]]   # per sparse site: (q_len, k_len) the tables are built for
+
+
+class _ExportWrapper(torch.nn.Module):
+    """Flat tensors in, flat tensors out: what the ONNX graph's inputs and outputs are."""
+
+    def __init__(self, graph_module: torch.nn.Module, args: tuple, kwargs: dict, tensor_slots: list[tuple[str, Any]]):
+        super().__init__()
+        self.graph_module = graph_module
+        self._args = args
+        self._kwargs = kwargs
+        self._slots = tensor_slots
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args, kwargs = list(self._args), dict(self._kwargs)
+        for (kind, key), tensor in zip(self._slots, tensors):
+            if kind == "arg":
+                args[key] = tensor
+            else:
+                kwargs[key] = tensor
+        output = self.graph_module(*args, **kwargs)
+        return tuple(leaf for leaf in torch.utils._pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor))
+
+
+def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.PathLike, *,
+                opset: int | None = None, dynamic_seq: bool = False) -> OnnxExport:
+    """Write ``compiled`` (a `sparsify.compile` result) as an ONNX model at ``path``.
+
+    Sparse sites are lowered to a block gather of the kept key/value blocks (standard ONNX ops,
+    block tables as initializers), dense sites to ``MatMul → Softmax → MatMul``. The batch
+    dimension is dynamic; the sequence length is fixed to the one of ``example_inputs`` (see the
+    module docstring for why; onnxruntime rejects other lengths). The model is checked with
+    ``onnx.checker`` and must hold only standard ONNX domains.
+
+    Args:
+        compiled: the `SparsifiedModule` that `sparsify.compile` returned.
+        example_inputs: inputs as the model is called (tensor, tuple of positional arguments or
+            dict of keyword arguments), at the sequence length to deploy.
+        path: the ``.onnx`` file to write.
+        opset: ONNX opset (default: the exporter's; at least `MIN_OPSET`).
+        dynamic_seq: make sequence dimensions dynamic; only for models without sparse sites.
+
+    Returns:
+        an `OnnxExport` naming the file, its input/output names and the fixed lengths.
+
+    Example:
+        >>> compiled = sparsify.compile(model, strategy=strategy, example_inputs=inputs)  # doctest: +SKIP
+        >>> export_onnx(compiled, inputs, "model.onnx").input_names                     # doctest: +SKIP
+        ['input_ids', 'attention_mask']
+    """
+    from sparsify.api import SparsifiedModule
+    from sparsify.passes.rewrite import SparseAttention
+
+    if not isinstance(compiled, SparsifiedModule):
+        raise SparsifyError(
+            f"export_onnx exports a compiled model, got a plain {type(compiled).__name__}. Call sparsify.compile "
+            f"first: compiled = sparsify.compile(model, strategy=..., example_inputs=...) (or with calibration data), "
+            f"then sparsify.export_onnx(compiled, example_inputs, path)"
+        )
+    onnx = _import_onnx()
+    opset = _check_opset(opset, onnx)
+    graph_module = compiled.graph_module
+    sparse_modules = {name: module for name, module in graph_module.named_modules() if isinstance(module, SparseAttention)}
+    for name, module in sparse_modules.items():
+        if module.backend not in _LOWERINGS:
+            raise UnsupportedError(
+                f"site {module.site.name!r} ({name}) was compiled for backend {module.backend!r}, which has no ONNX "
+                f"lowering; backends that export: {', '.join(onnx_lowerings())}. Compile with backend='torch' for "
+                f"export, or register one with sparsify.export.register_onnx_lowering({module.backend!r})"
+            )
+    if dynamic_seq and sparse_modules:
+        raise UnsupportedError(
+            f"dynamic_seq=True: {len(sparse_modules)} site(s) run sparse, and their block tables are fixed at export "
+            f"(they are initializers computed from the patterns for one length). Export once per sequence length, "
+            f"with example inputs of that length"
+        )
+
+    args, kwargs = normalize_inputs(example_inputs)
+    kwargs = {**compiled.fixed_kwargs, **kwargs}
+    lengths = _site_input_shapes(compiled, sparse_modules, args, kwargs)
+
+    export_module = _export_copy(graph_module, sparse_modules, lengths)
+    slots, names, tensors = _tensor_inputs(graph_module, args, kwargs)
+    if not tensors:
+        raise SparsifyError("export_onnx: the example inputs hold no tensor")
+    wrapper = _ExportWrapper(export_module, args, kwargs, slots).eval()
+    trace_tensors, dynamic_shapes = _dynamic_batch(tensors, dynamic_seq)
+    with torch.no_grad():
+        outputs = wrapper(*trace_tensors)
+    output_names = _output_names(compiled, args, kwargs, len(outputs))
+
+    program = _run_exporter(wrapper, tuple(trace_tensors), names, output_names, dynamic_shapes, opset)
+    model = program.model_proto
+    _check_standard(model, onnx)
+    seq_lengths = {sparse_modules[name].site.name: shape[:2] for name, shape in lengths.items()}
+    metadata = {
+        "sparsify.strategy": json.dumps(compiled.strategy.summary(), default=str),
+        "sparsify.fixed_lengths": json.dumps({site: list(l) for site, l in seq_lengths.items()}),
+        "sparsify.dynamic_axes": "batch (dim 0 of every input)" + (" and sequence" if dynamic_seq else ""),
+    }
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    large = model.ByteSize() > (1 << 31) - (64 << 20)
+    onnx.save_model(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
+    onnx.checker.check_model(str(path), full_check=not large)
+    result = OnnxExport(path=path, opset=int(next(o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS)),
+                        input_names=names, output_names=output_names, sparse_sites=len(sparse_modules),
+                        dense_sites=len(compiled.sites) - len(sparse_modules), seq_lengths=seq_lengths)
+    logger.info("exported %s: %d sparse / %d dense site(s), opset %d, inputs %s", path, result.sparse_sites,
+                result.dense_sites, result.opset, names)
+    return result
+
+
+def _import_onnx():
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx.export(dynamo=True) needs it)
+    except ImportError as error:
+        raise SparsifyError(
+            f"ONNX export needs the 'onnx' extra ({error.name} is missing): pip install 'sparsify-attention[onnx]'"
+        ) from None
+    return onnx
+
+
+def _check_opset(opset: int | None, onnx) -> int | None:
+    if opset is None:
+        return None
+    if not isinstance(opset, int) or isinstance(opset, bool):
+        raise UnsupportedError(f"opset must be an int, got {opset!r}")
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET:
+        raise UnsupportedError(
+            f"opset {opset} is too old: the export needs opset >= {MIN_OPSET} (the exporter's op library emits "
+            f"opset-{MIN_OPSET} forms, e.g. Split with num_outputs, ReduceMax with axes as an input); "
+            f"supported: {MIN_OPSET}..{newest}"
+        )
+    if opset > newest:
+        raise UnsupportedError(f"opset {opset} is newer than the installed onnx {onnx.__version__} knows "
+                               f"(newest {newest}); supported: {MIN_OPSET}..{newest}")
+    return opset
+
+
+def _site_input_shapes(compiled, sparse_modules: dict, args: tuple, kwargs: dict) -> dict[str, tuple]:
+    """Per sparse submodule: ``(q_len, k_len, dtype)`` of its call on the example inputs (one forward)."""
+    found: dict[str, tuple] = {}
+    handles = []
+    for name, module in sparse_modules.items():
+        def hook(_module, hook_args, _hook_kwargs, name=name):
+            q, k = hook_args[0], hook_args[1]
+            found[name] = (int(q.shape[2]), int(k.shape[2]), q.dtype)
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            compiled.graph_module(*args, **kwargs)
+    except SparsifyError:
+        raise
+    except Exception as error:  # noqa: BLE001 - reported with what to do
+        raise SparsifyError(f"export_onnx: the compiled model failed on the example inputs: "
+                            f"{type(error).__name__}: {error}") from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = sorted(set(sparse_modules) - set(found))
+    if missing:
+        raise SparsifyError(f"export_onnx: the example inputs did not reach {', '.join(missing)}")
+    return found
+
+
+def _export_copy(graph_module: torch.fx.GraphModule, sparse_modules: dict, lengths: dict) -> torch.fx.GraphModule:
+    """A GraphModule sharing the weights of ``graph_module`` whose attentions are export lowerings."""
+    graph = copy.deepcopy(graph_module.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and _CANONICAL in str(node.target):
+            node.target = dense_attention_lowering
+    export_module = torch.fx.GraphModule(graph_module, graph)
+    for name, module in sparse_modules.items():
+        q_len, k_len, dtype = lengths[name]
+        lowering = _LOWERINGS[module.backend](module, q_len, k_len, dtype)
+        export_module.add_submodule(name, lowering)   # replaces the shared submodule in the copy only
+    for attribute in ("_in_spec", "_out_spec"):
+        if hasattr(graph_module, attribute):
+            setattr(export_module, attribute, getattr(graph_module, attribute))
+    export_module.recompile()
+    return export_module
+
+
+def _placeholder_names(graph_module: torch.fx.GraphModule) -> list[str]:
+    return [node.target for node in graph_module.graph.nodes if node.op == "placeholder"]
+
+
+def _tensor_inputs(graph_module, args: tuple, kwargs: dict):
+    """The tensor leaves of the call, where each goes, and their ONNX input names."""
+    placeholders = _placeholder_names(graph_module)
+    slots, names, tensors = [], [], []
+    for index, value in enumerate(args):
+        if isinstance(value, torch.Tensor):
+            slots.append(("arg", index))
+            names.append(str(placeholders[index]) if index < len(placeholders) else f"input_{index}")
+            tensors.append(value)
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            slots.append(("kwarg", key))
+            names.append(key)
+            tensors.append(value)
+        elif any(isinstance(leaf, torch.Tensor) for leaf in torch.utils._pytree.tree_leaves(value)):
+            raise UnsupportedError(f"export_onnx: input {key!r} nests tensors in a {type(value).__name__}; "
+                                   f"pass tensors as top-level arguments")
+    return slots, names, tensors
+
+
+def _dynamic_batch(tensors: list[torch.Tensor], dynamic_seq: bool):
+    """Example tensors to trace with (batch >= 2, so it is not specialised) and their dynamic shapes."""
+    batch = tensors[0].shape[0] if tensors[0].dim() else None
+    dim = torch.export.Dim("batch")
+    trace, shapes = [], []
+    for tensor in tensors:
+        spec = {}
+        if batch is not None and tensor.dim() and tensor.shape[0] == batch:
+            spec[0] = dim
+            if batch == 1:
+                tensor = torch.cat([tensor, tensor])
+        if dynamic_seq:
+            spec.update({i: torch.export.Dim.AUTO for i in range(1, tensor.dim()) if tensor.shape[i] > 1})
+        trace.append(tensor)
+        shapes.append(spec or None)
+    return trace, (tuple(shapes),)
+
+
+def _output_names(compiled, args: tuple, kwargs: dict, count: int) -> list[str]:
+    with torch.no_grad():
+        output = compiled.graph_module(*args, **kwargs)
+    names = []
+    try:
+        flat = torch.utils._pytree.tree_flatten_with_path(output)[0]
+    except ValueError:           # an output type registered without key paths: numbered names
+        flat = []
+    for key_path, leaf in flat:
+        if isinstance(leaf, torch.Tensor):
+            text = "".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) + "." for k in key_path)
+            names.append(text.strip(".").replace(".", "_") or "output")
+    if len(names) != count or len(set(names)) != count:
+        names = [f"output_{i}" for i in range(count)]
+    return [name if not name.isdigit() else f"output_{name}" for name in names]
+
+
+def _run_exporter(wrapper, tensors: tuple, names: list[str], output_names: list[str], dynamic_shapes, opset):
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(wrapper, tensors, dynamo=True, input_names=names, output_names=output_names,
+                                     dynamic_shapes=dynamic_shapes, opset_version=opset, external_data=False,
+                                     optimize=True, verbose=False)
+    except Exception as error:  # noqa: BLE001 - re-raised with what it means here
+        text = str(error)
+        first = next((line for line in text.splitlines() if "Error" in line and "step" not in line), text.splitlines()[0] if text else "")
+        hint = ""
+        if "batch" in text and ("specializ" in text or "Constraints violated" in text or "constant" in text.lower()):
+            hint = (" The captured graph fixes the batch size (its capture fell back to static shapes); "
+                    "compile with dynamic=True and a model that captures with dynamic shapes.")
+        elif opset is not None and ("opset" in text.lower() or "version" in text.lower()):
+            hint = f" An op of the graph may not exist at opset {opset}; try the default opset."
+        raise SparsifyError(f"torch.onnx.export failed: {type(error).__name__}: {first[:500]}.{hint}") from error
+
+
+def _check_standard(model, onnx) -> None:
+    custom = sorted({f"{node.domain}::{node.op_type}" for node in model.graph.node if node.domain not in _STANDARD_DOMAINS})
+    functions = sorted({f"{f.domain}::{f.name}" for f in model.functions})
+    if custom or functions:
+        raise UnsupportedError(f"the exported graph uses non-standard ONNX domains: {', '.join(custom + functions)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: sparsify-cli export
+
+
+def command_export(args: argparse.Namespace) -> int:
+    """``sparsify-cli export --model pkg.mod:factory --strategy s.json --out model.onnx``."""
+    import sparsify
+    from sparsify.cli import load_factory
+
+    model, example_inputs = load_factory(args.model)
+    compiled = sparsify.compile(model, strategy=args.strategy, example_inputs=example_inputs, backend=args.backend)
+    result = export_onnx(compiled, example_inputs, args.out, opset=args.opset)
+    print(f"wrote {result.path} (opset {result.opset}): {result.sparse_sites} sparse / {result.dense_sites} dense "
+          f"site(s); inputs {', '.join(result.input_names)} (batch dynamic); outputs {', '.join(result.output_names)}")
+    if result.seq_lengths:
+        lengths = sorted({f"{q}x{k}" for q, k in result.seq_lengths.values()})
+        print(f"sequence length fixed at export: {', '.join(lengths)} (q x k); export again for another length")
+    if args.check:
+        _check_with_onnxruntime(compiled, example_inputs, result)
+    return 0
+
+
+def _check_with_onnxruntime(compiled, example_inputs, result: OnnxExport) -> None:
+    import numpy as np
+    import onnxruntime
+
+    args, kwargs = normalize_inputs(example_inputs)
+    kwargs = {**compiled.fixed_kwargs, **kwargs}
+    _, names, tensors = _tensor_inputs(compiled.graph_module, args, kwargs)
+    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {n: t.numpy() for n, t in zip(names, tensors)})[0]
+    with torch.no_grad():
+        output = compiled(*args, **kwargs)
+    expected = next(l for l in torch.utils._pytree.tree_leaves(output) if isinstance(l, torch.Tensor)).numpy()
+    error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
+    print(f"onnxruntime (CPU) vs compiled PyTorch: max relative error {error:.2e}")
+
+
+def add_export_command(commands: Any) -> None:
+    """Register ``export`` on the CLI's subparsers (``commands = parser.add_subparsers(...)``)."""
+    from sparsify.cli import DEFAULT_EXAMPLE
+
+    export = commands.add_parser("export", help="apply a strategy and export the sparse model to ONNX")
+    export.add_argument("--model", default=DEFAULT_EXAMPLE, help="package.module:factory")
+    export.add_argument("--strategy", required=True, help="strategy JSON file")
+    export.add_argument("--out", required=True, help="the .onnx file to write")
+    export.add_argument("--backend", default="torch", help="backend the strategy is applied with (default torch)")
+    export.add_argument("--opset", type=int, default=None, help=f"ONNX opset (>= {MIN_OPSET}; default: exporter's)")
+    export.add_argument("--check", action="store_true", help="run the file in onnxruntime and compare outputs")
+    export.set_defaults(handler=command_export)

@@ -1,0 +1,107 @@
+"""The `flex` backend (FlexAttention) against the dense masked reference; GPU only."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sparsify.backends.flex  # noqa: F401  (registers "flex")
+from sparsify.backends import get_backend
+from sparsify.site import AttentionSite
+from sparsify.tables import BlockTables
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles afresh: the many shapes/dtypes here would otherwise hit Dynamo's
+    recompile limit, after which flex_attention silently runs its unfused eager path."""
+    torch._dynamo.reset()
+    yield
+
+
+def random_tables(gen, heads, kv_heads, q_len, k_len, block, causal, density=0.4):
+    q_blocks, k_blocks = -(-q_len // block), -(-k_len // block)
+    masks = torch.rand(heads, q_blocks, k_blocks, generator=gen) < density
+    first = torch.randint(0, k_blocks, (heads, q_blocks), generator=gen)
+    masks.scatter_(-1, first.unsqueeze(-1), True)
+    return BlockTables.from_block_masks(
+        masks, block_size=block, q_len=q_len, k_len=k_len, causal=causal,
+        kv_head_index=torch.arange(heads) // (heads // kv_heads),
+    )
+
+
+def dense_reference(q, k, v, tables, attn_mask=None):
+    index = tables.kv_head_index.to(q.device)
+    kk, vv = k.double().index_select(1, index), v.double().index_select(1, index)
+    scores = (q.double() @ kk.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    visible = tables.element_mask().to(q.device)[None]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            visible = visible & attn_mask
+        else:
+            scores = scores + attn_mask.double()
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, -1).nan_to_num(0.0) @ vv
+
+
+def rel_err(out, ref):
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def make_qkv(gen, batch, heads, kv_heads, q_len, k_len, dim, dtype):
+    shapes = [(batch, heads, q_len, dim), (batch, kv_heads, k_len, dim), (batch, kv_heads, k_len, dim)]
+    return tuple(torch.randn(s, generator=gen).to("cuda", dtype) for s in shapes)
+
+
+def test_unsupported_on_cpu():
+    site = AttentionSite("a", 0, num_heads=4, num_kv_heads=4, head_dim=64, q_len=128, k_len=128)
+    reason = get_backend("flex").unsupported_reason(site, torch.float16, torch.device("cpu"))
+    assert reason is not None and "CUDA" in reason
+    assert get_backend("flex").is_available() == HAS_CUDA
+
+
+CASES = [
+    # batch, heads, kv_heads, q_len, k_len, dim, block, causal
+    (2, 8, 2, 2048, 2048, 128, 128, False),
+    (1, 8, 8, 1900, 1900, 128, 128, True),
+    (2, 4, 1, 1000, 1500, 64, 64, False),
+    (1, 8, 4, 1000, 1000, 64, 64, True),
+]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_matches_dense_reference(case, dtype, tol):
+    batch, heads, kv_heads, q_len, k_len, dim, block, causal = case
+    gen = torch.Generator().manual_seed(0)
+    tables = random_tables(gen, heads, kv_heads, q_len, k_len, block, causal)
+    q, k, v = make_qkv(gen, batch, heads, kv_heads, q_len, k_len, dim, dtype)
+    out = get_backend("flex").attention(q, k, v, tables.to("cuda"))
+    assert not out.isnan().any()
+    assert rel_err(out, dense_reference(q, k, v, tables)) <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_custom_head_mapping_and_masks():
+    gen = torch.Generator().manual_seed(1)
+    tables = random_tables(gen, 3, 3, 700, 700, 128, True)
+    tables.kv_head_index = torch.tensor([2, 0, 2])
+    q, k, v = make_qkv(gen, 2, 3, 3, 700, 700, 64, torch.bfloat16)
+    backend = get_backend("flex")
+    out = backend.attention(q, k, v, tables.to("cuda"))
+    assert rel_err(out, dense_reference(q, k, v, tables)) <= 1e-2
+    padding = torch.ones(2, 1, 1, 700, dtype=torch.bool, device="cuda")
+    padding[1, ..., 600:] = False
+    out = backend.attention(q, k, v, tables.to("cuda"), attn_mask=padding)
+    assert rel_err(out, dense_reference(q, k, v, tables, attn_mask=padding)) <= 1e-2
+    bias = torch.randn(1, 3, 700, 700, generator=gen).to("cuda")
+    out = backend.attention(q, k, v, tables.to("cuda"), attn_mask=bias)
+    assert rel_err(out, dense_reference(q, k, v, tables, attn_mask=bias)) <= 1e-2
