@@ -148,6 +148,7 @@ class BlockGatherAttention(torch.nn.Module):
         sparse = module.sparse_heads.detach().cpu().long()
         self.has_dense = dense.numel() > 0
         self.has_sparse = sparse.numel() > 0
+        self.all_sparse = bool(torch.equal(sparse, torch.arange(site.num_heads)))
         self.register_buffer("dense_heads", dense.clone(), persistent=False)
         self.register_buffer("dense_kv_heads", module.dense_kv_heads.detach().cpu().long().clone(), persistent=False)
         self.register_buffer("sparse_heads", sparse.clone(), persistent=False)
@@ -242,7 +243,11 @@ class BlockGatherAttention(torch.nn.Module):
         if masked is None:
             return None
         heads, bs = self.sparse_count, self.block
-        masked = masked.expand(heads, self.q_blocks, bs, self.width, bs).reshape(heads, self.q_blocks, bs, self.width * bs)
+        # Without the causal triangle the mask does not vary along a block's queries: one row of
+        # it per query block, broadcast by the Add (the runtime reads bs times less bias).
+        rows = bs if self.has_diagonal else 1
+        masked = masked.expand(heads, self.q_blocks, rows, self.width, bs).reshape(heads, self.q_blocks, rows,
+                                                                                   self.width * bs)
         return torch.where(masked, float("-inf"), 0.0).to(dtype)
 
     def _sparse(self, q, k, v, attn_mask, scale) -> torch.Tensor:
@@ -251,10 +256,11 @@ class BlockGatherAttention(torch.nn.Module):
         head_dim, value_dim = q.shape[-1], v.shape[-1]
         if scale is None:
             scale = 1.0 / math.sqrt(head_dim)
-        qs = q.index_select(1, self.sparse_heads) * scale
+        qs = q if self.all_sparse else q.index_select(1, self.sparse_heads)
         if q_blocks * bs != self.q_len:
             qs = F.pad(qs, (0, 0, 0, q_blocks * bs - self.q_len))
-        qs = qs.reshape(-1, heads, q_blocks, bs, head_dim)
+        # The scale right before the MatMul: onnxruntime folds it into the MatMul (FusedMatMul alpha).
+        qs = qs.reshape(-1, heads, q_blocks, bs, head_dim) * scale
         if k_blocks * bs != self.k_len:
             k = F.pad(k, (0, 0, 0, k_blocks * bs - self.k_len))
             v = F.pad(v, (0, 0, 0, k_blocks * bs - self.k_len))
@@ -292,7 +298,7 @@ class BlockGatherAttention(torch.nn.Module):
         else:
             mask = mask.to(dtype)
         per_head = mask.shape[1] > 1
-        if per_head:
+        if per_head and not self.all_sparse:
             mask = mask.index_select(1, self.sparse_heads)
         mask_heads = heads if per_head else 1
         along_q, along_k = mask.shape[2] > 1, mask.shape[3] > 1
@@ -363,6 +369,7 @@ class OnnxExport:
     opset: int
     input_names: list[str]
     output_names: list[str]
+    dynamic_batch: bool                       # False only when the compiled graph fixed the batch size
     sparse_sites: int
     dense_sites: int
     seq_lengths: dict[str, tuple[int, int]]   # per sparse site: (q_len, k_len) the tables are built for
@@ -452,8 +459,22 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
         raise SparsifyError("export_onnx: the example inputs hold no tensor")
     wrapper = _ExportWrapper(export_module, args, kwargs, slots).eval()
     trace_tensors, dynamic_shapes = _dynamic_batch(tensors, dynamic_seq)
-    with torch.no_grad():
-        outputs = wrapper(*trace_tensors)
+    dynamic_batch = True
+    try:
+        with torch.no_grad():
+            outputs = wrapper(*trace_tensors)
+    except Exception as error:  # noqa: BLE001 - the captured graph fixed the batch size
+        if trace_tensors[0].shape[0] == tensors[0].shape[0]:
+            raise SparsifyError(f"export_onnx: the export lowering failed on the example inputs: "
+                                f"{type(error).__name__}: {error}") from error
+        logger.warning(
+            "the compiled graph only accepts batch size %d (it was captured from batch-%d example inputs, which "
+            "torch.export specialises); exporting with a fixed batch. Compile with example inputs of batch >= 2 "
+            "for a dynamic batch.", tensors[0].shape[0], tensors[0].shape[0])
+        dynamic_batch = False
+        trace_tensors, dynamic_shapes = list(tensors), (tuple(None for _ in tensors),)
+        with torch.no_grad():
+            outputs = wrapper(*trace_tensors)
     output_names = _output_names(compiled, args, kwargs, len(outputs))
 
     program = _run_exporter(wrapper, tuple(trace_tensors), names, output_names, dynamic_shapes, opset)
@@ -463,7 +484,8 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
     metadata = {
         "sparsify.strategy": json.dumps(compiled.strategy.summary(), default=str),
         "sparsify.fixed_lengths": json.dumps({site: list(l) for site, l in seq_lengths.items()}),
-        "sparsify.dynamic_axes": "batch (dim 0 of every input)" + (" and sequence" if dynamic_seq else ""),
+        "sparsify.dynamic_axes": ("batch (dim 0 of every batched input)" if dynamic_batch else "none")
+                                 + (" and sequence" if dynamic_seq else ""),
     }
     for key, value in metadata.items():
         entry = model.metadata_props.add()
@@ -474,7 +496,8 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
     onnx.save_model(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
     onnx.checker.check_model(str(path), full_check=not large)
     result = OnnxExport(path=path, opset=int(next(o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS)),
-                        input_names=names, output_names=output_names, sparse_sites=len(sparse_modules),
+                        input_names=names, output_names=output_names, dynamic_batch=dynamic_batch,
+                        sparse_sites=len(sparse_modules),
                         dense_sites=len(compiled.sites) - len(sparse_modules), seq_lengths=seq_lengths)
     logger.info("exported %s: %d sparse / %d dense site(s), opset %d, inputs %s", path, result.sparse_sites,
                 result.dense_sites, result.opset, names)

@@ -109,14 +109,18 @@ def probability_chunks(
         del scores
         if attn_mask is not None:
             probabilities = probabilities.nan_to_num_(0.0)  # rows the mask hides entirely
-        output = probabilities @ v if with_output else None
         padded = probabilities if padded_keys == k_len else torch.nn.functional.pad(probabilities, (0, padded_keys - k_len))
         blocked = padded.view(batch, heads, row_end - row_start, k_blocks, block_size)
         pooled = blocked.sum(-1)
         block_values = None
+        output = None
         if with_block_values:
-            # N[b, h, J, r, :] = p[b, h, r, J-block] @ v[b, h, J-block]
+            # N[b, h, J, r, :] = p[b, h, r, J-block] @ v[b, h, J-block]; the dense output is Σ_J N.
             block_values = blocked.permute(0, 1, 3, 2, 4) @ value_blocks
+            if with_output:
+                output = block_values.sum(2)
+        elif with_output:
+            output = probabilities @ v
         yield ProbabilityChunk(row_start, row_end, pooled, block_values, output)
 
 
@@ -199,44 +203,56 @@ class CandidateErrors:
                    torch.zeros(heads, dtype=torch.float64), torch.zeros(heads, dtype=torch.float64))
 
     def add(self, q, k, v, attn_mask, is_causal, scale, block_size: int, head_masks: list[torch.Tensor],
-            skip_candidates: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Score every candidate of every head on one batch; returns the dense attention output.
+            skip_candidates: list[torch.Tensor] | None = None, rows_per_block: int | None = None,
+            generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """Score every candidate of every head on one batch.
+
+        With ``rows_per_block``, that many query rows of every block (the same random offsets in
+        each block) are scored — an unbiased estimate of the errors at a fraction of the cost —
+        and None is returned; otherwise every row is scored and the dense output is returned.
 
         ``head_masks[h]`` is ``bool [candidates, q_blocks, k_blocks]`` at this batch's lengths;
         ``skip_candidates[h]`` (bool ``[candidates]``) marks candidates that drop the head (output 0).
         """
+        offsets = None
+        if rows_per_block is not None and rows_per_block < block_size:
+            offsets = torch.randperm(block_size, generator=generator)[:rows_per_block].sort().values
+        sampled = block_size if offsets is None else offsets.numel()
         outputs = []
-        for chunk in probability_chunks(q, k, v, attn_mask, is_causal, scale, block_size, with_block_values=True):
+        for chunk in probability_chunks(q, k, v, attn_mask, is_causal, scale, block_size, with_block_values=True,
+                                        row_offsets=offsets):
             outputs.append(chunk.output)
             rows = chunk.row_end - chunk.row_start
-            padded_rows = -(-rows // block_size) * block_size
-            first_block = chunk.row_start // block_size
-            query_blocks = padded_rows // block_size
+            padded_rows = -(-rows // sampled) * sampled
+            first_block = chunk.row_start // sampled
+            query_blocks = padded_rows // sampled
             batch, _, k_blocks, _, value_dim = chunk.block_values.shape
             pad = padded_rows - rows
             # Rows of one query block share a mask: one batched matmul per chunk and head, over query blocks.
             values = torch.nn.functional.pad(chunk.block_values, (0, 0, 0, pad))  # [B, H, kb, rows', D]
-            values = values.view(batch, -1, k_blocks, query_blocks, block_size, value_dim)
+            values = values.view(batch, -1, k_blocks, query_blocks, sampled, value_dim)
             pooled = torch.nn.functional.pad(chunk.pooled, (0, 0, 0, pad))  # [B, H, rows', kb]
-            pooled = pooled.view(batch, -1, query_blocks, block_size, k_blocks)
-            dense = torch.nn.functional.pad(chunk.output, (0, 0, 0, pad)).view(batch, -1, query_blocks, block_size, value_dim)
+            pooled = pooled.view(batch, -1, query_blocks, sampled, k_blocks)
+            dense = torch.nn.functional.pad(chunk.output, (0, 0, 0, pad)).view(batch, -1, query_blocks, sampled, value_dim)
             for head, masks in enumerate(head_masks):
                 candidates = masks.shape[0]
                 block_masks = masks[:, first_block:first_block + query_blocks].to(values.dtype).transpose(0, 1)  # [nq, C, kb]
                 head_values = values[:, head].permute(2, 1, 3, 0, 4).reshape(query_blocks, k_blocks, -1)  # [nq, kb, bs*B*D]
                 head_pooled = pooled[:, head].permute(1, 3, 2, 0).reshape(query_blocks, k_blocks, -1)  # [nq, kb, bs*B]
-                numerator = (block_masks @ head_values).view(query_blocks, candidates, block_size * batch, value_dim)
+                numerator = (block_masks @ head_values).view(query_blocks, candidates, sampled * batch, value_dim)
                 denominator = block_masks @ head_pooled  # [nq, C, bs*B]
                 # Where a candidate keeps no mass the numerator is 0 too, so the output is 0.
                 output = numerator / denominator.unsqueeze(-1).clamp_min(1e-30)
                 if skip_candidates is not None and bool(skip_candidates[head].any()):
                     output[:, skip_candidates[head]] = 0
-                reference = dense[:, head].permute(1, 2, 0, 3).reshape(query_blocks, 1, block_size * batch, value_dim)
+                reference = dense[:, head].permute(1, 2, 0, 3).reshape(query_blocks, 1, sampled * batch, value_dim)
                 error = (output - reference).pow(2).sum((0, 2, 3))
                 self.squared_error[head] += error.to(torch.float64).cpu()
                 self.kept_mass[head] += denominator.sum((0, 2)).to(torch.float64).cpu()
                 self.output_norm[head] += float(reference.pow(2).sum())
                 self.total_mass[head] += float(head_pooled.sum())
+        if offsets is not None:
+            return None
         return torch.cat(outputs, dim=2).to(q.dtype)
 
     def relative_error(self, head: int) -> torch.Tensor:

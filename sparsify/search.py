@@ -56,7 +56,9 @@ class SearchConfig:
         dense_steps: leading forward calls (e.g. diffusion steps) that stay dense.
         seed: seed for every random choice.
         profile_rows_per_block: query rows per block sampled for the block-mass profile
-            (``None``: all rows); the held-out scoring always uses every row.
+            (``None``: all rows).
+        score_rows_per_block: query rows per block whose output error is measured on the
+            held-out batches (``None``: all rows) — an unbiased estimate of the site error.
     """
 
     max_error: float = DEFAULT_MAX_ERROR
@@ -69,6 +71,7 @@ class SearchConfig:
     dense_steps: int = 0
     seed: int = 0
     profile_rows_per_block: int | None = 16
+    score_rows_per_block: int | None = 32
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_error, (int, float)) and 0 <= self.max_error < 1):
@@ -390,7 +393,8 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
         if key not in mask_cache:
             mask_cache[key] = _candidate_masks(candidates[site.name], q.shape[2], k.shape[2], block_size, site.causal, q.device)
         masks, skips = mask_cache[key]
-        return scores[site.name].add(q, k, v, attn_mask, is_causal or site.causal, scale, block_size, masks, skips)
+        return scores[site.name].add(q, k, v, attn_mask, is_causal or site.causal, scale, block_size, masks, skips,
+                                     rows_per_block=config.score_rows_per_block, generator=generator)
 
     observe(captured.graph_module, batches, score_site,
             progress=tqdm(holdout_indices, desc="sparsify: scoring candidates", disable=not progress, unit="batch"))

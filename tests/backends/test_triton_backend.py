@@ -243,6 +243,8 @@ GPU_CASES = [
     (1, 8, 8, 1900, 1900, 128, 128, True),
     (2, 4, 1, 1000, 1500, 64, 64, False),
     (1, 16, 4, 3000, 3000, 64, 64, True),
+    (1, 4, 2, 700, 900, 256, 64, True),  # large head dim: small tiles
+    (2, 4, 4, 1000, 1000, 80, 128, False),  # padded head dim: pointer loads
 ]
 
 
@@ -260,6 +262,17 @@ def test_gpu_half_precision(case, dtype, tol):
     assert not out.isnan().any()
     oracle = get_backend("torch").attention(q.float(), k.float(), v.float(), gpu_tables)
     assert rel_err(out, oracle.double()) <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dim,block", [(128, 128), (64, 64), (256, 128)])
+def test_gpu_float32_in_tf32(dim, block):
+    gen = torch.Generator().manual_seed(9)
+    tables = random_tables(gen, 4, 2, 1100, 1100, block, True, density=0.4)
+    q, k, v = make_qkv(gen, 2, 4, 2, 1100, 1100, dim, torch.float32)
+    out = get_backend("triton").attention(q, k, v, tables.to(DEVICE))
+    assert rel_err(out, dense_reference(q, k, v, tables)) <= 2e-3
 
 
 @pytest.mark.gpu
