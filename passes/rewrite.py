@@ -25,6 +25,37 @@ logger = logging.getLogger(__name__)
 AUTO_BACKEND_ORDER = ("triton", "flex", "torch")
 
 
+class StepCounter:
+    """Counts forward calls of a compiled model, for strategies that keep the first steps dense.
+
+    Diffusion pipelines call the denoiser once per step; ``steps_per_generation`` (when known)
+    wraps the count so each generation starts at step 0 again. `SparsifiedModule.reset_steps`
+    resets it by hand.
+
+    Example:
+        >>> counter = StepCounter(steps_per_generation=3)
+        >>> [counter.advance() for _ in range(4)]
+        [0, 1, 2, 0]
+    """
+
+    def __init__(self, steps_per_generation: int | None = None):
+        if steps_per_generation is not None and steps_per_generation <= 0:
+            raise ValueError(f"steps_per_generation must be positive, got {steps_per_generation}")
+        self.steps_per_generation = steps_per_generation
+        self.step = 0
+
+    def advance(self) -> int:
+        """Return the current step and move to the next one."""
+        current = self.step
+        self.step += 1
+        if self.steps_per_generation is not None and self.step >= self.steps_per_generation:
+            self.step = 0
+        return current
+
+    def reset(self) -> None:
+        self.step = 0
+
+
 class SparseAttention(torch.nn.Module):
     """Attention of one site with per-head patterns: dense heads via SDPA, sparse heads via a backend.
 
@@ -41,8 +72,11 @@ class SparseAttention(torch.nn.Module):
         torch.Size([1, 2, 128, 16])
     """
 
-    def __init__(self, site: AttentionSite, head_patterns: list["Pattern"], *, block_size: int, backend: str = "auto"):
+    def __init__(self, site: AttentionSite, head_patterns: list["Pattern"], *, block_size: int, backend: str = "auto",
+                 dense_steps: int = 0, step_counter: StepCounter | None = None):
         super().__init__()
+        self.dense_steps = dense_steps
+        self.step_counter = step_counter
         if len(head_patterns) != site.num_heads:
             raise StrategyError(f"site {site.name!r} has {site.num_heads} heads, got {len(head_patterns)} patterns")
         self.site = site
@@ -106,6 +140,8 @@ class SparseAttention(torch.nn.Module):
                 is_causal: bool, scale: float | None) -> torch.Tensor:
         if self.sparse_heads.numel() == 0 and self.skipped_heads.numel() == 0:
             return dense_attention(q, k, v, attn_mask, is_causal, scale)
+        if self.dense_steps and self.step_counter is not None and self.step_counter.step < self.dense_steps:
+            return dense_attention(q, k, v, attn_mask, is_causal, scale)  # an early step stays dense
         if q.shape[1] != self.site.num_heads or k.shape[1] != self.site.num_kv_heads:
             raise UnsupportedError(
                 f"site {self.site.name!r} was compiled for {self.site.num_heads} query / {self.site.num_kv_heads} "
@@ -177,8 +213,10 @@ class RewriteAttention(GraphPass):
 
     name = "rewrite_attention"
 
-    def __init__(self, strategy: "Strategy", *, backend: str = "auto", source: str = "strategy"):
+    def __init__(self, strategy: "Strategy", *, backend: str = "auto", source: str = "strategy",
+                 step_counter: StepCounter | None = None):
         self.strategy = strategy
+        self.step_counter = step_counter
         self.backend = backend
         self.source = source
         self.rewritten = 0
@@ -198,7 +236,8 @@ class RewriteAttention(GraphPass):
             site_strategy = self.strategy.sites[site.name]
             if all(_is_dense(p) for p in site_strategy.heads):
                 continue
-            module = SparseAttention(site, site_strategy.heads, block_size=self.strategy.block_size, backend=self.backend)
+            module = SparseAttention(site, site_strategy.heads, block_size=self.strategy.block_size, backend=self.backend,
+                                     dense_steps=site_strategy.dense_steps, step_counter=self.step_counter)
             target = f"sparse_attention_{site.index}"
             graph_module.add_submodule(target, module)
             with graph_module.graph.inserting_before(node):

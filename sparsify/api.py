@@ -17,7 +17,7 @@ from sparsify.cost import CostModel
 from sparsify.errors import SparsifyError, StrategyError
 from sparsify.passes.find_attention import FindAttention
 from sparsify.passes.infra import SITE_META_KEY, PassManager, attention_nodes
-from sparsify.passes.rewrite import RewriteAttention
+from sparsify.passes.rewrite import RewriteAttention, StepCounter
 from sparsify.site import AttentionSite
 from sparsify.search import DEFAULT_MAX_ERROR, SearchConfig, SearchResult, collect_batches, search
 from sparsify.strategy import Strategy
@@ -63,8 +63,9 @@ class SparsifiedModule(torch.nn.Module):
     """
 
     def __init__(self, graph_module: torch.fx.GraphModule, strategy: Strategy, sites: list[AttentionSite],
-                 fixed_kwargs: dict[str, Any], rewritten_sites: int):
+                 fixed_kwargs: dict[str, Any], rewritten_sites: int, step_counter: StepCounter | None = None):
         super().__init__()
+        self.step_counter = step_counter or StepCounter()
         self.graph_module = graph_module
         self.strategy = strategy
         self.sites = sites
@@ -79,7 +80,14 @@ class SparsifiedModule(torch.nn.Module):
                 raise SparsifyError(
                     f"this module was compiled with {name}={value!r}; it cannot be called with {name}={kwargs[name]!r}"
                 )
-        return self.graph_module(*args, **kwargs)
+        try:
+            return self.graph_module(*args, **kwargs)
+        finally:
+            self.step_counter.advance()
+
+    def reset_steps(self) -> None:
+        """Start a new generation: the next call is step 0 (strategies with ``dense_steps``)."""
+        self.step_counter.reset()
 
     def report(self) -> str:
         """A table per site: heads, chosen patterns, density, measured error, estimated speedup."""
@@ -100,6 +108,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     target_speedup: float | None = None,
     block_size: int | None = None,
     dense_steps: int = 0,
+    steps_per_generation: int | None = None,
     min_recall: float = 0.7,
     holdout_fraction: float = 0.25,
     seed: int = 0,
@@ -128,7 +137,10 @@ def compile(  # noqa: A001 - mirrors torch.compile
         max_error: per-site output error budget in [0, 1); 0 keeps everything dense.
         target_density / target_speedup: optional global target, allocated over heads.
         block_size: block edge in tokens (default 64 on CPU, 128 on GPU).
-        dense_steps: leading forward calls (diffusion steps) that stay dense.
+        dense_steps: leading forward calls of each generation (diffusion steps) that stay dense;
+            calibration calls of those steps are not profiled.
+        steps_per_generation: forward calls per generation (diffusion steps); the step count
+            wraps after it. Without it, call ``compiled.reset_steps()`` between generations.
         min_recall: candidates keeping less attention mass on the profile are not scored.
         holdout_fraction: share of batches held out to score candidates and check the result.
         cost_model: a `CostModel` (default: analytic constants plus shipped hardware profiles).
@@ -144,7 +156,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         True
     """
     if strategy is not None:
-        return _apply_strategy(model, strategy, calib_loader, example_inputs, backend, dynamic)
+        return _apply_strategy(model, strategy, calib_loader, example_inputs, backend, dynamic, steps_per_generation)
     if calib_loader is None:
         raise SparsifyError(
             "sparsify.compile needs calibration data to search a strategy (compile(model, calib_loader)), or a "
@@ -152,7 +164,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         )
     config = SearchConfig(max_error=max_error, target_density=target_density, target_speedup=target_speedup,
                           block_size=block_size, min_recall=min_recall, holdout_fraction=holdout_fraction,
-                          backend=backend, dense_steps=dense_steps, seed=seed)
+                          backend=backend, dense_steps=dense_steps, steps_per_generation=steps_per_generation, seed=seed)
     result = search_model(model, calib_loader, config, example_inputs=example_inputs, cost_model=cost_model,
                           progress=progress, dynamic=dynamic)
     return result.compiled
@@ -182,10 +194,11 @@ def search_model(model: torch.nn.Module, calib_loader: Any, config: SearchConfig
     sites = [node.meta[SITE_META_KEY] for node in attention_nodes(captured.graph_module)]
     result = search(captured, sites, [_with_fixed(b, captured.fixed_kwargs) for b in batches], config,
                     cost_model=cost_model, progress=progress)
-    rewrite = RewriteAttention(result.strategy, backend=config.backend, source="search")
+    counter = StepCounter(config.steps_per_generation)
+    rewrite = RewriteAttention(result.strategy, backend=config.backend, source="search", step_counter=counter)
     rewritten = PassManager([rewrite]).run(captured.graph_module).graph_module
-    compiled = SparsifiedModule(rewritten, result.strategy, sites, captured.fixed_kwargs, rewrite.rewritten)
-    error = end_to_end_error(compiled, model, result.held_out)
+    compiled = SparsifiedModule(rewritten, result.strategy, sites, captured.fixed_kwargs, rewrite.rewritten, counter)
+    error = end_to_end_error(compiled, model, result.held_out, steps=result.held_out_steps)
     metadata = dict(result.strategy.metadata, end_to_end_error=round(error, 6))
     compiled.strategy = dataclasses.replace(result.strategy, metadata=metadata)
     result.strategy = compiled.strategy
@@ -193,15 +206,26 @@ def search_model(model: torch.nn.Module, calib_loader: Any, config: SearchConfig
     return ModelSearchResult(compiled, result)
 
 
-def end_to_end_error(compiled: torch.nn.Module, model: torch.nn.Module, batches: Sequence[tuple[tuple, dict]]) -> float:
-    """Relative L2 error of the first output tensor of ``compiled`` against ``model`` over ``batches``."""
+def end_to_end_error(compiled: torch.nn.Module, model: torch.nn.Module, batches: Sequence[tuple[tuple, dict]],
+                     steps: Sequence[int] | None = None) -> float:
+    """Relative L2 error of the first output tensor of ``compiled`` against ``model`` over ``batches``.
+
+    ``steps`` gives each batch's generation step (for strategies with ``dense_steps``); the
+    compiled module's step count is restored afterwards.
+    """
     squared = reference = 0.0
+    counter = getattr(compiled, "step_counter", None)
+    saved = counter.step if counter is not None else 0
     with torch.no_grad():
-        for args, kwargs in batches:
+        for index, (args, kwargs) in enumerate(batches):
+            if counter is not None and steps:
+                counter.step = steps[index]
             output = _first_tensor(compiled(*args, **kwargs)).double()
             expected = _first_tensor(model(*args, **kwargs)).double()
             squared += float((output - expected).pow(2).sum())
             reference += float(expected.pow(2).sum())
+    if counter is not None:
+        counter.step = saved
     return math.sqrt(squared / max(reference, 1e-300))
 
 
@@ -222,7 +246,8 @@ def _first_tensor(value: Any) -> torch.Tensor:
     raise SparsifyError(f"the model's output holds no tensor to compare ({type(value).__name__})")
 
 
-def _apply_strategy(model, strategy, calib_loader, example_inputs, backend, dynamic) -> SparsifiedModule:
+def _apply_strategy(model, strategy, calib_loader, example_inputs, backend, dynamic,
+                    steps_per_generation=None) -> SparsifiedModule:
     source = "strategy"
     if isinstance(strategy, (str, os.PathLike)):
         source = os.fspath(strategy)
@@ -235,10 +260,11 @@ def _apply_strategy(model, strategy, calib_loader, example_inputs, backend, dyna
         example_inputs = _first_batch(calib_loader)
     captured = capture(model, example_inputs, dynamic=dynamic)
     finder = FindAttention((captured.args, captured.kwargs), root=model)
-    rewrite = RewriteAttention(strategy, backend=backend, source=source)
+    counter = StepCounter(steps_per_generation or strategy.metadata.get("steps_per_generation"))
+    rewrite = RewriteAttention(strategy, backend=backend, source=source, step_counter=counter)
     result = PassManager([finder, rewrite]).run(captured.graph_module)
     sites = [node.meta[SITE_META_KEY] for node in result.graph_module.graph.nodes if SITE_META_KEY in node.meta]
-    return SparsifiedModule(result.graph_module, strategy, sites, captured.fixed_kwargs, rewrite.rewritten)
+    return SparsifiedModule(result.graph_module, strategy, sites, captured.fixed_kwargs, rewrite.rewritten, counter)
 
 
 def _first_batch(calib_loader: Iterable[Any]) -> Any:

@@ -53,7 +53,10 @@ class SearchConfig:
         min_recall: candidates keeping less attention mass on the profile are not scored.
         holdout_fraction: share of calibration batches held out to score candidates.
         backend: backend the cost model prices (``"auto"``: ``torch`` on CPU, ``triton`` on GPU).
-        dense_steps: leading forward calls (e.g. diffusion steps) that stay dense.
+        dense_steps: leading forward calls (e.g. diffusion steps) of each generation that stay
+            dense; calibration calls of those steps are neither profiled nor scored.
+        steps_per_generation: calls per generation; calibration call ``i`` is step
+            ``i % steps_per_generation`` (without it: step ``i``).
         seed: seed for every random choice.
         profile_rows_per_block: query rows per block sampled for the block-mass profile
             (``None``: all rows).
@@ -69,6 +72,7 @@ class SearchConfig:
     holdout_fraction: float = 0.25
     backend: str = "auto"
     dense_steps: int = 0
+    steps_per_generation: int | None = None
     seed: int = 0
     profile_rows_per_block: int | None = 16
     score_rows_per_block: int | None = 32
@@ -90,6 +94,10 @@ class SearchConfig:
             raise SparsifyError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction!r}")
         if self.dense_steps < 0:
             raise SparsifyError(f"dense_steps must be >= 0, got {self.dense_steps!r}")
+        if self.steps_per_generation is not None and not (0 < self.steps_per_generation and
+                                                          self.dense_steps < self.steps_per_generation):
+            raise SparsifyError(f"steps_per_generation must be positive and larger than dense_steps "
+                                f"({self.dense_steps}), got {self.steps_per_generation!r}")
 
 
 # -- calibration data -----------------------------------------------------------------------------
@@ -329,6 +337,7 @@ class SearchResult:
     profiles: dict[str, BlockMassProfile]
     options: dict[str, list[HeadOptions]]
     held_out: list[tuple[tuple, dict]]
+    held_out_steps: list[int] = dataclasses.field(default_factory=list)
 
 
 def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence[tuple[tuple, dict]],
@@ -350,11 +359,21 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
     block_size = config.block_size or (128 if device.type == "cuda" else 64)
     backend = config.backend if config.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
     profile_indices, holdout_indices = split_batches(len(batches), config.holdout_fraction)
+    if config.dense_steps:
+        # Steps that run dense teach nothing about the sparse steps: leave them out.
+        usable = [i for i in range(len(batches)) if _step_of(i, config) >= config.dense_steps]
+        if not usable:
+            raise SparsifyError(f"every calibration call is one of the first dense_steps={config.dense_steps} steps; "
+                                f"calibrate on later steps too (steps_per_generation={config.steps_per_generation})")
+        chosen = split_batches(len(usable), config.holdout_fraction)
+        profile_indices = [usable[i] for i in chosen[0]]
+        holdout_indices = [usable[i] for i in chosen[1]]
 
     if config.max_error == 0 and config.target_density is None and config.target_speedup is None:
         strategy = Strategy.dense(list(sites), block_size=block_size)
         strategy = _with_metadata(strategy, config, {"note": "max_error=0: every head dense"})
-        return SearchResult(strategy, captured, list(sites), {}, {}, [batches[i] for i in holdout_indices])
+        return SearchResult(strategy, captured, list(sites), {}, {}, [batches[i] for i in holdout_indices],
+                            [_step_of(i, config) for i in holdout_indices])
 
     # 1. profile
     profiles: dict[str, BlockMassProfile] = {}
@@ -406,7 +425,13 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
                                            backend, device, config)
     chosen = _choose(sites, options, config)
     strategy = _build_strategy(sites, options, chosen, block_size, config, cost_model, backend, device)
-    return SearchResult(strategy, captured, list(sites), profiles, options, [batches[i] for i in holdout_indices])
+    return SearchResult(strategy, captured, list(sites), profiles, options, [batches[i] for i in holdout_indices],
+                        [_step_of(i, config) for i in holdout_indices])
+
+
+def _step_of(index: int, config: SearchConfig) -> int:
+    """The generation step of calibration call ``index``."""
+    return index % config.steps_per_generation if config.steps_per_generation else index
 
 
 def _device_of(graph_module: torch.nn.Module) -> torch.device:
@@ -535,6 +560,7 @@ def _build_strategy(sites, options, chosen, block_size, config, cost_model, back
         "device": str(device),
         "estimated_attention_speedup": round(dense_total / max(sparse_total, 1e-30), 4),
         "site_errors": site_errors,
+        **({"steps_per_generation": config.steps_per_generation} if config.steps_per_generation else {}),
     })
 
 

@@ -169,3 +169,22 @@ def test_config_validation_lists_the_problem():
         SearchConfig(target_density=0.5, target_speedup=2.0)
     with pytest.raises(SparsifyError, match="power of two"):
         SearchConfig(block_size=48)
+
+
+def test_dense_steps_keep_early_calls_dense():
+    model, batches = small_video(layers=1)
+    compiled = sparsify.compile(model, batches * 2, block_size=16, progress=False, cost_model=WORK_ONLY,
+                                dense_steps=2, steps_per_generation=4)
+    assert compiled.strategy.summary()["sparse_heads"] > 0
+    assert all(site.dense_steps == 2 for site in compiled.strategy.sites.values())
+    compiled.reset_steps()
+    outputs = [call(compiled, (batches[0],)) for _ in range(5)]  # steps 0, 1, 2, 3, then 0 again
+    dense = call(model, (batches[0],))
+    assert torch.equal(outputs[0], dense) and torch.equal(outputs[1], dense) and torch.equal(outputs[4], dense)
+    assert not torch.equal(outputs[2], dense) and torch.equal(outputs[2], outputs[3])
+
+
+def test_dense_steps_need_later_calibration_steps():
+    model, batches = small_video(layers=1)
+    with pytest.raises(SparsifyError, match="dense_steps"):
+        sparsify.compile(model, batches[:2], progress=False, dense_steps=2)

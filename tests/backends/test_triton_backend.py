@@ -22,6 +22,7 @@ if importlib.util.find_spec("triton") is None:
                 allow_module_level=True)
 
 HAS_CUDA = torch.cuda.is_available()
+_SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module decorates its kernel
 
@@ -34,6 +35,21 @@ from sparsify.tables import BlockTables  # noqa: E402
 
 if not HAS_CUDA and type(triton_kernels._block_sparse_fwd_kernel).__name__ != "InterpretedFunction":
     triton_kernels = importlib.reload(sys.modules["sparsify.backends.triton_kernels"])
+
+# Other test modules of the session must not see the interpreter switched on (the backend
+# would then claim CPU tensors): restore the variable now, and set it only around these tests.
+if _SAVED_INTERPRET is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _SAVED_INTERPRET
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_on_cpu(monkeypatch):
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
