@@ -189,7 +189,7 @@ class StructuredVideoTransformer(nn.Module):
     def example_tokens(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
         """Positional features plus a little content noise: ``[batch, tokens, dim]``."""
         noise = torch.randn(batch, *self.positions.shape, generator=torch.Generator().manual_seed(seed))
-        return self.positions.unsqueeze(0) + 0.1 * noise
+        return self.positions.unsqueeze(0) + 0.1 * noise.to(self.positions.device, self.positions.dtype)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
