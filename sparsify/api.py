@@ -220,8 +220,8 @@ def end_to_end_error(compiled: torch.nn.Module, model: torch.nn.Module, batches:
         for index, (args, kwargs) in enumerate(batches):
             if counter is not None and steps:
                 counter.step = steps[index]
-            output = _first_tensor(compiled(*args, **kwargs)).double()
-            expected = _first_tensor(model(*args, **kwargs)).double()
+            output = first_output_tensor(compiled(*args, **kwargs)).double()
+            expected = first_output_tensor(model(*args, **kwargs)).double()
             squared += float((output - expected).pow(2).sum())
             reference += float(expected.pow(2).sum())
     if counter is not None:
@@ -234,7 +234,8 @@ def _with_fixed(batch: tuple[tuple, dict], fixed_kwargs: dict[str, Any]) -> tupl
     return args, {**fixed_kwargs, **kwargs}
 
 
-def _first_tensor(value: Any) -> torch.Tensor:
+def first_output_tensor(value: Any) -> torch.Tensor:
+    """The first tensor of a model output: a tensor, tuple/list, dict or HF ``ModelOutput``."""
     if isinstance(value, torch.Tensor):
         return value
     if hasattr(value, "to_tuple"):
@@ -242,7 +243,7 @@ def _first_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (tuple, list)) and value:
-        return _first_tensor(value[0])
+        return first_output_tensor(value[0])
     raise SparsifyError(f"the model's output holds no tensor to compare ({type(value).__name__})")
 
 

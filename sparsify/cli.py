@@ -17,9 +17,9 @@ DEFAULT_EXAMPLE = "sparsify.examples:structured_video_transformer"
 DEFAULT_EXAMPLE_CALIBRATION = "sparsify.examples:structured_video_batches"
 
 
-def _resolve(spec: str, option: str) -> Callable[..., Any]:
+def _resolve(spec: str, option: str, kind: str = "function") -> Callable[..., Any]:
     if ":" not in spec:
-        raise SystemExit(f"{option} expects 'package.module:function', got {spec!r}")
+        raise SystemExit(f"{option} expects 'package.module:{kind}', got {spec!r}")
     module_name, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -39,7 +39,7 @@ def load_factory(spec: str) -> tuple[torch.nn.Module, Any]:
         >>> type(model).__name__
         'ManualAttentionBlock'
     """
-    result = _resolve(spec, "--model")()
+    result = _resolve(spec, "--model", "factory")()
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
         raise SystemExit(f"{spec} must return (model, example_inputs), got {type(result).__name__}")
     return result
@@ -175,20 +175,10 @@ def command_demo(args: argparse.Namespace) -> int:
 
 
 def _relative_error(output: Any, reference: Any) -> float:
-    output, reference = _first_tensor(output), _first_tensor(reference)
+    from sparsify.api import first_output_tensor
+
+    output, reference = first_output_tensor(output), first_output_tensor(reference)
     return float((output.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30))
-
-
-def _first_tensor(value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if hasattr(value, "to_tuple"):
-        value = value.to_tuple()
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)) and value:
-        return _first_tensor(value[0])
-    raise TypeError(f"no tensor in model output of type {type(value).__name__}")
 
 
 def _time(function: Callable[[], Any], repeats: int = 3) -> float:

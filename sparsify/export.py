@@ -388,7 +388,8 @@ class _RowGroup:
 CHUNK_BYTES = 2 << 20
 #: Row groups per site at most; splitting off a group costs a gather of its queries and outputs.
 MAX_ROW_GROUPS = 4
-_GROUP_OVERHEAD = 0.03     # fraction of the site's work one more group must save
+_GROUP_OVERHEAD = 0.03     # fraction of the site's work one more group must save...
+_GROUP_OVERHEAD_SLOTS = 256  # ...and at least this many (row, key block) slots: small sites stay whole
 _PADDING_COST = 0.15       # extra cost of a group whose rows differ in width (a bias Add over its scores)
 
 
@@ -397,8 +398,8 @@ def _group_rows(widths: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
 
     Rows sorted by width (widest first) are cut into contiguous segments by dynamic
     programming; a segment costs ``rows * widest`` (padded slots are computed and masked),
-    plus `_PADDING_COST` when its widths differ, plus `_GROUP_OVERHEAD` of the total per extra
-    group. Each group's rows are returned in ascending order, with the group's width.
+    plus `_PADDING_COST` when its widths differ, plus `_GROUP_OVERHEAD` of the total (at least
+    `_GROUP_OVERHEAD_SLOTS`) per extra group. Each group's rows are returned in ascending order, with the group's width.
     """
     distinct = torch.unique(widths).flip(0).tolist()           # widest first
     count = [int((widths == w).sum()) for w in distinct]
@@ -416,7 +417,8 @@ def _group_rows(widths: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
                        for start in range(0, end) if (start, groups - 1) in best]
             if options:
                 best[(end, groups)] = min(options)
-    choice = min((best[(n, g)][0] + _GROUP_OVERHEAD * total * (g - 1), best[(n, g)][1])
+    overhead = max(_GROUP_OVERHEAD * total, _GROUP_OVERHEAD_SLOTS)
+    choice = min((best[(n, g)][0] + overhead * (g - 1), best[(n, g)][1])
                  for g in range(1, MAX_ROW_GROUPS + 1) if (n, g) in best)
     groups, start = [], 0
     for end in choice[1]:

@@ -7,18 +7,10 @@ from typing import Any
 
 import torch
 
+from sparsify.api import first_output_tensor
 
-def first_tensor(value: Any) -> torch.Tensor:
-    """The first tensor of a model output (tensor, tuple, dict or HF ModelOutput)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if hasattr(value, "to_tuple"):
-        value = value.to_tuple()
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)) and value:
-        return first_tensor(value[0])
-    raise TypeError(f"no tensor in {type(value).__name__}")
+
+first_tensor = first_output_tensor
 
 
 def max_relative_error(output: Any, reference: Any) -> float:

@@ -51,3 +51,33 @@ def test_demo_runs_on_the_builtin_example(tmp_path, capsys):
     assert main(["demo", "--frames", "2", "--out", str(out_path)]) == 0
     assert "output relative L2 error" in capsys.readouterr().out
     assert Strategy.load(out_path).block_size == 64
+
+
+def test_search_on_the_builtin_example_then_report_and_apply(tmp_path, capsys):
+    out = tmp_path / "strategy.json"
+    picture = tmp_path / "report.png"
+    assert main(["search", "--out", str(out), "--png", str(picture), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "built-in example" in printed and "multi_diagonal" in printed and "est. speedup" in printed
+    strategy = Strategy.load(out)
+    assert strategy.summary()["sparse_heads"] > 0 and strategy.summary()["end_to_end_error"] < 0.05
+    assert (tmp_path / "strategy.profile.json").exists() and picture.stat().st_size > 10_000
+    picture.unlink()
+    assert main(["report", str(out), "--png", str(picture)]) == 0
+    assert "site error" in capsys.readouterr().out and picture.exists()
+    assert main(["apply", "--strategy", str(out)]) == 0
+    assert "4 of 4 sites run sparse" in capsys.readouterr().out
+
+
+def test_search_with_bad_budget_exits_2(tmp_path, capsys):
+    code = main(["search", "--model", "sparsify.examples:manual_attention_block", "--max-error", "1.5",
+                 "--out", str(tmp_path / "s.json"), "--no-progress"])
+    assert code == 2 and "max_error" in capsys.readouterr().err
+
+
+def test_calibrate_writes_a_profile(tmp_path, capsys):
+    out = tmp_path / "cpu.json"
+    assert main(["calibrate", "--backend", "torch", "--lengths", "256", "512", "--repeats", "1", "--out", str(out)]) == 0
+    from sparsify.cost import HardwareProfile
+
+    assert HardwareProfile.load(out).backend == "torch"
