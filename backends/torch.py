@@ -8,8 +8,9 @@ a softmax in fp32 normalises them and a second batched matmul applies them to th
 
 How it goes, per call:
 
-1. A *plan* is derived from the block tables (cached per tables object, batch size and device;
-   editing the tables' tensors in place invalidates it): key blocks a causal mask hides
+1. A *plan* is derived from the block tables (cached on the backend instance, per tables
+   tensors, batch size and device; editing the tables' tensors in place invalidates it, and the
+   plans go when the tables' ``kv_indices`` tensor does): key blocks a causal mask hides
    entirely are dropped, rows of (head, query block) with no kept block get zeros, the other
    rows are cut into chunks (in table order, or regrouped by width when that saves >5% work)
    and each chunk's gather indices and masked slots are prepared.
@@ -43,6 +44,7 @@ import threading
 import weakref
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from sparsify.backends.base import Backend, register_backend
 from sparsify.errors import UnsupportedError
@@ -59,7 +61,7 @@ DEVICE_CHUNK_BYTES = 64 << 20
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DTYPE_NAMES = "float32, float16, bfloat16, float64"
-_PLAN_CACHE_SIZE = 64
+_PLANS_PER_TABLES = 8          # call shapes (batch, kv heads, device, ...) kept per tables
 _MIN_CHUNK_ROWS = 8
 
 
@@ -83,6 +85,24 @@ class TorchBackend(Backend):
         if chunk_bytes is not None and chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes
+        self._init_plan_cache()
+
+    def _init_plan_cache(self) -> None:
+        # Plans per tables, keyed weakly by the tables' kv_indices tensor (by identity): they
+        # live as long as both this backend and those tables do.
+        self._plans: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._plans_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # The plan cache (weak references, a lock, device tensors) is neither copied nor pickled.
+        state = self.__dict__.copy()
+        state.pop("_plans", None)
+        state.pop("_plans_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_plan_cache()
 
     def is_available(self) -> bool:
         return True
@@ -114,8 +134,34 @@ class TorchBackend(Backend):
         if chunk_bytes is None:
             chunk_bytes = CPU_CHUNK_BYTES if q.device.type == "cpu" else DEVICE_CHUNK_BYTES
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        plan = _get_plan(tables, batch, k.shape[1], q.device, chunk_bytes, compute_dtype.itemsize)
+        plan = self._plan(tables, batch, k.shape[1], q.device, chunk_bytes, compute_dtype.itemsize)
         return _run(plan, q, k, v, attn_mask, float(scale), compute_dtype)
+
+    def _plan(self, tables: BlockTables, batch: int, kv_heads: int, device: torch.device,
+              chunk_bytes: int, itemsize: int) -> _Plan:
+        """The cached plan for these tables (same tensor objects, unmodified) and call shape."""
+        versions = tuple(_version(t) for t in (tables.kv_indices, tables.kv_counts, tables.kv_head_index))
+        key = (tables.block_size, tables.q_len, tables.k_len, bool(tables.causal), batch, kv_heads,
+               str(device), chunk_bytes, itemsize)
+        with self._plans_lock:
+            entry = self._plans.get(tables.kv_indices)
+            if entry is not None and entry.matches(tables, versions):
+                plan = entry.plans.get(key)
+                if plan is not None:
+                    entry.plans.move_to_end(key)
+                    return plan
+        plan = _build_plan(tables, batch, kv_heads, device, chunk_bytes, itemsize)
+        with self._plans_lock:
+            entry = self._plans.get(tables.kv_indices)
+            if entry is None or not entry.matches(tables, versions):
+                # New tables, or tables edited in place: their old plans are all stale.
+                entry = _TablesPlans(weakref.ref(tables.kv_counts), weakref.ref(tables.kv_head_index),
+                                     versions)
+                self._plans[tables.kv_indices] = entry
+            entry.plans[key] = plan
+            while len(entry.plans) > _PLANS_PER_TABLES:
+                entry.plans.popitem(last=False)
+        return plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +269,19 @@ class _Plan:
     all_rows_covered: bool     # False when some rows keep no visible block (their output is 0)
 
 
-_plan_cache: collections.OrderedDict = collections.OrderedDict()
-_plan_lock = threading.RLock()   # re-entrant: a weakref callback may fire while it is held
+@dataclasses.dataclass
+class _TablesPlans:
+    """The plans of one tables object, held weakly by its ``kv_indices`` (which it must not
+    reference): valid while the other two tensors are the same objects, all unmodified (an
+    inference tensor keeps no version counter: editing one in place goes unnoticed)."""
+    kv_counts: weakref.ref
+    kv_head_index: weakref.ref
+    versions: tuple
+    plans: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
+
+    def matches(self, tables: BlockTables, versions: tuple) -> bool:
+        return (self.kv_counts() is tables.kv_counts and self.kv_head_index() is tables.kv_head_index
+                and self.versions == versions)
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -232,32 +289,6 @@ def _version(t: torch.Tensor) -> int | None:
         return t._version
     except RuntimeError:                    # inference tensors keep no version counter
         return None
-
-
-def _get_plan(tables: BlockTables, batch: int, kv_heads: int, device: torch.device,
-              chunk_bytes: int, itemsize: int) -> _Plan:
-    """The cached plan for these tables (same tensor objects, unmodified) and call shape."""
-    tensors = (tables.kv_indices, tables.kv_counts, tables.kv_head_index)
-    key = (tuple((id(t), _version(t)) for t in tensors), tables.block_size, tables.q_len,
-           tables.k_len, bool(tables.causal), batch, kv_heads, str(device), chunk_bytes, itemsize)
-    with _plan_lock:
-        hit = _plan_cache.get(key)
-        if hit is not None:
-            refs, plan = hit
-            if all(ref() is t for ref, t in zip(refs, tensors)):
-                _plan_cache.move_to_end(key)
-                return plan
-    plan = _build_plan(tables, batch, kv_heads, device, chunk_bytes, itemsize)
-
-    def forget(_ref, key=key) -> None:             # the tables died: drop their plans' tensors
-        with _plan_lock:
-            _plan_cache.pop(key, None)
-
-    with _plan_lock:
-        _plan_cache[key] = (tuple(weakref.ref(t, forget) for t in tensors), plan)
-        while len(_plan_cache) > _PLAN_CACHE_SIZE:
-            _plan_cache.popitem(last=False)
-    return plan
 
 
 def _build_plan(tables: BlockTables, batch: int, kv_heads: int, device: torch.device,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Backends tried by backend="auto", fastest first; the first that supports the call serves it.
+# Backends backend="auto" considers; among those that support a call, the cost model's fastest serves it.
 AUTO_BACKEND_ORDER = ("triton", "flex", "torch")
 
 
@@ -183,12 +183,36 @@ class SparseAttention(torch.nn.Module):
             if reason:
                 raise UnsupportedError(f"backend {self.backend!r} cannot serve site {self.site.name!r}: {reason}")
             return backend
+        candidates = []
         for name in AUTO_BACKEND_ORDER:
             if name in available_backends():
                 backend = get_backend(name)
                 if backend.supports(self.site, q.dtype, q.device):
-                    return backend
+                    candidates.append(backend)
+        if len(candidates) > 1:
+            # The fastest by the cost model (measured hardware profiles where shipped) for these tables.
+            from sparsify.cost import CostModel
+
+            cost_model = CostModel.default()
+            tables = self.tables(self.site.q_len, self.site.k_len, q.device)
+            estimates = {}
+            for backend in candidates:
+                try:
+                    estimates[backend.name] = cost_model.latency(self.site, tables, backend.name, q.device)
+                except Exception:  # noqa: BLE001 - a backend without constants is priced last
+                    estimates[backend.name] = float("inf")
+            candidates.sort(key=lambda b: estimates[b.name])
+            logger.debug("site %s: backend estimates %s", self.site.name, estimates)
+        if candidates:
+            return candidates[0]
         raise UnsupportedError(f"no backend serves site {self.site.name!r} for {q.dtype} on {q.device}")
+
+
+def _device_of(graph_module: torch.nn.Module) -> torch.device:
+    """Where the captured model's weights live (block tables go there too)."""
+    for tensor in list(graph_module.parameters()) + list(graph_module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _is_dense(pattern: "Pattern") -> bool:
@@ -239,7 +263,7 @@ class RewriteAttention(GraphPass):
             module = SparseAttention(site, site_strategy.heads, block_size=self.strategy.block_size, backend=self.backend,
                                      dense_steps=site_strategy.dense_steps, step_counter=self.step_counter)
             target = f"sparse_attention_{site.index}"
-            graph_module.add_submodule(target, module)
+            graph_module.add_submodule(target, module.to(_device_of(graph_module)))
             with graph_module.graph.inserting_before(node):
                 replacement = graph_module.graph.call_module(target, node.args, node.kwargs)
             replacement.meta.update(node.meta)

@@ -132,7 +132,8 @@ def command_report(args: argparse.Namespace) -> int:
 def command_calibrate(args: argparse.Namespace) -> int:
     from sparsify.cost import calibrate
 
-    profile = calibrate(args.backend, args.device, lengths=tuple(args.lengths), repeats=args.repeats, progress=print)
+    profile = calibrate(args.backend, args.device, lengths=tuple(args.lengths), repeats=args.repeats, progress=print,
+                        heads=args.heads, head_dim=args.head_dim, block_size=args.block_size)
     profile.save(args.out)
     print(tabulate([[k, f"{v:.3e}"] for k, v in vars(profile.costs).items()], headers=["constant", "seconds"]))
     print(f"fit: {profile.fit['samples']} samples, mean relative error {profile.fit['mean_relative_error']:.1%}")
@@ -233,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_parser.add_argument("--device", default="cpu")
     calibrate_parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     calibrate_parser.add_argument("--repeats", type=int, default=3)
+    calibrate_parser.add_argument("--heads", type=int, default=8)
+    calibrate_parser.add_argument("--head-dim", type=int, default=64)
+    calibrate_parser.add_argument("--block-size", type=int, default=64)
     calibrate_parser.add_argument("--out", default="hardware_profile.json")
     calibrate_parser.set_defaults(handler=command_calibrate)
 

@@ -188,6 +188,10 @@ class CostModel:
                 return profile.costs
         if (backend, device_type) in DEFAULT_COSTS:
             return DEFAULT_COSTS[(backend, device_type)]
+        if ("torch", device_type) in DEFAULT_COSTS:
+            logger.warning("no cost constants for backend %r on %s: priced as the torch backend "
+                           "(run `sparsify-cli calibrate --backend %s` for real ones)", backend, device_type, backend)
+            return DEFAULT_COSTS[("torch", device_type)]
         raise SparsifyError(f"no cost constants for backend {backend!r} on {device_type}; "
                             f"known: {sorted(DEFAULT_COSTS)} — run `sparsify-cli calibrate --backend {backend}`")
 

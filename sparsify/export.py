@@ -3,15 +3,18 @@
 `export_onnx(compiled, example_inputs, path)` writes the rewritten graph of a `SparsifiedModule`
 as an ONNX model that onnxruntime (or any runtime) runs *sparse*, not masked:
 
-* every `SparseAttention` site becomes a block gather: the kept key/value blocks of each
-  (sparse head, query block) row are gathered with one ``Gather`` on a constant index tensor
-  into ``[batch, heads, q_blocks, kept * block, head_dim]``, then ``MatMul → Add (bias) →
-  Softmax → MatMul``. Block tables are initializers; the bias (padding slots of rows that keep
-  fewer blocks than the widest row, the partial last key block, the causal triangle of diagonal
-  blocks) is built in the graph from small constants, so the file stays small and the runtime
-  folds it once at session start. Dense heads of a site run plain ``MatMul → Softmax → MatMul``.
-  The work per call is proportional to the kept blocks (the widest row of a site), which is
-  where the speedup comes from.
+* every `SparseAttention` site becomes a block gather. Rows are (sparse head, query block)
+  pairs; rows are grouped by how many key blocks they keep (at most 4 groups, chosen to
+  minimise padded work) and cut into cache-sized chunks. Per chunk: one ``Gather`` of the kept
+  key blocks on a constant index tensor into ``[batch, rows, kept * block, head_dim]``, then
+  ``MatMul → (Add bias) → Softmax → MatMul`` with the ``Gather``-ed value blocks. Block tables
+  are initializers; the bias (``-inf`` on padding slots of rows narrower than their group, keys
+  past the end in the partial last block, the causal triangle of diagonal blocks) exists only
+  where needed and is built in the graph from small boolean constants, so the file stays small
+  and the runtime folds it once at session start. Dense heads of a site run plain
+  ``MatMul → Softmax → MatMul``. The work per call is proportional to the kept blocks, which is
+  where the speedup comes from (about 0.9 of ``1 / density`` on one CPU thread, see
+  ``benchmarks/onnx_bench.py``).
 * canonical dense sites (``torch.ops.sparsify.attention``) become ``MatMul → Softmax → MatMul``.
 
 The graph holds standard ONNX domains only (checked after export), so nothing custom needs to
@@ -560,7 +563,7 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
 
     args, kwargs = normalize_inputs(example_inputs)
     kwargs = {**compiled.fixed_kwargs, **kwargs}
-    lengths = _site_input_shapes(compiled, sparse_modules, args, kwargs)
+    lengths, example_output = _run_example(compiled, sparse_modules, args, kwargs)
 
     export_module = _export_copy(graph_module, sparse_modules, lengths)
     slots, names, tensors = _tensor_inputs(graph_module, args, kwargs)
@@ -584,7 +587,7 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
         trace_tensors, dynamic_shapes = list(tensors), (tuple(None for _ in tensors),)
         with torch.no_grad():
             outputs = wrapper(*trace_tensors)
-    output_names = _output_names(compiled, args, kwargs, len(outputs))
+    output_names = _output_names(example_output, len(outputs))
 
     program = _run_exporter(wrapper, tuple(trace_tensors), names, output_names, dynamic_shapes, opset)
     model = program.model_proto
@@ -601,7 +604,10 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
         entry.key, entry.value = key, value
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    large = model.ByteSize() > (1 << 31) - (64 << 20)
+    try:
+        large = model.ByteSize() > (1 << 31) - (64 << 20)
+    except ValueError:                       # protobuf refuses to size messages past 2 GiB
+        large = True
     onnx.save_model(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
     onnx.checker.check_model(str(path), full_check=not large)
     result = OnnxExport(path=path, opset=int(next(o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS)),
@@ -642,8 +648,8 @@ def _check_opset(opset: int | None, onnx) -> int | None:
     return opset
 
 
-def _site_input_shapes(compiled, sparse_modules: dict, args: tuple, kwargs: dict) -> dict[str, tuple]:
-    """Per sparse submodule: ``(q_len, k_len, dtype)`` of its call on the example inputs (one forward)."""
+def _run_example(compiled, sparse_modules: dict, args: tuple, kwargs: dict) -> tuple[dict[str, tuple], Any]:
+    """One forward on the example inputs: per sparse submodule ``(q_len, k_len, dtype)``, and the output."""
     found: dict[str, tuple] = {}
     handles = []
     for name, module in sparse_modules.items():
@@ -653,7 +659,7 @@ def _site_input_shapes(compiled, sparse_modules: dict, args: tuple, kwargs: dict
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            compiled.graph_module(*args, **kwargs)
+            output = compiled.graph_module(*args, **kwargs)
     except SparsifyError:
         raise
     except Exception as error:  # noqa: BLE001 - reported with what to do
@@ -665,7 +671,7 @@ def _site_input_shapes(compiled, sparse_modules: dict, args: tuple, kwargs: dict
     missing = sorted(set(sparse_modules) - set(found))
     if missing:
         raise SparsifyError(f"export_onnx: the example inputs did not reach {', '.join(missing)}")
-    return found
+    return found, output
 
 
 def _export_copy(graph_module: torch.fx.GraphModule, sparse_modules: dict, lengths: dict) -> torch.fx.GraphModule:
@@ -728,9 +734,8 @@ def _dynamic_batch(tensors: list[torch.Tensor], dynamic_seq: bool):
     return trace, (tuple(shapes),)
 
 
-def _output_names(compiled, args: tuple, kwargs: dict, count: int) -> list[str]:
-    with torch.no_grad():
-        output = compiled.graph_module(*args, **kwargs)
+def _output_names(output: Any, count: int) -> list[str]:
+    """ONNX output names from the output's structure (``logits``, ``last_hidden_state``, ...)."""
     names = []
     try:
         flat = torch.utils._pytree.tree_flatten_with_path(output)[0]

@@ -435,9 +435,9 @@ def _step_of(index: int, config: SearchConfig) -> int:
 
 
 def _device_of(graph_module: torch.nn.Module) -> torch.device:
-    for tensor in list(graph_module.parameters()) + list(graph_module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    from sparsify.passes.rewrite import _device_of as device_of
+
+    return device_of(graph_module)
 
 
 def _candidate_masks(per_head: list[list[Pattern]], q_len: int, k_len: int, block_size: int, causal: bool,

@@ -56,6 +56,8 @@ def test_malformed_profiles_are_explained(tmp_path):
 def test_unknown_backend_device_pair_says_how_to_calibrate():
     with pytest.raises(SparsifyError, match="sparsify-cli calibrate"):
         CostModel().costs("torch", "mps")
+    # A backend without constants on a known device type is priced as the torch backend.
+    assert CostModel().costs("triton", "cpu") == DEFAULT_COSTS[("torch", "cpu")]
 
 
 def test_calibrate_fits_the_torch_backend(tmp_path):
