@@ -53,12 +53,14 @@ class BackendCosts:
                 raise SparsifyError(f"cost constant {field.name} must be a finite number >= 0, got {value!r}")
 
 
-# Rough defaults; `calibrate` replaces them with measured ones.
+# Defaults for devices without a profile; `calibrate` measures real ones. The CUDA rows are the
+# H200 measurements shipped in hardware_profiles/ (bf16, D=128, block 128), rounded; the torch
+# rows are rough (a 2-core CPU; the torch backend on a GPU is a reference, not a fast path).
 DEFAULT_COSTS: dict[tuple[str, str], BackendCosts] = {
     ("torch", "cpu"): BackendCosts(2e-4, 2e-6, 5.0e-11, 5e-5, 3.0e-11),
-    ("torch", "cuda"): BackendCosts(3e-4, 1e-7, 6.0e-14, 2e-5, 2.0e-15),
-    ("flex", "cuda"): BackendCosts(3e-5, 2e-8, 3.0e-15, 2e-5, 2.0e-15),
-    ("triton", "cuda"): BackendCosts(2e-5, 1e-8, 2.3e-15, 2e-5, 2.0e-15),
+    ("torch", "cuda"): BackendCosts(3e-4, 1e-7, 4.0e-14, 7e-5, 5.7e-15),
+    ("flex", "cuda"): BackendCosts(2.5e-4, 2e-8, 1.07e-14, 7e-5, 5.7e-15),
+    ("triton", "cuda"): BackendCosts(1.1e-4, 7e-8, 8.2e-15, 7e-5, 5.7e-15),
 }
 
 

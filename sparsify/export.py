@@ -791,7 +791,8 @@ def command_export(args: argparse.Namespace) -> int:
     compiled = sparsify.compile(model, strategy=args.strategy, example_inputs=example_inputs, backend=args.backend)
     result = export_onnx(compiled, example_inputs, args.out, opset=args.opset)
     print(f"wrote {result.path} (opset {result.opset}): {result.sparse_sites} sparse / {result.dense_sites} dense "
-          f"site(s); inputs {', '.join(result.input_names)} (batch dynamic); outputs {', '.join(result.output_names)}")
+          f"site(s); inputs {', '.join(result.input_names)} ({'batch dynamic' if result.dynamic_batch else 'batch fixed'}); "
+          f"outputs {', '.join(result.output_names)}")
     if result.seq_lengths:
         lengths = sorted({f"{q}x{k}" for q, k in result.seq_lengths.values()})
         print(f"sequence length fixed at export: {', '.join(lengths)} (q x k); export again for another length")
