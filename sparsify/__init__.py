@@ -13,6 +13,7 @@ from sparsify.errors import (
     UnsupportedError,
 )
 from sparsify.site import AttentionSite
+from sparsify.export import export_onnx
 from sparsify.strategy import Strategy
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "StrategyError",
     "UnsupportedError",
     "compile",
+    "export_onnx",
     "find_attention",
     "patterns",
 ]

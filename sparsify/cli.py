@@ -240,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_parser.add_argument("--out", default="hardware_profile.json")
     calibrate_parser.set_defaults(handler=command_calibrate)
 
+    from sparsify.export import add_export_command
+
+    add_export_command(commands)
+
     demo = commands.add_parser("demo", help="run the whole flow on a built-in example (no downloads)")
     demo.add_argument("--frames", type=int, default=8, help="video frames of 16x16 tokens (default 8: 2048 tokens)")
     demo.add_argument("--window", type=int, default=256, help="sliding window in tokens")

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import platform
+import re
 import time
 from importlib import resources
 from typing import Any, Callable, Sequence
@@ -241,9 +242,15 @@ class CostModel:
 def _same_device(profile_device_name: str, device) -> bool:
     current = device_name(device)
     if _device_type(device) == "cuda":
-        # "NVIDIA H100 80GB HBM3" matches a profile named after its model ("H100").
-        return any(token in current for token in profile_device_name.split() if token.startswith(("H", "A", "B", "L")))
+        # "NVIDIA H100 80GB HBM3" matches another H100 name by its model token ("H100"), not by memory ("HBM3").
+        return bool(_gpu_models(profile_device_name) & _gpu_models(current))
     return profile_device_name == current
+
+
+def _gpu_models(name: str) -> set[str]:
+    """Model tokens of a GPU name: ``"NVIDIA H100 80GB HBM3"`` → ``{"H100"}``."""
+    return {token for token in name.upper().replace("-", " ").split()
+            if re.fullmatch(r"[A-Z]{1,3}\d{2,4}[A-Z]?", token) and not token.startswith(("HBM", "GDDR"))}
 
 
 def _time(function: Callable[[], Any], device: torch.device, repeats: int) -> float:

@@ -149,14 +149,16 @@ class BlockGatherAttention(torch.nn.Module):
         self.num_heads, self.num_kv_heads = site.num_heads, site.num_kv_heads
         dense = module.dense_heads.detach().cpu().long()
         sparse = module.sparse_heads.detach().cpu().long()
+        skipped = getattr(module, "skipped_heads", torch.zeros(0, dtype=torch.long)).detach().cpu().long()
+        self.skipped_count = skipped.numel()
         self.has_dense = dense.numel() > 0
         self.has_sparse = sparse.numel() > 0
         self.all_sparse = bool(torch.equal(sparse, torch.arange(site.num_heads)))
         self.register_buffer("dense_heads", dense.clone(), persistent=False)
         self.register_buffer("dense_kv_heads", module.dense_kv_heads.detach().cpu().long().clone(), persistent=False)
         self.register_buffer("sparse_heads", sparse.clone(), persistent=False)
-        # Output heads come as [dense..., sparse...]; this gathers them back into head order.
-        order = torch.cat([dense, sparse])
+        # Output heads come as [dense..., sparse..., skipped...]; this gathers them back into head order.
+        order = torch.cat([dense, sparse, skipped])
         self.identity_order = bool(torch.equal(order, torch.arange(order.numel())))
         self.register_buffer("head_order", torch.argsort(order), persistent=False)
         self.width = 1
@@ -242,7 +244,7 @@ class BlockGatherAttention(torch.nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                 is_causal: bool, scale: float | None) -> torch.Tensor:
-        if not self.has_sparse:
+        if not self.has_sparse and not self.skipped_count:
             return dense_attention_lowering(q, k, v, attn_mask, is_causal, scale)
         if attn_mask is not None and attn_mask.dim() < 4:
             attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
@@ -254,7 +256,11 @@ class BlockGatherAttention(torch.nn.Module):
             outputs.append(dense_attention_lowering(q.index_select(1, self.dense_heads),
                                                     k.index_select(1, self.dense_kv_heads),
                                                     v.index_select(1, self.dense_kv_heads), dense_mask, is_causal, scale))
-        outputs.append(self._sparse(q, k, v, attn_mask, scale))
+        if self.has_sparse:
+            outputs.append(self._sparse(q, k, v, attn_mask, scale))
+        if self.skipped_count:  # a skipped head contributes zeros
+            outputs.append(torch.zeros((q.shape[0], self.skipped_count, q.shape[2], v.shape[-1]), dtype=q.dtype,
+                                       device=q.device))
         output = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
         if not self.identity_order:
             output = output.index_select(1, self.head_order)
@@ -546,7 +552,8 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
     onnx = _import_onnx()
     opset = _check_opset(opset, onnx)
     graph_module = compiled.graph_module
-    sparse_modules = {name: module for name, module in graph_module.named_modules() if isinstance(module, SparseAttention)}
+    sparse_modules = {name: module for name, module in graph_module.named_modules()
+                      if isinstance(module, SparseAttention)}
     for name, module in sparse_modules.items():
         if module.backend not in _LOWERINGS:
             raise UnsupportedError(
@@ -610,7 +617,8 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
         large = True
     onnx.save_model(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
     onnx.checker.check_model(str(path), full_check=not large)
-    result = OnnxExport(path=path, opset=int(next(o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS)),
+    opset_used = next(o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS)
+    result = OnnxExport(path=path, opset=int(opset_used),
                         input_names=names, output_names=output_names, dynamic_batch=dynamic_batch,
                         sparse_sites=len(sparse_modules),
                         dense_sites=len(compiled.sites) - len(sparse_modules), seq_lengths=seq_lengths)
@@ -761,7 +769,8 @@ def _run_exporter(wrapper, tensors: tuple, names: list[str], output_names: list[
                                      optimize=True, verbose=False)
     except Exception as error:  # noqa: BLE001 - re-raised with what it means here
         text = str(error)
-        first = next((line for line in text.splitlines() if "Error" in line and "step" not in line), text.splitlines()[0] if text else "")
+        lines = text.splitlines() or [""]
+        first = next((line for line in lines if "Error" in line and "step" not in line), lines[0])
         hint = ""
         if "batch" in text and ("specializ" in text or "Constraints violated" in text or "constant" in text.lower()):
             hint = (" The captured graph fixes the batch size (its capture fell back to static shapes); "
@@ -772,7 +781,8 @@ def _run_exporter(wrapper, tensors: tuple, names: list[str], output_names: list[
 
 
 def _check_standard(model, onnx) -> None:
-    custom = sorted({f"{node.domain}::{node.op_type}" for node in model.graph.node if node.domain not in _STANDARD_DOMAINS})
+    custom = sorted({f"{node.domain}::{node.op_type}" for node in model.graph.node
+                     if node.domain not in _STANDARD_DOMAINS})
     functions = sorted({f"{f.domain}::{f.name}" for f in model.functions})
     if custom or functions:
         raise UnsupportedError(f"the exported graph uses non-standard ONNX domains: {', '.join(custom + functions)}")
@@ -790,9 +800,9 @@ def command_export(args: argparse.Namespace) -> int:
     model, example_inputs = load_factory(args.model)
     compiled = sparsify.compile(model, strategy=args.strategy, example_inputs=example_inputs, backend=args.backend)
     result = export_onnx(compiled, example_inputs, args.out, opset=args.opset)
+    batch = "batch dynamic" if result.dynamic_batch else "batch fixed"
     print(f"wrote {result.path} (opset {result.opset}): {result.sparse_sites} sparse / {result.dense_sites} dense "
-          f"site(s); inputs {', '.join(result.input_names)} ({'batch dynamic' if result.dynamic_batch else 'batch fixed'}); "
-          f"outputs {', '.join(result.output_names)}")
+          f"site(s); inputs {', '.join(result.input_names)} ({batch}); outputs {', '.join(result.output_names)}")
     if result.seq_lengths:
         lengths = sorted({f"{q}x{k}" for q, k in result.seq_lengths.values()})
         print(f"sequence length fixed at export: {', '.join(lengths)} (q x k); export again for another length")

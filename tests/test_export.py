@@ -22,13 +22,15 @@ STANDARD_DOMAINS = {"", "ai.onnx"}
 
 
 def mixed_strategy(sites, block_size: int = 16) -> Strategy:
-    """Per site: head 0 dense, the others alternate window + sinks and a wider window."""
+    """Per site: head 0 dense, the others alternate window + sinks and a wider window; with 4+ heads the last is skipped."""
     strategy = Strategy.dense(sites, block_size=block_size)
     for site in sites:
         heads = [patterns.dense()] + [
             patterns.sliding_window(16) | patterns.attention_sinks(8) if h % 2 else patterns.sliding_window(24)
             for h in range(1, site.num_heads)
         ]
+        if site.num_heads >= 4:
+            heads[-1] = patterns.skip()
         strategy = strategy.with_heads(site.name, heads)
     return strategy
 
@@ -56,7 +58,8 @@ def softmax_widths(path) -> list[int]:
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
     shapes = {info.name: [d.dim_value for d in info.type.tensor_type.shape.dim]
               for info in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
-    return [shapes[node.input[0]][-1] for node in model.graph.node if node.op_type == "Softmax" and node.input[0] in shapes]
+    return [shapes[node.input[0]][-1] for node in model.graph.node
+            if node.op_type == "Softmax" and node.input[0] in shapes]
 
 
 # ----------------------------------------------------------------------------------------------

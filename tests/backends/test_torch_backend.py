@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import gc
 import math
+import pickle
 import types
 
 import pytest
@@ -11,7 +14,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sparsify import patterns
 from sparsify.backends import get_backend
+from sparsify.backends import torch as torch_backend
 from sparsify.backends.torch import TorchBackend, _tiled_mask
 from sparsify.errors import UnsupportedError
 from sparsify.site import AttentionSite
@@ -281,6 +286,134 @@ def test_tables_edited_in_place_are_replanned():
     tables.kv_indices[0, 0, 0] = (tables.kv_indices[0, 0, 0] + 1) % tables.k_blocks
     tables.kv_counts[0, 0] = 1
     assert_close(backend.attention(q, k, v, tables), reference(q, k, v, tables), FP32_TOL)
+
+
+def _poison_allocator() -> None:
+    """Leave freed CPU blocks of many sizes full of NaN and 1e9, so that an output element the
+    backend never writes (an ``empty`` buffer, a padded tail, a stale plan) shows up as garbage."""
+    for fill in (float("nan"), 1e9):
+        held = [torch.full((n,), fill, dtype=dtype) for n in (8, 64, 500, 4000, 16000, 60000)
+                for dtype in (torch.float32, torch.bfloat16) for _ in range(2)]
+        del held
+
+
+@pytest.fixture
+def unwritten_is_nan(monkeypatch):
+    """``torch.empty`` (and ``new_empty``) hand out NaN-filled floating tensors for the test."""
+    real_empty, real_new_empty = torch.empty, torch.Tensor.new_empty
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: fill(real_new_empty(self, *a, **kw)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)                                    # intra-op parallel kernels
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_output_element_is_written(unwritten_is_nan):
+    # Many random configurations through ONE backend (its plan cache sees tables die and new
+    # ones take their addresses), with poisoned memory: low precision, padding masks hiding the
+    # last keys of one batch item, partial last blocks, q_len != k_len, causal, tiny chunks.
+    backend, tiny_chunks = TorchBackend(), TorchBackend(chunk_bytes=1)
+    for seed in range(60):
+        gen = torch.Generator().manual_seed(seed)
+        pick = lambda n: int(torch.randint(0, n, (1,), generator=gen))   # noqa: E731
+        block = (16, 32)[pick(2)]
+        q_len = 1 + pick(150)
+        k_len = q_len if pick(2) else 1 + pick(150)
+        kv_heads, group, batch = 1 + pick(2), 1 + pick(2), 1 + pick(3)
+        heads = kv_heads * group
+        dtype = (torch.float32, torch.bfloat16, torch.float16)[pick(3)]
+        tables = random_tables(gen, heads=heads, q_len=q_len, k_len=k_len, block=block,
+                               causal=bool(pick(2)), kv_head_index=torch.arange(heads) // group,
+                               density=0.1 + 0.9 * float(torch.rand(1, generator=gen)))
+        q = torch.randn(batch, heads, q_len, 16, generator=gen).to(dtype)
+        k = torch.randn(batch, kv_heads, k_len, 16, generator=gen).to(dtype)
+        v = torch.randn(batch, kv_heads, k_len, 8, generator=gen).to(dtype)
+        if pick(2):
+            mask = torch.ones(batch, 1, 1, k_len, dtype=torch.bool)
+            mask[-1, ..., max(0, k_len - 9):] = False           # HF padding of the last item
+        else:
+            mask = random_mask(gen, MASK_KINDS[pick(len(MASK_KINDS))], batch, heads, q_len, k_len)
+        for attend in (backend, tiny_chunks, backend):          # the last call hits the cache
+            _poison_allocator()
+            output = attend.attention(q, k, v, tables, attn_mask=mask)
+            tol = FP32_TOL if dtype == torch.float32 else LOW_PRECISION_TOL[dtype]
+            assert_close(output, reference(q, k, v, tables, mask), tol)
+        del tables
+        gc.collect()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rewrite_mixed_heads_case_with_poisoned_memory(dtype, unwritten_is_nan):
+    # The sparse heads of tests/passes/test_rewrite.py::test_sparse_attention_module_mixed_heads
+    # (4 kv heads, non-causal), whose last rows of batch item 1 once held garbage.
+    head_patterns = [patterns.sliding_window(20), patterns.attention_sinks(16) | patterns.sliding_window(8),
+                     patterns.sliding_window(50)]
+    backend = TorchBackend()
+    for repeat in range(3):
+        for q_len in (100, 77, 160):
+            blocks = -(-q_len // 16)
+            masks = torch.stack([p.block_mask(blocks, blocks, block_size=16, causal=False, q_len=q_len,
+                                              k_len=q_len) for p in head_patterns])
+            tables = BlockTables.from_block_masks(masks, block_size=16, q_len=q_len, k_len=q_len, causal=False,
+                                                  kv_head_index=torch.tensor([1, 2, 3]))
+            q = torch.randn(2, 3, q_len, 16, dtype=dtype)
+            k, v = (torch.randn(2, 4, q_len, 16, dtype=dtype) for _ in range(2))
+            padding = torch.ones(2, 1, 1, q_len, dtype=torch.bool)
+            padding[1, ..., q_len - 9:] = False
+            _poison_allocator()
+            output = backend.attention(q, k, v, tables, attn_mask=padding)
+            tol = FP32_TOL if dtype == torch.float32 else LOW_PRECISION_TOL[dtype]
+            assert_close(output, reference(q, k, v, tables, padding), tol)
+            del tables
+            gc.collect()
+
+
+def test_plans_are_cached_per_backend_and_die_with_the_tables():
+    assert not hasattr(torch_backend, "_plan_cache")            # no module-level mutable state
+    gen = torch.Generator().manual_seed(11)
+    tables = random_tables(gen, heads=2, q_len=64, k_len=64, block=16, causal=True,
+                           kv_head_index=torch.tensor([0, 0]))
+    q, k, v = (torch.randn(2, n, 64, 8, generator=gen) for n in (2, 1, 1))
+    first, second = TorchBackend(), TorchBackend()
+    first.attention(q, k, v, tables)
+    plan = first._plans[tables.kv_indices].plans
+    assert len(first._plans) == 1 and len(plan) == 1 and len(second._plans) == 0
+    first.attention(q, k, v, tables)
+    first.attention(q[:1], k[:1], v[:1], tables)                # another batch size: another plan
+    assert len(first._plans) == 1 and len(plan) == 2
+    second.attention(q, k, v, tables)
+    assert len(second._plans) == 1
+    del tables, plan
+    gc.collect()
+    assert len(first._plans) == 0 and len(second._plans) == 0
+
+
+def test_replaced_table_tensors_are_replanned():
+    # Plans are keyed by kv_indices; a new kv_counts / kv_head_index object must not reuse them.
+    gen = torch.Generator().manual_seed(12)
+    tables = random_tables(gen, heads=2, q_len=64, k_len=64, block=16, causal=False,
+                           kv_head_index=torch.tensor([0, 0]))
+    q, k, v = (torch.randn(1, n, 64, 8, generator=gen) for n in (2, 2, 2))
+    backend = TorchBackend()
+    backend.attention(q, k, v, tables)
+    tables.kv_head_index = torch.tensor([1, 0])
+    assert_close(backend.attention(q, k, v, tables), reference(q, k, v, tables), FP32_TOL)
+    tables.kv_counts = torch.ones_like(tables.kv_counts)
+    assert_close(backend.attention(q, k, v, tables), reference(q, k, v, tables), FP32_TOL)
+
+
+def test_backend_copies_and_pickles_without_its_plans():
+    q, k, v, tables = _inputs()
+    backend = TorchBackend(chunk_bytes=4096)
+    backend.attention(q, k, v, tables)
+    for clone in (copy.deepcopy(backend), pickle.loads(pickle.dumps(backend))):
+        assert clone.chunk_bytes == 4096 and len(clone._plans) == 0
+        assert_close(clone.attention(q, k, v, tables), reference(q, k, v, tables), FP32_TOL)
 
 
 def test_expanded_mask_is_not_materialised():
