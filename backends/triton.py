@@ -63,6 +63,9 @@ class TritonBackend(Backend):
 
         if dtype not in kernels.SUPPORTED_DTYPES:
             return f"dtype {dtype} is not supported; supported: float16, bfloat16, float32 (as TF32)"
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            # Triton's CPU interpreter emulates bf16 through numpy and returns wrong numbers.
+            return "bfloat16 is not supported by Triton's CPU interpreter (it is on CUDA)"
         head_dim = max(site.head_dim, site.value_head_dim or site.head_dim)
         if head_dim > kernels.MAX_HEAD_DIM:
             return f"head dim {head_dim} is over the kernel's limit {kernels.MAX_HEAD_DIM}"

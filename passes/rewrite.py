@@ -185,6 +185,8 @@ class SparseAttention(torch.nn.Module):
             return backend
         candidates = []
         for name in AUTO_BACKEND_ORDER:
+            if q.device.type == "cpu" and name != "torch":
+                continue  # GPU kernels on CPU only run in emulators (Triton's interpreter): tests, not "auto"
             if name in available_backends():
                 backend = get_backend(name)
                 if backend.supports(self.site, q.dtype, q.device):
