@@ -38,6 +38,7 @@ from tabulate import tabulate
 import sparsify
 from sparsify import Strategy, patterns
 from sparsify.export import export_onnx
+from sparsify.cost import device_name
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "onnx_cpu.json"
 SINKS = 64
@@ -136,16 +137,6 @@ def bench_case(model, inputs: tuple, seq: int, target: float, args, workdir: pat
     return row
 
 
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 4096])
@@ -188,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                    "end_to_end_model": "VideoTransformer(dim=256, heads=4, layers=4)" if args.end_to_end else None,
                    "repeats": args.repeats, "statistic": "median, dense and sparse runs interleaved",
                    "provider": "CPUExecutionProvider", "intra_op_threads": args.threads},
-        "machine": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "cpu": cpu_model(),
+        "machine": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "cpu": device_name("cpu"),
                     "threads": torch.get_num_threads(), "python": platform.python_version(),
                     "platform": platform.platform(),
                     "load_average": [round(x, 2) for x in os.getloadavg()],

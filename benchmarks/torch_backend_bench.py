@@ -21,6 +21,7 @@ from tabulate import tabulate
 
 from sparsify.backends.torch import TorchBackend
 from sparsify.tables import BlockTables
+from sparsify.cost import device_name
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "torch_backend_cpu.json"
 
@@ -48,16 +49,6 @@ def median_ms(fn, repeats: int, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
-
-
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                    "dtype": "float32", "pattern": "sliding_window (non-causal)",
                    "repeats": args.repeats, "statistic": "median"},
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu": cpu_model(), "python": platform.python_version(),
+                    "cpu": device_name("cpu"), "python": platform.python_version(),
                     "platform": platform.platform()},
         "results": rows,
     }

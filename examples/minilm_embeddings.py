@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--max-error", type=float, default=sparsify.search.DEFAULT_MAX_ERROR)
     parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--target-density", type=float, default=None,
+                        help="global density target instead of the per-site error budget")
     parser.add_argument("--calibration", type=int, default=16, help="calibration paragraphs")
     parser.add_argument("--evaluation", type=int, default=16, help="evaluation paragraphs (never seen by the search)")
     args = parser.parse_args()
@@ -75,7 +77,8 @@ def main() -> None:
 
     calibration = [encode(paragraphs(4, seed)) for seed in range(args.calibration // 4)]
     evaluation = [encode(paragraphs(4, 1000 + seed)) for seed in range(args.evaluation // 4)]
-    compiled = sparsify.compile(model, calibration, max_error=args.max_error, block_size=args.block_size)
+    compiled = sparsify.compile(model, calibration, max_error=args.max_error, block_size=args.block_size,
+                                target_density=args.target_density)
     print(compiled.report())
 
     cosines = []
@@ -87,7 +90,8 @@ def main() -> None:
     cosine = torch.cat(cosines)
     error = end_to_end_error(compiled, model, [((), b) for b in evaluation])
     summary = compiled.strategy.summary()
-    print(f"\nall-MiniLM-L6-v2, {args.tokens} tokens, block {args.block_size}, max_error {args.max_error}:")
+    budget = f"target_density {args.target_density}" if args.target_density else f"max_error {args.max_error}"
+    print(f"\nall-MiniLM-L6-v2, {args.tokens} tokens, block {args.block_size}, {budget}:")
     print(f"  mean block density {summary['mean_density']:.3f} (estimated attention speedup "
           f"{summary['estimated_speedup']:.2f}x on this CPU's cost model)")
     print(f"  evaluation (unseen paragraphs): last-hidden-state relative L2 error {error:.4f}; "

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any, Sequence
 
 import torch
@@ -29,7 +28,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 import sparsify.ops  # noqa: F401  (registers torch.ops.sparsify.attention)
 from sparsify.errors import NoAttentionFoundError
-from sparsify.passes.graph_utils import arg, is_float_scalar, module_path, op_kind, shape_of
+from sparsify.passes.graph_utils import arg, dtype_of, is_float_scalar, module_path, op_kind, shape_of
 from sparsify.passes.infra import SITE_META_KEY, GraphPass, attention_nodes
 from sparsify.site import AttentionSite
 
@@ -363,8 +362,6 @@ class FindAttention(GraphPass):
                 source=node.meta.pop("sparsify_source", "sdpa"),
                 module_type=module_type,
             )
-        if any(name.endswith("#1") for name in (n.meta[SITE_META_KEY].name for n in nodes)):
-            logger.debug("several attentions share a module; later ones are named '<path>#<n>'")
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -387,8 +384,6 @@ def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
 
 
 def _is_bool(node: Any) -> bool:
-    from sparsify.passes.graph_utils import dtype_of
-
     return dtype_of(node) == torch.bool
 
 

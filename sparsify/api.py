@@ -10,7 +10,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx
-from tabulate import tabulate
 
 from sparsify.capture import Captured, capture, normalize_inputs
 from sparsify.cost import CostModel
