@@ -518,17 +518,25 @@ def _same_source(candidate: _Candidate) -> bool:
     return query_shape[-2] == key_len
 
 
-def _mask_is_causal(mask: torch.Tensor) -> bool:
-    """Whether a mask hides every key after its query (top-left aligned) yet leaves the rest open."""
+def _mask_is_causal(mask: torch.Tensor, rows_per_chunk: int = 256) -> bool:
+    """Whether a mask hides every key after its query (top-left aligned) yet leaves the rest open.
+
+    Checked chunk by chunk of query rows, so no further ``q_len × k_len`` tensor is built.
+    """
     q_len, k_len = mask.shape[-2], mask.shape[-1]
     if q_len < 2 or k_len < 2:
         return False
-    upper = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).triu(1)
-    hidden = ~mask if mask.dtype == torch.bool else mask <= _MASKING_FILL
-    if not bool(hidden[..., upper].all()):
-        return False
-    # Some key on or below the diagonal must be visible, or the mask is not "causal", just closed.
-    return bool((~hidden[..., ~upper]).any())
+    any_visible = False
+    keys = torch.arange(k_len, device=mask.device)
+    for start in range(0, q_len, rows_per_chunk):
+        rows = torch.arange(start, min(q_len, start + rows_per_chunk), device=mask.device).unsqueeze(-1)
+        chunk = mask[..., start:start + rows_per_chunk, :]
+        hidden = ~chunk if chunk.dtype == torch.bool else chunk <= _MASKING_FILL
+        future = keys > rows
+        if not bool((hidden | ~future).all()):
+            return False  # some key after its query is visible
+        any_visible = any_visible or bool((~hidden & ~future).any())
+    return any_visible
 
 
 class _Observer(torch.fx.Interpreter):

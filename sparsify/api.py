@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx
 
-from sparsify.capture import Captured, capture, normalize_inputs
+from sparsify.capture import Captured, capture, eval_mode, normalize_inputs
 from sparsify.cost import CostModel
-from sparsify.errors import SparsifyError, StrategyError
+from sparsify.errors import InputError, SparsifyError, StrategyError
 from sparsify.passes.find_attention import FindAttention
 from sparsify.passes.infra import SITE_META_KEY, PassManager, attention_nodes
 from sparsify.passes.rewrite import RewriteAttention, StepCounter
@@ -70,6 +70,7 @@ class SparsifiedModule(torch.nn.Module):
         self.sites = sites
         self.fixed_kwargs = dict(fixed_kwargs)
         self.rewritten_sites = rewritten_sites
+        self.captured_signature = ""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         for name, value in self.fixed_kwargs.items():
@@ -81,8 +82,22 @@ class SparsifiedModule(torch.nn.Module):
                 )
         try:
             return self.graph_module(*args, **kwargs)
+        except (AssertionError, ValueError, TypeError, RuntimeError) as error:
+            text = str(error)
+            if any(sign in text for sign in ("Guard failed", "keyword mismatch", "tree spec", "pytree")):
+                raise InputError(
+                    f"the compiled module was captured for calls like the example inputs ({self.captured_signature}); "
+                    f"got {_describe_call(args, kwargs)}. Compile with example inputs of the form you will call "
+                    f"it with ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+                ) from error
+            raise
         finally:
             self.step_counter.advance()
+
+    def train(self, mode: bool = True) -> "SparsifiedModule":
+        """Set the training flag; the captured graph always computes in inference mode."""
+        self.training = mode
+        return self
 
     def reset_steps(self) -> None:
         """Start a new generation: the next call is step 0 (strategies with ``dense_steps``)."""
@@ -185,8 +200,15 @@ def search_model(model: torch.nn.Module, calib_loader: Any, config: SearchConfig
         >>> result = search_model(model, batches, SearchConfig(max_error=0.05))   # doctest: +SKIP
         >>> result.compiled.strategy.summary()["mean_density"]                    # doctest: +SKIP
     """
-    torch.manual_seed(config.seed)
     batches = collect_batches(model, calib_loader)
+    if example_inputs is not None:
+        example_args, example_kwargs = normalize_inputs(example_inputs)
+        batch_args, batch_kwargs = batches[0]
+        if len(example_args) != len(batch_args) or sorted(example_kwargs) != sorted(batch_kwargs):
+            raise InputError(
+                f"example_inputs {_describe_call(example_args, example_kwargs)} and the calibration batches "
+                f"{_describe_call(batch_args, batch_kwargs)} have different structures; give both in one form"
+            )
     captured = capture(model, example_inputs if example_inputs is not None else batches[0], dynamic=dynamic)
     finder = FindAttention((captured.args, captured.kwargs), root=model)
     PassManager([finder]).run(captured.graph_module)
@@ -197,6 +219,7 @@ def search_model(model: torch.nn.Module, calib_loader: Any, config: SearchConfig
     rewrite = RewriteAttention(result.strategy, backend=config.backend, source="search", step_counter=counter)
     rewritten = PassManager([rewrite]).run(captured.graph_module).graph_module
     compiled = SparsifiedModule(rewritten, result.strategy, sites, captured.fixed_kwargs, rewrite.rewritten, counter)
+    compiled.captured_signature = _describe_call(captured.args, captured.kwargs)
     error = end_to_end_error(compiled, model, result.held_out, steps=result.held_out_steps)
     metadata = dict(result.strategy.metadata, end_to_end_error=round(error, 6))
     compiled.strategy = dataclasses.replace(result.strategy, metadata=metadata)
@@ -215,7 +238,8 @@ def end_to_end_error(compiled: torch.nn.Module, model: torch.nn.Module, batches:
     squared = reference = 0.0
     counter = getattr(compiled, "step_counter", None)
     saved = counter.step if counter is not None else 0
-    with torch.no_grad():
+    # The reference runs in eval mode, as the captured graph does (dropout off).
+    with torch.no_grad(), eval_mode(model):
         for index, (args, kwargs) in enumerate(batches):
             if counter is not None and steps:
                 counter.step = steps[index]
@@ -231,6 +255,14 @@ def end_to_end_error(compiled: torch.nn.Module, model: torch.nn.Module, batches:
 def _with_fixed(batch: tuple[tuple, dict], fixed_kwargs: dict[str, Any]) -> tuple[tuple, dict]:
     args, kwargs = batch
     return args, {**fixed_kwargs, **kwargs}
+
+
+def _describe_call(args: tuple, kwargs: dict) -> str:
+    def describe(value: Any) -> str:
+        return f"tensor{tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+    parts = [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"
 
 
 def first_output_tensor(value: Any) -> torch.Tensor:
@@ -257,23 +289,17 @@ def _apply_strategy(model, strategy, calib_loader, example_inputs, backend, dyna
     if example_inputs is None:
         if calib_loader is None:
             raise SparsifyError("compile needs example_inputs (or a calib_loader whose first batch serves) to capture the model")
-        example_inputs = _first_batch(calib_loader)
+        args, kwargs = collect_batches(model, calib_loader)[0]
+        example_inputs = (args, kwargs)
     captured = capture(model, example_inputs, dynamic=dynamic)
     finder = FindAttention((captured.args, captured.kwargs), root=model)
     counter = StepCounter(steps_per_generation or strategy.metadata.get("steps_per_generation"))
     rewrite = RewriteAttention(strategy, backend=backend, source=source, step_counter=counter)
     result = PassManager([finder, rewrite]).run(captured.graph_module)
     sites = [node.meta[SITE_META_KEY] for node in result.graph_module.graph.nodes if SITE_META_KEY in node.meta]
-    return SparsifiedModule(result.graph_module, strategy, sites, captured.fixed_kwargs, rewrite.rewritten, counter)
-
-
-def _first_batch(calib_loader: Iterable[Any]) -> Any:
-    try:
-        return next(iter(calib_loader))
-    except StopIteration:
-        raise SparsifyError("the calibration loader is empty: it yielded no batch") from None
-    except TypeError:
-        raise SparsifyError(f"calib_loader must be iterable, got {type(calib_loader).__name__}") from None
+    compiled = SparsifiedModule(result.graph_module, strategy, sites, captured.fixed_kwargs, rewrite.rewritten, counter)
+    compiled.captured_signature = _describe_call(captured.args, captured.kwargs)
+    return compiled
 
 
 __all__ = ["SparsifiedModule", "capture_attention", "compile", "find_attention", "normalize_inputs"]

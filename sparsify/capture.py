@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -12,7 +13,7 @@ import torch
 import torch.fx
 from torch.export import Dim
 
-from sparsify.errors import CaptureError
+from sparsify.errors import CaptureError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
         if len(example_inputs) == 2 and isinstance(example_inputs[0], (tuple, list)) and isinstance(example_inputs[1], dict):
             return tuple(example_inputs[0]), dict(example_inputs[1])
         return tuple(example_inputs), {}
-    raise TypeError(
+    raise InputError(
         f"example inputs must be a tensor, a tuple of positional arguments or a dict of keyword "
         f"arguments, got {type(example_inputs).__name__}"
     )
@@ -76,15 +77,19 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True
     if signature is not None and "use_cache" in signature.parameters and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
     fixed_kwargs = {k: v for k, v in kwargs.items() if not _has_tensor(v)}
-    was_training = model.training
-    model.eval()
     errors: list[tuple[str, BaseException]] = []
-    try:
-        attempts = [("export (dynamic shapes)", True), ("export (static shapes)", False)] if dynamic else [("export (static shapes)", False)]
-        for label, use_dynamic in attempts:
+    with eval_mode(model):
+        attempts = []
+        if dynamic and _has_batch_of_one(args, kwargs):
+            # Export specialises sizes of 1; capture with the batch doubled so batch stays dynamic.
+            attempts.append(("export (dynamic shapes, batch doubled)", True, *_double_batch(args, kwargs)))
+        if dynamic:
+            attempts.append(("export (dynamic shapes)", True, args, kwargs))
+        attempts.append(("export (static shapes)", False, args, kwargs))
+        for label, use_dynamic, export_args, export_kwargs in attempts:
             try:
-                graph_module = _export(model, args, kwargs, signature, use_dynamic)
-                return Captured(graph_module, "export", args, kwargs, fixed_kwargs, use_dynamic)
+                graph_module = _export(model, export_args, export_kwargs, signature, use_dynamic)
+                return Captured(graph_module, "export", export_args, export_kwargs, fixed_kwargs, use_dynamic)
             except Exception as error:  # noqa: BLE001 - every failure is reported below
                 logger.debug("%s failed: %s", label, error)
                 errors.append((label, error))
@@ -93,9 +98,40 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True
             return Captured(graph_module, "symbolic_trace", args, kwargs, fixed_kwargs, False)
         except Exception as error:  # noqa: BLE001
             errors.append(("torch.fx.symbolic_trace", error))
-    finally:
-        model.train(was_training)
     raise CaptureError(_capture_failure_message(model, errors)) from errors[0][1]
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Put ``model`` in eval mode and restore every submodule's own training flag afterwards.
+
+    Example:
+        >>> layer = torch.nn.Dropout()
+        >>> with eval_mode(layer):
+        ...     layer.training
+        False
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _has_batch_of_one(args: tuple, kwargs: dict) -> bool:
+    leaves = [leaf for leaf in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+    return bool(leaves) and any(leaf.dim() >= 2 and leaf.shape[0] == 1 for leaf in leaves)
+
+
+def _double_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def double(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1 and leaf.shape[0] == 1:
+            return torch.cat([leaf, leaf])
+        return leaf
+
+    return torch.utils._pytree.tree_map(double, (args, kwargs))
 
 
 def flat_graph_inputs(graph_module: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:

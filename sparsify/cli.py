@@ -1,4 +1,4 @@
-"""`sparsify-cli`: the command line front door (sites, apply, demo)."""
+"""`sparsify-cli`: the command line front door (sites, search, report, apply, export, calibrate, demo)."""
 
 from __future__ import annotations
 
@@ -253,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # --model mymodule:factory from the current directory
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],

@@ -29,3 +29,7 @@ class UnsupportedError(SparsifyError):
 
 class PassError(SparsifyError):
     """A graph pass failed; the message names the pass and the passes that ran before it."""
+
+
+class InputError(SparsifyError, TypeError):
+    """Example inputs, calibration batches or call arguments of the wrong structure."""

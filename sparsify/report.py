@@ -94,18 +94,18 @@ def render_png(strategy: Strategy, path: str | os.PathLike, profile_maps: dict[s
                *, max_sites: int = 8) -> None:
     """Draw, per site and head, the profiled attention map (when known) above the chosen block mask."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         raise SparsifyError("the picture needs matplotlib: pip install 'sparsify-attention[report]'") from None
     fingerprints = {entry["name"]: entry for entry in strategy.fingerprint}
     names = list(strategy.sites)[:max_sites]
     heads = max(strategy.sites[n].num_heads for n in names)
     rows_per_site = 2 if profile_maps else 1
-    figure, axes = plt.subplots(len(names) * rows_per_site, heads, squeeze=False,
-                                figsize=(1.6 * heads, 1.7 * len(names) * rows_per_site))
+    # A Figure with its own Agg canvas: no pyplot, so the process's matplotlib backend is untouched.
+    figure = Figure(figsize=(1.6 * heads, 1.7 * len(names) * rows_per_site))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(names) * rows_per_site, heads, squeeze=False)
     for site_index, name in enumerate(names):
         site_strategy = strategy.sites[name]
         entry = fingerprints.get(name, {})
@@ -132,7 +132,6 @@ def render_png(strategy: Strategy, path: str | os.PathLike, profile_maps: dict[s
                     else "chosen block masks", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def _short(text: str, limit: int = 28) -> str:

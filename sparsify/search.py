@@ -119,12 +119,22 @@ def collect_batches(model: torch.nn.Module, calib_loader: Any) -> list[tuple[tup
         recorded: list[tuple[tuple, dict]] = []
 
         class _Recorder(torch.nn.Module):
+            """Stands in for the model in ``forward_loop``: records each call's inputs (copies)."""
+
             def __init__(self):
                 super().__init__()
                 self.inner = model
 
+            def __getattr__(self, name: str) -> Any:
+                try:
+                    return super().__getattr__(name)
+                except AttributeError:
+                    return getattr(self.inner, name)  # model.device, model.config, ...
+
             def forward(self, *args, **kwargs):
-                recorded.append((args, kwargs))
+                # Copies: a loop that updates its latents in place must not rewrite earlier batches.
+                recorded.append(torch.utils._pytree.tree_map(
+                    lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs)))
                 return self.inner(*args, **kwargs)
 
         with torch.no_grad():
@@ -225,7 +235,9 @@ def _profile_candidates(mass: torch.Tensor, block_size: int, site: AttentionSite
     # Vertical-slash: strongest key columns (relative) and diagonals.
     column_mass = mass.sum(0)
     top_columns = column_mass.topk(min(4, k_blocks)).indices.tolist()
-    vertical = sorted({round((c * block_size + block_size / 2) / max(site.k_len, 1), 4) for c in top_columns if c > 0})
+    key_length = k_blocks * block_size  # the profile's length, not the captured one
+    vertical = sorted({round((c * block_size + block_size / 2) / key_length, 4) for c in top_columns if c > 0})
+    vertical = [position for position in vertical if position < 1]
     slash = sorted({int(o) * block_size for o in per_offset.topk(min(4, per_offset.numel())).indices.tolist()})
     if vertical or slash:
         found.append(pattern_library.vertical_slash(vertical, slash, block_size) | pattern_library.attention_sinks(block_size))

@@ -114,3 +114,43 @@ def test_fixed_keyword_arguments_are_checked():
     compiled = sparsify.compile(model, strategy=Strategy.dense(sites), example_inputs=inputs)
     with pytest.raises(SparsifyError, match="use_cache"):
         compiled(**inputs, use_cache=True)
+
+
+def test_batch_one_capture_serves_other_batches_and_mismatched_calls_are_explained():
+    layer = torch.nn.TransformerEncoderLayer(64, 4, batch_first=True)  # left in training mode
+    x = torch.randn(1, 128, 64)
+    sites = sparsify.find_attention(layer, (x,))
+    compiled = sparsify.compile(layer, strategy=Strategy.uniform(sites, patterns.sliding_window(32), block_size=32),
+                                example_inputs=(x,))
+    assert layer.training and all(module.training for module in layer.modules())  # flags restored
+    assert compiled(torch.randn(3, 128, 64)).shape == (3, 128, 64)
+    compiled.eval()
+    with pytest.raises(sparsify.errors.InputError, match="captured for calls like"):
+        compiled(torch.randn(2, 128, 64), torch.randn(3))
+
+
+def test_forward_loop_may_touch_model_attributes_and_update_inputs_in_place():
+    model, (x,) = model_zoo.manual(seq=64)
+
+    def forward_loop(module):
+        latent = x.clone()
+        for _ in range(3):
+            assert module.heads == 4  # attributes of the user's model are reachable
+            module(latent)
+            latent.mul_(0.5)
+
+    from sparsify.search import collect_batches
+
+    batches = collect_batches(model, forward_loop)
+    assert not torch.equal(batches[0][0][0], batches[1][0][0])
+    compiled = sparsify.compile(model, forward_loop, strategy=Strategy.dense(sparsify.find_attention(model, (x,))))
+    assert compiled.rewritten_sites == 0
+
+
+def test_compile_does_not_touch_the_global_random_generator():
+    model, (x,) = model_zoo.manual(seq=64)
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    sparsify.compile(model, [x, x + 1, x - 1], progress=False)
+    assert torch.equal(torch.rand(1), expected)
