@@ -88,8 +88,10 @@ class FindAttention(GraphPass):
         self.example_inputs = example_inputs
         self.root = root
         self.skipped: list[str] = []
+        self._graph_module: torch.fx.GraphModule | None = None
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        self._graph_module = graph_module
         graph = graph_module.graph
         # Export's dtype assertions would keep replaced nodes alive; they check nothing we rely on.
         for node in list(graph.nodes):
@@ -246,8 +248,10 @@ class FindAttention(GraphPass):
                 current = source
             elif kind == "where":
                 condition, source, other = current.args[:3]
-                if not (is_float_scalar(other) and float(other) <= _MASKING_FILL):
-                    self._skip(softmax, "where() that is not a mask")
+                fill = _constant_value(other, self._graph_module)
+                if not (fill is not None and fill <= _MASKING_FILL):
+                    self._skip(softmax, "where(cond, scores, other) whose `other` is not a constant masking value "
+                                        "(<= -1e4); if the model offers attn_implementation='sdpa', use it")
                     return None
                 steps.append(("keep", condition))
                 current = source
@@ -365,6 +369,26 @@ class FindAttention(GraphPass):
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _constant_value(value: Any, graph_module: torch.fx.GraphModule | None) -> float | None:
+    """The number a constant operand holds: a Python number, a 0-d/1-element tensor built by
+    ``full``/``scalar_tensor`` in the graph, or a captured constant tensor; else None."""
+    if is_float_scalar(value):
+        return float(value)
+    if not isinstance(value, torch.fx.Node):
+        return None
+    if value.target in (aten.full.default, aten.scalar_tensor.default, aten.full_like.default):
+        fill = value.args[1] if value.target != aten.scalar_tensor.default else value.args[0]
+        size = value.args[0] if value.target == aten.full.default else []
+        if is_float_scalar(fill) and (value.target != aten.full.default or all(s == 1 for s in size)):
+            return float(fill)
+        return None
+    if value.op == "get_attr" and graph_module is not None:
+        tensor = getattr(graph_module, str(value.target), None)
+        if isinstance(tensor, torch.Tensor) and tensor.numel() == 1:
+            return float(tensor.reshape(()))
+    return None
 
 
 def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:

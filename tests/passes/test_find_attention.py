@@ -114,6 +114,27 @@ def test_video_transformer_builtin_example():
     assert all(not s.has_mask for s in sites)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_hf_eager_attention_is_matched_by_structure(family):
+    model, inputs = getattr(model_zoo, family)()
+    model.config._attn_implementation = "eager"  # the hand-written matmul-softmax-matmul path
+    sites = captured_matches_model(model, inputs, 2)
+    assert all(s.source == "manual" and s.has_mask for s in sites)
+    assert all(s.causal for s in sites) == (family == "gpt2")
+
+
+def test_where_with_a_constant_tensor_fill():
+    class WhereMasked(nn.Module):
+        def forward(self, q, k, v):
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+            fill = torch.full([], torch.finfo(scores.dtype).min, dtype=scores.dtype)
+            return torch.where(causal, scores, fill).softmax(-1) @ v
+
+    sites = captured_matches_model(WhereMasked(), tuple(torch.randn(2, 2, 24, 8) for _ in range(3)), 1)
+    assert sites[0].causal and sites[0].has_mask
+
+
 # -- SDPA variants ------------------------------------------------------------------------------
 
 class SdpaVariant(nn.Module):
