@@ -184,7 +184,27 @@ def _export(model, args, kwargs, signature, dynamic: bool) -> torch.fx.GraphModu
     dynamic_shapes = _dynamic_shapes(args, kwargs, signature) if dynamic else None
     with torch.no_grad():
         program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    return program.module()
+    graph_module = program.module()
+    if dynamic:
+        _views_to_reshapes(graph_module)
+    return graph_module
+
+
+def _views_to_reshapes(graph_module: torch.fx.GraphModule) -> None:
+    """Turn ``aten.view`` into ``aten.reshape`` in a dynamically captured graph.
+
+    Export drops ``.contiguous()`` calls that were no-ops on the example's strides; at another
+    batch or length (or after a kernel that returns another layout, as cuBLAS may) the ``view``
+    that followed can then fail. ``reshape`` is the same view where one exists and a copy
+    otherwise; the captured graph is functional, so nothing relies on the aliasing.
+    """
+    changed = False
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+            changed = True
+    if changed:
+        graph_module.recompile()
 
 
 def _symbolic_trace(model, args, kwargs) -> torch.fx.GraphModule:
