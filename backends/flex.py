@@ -14,13 +14,12 @@ CUDA only: FlexAttention's CPU path is slow or missing depending on the torch ve
 
 from __future__ import annotations
 
-import collections
 import functools
 import inspect
 import threading
-import weakref
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from sparsify.backends.base import Backend, register_backend
 from sparsify.errors import UnsupportedError
@@ -32,8 +31,6 @@ __all__ = ["FlexBackend"]
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 _CACHE_SIZE = 128
-_mask_cache: collections.OrderedDict = collections.OrderedDict()
-_cache_lock = threading.Lock()
 
 
 def _flex_module():
@@ -73,6 +70,29 @@ class FlexBackend(Backend):
             return f"head dim {head_dim} is over FlexAttention's limit {_MAX_HEAD_DIM}"
         return None
 
+    def __init__(self) -> None:
+        # BlockMasks per tables object, owned by this backend instance (the rewrite keeps one per
+        # site, dtype and device); an entry dies with its tables.
+        self._block_masks: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._block_masks_lock = threading.Lock()
+
+    def _cached_block_mask(self, tables: BlockTables, device: torch.device):
+        key = ((tables.kv_indices._version, tables.kv_counts._version, id(tables.kv_counts)), tables.block_size,
+               tables.q_len, tables.k_len, bool(tables.causal), str(device))
+        with self._block_masks_lock:
+            per_tables = self._block_masks.get(tables.kv_indices)
+            if per_tables is not None and key in per_tables:
+                return per_tables[key]
+        full, partial = _block_classes(tables, device)
+        mask_mod = _causal_mask_mod if tables.causal else None
+        block_mask = _from_kv_blocks(*_ordered(partial), *_ordered(full), tables, mask_mod)
+        with self._block_masks_lock:
+            per_tables = self._block_masks.setdefault(tables.kv_indices, {})
+            per_tables[key] = block_mask
+            while len(per_tables) > _CACHE_SIZE:
+                per_tables.pop(next(iter(per_tables)))
+        return block_mask
+
     def attention(
         self,
         q: torch.Tensor,
@@ -90,7 +110,7 @@ class FlexBackend(Backend):
         k, v, enable_gqa = _kv_for_heads(k, v, tables)
         score_mod = None
         if attn_mask is None:
-            block_mask = _cached_block_mask(tables, q.device)
+            block_mask = self._cached_block_mask(tables, q.device)
         else:
             mask = attn_mask.expand(batch, heads, q_len, tables.k_len)
             block_mask, score_mod = _masked_block_mask(tables, q.device, mask)
@@ -160,25 +180,6 @@ def _from_kv_blocks(counts, indices, full_counts, full_indices, tables: BlockTab
         counts, indices, full_counts, full_indices, BLOCK_SIZE=tables.block_size,
         mask_mod=mask_mod, seq_lengths=(tables.q_len, tables.k_len), **kwargs,
     )
-
-
-def _cached_block_mask(tables: BlockTables, device: torch.device):
-    tensors = (tables.kv_indices, tables.kv_counts)
-    key = (tuple((id(t), t._version) for t in tensors), tables.block_size, tables.q_len,
-           tables.k_len, bool(tables.causal), str(device))
-    with _cache_lock:
-        hit = _mask_cache.get(key)
-        if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
-            _mask_cache.move_to_end(key)
-            return hit[1]
-    full, partial = _block_classes(tables, device)
-    mask_mod = _causal_mask_mod if tables.causal else None
-    block_mask = _from_kv_blocks(*_ordered(partial), *_ordered(full), tables, mask_mod)
-    with _cache_lock:
-        _mask_cache[key] = (tuple(weakref.ref(t) for t in tensors), block_mask)
-        while len(_mask_cache) > _CACHE_SIZE:
-            _mask_cache.popitem(last=False)
-    return block_mask
 
 
 def _masked_block_mask(tables: BlockTables, device: torch.device, attn_mask: torch.Tensor):

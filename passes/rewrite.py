@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Block tables kept per SparseAttention for sequence lengths other than the captured one.
+TABLE_CACHE_SIZE = 16
 # Backends backend="auto" considers; among those that support a call, the cost model's fastest serves it.
 AUTO_BACKEND_ORDER = ("triton", "flex", "torch")
 
@@ -129,6 +131,8 @@ class SparseAttention(torch.nn.Module):
         captured = (q_len, k_len) == self._captured_lengths and self.kv_indices.device == device
         key = (q_len, k_len, str(device), self.kv_indices.data_ptr() if captured else 0)
         if key not in self._table_cache:
+            if len(self._table_cache) >= TABLE_CACHE_SIZE:
+                self._table_cache.pop(next(iter(self._table_cache)))  # oldest length first
             if captured:
                 self._table_cache[key] = BlockTables(self.kv_indices, self.kv_counts, self.sparse_kv_heads,
                                                      self.block_size, q_len, k_len, self.site.causal)
