@@ -81,18 +81,51 @@ class TritonBackend(Backend):
         attn_mask: torch.Tensor | None = None,
         scale: float | None = None,
     ) -> torch.Tensor:
-        if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+        if not q.is_cuda and not (q.device.type == "cpu" and _interpreting()):
             raise UnsupportedError(f"the triton backend needs CUDA tensors, got {q.device.type}")
-        from sparsify.backends import triton_kernels as kernels
-
+        kernels = _kernels()
         plan = _get_plan(tables, q.device)
         return kernels.block_sparse_attention(q, k, v, tables, attn_mask=attn_mask, scale=scale, plan=plan)
 
 
-def _get_plan(tables: BlockTables, device: torch.device):
-    from sparsify.backends import triton_kernels as kernels
+_kernels_module = None
 
+
+def _kernels():
+    global _kernels_module
+    if _kernels_module is None:
+        from sparsify.backends import triton_kernels
+
+        _kernels_module = triton_kernels
+    return _kernels_module
+
+
+# Last plan per tables object (by id, checked through weak references and tensor versions):
+# the common case of one tables object called again and again skips the keyed cache below.
+_recent_plans: dict = {}
+
+
+def _get_plan(tables: BlockTables, device: torch.device):
     tensors = (tables.kv_indices, tables.kv_counts, tables.kv_head_index)
+    scalars = (tables.block_size, tables.q_len, tables.k_len, bool(tables.causal), device)
+    recent = _recent_plans.get(id(tables))
+    if recent is not None:
+        tref, refs, versions, rscalars, plan = recent
+        if (tref() is tables and rscalars == scalars
+                and all(ref() is t and t._version == ver for ref, t, ver in zip(refs, tensors, versions))):
+            return plan
+    plan = _get_plan_keyed(tables, device, tensors)
+    entry = (weakref.ref(tables), tuple(weakref.ref(t) for t in tensors),
+             tuple(t._version for t in tensors), scalars, plan)
+    with _plan_lock:
+        while len(_recent_plans) >= _PLAN_CACHE_SIZE:
+            _recent_plans.pop(next(iter(_recent_plans)))
+        _recent_plans[id(tables)] = entry
+    return plan
+
+
+def _get_plan_keyed(tables: BlockTables, device: torch.device, tensors: tuple):
+    kernels = _kernels()
     key = (tuple((id(t), t._version) for t in tensors), tables.block_size, tables.q_len,
            tables.k_len, bool(tables.causal), str(device))
     with _plan_lock:

@@ -34,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import threading
 
 import torch
 import triton
@@ -314,6 +316,15 @@ def block_sparse_attention(
     use_tma: bool | None = None,
 ) -> torch.Tensor:
     """Run the fused kernel; shapes and semantics as `sparsify.backends.base.Backend.attention`."""
+    fast_key = None
+    if (FAST_LAUNCH and plan is not None and attn_mask is None and config is None and use_tma is None
+            and q.is_cuda and _knobs is not None and _raw_stream is not None):
+        fast_key = _fast_key(q, k, v, plan, tables)
+        rec = _launch_cache.get(fast_key)
+        if (rec is not None and rec.plan is plan and rec.device_index == _current_device() and _hooks_off()):
+            return _fast_launch(rec, q, k, v, scale)
+        if not _hooks_off():
+            fast_key = None
     check_inputs(q, k, v, tables)
     batch, heads, q_len, head_d = q.shape
     head_dv = v.shape[-1]
@@ -345,20 +356,133 @@ def block_sparse_attention(
         )
     num_tiles = plan.work.numel() * (bs // config.block_m) * batch
     grid = (num_tiles,)
-    _block_sparse_fwd_kernel[grid](
+    # Every kernel parameter in signature order (constexprs included), as Triton binds them.
+    args = [
         *operands, mask_arg,
         idx, plan.n_full, plan.n_use, plan.kv_head_index, plan.work,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstrides,
         idx.stride(0), idx.stride(1),
         q_len, tables.k_len, tables.q_blocks, batch, float(scale) * LOG2E,
-        HEAD_D=head_d, HEAD_DV=head_dv,
-        BLOCK_D=block_d, BLOCK_DV=block_dv,
-        BLOCK_SIZE=bs, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        CAUSAL=bool(tables.causal), MASK_KIND=kind, MASK_PER_KEY=mask is not None and mstrides[2] == 0,
-        DOT_PRECISION="tf32" if q.dtype == torch.float32 else "ieee", USE_TMA=use_tma,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+        head_d, head_dv, block_d, block_dv,
+        bs, config.block_m, config.block_n,
+        bool(tables.causal), kind, mask is not None and mstrides[2] == 0,
+        "tf32" if q.dtype == torch.float32 else "ieee", use_tma,
+    ]
+    kernel = _block_sparse_fwd_kernel[grid](*args, num_warps=config.num_warps, num_stages=config.num_stages)
+    if fast_key is not None:
+        _remember_launch(fast_key, kernel, plan, args, grid[0], out, use_tma, q.device)
     return out
+
+
+# ------------------------------------------------------------------ host fast path
+# A call whose launch is fully determined by (plan, shapes, strides, dtypes, 16-byte alignment of
+# the inputs, device) reuses the compiled kernel and every launch argument of the first such call:
+# no input checks, no Triton argument binding/specialization/cache-key hashing, no grid or
+# config derivation. Per call it only allocates the output, copies four cached TMA descriptor
+# templates with new base tensors (or passes the tensors), and calls Triton's launcher directly.
+# Only calls without attn_mask/config/use_tma overrides and with a caller-cached plan take it
+# (the backend's plans are cached per tables). Set SPARSIFY_TRITON_FAST_LAUNCH=0 to disable.
+FAST_LAUNCH = os.environ.get("SPARSIFY_TRITON_FAST_LAUNCH", "1") != "0"
+_LAUNCH_CACHE_SIZE = 256
+_launch_cache: dict = {}
+_launch_lock = threading.Lock()
+_SCALE_POS = 36  # index of qk_scale in the kernel's parameter list
+_HEAD_D_POS = 37  # index of HEAD_D
+_OPERAND_POS = (0, 1, 2, 3)
+_MASK_POS = 4
+_names = getattr(_block_sparse_fwd_kernel, "arg_names", None)
+if _names is None or len(_names) != 49 or (_names[_SCALE_POS], _names[_HEAD_D_POS], _names[_MASK_POS]) != (
+        "qk_scale", "HEAD_D", "Mask"):
+    FAST_LAUNCH = False  # the argument template below would not match the kernel
+del _names
+
+try:  # the raw stream getter Triton's own launch path uses
+    _raw_stream = torch._C._cuda_getCurrentRawStream
+    _current_device = torch._C._cuda_getDevice
+except AttributeError:  # CPU-only torch builds
+    _raw_stream = _current_device = None
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # older Triton: no direct-launch path
+    _knobs = None
+
+
+class _Launch:
+    """Cached launch of one (plan, input layout): compiled kernel, grid and argument template."""
+
+    __slots__ = ("plan", "run", "function", "packed", "args", "grid0", "out_shape", "dtype", "device",
+                 "descs", "default_qk_scale", "device_index")
+
+
+def _fast_key(q, k, v, plan, tables):
+    return (id(plan), q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype,
+            v.dtype, q.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
+            tables.block_size, tables.q_len, tables.k_len, tables.causal)
+
+
+def _hooks_off() -> bool:
+    """No launch hooks set (Triton >= 3.5 keeps them as `HookChain`s, empty unless a profiler
+    such as proton adds one). The direct launch passes no hooks, so it is only taken then."""
+    rt = _knobs.runtime
+    enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+    return ((enter is None or not getattr(enter, "calls", True))
+            and (leave is None or not getattr(leave, "calls", True)))
+
+
+def _remember_launch(key, kernel, plan, args, grid0, out, use_tma, device) -> None:
+    run = getattr(kernel, "run", None)
+    function = getattr(kernel, "function", None)
+    packed = getattr(kernel, "packed_metadata", None)
+    if run is None or function is None or packed is None:  # not a compiled CUDA kernel
+        return
+    if device.index is None or _current_device() != device.index:  # launched on another device
+        return
+    rec = _Launch()
+    rec.plan = plan  # keeps id(plan) in the key unique while cached
+    rec.run, rec.function, rec.packed = run, function, packed
+    template = list(args)
+    descs = None
+    if use_tma:  # attribute dicts of the descriptors; the base tensor is replaced per call
+        descs = tuple(dict(vars(template[i]), base=None) for i in _OPERAND_POS)
+    for i in (*_OPERAND_POS, _MASK_POS):
+        template[i] = None  # hold no reference to this call's tensors
+    rec.args = template
+    rec.descs = descs
+    rec.grid0 = grid0
+    rec.out_shape = tuple(out.shape)
+    rec.dtype = out.dtype
+    rec.device = out.device
+    rec.device_index = device.index
+    rec.default_qk_scale = float(1.0 / math.sqrt(args[_HEAD_D_POS])) * LOG2E  # as the slow path
+    with _launch_lock:
+        while len(_launch_cache) >= _LAUNCH_CACHE_SIZE:
+            _launch_cache.pop(next(iter(_launch_cache)))
+        _launch_cache[key] = rec
+
+
+def _fast_launch(rec: _Launch, q, k, v, scale) -> torch.Tensor:
+    out = torch.empty(rec.out_shape, dtype=rec.dtype, device=rec.device)
+    args = rec.args.copy()
+    if rec.descs is None:
+        args[0] = q
+        args[1] = k
+        args[2] = v
+        args[3] = out
+    else:
+        new = _TD_NEW
+        for i, t in enumerate((q, k, v, out)):
+            d = new(TensorDescriptor)
+            d.__dict__.update(rec.descs[i])
+            d.base = t
+            args[i] = d
+    args[_MASK_POS] = q
+    args[_SCALE_POS] = rec.default_qk_scale if scale is None else float(scale) * LOG2E
+    rec.run(rec.grid0, 1, 1, _raw_stream(rec.device_index), rec.function, rec.packed, None, None, None, *args)
+    return out
+
+
+_TD_NEW = object.__new__
 
 
 @functools.lru_cache(maxsize=None)

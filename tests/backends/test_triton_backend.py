@@ -306,3 +306,30 @@ def test_gpu_padding_mask_bf16():
     out = get_backend("triton").attention(q, k, v, tables.to(DEVICE), attn_mask=mask)
     ref = dense_reference(q, k, v, tables, attn_mask=mask)
     assert rel_err(out, ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dim,dtype", [(128, torch.bfloat16), (80, torch.float16), (64, torch.float32)])
+def test_gpu_fast_launch_matches_the_full_path(dim, dtype, monkeypatch):
+    """Repeat calls take the cached direct launch; results are bitwise those of the full path."""
+    gen = torch.Generator().manual_seed(11)
+    batch, heads, kv_heads, seq = 2, 4, 2, 1000
+    tables = random_tables(gen, heads, kv_heads, seq, seq, 128, True, density=0.4).to(DEVICE)
+    backend = get_backend("triton")
+    triton_kernels._launch_cache.clear()
+    for step in range(3):  # new inputs each call: descriptors/pointers must follow them
+        q, k, v = make_qkv(gen, batch, heads, kv_heads, seq, seq, dim, dtype)
+        for scale in (None, 0.3):
+            fast = backend.attention(q, k, v, tables, scale=scale)
+            monkeypatch.setattr(triton_kernels, "FAST_LAUNCH", False)
+            full = backend.attention(q, k, v, tables, scale=scale)
+            monkeypatch.setattr(triton_kernels, "FAST_LAUNCH", True)
+            assert torch.equal(fast, full)
+    assert len(triton_kernels._launch_cache) == 1
+    # A strided view of other inputs (different strides) is a different launch, still right.
+    q2 = torch.randn(batch, seq, heads, dim, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+    out = backend.attention(q2, k, v, tables)
+    ref = dense_reference(q2.float(), k.float(), v.float(), tables)
+    assert rel_err(out, ref) <= 2 * TOL[dtype]
+    assert len(triton_kernels._launch_cache) == 2
