@@ -46,3 +46,22 @@ def masked_attention_reference(q, k, v, keep: torch.Tensor, scale: float | None 
     scores = scores.masked_fill(~keep, float("-inf"))
     probabilities = torch.softmax(scores, -1).nan_to_num(0.0)
     return (probabilities @ v.double()).to(q.dtype)
+
+
+def tables_reference(q, k, v, tables, attn_mask=None, scale=None):
+    """Dense attention in float64 under ``tables.element_mask()`` and ``attn_mask`` (rows with no key → 0).
+
+    Query head ``h`` reads key/value head ``tables.kv_head_index[h]``.
+    """
+    index = tables.kv_head_index.to(q.device)
+    kk, vv = k.double().index_select(1, index), v.double().index_select(1, index)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q.double() @ kk.transpose(-1, -2)) * scale
+    visible = tables.element_mask().to(q.device)[None]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            visible = visible & attn_mask
+        else:
+            scores = scores + attn_mask.double()
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, -1).nan_to_num(0.0) @ vv

@@ -11,6 +11,7 @@ import sparsify.backends.flex  # noqa: F401  (registers "flex")
 from sparsify.backends import get_backend
 from sparsify.site import AttentionSite
 from sparsify.tables import BlockTables
+from helpers import tables_reference
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
@@ -35,18 +36,7 @@ def random_tables(gen, heads, kv_heads, q_len, k_len, block, causal, density=0.4
     )
 
 
-def dense_reference(q, k, v, tables, attn_mask=None):
-    index = tables.kv_head_index.to(q.device)
-    kk, vv = k.double().index_select(1, index), v.double().index_select(1, index)
-    scores = (q.double() @ kk.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    visible = tables.element_mask().to(q.device)[None]
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            visible = visible & attn_mask
-        else:
-            scores = scores + attn_mask.double()
-    scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, -1).nan_to_num(0.0) @ vv
+dense_reference = tables_reference
 
 
 def rel_err(out, ref):

@@ -53,6 +53,7 @@ def _interpreter_on_cpu(monkeypatch):
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from helpers import tables_reference
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -68,20 +69,7 @@ def random_tables(gen, heads, kv_heads, q_len, k_len, block, causal, density=0.5
     )
 
 
-def dense_reference(q, k, v, tables, attn_mask=None, scale=None):
-    """Dense attention under ``tables.element_mask()`` in float64 (rows with no key -> 0)."""
-    index = tables.kv_head_index.to(q.device)
-    kk, vv = k.double().index_select(1, index), v.double().index_select(1, index)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q.double() @ kk.transpose(-1, -2)) * scale
-    visible = tables.element_mask().to(q.device)[None]
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            visible = visible & attn_mask
-        else:
-            scores = scores + attn_mask.double()
-    scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, -1).nan_to_num(0.0) @ vv
+dense_reference = tables_reference
 
 
 def rel_err(out, ref):
