@@ -13,7 +13,7 @@ from sparsify.errors import StrategyError, UnsupportedError
 from sparsify.ops import dense_attention
 from sparsify.passes.infra import SITE_META_KEY, GraphPass, attention_nodes
 from sparsify.site import AttentionSite
-from sparsify.tables import BlockTables
+from sparsify.tables import BlockTables, blocks_for
 
 if TYPE_CHECKING:
     from sparsify.patterns import Pattern
@@ -107,8 +107,8 @@ class SparseAttention(torch.nn.Module):
                 f"block_size={self.block_size}, backend={self.backend!r}")
 
     def _build_tables(self, q_len: int, k_len: int, device: torch.device) -> BlockTables:
-        q_blocks = -(-q_len // self.block_size)
-        k_blocks = -(-k_len // self.block_size)
+        q_blocks = blocks_for(q_len, self.block_size)
+        k_blocks = blocks_for(k_len, self.block_size)
         sparse = [self.head_patterns[h] for h in self.sparse_heads.tolist()]
         if sparse:
             masks = torch.stack([

@@ -7,7 +7,6 @@ import importlib
 import json
 import logging
 import sys
-import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -150,6 +149,7 @@ def command_demo(args: argparse.Namespace) -> int:
     """Built-in example end to end: find sites, apply window + sinks, compare and time."""
     import sparsify
     from sparsify import patterns
+    from sparsify.cost import time_call
 
     model, (tokens,) = sparsify.examples.video_transformer(seq_frames=args.frames)
     print(f"model: VideoTransformer, {tokens.shape[1]} tokens, random weights\n")
@@ -163,8 +163,8 @@ def command_demo(args: argparse.Namespace) -> int:
     compiled = sparsify.compile(model, strategy=strategy, example_inputs=(tokens,))
     print(compiled.report(), "\n")
     with torch.no_grad():
-        dense_time = _time(lambda: model(tokens))
-        sparse_time = _time(lambda: compiled(tokens))
+        dense_time = time_call(lambda: model(tokens))
+        sparse_time = time_call(lambda: compiled(tokens))
         error = _relative_error(compiled(tokens), model(tokens))
     print(f"output relative L2 error vs dense: {error:.3e}")
     print(f"model forward on CPU: dense {dense_time * 1e3:.1f} ms, sparsified {sparse_time * 1e3:.1f} ms "
@@ -180,16 +180,6 @@ def _relative_error(output: Any, reference: Any) -> float:
 
     output, reference = first_output_tensor(output), first_output_tensor(reference)
     return float((output.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30))
-
-
-def _time(function: Callable[[], Any], repeats: int = 3) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def build_parser() -> argparse.ArgumentParser:

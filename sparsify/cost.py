@@ -24,6 +24,7 @@ import torch
 
 from sparsify.errors import SparsifyError
 from sparsify.site import AttentionSite
+from sparsify.tables import blocks_for
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class CostModel:
                             batch: int = 1, q_len: int | None = None) -> float:
         """Marginal latency of one sparse head keeping ``kept_blocks`` blocks in all."""
         costs = self.costs(backend, device)
-        q_blocks = -(-(q_len or site.q_len) // block_size)
+        q_blocks = blocks_for(q_len or site.q_len, block_size)
         return batch * (q_blocks * costs.per_row_block + kept_blocks * block_size**2 * site.head_dim * costs.per_block_element)
 
     def dense_latency(self, site: AttentionSite, *, backend: str, device, batch: int = 1) -> float:
@@ -253,7 +254,14 @@ def _gpu_models(name: str) -> set[str]:
             if re.fullmatch(r"[A-Z]{1,3}\d{2,4}[A-Z]?", token) and not token.startswith(("HBM", "GDDR"))}
 
 
-def _time(function: Callable[[], Any], device: torch.device, repeats: int) -> float:
+def time_call(function: Callable[[], Any], device: torch.device | str = "cpu", repeats: int = 3) -> float:
+    """Seconds of one call of ``function`` on ``device``: the fastest of ``repeats`` after a warm-up.
+
+    Example:
+        >>> time_call(lambda: torch.ones(8).sum()) >= 0
+        True
+    """
+    device = torch.device(device)
     function()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -292,15 +300,15 @@ def calibrate(backend: str = "torch", device: str | torch.device = "cpu", *, dty
     dense_times: list[float] = []
     for length in lengths:
         q, k, v = (torch.randn(1, heads, length, head_dim, generator=generator).to(device, dtype) for _ in range(3))
-        dense_times.append(_time(lambda: dense_attention(q, k, v), device, repeats))
+        dense_times.append(time_call(lambda: dense_attention(q, k, v), device, repeats))
         dense_rows.append([1.0, heads * length * length * head_dim])
-        blocks = -(-length // block_size)
+        blocks = blocks_for(length, block_size)
         for density in densities:
             masks = torch.rand(heads, blocks, blocks, generator=generator) < density
             masks |= torch.eye(blocks, dtype=torch.bool)
             tables = BlockTables.from_block_masks(masks, block_size=block_size, q_len=length, k_len=length, causal=False,
                                                   kv_head_index=torch.arange(heads)).to(device)
-            seconds = _time(lambda: implementation.attention(q, k, v, tables), device, repeats)
+            seconds = time_call(lambda: implementation.attention(q, k, v, tables), device, repeats)
             sparse_times.append(seconds)
             sparse_rows.append([1.0, heads * blocks, float(masks.sum()) * block_size**2 * head_dim])
             if progress:

@@ -21,6 +21,8 @@ from typing import Iterator
 
 import torch
 
+from sparsify.tables import blocks_for
+
 # Scores of one chunk are kept under this many bytes (the chunk holds rows × keys per head).
 CHUNK_BYTES = 64 * 2**20
 
@@ -65,7 +67,7 @@ def probability_chunks(
     k = k.to(compute_dtype)
     v = v.to(compute_dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    k_blocks = -(-k_len // block_size)
+    k_blocks = blocks_for(k_len, block_size)
     padded_keys = k_blocks * block_size
     value_blocks = None
     if with_block_values:
@@ -78,7 +80,7 @@ def probability_chunks(
         bytes_per_row += batch * heads * k_blocks * v.shape[-1] * 4
     rows = max(block_size, (chunk_bytes // max(bytes_per_row, 1)) // block_size * block_size)
     if row_offsets is not None:
-        q_blocks = -(-q_len // block_size)
+        q_blocks = blocks_for(q_len, block_size)
         positions = (torch.arange(q_blocks, device=q.device).unsqueeze(1) * block_size + row_offsets.to(q.device)).flatten()
         positions = positions[positions < q_len]
         q = q.index_select(2, positions)
@@ -127,7 +129,7 @@ def probability_chunks(
 def pool_query_blocks(pooled: torch.Tensor, row_start: int, block_size: int) -> torch.Tensor:
     """Sum ``[B, H, rows, key_blocks]`` over batch and the rows of each query block → ``[H, q_blocks_in_chunk, key_blocks]``."""
     batch, heads, rows, k_blocks = pooled.shape
-    padded_rows = -(-rows // block_size) * block_size
+    padded_rows = blocks_for(rows, block_size) * block_size
     padded = torch.nn.functional.pad(pooled, (0, 0, 0, padded_rows - rows))
     return padded.view(batch, heads, padded_rows // block_size, block_size, k_blocks).sum((0, 3))
 
@@ -149,7 +151,7 @@ class BlockMassProfile:
 
     @classmethod
     def empty(cls, heads: int, q_len: int, k_len: int, block_size: int) -> "BlockMassProfile":
-        q_blocks, k_blocks = -(-q_len // block_size), -(-k_len // block_size)
+        q_blocks, k_blocks = blocks_for(q_len, block_size), blocks_for(k_len, block_size)
         return cls(q_len, k_len, block_size, torch.zeros(heads, q_blocks, k_blocks, dtype=torch.float64))
 
     def add(self, q, k, v, attn_mask, is_causal, scale, rows_per_block: int | None = None,
@@ -223,7 +225,7 @@ class CandidateErrors:
                                         row_offsets=offsets):
             outputs.append(chunk.output)
             rows = chunk.row_end - chunk.row_start
-            padded_rows = -(-rows // sampled) * sampled
+            padded_rows = blocks_for(rows, sampled) * sampled
             first_block = chunk.row_start // sampled
             query_blocks = padded_rows // sampled
             batch, _, k_blocks, _, value_dim = chunk.block_values.shape

@@ -11,6 +11,7 @@ from tabulate import tabulate
 
 from sparsify.errors import SparsifyError
 from sparsify.strategy import Strategy
+from sparsify.tables import blocks_for
 
 PROFILE_FORMAT_VERSION = 1
 
@@ -34,8 +35,8 @@ def strategy_table(strategy: Strategy) -> str:
             counts[str(pattern)] = counts.get(str(pattern), 0) + 1
         density = "-"
         if "q_len" in entry and "k_len" in entry:
-            q_blocks = -(-entry["q_len"] // strategy.block_size)
-            k_blocks = -(-entry["k_len"] // strategy.block_size)
+            q_blocks = blocks_for(entry["q_len"], strategy.block_size)
+            k_blocks = blocks_for(entry["k_len"], strategy.block_size)
             values = [0.0 if getattr(p, "is_skip", False) else
                       p.density(q_blocks, k_blocks, block_size=strategy.block_size, causal=entry.get("causal", False),
                                 q_len=entry["q_len"], k_len=entry["k_len"]) for p in site_strategy.heads]
@@ -110,7 +111,7 @@ def render_png(strategy: Strategy, path: str | os.PathLike, profile_maps: dict[s
         site_strategy = strategy.sites[name]
         entry = fingerprints.get(name, {})
         q_len, k_len = entry.get("q_len", 16 * strategy.block_size), entry.get("k_len", 16 * strategy.block_size)
-        q_blocks, k_blocks = -(-q_len // strategy.block_size), -(-k_len // strategy.block_size)
+        q_blocks, k_blocks = blocks_for(q_len, strategy.block_size), blocks_for(k_len, strategy.block_size)
         for head in range(heads):
             row = site_index * rows_per_site
             mask_axis = axes[row + rows_per_site - 1][head]

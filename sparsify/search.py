@@ -31,6 +31,7 @@ from sparsify.patterns import Pattern
 from sparsify.profile import BlockMassProfile, CandidateErrors
 from sparsify.site import AttentionSite
 from sparsify.strategy import SiteStrategy, Strategy
+from sparsify.tables import blocks_for
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +250,31 @@ def _profile_candidates(mass: torch.Tensor, block_size: int, site: AttentionSite
     return found
 
 
-def prefilter_candidates(candidates: Sequence[Pattern], profile: BlockMassProfile, head: int, causal: bool,
+class SiteMasks:
+    """Block masks of one site's candidates, computed once per (pattern, lengths) and shared by the
+    prefilter, the scoring and the costing (heads share most candidates).
+
+    Example:
+        >>> masks = SiteMasks(block_size=64, causal=True)
+        >>> masks.of(pattern_library.sliding_window(64), 256, 256).shape
+        torch.Size([4, 4])
+    """
+
+    def __init__(self, block_size: int, causal: bool):
+        self.block_size = block_size
+        self.causal = causal
+        self._masks: dict[tuple[str, int, int], torch.Tensor] = {}
+
+    def of(self, pattern: Pattern, q_len: int, k_len: int) -> torch.Tensor:
+        key = (repr(pattern.to_dict()), q_len, k_len)
+        if key not in self._masks:
+            self._masks[key] = pattern.block_mask(blocks_for(q_len, self.block_size), blocks_for(k_len, self.block_size),
+                                                  block_size=self.block_size, causal=self.causal,
+                                                  q_len=q_len, k_len=k_len)
+        return self._masks[key]
+
+
+def prefilter_candidates(candidates: Sequence[Pattern], profile: BlockMassProfile, head: int, masks: SiteMasks,
                          min_recall: float, dominance_margin: float = 0.002) -> list[Pattern]:
     """Drop candidates the profile already rules out, before the (costlier) output-error scoring.
 
@@ -257,11 +282,9 @@ def prefilter_candidates(candidates: Sequence[Pattern], profile: BlockMassProfil
     when another keeps no more blocks and at least ``dominance_margin`` more mass. Dense
     (index 0) and skip always stay: their errors are exact without the profile.
     """
-    q_blocks, k_blocks = profile.mass.shape[1:]
-    masks = torch.stack([p.block_mask(q_blocks, k_blocks, block_size=profile.block_size, causal=causal,
-                                      q_len=profile.q_len, k_len=profile.k_len) for p in candidates])
-    recall = profile.recall(masks.unsqueeze(0).expand(profile.mass.shape[0], *masks.shape))[head]
-    kept = masks.flatten(1).sum(1)
+    stacked = torch.stack([masks.of(p, profile.q_len, profile.k_len) for p in candidates])
+    recall = profile.recall(stacked.unsqueeze(0).expand(profile.mass.shape[0], *stacked.shape))[head]
+    kept = stacked.flatten(1).sum(1)
     keep = []
     for index, pattern in enumerate(candidates):
         if index == 0 or _is_skip(pattern):
@@ -405,11 +428,12 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
             progress=tqdm(profile_indices, desc="sparsify: profiling", disable=not progress, unit="batch"))
 
     # 2. candidates per site/head (at the profile's lengths)
+    site_masks = {site.name: SiteMasks(block_size, site.causal) for site in sites}
     candidates: dict[str, list[list[Pattern]]] = {}
     for site in sites:
         per_head = candidate_patterns(site, block_size, profiles.get(site.name))
         if site.name in profiles:
-            per_head = [prefilter_candidates(patterns, profiles[site.name], head, site.causal, config.min_recall)
+            per_head = [prefilter_candidates(patterns, profiles[site.name], head, site_masks[site.name], config.min_recall)
                         for head, patterns in enumerate(per_head)]
         candidates[site.name] = per_head
 
@@ -422,7 +446,7 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
     def score_site(site, q, k, v, attn_mask, is_causal, scale):
         key = (site.name, q.shape[2], k.shape[2])
         if key not in mask_cache:
-            mask_cache[key] = _candidate_masks(candidates[site.name], q.shape[2], k.shape[2], block_size, site.causal, q.device)
+            mask_cache[key] = _candidate_masks(candidates[site.name], q.shape[2], k.shape[2], site_masks[site.name], q.device)
         masks, skips = mask_cache[key]
         return scores[site.name].add(q, k, v, attn_mask, is_causal or site.causal, scale, block_size, masks, skips,
                                      rows_per_block=config.score_rows_per_block, generator=generator)
@@ -433,8 +457,8 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
     # 5. choose
     options: dict[str, list[HeadOptions]] = {}
     for site in sites:
-        options[site.name] = _head_options(site, candidates[site.name], scores[site.name], block_size, cost_model,
-                                           backend, device, config)
+        options[site.name] = _head_options(site, candidates[site.name], scores[site.name], site_masks[site.name],
+                                           cost_model, backend, device, config)
     chosen = _choose(sites, options, config)
     strategy = _build_strategy(sites, options, chosen, block_size, config, cost_model, backend, device)
     return SearchResult(strategy, captured, list(sites), profiles, options, [batches[i] for i in holdout_indices],
@@ -452,21 +476,10 @@ def _device_of(graph_module: torch.nn.Module) -> torch.device:
     return device_of(graph_module)
 
 
-def _candidate_masks(per_head: list[list[Pattern]], q_len: int, k_len: int, block_size: int, causal: bool,
+def _candidate_masks(per_head: list[list[Pattern]], q_len: int, k_len: int, site_masks: SiteMasks,
                      device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    q_blocks, k_blocks = -(-q_len // block_size), -(-k_len // block_size)
-    masks, skips = [], []
-    cache: dict[str, torch.Tensor] = {}
-    for candidates in per_head:
-        head_masks = []
-        for pattern in candidates:
-            key = repr(pattern.to_dict())
-            if key not in cache:
-                cache[key] = pattern.block_mask(q_blocks, k_blocks, block_size=block_size, causal=causal,
-                                                q_len=q_len, k_len=k_len)
-            head_masks.append(cache[key])
-        masks.append(torch.stack(head_masks).to(device))
-        skips.append(torch.tensor([_is_skip(p) for p in candidates], device=device))
+    masks = [torch.stack([site_masks.of(p, q_len, k_len) for p in candidates]).to(device) for candidates in per_head]
+    skips = [torch.tensor([_is_skip(p) for p in candidates], device=device) for candidates in per_head]
     return masks, skips
 
 
@@ -474,11 +487,10 @@ def _is_skip(pattern: Pattern) -> bool:
     return bool(getattr(pattern, "is_skip", False))
 
 
-def _head_options(site: AttentionSite, candidates: list[list[Pattern]], scores: CandidateErrors, block_size: int,
+def _head_options(site: AttentionSite, candidates: list[list[Pattern]], scores: CandidateErrors, site_masks: SiteMasks,
                   cost_model: CostModel, backend: str, device: torch.device, config: SearchConfig) -> list[HeadOptions]:
-    q_blocks, k_blocks = -(-site.q_len // block_size), -(-site.k_len // block_size)
-    dense_blocks = float(pattern_library.dense().block_mask(q_blocks, k_blocks, block_size=block_size, causal=site.causal,
-                                                            q_len=site.q_len, k_len=site.k_len).sum())
+    block_size = site_masks.block_size
+    dense_blocks = float(site_masks.of(pattern_library.dense(), site.q_len, site.k_len).sum())
     dense_cost = cost_model.dense_head_latency(site, backend=backend, device=device)
     options = []
     for head, head_candidates in enumerate(candidates):
@@ -492,8 +504,7 @@ def _head_options(site: AttentionSite, candidates: list[list[Pattern]], scores: 
                 costs.append(0.0)
                 work.append(0.0)
                 continue
-            kept = float(pattern.block_mask(q_blocks, k_blocks, block_size=block_size, causal=site.causal,
-                                            q_len=site.q_len, k_len=site.k_len).sum())
+            kept = float(site_masks.of(pattern, site.q_len, site.k_len).sum())
             cost = cost_model.sparse_head_latency(site, kept, backend=backend, device=device, block_size=block_size)
             if isinstance(pattern, pattern_library.BlockTopK):
                 cost *= STATIC_TABLE_COST_FACTOR

@@ -13,6 +13,7 @@ from typing import Any
 from sparsify.errors import PatternError, StrategyError
 from sparsify.patterns import Dense, Pattern, causal_block_mask, dense, pattern_from_dict
 from sparsify.site import AttentionSite
+from sparsify.tables import blocks_for
 
 __all__ = [
     "FORMAT_VERSION",
@@ -565,8 +566,8 @@ class Strategy:
             if "q_len" not in entry or "k_len" not in entry:
                 return None
             q_len, k_len, causal = entry["q_len"], entry["k_len"], entry["causal"]
-            q_blocks = -(-q_len // self.block_size)
-            k_blocks = -(-k_len // self.block_size)
+            q_blocks = blocks_for(q_len, self.block_size)
+            k_blocks = blocks_for(k_len, self.block_size)
             dense_blocks = (
                 int(causal_block_mask(q_blocks, k_blocks).sum()) if causal else q_blocks * k_blocks
             )

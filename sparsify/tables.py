@@ -7,6 +7,16 @@ import dataclasses
 import torch
 
 
+def blocks_for(length: int, block_size: int) -> int:
+    """Blocks covering ``length`` tokens (the last one may be partial).
+
+    Example:
+        >>> blocks_for(130, 64)
+        3
+    """
+    return -(-length // block_size)
+
+
 @dataclasses.dataclass
 class BlockTables:
     """Which key blocks each query block of each head attends to.
@@ -50,7 +60,7 @@ class BlockTables:
 
     @property
     def k_blocks(self) -> int:
-        return -(-self.k_len // self.block_size)
+        return blocks_for(self.k_len, self.block_size)
 
     @property
     def max_kept(self) -> int:
@@ -72,7 +82,7 @@ class BlockTables:
             raise ValueError(f"block masks must be bool [heads, q_blocks, k_blocks], got {masks.dtype} "
                              f"{tuple(masks.shape)}")
         heads, q_blocks, k_blocks = masks.shape
-        if q_blocks != -(-q_len // block_size) or k_blocks != -(-k_len // block_size):
+        if q_blocks != blocks_for(q_len, block_size) or k_blocks != blocks_for(k_len, block_size):
             raise ValueError(
                 f"block masks of shape {tuple(masks.shape)} do not cover q_len={q_len}, "
                 f"k_len={k_len} at block_size={block_size}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import math
 import pickle
 import types
 
@@ -22,26 +21,13 @@ from sparsify.errors import UnsupportedError
 from sparsify.site import AttentionSite
 from sparsify.tables import BlockTables
 
+from helpers import tables_reference
+
 FP32_TOL = 1e-5
 LOW_PRECISION_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-def reference(q, k, v, tables: BlockTables, attn_mask=None, scale=None) -> torch.Tensor:
-    """Dense float64 attention restricted to ``tables.element_mask()`` and ``attn_mask``."""
-    k = k.double()[:, tables.kv_head_index]
-    v = v.double()[:, tables.kv_head_index]
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q.double() @ k.transpose(-2, -1)) * scale
-    keep = tables.element_mask().unsqueeze(0)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            keep = keep & attn_mask
-        else:
-            scores = scores + attn_mask.double()
-    scores = scores.masked_fill(~keep, float("-inf"))
-    dead = (scores == float("-inf")).all(-1, keepdim=True)         # rows with no visible key
-    probabilities = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
-    return probabilities @ v
+reference = tables_reference  # dense float64 attention under the tables and attn_mask
 
 
 def assert_close(output: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
