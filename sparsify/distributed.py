@@ -24,7 +24,10 @@ all-reduced failure flag; the failing rank contributes to that flag from its gua
 ranks gather each other's messages, and every rank raises the same
 `DistributedCalibrationError` naming the failing ranks and their original errors. All ranks
 therefore run the same sequence of collectives, whatever fails where; a rank that dies outright
-(killed, out of memory) is caught by the process group's own timeout.
+(killed, out of memory inside a collective) is caught by the process group's own timeout. Ranks
+also wait at each reduction for the slowest rank, so that timeout (``init_process_group(...,
+timeout=)``; NCCL's default is 10 minutes) must exceed the imbalance of the longest phase
+(profiling or scoring a rank's shard).
 
 Only `torch.distributed` moves data (gloo on CPU, NCCL on GPU); nothing here opens sockets or
 files, and nothing is pickled: small documents travel as JSON bytes in ``uint8`` tensors.
@@ -241,8 +244,25 @@ class CalibrationGroup:
             raise DistributedCalibrationError(
                 f"rank {self.rank} of {self.world_size}: the collective at {step!r} failed ({type(error).__name__}: "
                 f"{str(error)[:MAX_MESSAGE_CHARS]}); another rank probably died or stopped calling sparsify in step "
-                f"(every rank must run the same calibration code), or the process group timed out"
+                f"(every rank must run the same calibration code), or the process group timed out (its timeout must "
+                f"exceed the longest wait for the slowest rank)"
             ) from error
+
+    @contextlib.contextmanager
+    def _committed(self, step: str) -> Iterator[None]:
+        """After a passed failure check the ranks are inside one collective sequence: an error now cannot be
+        reported to the others (they wait in a collective), so it marks the group broken instead."""
+        try:
+            yield
+        except DistributedCalibrationError:
+            raise
+        except Exception as error:
+            self._broken = True
+            raise DistributedCalibrationError(
+                f"rank {self.rank} of {self.world_size} failed in the middle of {step!r} ({type(error).__name__}: "
+                f"{str(error)[:MAX_MESSAGE_CHARS]}); the other ranks wait until the process group times out"
+            ) from error
+        self._last_step = step
 
     # -- transport --------------------------------------------------------------------------------
 
@@ -261,69 +281,60 @@ class CalibrationGroup:
     def _gather_json(self, value: Any, step: str, *, check: bool = True) -> list[Any]:
         import torch.distributed as dist
 
+        data = json.dumps(value, sort_keys=True, allow_nan=False).encode("utf-8")  # errors here are still reported
         if check:
             self._check_no_failure(step)
-        device = self._device()
-        data = json.dumps(value, sort_keys=True, allow_nan=False).encode("utf-8")
-        length = torch.tensor([len(data)], dtype=torch.int64, device=device)
-        lengths = [torch.zeros_like(length) for _ in range(self.world_size)]
-        self._run(step, lambda: dist.all_gather(lengths, length, group=self.process_group))
-        longest = max(int(item) for item in lengths)
-        payload = torch.zeros(max(longest, 1), dtype=torch.uint8)
-        if data:
-            payload[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        payload = payload.to(device)
-        gathered = [torch.zeros_like(payload) for _ in range(self.world_size)]
-        self._run(step, lambda: dist.all_gather(gathered, payload, group=self.process_group))
-        return [json.loads(bytes(item[:int(size)].cpu().tolist()).decode("utf-8"))
-                for item, size in zip(gathered, lengths)]
+        with self._committed(step):
+            device = self._device()
+            length = torch.tensor([len(data)], dtype=torch.int64, device=device)
+            lengths = [torch.zeros_like(length) for _ in range(self.world_size)]
+            self._run(step, lambda: dist.all_gather(lengths, length, group=self.process_group))
+            payload = _bytes_tensor(data, max(int(item) for item in lengths)).to(device)
+            gathered = [torch.zeros_like(payload) for _ in range(self.world_size)]
+            self._run(step, lambda: dist.all_gather(gathered, payload, group=self.process_group))
+            return [json.loads(bytes(item[:int(size)].cpu().tolist()).decode("utf-8"))
+                    for item, size in zip(gathered, lengths)]
 
     def _broadcast_json(self, value: Any, step: str) -> Any:
-        """Rank 0's ``value`` on every rank."""
+        """Rank 0's ``value`` on every rank (the others pass anything)."""
         import torch.distributed as dist
 
-        self._check_no_failure(step)
-        device = self._device()
-        source = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
         data = json.dumps(value, sort_keys=True, allow_nan=False).encode("utf-8") if self.is_main else b""
-        length = torch.tensor([len(data)], dtype=torch.int64, device=device)
-        self._run(step, lambda: dist.broadcast(length, source, group=self.process_group))
-        payload = torch.zeros(max(int(length.item()), 1), dtype=torch.uint8)
-        if data:
-            payload[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        payload = payload.to(device)
-        self._run(step, lambda: dist.broadcast(payload, source, group=self.process_group))
-        return json.loads(bytes(payload[:int(length.item())].cpu().tolist()).decode("utf-8"))
+        self._check_no_failure(step)
+        with self._committed(step):
+            device = self._device()
+            source = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
+            length = torch.tensor([len(data)], dtype=torch.int64, device=device)
+            self._run(step, lambda: dist.broadcast(length, source, group=self.process_group))
+            payload = _bytes_tensor(data, int(length.item())).to(device)
+            self._run(step, lambda: dist.broadcast(payload, source, group=self.process_group))
+            return json.loads(bytes(payload[:int(length.item())].cpu().tolist()).decode("utf-8"))
 
     def _sum_in_place(self, tensors: Sequence[torch.Tensor], step: str) -> None:
-        """All-reduce (sum) ``tensors`` in place, in flat buckets of at most `BUCKET_BYTES`."""
+        """All-reduce (sum) ``tensors`` in place, in flat float64 buckets of at most `BUCKET_BYTES`."""
         import torch.distributed as dist
 
-        self._check_no_failure(step)
-        device = self._device()
-        bucket: list[torch.Tensor] = []
+        buckets: list[list[torch.Tensor]] = [[]]
         size = 0
-
-        def flush() -> None:
-            if not bucket:
-                return
-            flat = torch.cat([t.reshape(-1).to(torch.float64) for t in bucket]).to(device)
-            self._run(step, lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group))
-            flat = flat.cpu()
-            position = 0
-            for tensor in bucket:
-                tensor.copy_(flat[position:position + tensor.numel()].view(tensor.shape))
-                position += tensor.numel()
-            bucket.clear()
-
         for tensor in tensors:
             if size and size + tensor.numel() * 8 > BUCKET_BYTES:
-                flush()
+                buckets.append([])
                 size = 0
-            bucket.append(tensor)
+            buckets[-1].append(tensor)
             size += tensor.numel() * 8
-        flush()
-        self._last_step = step
+        self._check_no_failure(step)
+        with self._committed(step):
+            device = self._device()
+            for bucket in buckets:
+                if not bucket:
+                    continue
+                flat = torch.cat([t.reshape(-1).to(torch.float64) for t in bucket]).to(device)
+                self._run(step, lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group))
+                flat = flat.cpu()
+                position = 0
+                for tensor in bucket:
+                    tensor.copy_(flat[position:position + tensor.numel()].view(tensor.shape))
+                    position += tensor.numel()
 
     # -- what the search calls --------------------------------------------------------------------
 
@@ -525,6 +536,14 @@ def init_from_environment(backend: str = "auto", *, prefer_cuda: bool = False,
     options = {} if timeout is None else {"timeout": timeout}
     dist.init_process_group(backend, **options)
     return True
+
+
+def _bytes_tensor(data: bytes, length: int) -> torch.Tensor:
+    """``data`` zero-padded to ``length`` bytes (at least one) as a ``uint8`` tensor."""
+    payload = torch.zeros(max(length, 1), dtype=torch.uint8)
+    if data:
+        payload[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return payload
 
 
 def _candidate_digest(per_head: list[list["Pattern"]]) -> str:

@@ -200,9 +200,13 @@ def test_two_ranks_find_the_strategy_one_process_finds_on_the_union(two_ranks, s
 
 # -- failures stop every rank -------------------------------------------------------------------
 
+# What rank 1 does wrong, and what every rank's error must quote. Of the 2 + 2 batches, global
+# batches 0-2 profile and 3 (rank 1's second) is held out: the NaN cases fail while profiling and
+# while scoring candidates, after the profiles were reduced.
 FAILURES = {
-    "nan batch": "holds NaN or inf",
-    "batch structure": "same structure",
+    "nan profile batch": "calibration batch 0: the query of site 'blocks.0.attn' holds NaN",
+    "nan held-out batch": "calibration batch 1: the query of site 'blocks.0.attn' holds NaN",
+    "batch structure": "every batch must have the same structure",
     "empty loader": "the calibration loader is empty",
 }
 
@@ -210,12 +214,15 @@ FAILURES = {
 def _failing_rank_batches(case: str, rank: int) -> list:
     model = video_model()
     batches = [model.example_tokens(seed=seed + 10 * rank) for seed in range(1, 3)]
+    if case == "both ranks fail" and rank == 0:
+        return []
     if rank != 1:
         return batches
-    if case == "nan batch":
-        batches[0] = batches[0].clone()
-        batches[0][0, 5, 3] = float("nan")
-    elif case == "batch structure":
+    if case.startswith("nan"):
+        poisoned = 0 if case == "nan profile batch" else 1
+        batches[poisoned] = batches[poisoned].clone()
+        batches[poisoned][0, 5, 3] = float("nan")
+    elif case in ("batch structure", "both ranks fail"):
         batches[1] = (batches[1], batches[1])
     elif case == "empty loader":
         batches = []
@@ -225,7 +232,7 @@ def _failing_rank_batches(case: str, rank: int) -> list:
 def _failure_job(rank, world_size):
     model = video_model()
     outcomes = {}
-    cases = [(case, _failing_rank_batches(case, rank), SearchConfig(**SAMPLED)) for case in FAILURES]
+    cases = [(case, _failing_rank_batches(case, rank), SearchConfig(**SAMPLED)) for case in [*FAILURES, "both ranks fail"]]
     # Ranks that disagree on the options are refused on every rank (no rank fails alone).
     cases.append(("options differ", _failing_rank_batches("none", rank), SearchConfig(max_error=0.05 + 0.05 * rank,
                                                                                        **SAMPLED)))
@@ -256,10 +263,14 @@ def test_a_failing_rank_makes_every_rank_raise_naming_it(two_ranks):
             assert "calibration failed on rank 1 of 2" in outcome["message"]
             assert text in outcome["message"], (rank, case, outcome["message"])
             assert outcome["seconds"] < COLLECTIVE_TIMEOUT.total_seconds() / 2  # reported, not timed out
+        both = outcomes["both ranks fail"]
+        assert both["failures"] == [0, 1] and "calibration failed on rank 0, 1 of 2" in both["message"], both
+        assert FAILURES["empty loader"] in both["message"] and FAILURES["batch structure"] in both["message"]
         refused = outcomes["options differ"]
         assert refused["raised"] == "DistributedCalibrationError" and "max_error" in refused["message"], refused
-    nan_message = results[0]["nan batch"]["message"]
-    assert "SparsifyError: calibration batch 0: the query of site 'blocks.0.attn' holds NaN" in nan_message
+    # Rank 0 waited where rank 1's failure reached it: before reducing the profile, then before reducing the scores.
+    assert "stopped at 'agreeing on profile lengths'" in results[0]["nan profile batch"]["message"]
+    assert "stopped at 'agreeing on candidate patterns'" in results[0]["nan held-out batch"]["message"]
 
 
 # -- the CLI under torchrun's environment -------------------------------------------------------
