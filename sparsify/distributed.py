@@ -281,7 +281,8 @@ class CalibrationGroup:
     def _gather_json(self, value: Any, step: str, *, check: bool = True) -> list[Any]:
         import torch.distributed as dist
 
-        data = json.dumps(value, sort_keys=True, allow_nan=False).encode("utf-8")  # errors here are still reported
+        # Serialised before the check, so an error here is still reported to the others; repr() for odd option values.
+        data = json.dumps(value, sort_keys=True, default=repr).encode("utf-8")
         if check:
             self._check_no_failure(step)
         with self._committed(step):

@@ -105,12 +105,16 @@ def shards_of(scenario: str) -> list[list[torch.Tensor]]:
     if scenario == "lengths":  # only rank 1 sees the longest sequence: its profile wins
         short = [t[:, :192] for t in tokens]
         return [short[:3], [tokens[3], short[4]]]
+    if scenario == "generations":  # 2 + 1 generations of 2 steps; step 0 of each stays dense and is not profiled
+        return [tokens[:4], [tokens[4], tokens[0]]]
     raise ValueError(scenario)
 
 
 def scenario_config(scenario: str) -> SearchConfig:
     if scenario == "lengths":
         return SearchConfig(target_density=0.5, **SAMPLED)  # a global target: one multiplier over every site
+    if scenario == "generations":
+        return SearchConfig(max_error=0.05, dense_steps=1, steps_per_generation=2, **SAMPLED)
     return SearchConfig(max_error=0.05, **SAMPLED)
 
 
@@ -123,7 +127,7 @@ def search_summary(model, batches, config, process_group) -> dict:
     }
 
 
-SCENARIOS = ("uneven", "lengths")
+SCENARIOS = ("uneven", "lengths", "generations")
 
 
 def _every_job(rank, world_size, directory):
@@ -189,6 +193,8 @@ def test_two_ranks_find_the_strategy_one_process_finds_on_the_union(two_ranks, s
     assert results[0]["strategy"]["metadata"]["distributed"] == {"world_size": 2, "batches_per_rank": counts}
     if scenario == "lengths":
         assert next(iter(single["profiles"].values()))["lengths"] == [256, 256]  # rank 1's longest batch won
+    if scenario == "generations":
+        assert all(site["dense_steps"] == 1 for site in single["strategy"]["sites"].values())
     # Files: the whole strategy from rank 0 only; a head shard from every rank.
     files = directory / scenario
     assert sorted(p.name for p in files.iterdir()) == ["shard_0.json", "shard_1.json", "whole.json",
@@ -233,9 +239,11 @@ def _failure_job(rank, world_size):
     model = video_model()
     outcomes = {}
     cases = [(case, _failing_rank_batches(case, rank), SearchConfig(**SAMPLED)) for case in [*FAILURES, "both ranks fail"]]
-    # Ranks that disagree on the options are refused on every rank (no rank fails alone).
+    # Ranks that disagree on the options, or whose step numbers would not agree, are refused on every rank.
     cases.append(("options differ", _failing_rank_batches("none", rank), SearchConfig(max_error=0.05 + 0.05 * rank,
                                                                                        **SAMPLED)))
+    batches = [model.example_tokens(seed=seed) for seed in range(3 - rank)]  # 3 + 2: rank 0 ends mid-generation
+    cases.append(("partial generation", batches, SearchConfig(dense_steps=1, steps_per_generation=2, **SAMPLED)))
     for case, batches, config in cases:
         started = time.monotonic()
         try:
@@ -268,6 +276,9 @@ def test_a_failing_rank_makes_every_rank_raise_naming_it(two_ranks):
         assert FAILURES["empty loader"] in both["message"] and FAILURES["batch structure"] in both["message"]
         refused = outcomes["options differ"]
         assert refused["raised"] == "DistributedCalibrationError" and "max_error" in refused["message"], refused
+        refused = outcomes["partial generation"]
+        assert refused["raised"] == "DistributedCalibrationError", refused
+        assert "rank(s) [0] calibrate on [3] calls, not a multiple of steps_per_generation=2" in refused["message"]
     # Rank 0 waited where rank 1's failure reached it: before reducing the profile, then before reducing the scores.
     assert "stopped at 'agreeing on profile lengths'" in results[0]["nan profile batch"]["message"]
     assert "stopped at 'agreeing on candidate patterns'" in results[0]["nan held-out batch"]["message"]
