@@ -253,8 +253,9 @@ def end_to_end_error(compiled: torch.nn.Module, model: torch.nn.Module, batches:
     """Relative L2 error of the first output tensor of ``compiled`` against ``model`` over ``batches``.
 
     ``steps`` gives each batch's generation step (for strategies with ``dense_steps``); the
-    compiled module's step count is restored afterwards. With a ``process_group`` (or
-    ``None``: the default group when initialised) the sums are taken over every rank's batches.
+    compiled module's step count is restored afterwards. ``process_group`` (as for
+    `sparsify.distributed.calibration_group`; default ``False``: this process's batches only)
+    sums the errors over every rank's batches.
     """
     squared = reference = 0.0
     counter = getattr(compiled, "step_counter", None)
