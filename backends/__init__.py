@@ -17,6 +17,7 @@ from sparsify.backends.base import (
 from sparsify.backends import torch as _torch_backend  # noqa: F401,E402  (registers "torch")
 from sparsify.backends import triton as _triton_backend  # noqa: F401,E402  (registers "triton")
 from sparsify.backends import flex as _flex_backend  # noqa: F401,E402  (registers "flex")
+from sparsify.backends import fa4 as _fa4_backend  # noqa: F401,E402  (registers "fa4")
 
 __all__ = [
     "Backend",

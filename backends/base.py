@@ -37,7 +37,9 @@ class BackendFeatures:
         devices: device types it runs on (``"cpu"``, ``"cuda"``).
         dtypes: input dtypes it accepts.
         max_head_dim: the largest query/key or value head dim.
-        attn_mask: takes a user ``attn_mask`` (bool or additive) on top of the block mask.
+        attn_mask: which user ``attn_mask`` (bool or additive, on top of the block mask) it takes:
+            ``"any"`` (broadcastable to ``[B, H, Sq, Sk]``), ``"key_padding"`` (one value per batch
+            element and key, broadcastable from ``[B, 1, 1, Sk]``) or ``"none"``.
         per_input_masks: takes runtime masks with a batch dimension (masks estimated per input).
         softcap: applies ``softcap * tanh(scores / softcap)`` (Gemma2).
         sinks: adds learned per-head sink logits to the softmax (gpt-oss).
@@ -48,7 +50,7 @@ class BackendFeatures:
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     max_head_dim: int = 256
-    attn_mask: bool = True
+    attn_mask: str = "any"
     per_input_masks: bool = True
     softcap: bool = True
     sinks: bool = True
@@ -139,6 +141,20 @@ class Backend(abc.ABC):
             return "it does not apply softcapping (the site softcaps its scores)"
         if getattr(site, "has_sinks", False) and not features.sinks:
             return "it does not support learned attention sinks (the site has them)"
+        return None
+
+    def attn_mask_problem(self, attn_mask: torch.Tensor) -> str | None:
+        """``None`` when ``run`` takes this user mask (per the declared ``features.attn_mask``), else why not."""
+        kind = self.features.attn_mask
+        if kind == "any":
+            return None
+        if kind == "none":
+            return "it takes no attn_mask"
+        mask = attn_mask.reshape((1,) * max(0, 4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        per_key = all(mask.shape[d] == 1 or mask.stride(d) == 0 for d in (1, 2))
+        if not per_key:
+            return (f"it takes key-padding masks only (one value per batch element and key, broadcastable from "
+                    f"[batch, 1, 1, k_len]); got attn_mask {tuple(attn_mask.shape)}")
         return None
 
     def supports(self, site: AttentionSite, dtype: torch.dtype, device: torch.device | str) -> bool:

@@ -203,6 +203,32 @@ class SparseAttention(torch.nn.Module):
         logger.debug("site %s: backend estimates %s", site.name, estimates)
         return min(candidates, key=lambda b: (estimates[b.name], b.auto_priority))
 
+    def _backend_for_mask(self, backend: "Backend", attn_mask: torch.Tensor, dtype: torch.dtype, device: torch.device,
+                          needs_grad: bool) -> "Backend":
+        """The backend for a call whose user mask the resolved backend does not take: the next one ``auto`` would
+        consider (cached), or an error naming the site when the backend was asked for by name."""
+        problem = backend.attn_mask_problem(attn_mask)
+        if self.backend != "auto":
+            raise UnsupportedError(f"site {self.site.name!r}: backend {self.backend!r} cannot take this call's "
+                                   f"attn_mask: {problem}. Use backend='auto' (it falls back per call) or 'triton'")
+        key = (dtype, str(device), needs_grad, "mask", attn_mask.dim(), tuple(s == 1 or st == 0 for s, st in
+                                                                          zip(attn_mask.shape, attn_mask.stride())))
+        fallback = self._backends.get(key)
+        if fallback is None:
+            from sparsify.backends.base import auto_candidates
+
+            for candidate in auto_candidates(device):
+                if (candidate.supports(self.site, dtype, device) and candidate.attn_mask_problem(attn_mask) is None
+                        and (candidate.features.training or not needs_grad)):
+                    fallback = candidate
+                    break
+            if fallback is None:
+                raise UnsupportedError(f"site {self.site.name!r}: no backend takes this call's attn_mask ({problem})")
+            logger.info("site %s: %s cannot take an attn_mask of shape %s; %s serves those calls", self.site.name,
+                        backend.name, tuple(attn_mask.shape), fallback.name)
+            self._backends[key] = fallback
+        return fallback
+
     def plan_for(self, mask_key: tuple, mask: RuntimeBlockMask, backend: "Backend", q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> "BackendPlan":
         """The backend's plan for this mask and call shape (prepared once, then cached; bounded)."""
@@ -263,9 +289,12 @@ class SparseAttention(torch.nn.Module):
         mask = self.runtime_mask(q_len, k_len, q.device, q_offset)
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         backend = self.backend_for(q.dtype, q.device, needs_grad=needs_grad)
+        sparse_mask = _select_heads(attn_mask, self.sparse_heads)
+        if sparse_mask is not None and backend.attn_mask_problem(sparse_mask) is not None:
+            backend = self._backend_for_mask(backend, sparse_mask, q.dtype, q.device, needs_grad)
         sparse_q = q.index_select(1, self.sparse_heads)
         plan = self.plan_for(mask_key, mask, backend, sparse_q, k, v)
-        sparse_out = backend.run(plan, sparse_q, k, v, attn_mask=_select_heads(attn_mask, self.sparse_heads),
+        sparse_out = backend.run(plan, sparse_q, k, v, attn_mask=sparse_mask,
                                  scale=scale, softcap=softcap,
                                  sinks=sinks.index_select(0, self.sparse_heads) if sinks is not None else None)
         output.index_copy_(1, self.sparse_heads, sparse_out.to(output.dtype))
