@@ -24,7 +24,6 @@ from sparsify.api import search_model
 from sparsify.cost import BackendCosts, CostModel, HardwareProfile
 from sparsify.distributed import (
     BatchShard,
-    DistributedCalibrationError,
     calibration_group,
     contiguous_shard,
     is_main_process,
