@@ -260,5 +260,5 @@ def _top_fraction(scores: torch.Tensor, fraction: torch.Tensor, heads: int) -> t
     """``bool`` like ``scores [B, H, n]``: its ``ceil(fraction[h] * n)`` largest entries per head (at least one)."""
     count = torch.ceil(fraction.to(scores.device, torch.float32) * scores.shape[-1]).clamp(min=1).long()
     order = scores.argsort(dim=-1, descending=True, stable=True)
-    keep_sorted = torch.arange(scores.shape[-1], device=scores.device) < count.view(1, heads, 1)
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted.expand_as(order))
+    keep_sorted = (torch.arange(scores.shape[-1], device=scores.device) < count.view(1, heads, 1)).expand_as(order)
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
