@@ -63,6 +63,9 @@ DEFAULT_COSTS: dict[tuple[str, str], BackendCosts] = {
     ("torch", "cuda"): BackendCosts(3e-4, 1e-7, 4.0e-14, 7e-5, 5.7e-15),
     ("flex", "cuda"): BackendCosts(2.5e-4, 2e-8, 1.07e-14, 7e-5, 5.7e-15),
     ("triton", "cuda"): BackendCosts(1.1e-4, 7e-8, 8.2e-15, 7e-5, 5.7e-15),
+    # FlashAttention-4's block-sparse forward on an H200 (benchmarks/NOTES.md, kernel_bench v4): 1.08-1.10x
+    # cuDNN dense at 16-32K, ~24 us per call with the lean launch.
+    ("fa4", "cuda"): BackendCosts(2.5e-5, 1e-8, 5.3e-15, 7e-5, 5.7e-15),
 }
 
 
