@@ -414,7 +414,7 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
     profiles: dict[str, BlockMassProfile] = {}
     generator = torch.Generator().manual_seed(config.seed)
 
-    def profile_site(site, q, k, v, attn_mask, is_causal, scale):
+    def profile_site(site, q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
         key = site.name
         existing = profiles.get(key)
         if existing is None or (existing.q_len, existing.k_len) != (q.shape[2], k.shape[2]):
@@ -422,7 +422,7 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
                 return  # keep the profile of the longest sequence seen
             profiles[key] = BlockMassProfile.empty(site.num_heads, q.shape[2], k.shape[2], block_size)
         profiles[key].add(q, k, v, attn_mask, is_causal or site.causal, scale,
-                          rows_per_block=config.profile_rows_per_block, generator=generator)
+                          rows_per_block=config.profile_rows_per_block, generator=generator, softcap=softcap, sinks=sinks)
 
     observe(captured.graph_module, batches, profile_site,
             progress=tqdm(profile_indices, desc="sparsify: profiling", disable=not progress, unit="batch"))
@@ -443,13 +443,14 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
     }
     mask_cache: dict[tuple[str, int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
-    def score_site(site, q, k, v, attn_mask, is_causal, scale):
+    def score_site(site, q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
         key = (site.name, q.shape[2], k.shape[2])
         if key not in mask_cache:
             mask_cache[key] = _candidate_masks(candidates[site.name], q.shape[2], k.shape[2], site_masks[site.name], q.device)
         masks, skips = mask_cache[key]
         return scores[site.name].add(q, k, v, attn_mask, is_causal or site.causal, scale, block_size, masks, skips,
-                                     rows_per_block=config.score_rows_per_block, generator=generator)
+                                     rows_per_block=config.score_rows_per_block, generator=generator,
+                                     softcap=softcap, sinks=sinks)
 
     observe(captured.graph_module, batches, score_site,
             progress=tqdm(holdout_indices, desc="sparsify: scoring candidates", disable=not progress, unit="batch"))
