@@ -87,6 +87,9 @@ class _MaskTerm:
     node: torch.fx.Node
     segment: _Segment
     multiplier: float = 1.0
+    # For keep/drop: the value hidden scores were set to. -inf is a plain bool mask; a finite fill
+    # (finfo.min) becomes an additive mask, so rows the mask hides entirely stay uniform as in the model.
+    fill: float = float("-inf")
 
 
 @dataclasses.dataclass
@@ -301,6 +304,8 @@ class FindAttention(GraphPass):
                 elif kind == "add" and _reaches_product(right, modules):
                     steps.append(("mask", ("additive", left, segment, 1.0)))
                     current = right
+                elif kind == "sub" and _reaches_product(right, modules):
+                    raise _NoMatch(f"scores negated at {current.name}")
                 else:
                     raise _NoMatch(f"no q @ kᵀ above {current.name}")
             elif kind == "masked_fill":
@@ -308,17 +313,17 @@ class FindAttention(GraphPass):
                 number = constant_value(fill, self._graph_module)
                 if not (number is not None and number <= _MASKING_FILL):
                     raise _NoMatch(f"masked_fill with {fill!r}, not a masking value")
-                steps.append(("mask", ("drop", condition, segment, 1.0)))
+                steps.append(("mask", ("drop", condition, segment, 1.0, number)))
                 current = source
             elif kind == "where":
                 condition, when_true, when_false = current.args[:3]
                 false_fill = constant_value(when_false, self._graph_module)
                 true_fill = constant_value(when_true, self._graph_module)
                 if false_fill is not None and false_fill <= _MASKING_FILL and isinstance(when_true, torch.fx.Node):
-                    steps.append(("mask", ("keep", condition, segment, 1.0)))
+                    steps.append(("mask", ("keep", condition, segment, 1.0, false_fill)))
                     current = when_true
                 elif true_fill is not None and true_fill <= _MASKING_FILL and isinstance(when_false, torch.fx.Node):
-                    steps.append(("mask", ("drop", condition, segment, 1.0)))
+                    steps.append(("mask", ("drop", condition, segment, 1.0, true_fill)))
                     current = when_false
                 else:
                     raise _NoMatch("where(cond, scores, other) whose `other` is not a constant masking value "
@@ -379,10 +384,10 @@ class FindAttention(GraphPass):
                 scale /= payload
                 softcap /= payload
             else:
-                term_kind, node, term_segment, multiplier = payload
+                term_kind, node, term_segment, multiplier, *fill = payload
                 if term_kind == "additive" and _is_bool(node):
                     term_kind = "keep"
-                masks.append(_MaskTerm(term_kind, node, term_segment, multiplier))
+                masks.append(_MaskTerm(term_kind, node, term_segment, multiplier, *fill))
         if softcap is not None and not math.isfinite(softcap):
             raise _NoMatch("soft-capping value is not finite")
 
@@ -612,18 +617,25 @@ class _Builder:
         if not terms:
             return None
         bools = []
+        additive_terms = []
+        dtype = dtype_of(self.candidate.query) or torch.float32
         for term in terms:
-            if term.kind == "keep":
-                bools.append(term.node)
-            elif term.kind == "drop":
-                bools.append(graph.call_function(aten.logical_not.default, (term.node,)))
+            if term.kind == "additive":
+                additive_terms.append((term.node, term.multiplier))
+            elif math.isinf(term.fill):
+                node = term.node if term.kind == "keep" else graph.call_function(aten.logical_not.default, (term.node,))
+                bools.append(node)
+            else:
+                # where(hidden, fill, 0): the model set hidden scores to a finite fill, so rows
+                # it hides entirely keep their uniform weights.
+                hidden, kept = (term.fill, 0.0) if term.kind == "drop" else (0.0, term.fill)
+                node = graph.call_function(aten.where.Scalar, (term.node, hidden, kept))
+                node = graph.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
+                additive_terms.append((node, term.multiplier))
         additive = None
-        for term in terms:
-            if term.kind != "additive":
-                continue
-            node = term.node
-            if term.multiplier != 1.0:
-                node = graph.call_function(aten.mul.Tensor, (node, term.multiplier))
+        for node, multiplier in additive_terms:
+            if multiplier != 1.0:
+                node = graph.call_function(aten.mul.Tensor, (node, multiplier))
             additive = node if additive is None else graph.call_function(aten.add.Tensor, (additive, node))
         keep = None
         for node in bools:
@@ -877,8 +889,10 @@ def _reaches_product(node: Any, modules: dict[str, torch.nn.Module], depth: int 
         kind = op_kind(node, modules)
         if kind in ("matmul", "bmm", "baddbmm"):
             return True
-        if kind in ("cast", "mul", "div", "masked_fill", "view", "tanh", "sub"):
+        if kind in ("cast", "mul", "div", "masked_fill", "view", "tanh"):
             node = node.args[0]
+        elif kind == "sub":
+            return _reaches_product(node.args[0], modules, depth - 1) or _reaches_product(node.args[1], modules, depth - 1)
         elif kind == "cat":
             node = node.args[0][0] if node.args[0] else None
         elif kind == "where":

@@ -28,9 +28,10 @@ Dynamic = bool | Literal["all"]
 # Calls in model code that turn tensor data into Python values; a graph capture cannot follow them.
 _DATA_DEPENDENT_CALLS = re.compile(r"\.(tolist|numpy|item)\(\)")
 # Messages of errors that come from data-dependent Python in the model.
-_DATA_DEPENDENT_SIGNS = ("data-dependent", "data dependent", "unhashable type: non-nested SymInt",
-                         ".numpy() is not supported", "tensor subclasses", "Could not guard on",
-                         "Could not extract specialized integer")
+_DATA_DEPENDENT_SIGNS = ("data-dependent", "data dependent", ".numpy() is not supported", "tensor subclasses",
+                         "Could not guard on", "Could not extract specialized integer")
+# A symbolic size used where Python needs a plain value: data-dependent when model code made it from values.
+_SYMBOLIC_VALUE_SIGNS = ("unhashable type: non-nested SymInt",)
 
 
 @dataclasses.dataclass
@@ -150,8 +151,6 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: Dynamic = T
             attempts.append(("export (dynamic shapes)", dynamic, args, kwargs))
         attempts.append(("export (static shapes)", False, args, kwargs))
         for label, use_dynamic, export_args, export_kwargs in attempts:
-            if errors and _is_data_dependent(errors[-1][1]) and not use_dynamic:
-                break  # data-dependent Python fails the same way with static shapes
             try:
                 graph_module = _export(model, export_args, export_kwargs, signature, use_dynamic, label)
             except Exception as error:  # noqa: BLE001 - every failure is reported below
@@ -177,6 +176,9 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: Dynamic = T
     for label, error in errors:
         logger.debug("%s failed:\n%s", label, "".join(traceback.format_exception(error)))
     data_dependent = next((error for _, error in errors if _is_data_dependent(error)), None)
+    if data_dependent is None:
+        data_dependent = next((error for _, error in errors if any(sign in str(error) for sign in _SYMBOLIC_VALUE_SIGNS)
+                               and _data_dependent_origin(model, error)[1]), None)
     if data_dependent is not None:
         raise CaptureError(_data_dependent_message(model, data_dependent)) from data_dependent
     raise CaptureError(_capture_failure_message(model, errors)) from errors[0][1]
@@ -241,7 +243,14 @@ def _takes_use_cache(model: torch.nn.Module, signature: inspect.Signature | None
     if "use_cache" in signature.parameters:
         return True
     takes_keywords = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
-    return takes_keywords and isinstance(getattr(getattr(model, "config", None), "use_cache", None), bool)
+    config = getattr(model, "config", None)
+    if not takes_keywords or config is None:
+        return False
+    if isinstance(getattr(config, "use_cache", None), bool):
+        return True
+    # Composite models (vision + text) keep use_cache on the text model's config.
+    text_config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else None
+    return isinstance(getattr(text_config, "use_cache", None), bool)
 
 
 def _has_tensor(value: Any) -> bool:
@@ -297,11 +306,14 @@ class _CallWithKeywords(torch.nn.Module):
 
 
 def _keywords_reach_var_keyword(signature: inspect.Signature | None, kwargs: dict) -> bool:
+    """Keyword inputs that export cannot give dynamic shapes to directly (``**kwargs``, or next to ``*args``)."""
     if signature is None or not kwargs:
         return False
+    kinds = {p.kind for p in signature.parameters.values()}
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return True
     named = {name for name, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    takes_keywords = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
-    return takes_keywords and any(name not in named for name in kwargs)
+    return inspect.Parameter.VAR_KEYWORD in kinds and any(name not in named for name in kwargs)
 
 
 def _export(model, args, kwargs, signature, dynamic: Dynamic, label: str = "export") -> torch.fx.GraphModule:
@@ -337,6 +349,10 @@ def _export_program(target, args, kwargs, dynamic_shapes, real_values: bool = Fa
         import torch._functorch.config as functorch_config
 
         real_tensors = functorch_config.patch(fake_tensor_propagate_real_tensors=True)
+    # Fresh tensor objects for every attempt: a failed dynamic export leaves its dynamic-dimension
+    # markers on the tensors it was given, and a later static export would trace symbolic sizes.
+    args, kwargs = torch.utils._pytree.tree_map(
+        lambda leaf: leaf.detach() if isinstance(leaf, torch.Tensor) else leaf, (args, kwargs))
     with torch.no_grad(), real_tensors:
         return torch.export.export(target, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
 
@@ -348,7 +364,8 @@ def _unwrap_keywords(graph_module: torch.fx.GraphModule, args: tuple, kwargs: di
     prefix (site names are those of the model).
     """
     codegen = graph_module.graph._codegen
-    in_spec = graph_module._in_spec.children_specs[0]  # ((args, kwargs), {}) -> (args, kwargs)
+    spec = graph_module._in_spec  # ((args, kwargs), {}) -> (args, kwargs)
+    in_spec = spec.child(0) if hasattr(spec, "child") else spec.children_specs[0]
     names = [f"arg{i}" for i in range(len(args))] + list(kwargs)
     codegen.pytree_info = codegen.pytree_info._replace(orig_args=names, in_spec=in_spec)
     graph_module._in_spec = in_spec
@@ -448,13 +465,14 @@ def _failing_module(error: BaseException, model: torch.nn.Module) -> str | None:
     return frames[-1][1] if frames else None
 
 
-def _data_dependent_calls(frame: Any) -> list[str]:
-    """``.tolist()`` / ``.numpy()`` / ``.item()`` calls in the function a frame runs, with file:line."""
-    code = frame.f_code
+def _data_dependent_calls(code: Any, line: int | None = None) -> list[str]:
+    """``.tolist()`` / ``.numpy()`` / ``.item()`` calls in a function's source, with file:line."""
     try:
         lines, first = inspect.getsourcelines(code)
     except (OSError, TypeError):
-        lines, first = [linecache.getline(code.co_filename, frame.f_lineno)], frame.f_lineno
+        if line is None:
+            return []
+        lines, first = [linecache.getline(code.co_filename, line)], line
     found = []
     for offset, text in enumerate(lines):
         for match in _DATA_DEPENDENT_CALLS.finditer(text):
@@ -464,6 +482,15 @@ def _data_dependent_calls(frame: Any) -> list[str]:
 
 def _data_dependent_message(model: torch.nn.Module, error: BaseException) -> str:
     """One line: the module, the data-dependent calls in its code, the error, and the framework door."""
+    where, calls = _data_dependent_origin(model, error)
+    cause = f" with {', '.join(calls[:3])}" if calls else ""
+    return (f"could not capture {type(model).__name__}: {where} runs data-dependent Python{cause} "
+            f"({_first_line(error)[:160]}), which a graph capture cannot follow; "
+            f"use the framework door {FRAMEWORK_DOOR} for this model.")
+
+
+def _data_dependent_origin(model: torch.nn.Module, error: BaseException) -> tuple[str, list[str]]:
+    """The failing module (as words) and the ``.tolist()``-like calls in its code or its submodules' code."""
     frames = _model_frames(error, model)
     where = "its forward"
     calls: list[str] = []
@@ -472,13 +499,21 @@ def _data_dependent_message(model: torch.nn.Module, error: BaseException) -> str
         owner = frame.f_locals.get("self")
         where = f"module {path!r} ({type(owner).__name__})"
         for candidate_frame, _ in reversed(frames):
-            calls = _data_dependent_calls(candidate_frame)
+            calls = _data_dependent_calls(candidate_frame.f_code, candidate_frame.f_lineno)
             if calls:
                 break
-    cause = f" with {', '.join(calls[:3])}" if calls else ""
-    return (f"could not capture {type(model).__name__}: {where} runs data-dependent Python{cause} "
-            f"({_first_line(error)[:160]}), which a graph capture cannot follow; "
-            f"use the framework door {FRAMEWORK_DOOR} for this model.")
+        if not calls:
+            # The value was made earlier, in a submodule that already returned: look at their code.
+            failing = owner if isinstance(owner, torch.nn.Module) else model
+            seen: set[type] = set()
+            for name, module in failing.named_modules():
+                if type(module) in seen or not name:
+                    continue
+                seen.add(type(module))
+                forward = getattr(type(module), "forward", None)
+                found = _data_dependent_calls(forward.__code__) if hasattr(forward, "__code__") else []
+                calls += [f"{call} (in {path + '.' if frames[-1][1][0] != '<' else ''}{name})" for call in found]
+    return where, calls
 
 
 def _capture_failure_message(model: torch.nn.Module, errors: list[tuple[str, BaseException]]) -> str:
