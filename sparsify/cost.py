@@ -233,11 +233,11 @@ class CostModel:
                                                                  block_size=block_size, batch=batch) for k in sparse_heads)
         return total
 
-    def latency(self, site: AttentionSite, block_tables, backend: str, device) -> float:
-        """Latency of a site for `BlockTables` of its sparse heads (dense heads: the rest)."""
-        kept = [float(c) for c in block_tables.kv_counts.sum(-1).tolist()]
+    def latency(self, site: AttentionSite, mask, backend: str, device) -> float:
+        """Latency of a site whose sparse heads keep the blocks of ``mask`` (a `RuntimeBlockMask`; dense heads: the rest)."""
+        kept = mask.kept_blocks_per_head()
         kept_per_head: list[float | None] = kept + [None] * (site.num_heads - len(kept))
-        return self.sparse_latency(site, kept_per_head, backend=backend, device=device, block_size=block_tables.block_size)
+        return self.sparse_latency(site, kept_per_head, backend=backend, device=device, block_size=mask.block_size)
 
 
 def _same_device(profile_device_name: str, device) -> bool:
@@ -286,12 +286,12 @@ def calibrate(backend: str = "torch", device: str | torch.device = "cpu", *, dty
     """
     from sparsify.backends import get_backend
     from sparsify.ops import dense_attention
-    from sparsify.tables import BlockTables
+    from sparsify.runtime.block_mask import RuntimeBlockMask
 
     device = torch.device(device)
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     implementation = get_backend(backend)
-    if not implementation.is_available():
+    if not implementation.is_available(device):
         raise SparsifyError(f"backend {backend!r} is not available here; cannot calibrate it")
     generator = torch.Generator().manual_seed(0)
     sparse_rows: list[list[float]] = []
@@ -306,9 +306,11 @@ def calibrate(backend: str = "torch", device: str | torch.device = "cpu", *, dty
         for density in densities:
             masks = torch.rand(heads, blocks, blocks, generator=generator) < density
             masks |= torch.eye(blocks, dtype=torch.bool)
-            tables = BlockTables.from_block_masks(masks, block_size=block_size, q_len=length, k_len=length, causal=False,
-                                                  kv_head_index=torch.arange(heads)).to(device)
-            seconds = time_call(lambda: implementation.attention(q, k, v, tables), device, repeats)
+            mask = RuntimeBlockMask.from_block_masks(masks.to(device), block_size=block_size, q_len=length,
+                                                     k_len=length, causal=False)
+            plan = implementation.prepare(mask, q_shape=tuple(q.shape), k_shape=tuple(k.shape),
+                                          v_shape=tuple(v.shape), dtype=q.dtype, device=device)
+            seconds = time_call(lambda: implementation.run(plan, q, k, v), device, repeats)
             sparse_times.append(seconds)
             sparse_rows.append([1.0, heads * blocks, float(masks.sum()) * block_size**2 * head_dim])
             if progress:
