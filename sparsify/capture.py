@@ -75,7 +75,13 @@ def copy_graph_module(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModul
     """
     import copy
 
-    graph = copy.deepcopy(graph_module.graph)
+    source = graph_module.graph
+    graph = torch.fx.Graph(tracer_cls=source._tracer_cls)
+    output_value, source_output = graph.graph_copy(source, {}, return_output_node=True)
+    output = graph.output(output_value, type_expr=getattr(source_output, "type", None))
+    output.meta = copy.copy(source_output.meta)
+    # The code generator (input/output specs) is shared, not copied: nothing edits it after capture.
+    graph._codegen = source._codegen
     twin = torch.fx.GraphModule(graph_module, graph, class_name=type(graph_module).__name__)
     for name in ("_in_spec", "_out_spec", "range_constraints", "module_call_graph"):
         if name in graph_module.__dict__:

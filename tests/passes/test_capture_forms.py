@@ -175,7 +175,8 @@ def test_mask_built_from_the_scores_shape():
     assert sites[0].causal
     assert "aten.matmul" not in captured.graph_module.code  # q @ kᵀ is no longer computed for its shape
     other = torch.randn(3, 56, 64)
-    assert max_relative_error(captured.graph_module(other), call(model, (other,))) <= 1e-5
+    with torch.no_grad():
+        assert max_relative_error(captured.graph_module(other), call(model, (other,))) <= 1e-5
 
 
 # -- self or cross by where q and k come from ---------------------------------------------------
@@ -223,7 +224,8 @@ def test_keyword_inputs_through_var_keyword_stay_dynamic(caplog):
     assert captured.dynamic and not captured.static_inputs and not caplog.records
     assert sites[0].name == "block"  # module paths as in the model, not the capture's wrapper
     other = {"hidden_states": torch.randn(3, 56, 64), "gate": torch.rand(3, 56, 1)}
-    assert max_relative_error(captured.graph_module(**other), call(model, other)) <= 1e-5
+    with torch.no_grad():
+        assert max_relative_error(captured.graph_module(**other), call(model, other)) <= 1e-5
 
 
 def test_static_fallback_warns_naming_the_inputs(caplog):
@@ -240,6 +242,9 @@ def test_static_fallback_warns_naming_the_inputs(caplog):
     assert len(warning) == 1 and "static shapes" in warning[0] and "x (2, 2, 16, 8)" in warning[0]
 
 
+# diffusers' Mochi rotary embedding asks for a float32 CPU autocast, which torch declines with two warnings.
+@pytest.mark.filterwarnings("ignore:CPU Autocast only supports:UserWarning")
+@pytest.mark.filterwarnings("ignore:In CPU autocast, but the target dtype is not supported:UserWarning")
 def test_mochi_data_dependent_text_length():
     model, inputs = model_zoo.mochi()
     _, sites = capture_and_compare(model, inputs, 5, tolerance=1e-4)
