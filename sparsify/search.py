@@ -436,7 +436,7 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
     profiles: dict[str, BlockMassProfile] = {}
     seeds = _SamplingSeeds(config.seed, shard.offset)
 
-    def profile_site(site, q, k, v, attn_mask, is_causal, scale):
+    def profile_site(site, q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
         key = site.name
         existing = profiles.get(key)
         if existing is None or (existing.q_len, existing.k_len) != (q.shape[2], k.shape[2]):
@@ -445,7 +445,8 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
                 return  # keep the profile of the longest sequence seen (ties: the longer query), in any batch order
             profiles[key] = BlockMassProfile.empty(site.num_heads, q.shape[2], k.shape[2], block_size)
         profiles[key].add(q, k, v, attn_mask, is_causal or site.causal, scale,
-                          rows_per_block=config.profile_rows_per_block, generator=seeds.for_site("profile", site))
+                          rows_per_block=config.profile_rows_per_block, generator=seeds.for_site("profile", site),
+                          softcap=softcap, sinks=sinks)
 
     observe(captured.graph_module, batches, profile_site,
             progress=tqdm(seeds.calls(profile_indices), total=len(profile_indices), desc="sparsify: profiling",
@@ -468,13 +469,14 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
     }
     mask_cache: dict[tuple[str, int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
-    def score_site(site, q, k, v, attn_mask, is_causal, scale):
+    def score_site(site, q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
         key = (site.name, q.shape[2], k.shape[2])
         if key not in mask_cache:
             mask_cache[key] = _candidate_masks(candidates[site.name], q.shape[2], k.shape[2], site_masks[site.name], q.device)
         masks, skips = mask_cache[key]
         return scores[site.name].add(q, k, v, attn_mask, is_causal or site.causal, scale, block_size, masks, skips,
-                                     rows_per_block=config.score_rows_per_block, generator=seeds.for_site("score", site))
+                                     rows_per_block=config.score_rows_per_block, generator=seeds.for_site("score", site),
+                                     softcap=softcap, sinks=sinks)
 
     observe(captured.graph_module, batches, score_site,
             progress=tqdm(seeds.calls(holdout_indices), total=len(holdout_indices), desc="sparsify: scoring candidates",
