@@ -137,6 +137,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     min_recall: float = 0.7,
     holdout_fraction: float = 0.25,
     seed: int = 0,
+    adaptive: bool = True,
     cost_model: CostModel | None = None,
     progress: bool = True,
     dynamic: bool = True,
@@ -171,6 +172,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
         min_recall: candidates keeping less attention mass on the profile are not scored.
         holdout_fraction: share of batches held out to score candidates and check the result.
         cost_model: a `CostModel` (default: analytic constants plus shipped hardware profiles).
+        adaptive: also consider input-adaptive patterns (masks estimated per input on the device);
+            ``False`` keeps every chosen pattern static (required for ONNX export).
         progress: show tqdm progress bars.
         dynamic: capture with dynamic batch and sequence dimensions.
         process_group: data-parallel calibration. When ``torch.distributed`` is initialised,
@@ -197,7 +200,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
         )
     config = SearchConfig(max_error=max_error, target_density=target_density, target_speedup=target_speedup,
                           block_size=block_size, min_recall=min_recall, holdout_fraction=holdout_fraction,
-                          backend=backend, dense_steps=dense_steps, steps_per_generation=steps_per_generation, seed=seed)
+                          backend=backend, dense_steps=dense_steps, steps_per_generation=steps_per_generation, seed=seed,
+                          adaptive=adaptive)
     result = search_model(model, calib_loader, config, example_inputs=example_inputs, cost_model=cost_model,
                           progress=progress, dynamic=dynamic, process_group=process_group)
     return result.compiled

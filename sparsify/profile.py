@@ -214,18 +214,40 @@ class CandidateErrors:
     kept_mass: list[torch.Tensor]  # per head: float64 [candidates]
     output_norm: torch.Tensor  # float64 [heads]: Σ ||dense output||²
     total_mass: torch.Tensor  # float64 [heads]
+    # Input-adaptive candidates: Σ and Σ² over batch elements of the work their masks kept (0 for static ones),
+    # and how many batch elements were summed.
+    work_sum: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    work_square_sum: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    work_count: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
 
     @classmethod
     def empty(cls, candidates_per_head: list[int]) -> "CandidateErrors":
         heads = len(candidates_per_head)
-        return cls([torch.zeros(c, dtype=torch.float64) for c in candidates_per_head],
-                   [torch.zeros(c, dtype=torch.float64) for c in candidates_per_head],
-                   torch.zeros(heads, dtype=torch.float64), torch.zeros(heads, dtype=torch.float64))
+        zeros = lambda: [torch.zeros(c, dtype=torch.float64) for c in candidates_per_head]  # noqa: E731
+        return cls(zeros(), zeros(), torch.zeros(heads, dtype=torch.float64), torch.zeros(heads, dtype=torch.float64),
+                   zeros(), zeros())
+
+    def add_work(self, work: torch.Tensor, first: list[int]) -> None:
+        """Record the work ``[candidates, batch, heads]`` of the per-batch candidates; head ``h``'s start at ``first[h]``."""
+        work = work.to(torch.float64).cpu()
+        for head in range(work.shape[2]):
+            self.work_sum[head][first[head]:] += work[:, :, head].sum(1)
+            self.work_square_sum[head][first[head]:] += work[:, :, head].pow(2).sum(1)
+        self.work_count += work.shape[1]
+
+    def mean_work(self, head: int) -> torch.Tensor:
+        """Mean work per batch element of each per-batch candidate (0 for the others)."""
+        return self.work_sum[head] / self.work_count.clamp_min(1)
+
+    def work_spread(self, head: int) -> torch.Tensor:
+        """Standard deviation over batch elements of each per-batch candidate's work."""
+        mean = self.mean_work(head)
+        return (self.work_square_sum[head] / self.work_count.clamp_min(1) - mean.pow(2)).clamp_min(0).sqrt()
 
     def add(self, q, k, v, attn_mask, is_causal, scale, block_size: int, head_masks: list[torch.Tensor],
             skip_candidates: list[torch.Tensor] | None = None, rows_per_block: int | None = None,
             generator: torch.Generator | None = None, *, softcap: float | None = None,
-            sinks: torch.Tensor | None = None) -> torch.Tensor | None:
+            sinks: torch.Tensor | None = None, batch_masks: list[torch.Tensor] | None = None) -> torch.Tensor | None:
         """Score every candidate of every head on one batch (``softcap``/``sinks`` as the site has them).
 
         With ``rows_per_block``, that many query rows of every block (the same random offsets in
@@ -234,6 +256,9 @@ class CandidateErrors:
 
         ``head_masks[h]`` is ``bool [candidates, q_blocks, k_blocks]`` at this batch's lengths;
         ``skip_candidates[h]`` (bool ``[candidates]``) marks candidates that drop the head (output 0).
+        ``batch_masks[h]`` (bool ``[more, batch, q_blocks, k_blocks]``) are further candidates whose
+        mask differs per batch element (input-adaptive ones, estimated on this batch); they are
+        scored after the ``head_masks`` candidates, with the same identity per batch element.
         """
         offsets = None
         if rows_per_block is not None and rows_per_block < block_size:
@@ -275,8 +300,17 @@ class CandidateErrors:
                     output[:, skip_candidates[head]] = 0
                 reference = dense[:, head].permute(1, 2, 0, 3).reshape(query_blocks, 1, sampled * batch, value_dim)
                 error = (output - reference).pow(2).sum((0, 2, 3))
-                self.squared_error[head] += error.to(torch.float64).cpu()
-                self.kept_mass[head] += kept.sum((0, 2)).to(torch.float64).cpu()
+                self.squared_error[head][:candidates] += error.to(torch.float64).cpu()
+                self.kept_mass[head][:candidates] += kept.sum((0, 2)).to(torch.float64).cpu()
+                if batch_masks is not None and batch_masks[head].shape[0]:
+                    per_batch = batch_masks[head][:, :, first_block:first_block + query_blocks].to(values.dtype)
+                    numerator = torch.einsum("cbqk,bkqsd->cbqsd", per_batch, values[:, head])
+                    kept = torch.einsum("cbqk,bqsk->cbqs", per_batch, pooled[:, head])     # [C', B, nq, bs]
+                    denominator = kept if sink_mass is None else kept + sink_mass[:, head]
+                    output = numerator / denominator.unsqueeze(-1).clamp_min(1e-30)
+                    error = (output - dense[:, head]).pow(2).sum((1, 2, 3, 4))
+                    self.squared_error[head][candidates:] += error.to(torch.float64).cpu()
+                    self.kept_mass[head][candidates:] += kept.sum((1, 2, 3)).to(torch.float64).cpu()
                 self.output_norm[head] += float(reference.pow(2).sum())
                 self.total_mass[head] += float(head_pooled.sum())
         if offsets is not None:
