@@ -69,6 +69,10 @@ class AdaptivePattern(Pattern):
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
                 if field.name not in self.group_fields}
 
+    def estimation_work(self, q_len: int, k_len: int, head_dim: int, block_size: int) -> tuple[float, int]:
+        """``(multiply_adds, kernel_launches)`` of estimating one head's mask for one input (the cost model prices it)."""
+        raise NotImplementedError
+
     @classmethod
     def estimate(cls, q: torch.Tensor, k: torch.Tensor, *, parameters: dict[str, torch.Tensor], settings: dict,
                  block_size: int, kv_head_index: torch.Tensor, scale: float | None, causal: bool, q_offset: int,
@@ -108,6 +112,11 @@ class EstimatedVerticalSlash(AdaptivePattern):
         _check_fraction("estimated_vertical_slash", "slash", self.slash)
         _check_count("estimated_vertical_slash", "probe_blocks", self.probe_blocks, low=1, high=64)
         _check_count("estimated_vertical_slash", "sink_blocks", self.sink_blocks)
+
+    def estimation_work(self, q_len, k_len, head_dim, block_size):
+        probe = min(q_len, self.probe_blocks * block_size)
+        # Probe scores and probabilities, per-key and per-offset pooling, two sorts.
+        return probe * k_len * (head_dim + 4) + 4 * (q_len + k_len), 14
 
     @classmethod
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):
@@ -159,6 +168,16 @@ class PooledCoverage(AdaptivePattern):
         _check_count("pooled_coverage", "stride", self.stride, low=1, high=MAX_STRIDE)
         if self.stride & (self.stride - 1):
             raise PatternError(f"pooled_coverage: stride must be a power of two, got {self.stride}")
+
+    def estimation_work(self, q_len, k_len, head_dim, block_size):
+        q_blocks, k_blocks = -(-q_len // block_size), -(-k_len // block_size)
+        pooling = (q_len + k_len) * head_dim
+        if self.scoring == "antidiagonal":
+            scores = q_len * k_len * head_dim / min(self.stride, block_size)
+        else:
+            scores = q_blocks * k_blocks * head_dim
+        # Scores, softmax, a sort and a cumulative sum per row of blocks.
+        return pooling + scores + 8 * q_blocks * k_blocks, 12
 
     @classmethod
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):

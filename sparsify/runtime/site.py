@@ -216,6 +216,50 @@ class SparseAttention(torch.nn.Module):
         logger.debug("site %s: backend estimates %s", site.name, estimates)
         return min(candidates, key=lambda b: (estimates[b.name], b.auto_priority))
 
+    def _dense_backend(self, q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                       needs_grad: bool) -> "Backend | None":
+        """The site's backend when it runs this call's dense heads faster than SDPA (cost model), else ``None``."""
+        if is_causal != self.site.causal:
+            return None  # the block mask follows the site's causality; this call asks for another
+        key = ("dense", q.dtype, str(q.device), needs_grad)
+        if key not in self._backends:
+            backend = self.backend_for(q.dtype, q.device, needs_grad=needs_grad)
+            self._backends[key] = backend if self._dense_pays(backend, q.device) else None
+        backend = self._backends[key]
+        if backend is not None and attn_mask is not None and backend.attn_mask_problem(attn_mask) is not None:
+            return None
+        return backend
+
+    def _dense_pays(self, backend: "Backend", device: torch.device) -> bool:
+        if backend.name == "torch" or backend.block_size_problem(self.block_size, self.site.head_dim, device):
+            return False
+        from sparsify.cost import CostModel
+
+        cost_model = self.cost_model or CostModel.default()
+        site = self.site
+        full = RuntimeBlockMask.dense(1, block_size=self.block_size, q_len=site.q_len, k_len=site.k_len,
+                                      causal=site.causal).kept_blocks_per_head()[0]
+        try:
+            ours = cost_model.sparse_head_latency(site, full, backend=backend.cost_key, device=device,
+                                                  block_size=self.block_size)
+            sdpa = cost_model.dense_head_latency(site, backend=backend.cost_key, device=device)
+        except Exception:  # noqa: BLE001 - no cost constants: keep SDPA
+            return False
+        return ours < sdpa
+
+    def _full_mask(self, q_len: int, k_len: int, q_offset: int, device: torch.device) -> RuntimeBlockMask:
+        """Every block, for dense heads run by the site's backend (cached beside the sparse masks)."""
+        key = ("dense", q_len, k_len, q_offset, str(device))
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = RuntimeBlockMask.dense(self.dense_heads.numel(), block_size=self.block_size, q_len=q_len,
+                                          k_len=k_len, causal=self.site.causal, q_offset=q_offset,
+                                          kv_head_index=self.dense_kv_heads.cpu(), device=device)
+            if len(self._masks) >= MASK_CACHE_SIZE:
+                self._masks.popitem(last=False)
+            self._masks[key] = mask
+        return mask
+
     def _backend_for_mask(self, backend: "Backend", attn_mask: torch.Tensor, dtype: torch.dtype, device: torch.device,
                           needs_grad: bool) -> "Backend":
         """The backend for a call whose user mask the resolved backend does not take: the next one ``auto`` would
@@ -290,13 +334,23 @@ class SparseAttention(torch.nn.Module):
         output = q.new_empty((*q.shape[:-1], v.shape[-1]))
         if self.skipped_heads.numel():
             output.index_fill_(1, self.skipped_heads, 0)  # a skipped head contributes nothing
-        if self.dense_heads.numel():
-            dense_out = _dense(q.index_select(1, self.dense_heads), k.index_select(1, self.dense_kv_heads),
-                               v.index_select(1, self.dense_kv_heads), _select_heads(attn_mask, self.dense_heads),
-                               is_causal, scale, q_offset, softcap,
-                               sinks.index_select(0, self.dense_heads) if sinks is not None else None)
-            output.index_copy_(1, self.dense_heads, dense_out)
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if self.dense_heads.numel():
+            dense_mask = _select_heads(attn_mask, self.dense_heads)
+            dense_sinks = sinks.index_select(0, self.dense_heads) if sinks is not None else None
+            backend = self._dense_backend(q, dense_mask, is_causal, needs_grad)
+            if backend is None:
+                dense_out = _dense(q.index_select(1, self.dense_heads), k.index_select(1, self.dense_kv_heads),
+                                   v.index_select(1, self.dense_kv_heads), dense_mask, is_causal, scale, q_offset,
+                                   softcap, dense_sinks)
+            else:  # the site's backend runs dense heads faster than SDPA (by the cost model): a full mask
+                dense_q = q.index_select(1, self.dense_heads)
+                mask_key = ("dense", q.shape[2], k.shape[2], q_offset, str(q.device))
+                mask = self._full_mask(q.shape[2], k.shape[2], q_offset, q.device)
+                plan = self.plan_for(mask_key, mask, backend, dense_q, k, v)
+                dense_out = backend.run(plan, dense_q, k, v, attn_mask=dense_mask, scale=scale, softcap=softcap,
+                                        sinks=dense_sinks)
+            output.index_copy_(1, self.dense_heads, dense_out.to(output.dtype))
         if self.sparse_heads.numel():
             output.index_copy_(1, self.sparse_heads, self._static_heads(q, k, v, attn_mask, scale, q_offset, softcap,
                                                                         sinks, needs_grad).to(output.dtype))
