@@ -123,3 +123,24 @@ def test_bool_mask_has_no_gradient_and_backward_runs():
     keep[..., 0] = True
     torch.ops.sparsify.attention(q, k, v, keep, False, None).sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("family", ["manual", "gpt_oss"])
+def test_backward_through_a_compiled_module_with_dense_sites(family):
+    import model_zoo
+    import sparsify
+
+    model, inputs = getattr(model_zoo, family)()
+    run = (lambda m: m(**inputs)) if isinstance(inputs, dict) else (lambda m: m(*inputs))
+    sites = sparsify.find_attention(model, inputs)
+    compiled = sparsify.compile(model, strategy=sparsify.Strategy.dense(sites), example_inputs=sites)
+
+    def gradients(module):
+        model.zero_grad()
+        sparsify.api.first_output_tensor(run(module)).double().pow(2).mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    expected, got = gradients(model), gradients(compiled)
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
