@@ -126,6 +126,34 @@ def probability_chunks(
         yield ProbabilityChunk(row_start, row_end, pooled, block_values, output)
 
 
+# An additive mask entry at or below this hides its key (HF uses the dtype's minimum, older code -10000).
+HIDDEN_BELOW = -1e4
+
+
+def padded_query_rows(attn_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int) -> torch.Tensor | None:
+    """Query rows that are padding, read off a self-attention mask: bool ``[batch, q_len]``, or ``None``.
+
+    A key position hidden from every query row and every head of a batch element is padding
+    (a key-padding mask; with a causal mask the same holds, since row ``i`` sees key ``i`` unless
+    ``i`` is padding). At self-attention (``q_len == k_len``) the query row at that position is
+    padding too: its output is meaningless and downstream code ignores it, so its error must not
+    count. ``None`` when there is no mask, the site is not self-attention, or nothing is padded.
+
+    Example:
+        >>> mask = torch.tensor([True, True, False]).view(1, 1, 1, 3)   # last token is padding
+        >>> padded_query_rows(mask, 1, 3, 3).tolist()
+        [[False, False, True]]
+    """
+    if attn_mask is None or q_len != k_len or attn_mask.shape[-1] != k_len:
+        return None
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)) if attn_mask.dim() < 4 else attn_mask
+    hidden = ~mask if mask.dtype == torch.bool else mask <= HIDDEN_BELOW
+    padded = hidden.all(dim=-2).all(dim=1)  # [batch or 1, k_len]
+    if not bool(padded.any()):
+        return None
+    return padded.expand(batch, k_len).cpu()
+
+
 def pool_query_blocks(pooled: torch.Tensor, row_start: int, block_size: int) -> torch.Tensor:
     """Sum ``[B, H, rows, key_blocks]`` over batch and the rows of each query block → ``[H, q_blocks_in_chunk, key_blocks]``."""
     batch, heads, rows, k_blocks = pooled.shape
@@ -196,6 +224,8 @@ class CandidateErrors:
     kept_mass: list[torch.Tensor]  # per head: float64 [candidates]
     output_norm: torch.Tensor  # float64 [heads]: Σ ||dense output||²
     total_mass: torch.Tensor  # float64 [heads]
+    # Per `add` call (one per batch): the padded query rows left out of the sums (`padded_query_rows`).
+    padded_rows: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
 
     @classmethod
     def empty(cls, candidates_per_head: list[int]) -> "CandidateErrors":
@@ -215,11 +245,22 @@ class CandidateErrors:
 
         ``head_masks[h]`` is ``bool [candidates, q_blocks, k_blocks]`` at this batch's lengths;
         ``skip_candidates[h]`` (bool ``[candidates]``) marks candidates that drop the head (output 0).
+        Query rows that are padding (`padded_query_rows`) count neither in the errors nor in the
+        norms and masses.
         """
         offsets = None
         if rows_per_block is not None and rows_per_block < block_size:
             offsets = torch.randperm(block_size, generator=generator)[:rows_per_block].sort().values
         sampled = block_size if offsets is None else offsets.numel()
+        padded_rows = padded_query_rows(attn_mask, q.shape[0], q.shape[2], k.shape[2])
+        self.padded_rows.append(padded_rows)
+        row_weight = None
+        if padded_rows is not None:
+            positions = torch.arange(q.shape[2])
+            if offsets is not None:
+                positions = (torch.arange(blocks_for(q.shape[2], block_size)).unsqueeze(1) * block_size + offsets).flatten()
+                positions = positions[positions < q.shape[2]]
+            row_weight = (~padded_rows[:, positions]).to(q.device)  # [batch, scored rows]
         outputs = []
         for chunk in probability_chunks(q, k, v, attn_mask, is_causal, scale, block_size, with_block_values=True,
                                         row_offsets=offsets):
@@ -236,6 +277,10 @@ class CandidateErrors:
             pooled = torch.nn.functional.pad(chunk.pooled, (0, 0, 0, pad))  # [B, H, rows', kb]
             pooled = pooled.view(batch, -1, query_blocks, sampled, k_blocks)
             dense = torch.nn.functional.pad(chunk.output, (0, 0, 0, pad)).view(batch, -1, query_blocks, sampled, value_dim)
+            weight = None
+            if row_weight is not None:  # [nq, 1, bs*B], laid out like the rows below
+                rows_weight = torch.nn.functional.pad(row_weight[:, chunk.row_start:chunk.row_end], (0, pad))
+                weight = rows_weight.view(batch, query_blocks, sampled).permute(1, 2, 0).reshape(query_blocks, 1, -1)
             for head, masks in enumerate(head_masks):
                 candidates = masks.shape[0]
                 block_masks = masks[:, first_block:first_block + query_blocks].to(values.dtype).transpose(0, 1)  # [nq, C, kb]
@@ -248,6 +293,11 @@ class CandidateErrors:
                 if skip_candidates is not None and bool(skip_candidates[head].any()):
                     output[:, skip_candidates[head]] = 0
                 reference = dense[:, head].permute(1, 2, 0, 3).reshape(query_blocks, 1, sampled * batch, value_dim)
+                if weight is not None:
+                    keep = weight.to(output.dtype)
+                    output, reference = output * keep.unsqueeze(-1), reference * keep.unsqueeze(-1)
+                    denominator = denominator * keep
+                    head_pooled = head_pooled * keep
                 error = (output - reference).pow(2).sum((0, 2, 3))
                 self.squared_error[head] += error.to(torch.float64).cpu()
                 self.kept_mass[head] += denominator.sum((0, 2)).to(torch.float64).cpu()
