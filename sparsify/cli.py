@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -89,8 +90,8 @@ def _options_from(args: argparse.Namespace, names: Sequence[str]) -> CompileOpti
     given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     if "hardware_profiles" in given:
         given["hardware_profiles"] = tuple(given["hardware_profiles"])
-    if getattr(args, "no_progress", False):
-        given["progress"] = False
+    if hasattr(args, "no_progress"):
+        given["progress"] = not args.no_progress
     return CompileOptions.from_keywords(given)
 
 
@@ -199,8 +200,11 @@ def command_calibrate(args: argparse.Namespace) -> int:
 
     check_backend_available(args.backend)
     _check_output_path(args.out, "--out")
-    profile = calibrate(args.backend, args.device, lengths=tuple(args.lengths), repeats=args.repeats, progress=print,
-                        heads=args.heads, head_dim=args.head_dim, block_size=args.block_size)
+    given = {name: getattr(args, name) for name in ("lengths", "repeats", "heads", "head_dim", "block_size")
+             if getattr(args, name) is not None}
+    if "lengths" in given:
+        given["lengths"] = tuple(given["lengths"])
+    profile = calibrate(args.backend, args.device, progress=print, **given)
     profile.save(args.out)
     print(tabulate([[k, f"{v:.3e}"] for k, v in vars(profile.costs).items()], headers=["constant", "seconds"]))
     print(f"fit: {profile.fit['samples']} samples, mean relative error {profile.fit['mean_relative_error']:.1%}")
@@ -352,15 +356,29 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--profile", default=None, help="profile maps JSON (default: <strategy>.profile.json)")
     report.set_defaults(handler=command_report)
 
+    from sparsify.cost import calibrate
+
     calibrate_parser = commands.add_parser("calibrate", help="measure a backend on this device and write a hardware profile")
-    calibrate_parser.add_argument("--backend", default="torch", help="backend to measure (default torch)")
-    calibrate_parser.add_argument("--device", default="cpu", help="device to measure on (default cpu)")
-    calibrate_parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096],
-                                  help="sequence lengths to time (default 1024 2048 4096)")
-    calibrate_parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (default 3)")
-    calibrate_parser.add_argument("--heads", type=int, default=8, help="heads of the timed attention (default 8)")
-    calibrate_parser.add_argument("--head-dim", type=int, default=64, help="head size (default 64)")
-    calibrate_parser.add_argument("--block-size", type=int, default=64, help="block edge in tokens (default 64)")
+    # Defaults are calibrate()'s own (read from its signature, not repeated here).
+    defaults = {name: parameter.default for name, parameter in inspect.signature(calibrate).parameters.items()}
+
+    def shown(name: str) -> str:
+        value = defaults[name]
+        return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+    calibrate_parser.add_argument("--backend", default=defaults["backend"],
+                                  help=f"backend to measure (default {shown('backend')})")
+    calibrate_parser.add_argument("--device", default=defaults["device"],
+                                  help=f"device to measure on (default {shown('device')})")
+    calibrate_parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                                  help=f"sequence lengths to time (default {shown('lengths')})")
+    calibrate_parser.add_argument("--repeats", type=int, default=None,
+                                  help=f"timed calls per measurement (default {shown('repeats')})")
+    calibrate_parser.add_argument("--heads", type=int, default=None,
+                                  help=f"heads of the timed attention (default {shown('heads')})")
+    calibrate_parser.add_argument("--head-dim", type=int, default=None, help=f"head size (default {shown('head_dim')})")
+    calibrate_parser.add_argument("--block-size", type=int, default=None,
+                                  help=f"block edge in tokens (default {shown('block_size')})")
     calibrate_parser.add_argument("--out", default="hardware_profile.json",
                                   help="where to write the profile (default hardware_profile.json)")
     calibrate_parser.set_defaults(handler=command_calibrate)

@@ -301,21 +301,44 @@ def time_call(function: Callable[[], Any], device: torch.device | str = "cpu", r
     return min(times)  # the least disturbed run: other processes only ever add time
 
 
-Timer = Callable[[Callable[[], Any], torch.device, int], float]
-"""Seconds of one call: ``timer(function, device, repeats)`` (default `time_call`)."""
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One timing `calibrate` takes: ``run()`` on ``device``, and the regression row it feeds.
+
+    ``kind`` is ``"sparse"`` (features: 1, heads × query blocks, kept multiply-adds) or
+    ``"dense"`` (features: 1, multiply-adds of dense attention).
+    """
+
+    kind: str
+    features: tuple[float, ...]
+    run: Callable[[], Any]
+
+
+def time_measurement(measurement: Measurement, device: torch.device, repeats: int) -> float:
+    """The default timer of `calibrate`: `time_call` of ``measurement.run``."""
+    return time_call(measurement.run, device, repeats)
+
+
+Timer = Callable[[Measurement, torch.device, int], float]
+"""Seconds of one measurement: ``timer(measurement, device, repeats)`` (default `time_measurement`)."""
+
+# Calibration is degenerate unless, at some length, the densest tables take this much longer than the sparsest.
+MIN_DENSITY_GROWTH = 1.05
 
 
 def calibrate(backend: str = "torch", device: str | torch.device = "cpu", *, dtype: torch.dtype | None = None,
               lengths: Sequence[int] = (1024, 2048, 4096), densities: Sequence[float] = (0.05, 0.15, 0.3, 0.6),
               heads: int = 8, head_dim: int = 64, block_size: int = 64, repeats: int = 3,
-              progress: Callable[[str], None] | None = None, timer: Timer = time_call,
+              progress: Callable[[str], None] | None = None, timer: Timer = time_measurement,
               attempts: int = 3) -> HardwareProfile:
     """Measure ``backend`` and dense SDPA on ``device`` over random block tables and fit `BackendCosts`.
 
     The sparse time must grow with the kept blocks; on a busy machine the measurements can hide
-    that (a *degenerate* fit with no per-block cost, which would make every density look
-    equally fast). Such a fit is measured again with twice the repeats, up to ``attempts``
-    times, and then refused with an explanation rather than saved.
+    that (a *degenerate* measurement: at no length do the densest tables take 5% longer than the
+    sparsest, or the fit finds no per-block cost — either would make every density look
+    equally fast). Such a fit is measured again with twice the
+    repeats, up to ``attempts`` times, and then refused with an explanation rather than saved.
+    ``timer(measurement, device, repeats)`` returns the seconds of one `Measurement`.
 
     Example:
         >>> profile = calibrate("torch", "cpu", lengths=(256,), densities=(0.25, 0.5), repeats=1)  # doctest: +SKIP
@@ -336,7 +359,7 @@ def calibrate(backend: str = "torch", device: str | torch.device = "cpu", *, dty
     for attempt in range(1, attempts + 1):
         profile = _measure_and_fit(implementation, backend, device, dtype, lengths, densities, heads, head_dim,
                                    block_size, repeats, progress, timer)
-        if profile.costs.per_block_element > 0:
+        if profile.fit["density_growth"] >= MIN_DENSITY_GROWTH and profile.costs.per_block_element > 0:
             return profile
         logger.warning("calibration attempt %d: the sparse time did not grow with the kept blocks (noisy timings?); "
                        "measuring again with %d repeats", attempt, repeats * 2)
@@ -361,17 +384,19 @@ def _measure_and_fit(implementation, backend: str, device: torch.device, dtype: 
     dense_times: list[float] = []
     for length in lengths:
         q, k, v = (torch.randn(1, heads, length, head_dim, generator=generator).to(device, dtype) for _ in range(3))
-        dense_times.append(timer(lambda: dense_attention(q, k, v), device, repeats))
         dense_rows.append([1.0, heads * length * length * head_dim])
+        dense_times.append(timer(Measurement("dense", tuple(dense_rows[-1]), lambda: dense_attention(q, k, v)),
+                                 device, repeats))
         blocks = blocks_for(length, block_size)
         for density in densities:
             masks = torch.rand(heads, blocks, blocks, generator=generator) < density
             masks |= torch.eye(blocks, dtype=torch.bool)
             tables = BlockTables.from_block_masks(masks, block_size=block_size, q_len=length, k_len=length, causal=False,
                                                   kv_head_index=torch.arange(heads)).to(device)
-            seconds = timer(lambda: implementation.attention(q, k, v, tables), device, repeats)
-            sparse_times.append(seconds)
             sparse_rows.append([1.0, heads * blocks, float(masks.sum()) * block_size**2 * head_dim])
+            seconds = timer(Measurement("sparse", tuple(sparse_rows[-1]),
+                                        lambda: implementation.attention(q, k, v, tables)), device, repeats)
+            sparse_times.append(seconds)
             if progress:
                 progress(f"S={length} density={density:.2f}: {seconds * 1e3:.2f} ms")
     sparse_fit = _nonnegative_fit(sparse_rows, sparse_times)
@@ -379,7 +404,13 @@ def _measure_and_fit(implementation, backend: str, device: torch.device, dtype: 
     costs = BackendCosts(sparse_fit[0], sparse_fit[1], sparse_fit[2], dense_fit[0], dense_fit[1])
     predicted = [sum(c * x for c, x in zip(sparse_fit, row)) for row in sparse_rows]
     relative = [abs(p - t) / t for p, t in zip(predicted, sparse_times)]
+    # Per length, time of the densest tables over time of the sparsest; the largest over the lengths.
+    densest = max(range(len(densities)), key=densities.__getitem__)
+    sparsest = min(range(len(densities)), key=densities.__getitem__)
+    growth = max(sparse_times[start + densest] / max(sparse_times[start + sparsest], 1e-30)
+                 for start in range(0, len(sparse_times), len(densities)))
     fit = {"samples": len(sparse_times) + len(dense_times), "mean_relative_error": sum(relative) / len(relative),
+           "density_growth": round(growth, 6),
            "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, "heads": heads, "head_dim": head_dim,
            "block_size": block_size, "lengths": list(lengths), "densities": list(densities)}
     return HardwareProfile(backend, device.type, device_name(device), costs, fit)

@@ -65,7 +65,8 @@ class CompileOptions:
             held-out batches (``None``: all rows) — an unbiased estimate of the site error.
         hardware_profiles: JSON files written by ``sparsify-cli calibrate``; their constants
             price their (backend, device type) ahead of the shipped profiles and defaults.
-        progress: show progress bars.
+        progress: show progress bars on stderr (off by default: the library only logs; the CLI
+            turns them on unless ``--no-progress``).
         dynamic: capture with dynamic batch and sequence dimensions.
     """
 
@@ -84,7 +85,7 @@ class CompileOptions:
     profile_rows_per_block: int | None = _option(16, "query rows per block sampled for the profile")
     score_rows_per_block: int | None = _option(32, "query rows per block scored on held-out batches")
     hardware_profiles: tuple[str, ...] = _option((), "hardware profile JSON written by `calibrate`")
-    progress: bool = _option(True, "show progress bars")
+    progress: bool = _option(False, "show progress bars (the library prints nothing unless asked; the CLI shows them)")
     dynamic: bool = _option(True, "capture with dynamic batch and sequence dimensions")
 
     def __post_init__(self) -> None:

@@ -20,9 +20,11 @@ from sparsify.tables import blocks_for
 
 __all__ = [
     "PROFILE_FORMAT_VERSION",
+    "head_densities",
     "load_profile_maps",
     "page_paths",
     "render_png",
+    "report_figures",
     "save_profile_maps",
     "strategy_table",
 ]
@@ -120,6 +122,9 @@ def _target_lines(metadata: dict[str, Any]) -> list[str]:
     lines = []
     if target.get("reached", True):
         lines.append(f"target {kind} {value:g} reached ({kind} {achieved:.3f})")
+    elif target.get("overrides_max_error"):
+        lines.append(f"target {kind} {value:g} NOT reached even past max_error={budget}: the closest strategy has "
+                     f"{kind} {achieved:.3f} (no site drops all of its heads)")
     else:
         lines.append(f"target {kind} {value:g} NOT reached within max_error={budget}: the closest strategy has "
                      f"{kind} {achieved:.3f} (raise max_error, or allow target_overrides_max_error)")
@@ -218,7 +223,24 @@ def render_png(strategy: Strategy, path: str | os.PathLike, profile_maps: dict[s
         >>> render_png(strategy, "report.png", load_profile_maps("strategy.profile.json"))   # doctest: +SKIP
         [PosixPath('report.png')]
     """
-    if not isinstance(sites_per_page, int) or sites_per_page < 1:
+    figures = report_figures(strategy, profile_maps, sites_per_page=sites_per_page)
+    paths = page_paths(path, len(figures))
+    for figure, page_path in zip(figures, paths):
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=dpi)
+        write_bytes_atomically(page_path, buffer.getvalue())
+    return paths
+
+
+def report_figures(strategy: Strategy, profile_maps: dict[str, torch.Tensor] | None = None, *,
+                   sites_per_page: int = 6) -> list[Any]:
+    """The pages `render_png` draws, as matplotlib ``Figure`` objects (no pyplot; each has an Agg canvas).
+
+    Example:
+        >>> figures = report_figures(strategy)                        # doctest: +SKIP
+        >>> figures[0].savefig("page.svg")                            # doctest: +SKIP
+    """
+    if not isinstance(sites_per_page, int) or isinstance(sites_per_page, bool) or sites_per_page < 1:
         raise SparsifyError(f"sites_per_page must be a positive int, got {sites_per_page!r}")
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -227,15 +249,13 @@ def render_png(strategy: Strategy, path: str | os.PathLike, profile_maps: dict[s
         raise SparsifyError("the picture needs matplotlib: pip install 'sparsify-attention[report]'") from None
     names = list(strategy.sites)
     pages = [names[start:start + sites_per_page] for start in range(0, len(names), sites_per_page)]
-    paths = page_paths(path, len(pages))
-    for number, (page_names, page_path) in enumerate(zip(pages, paths), start=1):
+    figures = []
+    for number, page_names in enumerate(pages, start=1):
         # A Figure with its own Agg canvas: no pyplot, so the process's matplotlib backend is untouched.
         figure = _draw_page(Figure, strategy, page_names, profile_maps, number, len(pages), len(names))
         FigureCanvasAgg(figure)
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=dpi)
-        write_bytes_atomically(page_path, buffer.getvalue())
-    return paths
+        figures.append(figure)
+    return figures
 
 
 def _draw_page(figure_class, strategy: Strategy, names: list[str], profile_maps, page: int, pages: int, total: int):

@@ -281,6 +281,8 @@ def choose_with_multiplier(options: Sequence[HeadOptions], primary: Callable[[He
     Lagrangian relaxation: each head takes ``argmin primary + λ·secondary``; λ is found by
     bisection (in log space) as the smallest that meets the budget. Index 0 of every head must
     be feasible on its own for the budget (dense has zero error), so a solution always exists.
+    Candidates off the convex hull, which no λ picks, are then tried greedily with what is left
+    of the budget (`improve_greedily`).
 
     Example:
         >>> option = HeadOptions("s", 0, [], torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.5]),
@@ -312,7 +314,53 @@ def choose_with_multiplier(options: Sequence[HeadOptions], primary: Callable[[He
             high, best = middle, candidate
         else:
             low = middle
-    return best
+    objective, cost = _padded([primary(o) for o in options]), _padded([secondary(o) for o in options])
+    group = torch.zeros(len(options), dtype=torch.long)
+    improved = improve_greedily(objective, [(cost, group, torch.tensor([budget], dtype=torch.float64))],
+                                torch.tensor(best))
+    return improved.tolist()
+
+
+def _padded(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[len(rows), longest]`` float64, padded with ``inf`` (a padded slot is never feasible)."""
+    table = torch.full((len(rows), max(len(r) for r in rows)), math.inf, dtype=torch.float64)
+    for index, row in enumerate(rows):
+        table[index, :len(row)] = row.to(torch.float64)
+    return table
+
+
+def improve_greedily(objective: torch.Tensor, constraints: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     choice: torch.Tensor) -> torch.Tensor:
+    """Move heads to candidates that lower Σ ``objective`` while every constraint stays met, best move first.
+
+    ``objective`` is ``[heads, candidates]``; each constraint is ``(values [heads, candidates],
+    group [heads], budgets [groups])``: per group, the chosen values must sum to at most its
+    budget. Candidates with an infinite value are never moved to. Stops when no move helps.
+
+    Example:
+        >>> objective = torch.tensor([[1.0, 0.6], [1.0, 0.4]], dtype=torch.float64)   # work: dense, sparse
+        >>> error = torch.tensor([[0.0, 0.3], [0.0, 0.2]], dtype=torch.float64)
+        >>> improve_greedily(objective, [(error, torch.tensor([0, 0]), torch.tensor([0.25]))], torch.tensor([0, 0]))
+        tensor([0, 1])
+    """
+    choice = choice.clone()
+    heads = torch.arange(objective.shape[0])
+    for _ in range(objective.numel()):
+        current = objective[heads, choice]
+        gain = current.unsqueeze(1) - objective
+        feasible = torch.isfinite(objective) & (gain > 1e-12 * current.abs().clamp_min(1e-300).unsqueeze(1))
+        for values, group, budgets in constraints:
+            chosen = values[heads, choice]
+            used = torch.zeros(len(budgets), dtype=torch.float64).index_add_(0, group, chosen)
+            slack = (budgets - used)[group].unsqueeze(1)
+            extra = values - chosen.unsqueeze(1)
+            feasible &= torch.isfinite(values) & (extra <= slack + 1e-12 * budgets.abs().max().clamp_min(1e-300))
+        if not bool(feasible.any()):
+            break
+        best = torch.where(feasible, gain, -math.inf).flatten().argmax()
+        head, candidate = divmod(int(best), objective.shape[1])
+        choice[head] = candidate
+    return choice
 
 
 @dataclasses.dataclass
@@ -333,7 +381,7 @@ class SearchResult:
 
 def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence[tuple[tuple, dict]],
            config: CompileOptions, *, cost_model: CostModel | None = None, device: torch.device | None = None,
-           progress: bool = True) -> SearchResult:
+           progress: bool | None = None) -> SearchResult:
     """Profile, score and choose patterns for every head of every site (see the module docstring).
 
     ``captured`` is the graph after `FindAttention` (canonical nodes with sites); ``batches``
@@ -345,6 +393,7 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
 
     if not sites:
         raise SparsifyError("search needs at least one attention site")
+    progress = config.progress if progress is None else progress
     cost_model = cost_model or CostModel.default()
     device = device or _device_of(captured.graph_module)
     block_size = config.block_size or (128 if device.type == "cuda" else 64)
@@ -559,7 +608,10 @@ def _choose(sites: Sequence[AttentionSite], options: dict[str, list[HeadOptions]
         if error > config.max_error * (1 + 1e-9):
             over[site.name] = error
     outcome = TargetOutcome(kind, value, achieved, reached, config.target_overrides_max_error, over)
-    if not reached:
+    if not reached and config.target_overrides_max_error:
+        logger.warning("target_%s=%g is not reachable even past max_error (no site drops all of its heads): the "
+                       "closest strategy has %s %.3f", kind, value, kind, achieved)
+    elif not reached:
         logger.warning(
             "target_%s=%g is not reachable within max_error=%g: the closest strategy has %s %.3f with every site "
             "within the budget. Raise max_error, or pass target_overrides_max_error=True to let sites exceed it.",
@@ -664,6 +716,10 @@ def allocate_with_target(errors: Sequence[torch.Tensor], works: Sequence[torch.T
             high, best = middle, candidate
         else:
             low = middle
+    # Candidates off the convex hull (no multiplier picks them) may still lower the error within what is left.
+    everyone = torch.zeros(len(errors), dtype=torch.long)
+    work_limit = torch.tensor([work_budget / (1 - 1e-6)], dtype=torch.float64)
+    best = improve_greedily(error, [(work, everyone, work_limit), (error, sites, budgets)], best)
     return best.tolist()
 
 

@@ -574,7 +574,11 @@ class Strategy:
     # --- reporting ------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        """Counts, and the mean density at the recorded lengths (``None`` when not recorded).
+        """Counts, the mean density at the recorded lengths (``None`` when not recorded), and the search's results.
+
+        ``estimated_speedup``, ``end_to_end_error`` and ``target_reached`` are ``None`` when the
+        strategy does not record them; ``sites_over_budget`` lists the sites a global target
+        pushed past ``max_error`` (only with ``target_overrides_max_error``).
 
         ``mean_density`` is all heads' kept blocks over the blocks dense attention computes
         (lower triangle at causal sites), at each site's recorded ``q_len``/``k_len``.
@@ -597,6 +601,9 @@ class Strategy:
             "mean_density": self._mean_density(),
             "estimated_speedup": self.metadata.get("estimated_attention_speedup"),
             "end_to_end_error": self.metadata.get("end_to_end_error"),
+            # With a global target: whether it was reached, and the sites it pushed past max_error.
+            "target_reached": (self.metadata.get("target") or {}).get("reached"),
+            "sites_over_budget": list((self.metadata.get("target") or {}).get("sites_over_budget", [])),
         }
 
     def _mean_density(self) -> float | None:
