@@ -1,19 +1,19 @@
-"""Block-sparse attention kernels against dense SDPA on one GPU.
+"""Block-sparse attention kernels side by side against dense SDPA on one GPU: fa4, triton, flex, torch.
 
-For every sequence length, block density and pattern it times our Triton kernel
-(`sparsify.backends.triton`), FlexAttention with a block mask from the same tables
-(`sparsify.backends.flex`) and dense ``F.scaled_dot_product_attention`` (default backend:
-cuDNN/flash on Hopper), all in the same process, and reports
+For every sequence length, block density and pattern it times each backend (`sparsify.backends`:
+``prepare`` once, ``run`` timed, as a compiled model calls them) on the same runtime mask, and
+dense ``F.scaled_dot_product_attention`` (default backend: cuDNN on Hopper), all in the same
+process, and reports per backend
 
-* ``ours/sdpa``: speedup of our kernel over dense SDPA,
 * ``frac_ideal``: ``speedup_vs_sdpa * density`` (1.0 = time proportional to kept blocks),
-* ``flex/ours``: how much slower FlexAttention is than our kernel.
+* for dense rows (100%): the backend's speed over SDPA's,
+* host time per call at S=1024 (microseconds, ``run`` only, what the site module calls).
 
 Usage (on the GPU machine)::
 
     python benchmarks/kernel_bench.py                       # full grid, writes kernel_bench.json
-    python benchmarks/kernel_bench.py --seq 8192 16384 --density 10 100 --no-flex
-    python benchmarks/kernel_bench.py --tune                # sweep kernel tile configs
+    python benchmarks/kernel_bench.py --seq 8192 16384 --density 10 100 --backends fa4 triton
+    python benchmarks/kernel_bench.py --tune                # sweep the triton kernel's tile configs
 
 Timings are medians of ``triton.testing.do_bench`` (CUDA events, warm-up first).
 """
@@ -91,78 +91,94 @@ def make_inputs(seq, heads, dim, dtype, gen_seed=0):
     return [torch.randn(shape, device="cuda", dtype=dtype) for _ in range(3)]
 
 
-def tables_for(pattern, seq, heads, density, block, causal, seed=0):
-    from sparsify.tables import BlockTables
+def mask_for(pattern, seq, heads, density, block, causal, seed=0):
+    """A runtime mask on the GPU and its density (of the causal area when causal)."""
+    from sparsify.runtime import RuntimeBlockMask
 
     gen = torch.Generator().manual_seed(seed)
     blocks = -(-seq // block)
     masks = block_masks(pattern, heads, blocks, density, causal, gen)
-    tables = BlockTables.from_block_masks(masks, block_size=block, q_len=seq, k_len=seq, causal=causal,
-                                          kv_head_index=torch.arange(heads))
+    mask = RuntimeBlockMask.from_block_masks(masks.to("cuda"), block_size=block, q_len=seq, k_len=seq, causal=causal)
     area = blocks * (blocks + 1) / 2 if causal else blocks * blocks
-    actual = float(masks.sum()) / (heads * area)
-    return tables.to("cuda"), actual
+    return mask, float(masks.sum()) / (heads * area)
 
 
 def rel_err(out, ref):
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
-def run_grid(args, meta: dict) -> list[dict]:
-    import sparsify.backends.triton  # noqa: F401
+def available_backends(names: list[str]) -> dict:
+    """The named backends that run here (the others are reported and skipped)."""
     from sparsify.backends import get_backend
 
-    ours = get_backend("triton")
-    flex = None
-    if not args.no_flex:
-        import sparsify.backends.flex  # noqa: F401
+    found = {}
+    for name in names:
+        backend = get_backend(name)
+        reason = backend.availability("cuda")
+        if reason:
+            print(f"backend {name}: skipped ({reason})", flush=True)
+        else:
+            found[name] = backend
+    return found
 
-        flex = get_backend("flex")
+
+def run_grid(args, meta: dict) -> list[dict]:
+    backends = available_backends(args.backends)
+    meta["backends"] = list(backends)
     dtype = getattr(torch, args.dtype)
     rows = []
     for seq in args.seq:
         q, k, v = make_inputs(seq, args.heads, args.dim, dtype)
         sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)  # noqa: E731
         t_sdpa = bench(sdpa, args.rep_ms)
-        t_sdpa_graph = bench_graph(sdpa, args.rep_ms) if seq <= args.graph_max_seq else None
+        reference_dense = sdpa()
         flops = 4 * seq * seq * args.dim * args.heads * (0.5 if args.causal else 1.0)
         print(f"S={seq}: sdpa {t_sdpa:.3f} ms ({flops / t_sdpa / 1e9:.0f} TFLOP/s)", flush=True)
         for pattern in args.patterns:
             for pct in args.density:
                 if pct >= 100 and pattern != args.patterns[0]:
                     continue  # dense is dense whatever the pattern
-                tables, density = tables_for(pattern, seq, args.heads, pct / 100, args.block, args.causal)
-                if pct >= 100:
-                    pattern_name = "dense"
-                else:
-                    pattern_name = pattern
-                out = ours.attention(q, k, v, tables)
-                row = {"seq": seq, "pattern": pattern_name, "density_target": pct / 100,
+                mask, density = mask_for(pattern, seq, args.heads, pct / 100, args.block, args.causal)
+                row = {"seq": seq, "pattern": "dense" if pct >= 100 else pattern, "density_target": pct / 100,
                        "density": density, "sdpa_ms": t_sdpa}
-                if pct >= 100:
-                    row["err_vs_sdpa"] = rel_err(out, F.scaled_dot_product_attention(q, k, v, is_causal=args.causal))
-                t_ours = bench(lambda: ours.attention(q, k, v, tables), args.rep_ms)
-                row.update(ours_ms=t_ours, speedup=t_sdpa / t_ours, frac_ideal=t_sdpa / t_ours * density,
-                           ours_tflops=flops * density / t_ours / 1e9)
-                if t_sdpa_graph is not None:  # the same ratio without launch overhead
-                    t_graph = bench_graph(lambda: ours.attention(q, k, v, tables), args.rep_ms)
-                    row.update(sdpa_graph_ms=t_sdpa_graph, ours_graph_ms=t_graph,
-                               frac_ideal_graph=t_sdpa_graph / t_graph * density)
-                if flex is not None:
+                reference = None
+                for name, backend in backends.items():
+                    if name == "torch" and seq > args.torch_max_seq:
+                        continue
                     try:
-                        out_flex = flex.attention(q, k, v, tables)
-                        row["err_flex_vs_ours"] = rel_err(out_flex, out)
-                        t_flex = bench(lambda: flex.attention(q, k, v, tables), args.rep_ms)
-                        row.update(flex_ms=t_flex, flex_over_ours=t_flex / t_ours)
-                    except Exception as err:  # report and keep going: flex is a comparison only
-                        row["flex_error"] = f"{type(err).__name__}: {err}"[:300]
+                        plan = backend.prepare(mask, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, dtype=dtype,
+                                               device=q.device)
+                        with torch.no_grad():
+                            out = backend.run(plan, q, k, v)
+                            if reference is None:
+                                reference = get_reference(mask, q, k, v, pct, reference_dense, seq)
+                            row[f"{name}_err"] = rel_err(out, reference)
+                            t = bench(lambda: backend.run(plan, q, k, v), args.rep_ms)
+                        row[f"{name}_ms"] = t
+                        row[f"{name}_frac_ideal"] = t_sdpa / t * density
+                        if seq <= args.graph_max_seq and backend.features.cuda_graphs:
+                            with torch.no_grad():
+                                t_graph = bench_graph(lambda: backend.run(plan, q, k, v), args.rep_ms)
+                            row[f"{name}_graph_ms"] = t_graph
+                    except Exception as err:  # report and keep going
+                        row[f"{name}_error"] = f"{type(err).__name__}: {err}"[:300]
+                    del plan
                 rows.append(row)
-                print(format_row(row), flush=True)
-                del tables
+                print(format_row(row, list(backends)), flush=True)
+                del mask
         del q, k, v
         torch.cuda.empty_cache()
         write_json(args.json, meta, rows)  # partial results survive a time limit
     return rows
+
+
+def get_reference(mask, q, k, v, pct, reference_dense, seq):
+    """Dense SDPA for dense rows; the torch backend in float32 for sparse ones (chunked: no seq x seq)."""
+    from sparsify.backends import get_backend
+
+    if pct >= 100:
+        return reference_dense
+    return get_backend("torch").attention(q.float(), k.float(), v.float(), mask)
 
 
 def write_json(path: str, meta: dict, rows: list[dict]) -> None:
@@ -171,64 +187,68 @@ def write_json(path: str, meta: dict, rows: list[dict]) -> None:
 
 
 def launch_overhead(args) -> dict:
-    """Host time per call (microseconds) on a tiny problem, where the host, not the GPU, is the limit.
+    """Host time per call (microseconds) at S=1024, where the host, not the GPU, is the limit.
 
-    ``ours`` is the backend call as a model makes it (cached direct launch from the second call
-    on); ``ours_full_path`` the same call with ``triton_kernels.FAST_LAUNCH`` off (input checks,
-    TMA descriptors and Triton's own argument binding on every call, as before the fast path).
+    Each backend's ``run`` on a prepared plan, as the site module calls it (for triton: the cached
+    direct launch from the second call on; ``triton_full_path``: the same with ``FAST_LAUNCH`` off).
     """
-    import sparsify.backends.triton  # noqa: F401
-    from sparsify.backends import get_backend
     from sparsify.backends import triton_kernels as kernels
 
-    q, k, v = make_inputs(1024, args.heads, args.dim, getattr(torch, args.dtype))
-    tables, _ = tables_for("random", 1024, args.heads, 0.25, args.block, False)
-    backend = get_backend("triton")
-    calls = {"sdpa": (lambda: F.scaled_dot_product_attention(q, k, v), True),
-             "ours": (lambda: get_backend("triton").attention(q, k, v, tables), True),
-             "ours_full_path": (lambda: backend.attention(q, k, v, tables), False)}
+    dtype = getattr(torch, args.dtype)
+    q, k, v = make_inputs(1024, args.heads, args.dim, dtype)
+    mask, _ = mask_for("random", 1024, args.heads, 0.25, args.block, args.causal)
+    calls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)}
+    for name, backend in available_backends(args.backends).items():
+        plan = backend.prepare(mask, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, dtype=dtype, device=q.device)
+        calls[name] = (lambda b=backend, p=plan: b.run(p, q, k, v))
+        if name == "triton":
+            calls["triton_full_path"] = calls[name]
     result = {}
-    for name, (fn, fast) in calls.items():
-        kernels.FAST_LAUNCH = fast
+    for name, fn in calls.items():
+        kernels.FAST_LAUNCH = name != "triton_full_path"
         try:
-            for _ in range(20):
-                fn()
-            torch.cuda.synchronize()
-            best = float("inf")
-            for _ in range(3):  # best of three: the host is noisy
-                start = time.perf_counter()
-                for _ in range(200):
+            with torch.no_grad():
+                for _ in range(20):
                     fn()
                 torch.cuda.synchronize()
-                best = min(best, (time.perf_counter() - start) / 200 * 1e6)
+                best = float("inf")
+                for _ in range(3):  # best of three: the host is noisy
+                    start = time.perf_counter()
+                    for _ in range(200):
+                        fn()
+                    torch.cuda.synchronize()
+                    best = min(best, (time.perf_counter() - start) / 200 * 1e6)
             result[name] = best
+        except Exception as err:
+            result[name] = f"{type(err).__name__}: {err}"[:200]
         finally:
             kernels.FAST_LAUNCH = True
     if getattr(args, "profile_host", False):
         import cProfile
         import pstats
 
-        for fast in (True, False):
-            kernels.FAST_LAUNCH = fast
+        for name in [n for n in calls if n != "sdpa"]:
             prof = cProfile.Profile()
             prof.enable()
-            for _ in range(500):
-                backend.attention(q, k, v, tables)
+            with torch.no_grad():
+                for _ in range(500):
+                    calls[name]()
             prof.disable()
             torch.cuda.synchronize()
-            print(f"--- cProfile, FAST_LAUNCH={fast}, 500 calls")
-            pstats.Stats(prof).sort_stats("tottime").print_stats(14)
-        kernels.FAST_LAUNCH = True
+            print(f"--- cProfile, {name}, 500 calls")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(12)
     return result
 
 
-def format_row(row: dict) -> str:
-    flex = f"{row['flex_over_ours']:6.2f}" if "flex_over_ours" in row else "     -"
-    graph = f" graph-ideal {row['frac_ideal_graph']:5.2f}" if "frac_ideal_graph" in row else ""
-    return (f"{row['seq']:>6} {row['pattern']:>7} {100 * row['density']:6.1f}% "
-            f"sdpa {row['sdpa_ms']:8.3f} ours {row['ours_ms']:8.3f} "
-            f"x{row['speedup']:6.2f} ideal {row['frac_ideal']:5.2f} "
-            f"{row['ours_tflops']:5.0f}TF flex/ours {flex}{graph}")
+def format_row(row: dict, names: list[str]) -> str:
+    cells = []
+    for name in names:
+        if f"{name}_ms" in row:
+            value = row["sdpa_ms"] / row[f"{name}_ms"] if row["pattern"] == "dense" else row[f"{name}_frac_ideal"]
+            cells.append(f"{name} {row[f'{name}_ms']:8.3f}ms {value:5.2f}")
+        elif f"{name}_error" in row:
+            cells.append(f"{name} ERROR")
+    return f"{row['seq']:>6} {row['pattern']:>7} {100 * row['density']:6.1f}% sdpa {row['sdpa_ms']:8.3f} | " + " | ".join(cells)
 
 
 def run_tune(args) -> list[dict]:
@@ -245,16 +265,16 @@ def run_tune(args) -> list[dict]:
         t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=args.causal), args.rep_ms)
         for block in args.tune_blocks:
             for pct in (5, 25, 100):
-                tables, density = tables_for("random", seq, args.heads, pct / 100, block, args.causal)
-                plan = kernels.plan_launch(tables, q.device)
-                reference = kernels.block_sparse_attention(q, k, v, tables, plan=plan, use_tma=False,
+                mask, density = mask_for("random", seq, args.heads, pct / 100, block, args.causal)
+                plan = kernels.plan_launch(mask, q.device)
+                reference = kernels.block_sparse_attention(q, k, v, plan, use_tma=False,
                                                            config=kernels.KernelConfig(64, 64, 4, 2))
                 for cfg, tma in configs:
                     if block % cfg.block_m or block % cfg.block_n:
                         continue
                     try:
                         fn = lambda: kernels.block_sparse_attention(  # noqa: E731
-                            q, k, v, tables, plan=plan, config=cfg, use_tma=tma)
+                            q, k, v, plan, config=cfg, use_tma=tma)
                         err = rel_err(fn(), reference)
                         t = bench(fn, args.rep_ms)
                     except Exception as err:
@@ -270,24 +290,24 @@ def run_tune(args) -> list[dict]:
     return results
 
 
-def summary(rows: list[dict]) -> str:
-    lines = ["", "fraction of ideal (speedup_vs_SDPA x density), ours; flex/ours in brackets"]
+def summary(rows: list[dict], names: list[str]) -> str:
+    lines = ["", "fraction of ideal (speedup vs SDPA x density) per backend; dense rows: speed over SDPA"]
     seqs = sorted({r["seq"] for r in rows})
     keys = sorted({(r["pattern"], r["density_target"]) for r in rows}, key=lambda x: (x[0] == "dense", x))
-    lines.append(f"{'pattern':>8} {'dens':>5} " + " ".join(f"{s:>14}" for s in seqs))
-    for pattern, dens in keys:
-        cells = []
-        for s in seqs:
-            hit = [r for r in rows if r["seq"] == s and r["pattern"] == pattern and r["density_target"] == dens]
-            if not hit:
-                cells.append(f"{'':>14}")
-                continue
-            r = hit[0]
-            value = f"{r['speedup']:.2f}x" if pattern == "dense" else f"{r['frac_ideal']:.2f}"
-            flex = f"[{r['flex_over_ours']:.1f}]" if "flex_over_ours" in r else ""
-            cells.append(f"{value + ' ' + flex:>14}")
-        lines.append(f"{pattern:>8} {int(100 * dens):>4}% " + " ".join(cells))
-    lines.append("(dense rows show ours/SDPA speed ratio: SDPA time over ours)")
+    for name in names:
+        lines.append(f"-- {name}")
+        lines.append(f"{'pattern':>8} {'dens':>5} " + " ".join(f"{s:>8}" for s in seqs))
+        for pattern, dens in keys:
+            cells = []
+            for s in seqs:
+                hit = [r for r in rows if r["seq"] == s and r["pattern"] == pattern and r["density_target"] == dens]
+                if not hit or f"{name}_ms" not in hit[0]:
+                    cells.append(f"{'-':>8}")
+                    continue
+                r = hit[0]
+                value = r["sdpa_ms"] / r[f"{name}_ms"] if pattern == "dense" else r[f"{name}_frac_ideal"]
+                cells.append(f"{value:>8.2f}")
+            lines.append(f"{pattern:>8} {int(100 * dens):>4}% " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -301,7 +321,8 @@ def main(argv=None) -> int:
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--backends", nargs="+", default=["fa4", "triton", "flex", "torch"])
+    parser.add_argument("--torch-max-seq", type=int, default=8192, help="time the torch backend up to this length")
     parser.add_argument("--rep-ms", type=int, default=60, help="do_bench repetition budget (ms)")
     parser.add_argument("--json", default="kernel_bench.json")
     parser.add_argument("--graph-max-seq", type=int, default=16384,
@@ -330,7 +351,7 @@ def main(argv=None) -> int:
         rows = run_tune(args)
     else:
         rows = run_grid(args, meta)
-        print(summary(rows))
+        print(summary(rows, meta["backends"]))
         meta["host_us_per_call_s1024"] = launch_overhead(args)
         print("host time per call at S=1024 (us):",
               {k: round(v, 1) for k, v in meta["host_us_per_call_s1024"].items()})

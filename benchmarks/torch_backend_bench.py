@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from sparsify.backends.torch import TorchBackend
-from sparsify.tables import BlockTables
+from sparsify.runtime import RuntimeBlockMask
 from sparsify.cost import device_name
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "torch_backend_cpu.json"
 
 
-def sliding_window_tables(seq: int, block: int, heads: int, target_density: float) -> BlockTables:
+def sliding_window_mask(seq: int, block: int, heads: int, target_density: float) -> RuntimeBlockMask:
     """A banded block mask of about ``target_density`` (clipped at the sequence edges)."""
     blocks = -(-seq // block)
     width = max(1, round(target_density * blocks))
@@ -36,8 +36,7 @@ def sliding_window_tables(seq: int, block: int, heads: int, target_density: floa
     j = torch.arange(blocks).view(1, -1)
     band = (j >= i - before) & (j <= i + after)
     masks = band.expand(heads, blocks, blocks).contiguous()
-    return BlockTables.from_block_masks(masks, block_size=block, q_len=seq, k_len=seq, causal=False,
-                                        kv_head_index=torch.arange(heads))
+    return RuntimeBlockMask.from_block_masks(masks, block_size=block, q_len=seq, k_len=seq, causal=False)
 
 
 def median_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -69,9 +68,11 @@ def main(argv: list[str] | None = None) -> None:
         q, k, v = (torch.randn(1, args.heads, seq, args.head_dim) for _ in range(3))
         dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
         for target in args.densities:
-            tables = sliding_window_tables(seq, args.block, args.heads, target)
-            density = tables.density()
-            sparse_ms = median_ms(lambda: backend.attention(q, k, v, tables), args.repeats)
+            mask = sliding_window_mask(seq, args.block, args.heads, target)
+            density = mask.density()
+            plan = backend.prepare(mask, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, dtype=q.dtype,
+                                   device=q.device)
+            sparse_ms = median_ms(lambda: backend.run(plan, q, k, v), args.repeats)
             rows.append({
                 "seq": seq,
                 "target_density": target,

@@ -13,6 +13,7 @@ import torch.fx
 
 from sparsify.capture import Captured, capture, eval_mode, flat_graph_inputs, normalize_inputs
 from sparsify.cost import CostModel
+from sparsify.distributed import CalibrationGroup, calibration_group
 from sparsify.errors import InputError, SparsifyError, StrategyError, UnsupportedError
 from sparsify.options import CompileOptions
 from sparsify.passes.find_attention import FindAttention
@@ -150,6 +151,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     example_inputs: Any = None,
     options: CompileOptions | None = None,
     cost_model: CostModel | None = None,
+    process_group: Any = None,
     **option_values: Any,
 ) -> SparsifiedModule:
     """Compile ``model`` so that its attentions run block-sparse.
@@ -183,6 +185,12 @@ def compile(  # noqa: A001 - mirrors torch.compile
         options: a `CompileOptions`.
         cost_model: a `CostModel` (default: analytic constants plus shipped hardware profiles
             and the ``hardware_profiles`` option).
+        process_group: data-parallel calibration. When ``torch.distributed`` is initialised,
+            every rank calls ``compile`` with its own shard of the calibration data; the
+            statistics are summed over the default group (or this ``torch.distributed``
+            process group) and every rank gets the strategy one process would find on the
+            rank-major concatenation of the shards. ``False`` calibrates on this rank's data
+            alone. See `sparsify.distributed`.
 
     Example:
         >>> layer = torch.nn.TransformerEncoderLayer(64, 4, batch_first=True)
@@ -204,7 +212,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
             "sparsify.compile needs calibration data to search a strategy (compile(model, calib_loader)), or a "
             "saved strategy (compile(model, strategy='strategy.json', example_inputs=...))"
         )
-    return search_model(model, calib_loader, options, example_inputs=example_inputs, cost_model=cost_model).compiled
+    return search_model(model, calib_loader, options, example_inputs=example_inputs, cost_model=cost_model,
+                        process_group=process_group).compiled
 
 
 @dataclasses.dataclass
@@ -217,10 +226,12 @@ class ModelSearchResult:
 
 def search_model(model: torch.nn.Module, calib_loader: Any, options: CompileOptions | None = None, *,
                  example_inputs: Any = None, cost_model: CostModel | None = None, progress: bool | None = None,
-                 dynamic: bool | None = None) -> ModelSearchResult:
+                 dynamic: bool | None = None, process_group: Any = None) -> ModelSearchResult:
     """Capture, profile, search and rewrite; measures the end-to-end error on held-out batches.
 
-    ``progress`` / ``dynamic``, when given, replace those fields of ``options``.
+    ``progress`` / ``dynamic``, when given, replace those fields of ``options``. Under
+    ``torch.distributed`` (see ``compile``'s ``process_group``), an error on any rank makes
+    every rank raise `sparsify.distributed.DistributedCalibrationError` naming it.
 
     Example:
         >>> result = search_model(model, batches, CompileOptions(max_error=0.05))     # doctest: +SKIP
@@ -229,6 +240,13 @@ def search_model(model: torch.nn.Module, calib_loader: Any, options: CompileOpti
     options = options or CompileOptions()
     overrides = {name: value for name, value in (("progress", progress), ("dynamic", dynamic)) if value is not None}
     options = dataclasses.replace(options, **overrides) if overrides else options
+    group = calibration_group(process_group)
+    with group.guard("calibration"):
+        return _search_model(model, calib_loader, options, example_inputs, cost_model, group)
+
+
+def _search_model(model: torch.nn.Module, calib_loader: Any, options: CompileOptions, example_inputs: Any,
+                  cost_model: CostModel | None, group: CalibrationGroup) -> ModelSearchResult:
     check_backend_available(options.backend)
     cost_model = _cost_model_for(options, cost_model)
     batches = collect_batches(model, calib_loader)
@@ -248,7 +266,8 @@ def search_model(model: torch.nn.Module, calib_loader: Any, options: CompileOpti
     check_batches(captured.graph_module, batches, _describe_call(captured.args, captured.kwargs))
     check_backend_serves(options.backend, captured.graph_module)
     training_differs = training_changes_outputs(model, batches[0])
-    result = search(captured, sites, batches, options, cost_model=cost_model, progress=options.progress)
+    result = search(captured, sites, batches, options, cost_model=cost_model, progress=options.progress,
+                    process_group=group)
     counter = StepCounter(options.steps_per_generation)
     rewrite = RewriteAttention(result.strategy, backend=options.backend, source="search", step_counter=counter)
     rewritten = PassManager([rewrite]).run(captured.graph_module).graph_module
@@ -256,7 +275,7 @@ def search_model(model: torch.nn.Module, calib_loader: Any, options: CompileOpti
                                 training_differs=training_differs,
                                 captured_signature=_describe_call(captured.args, captured.kwargs))
     error = end_to_end_error(compiled, model, result.held_out, steps=result.held_out_steps,
-                             ignored_positions=result.held_out_padding)
+                             ignored_positions=result.held_out_padding, process_group=group)
     metadata = dict(result.strategy.metadata, end_to_end_error=round(error, 6))
     compiled.strategy = dataclasses.replace(result.strategy, metadata=metadata)
     result.strategy = compiled.strategy
@@ -266,11 +285,14 @@ def search_model(model: torch.nn.Module, calib_loader: Any, options: CompileOpti
 
 def end_to_end_error(compiled: torch.nn.Module, model: torch.nn.Module, batches: Sequence[tuple[tuple, dict]],
                      steps: Sequence[int] | None = None,
-                     ignored_positions: Sequence[torch.Tensor | None] | None = None) -> float:
+                     ignored_positions: Sequence[torch.Tensor | None] | None = None,
+                     process_group: Any = False) -> float:
     """Relative L2 error of the first output tensor of ``compiled`` against ``model`` over ``batches``.
 
     ``steps`` gives each batch's generation step (for strategies with ``dense_steps``); the
-    compiled module's step count is restored afterwards. ``ignored_positions[i]`` (bool
+    compiled module's step count is restored afterwards. ``process_group`` (as for
+    `sparsify.distributed.calibration_group`; default ``False``: this process's batches only)
+    sums the errors over every rank's batches. ``ignored_positions[i]`` (bool
     ``[batch, seq]``, True = padding) leaves those positions of batch ``i`` out when the output
     is ``[batch, seq, ...]``: padded query rows carry no meaning, so their error is not counted.
 
@@ -298,6 +320,7 @@ def end_to_end_error(compiled: torch.nn.Module, model: torch.nn.Module, batches:
             reference += float(expected.pow(2).sum())
     if counter is not None:
         counter.step = saved
+    squared, reference = calibration_group(process_group).sum_floats([squared, reference], "summing end-to-end errors")
     return math.sqrt(squared / max(reference, 1e-300))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -26,8 +27,6 @@ from sparsify.options import CompileOptions
 
 DEFAULT_EXAMPLE = "sparsify.examples:structured_video_transformer"
 DEFAULT_EXAMPLE_CALIBRATION = "sparsify.examples:structured_video_batches"
-# The ONNX lowering exists for the torch backend's block tables (sparsify.export.onnx_lowerings()).
-EXPORT_BACKEND = "torch"
 
 
 def _resolve(spec: str, option: str, kind: str = "function") -> Callable[..., Any]:
@@ -133,10 +132,16 @@ _SEARCH_OPTIONS = ["max_error", "target_density", "target_speedup", "target_over
 
 
 def command_search(args: argparse.Namespace) -> int:
-    """Profile, search, write the strategy (and its profile maps), print the report."""
+    """Profile, search, write the strategy (and its profile maps), print the report.
+
+    Under ``torchrun`` (``WORLD_SIZE`` set) the ranks calibrate data-parallel: each takes its
+    contiguous share of the ``--calib`` batches (or, when the ``--calib`` function takes
+    ``rank`` and ``world_size`` arguments, the batches it returns for its rank); rank 0 alone
+    prints and writes files.
+    """
+    from sparsify import distributed
     from sparsify.api import check_backend_available, search_model
     from sparsify.cost import CostModel
-    from sparsify.report import render_png, save_profile_maps
 
     options = _options_from(args, _SEARCH_OPTIONS)
     check_backend_available(options.backend)
@@ -147,17 +152,48 @@ def command_search(args: argparse.Namespace) -> int:
     if args.model is None:
         print("no --model given: searching the built-in example (a structured video transformer, 2048 tokens)\n")
         model, _ = load_factory(DEFAULT_EXAMPLE)
-        batches = _resolve(DEFAULT_EXAMPLE_CALIBRATION, "--calib")()
+        calib = _resolve(DEFAULT_EXAMPLE_CALIBRATION, "--calib")
     else:
         model, example_inputs = load_factory(args.model)
         if args.calib:
-            batches = _resolve(args.calib, "--calib")()
+            calib = _resolve(args.calib, "--calib")
         else:
             print("no --calib given: calibrating on the factory's example inputs only (one batch)", file=sys.stderr)
-            batches = [example_inputs]
-    result = search_model(model, batches, options)
+            calib = lambda: [example_inputs]  # noqa: E731
+    on_cuda = any(parameter.is_cuda for parameter in model.parameters())
+    started = distributed.init_from_environment(args.dist_backend, prefer_cuda=on_cuda)
+    try:
+        group = distributed.calibration_group()
+        with group.guard("loading calibration batches"):  # a rank whose --calib fails stops every rank
+            batches = _calibration_batches(calib, group)
+        if not group.is_main:
+            options = dataclasses.replace(options, progress=False)
+        result = search_model(model, batches, options)
+        if group.is_main:
+            _write_search_outputs(args, result)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _calibration_batches(calib: Callable[..., Any], group: Any) -> list[Any]:
+    """This rank's calibration batches: ``calib(rank=, world_size=)`` when it takes them, else a contiguous share."""
+    from sparsify.distributed import contiguous_shard
+
+    if not group.is_distributed:
+        return list(calib())
+    parameters = inspect.signature(calib).parameters
+    if "rank" in parameters and "world_size" in parameters:
+        return list(calib(rank=group.rank, world_size=group.world_size))
+    return contiguous_shard(list(calib()), group.rank, group.world_size)
+
+
+def _write_search_outputs(args: argparse.Namespace, result: Any) -> None:
+    from sparsify.report import render_png, save_profile_maps
+
     strategy = result.compiled.strategy
-    strategy.save(args.out)
+    strategy.save(args.out, main_rank_only=False)  # the caller writes on rank 0 only
     profile_path = _profile_path(args.out)
     maps = {name: profile.normalized() for name, profile in result.search.profiles.items()}
     if maps:
@@ -166,7 +202,6 @@ def command_search(args: argparse.Namespace) -> int:
     print(f"\nstrategy written to {args.out}" + (f" (profile maps: {profile_path})" if maps else ""))
     if args.png:
         _print_pictures(render_png(strategy, args.png, maps), masks_only=not maps)
-    return 0
 
 
 def command_report(args: argparse.Namespace) -> int:
@@ -348,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     search_parser.add_argument("--png", default=None, help="also draw attention maps and chosen masks to this PNG "
                                "(more pages as <name>-2.png, ... for many sites)")
     search_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    search_parser.add_argument("--dist-backend", default="auto",
+                               help="torch.distributed backend under torchrun: gloo, nccl or auto (nccl for a CUDA "
+                                    "model, else gloo)")
     search_parser.set_defaults(handler=command_search)
 
     report = commands.add_parser("report", help="print a strategy's table; --png draws maps and masks")
@@ -389,8 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", default=DEFAULT_EXAMPLE, help="package.module:factory")
     export.add_argument("--strategy", required=True, help="strategy JSON file")
     export.add_argument("--out", required=True, help="the .onnx file to write")
-    export.add_argument("--backend", default=EXPORT_BACKEND,
-                        help=f"backend the strategy is applied with; it needs an ONNX lowering (default {EXPORT_BACKEND})")
+    _add_option(export, "backend", str)
     export.add_argument("--opset", type=int, default=None, help=f"ONNX opset (>= {MIN_OPSET}; default: exporter's)")
     export.add_argument("--check", action="store_true", help="run the file in onnxruntime and compare outputs")
     export.set_defaults(handler=command_export)

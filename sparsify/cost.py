@@ -64,6 +64,9 @@ DEFAULT_COSTS: dict[tuple[str, str], BackendCosts] = {
     ("torch", "cuda"): BackendCosts(3e-4, 1e-7, 4.0e-14, 7e-5, 5.7e-15),
     ("flex", "cuda"): BackendCosts(2.5e-4, 2e-8, 1.07e-14, 7e-5, 5.7e-15),
     ("triton", "cuda"): BackendCosts(1.1e-4, 7e-8, 8.2e-15, 7e-5, 5.7e-15),
+    # FlashAttention-4's block-sparse forward on an H200 (benchmarks/NOTES.md, kernel_bench v4): 1.08-1.10x
+    # cuDNN dense at 16-32K, ~24 us per call with the lean launch.
+    ("fa4", "cuda"): BackendCosts(2.5e-5, 1e-8, 5.3e-15, 7e-5, 5.7e-15),
 }
 
 
@@ -240,6 +243,22 @@ class CostModel:
         q_blocks = blocks_for(q_len or site.q_len, block_size)
         return batch * (q_blocks * costs.per_row_block + kept_blocks * block_size**2 * site.head_dim * costs.per_block_element)
 
+    def estimation_latency(self, site: AttentionSite, pattern, *, backend: str, device, block_size: int,
+                           batch: int = 1, q_len: int | None = None, k_len: int | None = None) -> float:
+        """Latency of estimating one head's input-adaptive mask (`sparsify.adaptive_patterns`): its multiply-adds at
+        twice SDPA's per-element cost (small matmuls run below peak) plus a quarter launch per kernel it starts.
+        Composite patterns pay for each adaptive part; static patterns cost nothing here."""
+        from sparsify.patterns import Intersection, Union
+
+        if isinstance(pattern, (Union, Intersection)):
+            return sum(self.estimation_latency(site, part, backend=backend, device=device, block_size=block_size,
+                                               batch=batch, q_len=q_len, k_len=k_len) for part in pattern.parts)
+        if not pattern.is_adaptive:
+            return 0.0
+        costs = self.costs(backend, device)
+        work, launches = pattern.estimation_work(q_len or site.q_len, k_len or site.k_len, site.head_dim, block_size)
+        return batch * work * 2 * costs.dense_per_element + launches * 0.25 * costs.launch
+
     def dense_latency(self, site: AttentionSite, *, backend: str, device, batch: int = 1) -> float:
         """Latency of the whole site run dense (SDPA)."""
         costs = self.costs(backend, device)
@@ -259,11 +278,11 @@ class CostModel:
                                                                  block_size=block_size, batch=batch) for k in sparse_heads)
         return total
 
-    def latency(self, site: AttentionSite, block_tables, backend: str, device) -> float:
-        """Latency of a site for `BlockTables` of its sparse heads (dense heads: the rest)."""
-        kept = [float(c) for c in block_tables.kv_counts.sum(-1).tolist()]
+    def latency(self, site: AttentionSite, mask, backend: str, device) -> float:
+        """Latency of a site whose sparse heads keep the blocks of ``mask`` (a `RuntimeBlockMask`; dense heads: the rest)."""
+        kept = mask.kept_blocks_per_head()
         kept_per_head: list[float | None] = kept + [None] * (site.num_heads - len(kept))
-        return self.sparse_latency(site, kept_per_head, backend=backend, device=device, block_size=block_tables.block_size)
+        return self.sparse_latency(site, kept_per_head, backend=backend, device=device, block_size=mask.block_size)
 
 
 def _same_device(profile_device_name: str, device) -> bool:
@@ -351,11 +370,10 @@ def calibrate(backend: str = "torch", device: str | torch.device = "cpu", *, dty
         raise SparsifyError(f"calibrate needs at least two densities and one length, got densities={list(densities)} "
                             f"lengths={list(lengths)}")
     implementation = get_backend(backend)
-    if not implementation.is_available():
-        site = AttentionSite("probe", 0, num_heads=heads, num_kv_heads=heads, head_dim=head_dim, q_len=max(lengths),
-                             k_len=max(lengths))
-        reason = implementation.unsupported_reason(site, dtype, device)
-        raise SparsifyError(f"backend {backend!r} is not available here{f': {reason}' if reason else ''}; cannot calibrate it")
+    reason = implementation.availability(device)
+    if reason is not None:
+        hint = f"; {implementation.install_hint}" if implementation.install_hint else ""
+        raise SparsifyError(f"backend {backend!r} is not available here: {reason}{hint}; cannot calibrate it")
     for attempt in range(1, attempts + 1):
         profile = _measure_and_fit(implementation, backend, device, dtype, lengths, densities, heads, head_dim,
                                    block_size, repeats, progress, timer)
@@ -375,7 +393,7 @@ def _measure_and_fit(implementation, backend: str, device: torch.device, dtype: 
                      densities: Sequence[float], heads: int, head_dim: int, block_size: int, repeats: int,
                      progress: Callable[[str], None] | None, timer: Timer) -> HardwareProfile:
     from sparsify.ops import dense_attention
-    from sparsify.tables import BlockTables
+    from sparsify.runtime.block_mask import RuntimeBlockMask
 
     generator = torch.Generator().manual_seed(0)
     sparse_rows: list[list[float]] = []
@@ -391,11 +409,13 @@ def _measure_and_fit(implementation, backend: str, device: torch.device, dtype: 
         for density in densities:
             masks = torch.rand(heads, blocks, blocks, generator=generator) < density
             masks |= torch.eye(blocks, dtype=torch.bool)
-            tables = BlockTables.from_block_masks(masks, block_size=block_size, q_len=length, k_len=length, causal=False,
-                                                  kv_head_index=torch.arange(heads)).to(device)
+            mask = RuntimeBlockMask.from_block_masks(masks.to(device), block_size=block_size, q_len=length,
+                                                     k_len=length, causal=False)
+            plan = implementation.prepare(mask, q_shape=tuple(q.shape), k_shape=tuple(k.shape),
+                                          v_shape=tuple(v.shape), dtype=q.dtype, device=device)
             sparse_rows.append([1.0, heads * blocks, float(masks.sum()) * block_size**2 * head_dim])
             seconds = timer(Measurement("sparse", tuple(sparse_rows[-1]),
-                                        lambda: implementation.attention(q, k, v, tables)), device, repeats)
+                                        lambda: implementation.run(plan, q, k, v)), device, repeats)
             sparse_times.append(seconds)
             if progress:
                 progress(f"S={length} density={density:.2f}: {seconds * 1e3:.2f} ms")

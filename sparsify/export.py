@@ -127,7 +127,7 @@ class BlockGatherAttention(torch.nn.Module):
 
     Example:
         >>> from sparsify import patterns
-        >>> from sparsify.passes.rewrite import SparseAttention
+        >>> from sparsify.runtime.site import SparseAttention
         >>> from sparsify.site import AttentionSite
         >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=16, q_len=128, k_len=128)
         >>> layer = SparseAttention(site, [patterns.dense(), patterns.sliding_window(32)], block_size=32)
@@ -161,17 +161,15 @@ class BlockGatherAttention(torch.nn.Module):
         self.register_buffer("head_order", torch.argsort(order), persistent=False)
         self.width = 1
         if self.has_sparse:
-            self._init_tables(module.tables(q_len, k_len, torch.device("cpu")), dtype)
+            self._init_tables(module.runtime_mask(q_len, k_len, torch.device("cpu")), dtype)
 
-    def _init_tables(self, tables, dtype: torch.dtype) -> None:
+    def _init_tables(self, mask, dtype: torch.dtype) -> None:
         bs, q_blocks, k_blocks = self.block, self.q_blocks, self.k_blocks
-        indices = tables.kv_indices.detach().cpu().long()
-        counts = tables.kv_counts.detach().cpu().long()
-        kv_head = tables.kv_head_index.detach().cpu().long()
+        counts, indices = mask.merged()     # kept blocks (causal-hidden ones already dropped), ascending
+        indices, counts = indices[0].long(), counts[0].long()
+        kv_head = mask.kv_head_index.detach().cpu().long()
         heads, _, max_kept = indices.shape
         valid = torch.arange(max_kept) < counts.unsqueeze(-1)
-        if tables.causal:                   # blocks after the query block hide every key
-            valid &= indices <= torch.arange(q_blocks).view(1, q_blocks, 1)
         # Rows are (sparse head, query block) pairs, flattened; real slots first, ascending.
         rows_total = heads * q_blocks
         kept = valid.sum(-1).reshape(rows_total)
@@ -197,7 +195,7 @@ class BlockGatherAttention(torch.nn.Module):
             valid_g = slot_valid[rows, :group_width]
             head, query_block = row_head[rows], row_query_block[rows]
             partial = valid_g & (b == k_blocks - 1) if tail < bs else torch.zeros_like(valid_g)
-            diagonal = valid_g & (b == query_block.unsqueeze(-1)) if tables.causal else torch.zeros_like(valid_g)
+            diagonal = valid_g & (b == query_block.unsqueeze(-1)) if mask.causal else torch.zeros_like(valid_g)
             group = _RowGroup(index=index, rows=len(rows), width=group_width,
                               all_rows=len(rows) == rows_total and bool(torch.equal(rows, torch.arange(rows_total))),
                               has_padding=not bool(valid_g.all()), has_partial=bool(partial.any()),
@@ -436,41 +434,57 @@ def _group_rows(widths: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Registry: which backends' sparse sites have an ONNX lowering
+# Registry: ONNX lowerings by name; each backend declares the one that reproduces it
 
 #: ``lowering(sparse_attention_module, q_len, k_len, dtype) -> nn.Module`` with the same call
 #: signature as `SparseAttention`, built from plain torch ops that export to standard ONNX.
 Lowering = Callable[[torch.nn.Module, int, int, torch.dtype], torch.nn.Module]
 _LOWERINGS: dict[str, Lowering] = {}
+#: The lowering of sites compiled with ``backend="auto"``: every auto candidate computes what the
+#: runtime mask describes (each is tested against the torch reference).
+AUTO_LOWERING = "block_gather"
 
 
-def register_onnx_lowering(backend: str) -> Callable[[Lowering], Lowering]:
-    """Decorator registering the ONNX lowering of the sites compiled for ``backend``.
+def register_onnx_lowering(name: str) -> Callable[[Lowering], Lowering]:
+    """Decorator registering an ONNX lowering under ``name`` (what a backend's ``onnx_lowering`` names).
 
     Example:
-        >>> @register_onnx_lowering("my_kernel")        # doctest: +SKIP
+        >>> @register_onnx_lowering("my_kernel_lowering")        # doctest: +SKIP
         ... def lower(module, q_len, k_len, dtype):
         ...     return BlockGatherAttention(module, q_len, k_len, dtype)
     """
 
     def decorate(lowering: Lowering) -> Lowering:
-        if backend in _LOWERINGS:
-            raise ValueError(f"an ONNX lowering for backend {backend!r} is registered twice")
-        _LOWERINGS[backend] = lowering
+        if name in _LOWERINGS:
+            raise ValueError(f"an ONNX lowering named {name!r} is registered twice")
+        _LOWERINGS[name] = lowering
         return lowering
 
     return decorate
 
 
 def onnx_lowerings() -> list[str]:
-    """Backends whose sparse sites export to ONNX."""
+    """Names of the registered ONNX lowerings."""
     return sorted(_LOWERINGS)
 
 
-# The built-in backends all compute exactly what the block tables describe (each is tested
-# against the torch reference), so one block-gather lowering serves every one of them.
-for _name in ("auto", "torch", "flex", "triton"):
-    register_onnx_lowering(_name)(BlockGatherAttention)
+def lowering_name(backend: str) -> str | None:
+    """The ONNX lowering a site compiled for ``backend`` exports with (as the backend declares), or ``None``."""
+    if backend == "auto":
+        return AUTO_LOWERING
+    from sparsify.backends import backend_class
+
+    return backend_class(backend).onnx_lowering
+
+
+def exporting_backends() -> list[str]:
+    """Backends whose declared lowering is registered."""
+    from sparsify.backends import backend_names
+
+    return ["auto"] + [name for name in backend_names() if lowering_name(name) in _LOWERINGS]
+
+
+register_onnx_lowering("block_gather")(BlockGatherAttention)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,7 +553,7 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
         ['input_ids', 'attention_mask']
     """
     from sparsify.api import SparsifiedModule
-    from sparsify.passes.rewrite import SparseAttention
+    from sparsify.runtime.site import SparseAttention
 
     if not isinstance(compiled, SparsifiedModule):
         raise SparsifyError(
@@ -553,11 +567,13 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
     sparse_modules = {name: module for name, module in graph_module.named_modules()
                       if isinstance(module, SparseAttention)}
     for name, module in sparse_modules.items():
-        if module.backend not in _LOWERINGS:
+        lowering = lowering_name(module.backend)
+        if lowering not in _LOWERINGS:
+            declared = f"declares the lowering {lowering!r}, which is not registered" if lowering else "declares none"
             raise UnsupportedError(
                 f"site {module.site.name!r} ({name}) was compiled for backend {module.backend!r}, which has no ONNX "
-                f"lowering; backends that export: {', '.join(onnx_lowerings())}. Compile with backend='torch' for "
-                f"export, or register one with sparsify.export.register_onnx_lowering({module.backend!r})"
+                f"lowering (it {declared}); backends that export: {', '.join(exporting_backends())}. Compile with "
+                f"backend='torch' for export, or register one with sparsify.export.register_onnx_lowering(name)"
             )
     if dynamic_seq and sparse_modules:
         raise UnsupportedError(
@@ -694,7 +710,7 @@ def _export_copy(graph_module: torch.fx.GraphModule, sparse_modules: dict, lengt
     export_module = torch.fx.GraphModule(graph_module, graph)
     for name, module in sparse_modules.items():
         q_len, k_len, dtype = lengths[name]
-        lowering = _LOWERINGS[module.backend](module, q_len, k_len, dtype)
+        lowering = _LOWERINGS[lowering_name(module.backend)](module, q_len, k_len, dtype)
         export_module.add_submodule(name, lowering)   # replaces the shared submodule in the copy only
     for attribute in ("_in_spec", "_out_spec"):
         if hasattr(graph_module, attribute):

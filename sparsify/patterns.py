@@ -58,6 +58,11 @@ __all__ = [
     "causal_block_mask",
     "register_pattern",
     "known_patterns",
+    "AdaptivePattern",
+    "EstimatedVerticalSlash",
+    "PooledCoverage",
+    "estimated_vertical_slash",
+    "pooled_coverage",
     "pattern_from_dict",
 ]
 
@@ -204,6 +209,11 @@ class Pattern(abc.ABC):
     @property
     def is_skip(self) -> bool:
         """True for `skip`: the head's output is dropped (the rewrite writes zeros for it)."""
+        return False
+
+    @property
+    def is_adaptive(self) -> bool:
+        """True when the mask is estimated per input (`sparsify.adaptive_patterns`), or a part of it is."""
         return False
 
     @abc.abstractmethod
@@ -1118,6 +1128,10 @@ class _Composite(Pattern):
             (part.nesting_depth for part in self.parts if isinstance(part, _Composite)), default=0
         )
 
+    @property
+    def is_adaptive(self) -> bool:
+        return any(part.is_adaptive for part in self.parts)
+
     def _params(self) -> dict[str, Any]:
         return {"parts": [part.to_dict() for part in self.parts]}
 
@@ -1399,3 +1413,13 @@ def _from_dict(data: Any, location: str, depth: int = 0) -> Pattern:
         if location and not str(error).startswith(location):
             raise PatternError(f"{where}{error}") from error
         raise
+
+
+# Input-adaptive families register themselves in the same registry (and are reachable from here).
+from sparsify.adaptive_patterns import (  # noqa: E402
+    AdaptivePattern,
+    EstimatedVerticalSlash,
+    PooledCoverage,
+    estimated_vertical_slash,
+    pooled_coverage,
+)

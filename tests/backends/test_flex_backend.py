@@ -9,9 +9,9 @@ import torch
 
 import sparsify.backends.flex  # noqa: F401  (registers "flex")
 from sparsify.backends import get_backend
+from sparsify.runtime import RuntimeBlockMask
 from sparsify.site import AttentionSite
-from sparsify.tables import BlockTables
-from helpers import tables_reference
+from backend_helpers import mask_reference, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
@@ -25,22 +25,18 @@ def _fresh_dynamo():
     yield
 
 
-def random_tables(gen, heads, kv_heads, q_len, k_len, block, causal, density=0.4):
+def random_tables(gen, heads, kv_heads, q_len, k_len, block, causal, density=0.4, kv_head_index=None):
     q_blocks, k_blocks = -(-q_len // block), -(-k_len // block)
     masks = torch.rand(heads, q_blocks, k_blocks, generator=gen) < density
     first = torch.randint(0, k_blocks, (heads, q_blocks), generator=gen)
     masks.scatter_(-1, first.unsqueeze(-1), True)
-    return BlockTables.from_block_masks(
+    return RuntimeBlockMask.from_block_masks(
         masks, block_size=block, q_len=q_len, k_len=k_len, causal=causal,
-        kv_head_index=torch.arange(heads) // (heads // kv_heads),
+        kv_head_index=torch.arange(heads) // (heads // kv_heads) if kv_head_index is None else kv_head_index,
     )
 
 
-dense_reference = tables_reference
-
-
-def rel_err(out, ref):
-    return float((out.double() - ref).norm() / ref.norm())
+dense_reference = mask_reference
 
 
 def make_qkv(gen, batch, heads, kv_heads, q_len, k_len, dim, dtype):
@@ -82,8 +78,7 @@ def test_matches_dense_reference(case, dtype, tol):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_custom_head_mapping_and_masks():
     gen = torch.Generator().manual_seed(1)
-    tables = random_tables(gen, 3, 3, 700, 700, 128, True)
-    tables.kv_head_index = torch.tensor([2, 0, 2])
+    tables = random_tables(gen, 3, 3, 700, 700, 128, True, kv_head_index=torch.tensor([2, 0, 2]))
     q, k, v = make_qkv(gen, 2, 3, 3, 700, 700, 64, torch.bfloat16)
     backend = get_backend("flex")
     out = backend.attention(q, k, v, tables.to("cuda"))

@@ -1,8 +1,12 @@
-"""The `torch` backend against dense attention: random block tables, masks, GQA, dtypes, errors."""
+"""The `torch` backend against dense attention: random runtime masks, user masks, GQA, dtypes, chunking, errors.
+
+(Cases every backend shares live in test_backend_suite.py; these are the torch backend's own.)
+"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import pickle
 import types
@@ -18,33 +22,16 @@ from sparsify.backends import get_backend
 from sparsify.backends import torch as torch_backend
 from sparsify.backends.torch import TorchBackend, _tiled_mask
 from sparsify.errors import UnsupportedError
+from sparsify.runtime import RuntimeBlockMask
 from sparsify.site import AttentionSite
-from sparsify.tables import BlockTables
 
-from helpers import tables_reference
+from backend_helpers import assert_close, mask_reference
 
 FP32_TOL = 1e-5
 LOW_PRECISION_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-reference = tables_reference  # dense float64 attention under the tables and attn_mask
-
-
-def assert_close(output: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
-    assert output.shape == expected.shape, (output.shape, expected.shape)
-    assert not torch.isnan(output).any(), "output holds NaN"
-    error = (output.double() - expected.double()).abs().max().item() if output.numel() else 0.0
-    scale = max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
-    assert error <= tol * scale, f"max abs error {error:.3g} > {tol:g} * {scale:.3g}"
-
-
-def random_tables(gen, *, heads, q_len, k_len, block, causal, kv_head_index, density=0.4):
-    q_blocks, k_blocks = -(-q_len // block), -(-k_len // block)
-    masks = torch.rand(heads, q_blocks, k_blocks, generator=gen) < density
-    first = torch.randint(0, k_blocks, (heads, q_blocks), generator=gen)
-    masks.scatter_(-1, first.unsqueeze(-1), True)               # every row keeps one block
-    return BlockTables.from_block_masks(masks, block_size=block, q_len=q_len, k_len=k_len,
-                                        causal=causal, kv_head_index=kv_head_index)
+reference = mask_reference  # dense float64 attention under the runtime mask and attn_mask
 
 
 def random_mask(gen, kind, batch, heads, q_len, k_len):
@@ -66,6 +53,16 @@ def random_mask(gen, kind, batch, heads, q_len, k_len):
 
 
 MASK_KINDS = ["none", "bool", "bool_padding", "bool_expanded", "additive", "additive_2d"]
+
+
+def random_tables(gen, *, heads, q_len, k_len, block, causal, kv_head_index, density=0.4):
+    """A random runtime mask shared by the batch; every row keeps at least one block."""
+    q_blocks, k_blocks = -(-q_len // block), -(-k_len // block)
+    masks = torch.rand(heads, q_blocks, k_blocks, generator=gen) < density
+    first = torch.randint(0, k_blocks, (heads, q_blocks), generator=gen)
+    masks.scatter_(-1, first.unsqueeze(-1), True)               # every row keeps one block
+    return RuntimeBlockMask.from_block_masks(masks, block_size=block, q_len=q_len, k_len=k_len,
+                                             causal=causal, kv_head_index=kv_head_index)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -116,7 +113,7 @@ def test_full_tables_equal_sdpa(causal, mask_kind):
     gen = torch.Generator().manual_seed(1)
     batch, heads, kv_heads, length, block = 2, 4, 2, 150, 32
     blocks = -(-length // block)
-    tables = BlockTables.from_block_masks(torch.ones(heads, blocks, blocks, dtype=torch.bool),
+    tables = RuntimeBlockMask.from_block_masks(torch.ones(heads, blocks, blocks, dtype=torch.bool),
                                           block_size=block, q_len=length, k_len=length,
                                           causal=causal, kv_head_index=torch.arange(heads) // 2)
     q = torch.randn(batch, heads, length, 32, generator=gen)
@@ -182,7 +179,7 @@ def test_fully_masked_rows_are_zero():
 def test_rows_hidden_by_causal_blocks_are_zero():
     # Query block 0 keeps only key block 2: under causal masking it sees nothing.
     masks = torch.tensor([[[False, False, True], [True, True, False], [False, True, True]]])
-    tables = BlockTables.from_block_masks(masks, block_size=16, q_len=48, k_len=48, causal=True,
+    tables = RuntimeBlockMask.from_block_masks(masks, block_size=16, q_len=48, k_len=48, causal=True,
                                           kv_head_index=torch.tensor([0]))
     q, k, v = (torch.randn(1, 1, 48, 8) for _ in range(3))
     output = TorchBackend().attention(q, k, v, tables)
@@ -198,7 +195,7 @@ def test_mixed_density_heads_and_batch_use_sorted_rows():
     masks = torch.eye(blocks, dtype=torch.bool).expand(heads, blocks, blocks).clone()
     masks[1] = True
     masks[3, :, :4] = True
-    tables = BlockTables.from_block_masks(masks, block_size=block, q_len=length, k_len=length,
+    tables = RuntimeBlockMask.from_block_masks(masks, block_size=block, q_len=length, k_len=length,
                                           causal=False, kv_head_index=torch.arange(heads) % 2)
     q = torch.randn(3, heads, length, 16, generator=gen)
     k, v = torch.randn(3, 2, length, 16, generator=gen), torch.randn(3, 2, length, 16, generator=gen)
@@ -236,7 +233,7 @@ def test_sliding_window(batch, length, causal):
     blocks = -(-length // block)
     i, j = torch.arange(blocks).view(-1, 1), torch.arange(blocks).view(1, -1)
     band = ((j >= i - 2) & (j <= i + 1)).expand(4, blocks, blocks)
-    tables = BlockTables.from_block_masks(band.contiguous(), block_size=block, q_len=length,
+    tables = RuntimeBlockMask.from_block_masks(band.contiguous(), block_size=block, q_len=length,
                                           k_len=length, causal=causal,
                                           kv_head_index=torch.tensor([1, 1, 0, 0]))
     q = torch.randn(batch, 4, length, 16, generator=gen)
@@ -262,16 +259,20 @@ def test_non_contiguous_inputs_and_custom_scale():
     assert_close(output, reference(q, k, v, tables, scale=0.3), FP32_TOL)
 
 
-def test_tables_edited_in_place_are_replanned():
+def test_a_plan_is_reused_and_a_new_mask_gets_its_own():
     gen = torch.Generator().manual_seed(7)
     tables = random_tables(gen, heads=2, q_len=64, k_len=64, block=16, causal=False,
                            kv_head_index=torch.tensor([0, 0]))
     q, k, v = (torch.randn(1, n, 64, 8, generator=gen) for n in (2, 1, 1))
     backend = TorchBackend()
-    backend.attention(q, k, v, tables)
-    tables.kv_indices[0, 0, 0] = (tables.kv_indices[0, 0, 0] + 1) % tables.k_blocks
-    tables.kv_counts[0, 0] = 1
-    assert_close(backend.attention(q, k, v, tables), reference(q, k, v, tables), FP32_TOL)
+    plan = backend.prepare(tables, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, dtype=q.dtype, device="cpu")
+    first = backend.run(plan, q, k, v)
+    assert torch.equal(first, backend.run(plan, q, k, v))
+    other = random_tables(gen, heads=2, q_len=64, k_len=64, block=16, causal=True,
+                          kv_head_index=torch.tensor([0, 0]), density=0.2)
+    assert_close(backend.attention(q, k, v, other), reference(q, k, v, other), FP32_TOL)
+    with pytest.raises(UnsupportedError, match="prepared for q"):
+        backend.run(plan, q[:, :, :32], k, v)                   # a plan serves one call shape
 
 
 def _poison_allocator() -> None:
@@ -345,7 +346,7 @@ def test_rewrite_mixed_heads_case_with_poisoned_memory(dtype, unwritten_is_nan):
             blocks = -(-q_len // 16)
             masks = torch.stack([p.block_mask(blocks, blocks, block_size=16, causal=False, q_len=q_len,
                                               k_len=q_len) for p in head_patterns])
-            tables = BlockTables.from_block_masks(masks, block_size=16, q_len=q_len, k_len=q_len, causal=False,
+            tables = RuntimeBlockMask.from_block_masks(masks, block_size=16, q_len=q_len, k_len=q_len, causal=False,
                                                   kv_head_index=torch.tensor([1, 2, 3]))
             q = torch.randn(2, 3, q_len, 16, dtype=dtype)
             k, v = (torch.randn(2, 4, q_len, 16, dtype=dtype) for _ in range(2))
@@ -359,46 +360,16 @@ def test_rewrite_mixed_heads_case_with_poisoned_memory(dtype, unwritten_is_nan):
             gc.collect()
 
 
-def test_plans_are_cached_per_backend_and_die_with_the_tables():
-    assert not hasattr(torch_backend, "_plan_cache")            # no module-level mutable state
-    gen = torch.Generator().manual_seed(11)
-    tables = random_tables(gen, heads=2, q_len=64, k_len=64, block=16, causal=True,
-                           kv_head_index=torch.tensor([0, 0]))
-    q, k, v = (torch.randn(2, n, 64, 8, generator=gen) for n in (2, 1, 1))
-    first, second = TorchBackend(), TorchBackend()
-    first.attention(q, k, v, tables)
-    plan = first._plans[tables.kv_indices].plans
-    assert len(first._plans) == 1 and len(plan) == 1 and len(second._plans) == 0
-    first.attention(q, k, v, tables)
-    first.attention(q[:1], k[:1], v[:1], tables)                # another batch size: another plan
-    assert len(first._plans) == 1 and len(plan) == 2
-    second.attention(q, k, v, tables)
-    assert len(second._plans) == 1
-    del tables, plan
-    gc.collect()
-    assert len(first._plans) == 0 and len(second._plans) == 0
-
-
-def test_replaced_table_tensors_are_replanned():
-    # Plans are keyed by kv_indices; a new kv_counts / kv_head_index object must not reuse them.
-    gen = torch.Generator().manual_seed(12)
-    tables = random_tables(gen, heads=2, q_len=64, k_len=64, block=16, causal=False,
-                           kv_head_index=torch.tensor([0, 0]))
-    q, k, v = (torch.randn(1, n, 64, 8, generator=gen) for n in (2, 2, 2))
-    backend = TorchBackend()
-    backend.attention(q, k, v, tables)
-    tables.kv_head_index = torch.tensor([1, 0])
-    assert_close(backend.attention(q, k, v, tables), reference(q, k, v, tables), FP32_TOL)
-    tables.kv_counts = torch.ones_like(tables.kv_counts)
-    assert_close(backend.attention(q, k, v, tables), reference(q, k, v, tables), FP32_TOL)
-
-
-def test_backend_copies_and_pickles_without_its_plans():
+def test_backend_holds_no_plans_and_copies_cleanly():
+    # Plans are explicit objects (the runtime module that owns a site caches them), never state
+    # of the backend or of its module.
+    assert not hasattr(torch_backend, "_plan_cache")
     q, k, v, tables = _inputs()
     backend = TorchBackend(chunk_bytes=4096)
     backend.attention(q, k, v, tables)
+    assert vars(backend) == {"chunk_bytes": 4096}
     for clone in (copy.deepcopy(backend), pickle.loads(pickle.dumps(backend))):
-        assert clone.chunk_bytes == 4096 and len(clone._plans) == 0
+        assert clone.chunk_bytes == 4096
         assert_close(clone.attention(q, k, v, tables), reference(q, k, v, tables), FP32_TOL)
 
 
@@ -420,20 +391,22 @@ def test_registry_and_support():
     assert reason is not None and "int32" in reason
 
 
-def _inputs(heads=2, kv_heads=1, q_len=64, k_len=64, dim=16, value_dim=16):
+def _inputs(heads=2, kv_heads=1, q_len=64, k_len=64, dim=16, value_dim=16, kv_head_index=None):
     full = torch.ones(heads, -(-q_len // 16), -(-k_len // 16), dtype=torch.bool)
-    tables = BlockTables.from_block_masks(full, block_size=16, q_len=q_len, k_len=k_len, causal=False,
-                                          kv_head_index=torch.zeros(heads, dtype=torch.long))
+    if kv_head_index is None:
+        kv_head_index = torch.zeros(heads, dtype=torch.long)
+    tables = RuntimeBlockMask.from_block_masks(full, block_size=16, q_len=q_len, k_len=k_len, causal=False,
+                                               kv_head_index=kv_head_index)
     q = torch.randn(1, heads, q_len, dim)
     k, v = torch.randn(1, kv_heads, k_len, dim), torch.randn(1, kv_heads, k_len, value_dim)
     return q, k, v, tables
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda q, k, v, t: (q[:, :1], k, v, t, None), "q has 1 heads but the tables describe 2"),
+    (lambda q, k, v, t: (q[:, :1], k, v, t, None), "q has 1 heads but the mask describes 2"),
     (lambda q, k, v, t: (q[:, :, :40], k, v, t, None), "q has 40 positions"),
     (lambda q, k, v, t: (q, k[:, :, :40], v[:, :, :40], t, None), "k has 40 positions"),
-    (lambda q, k, v, t: (q, k, v[:, :, :40], t, None), "k has 64 positions but v has 40"),
+    (lambda q, k, v, t: (q, k, v[:, :, :40], t, None), "k \\(1, 1, 64, 16\\) and v \\(1, 1, 40, 16\\) must share heads and positions"),
     (lambda q, k, v, t: (q, k[..., :8], v, t, None), r"head_dim of q \(16\) and k \(8\) differ"),
     (lambda q, k, v, t: (q, torch.cat([k, k]), v, t, None), "batch sizes differ"),
     (lambda q, k, v, t: (q.int(), k.int(), v.int(), t, None), "dtype torch.int32 is not supported"),
@@ -448,18 +421,16 @@ def test_bad_inputs_raise_unsupported(change, message):
         TorchBackend().attention(q, k, v, tables, attn_mask=mask)
 
 
-def test_bad_tables_raise_unsupported():
-    q, k, v, tables = _inputs()
-    tables.kv_head_index = torch.tensor([0, 1])
+def test_bad_masks_raise():
+    q, k, v, tables = _inputs(kv_head_index=torch.tensor([0, 1]))
     with pytest.raises(UnsupportedError, match="kv_head_index .* outside the 1 key/value heads"):
         TorchBackend().attention(q, k, v, tables)
     q, k, v, tables = _inputs()
-    tables.kv_indices = tables.kv_indices[:, :2]
-    with pytest.raises(UnsupportedError, match="kv_indices .* must be"):
-        TorchBackend().attention(q, k, v, tables)
+    with pytest.raises(ValueError, match="kv_indices must be"):
+        dataclasses.replace(tables, kv_indices=tables.kv_indices[:, :, :2])
     q, k, v, tables = _inputs()
-    tables.kv_indices[0, 0, 0] = 9
-    with pytest.raises(UnsupportedError, match="kv_indices point outside the 4 key blocks"):
+    tables.full_kv_indices[0, 0, 0, 0] = 9
+    with pytest.raises(UnsupportedError, match="point outside the 4 key blocks"):
         TorchBackend().attention(q, k, v, tables)
 
 

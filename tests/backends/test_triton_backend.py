@@ -1,18 +1,13 @@
 """The `triton` backend against the dense masked reference and the `torch` backend.
 
-Without CUDA the kernel runs on CPU tensors through Triton's interpreter: ``TRITON_INTERPRET``
-must be set before the kernel module is decorated, so this module sets it (and reloads the
-kernel module if something imported it earlier). With CUDA the same small cases run compiled,
-and the ``gpu`` tests add bf16/fp16 at larger shapes.
+Without CUDA the kernel runs on CPU tensors through Triton's interpreter (see
+``backend_helpers.load_triton_kernels``). With CUDA the same small cases run compiled, and the
+``gpu`` tests add bf16/fp16 at larger shapes. Cases every backend shares live in test_backend_suite.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import math
-import os
-import sys
 
 import pytest
 import torch
@@ -21,27 +16,13 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install triton): the triton backend cannot run",
                 allow_module_level=True)
 
-HAS_CUDA = torch.cuda.is_available()
-_SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if not HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module decorates its kernel
-
-import sparsify.backends.triton  # noqa: E402,F401  (registers "triton")
+from backend_helpers import HAS_CUDA, load_triton_kernels, mask_reference, rel_err  # noqa: E402
 from sparsify.backends import get_backend  # noqa: E402
-from sparsify.backends import triton_kernels  # noqa: E402
 from sparsify.errors import UnsupportedError  # noqa: E402
+from sparsify.runtime import RuntimeBlockMask  # noqa: E402
 from sparsify.site import AttentionSite  # noqa: E402
-from sparsify.tables import BlockTables  # noqa: E402
 
-if not HAS_CUDA and type(triton_kernels._block_sparse_fwd_kernel).__name__ != "InterpretedFunction":
-    triton_kernels = importlib.reload(sys.modules["sparsify.backends.triton_kernels"])
-
-# Other test modules of the session must not see the interpreter switched on (the backend
-# would then claim CPU tensors): restore the variable now, and set it only around these tests.
-if _SAVED_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _SAVED_INTERPRET
+triton_kernels = load_triton_kernels()  # interpreted on CPU without CUDA
 
 
 @pytest.fixture(autouse=True)
@@ -53,27 +34,22 @@ def _interpreter_on_cpu(monkeypatch):
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from helpers import tables_reference
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-def random_tables(gen, heads, kv_heads, q_len, k_len, block, causal, density=0.5):
+def random_tables(gen, heads, kv_heads, q_len, k_len, block, causal, density=0.5, kv_head_index=None):
     q_blocks, k_blocks = -(-q_len // block), -(-k_len // block)
     masks = torch.rand(heads, q_blocks, k_blocks, generator=gen) < density
     first = torch.randint(0, k_blocks, (heads, q_blocks), generator=gen)
     masks.scatter_(-1, first.unsqueeze(-1), True)  # every row keeps a block
-    return BlockTables.from_block_masks(
+    return RuntimeBlockMask.from_block_masks(
         masks, block_size=block, q_len=q_len, k_len=k_len, causal=causal,
-        kv_head_index=torch.arange(heads) // (heads // kv_heads),
+        kv_head_index=torch.arange(heads) // (heads // kv_heads) if kv_head_index is None else kv_head_index,
     )
 
 
-dense_reference = tables_reference
-
-
-def rel_err(out, ref):
-    return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+dense_reference = mask_reference
 
 
 def make_qkv(gen, batch, heads, kv_heads, q_len, k_len, dim, dtype, dim_v=None):
@@ -132,7 +108,8 @@ def test_tiles_smaller_than_the_block(config, causal, use_tma):
     gen = torch.Generator().manual_seed(1)
     tables = random_tables(gen, 4, 2, 77, 101, 32, causal)
     q, k, v = make_qkv(gen, 2, 4, 2, 77, 101, 32, torch.float32)
-    out = triton_kernels.block_sparse_attention(q, k, v, tables.to(DEVICE), config=config, use_tma=use_tma)
+    plan = triton_kernels.plan_launch(tables, torch.device(DEVICE))
+    out = triton_kernels.block_sparse_attention(q, k, v, plan, config=config, use_tma=use_tma)
     assert rel_err(out, dense_reference(q, k, v, tables)) <= 2e-3
 
 
@@ -179,8 +156,8 @@ def test_rows_without_visible_keys_are_zero():
     masks[0, 0, 1] = True
     masks[0, 1, :2] = True
     masks[0, 2, :] = True
-    tables = BlockTables.from_block_masks(masks, block_size=16, q_len=40, k_len=40, causal=True,
-                                          kv_head_index=torch.tensor([0]))
+    tables = RuntimeBlockMask.from_block_masks(masks, block_size=16, q_len=40, k_len=40, causal=True,
+                                               kv_head_index=torch.tensor([0]))
     gen = torch.Generator().manual_seed(4)
     q, k, v = make_qkv(gen, 1, 1, 1, 40, 40, 16, torch.float32)
     out = get_backend("triton").attention(q, k, v, tables.to(DEVICE))
@@ -191,30 +168,30 @@ def test_rows_without_visible_keys_are_zero():
 
 def test_custom_kv_head_index():
     gen = torch.Generator().manual_seed(5)
-    tables = random_tables(gen, 3, 3, 33, 33, 16, False)
-    tables.kv_head_index = torch.tensor([2, 0, 2])
+    tables = random_tables(gen, 3, 3, 33, 33, 16, False, kv_head_index=torch.tensor([2, 0, 2]))
     q, k, v = make_qkv(gen, 1, 3, 3, 33, 33, 16, torch.float32)
     out = get_backend("triton").attention(q, k, v, tables.to(DEVICE))
     assert rel_err(out, dense_reference(q, k, v, tables)) <= 2e-3
 
 
-def test_work_list_is_heaviest_first_and_counts_full_blocks():
+def test_work_list_is_heaviest_first_and_takes_the_mask_lists():
     masks = torch.zeros(2, 4, 4, dtype=torch.bool)
     masks[0, :, 0] = True
     masks[1] = True
-    tables = BlockTables.from_block_masks(masks, block_size=16, q_len=60, k_len=60, causal=True,
-                                          kv_head_index=torch.tensor([0, 0]))
+    tables = RuntimeBlockMask.from_block_masks(masks, block_size=16, q_len=60, k_len=60, causal=True,
+                                               kv_head_index=torch.tensor([0, 0]))
     plan = triton_kernels.plan_launch(tables, torch.device("cpu"))
-    uses = plan.n_use[plan.work.long()].tolist()
-    assert uses == sorted(uses, reverse=True)
+    uses = (plan.full_counts + plan.partial_counts).flatten()
+    assert uses[plan.work.long()].tolist() == sorted(uses.tolist(), reverse=True)
     # Head 1 is dense causal: row r visits r + 1 blocks, the r below the diagonal unmasked.
-    assert plan.n_use[4:].tolist() == [1, 2, 3, 4]
-    assert plan.n_full[4:].tolist() == [0, 1, 2, 3]
+    assert (plan.full_counts + plan.partial_counts)[0, 1].tolist() == [1, 2, 3, 4]
+    assert plan.full_counts[0, 1].tolist() == [0, 1, 2, 3]
     # Without causality only the partial last key block (60 = 3 * 16 + 12) needs masking.
-    tables.causal = False
+    tables = RuntimeBlockMask.from_block_masks(masks, block_size=16, q_len=60, k_len=60, causal=False,
+                                               kv_head_index=torch.tensor([0, 0]))
     plan = triton_kernels.plan_launch(tables, torch.device("cpu"))
-    assert plan.n_use[4:].tolist() == [4, 4, 4, 4]
-    assert plan.n_full[4:].tolist() == [3, 3, 3, 3]
+    assert (plan.full_counts + plan.partial_counts)[0, 1].tolist() == [4, 4, 4, 4]
+    assert plan.full_counts[0, 1].tolist() == [3, 3, 3, 3]
 
 
 def _site(head_dim=64):
@@ -305,19 +282,20 @@ def test_gpu_fast_launch_matches_the_full_path(dim, dtype, monkeypatch):
     batch, heads, kv_heads, seq = 2, 4, 2, 1000
     tables = random_tables(gen, heads, kv_heads, seq, seq, 128, True, density=0.4).to(DEVICE)
     backend = get_backend("triton")
-    triton_kernels._launch_cache.clear()
+    q, k, v = make_qkv(gen, batch, heads, kv_heads, seq, seq, dim, dtype)
+    plan = backend.prepare(tables, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, dtype=dtype, device=DEVICE)
     for step in range(3):  # new inputs each call: descriptors/pointers must follow them
         q, k, v = make_qkv(gen, batch, heads, kv_heads, seq, seq, dim, dtype)
         for scale in (None, 0.3):
-            fast = backend.attention(q, k, v, tables, scale=scale)
+            fast = backend.run(plan, q, k, v, scale=scale)
             monkeypatch.setattr(triton_kernels, "FAST_LAUNCH", False)
-            full = backend.attention(q, k, v, tables, scale=scale)
+            full = backend.run(plan, q, k, v, scale=scale)
             monkeypatch.setattr(triton_kernels, "FAST_LAUNCH", True)
             assert torch.equal(fast, full)
-    assert len(triton_kernels._launch_cache) == 1
+    assert len(plan.launch.launches) == 1  # the direct launch lives on the plan
     # A strided view of other inputs (different strides) is a different launch, still right.
     q2 = torch.randn(batch, seq, heads, dim, generator=gen).to(DEVICE, dtype).transpose(1, 2)
-    out = backend.attention(q2, k, v, tables)
+    out = backend.run(plan, q2, k, v)
     ref = dense_reference(q2.float(), k.float(), v.float(), tables)
     assert rel_err(out, ref) <= 2 * TOL[dtype]
-    assert len(triton_kernels._launch_cache) == 2
+    assert len(plan.launch.launches) == 2

@@ -10,7 +10,8 @@ from helpers import call, masked_attention_reference, max_relative_error
 from sparsify import Strategy, StrategyError, patterns
 from sparsify.api import capture_attention
 from sparsify.passes.infra import PassManager, attention_nodes
-from sparsify.passes.rewrite import RewriteAttention, SparseAttention
+from sparsify.passes.rewrite import RewriteAttention
+from sparsify.runtime.site import SparseAttention
 from sparsify.site import AttentionSite
 
 CANONICAL = torch.ops.sparsify.attention.default

@@ -1,0 +1,143 @@
+"""`SparseAttention`, the module that owns a site at run time: masks and plans cached and bounded, query offsets,
+backend resolution and its errors, gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sparsify import patterns
+from sparsify.backends import BackendUnavailableError
+from sparsify.errors import UnsupportedError
+from sparsify.runtime import site as site_module
+from sparsify.runtime.site import SparseAttention
+from sparsify.site import AttentionSite
+
+from backend_helpers import mask_reference, rel_err
+
+
+def _layer(causal=True, heads=4, kv_heads=2, backend="auto", length=128):
+    site = AttentionSite("blocks.0.attn", 0, num_heads=heads, num_kv_heads=kv_heads, head_dim=16, q_len=length,
+                         k_len=length, causal=causal)
+    head_patterns = [patterns.dense(), patterns.sliding_window(24), patterns.skip(),
+                     patterns.attention_sinks(16) | patterns.sliding_window(16)][:heads]
+    return SparseAttention(site, head_patterns, block_size=16, backend=backend)
+
+
+def test_masks_are_cached_per_length_and_bounded():
+    layer = _layer()
+    assert len(layer._masks) == 1                     # the captured length, built (and checked) at construction
+    first = layer.runtime_mask(128, 128, "cpu")
+    assert layer.runtime_mask(128, 128, "cpu") is first
+    for length in range(144, 144 + 16 * (site_module.MASK_CACHE_SIZE + 4), 16):
+        layer.runtime_mask(length, length, "cpu")
+    assert len(layer._masks) == site_module.MASK_CACHE_SIZE
+    assert (128, 128, 0, "cpu") not in layer._masks     # the least recently used length went first
+
+
+def test_plans_are_cached_per_call_shape_and_bounded():
+    layer = _layer()
+    q = torch.randn(1, 4, 64, 16)
+    kv = torch.randn(1, 2, 64, 16)
+    with torch.no_grad():
+        layer(q, kv, kv, None, True, None)
+        layer(q, kv, kv, None, True, None)
+        assert len(layer._plans) == 1
+        for batch in range(2, site_module.PLAN_CACHE_SIZE + 5):
+            layer(q.expand(batch, -1, -1, -1), kv.expand(batch, -1, -1, -1), kv.expand(batch, -1, -1, -1),
+                  None, True, None)
+    assert len(layer._plans) == site_module.PLAN_CACHE_SIZE
+
+
+def test_query_chunks_at_an_offset_equal_the_rows_of_the_full_call():
+    # Prefill in one call, then the last rows again as a chunk against all keys (bottom-right causal):
+    # at block-aligned chunk starts (and for a single decode row) the chunk's output equals the full
+    # call's last rows, for dense, sparse and skipped heads.
+    layer = _layer()
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 160, 16, generator=gen)
+    k, v = torch.randn(2, 2, 160, 16, generator=gen), torch.randn(2, 2, 160, 16, generator=gen)
+    with torch.no_grad():
+        full = layer.attend(q, k, v, is_causal=True)
+        for chunk in (1, 7, 16, 48):
+            part = layer.attend(q[:, :, -chunk:], k, v, is_causal=True, q_offset=160 - chunk)
+            assert rel_err(part, full[:, :, -chunk:]) < 1e-6
+        # A chunk that starts inside a block: each of its query blocks keeps the union of the full-length
+        # rows it overlaps (never less than the full call kept), and computes exactly that.
+        part = layer.attend(q[:, :, -40:], k, v, is_causal=True, q_offset=120)
+    chunk_mask = layer.runtime_mask(40, 160, "cpu", q_offset=120)
+    full_mask = layer.runtime_mask(160, 160, "cpu")
+    for row, (first, last) in enumerate([(7, 8), (8, 9), (9, 9)]):
+        rows = full_mask.to_block_masks()[0, :, first:last + 1].any(1)
+        assert torch.equal(chunk_mask.to_block_masks()[0, :, row], rows)
+    expected = mask_reference(q[:, :, -40:].index_select(1, layer.sparse_heads), k, v, chunk_mask)
+    assert rel_err(part.index_select(1, layer.sparse_heads), expected) < 1e-6
+
+
+def test_output_matches_the_reference_per_head():
+    layer = _layer(causal=False)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 100, 16, generator=gen)
+    k, v = torch.randn(2, 2, 100, 16, generator=gen), torch.randn(2, 2, 100, 16, generator=gen)
+    with torch.no_grad():
+        out = layer(q, k, v, None, False, None)
+    sparse = layer.runtime_mask(100, 100, "cpu")
+    expected = mask_reference(q.index_select(1, layer.sparse_heads), k, v, sparse)
+    assert rel_err(out.index_select(1, layer.sparse_heads), expected) < 1e-6
+    assert torch.equal(out[:, 2], torch.zeros_like(out[:, 2]))                  # the skipped head
+
+
+def test_gradients_flow_through_sparse_heads_on_the_torch_backend():
+    layer = _layer(causal=True, backend="torch")
+    gen = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(1, 4, 64, 16, generator=gen, dtype=torch.float64),
+              torch.randn(1, 2, 64, 16, generator=gen, dtype=torch.float64),
+              torch.randn(1, 2, 64, 16, generator=gen, dtype=torch.float64)]
+    q, k, v = (t.clone().requires_grad_() for t in inputs)
+    layer(q, k, v, None, True, None).pow(2).sum().backward()
+    # Reference: sparse heads through the dense masked reference, dense head through SDPA.
+    rq, rk, rv = (t.clone().requires_grad_() for t in inputs)
+    sparse = layer.runtime_mask(64, 64, "cpu")
+    out = mask_reference(rq.index_select(1, layer.sparse_heads), rk, rv, sparse).pow(2).sum()
+    dense = torch.nn.functional.scaled_dot_product_attention(rq[:, :1], rk[:, :1], rv[:, :1], is_causal=True)
+    (out + dense.pow(2).sum()).backward()
+    for ours, expected in ((q.grad, rq.grad), (k.grad, rk.grad), (v.grad, rv.grad)):
+        assert rel_err(ours, expected) < 1e-9
+
+
+def test_a_backend_without_gradients_is_refused_in_training():
+    layer = _layer(backend="triton")
+    q = torch.randn(1, 4, 64, 16, requires_grad=True)
+    kv = torch.randn(1, 2, 64, 16)
+    with pytest.raises(UnsupportedError) as failure:
+        layer(q, kv, kv, None, True, None)
+    # On CPU the triton kernel is not available at all; on a GPU box it would be "computes no gradients".
+    assert "blocks.0.attn" in str(failure.value) or isinstance(failure.value, BackendUnavailableError)
+
+
+def test_unavailable_backend_names_what_is_missing():
+    layer = _layer(backend="flex")
+    q = torch.randn(1, 4, 64, 16)
+    kv = torch.randn(1, 2, 64, 16)
+    with torch.no_grad(), pytest.raises(BackendUnavailableError, match="backend 'flex' is not available: .*CUDA"):
+        layer(q, kv, kv, None, True, None)
+
+
+def test_copies_start_with_empty_caches():
+    layer = _layer()
+    q = torch.randn(1, 4, 64, 16)
+    kv = torch.randn(1, 2, 64, 16)
+    with torch.no_grad():
+        expected = layer(q, kv, kv, None, True, None)
+        clone = copy.deepcopy(layer)
+        assert len(clone._plans) == 0 and len(clone._masks) == 0 and len(layer._plans) == 1
+        assert torch.equal(clone(q, kv, kv, None, True, None), expected)
+
+
+def test_wrong_head_count_is_refused():
+    layer = _layer()
+    q = torch.randn(1, 2, 64, 16)
+    with pytest.raises(UnsupportedError, match="compiled for 4 query / 2 key-value heads"):
+        layer(q, q, q, None, False, None)
