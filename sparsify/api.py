@@ -329,6 +329,8 @@ def end_to_end_error(compiled: torch.nn.Module, model: torch.nn.Module, batches:
 def check_backend_available(name: str) -> None:
     """Raise `UnsupportedError` unless backend ``name`` (or ``"auto"``) can run in this process.
 
+    The message says what is missing and how to install it (the backend's ``install_hint``).
+
     Example:
         >>> check_backend_available("torch")
     """
@@ -336,13 +338,12 @@ def check_backend_available(name: str) -> None:
         return
     from sparsify.backends import get_backend
 
-    backend = get_backend(name)
-    if not backend.is_available():
-        probe = AttentionSite("probe", 0, num_heads=1, num_kv_heads=1, head_dim=64, q_len=128, k_len=128)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        reason = backend.unsupported_reason(probe, torch.float16, device)
-        raise UnsupportedError(f"backend {name!r} is not available in this process"
-                               f"{f': {reason}' if reason else ''}; use backend='auto' or 'torch'")
+    backend = get_backend(name)  # unknown names: UnsupportedError listing the known ones
+    reason = backend.availability()
+    if reason is not None:
+        hint = f" ({backend.install_hint})" if backend.install_hint else ""
+        raise UnsupportedError(f"backend {name!r} is not available in this process: {reason}{hint}; use "
+                               f"backend='auto' or 'torch'")
 
 
 def check_backend_serves(name: str, graph_module: torch.fx.GraphModule) -> None:
