@@ -167,3 +167,22 @@ def test_report_draws_every_site_over_pages(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2 pages" in printed and "masks only" in printed
     assert picture.exists() and (tmp_path / "r-2.png").exists()
+
+
+def test_an_export_that_fails_midway_keeps_the_previous_file(tmp_path, monkeypatch, capfd):
+    onnx = pytest.importorskip("onnx")
+    model, inputs = manual_attention_block()
+    strategy = tmp_path / "s.json"
+    Strategy.uniform(find_attention(model, inputs), patterns.sliding_window(64), block_size=32).save(strategy)
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"the previous, working model")
+
+    def refuse(*args, **kwargs):  # the file is written (to the temporary path), then its check fails
+        raise onnx.checker.ValidationError("simulated failure after the write")
+
+    monkeypatch.setattr(onnx.checker, "check_model", refuse)
+    with pytest.raises(onnx.checker.ValidationError):
+        main(["export", "--model", "sparsify.examples:manual_attention_block", "--strategy", str(strategy),
+              "--out", str(onnx_file)])
+    assert onnx_file.read_bytes() == b"the previous, working model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "s.json"]
