@@ -260,6 +260,11 @@ class SparseAttention(torch.nn.Module):
         prefill chunks against a cache: ``k_len - q_len``); causal masking, of dense heads too,
         follows it. The result has the layout of ``q``.
         """
+        if torch.compiler.is_compiling():  # torch.compile: the traceable path, kernel as a custom op
+            from sparsify.runtime.compiled import compiled_attend
+
+            return compiled_attend(self, q, k, v, attn_mask, scale, is_causal=is_causal, q_offset=q_offset,
+                                   softcap=softcap, sinks=sinks)
         site = self.site
         dense_only = self.sparse_heads.numel() == 0 and self.skipped_heads.numel() == 0
         early_step = self.dense_steps and self.step_counter is not None and self.step_counter.step < self.dense_steps
