@@ -63,6 +63,11 @@ class _RouteAttention(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
+            name = getattr(func, "__name__", "")
+            if args and isinstance(args[0], torch.Tensor) and getattr(torch.Tensor, name, None) is func:
+                # A tensor method: called as one, which dynamo records directly (calling `func` would make it
+                # trace the Python body of e.g. Tensor.unflatten, whose super() call it cannot follow).
+                return getattr(args[0], name)(*args[1:], **kwargs)
             return func(*args, **kwargs)
         self.calls += 1
         if self.calls > 1:  # a second attention in the module (e.g. image keys): not a site of the strategy
