@@ -143,6 +143,10 @@ class Backend(abc.ABC):
             return "it does not support learned attention sinks (the site has them)"
         return None
 
+    def block_size_problem(self, block_size: int, head_dim: int, device: torch.device | str) -> str | None:
+        """``None`` when the backend takes blocks of ``block_size`` tokens at ``head_dim`` on ``device``, else why not."""
+        return None
+
     def attn_mask_problem(self, attn_mask: torch.Tensor) -> str | None:
         """``None`` when ``run`` takes this user mask (per the declared ``features.attn_mask``), else why not."""
         kind = self.features.attn_mask

@@ -13,6 +13,7 @@ import torch.fx
 
 from sparsify.capture import Captured, capture, eval_mode, normalize_inputs
 from sparsify.cost import CostModel
+from sparsify.distributed import CalibrationGroup, calibration_group
 from sparsify.errors import InputError, SparsifyError, StrategyError
 from sparsify.passes.find_attention import FindAttention
 from sparsify.passes.infra import SITE_META_KEY, PassManager, attention_nodes
@@ -129,6 +130,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     cost_model: CostModel | None = None,
     progress: bool = True,
     dynamic: bool = True,
+    process_group: Any = None,
 ) -> SparsifiedModule:
     """Compile ``model`` so that its attentions run block-sparse.
 
@@ -160,6 +162,12 @@ def compile(  # noqa: A001 - mirrors torch.compile
         cost_model: a `CostModel` (default: analytic constants plus shipped hardware profiles).
         progress: show tqdm progress bars.
         dynamic: capture with dynamic batch and sequence dimensions.
+        process_group: data-parallel calibration. When ``torch.distributed`` is initialised,
+            every rank calls ``compile`` with its own shard of the calibration data; the
+            statistics are summed over the default group (or this ``torch.distributed``
+            process group) and every rank gets the strategy one process would find on the
+            rank-major concatenation of the shards. ``False`` calibrates on this rank's data
+            alone. See `sparsify.distributed`.
 
     Example:
         >>> layer = torch.nn.TransformerEncoderLayer(64, 4, batch_first=True)
@@ -180,7 +188,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
                           block_size=block_size, min_recall=min_recall, holdout_fraction=holdout_fraction,
                           backend=backend, dense_steps=dense_steps, steps_per_generation=steps_per_generation, seed=seed)
     result = search_model(model, calib_loader, config, example_inputs=example_inputs, cost_model=cost_model,
-                          progress=progress, dynamic=dynamic)
+                          progress=progress, dynamic=dynamic, process_group=process_group)
     return result.compiled
 
 
@@ -193,13 +201,25 @@ class ModelSearchResult:
 
 
 def search_model(model: torch.nn.Module, calib_loader: Any, config: SearchConfig, *, example_inputs: Any = None,
-                 cost_model: CostModel | None = None, progress: bool = True, dynamic: bool = True) -> ModelSearchResult:
+                 cost_model: CostModel | None = None, progress: bool = True, dynamic: bool = True,
+                 process_group: Any = None) -> ModelSearchResult:
     """Capture, profile, search and rewrite; measures the end-to-end error on held-out batches.
+
+    Under ``torch.distributed`` (see ``compile``'s ``process_group``), an error on any rank
+    makes every rank raise `sparsify.distributed.DistributedCalibrationError` naming it.
 
     Example:
         >>> result = search_model(model, batches, SearchConfig(max_error=0.05))   # doctest: +SKIP
         >>> result.compiled.strategy.summary()["mean_density"]                    # doctest: +SKIP
     """
+    group = calibration_group(process_group)
+    with group.guard("calibration"):
+        return _search_model(model, calib_loader, config, example_inputs, cost_model, progress, dynamic, group)
+
+
+def _search_model(model: torch.nn.Module, calib_loader: Any, config: SearchConfig, example_inputs: Any,
+                  cost_model: CostModel | None, progress: bool, dynamic: bool,
+                  group: CalibrationGroup) -> ModelSearchResult:
     batches = collect_batches(model, calib_loader)
     if example_inputs is not None:
         example_args, example_kwargs = normalize_inputs(example_inputs)
@@ -214,13 +234,13 @@ def search_model(model: torch.nn.Module, calib_loader: Any, config: SearchConfig
     PassManager([finder]).run(captured.graph_module)
     sites = [node.meta[SITE_META_KEY] for node in attention_nodes(captured.graph_module)]
     result = search(captured, sites, [_with_fixed(b, captured.fixed_kwargs) for b in batches], config,
-                    cost_model=cost_model, progress=progress)
+                    cost_model=cost_model, progress=progress, process_group=group)
     counter = StepCounter(config.steps_per_generation)
     rewrite = RewriteAttention(result.strategy, backend=config.backend, source="search", step_counter=counter)
     rewritten = PassManager([rewrite]).run(captured.graph_module).graph_module
     compiled = SparsifiedModule(rewritten, result.strategy, sites, captured.fixed_kwargs, rewrite.rewritten, counter)
     compiled.captured_signature = _describe_call(captured.args, captured.kwargs)
-    error = end_to_end_error(compiled, model, result.held_out, steps=result.held_out_steps)
+    error = end_to_end_error(compiled, model, result.held_out, steps=result.held_out_steps, process_group=group)
     metadata = dict(result.strategy.metadata, end_to_end_error=round(error, 6))
     compiled.strategy = dataclasses.replace(result.strategy, metadata=metadata)
     result.strategy = compiled.strategy
@@ -229,11 +249,13 @@ def search_model(model: torch.nn.Module, calib_loader: Any, config: SearchConfig
 
 
 def end_to_end_error(compiled: torch.nn.Module, model: torch.nn.Module, batches: Sequence[tuple[tuple, dict]],
-                     steps: Sequence[int] | None = None) -> float:
+                     steps: Sequence[int] | None = None, process_group: Any = False) -> float:
     """Relative L2 error of the first output tensor of ``compiled`` against ``model`` over ``batches``.
 
     ``steps`` gives each batch's generation step (for strategies with ``dense_steps``); the
-    compiled module's step count is restored afterwards.
+    compiled module's step count is restored afterwards. ``process_group`` (as for
+    `sparsify.distributed.calibration_group`; default ``False``: this process's batches only)
+    sums the errors over every rank's batches.
     """
     squared = reference = 0.0
     counter = getattr(compiled, "step_counter", None)
@@ -249,6 +271,7 @@ def end_to_end_error(compiled: torch.nn.Module, model: torch.nn.Module, batches:
             reference += float(expected.pow(2).sum())
     if counter is not None:
         counter.step = saved
+    squared, reference = calibration_group(process_group).sum_floats([squared, reference], "summing end-to-end errors")
     return math.sqrt(squared / max(reference, 1e-300))
 
 

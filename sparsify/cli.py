@@ -79,27 +79,64 @@ def command_apply(args: argparse.Namespace) -> int:
 
 
 def command_search(args: argparse.Namespace) -> int:
-    """Profile, search, write the strategy (and its profile maps), print the report."""
+    """Profile, search, write the strategy (and its profile maps), print the report.
+
+    Under ``torchrun`` (``WORLD_SIZE`` set) the ranks calibrate data-parallel: each takes its
+    contiguous share of the ``--calib`` batches (or, when the ``--calib`` function takes
+    ``rank`` and ``world_size`` arguments, the batches it returns for its rank); rank 0 alone
+    prints and writes files.
+    """
+    from sparsify import distributed
     from sparsify.api import search_model
-    from sparsify.report import save_profile_maps, render_png
     from sparsify.search import SearchConfig
 
     if args.model is None:
         print("no --model given: searching the built-in example (a structured video transformer, 2048 tokens)\n")
         model, _ = load_factory(DEFAULT_EXAMPLE)
-        batches = _resolve(DEFAULT_EXAMPLE_CALIBRATION, "--calib")()
+        calib = _resolve(DEFAULT_EXAMPLE_CALIBRATION, "--calib")
     else:
         model, example_inputs = load_factory(args.model)
         if args.calib:
-            batches = _resolve(args.calib, "--calib")()
+            calib = _resolve(args.calib, "--calib")
         else:
             print("no --calib given: calibrating on the factory's example inputs only (one batch)", file=sys.stderr)
-            batches = [example_inputs]
-    config = SearchConfig(max_error=args.max_error, target_density=args.target_density,
-                          target_speedup=args.target_speedup, block_size=args.block_size, backend=args.backend)
-    result = search_model(model, batches, config, progress=not args.no_progress)
+            calib = lambda: [example_inputs]  # noqa: E731
+    on_cuda = any(parameter.is_cuda for parameter in model.parameters())
+    started = distributed.init_from_environment(args.dist_backend, prefer_cuda=on_cuda)
+    try:
+        group = distributed.calibration_group()
+        with group.guard("loading calibration batches"):  # a rank whose --calib fails stops every rank
+            batches = _calibration_batches(calib, group)
+        config = SearchConfig(max_error=args.max_error, target_density=args.target_density,
+                              target_speedup=args.target_speedup, block_size=args.block_size, backend=args.backend)
+        result = search_model(model, batches, config, progress=not args.no_progress)
+        if group.is_main:
+            _write_search_outputs(args, result)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _calibration_batches(calib: Callable[..., Any], group: Any) -> list[Any]:
+    """This rank's calibration batches: ``calib(rank=, world_size=)`` when it takes them, else a contiguous share."""
+    import inspect
+
+    from sparsify.distributed import contiguous_shard
+
+    if not group.is_distributed:
+        return list(calib())
+    parameters = inspect.signature(calib).parameters
+    if "rank" in parameters and "world_size" in parameters:
+        return list(calib(rank=group.rank, world_size=group.world_size))
+    return contiguous_shard(list(calib()), group.rank, group.world_size)
+
+
+def _write_search_outputs(args: argparse.Namespace, result: Any) -> None:
+    from sparsify.report import render_png, save_profile_maps
+
     strategy = result.compiled.strategy
-    strategy.save(args.out)
+    strategy.save(args.out, main_rank_only=False)  # the caller writes on rank 0 only
     profile_path = _profile_path(args.out)
     maps = {name: profile.normalized() for name, profile in result.search.profiles.items()}
     if maps:
@@ -109,7 +146,6 @@ def command_search(args: argparse.Namespace) -> int:
     if args.png:
         render_png(strategy, args.png, maps)
         print(f"picture written to {args.png}")
-    return 0
 
 
 def command_report(args: argparse.Namespace) -> int:
@@ -288,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     search_parser.add_argument("--backend", default="auto", help="backend the cost model prices and the rewrite uses")
     search_parser.add_argument("--png", default=None, help="also draw attention maps and chosen masks to this PNG")
     search_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    search_parser.add_argument("--dist-backend", default="auto",
+                               help="torch.distributed backend under torchrun: gloo, nccl or auto (nccl for a CUDA "
+                                    "model, else gloo)")
     search_parser.set_defaults(handler=command_search)
 
     report = commands.add_parser("report", help="print a strategy's table; --png draws maps and masks")

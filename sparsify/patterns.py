@@ -48,6 +48,11 @@ __all__ = [
     "causal_block_mask",
     "register_pattern",
     "known_patterns",
+    "AdaptivePattern",
+    "EstimatedVerticalSlash",
+    "PooledCoverage",
+    "estimated_vertical_slash",
+    "pooled_coverage",
     "pattern_from_dict",
 ]
 
@@ -194,6 +199,11 @@ class Pattern(abc.ABC):
     @property
     def is_skip(self) -> bool:
         """True for `skip`: the head's output is dropped (the rewrite writes zeros for it)."""
+        return False
+
+    @property
+    def is_adaptive(self) -> bool:
+        """True when the mask is estimated per input (`sparsify.adaptive_patterns`), or a part of it is."""
         return False
 
     @abc.abstractmethod
@@ -1066,6 +1076,10 @@ class _Composite(Pattern):
                     "combine with other patterns"
                 )
 
+    @property
+    def is_adaptive(self) -> bool:
+        return any(part.is_adaptive for part in self.parts)
+
     def _params(self) -> dict[str, Any]:
         return {"parts": [part.to_dict() for part in self.parts]}
 
@@ -1333,3 +1347,13 @@ def _from_dict(data: Any, location: str) -> Pattern:
         if location and not str(error).startswith(location):
             raise PatternError(f"{where}{error}") from error
         raise
+
+
+# Input-adaptive families register themselves in the same registry (and are reachable from here).
+from sparsify.adaptive_patterns import (  # noqa: E402
+    AdaptivePattern,
+    EstimatedVerticalSlash,
+    PooledCoverage,
+    estimated_vertical_slash,
+    pooled_coverage,
+)

@@ -17,6 +17,7 @@ Flow (DESIGN.md §5):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 from typing import Any, Callable, Sequence
@@ -26,6 +27,7 @@ import torch
 from sparsify import patterns as pattern_library
 from sparsify.capture import Captured, normalize_inputs
 from sparsify.cost import CostModel
+from sparsify.distributed import CalibrationGroup, calibration_group
 from sparsify.errors import SparsifyError
 from sparsify.patterns import Pattern
 from sparsify.profile import BlockMassProfile, CandidateErrors
@@ -377,12 +379,24 @@ class SearchResult:
 
 def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence[tuple[tuple, dict]],
            config: SearchConfig, *, cost_model: CostModel | None = None, device: torch.device | None = None,
-           progress: bool = True) -> SearchResult:
+           progress: bool = True, process_group: Any = None) -> SearchResult:
     """Profile, score and choose patterns for every head of every site (see the module docstring).
 
     ``captured`` is the graph after `FindAttention` (canonical nodes with sites); ``batches``
-    are ``(args, kwargs)`` pairs from `collect_batches`.
+    are ``(args, kwargs)`` pairs from `collect_batches`. Under ``torch.distributed`` (an
+    initialised default group, or ``process_group``; ``False`` opts out) every rank passes its
+    own shard of the batches and the statistics are summed over the ranks
+    (`sparsify.distributed`): every rank returns the strategy one process would find on the
+    rank-major concatenation of the shards.
     """
+    group = calibration_group(process_group)
+    with group.guard("the search"):
+        return _search(captured, sites, batches, config, cost_model, device, progress, group)
+
+
+def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence[tuple[tuple, dict]],
+            config: SearchConfig, cost_model: CostModel | None, device: torch.device | None, progress: bool,
+            group: CalibrationGroup) -> SearchResult:
     from tqdm.auto import tqdm
 
     from sparsify.passes.profile import observe
@@ -393,39 +407,50 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
     device = device or _device_of(captured.graph_module)
     block_size = config.block_size or (128 if device.type == "cuda" else 64)
     backend = config.backend if config.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
-    profile_indices, holdout_indices = split_batches(len(batches), config.holdout_fraction)
+    # Indices are global: batch i of this rank is batch shard.offset + i of the union of the ranks' batches.
+    shard = group.batch_shard(len(batches), dense_steps=config.dense_steps,
+                              steps_per_generation=config.steps_per_generation)
+    sites = group.agree_on_sites(sites, {"search": dataclasses.asdict(config), "block_size": block_size,
+                                         "backend": backend})
+    profile_indices, holdout_indices = split_batches(shard.total, config.holdout_fraction)
     if config.dense_steps:
         # Steps that run dense teach nothing about the sparse steps: leave them out.
-        usable = [i for i in range(len(batches)) if _step_of(i, config) >= config.dense_steps]
+        usable = [i for i in range(shard.total) if _step_of(i, config) >= config.dense_steps]
         if not usable:
             raise SparsifyError(f"every calibration call is one of the first dense_steps={config.dense_steps} steps; "
                                 f"calibrate on later steps too (steps_per_generation={config.steps_per_generation})")
         chosen = split_batches(len(usable), config.holdout_fraction)
         profile_indices = [usable[i] for i in chosen[0]]
         holdout_indices = [usable[i] for i in chosen[1]]
+    profile_indices, holdout_indices = shard.local(profile_indices), shard.local(holdout_indices)
+    held_out_steps = [_step_of(shard.offset + i, config) for i in holdout_indices]
+    progress = progress and group.is_main
 
     if config.max_error == 0 and config.target_density is None and config.target_speedup is None:
         strategy = Strategy.dense(list(sites), block_size=block_size)
         strategy = _with_metadata(strategy, config, {"note": "max_error=0: every head dense"})
         return SearchResult(strategy, captured, list(sites), {}, {}, [batches[i] for i in holdout_indices],
-                            [_step_of(i, config) for i in holdout_indices])
+                            held_out_steps)
 
     # 1. profile
     profiles: dict[str, BlockMassProfile] = {}
-    generator = torch.Generator().manual_seed(config.seed)
+    seeds = _SamplingSeeds(config.seed, shard.offset)
 
     def profile_site(site, q, k, v, attn_mask, is_causal, scale):
         key = site.name
         existing = profiles.get(key)
         if existing is None or (existing.q_len, existing.k_len) != (q.shape[2], k.shape[2]):
-            if existing is not None and existing.q_len * existing.k_len >= q.shape[2] * k.shape[2]:
-                return  # keep the profile of the longest sequence seen
+            if existing is not None and (existing.q_len * existing.k_len, existing.q_len) >= (q.shape[2] * k.shape[2],
+                                                                                               q.shape[2]):
+                return  # keep the profile of the longest sequence seen (ties: the longer query), in any batch order
             profiles[key] = BlockMassProfile.empty(site.num_heads, q.shape[2], k.shape[2], block_size)
         profiles[key].add(q, k, v, attn_mask, is_causal or site.causal, scale,
-                          rows_per_block=config.profile_rows_per_block, generator=generator)
+                          rows_per_block=config.profile_rows_per_block, generator=seeds.for_site("profile", site))
 
     observe(captured.graph_module, batches, profile_site,
-            progress=tqdm(profile_indices, desc="sparsify: profiling", disable=not progress, unit="batch"))
+            progress=tqdm(seeds.calls(profile_indices), total=len(profile_indices), desc="sparsify: profiling",
+                          disable=not progress, unit="batch"))
+    profiles = group.reduce_profiles(profiles, sites, block_size)
 
     # 2. candidates per site/head (at the profile's lengths)
     site_masks = {site.name: SiteMasks(block_size, site.causal) for site in sites}
@@ -449,10 +474,12 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
             mask_cache[key] = _candidate_masks(candidates[site.name], q.shape[2], k.shape[2], site_masks[site.name], q.device)
         masks, skips = mask_cache[key]
         return scores[site.name].add(q, k, v, attn_mask, is_causal or site.causal, scale, block_size, masks, skips,
-                                     rows_per_block=config.score_rows_per_block, generator=generator)
+                                     rows_per_block=config.score_rows_per_block, generator=seeds.for_site("score", site))
 
     observe(captured.graph_module, batches, score_site,
-            progress=tqdm(holdout_indices, desc="sparsify: scoring candidates", disable=not progress, unit="batch"))
+            progress=tqdm(seeds.calls(holdout_indices), total=len(holdout_indices), desc="sparsify: scoring candidates",
+                          disable=not progress, unit="batch"))
+    group.reduce_candidate_errors(scores, candidates)
 
     # 5. choose
     options: dict[str, list[HeadOptions]] = {}
@@ -461,8 +488,39 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
                                            cost_model, backend, device, config)
     chosen = _choose(sites, options, config)
     strategy = _build_strategy(sites, options, chosen, block_size, config, cost_model, backend, device)
+    if group.is_distributed:
+        calibration = {"world_size": group.world_size, "batches_per_rank": list(shard.counts)}
+        strategy = group.agree_on_strategy(dataclasses.replace(strategy, metadata={**strategy.metadata,
+                                                                                   "distributed": calibration}))
     return SearchResult(strategy, captured, list(sites), profiles, options, [batches[i] for i in holdout_indices],
-                        [_step_of(i, config) for i in holdout_indices])
+                        held_out_steps)
+
+
+class _SamplingSeeds:
+    """Seeds the row sampling per (phase, global calibration call, site): a call's draws do not depend on which
+    calls ran before it, so a rank's shard samples exactly the rows one process samples on the union.
+
+    Example:
+        >>> seeds = _SamplingSeeds(seed=0, first_call=3)
+        >>> list(seeds.calls([0, 1])), seeds.call
+        ([0, 1], 4)
+    """
+
+    def __init__(self, seed: int, first_call: int):
+        self.seed = seed
+        self.first_call = first_call
+        self.call = first_call
+        self.generator = torch.Generator()
+
+    def calls(self, indices: Sequence[int]):
+        """Iterate ``indices`` (this rank's batch indices), tracking the global call being observed."""
+        for index in indices:
+            self.call = self.first_call + index
+            yield index
+
+    def for_site(self, phase: str, site: AttentionSite) -> torch.Generator:
+        text = f"{self.seed}/{phase}/{self.call}/{site.index}".encode()
+        return self.generator.manual_seed(int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1)
 
 
 def _step_of(index: int, config: SearchConfig) -> int:

@@ -442,12 +442,78 @@ class Strategy:
         sites[site_name] = SiteStrategy(site_name, list(heads), fusion_groups=None, **fields)
         return dataclasses.replace(self, sites=sites)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def shard_heads(self, rank: int, world_size: int) -> "Strategy":
+        """The strategy of one rank's contiguous shard of heads (tensor or Ulysses sequence parallel).
+
+        Rank ``rank`` of ``world_size`` holds query heads ``[rank * H / W, (rank + 1) * H / W)``
+        of every site and the key/value heads they read: ``Hkv / W`` of them when the
+        key/value heads split evenly, or one (replicated over ``W / Hkv`` ranks, as tensor
+        parallel frameworks do when there are fewer key/value heads than ranks). Patterns,
+        metrics and fusion groups are those of the shard's heads; the fingerprint describes the
+        shard, so the result applies to a model whose attention modules hold those heads.
+        Refuses (listing every site) when the heads or key/value heads do not split.
+
+        Example:
+            >>> from sparsify.patterns import dense, sliding_window
+            >>> site = AttentionSite("attn", 0, num_heads=4, num_kv_heads=2, head_dim=64,
+            ...                      q_len=1024, k_len=1024)
+            >>> full = Strategy.dense([site]).with_heads("attn", [dense(), dense(), sliding_window(128),
+            ...                                                   sliding_window(256)])
+            >>> shard = full.shard_heads(rank=1, world_size=2)
+            >>> [str(p) for p in shard.sites["attn"].heads], shard.fingerprint[0]["num_kv_heads"]
+            (['sliding_window(128)', 'sliding_window(256)'], 1)
+        """
+        for name, value in (("rank", rank), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise StrategyError(f"shard_heads: {name} must be an int, got {value!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise StrategyError(f"shard_heads: need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, "
+                                f"world_size={world_size}")
+        problems = []
+        for entry in self.fingerprint:
+            heads, kv_heads = entry["num_heads"], entry["num_kv_heads"]
+            if heads % world_size:
+                problems.append(f"site {entry['name']!r}: {heads} heads do not split into {world_size} equal shards")
+            elif kv_heads % world_size and world_size % kv_heads:
+                problems.append(f"site {entry['name']!r}: {kv_heads} key/value heads neither split into {world_size} "
+                                f"equal shards nor replicate evenly over {world_size} ranks")
+        if problems:
+            raise StrategyError(f"cannot shard the heads over {world_size} ranks:\n"
+                                + "\n".join(f"  - {problem}" for problem in problems))
+        sites = {}
+        fingerprint = []
+        for entry in self.fingerprint:
+            site = self.sites[entry["name"]]
+            per_shard = entry["num_heads"] // world_size
+            start, stop = rank * per_shard, (rank + 1) * per_shard
+            groups = [[head - start for head in group if start <= head < stop] for group in site.fusion_groups or []]
+            sites[site.name] = SiteStrategy(
+                site.name, list(site.heads[start:stop]),
+                head_metrics=None if site.head_metrics is None else site.head_metrics[start:stop],
+                fusion_groups=sorted((group for group in groups if group), key=min), dense_steps=site.dense_steps)
+            fingerprint.append({**entry, "num_heads": per_shard,
+                                "num_kv_heads": max(1, entry["num_kv_heads"] // world_size)})
+        shards = [*self.metadata.get("head_shards", []), {"rank": rank, "world_size": world_size}]
+        return dataclasses.replace(self, sites=sites, fingerprint=fingerprint,
+                                   metadata={**self.metadata, "head_shards": shards})
+
+    def save(self, path: str | os.PathLike[str], *, main_rank_only: bool | None = None) -> None:
         """Write the strategy as indented JSON (stable key order, so diffs stay small).
+
+        Under an initialised ``torch.distributed`` group, only rank 0 writes a strategy that
+        every rank holds (``main_rank_only=None`` decides: yes for a whole-model strategy, no
+        for a `shard_heads` result, which differs per rank); ``True``/``False`` force it.
 
         Example:
             >>> strategy.save("strategy.json")                     # doctest: +SKIP
         """
+        if main_rank_only is None:
+            main_rank_only = "head_shards" not in self.metadata
+        if main_rank_only:
+            from sparsify.distributed import is_main_process
+
+            if not is_main_process():
+                return
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
         with open(path, "w", encoding="utf-8") as file:
             file.write(text + "\n")

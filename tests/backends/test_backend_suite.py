@@ -73,6 +73,15 @@ def _qkv(gen, batch, heads, kv_heads, q_len, k_len, dim, device, dtype, value_di
     return tuple(t.to(device, dtype) for t in (q, k, v))
 
 
+def _block(backend, device: str, block: int, head_dim: int = 16) -> int:
+    """The case's block size on CPU; on a GPU 64 (what the fast kernels are built for, and FA4's smallest)."""
+    block = block if device == "cpu" else 64
+    problem = backend.block_size_problem(block, head_dim, device)
+    if problem is not None:
+        pytest.skip(f"{backend.name}: {problem}")
+    return block
+
+
 def _check(backend, device, dtype, q, k, v, mask, **call):
     out = backend.attention(q, k, v, mask.to(device), **call)
     assert out.shape == (*q.shape[:-1], v.shape[-1]) and out.dtype == q.dtype
@@ -100,8 +109,8 @@ def test_random_masks_match_the_reference(target, case):
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     heads = kv_heads * group
     mapping = torch.randint(0, kv_heads, (heads,), generator=gen) if custom else torch.arange(heads) // group
-    mask = random_runtime_mask(gen, heads=heads, q_len=q_len, k_len=k_len, block=block, causal=causal,
-                               kv_head_index=mapping)
+    mask = random_runtime_mask(gen, heads=heads, q_len=q_len, k_len=k_len, block=_block(backend, device, block),
+                               causal=causal, kv_head_index=mapping)
     q, k, v = _qkv(gen, batch, heads, kv_heads, q_len, k_len, 16, device, dtype)
     _check(backend, device, dtype, q, k, v, mask)
     _check(backend, device, dtype, q, k, v, mask, scale=0.3)
@@ -113,8 +122,8 @@ def test_causal_at_a_query_offset(target, q_len, k_len, q_offset):
     # and are not block multiples.
     backend, device, dtype = target
     gen = torch.Generator().manual_seed(q_len * 1000 + k_len)
-    mask = random_runtime_mask(gen, heads=4, q_len=q_len, k_len=k_len, block=16, causal=True,
-                               kv_head_index=torch.arange(4) // 2, q_offset=q_offset, density=0.6)
+    mask = random_runtime_mask(gen, heads=4, q_len=q_len, k_len=k_len, block=_block(backend, device, 16),
+                               causal=True, kv_head_index=torch.arange(4) // 2, q_offset=q_offset, density=0.6)
     assert mask.q_offset == q_offset
     q, k, v = _qkv(gen, 2, 4, 2, q_len, k_len, 16, device, dtype)
     _check(backend, device, dtype, q, k, v, mask)
@@ -124,7 +133,8 @@ def test_dense_mask_at_an_offset_equals_bottom_right_sdpa(target):
     backend, device, dtype = target
     gen = torch.Generator().manual_seed(3)
     q, k, v = _qkv(gen, 1, 2, 2, 24, 96, 16, device, dtype)
-    mask = RuntimeBlockMask.dense(2, block_size=16, q_len=24, k_len=96, causal=True, q_offset=72)
+    mask = RuntimeBlockMask.dense(2, block_size=_block(backend, device, 16), q_len=24, k_len=96, causal=True,
+                                  q_offset=72)
     out = backend.attention(q, k, v, mask.to(device))
     bottom_right = torch.ones(24, 96, dtype=torch.bool, device=device).tril(diagonal=72)
     expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
@@ -140,8 +150,8 @@ def test_user_masks(target, kind, causal):
     backend, device, dtype = target
     gen = torch.Generator().manual_seed(len(kind) + causal)
     batch, heads, kv_heads, q_len, k_len = 2, 4, 2, 45, 60
-    mask = random_runtime_mask(gen, heads=heads, q_len=q_len, k_len=k_len, block=16, causal=causal,
-                               kv_head_index=torch.arange(heads) // 2, density=0.6)
+    mask = random_runtime_mask(gen, heads=heads, q_len=q_len, k_len=k_len, block=_block(backend, device, 16),
+                               causal=causal, kv_head_index=torch.arange(heads) // 2, density=0.6)
     q, k, v = _qkv(gen, batch, heads, kv_heads, q_len, k_len, 16, device, dtype)
     attn_mask = random_attn_mask(gen, kind, batch, heads, q_len, k_len)
     if backend.attn_mask_problem(attn_mask) is not None:
@@ -160,13 +170,15 @@ def test_masks_per_input(target, causal):
     if not backend.features.per_input_masks:
         pytest.skip(f"{backend.name} declares no per-input masks")
     gen = torch.Generator().manual_seed(5 + causal)
-    mask = random_runtime_mask(gen, heads=4, q_len=70, k_len=70, block=16, causal=causal,
+    block = _block(backend, device, 16)
+    length = 70 if device == "cpu" else 300
+    mask = random_runtime_mask(gen, heads=4, q_len=length, k_len=length, block=block, causal=causal,
                                kv_head_index=torch.arange(4) // 2, batch=2)
     assert mask.batch == 2 and mask.per_input
-    q, k, v = _qkv(gen, 2, 4, 2, 70, 70, 16, device, dtype)
+    q, k, v = _qkv(gen, 2, 4, 2, length, length, 16, device, dtype)
     out = _check(backend, device, dtype, q, k, v, mask)
     # The two batch elements really use different masks.
-    shared = RuntimeBlockMask.from_block_masks(mask.to_block_masks()[:1], block_size=16, q_len=70, k_len=70,
+    shared = RuntimeBlockMask.from_block_masks(mask.to_block_masks()[:1], block_size=block, q_len=length, k_len=length,
                                                causal=causal, kv_head_index=mask.kv_head_index)
     assert rel_err(out[1:], mask_reference(q[1:], k[1:], v[1:], shared)) > 1e-3
 
@@ -174,7 +186,7 @@ def test_masks_per_input(target, causal):
 def test_softcap_and_sinks(target):
     backend, device, dtype = target
     gen = torch.Generator().manual_seed(6)
-    mask = random_runtime_mask(gen, heads=4, q_len=50, k_len=50, block=16, causal=True,
+    mask = random_runtime_mask(gen, heads=4, q_len=50, k_len=50, block=_block(backend, device, 16), causal=True,
                                kv_head_index=torch.arange(4) // 2, density=0.5)
     q, k, v = _qkv(gen, 2, 4, 2, 50, 50, 16, device, dtype)
     q = q * 4  # large scores, so that the softcap bites
@@ -193,17 +205,19 @@ def test_softcap_and_sinks(target):
 def test_rows_without_visible_keys_are_zero(target):
     # Query block 0 keeps only key block 1, wholly above the causal diagonal: it sees nothing.
     backend, device, dtype = target
+    block = _block(backend, device, 16)
+    length = 40 * block // 16
     kept = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
     kept[0, 0, 0, 1] = True
     kept[0, 0, 1, :2] = True
     kept[0, 0, 2, :] = True
-    mask = RuntimeBlockMask.from_block_masks(kept, block_size=16, q_len=40, k_len=40, causal=True)
-    q, k, v = _qkv(torch.Generator().manual_seed(4), 1, 1, 1, 40, 40, 16, device, dtype)
+    mask = RuntimeBlockMask.from_block_masks(kept, block_size=block, q_len=length, k_len=length, causal=True)
+    q, k, v = _qkv(torch.Generator().manual_seed(4), 1, 1, 1, length, length, 16, device, dtype)
     out = _check(backend, device, dtype, q, k, v, mask)
-    assert torch.equal(out[0, 0, :16], torch.zeros_like(out[0, 0, :16]))
+    assert torch.equal(out[0, 0, :block], torch.zeros_like(out[0, 0, :block]))
     # A user mask that hides every key of some rows: zeros there too.
     if backend.features.attn_mask == "any":
-        hidden = torch.ones(1, 1, 40, 40, dtype=torch.bool, device=device)
+        hidden = torch.ones(1, 1, length, length, dtype=torch.bool, device=device)
         hidden[..., 20:30, :] = False
         out = _check(backend, device, dtype, q, k, v, mask, attn_mask=hidden)
         assert torch.equal(out[0, 0, 20:30], torch.zeros_like(out[0, 0, 20:30]))
@@ -212,7 +226,7 @@ def test_rows_without_visible_keys_are_zero(target):
 def test_mismatched_heads_are_refused(target):
     backend, device, dtype = target
     gen = torch.Generator().manual_seed(7)
-    mask = random_runtime_mask(gen, heads=2, q_len=32, k_len=32, block=16, causal=False,
+    mask = random_runtime_mask(gen, heads=2, q_len=32, k_len=32, block=_block(backend, device, 16), causal=False,
                                kv_head_index=torch.tensor([0, 0]))
     q, k, v = _qkv(gen, 1, 3, 1, 32, 32, 16, device, dtype)
     with pytest.raises(Exception, match="heads"):
@@ -238,6 +252,9 @@ def test_gpu_real_sizes(target, case):
     if device != "cuda":
         pytest.skip("GPU sizes")
     batch, heads, kv_heads, q_len, k_len, dim, block, causal, q_offset = case
+    problem = backend.block_size_problem(block, dim, device)
+    if problem is not None:
+        pytest.skip(f"{backend.name}: {problem}")
     gen = torch.Generator().manual_seed(11)
     mask = random_runtime_mask(gen, heads=heads, q_len=q_len, k_len=k_len, block=block, causal=causal,
                                kv_head_index=torch.arange(heads) // (heads // kv_heads), q_offset=q_offset,
