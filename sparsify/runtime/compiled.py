@@ -24,6 +24,9 @@ calls `compiled_attend` instead, which dynamo traces without graph breaks:
   training under ``torch.compile`` works with every backend (forward on the fast kernel, backward
   at the speed of the ``torch`` backend).
 
+Input-adaptive heads: their mask estimator runs outside the graph (`estimate_adaptive_mask`, one
+graph break per site that has such heads); their kernel call is the same op.
+
 Dense warm-up steps: a step counter that offers ``dense_phase`` (a dict ``dense_steps -> bool``
 kept up to date outside the graph, as `sparsify.integrations.diffusers.DenoisingStepTracker` does)
 costs one extra compiled variant; a plain `StepCounter` is read as an int, which dynamo guards on
@@ -254,6 +257,18 @@ def resolve_backend_name(layer: "SparseAttention", dtype: torch.dtype, device: t
 # --- the compiled attention of one site ---------------------------------------------------------
 
 
+@torch.compiler.disable
+def estimate_adaptive_mask(layer: "SparseAttention", q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None,
+                           q_offset: int, scale: float | None) -> RuntimeBlockMask:
+    """The per-input mask of ``layer``'s adaptive heads for this call, estimated outside the graph.
+
+    The estimators are device work, but not all of them trace (e.g. the vertical-slash estimator
+    reads its probe size from a tensor), so they run eagerly: one graph break per site with
+    input-adaptive heads. Their kernel call is in the graph like any other.
+    """
+    return layer.adaptive_source.mask(q, k, attn_mask=attn_mask, q_offset=int(q_offset), scale=scale)
+
+
 def in_dense_steps(layer: "SparseAttention") -> bool:
     """Whether ``layer`` runs dense now because of its dense warm-up steps (see the module docstring)."""
     if not layer.dense_steps or layer.step_counter is None:
@@ -269,13 +284,18 @@ def compiled_attend(layer: "SparseAttention", q: torch.Tensor, k: torch.Tensor, 
                     softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
     """`SparseAttention.attend` in a form dynamo traces without graph breaks (same semantics, same errors).
 
+    Dense heads run SDPA (which Inductor lowers to its fused kernels); static sparse heads and
+    input-adaptive heads run the kernel op, adaptive heads with the mask their estimator builds from
+    this call's q and k (`estimate_adaptive_mask`, outside the graph).
+
     Example:
         >>> compiled = torch.compile(compiled_model)       # sites call this while dynamo traces  # doctest: +SKIP
     """
     from sparsify.runtime.site import _dense, _select_heads
 
     site = layer.site
-    dense_only = layer.sparse_heads.numel() == 0 and layer.skipped_heads.numel() == 0
+    dense_only = (layer.sparse_heads.numel() == 0 and layer.skipped_heads.numel() == 0
+                  and layer.adaptive_heads.numel() == 0)
     if dense_only or in_dense_steps(layer):
         return _dense(q, k, v, attn_mask, is_causal, scale, q_offset, softcap, sinks)
     if q.shape[1] != site.num_heads or k.shape[1] != site.num_kv_heads:
@@ -295,24 +315,34 @@ def compiled_attend(layer: "SparseAttention", q: torch.Tensor, k: torch.Tensor, 
                            is_causal, scale, q_offset, softcap,
                            sinks.index_select(0, layer.dense_heads) if sinks is not None else None)
         output.index_copy_(1, layer.dense_heads, dense_out)
-    if layer.sparse_heads.numel() == 0:
-        return output
-    q_len, k_len = q.shape[2], k.shape[2]
-    # Masks are per length: symbolic lengths (dynamic shapes) specialise here, with a guard on their values.
-    lengths = (guard_scalar(q_len), guard_scalar(k_len), guard_scalar(q_offset))
-    ensure_runtime_mask(layer, *lengths, str(q.device))
-    mask = layer._masks[(*lengths, str(q.device))]                     # a dict read dynamo guards on
-    sparse_mask = _select_heads(attn_mask, layer.sparse_heads)
-    mask_layout = None
-    if sparse_mask is not None:
-        mask_layout = (tuple(int(s) for s in sparse_mask.shape), tuple(int(s) for s in sparse_mask.stride()),
-                       sparse_mask.dtype)
-    backend = resolve_backend_name(layer, q.dtype, q.device, mask_layout)
-    sparse_q = q.index_select(1, layer.sparse_heads)
-    sparse_out = torch.ops.sparsify.block_sparse_attention(
-        sparse_q, k, v, sparse_mask, mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
+    if layer.sparse_heads.numel():
+        # Masks are per length: symbolic lengths (dynamic shapes) specialise here, with a guard on their values.
+        lengths = (guard_scalar(q.shape[2]), guard_scalar(k.shape[2]), guard_scalar(q_offset))
+        ensure_runtime_mask(layer, *lengths, str(q.device))
+        mask = layer._masks[(*lengths, str(q.device))]                 # a dict read dynamo guards on
+        output.index_copy_(1, layer.sparse_heads, _kernel(layer, layer.sparse_heads, mask, q, k, v, attn_mask, scale,
+                                                          softcap, sinks).to(output.dtype))
+    if layer.adaptive_heads.numel():
+        heads = layer.adaptive_heads
+        mask = estimate_adaptive_mask(layer, q.index_select(1, heads), k, _select_heads(attn_mask, heads), q_offset,
+                                      scale)
+        output.index_copy_(1, heads, _kernel(layer, heads, mask, q, k, v, attn_mask, scale, softcap,
+                                             sinks).to(output.dtype))
+    return output
+
+
+def _kernel(layer: "SparseAttention", heads: torch.Tensor, mask: RuntimeBlockMask, q, k, v, attn_mask, scale, softcap,
+            sinks) -> torch.Tensor:
+    """The kernel op for the query heads ``heads`` of the site under ``mask``."""
+    from sparsify.runtime.site import _select_heads
+
+    head_mask = _select_heads(attn_mask, heads)
+    layout = None
+    if head_mask is not None:
+        layout = (tuple(int(s) for s in head_mask.shape), tuple(int(s) for s in head_mask.stride()), head_mask.dtype)
+    backend = resolve_backend_name(layer, q.dtype, q.device, layout)
+    return torch.ops.sparsify.block_sparse_attention(
+        q.index_select(1, heads), k, v, head_mask, mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
         mask.full_kv_indices, mask.kv_head_index, mask.block_size, mask.q_len, mask.k_len, mask.causal,
         mask.q_offset, mask.per_input, scale, softcap,
-        sinks.index_select(0, layer.sparse_heads) if sinks is not None else None, backend)
-    output.index_copy_(1, layer.sparse_heads, sparse_out.to(output.dtype))
-    return output
+        sinks.index_select(0, heads) if sinks is not None else None, backend)

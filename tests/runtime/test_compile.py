@@ -133,6 +133,25 @@ def test_compiled_training_matches_eager_gradients():
         assert rel_err(ours.grad, expected.grad) < 1e-10
 
 
+@pytest.mark.parametrize("adaptive", [patterns.pooled_coverage(0.9), patterns.estimated_vertical_slash(0.1, 0.1)])
+def test_input_adaptive_heads_estimate_outside_the_graph_and_run_the_kernel_op_inside(adaptive):
+    site = AttentionSite("blocks.0.attn", 0, num_heads=4, num_kv_heads=2, head_dim=16, q_len=128, k_len=128,
+                         causal=True)
+    layer = SparseAttention(site, [patterns.dense(), adaptive, patterns.sliding_window(24),
+                                   adaptive | patterns.sliding_window(16)], block_size=16)
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = _qkv(gen, q_len=112)
+    with torch.no_grad():
+        eager = layer.attend(q, k, v, is_causal=True)
+        graphs = _Graphs()
+        function = torch.compile(lambda q, k, v: layer.attend(q, k, v, is_causal=True), backend=graphs)
+        output = function(q, k, v)
+        explained = torch._dynamo.explain(lambda q, k, v: layer.attend(q, k, v, is_causal=True))(q, k, v)
+    assert graphs.kernel_calls() == 2                   # the static heads and the adaptive heads
+    assert explained.graph_break_count == 1             # the estimator
+    assert rel_err(output, eager) < 1e-6
+
+
 def test_user_masks_under_compile():
     gen = torch.Generator().manual_seed(4)
     layer = _layer(causal=False)
