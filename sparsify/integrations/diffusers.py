@@ -164,6 +164,11 @@ class DenoisingStepTracker:
         self.step = 0
         self._last: float | None = None
 
+    def register(self, dense_steps: int) -> None:
+        """A site keeps its first ``dense_steps`` denoising steps dense: keep ``dense_phase[dense_steps]`` up to date."""
+        if dense_steps:
+            self.dense_phase[int(dense_steps)] = self.step < dense_steps
+
     def observe(self, timestep: Any) -> None:
         """Account for one model call at ``timestep`` (a number or a tensor; its largest value counts)."""
         if isinstance(timestep, torch.Tensor):
@@ -258,7 +263,7 @@ def attach_diffusers(model: torch.nn.Module, strategy: Strategy | str, *, backen
 
         get_backend(backend)
     dense_steps = {site.dense_steps for site in strategy.sites.values() if site.dense_steps}
-    tracker = DenoisingStepTracker(dense_steps) if dense_steps else None
+    tracker = DenoisingStepTracker() if dense_steps else None       # the sites register their dense_steps
     runtimes = {name: build_runtime(strategy, name, index, backend=backend, step_counter=tracker,
                                     cost_model=cost_model)
                 for index, name in enumerate(mapping)}

@@ -204,6 +204,38 @@ def test_dense_steps_from_a_tracker_compile_two_variants_not_one_per_step():
     assert counter.frame_count == 2
 
 
+def test_graph_door_compiles_once_however_many_calls():
+    model = torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0).eval()
+    x = torch.randn(2, 128, 64)
+    sites = sparsify.find_attention(model, (x,))
+    compiled = sparsify.compile(model, strategy=sparsify.Strategy.uniform(sites, patterns.sliding_window(32),
+                                                                          block_size=32), example_inputs=(x,))
+    counter = torch._dynamo.testing.CompileCounter()
+    function = torch.compile(compiled, backend=counter)
+    with torch.no_grad():
+        for _ in range(4):                              # the step counter must not be a guard
+            assert rel_err(function(x), compiled(x)) < 1e-6
+    assert counter.frame_count == 1
+
+
+def test_graph_door_dense_steps_under_compile_count_steps_outside_the_graph():
+    model = torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0).eval()
+    x = torch.randn(2, 128, 64)
+    sites = sparsify.find_attention(model, (x,))
+    strategy = sparsify.Strategy.uniform(sites, patterns.sliding_window(32), block_size=32)
+    strategy = strategy.with_heads(sites[0].name, list(strategy.sites[sites[0].name].heads), dense_steps=2)
+    eager = sparsify.compile(model, strategy=strategy, example_inputs=(x,), steps_per_generation=4)
+    compiled = sparsify.compile(model, strategy=strategy, example_inputs=(x,), steps_per_generation=4)
+    counter = torch._dynamo.testing.CompileCounter()
+    function = torch.compile(compiled, backend=counter)
+    with torch.no_grad():
+        outputs = [(function(x), eager(x)) for _ in range(8)]      # two generations of 4 steps
+    assert all(rel_err(ours, expected) < 1e-6 for ours, expected in outputs)
+    assert rel_err(outputs[0][1], outputs[2][1]) > 1e-3              # steps 0-1 dense, 2-3 sparse
+    assert compiled.step_counter.step == eager.step_counter.step == 0
+    assert counter.frame_count <= 4                                  # dense and sparse variants, not one per step
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "fa4", "flex"])
 def test_gpu_backends_under_compile_equal_eager(backend):
