@@ -189,6 +189,8 @@ def command_bench(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     strategy = sparsify.Strategy.load(args.strategy)
     model, example_inputs = load_factory(args.model)
     model = model.eval().to(device=device, dtype=dtype) if dtype else model.eval().to(device)
@@ -358,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--torch-compile", action="store_true", help="torch.compile both models before timing")
     bench.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     bench.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported (default 10)")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a shared machine: 1)")
     bench.set_defaults(handler=command_bench)
 
     from sparsify.export import add_export_command

@@ -64,6 +64,23 @@ def test_both_doors_give_the_same_outputs_on_wan_and_dit():
                                      dit_inputs))) < 1e-5
 
 
+def test_both_doors_agree_on_cogvideox_whose_processor_takes_rotary_embeddings():
+    # diffusers' Attention passes a processor only the keyword arguments its __call__ declares: the
+    # wrapper declares the wrapped processor's, so image_rotary_emb still arrives.
+    model = tiny_pipelines.cogvideox_transformer()
+    inputs = tiny_pipelines.cogvideox_inputs()
+    sites = sparsify.find_attention(model, inputs)
+    strategy = sparsify.Strategy.uniform(sites, WINDOW, block_size=16)
+    attached = sparsify.attach(model, strategy)
+    compiled = sparsify.compile(model, strategy=strategy, example_inputs=inputs)
+    fresh = tiny_pipelines.cogvideox_inputs(seed=4)
+    framework = first_tensor(call(attached, fresh))
+    assert rel_err(framework, first_tensor(call(compiled, fresh))) < 1e-5
+    assert rel_err(framework, first_tensor(call(model, fresh))) > 1e-3
+    without_rotary = dict(fresh, image_rotary_emb=None)
+    assert rel_err(framework, first_tensor(call(attached, without_rotary))) > 1e-3
+
+
 def test_attach_leaves_the_model_unchanged_and_shares_its_weights():
     model, inputs, sites = _wan()
     processors = _processors(model)

@@ -61,3 +61,24 @@ def dit_pipeline(seed: int = 0):
     pipeline = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def cogvideox_transformer(seed: int = 0):
+    """A 2-layer `CogVideoXTransformer3DModel` with rotary embeddings (its processor takes ``image_rotary_emb``)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                       time_embed_dim=4, text_embed_dim=16, num_layers=2, sample_width=16,
+                                       sample_height=16, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+                                       max_text_seq_length=8, use_rotary_positional_embeddings=True).eval()
+
+
+def cogvideox_inputs(batch: int = 2, seed: int = 0) -> dict:
+    """3 latent frames of 16x16 (192 video tokens, after 8 text tokens in the joint attention)."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = 3 * 8 * 8
+    rotary = (torch.randn(tokens, 16, generator=generator), torch.randn(tokens, 16, generator=generator))
+    return {"hidden_states": torch.randn(batch, 3, 4, 16, 16, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, 8, 16, generator=generator),
+            "timestep": torch.tensor([10, 20][:batch]), "image_rotary_emb": rotary, "return_dict": False}
