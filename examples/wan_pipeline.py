@@ -52,7 +52,7 @@ def give_heads_positional_structure(transformer, sharpness: float) -> None:
             attention.norm_k.weight.fill_(sharpness)
 
 
-def build_pipeline(seed: int = 0, sharpness: float = 2.0):
+def build_pipeline(seed: int = 0, sharpness: float = 4.0):
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -86,13 +86,16 @@ def main() -> None:
     parser.add_argument("--calibration-steps", type=int, default=3)
     parser.add_argument("--max-error", type=float, default=0.1, help="per-site output error budget")
     parser.add_argument("--target-density", type=float, default=0.0, help="optional global density target")
-    parser.add_argument("--sharpness", type=float, default=2.0,
+    parser.add_argument("--sharpness", type=float, default=4.0,
                         help="how sharply heads attend by relative position (0: plain random weights, whose diffuse "
                              "attention the search rightly keeps dense)")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--dense-steps", type=int, default=2, help="first denoising steps that stay dense")
     parser.add_argument("--out", default=None, help="strategy JSON (default: a temporary file)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (a shared machine: 1)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pipeline = build_pipeline(sharpness=args.sharpness)
     call = dict(height=args.size, width=args.size, num_frames=args.frames, guidance_scale=5.0)
     tokens = ((args.frames - 1) // 4 + 1) * (args.size // 16) ** 2
