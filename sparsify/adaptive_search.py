@@ -25,7 +25,7 @@ MIN_QUERY_BLOCKS = 4
 def adaptive_candidates(site: AttentionSite, block_size: int) -> list[Pattern]:
     """The input-adaptive patterns every head of ``site`` is scored with (none for short sequences).
 
-    Pooled coverage at several coverages (with and without a sink block), and estimated
+    Pooled coverage at several coverages and temperatures (with a sink block), and estimated
     vertical-slash at several budgets; the search keeps a head's adaptive choice only where it
     is cheaper than the best static one at the same error.
 
@@ -37,9 +37,10 @@ def adaptive_candidates(site: AttentionSite, block_size: int) -> list[Pattern]:
     if blocks_for(site.q_len, block_size) < MIN_QUERY_BLOCKS or blocks_for(site.k_len, block_size) < MIN_QUERY_BLOCKS:
         return []
     found: list[Pattern] = []
-    for coverage in (0.8, 0.9, 0.95, 0.98):
-        found.append(pattern_library.pooled_coverage(coverage))
-        found.append(pattern_library.pooled_coverage(coverage, sink_blocks=1))
+    # Block means are less spread than their tokens: lower temperatures undo the estimate's sharpness.
+    for coverage in (0.9, 0.95, 0.98):
+        for temperature in (1.0, 0.5, 0.25):
+            found.append(pattern_library.pooled_coverage(coverage, sink_blocks=1, temperature=temperature))
     budgets = sorted({max(1.0 / blocks_for(site.k_len, block_size), fraction) for fraction in (0.02, 0.05, 0.1, 0.2)})
     for fraction in budgets:
         found.append(pattern_library.estimated_vertical_slash(vertical=fraction, slash=fraction, sink_blocks=1))
