@@ -9,7 +9,7 @@ calls `compiled_attend` instead, which dynamo traces without graph breaks:
   the cache does not hold yet is built while dynamo traces (`ensure_runtime_mask`, a constant
   result), so the graph does not break for it. Symbolic lengths (dynamic shapes) are specialised
   there (``guard_scalar``): a graph serves one set of lengths, as its masks do;
-* the backend is resolved once per (dtype, device, gradient need, user-mask layout) at trace time
+* the backend is resolved once per (dtype, device, user-mask layout) at trace time
   (`resolve_backend_name`, a constant result), and its name is an argument of the kernel op;
 * the kernel is ``torch.ops.sparsify.block_sparse_attention``: q/k/v, the user's ``attn_mask``,
   the runtime mask's tensors and plain scalars in, the attention of the sparse heads out. A fake
@@ -27,10 +27,10 @@ calls `compiled_attend` instead, which dynamo traces without graph breaks:
 Input-adaptive heads: their mask estimator runs outside the graph (`estimate_adaptive_mask`, one
 graph break per site that has such heads); their kernel call is the same op.
 
-Dense warm-up steps: a step counter that offers ``dense_phase`` (a dict ``dense_steps -> bool``
-kept up to date outside the graph, as `sparsify.integrations.diffusers.DenoisingStepTracker` does)
-costs one extra compiled variant; a plain `StepCounter` is read as an int, which dynamo guards on
-(one recompile per step while the model is inside its dense steps).
+Dense warm-up steps: the site reads its step counter's ``dense_phase`` (``dense_steps -> bool``,
+kept up to date outside the graph by `StepCounter` and by the diffusers door's
+`DenoisingStepTracker`), so they cost one extra compiled variant, not a recompile per step; a
+counter without ``dense_phase`` is read as an int, which dynamo guards on.
 """
 
 from __future__ import annotations
