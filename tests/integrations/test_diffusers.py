@@ -212,3 +212,20 @@ def test_a_strategy_for_other_modules_is_refused_with_their_names():
     document["sites"]["blocks.1.attn1"]["fusion_groups"] = [[0, 1, 2, 3]]
     with pytest.raises(StrategyError, match=r"'blocks\.1\.attn1'.*num_heads is 2 in the model but 4"):
         sparsify.attach(model, sparsify.Strategy.from_dict(document))
+
+
+@pytest.mark.gpu
+def test_attached_transformer_on_the_gpu_under_compile_equals_eager():
+    model, inputs, sites = _wan()
+    model = model.cuda()
+    gpu_inputs = {key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+    attached = sparsify.attach(model, _self_attention_strategy(sites), backend="triton")
+    with torch.no_grad():
+        eager = first_tensor(attached(**gpu_inputs))
+        explained = torch._dynamo.explain(attached)(**gpu_inputs)
+        compiled = first_tensor(torch.compile(attached, fullgraph=True)(**gpu_inputs))
+    assert explained.graph_break_count == 0
+    assert rel_err(compiled, eager) < 1e-3
+    assert rel_err(eager, first_tensor(call(sparsify.compile(model, strategy=_self_attention_strategy(sites),
+                                                             example_inputs=gpu_inputs, backend="triton"),
+                                            gpu_inputs))) < 1e-3
