@@ -294,6 +294,85 @@ def _onnxruntime_error(compiled, example_inputs, result) -> float:
     return float((got.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30))
 
 
+def command_bench(args: argparse.Namespace) -> int:
+    """Time the original model and the sparsified one end to end on one device; print one table row."""
+    import dataclasses
+    import statistics
+    import time
+
+    import sparsify
+    from sparsify.capture import normalize_inputs
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    strategy = sparsify.Strategy.load(args.strategy)
+    model, example_inputs = load_factory(args.model)
+    model = model.eval().to(device=device, dtype=dtype) if dtype else model.eval().to(device)
+
+    def to_device(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        value = value.to(device)
+        return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+
+    model_args, model_kwargs = torch.utils._pytree.tree_map(to_device, normalize_inputs(example_inputs))
+    with torch.no_grad():
+        if args.door == "graph":
+            sparse_model = sparsify.compile(model, strategy=strategy, example_inputs=(model_args, model_kwargs),
+                                            backend=args.backend)
+            sites = sparse_model.sites
+        else:
+            sparse_model = sparsify.attach(model, strategy, backend=args.backend)
+            sites = sparsify.find_attention(model, (model_args, model_kwargs))
+    dense_model = model
+    if args.torch_compile:
+        dense_model, sparse_model = torch.compile(dense_model), torch.compile(sparse_model)
+
+    def run(module: torch.nn.Module) -> Any:
+        with torch.no_grad():
+            return module(*model_args, **model_kwargs)
+
+    def median_ms(module: torch.nn.Module) -> float:
+        for _ in range(args.warmup):
+            run(module)
+        times = []
+        for _ in range(args.repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run(module)
+                end.record()
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(end))
+            else:
+                begin = time.perf_counter()
+                run(module)
+                times.append((time.perf_counter() - begin) * 1e3)
+        return statistics.median(times)
+
+    dense_ms, sparse_ms = median_ms(dense_model), median_ms(sparse_model)
+    error = _relative_error(run(sparse_model), run(dense_model))
+    by_name = {site.name: site for site in sites}
+    measured = [dict(entry, q_len=by_name[entry["name"]].q_len, k_len=by_name[entry["name"]].k_len)
+                if entry["name"] in by_name else entry for entry in strategy.fingerprint]
+    density = dataclasses.replace(strategy, fingerprint=measured).summary()["mean_density"]
+    sparse_sites = sum(1 for site in strategy.sites.values() if site.sparse_heads)
+    tokens = max((site.k_len for site in sites), default=0)
+    print(f"{args.model} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+          f"{str(next(model.parameters()).dtype).replace('torch.', '')}, {args.door} door, backend {args.backend}"
+          f"{', torch.compile' if args.torch_compile else ''}; median of {args.repeats} after {args.warmup} warm-up "
+          f"calls{' (CUDA events)' if device.type == 'cuda' else ''}\n")
+    row = [tokens, f"{sparse_sites}/{len(strategy.sites)}", "-" if density is None else f"{density:.3f}",
+           f"{dense_ms:.2f}", f"{sparse_ms:.2f}", f"{dense_ms / sparse_ms:.2f}x", f"{error:.2e}"]
+    print(tabulate([row], headers=["tokens", "sparse sites", "density", "dense ms", "sparse ms", "speedup",
+                                   "output error"], tablefmt="github"))
+    return 0
+
+
 def _profile_path(strategy_path: str) -> str:
     stem = strategy_path[:-5] if strategy_path.endswith(".json") else strategy_path
     return stem + ".profile.json"
@@ -422,6 +501,21 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_parser.set_defaults(handler=command_calibrate)
 
     from sparsify.export import MIN_OPSET
+    bench = commands.add_parser("bench", help="time the original and the sparsified model end to end on this device")
+    bench.add_argument("--model", required=True, help="package.module:factory returning (model, example_inputs)")
+    bench.add_argument("--strategy", required=True, help="strategy JSON file")
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="cast the model and floating inputs (default: as the factory made them)")
+    bench.add_argument("--backend", default="auto", help="backend name or 'auto'")
+    bench.add_argument("--door", default="graph", choices=["graph", "framework"],
+                       help="graph: sparsify.compile; framework: sparsify.attach (transformers / diffusers models)")
+    bench.add_argument("--torch-compile", action="store_true", help="torch.compile both models before timing")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
+    bench.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported (default 10)")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a shared machine: 1)")
+    bench.set_defaults(handler=command_bench)
+
 
     export = commands.add_parser("export", help="apply a strategy and export the sparse model to ONNX")
     export.add_argument("--model", default=DEFAULT_EXAMPLE, help="package.module:factory")
