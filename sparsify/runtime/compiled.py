@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
-from sparsify.errors import UnsupportedError
 from sparsify.runtime.block_mask import RuntimeBlockMask
 
 if TYPE_CHECKING:
@@ -322,22 +321,11 @@ def compiled_attend(layer: "SparseAttention", q: torch.Tensor, k: torch.Tensor, 
     """
     from sparsify.runtime.site import _dense, _select_heads
 
-    site = layer.site
     dense_only = (layer.sparse_heads.numel() == 0 and layer.skipped_heads.numel() == 0
                   and layer.adaptive_heads.numel() == 0)
     if dense_only or in_dense_steps(layer):
         return _dense(q, k, v, attn_mask, is_causal, scale, q_offset, softcap, sinks)
-    if q.shape[1] != site.num_heads or k.shape[1] != site.num_kv_heads:
-        raise UnsupportedError(
-            f"site {site.name!r} was compiled for {site.num_heads} query / {site.num_kv_heads} key-value heads, "
-            f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if is_causal and not site.causal:
-        raise UnsupportedError(f"site {site.name!r} was compiled as non-causal but is called with is_causal=True")
-    if layer.sparse_heads.device != q.device:
-        raise UnsupportedError(f"site {site.name!r} is on {layer.sparse_heads.device} but was called with tensors on "
-                               f"{q.device}: move the compiled module there first (`.to({str(q.device)!r})`)")
-    if attn_mask is not None and attn_mask.dim() < 4:
-        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    attn_mask = layer.checked_call(q, k, attn_mask, is_causal)
     output = q.new_empty((*q.shape[:-1], v.shape[-1]))
     if layer.skipped_heads.numel():
         output.index_fill_(1, layer.skipped_heads, 0)

@@ -85,7 +85,7 @@ class StepCounter:
         self.step = 0
 
 
-@torch.compiler.disable
+@torch._disable_dynamo  # like torch.compiler.disable, but imports dynamo at the first call, not at `import sparsify`
 def _advance_outside_graph(counter: StepCounter) -> int:
     """`StepCounter.advance` for a compiled model whose sites keep dense steps: runs eagerly (one graph break)."""
     return counter.advance()
@@ -369,23 +369,12 @@ class SparseAttention(torch.nn.Module):
 
             return compiled_attend(self, q, k, v, attn_mask, scale, is_causal=is_causal, q_offset=q_offset,
                                    softcap=softcap, sinks=sinks)
-        site = self.site
         dense_only = (self.sparse_heads.numel() == 0 and self.skipped_heads.numel() == 0
                       and self.adaptive_heads.numel() == 0)
         early_step = self.dense_steps and self.step_counter is not None and self.step_counter.step < self.dense_steps
         if dense_only or early_step:
             return _dense(q, k, v, attn_mask, is_causal, scale, q_offset, softcap, sinks)
-        if q.shape[1] != site.num_heads or k.shape[1] != site.num_kv_heads:
-            raise UnsupportedError(
-                f"site {site.name!r} was compiled for {site.num_heads} query / {site.num_kv_heads} key-value heads, "
-                f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
-        if is_causal and not site.causal:
-            raise UnsupportedError(f"site {site.name!r} was compiled as non-causal but is called with is_causal=True")
-        if self.sparse_heads.device != q.device:
-            raise UnsupportedError(f"site {site.name!r} is on {self.sparse_heads.device} but was called with tensors on "
-                                   f"{q.device}: move the compiled module there first (`.to({str(q.device)!r})`)")
-        if attn_mask is not None and attn_mask.dim() < 4:
-            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        attn_mask = self.checked_call(q, k, attn_mask, is_causal)
         output = q.new_empty((*q.shape[:-1], v.shape[-1]))
         if self.skipped_heads.numel():
             output.index_fill_(1, self.skipped_heads, 0)  # a skipped head contributes nothing
@@ -413,6 +402,23 @@ class SparseAttention(torch.nn.Module):
             output.index_copy_(1, self.adaptive_heads, self._adaptive_heads(q, k, v, attn_mask, scale, q_offset,
                                                                             softcap, sinks, needs_grad).to(output.dtype))
         return output
+
+    def checked_call(self, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None,
+                     is_causal: bool) -> torch.Tensor | None:
+        """Refuse a call the site cannot serve (heads, causality, device); returns ``attn_mask`` as 4-D (or ``None``)."""
+        site = self.site
+        if q.shape[1] != site.num_heads or k.shape[1] != site.num_kv_heads:
+            raise UnsupportedError(
+                f"site {site.name!r} was compiled for {site.num_heads} query / {site.num_kv_heads} key-value heads, "
+                f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
+        if is_causal and not site.causal:
+            raise UnsupportedError(f"site {site.name!r} was compiled as non-causal but is called with is_causal=True")
+        if self.sparse_heads.device != q.device:
+            raise UnsupportedError(f"site {site.name!r} is on {self.sparse_heads.device} but was called with tensors on "
+                                   f"{q.device}: move the compiled module there first (`.to({str(q.device)!r})`)")
+        if attn_mask is not None and attn_mask.dim() < 4:
+            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        return attn_mask
 
     def _static_heads(self, q, k, v, attn_mask, scale, q_offset, softcap, sinks, needs_grad) -> torch.Tensor:
         """The heads with static patterns: the mask and the plan are cached per length and call shape."""
