@@ -1,0 +1,141 @@
+"""Helpers the example scripts share: the adaptive-candidates option, chosen-pattern counts, timing and atomic JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import sparsify
+
+
+def compile_options(adaptive: bool | None, compile_function: Callable[..., Any] = sparsify.compile) -> tuple[dict[str, Any], str]:
+    """Keyword arguments selecting (or not) input-adaptive candidates, and a label for what the search uses.
+
+    ``adaptive`` is passed to ``compile_function`` only when it takes an ``adaptive`` parameter
+    (sparsify versions before input-adaptive patterns do not); ``None`` leaves the library
+    default. Asking for ``True`` from a sparsify without adaptive candidates is an error (the run
+    would not measure what was asked); ``False`` there is what it does anyway.
+
+    Example:
+        >>> compile_options(False, lambda model, calib: None)
+        ({}, 'static (no adaptive option in this sparsify)')
+        >>> compile_options(True, lambda model, calib, adaptive=True: None)
+        ({'adaptive': True}, 'adaptive')
+    """
+    parameters = inspect.signature(compile_function).parameters
+    if "adaptive" not in parameters:
+        if adaptive:
+            raise SystemExit(f"sparsify {sparsify.__version__} ({os.path.dirname(sparsify.__file__)}) has no "
+                             "input-adaptive candidates (sparsify.compile takes no adaptive=); run with --no-adaptive")
+        return {}, "static (no adaptive option in this sparsify)"
+    if adaptive is None:
+        return {}, "adaptive" if parameters["adaptive"].default else "static"
+    return {"adaptive": adaptive}, "adaptive" if adaptive else "static"
+
+
+def pattern_family(pattern: sparsify.patterns.Pattern) -> str:
+    """The family of a chosen pattern: its registered name, or its parts' families joined by ``|`` / ``&``.
+
+    Example:
+        >>> from sparsify import patterns
+        >>> pattern_family(patterns.sliding_window(128) | patterns.attention_sinks(64))
+        'sliding_window|attention_sinks'
+    """
+    parts = getattr(pattern, "parts", None)
+    if parts:
+        operator = "&" if pattern.pattern_name == "intersection" else "|"
+        return operator.join(pattern_family(part) for part in parts)
+    return pattern.pattern_name
+
+
+def family_counts(strategy: sparsify.Strategy) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Heads per pattern family over the whole strategy (most frequent first), and per site (site → family → heads).
+
+    Example:
+        >>> from sparsify import AttentionSite, Strategy, patterns
+        >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=8, q_len=128, k_len=128)
+        >>> family_counts(Strategy.uniform([site], patterns.sliding_window(64)))
+        ({'sliding_window': 2}, {'attn': {'sliding_window': 2}})
+    """
+    total: Counter[str] = Counter()
+    per_site: dict[str, dict[str, int]] = {}
+    for name, site in strategy.sites.items():
+        counts = Counter(pattern_family(pattern) for pattern in site.heads)
+        per_site[name] = dict(counts.most_common())
+        total.update(counts)
+    return dict(total.most_common()), per_site
+
+
+def error_checks(strategy: sparsify.Strategy, max_error: float | None) -> dict[str, Any]:
+    """What the search recorded against the budget: the largest site and head errors, and the sites over
+    ``max_error`` (``None``: a density target, no per-site budget).
+
+    Example:
+        >>> from sparsify import AttentionSite, Strategy
+        >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=8, q_len=128, k_len=128)
+        >>> error_checks(Strategy.dense([site]), 0.05)["sites_over_budget"]
+        {}
+    """
+    site_errors = strategy.metadata.get("site_errors", {})
+    over = {} if max_error is None else {name: error for name, error in site_errors.items()
+                                         if error > max_error * (1 + 1e-6)}
+    head_errors = [metric.get("error", 0.0) for site in strategy.sites.values() for metric in site.head_metrics or []]
+    return {"max_site_error": max(site_errors.values(), default=None), "sites_over_budget": over,
+            "max_head_error": max(head_errors, default=None)}
+
+
+@dataclasses.dataclass
+class Timer:
+    """Wall-clock seconds of named steps, printed as each ends.
+
+    Example:
+        >>> timer = Timer(echo=False)
+        >>> timer.run("add", lambda: 1 + 1), list(timer.seconds)
+        (2, ['add'])
+    """
+
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    echo: bool = True
+
+    def run(self, name: str, function: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = function()
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        if self.echo:
+            print(f"  {name}: {self.seconds[name]:.1f} s", flush=True)
+        return result
+
+
+def write_json(document: dict[str, Any], path: str) -> None:
+    """Write ``document`` to ``path`` atomically: a temporary file in the same folder, then a rename.
+
+    Example:
+        >>> write_json({"ratio": 1.0}, "/tmp/result.json")   # doctest: +SKIP
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(document, file, indent=1)
+            file.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def machine() -> dict[str, Any]:
+    """The numbers that make a CPU timing comparable: cores, torch threads, versions and the load average."""
+    import platform
+
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()]}
