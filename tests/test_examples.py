@@ -122,6 +122,15 @@ def test_text_sources():
     assert len(smollm2_perplexity.python_docs_text()) > 100_000  # in every CPython
 
 
+def test_vim_manual_reads_the_manual_chapters_only(tmp_path):
+    (tmp_path / "usr_02.txt").write_text("second chapter")
+    (tmp_path / "usr_01.txt").write_text("first chapter")
+    (tmp_path / "options.txt").write_text("reference, not the manual")
+    assert smollm2_perplexity.vim_manual_text(str(tmp_path)) == "first chapter\n\nsecond chapter"
+    with pytest.raises(SystemExit, match="no Vim user manual"):
+        smollm2_perplexity.vim_manual_text(str(tmp_path / "missing"))
+
+
 def test_licenses_text_reads_each_file_once(tmp_path):
     (tmp_path / "A").write_text("first license")
     (tmp_path / "B").write_text("second license")
@@ -157,12 +166,27 @@ def test_write_json_is_atomic(tmp_path):
     assert sorted(os.listdir(path.parent)) == ["result.json"]
 
 
-def test_arguments_refuse_evaluating_on_the_calibration_text():
+def test_arguments_refuse_evaluating_on_the_calibration_text(capsys):
     with pytest.raises(SystemExit):
-        smollm2_perplexity.parse_arguments(["--calibration-source", "licenses", "--evaluation-source", "licenses"])
+        smollm2_perplexity.parse_arguments(["--calibration-source", "licenses", "--evaluation-source", "vim-manual",
+                                            "licenses"])
+    assert "licenses is both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        smollm2_perplexity.parse_arguments(["--evaluation-source", "licenses", "licenses"])
     with pytest.raises(SystemExit):
         smollm2_perplexity.parse_arguments(["--calibration", "1"])
-    assert smollm2_perplexity.parse_arguments(["--no-adaptive"]).adaptive is False
+    arguments = smollm2_perplexity.parse_arguments(["--no-adaptive"])
+    assert arguments.adaptive is False
+    assert arguments.calibration_source not in arguments.evaluation_source
+
+
+def test_ratio_row_compares_the_same_windows():
+    dense = [(2 * math.log(4), 2), (math.log(4), 1)]
+    compiled = [(2 * math.log(5), 2), (math.log(5), 1)]
+    row = smollm2_perplexity.ratio_row("text", dense, compiled)
+    assert row["windows"] == 2 and row["predicted_tokens"] == 3
+    assert row["dense"] == pytest.approx(4.0) and row["compiled"] == pytest.approx(5.0)
+    assert row["ratio"] == pytest.approx(1.25)
 
 
 def test_minilm_mean_pooling_ignores_padding():
