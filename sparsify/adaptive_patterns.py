@@ -9,6 +9,7 @@ inputs, with the masks they produce on those inputs. Where a static mask is aske
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
@@ -69,6 +70,10 @@ class AdaptivePattern(Pattern):
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
                 if field.name not in self.group_fields}
 
+    def estimation_work(self, q_len: int, k_len: int, head_dim: int, block_size: int) -> tuple[float, int]:
+        """``(multiply_adds, kernel_launches)`` of estimating one head's mask for one input (the cost model prices it)."""
+        raise NotImplementedError
+
     @classmethod
     def estimate(cls, q: torch.Tensor, k: torch.Tensor, *, parameters: dict[str, torch.Tensor], settings: dict,
                  block_size: int, kv_head_index: torch.Tensor, scale: float | None, causal: bool, q_offset: int,
@@ -109,6 +114,11 @@ class EstimatedVerticalSlash(AdaptivePattern):
         _check_count("estimated_vertical_slash", "probe_blocks", self.probe_blocks, low=1, high=64)
         _check_count("estimated_vertical_slash", "sink_blocks", self.sink_blocks)
 
+    def estimation_work(self, q_len, k_len, head_dim, block_size):
+        probe = min(q_len, self.probe_blocks * block_size)
+        # Probe scores and probabilities, per-key and per-offset pooling, two sorts.
+        return probe * k_len * (head_dim + 4) + 4 * (q_len + k_len), 14
+
     @classmethod
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):
         from sparsify.runtime.adaptive import vertical_slash_block_mask
@@ -131,6 +141,9 @@ class PooledCoverage(AdaptivePattern):
     antidiagonal sums (``scoring="antidiagonal"``, XAttention's: ``1 / stride`` of it). The count
     stays between ``min_blocks`` and ``max_fraction`` of the key blocks; the first
     ``sink_blocks`` key blocks and the block holding the query's own position are always kept.
+    ``temperature`` scales the pooled scores before their softmax: a block mean is far less spread
+    than its tokens, so the pooled estimate is sharper than the real attention; below 1 it
+    flattens (the search measures which value a head needs).
 
     Example:
         >>> pooled_coverage(0.9)
@@ -145,6 +158,7 @@ class PooledCoverage(AdaptivePattern):
     sink_blocks: int = 0
     scoring: str = "mean"
     stride: int = 8
+    temperature: float = 1.0
     family: ClassVar[str] = "pooled_coverage"
     group_fields: ClassVar[tuple[str, ...]] = ("scoring", "stride")
     _positional: ClassVar[int] = 1
@@ -159,13 +173,28 @@ class PooledCoverage(AdaptivePattern):
         _check_count("pooled_coverage", "stride", self.stride, low=1, high=MAX_STRIDE)
         if self.stride & (self.stride - 1):
             raise PatternError(f"pooled_coverage: stride must be a power of two, got {self.stride}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
+                0.01 <= self.temperature <= 10):
+            raise PatternError(f"pooled_coverage: temperature must be a number in [0.01, 10], got {self.temperature!r}")
+
+    def estimation_work(self, q_len, k_len, head_dim, block_size):
+        q_blocks, k_blocks = -(-q_len // block_size), -(-k_len // block_size)
+        pooling = (q_len + k_len) * head_dim
+        if self.scoring == "antidiagonal":
+            scores = q_len * k_len * head_dim / min(self.stride, block_size)
+        else:
+            scores = q_blocks * k_blocks * head_dim
+        # Scores, softmax, a sort and a cumulative sum per row of blocks.
+        return pooling + scores + 8 * q_blocks * k_blocks, 12
 
     @classmethod
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):
         from sparsify.runtime.adaptive import antidiagonal_block_mass, coverage_block_mask, pooled_block_mass
 
+        scale = (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+        temperature = parameters["temperature"].to(q.device, torch.float32).view(1, -1, 1, 1)
         common = dict(block_size=block_size, kv_head_index=kv_head_index, scale=scale, causal=causal,
-                      q_offset=q_offset, key_valid=key_valid)
+                      q_offset=q_offset, key_valid=key_valid, temperature=temperature)
         if settings["scoring"] == "antidiagonal":
             mass = antidiagonal_block_mass(q, k, stride=min(settings["stride"], block_size), **common)
         else:
@@ -195,11 +224,11 @@ def estimated_vertical_slash(vertical: float = 0.05, slash: float = 0.05, probe_
 
 
 def pooled_coverage(coverage: float = 0.9, *, min_blocks: int = 1, max_fraction: float = 1.0, sink_blocks: int = 0,
-                    scoring: str = "mean", stride: int = 8) -> PooledCoverage:
+                    scoring: str = "mean", stride: int = 8, temperature: float = 1.0) -> PooledCoverage:
     """`PooledCoverage`: the fewest key blocks reaching ``coverage`` of the estimated mass, per query block.
 
     Example:
         >>> pooled_coverage(0.95, min_blocks=2).min_blocks
         2
     """
-    return PooledCoverage(coverage, min_blocks, max_fraction, sink_blocks, scoring, stride)
+    return PooledCoverage(coverage, min_blocks, max_fraction, sink_blocks, scoring, stride, temperature)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx
 
-from sparsify.capture import Captured, capture, eval_mode, normalize_inputs
+from sparsify.capture import Captured, FoundSites, capture, eval_mode, normalize_inputs
 from sparsify.cost import CostModel
 from sparsify.distributed import CalibrationGroup, calibration_group
 from sparsify.errors import InputError, SparsifyError, StrategyError
@@ -26,7 +26,13 @@ logger = logging.getLogger(__name__)
 
 
 def capture_attention(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True) -> tuple[Captured, list[AttentionSite]]:
-    """Capture ``model`` and canonicalise its attentions; returns the capture and its sites."""
+    """Capture ``model`` and canonicalise its attentions; returns the capture and its sites.
+
+    ``example_inputs`` may be the `FoundSites` of an earlier `find_attention` on this model:
+    its graph is then reused (a copy) instead of capturing again.
+    """
+    if isinstance(example_inputs, FoundSites):
+        return example_inputs.reuse_for(model, dynamic), list(example_inputs)
     captured = capture(model, example_inputs, dynamic=dynamic)
     finder = FindAttention((captured.args, captured.kwargs), root=model)
     PassManager([finder]).run(captured.graph_module)
@@ -34,19 +40,23 @@ def capture_attention(model: torch.nn.Module, example_inputs: Any, *, dynamic: b
     return captured, sites
 
 
-def find_attention(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True) -> list[AttentionSite]:
+def find_attention(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True) -> FoundSites:
     """Every attention of ``model`` as an `AttentionSite`, in graph order.
 
     ``example_inputs`` is a tensor, a tuple of positional arguments or a dict of keyword
     arguments — the same convention as calibration batches. Raises `NoAttentionFoundError` when
     the model has no attention sparsify recognises and `CaptureError` when it cannot be captured.
+    The returned list (a `FoundSites`) holds the captured graph: give it to `compile` as
+    ``example_inputs`` to skip a second capture.
 
     Example:
         >>> layer = torch.nn.TransformerEncoderLayer(32, 4, batch_first=True)
         >>> [site.name for site in find_attention(layer, (torch.randn(2, 16, 32),))]
         ['self_attn']
     """
-    return capture_attention(model, example_inputs, dynamic=dynamic)[1]
+    captured, sites = capture_attention(model, example_inputs, dynamic=dynamic)
+    inputs = example_inputs.inputs if isinstance(example_inputs, FoundSites) else normalize_inputs(example_inputs)
+    return FoundSites(sites, captured, model, inputs, dynamic)
 
 
 class SparsifiedModule(torch.nn.Module):
@@ -127,6 +137,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     min_recall: float = 0.7,
     holdout_fraction: float = 0.25,
     seed: int = 0,
+    adaptive: bool = True,
     cost_model: CostModel | None = None,
     progress: bool = True,
     dynamic: bool = True,
@@ -148,7 +159,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
             dict of keyword arguments each), or a ``forward_loop(model)`` callable that runs
             the model on calibration data.
         strategy: a `Strategy` or the path of a strategy JSON file.
-        example_inputs: inputs to capture the graph with; defaults to the first batch.
+        example_inputs: inputs to capture the graph with (defaults to the first batch), or the
+            result of ``find_attention(model, ...)``, whose captured graph is then reused.
         backend: ``"auto"`` (fastest available per site and device) or a backend name.
         max_error: per-site output error budget in [0, 1); 0 keeps everything dense.
         target_density / target_speedup: optional global target, allocated over heads.
@@ -160,6 +172,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
         min_recall: candidates keeping less attention mass on the profile are not scored.
         holdout_fraction: share of batches held out to score candidates and check the result.
         cost_model: a `CostModel` (default: analytic constants plus shipped hardware profiles).
+        adaptive: also consider input-adaptive patterns (masks estimated per input on the device);
+            ``False`` keeps every chosen pattern static (required for ONNX export).
         progress: show tqdm progress bars.
         dynamic: capture with dynamic batch and sequence dimensions.
         process_group: data-parallel calibration. When ``torch.distributed`` is initialised,
@@ -186,7 +200,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
         )
     config = SearchConfig(max_error=max_error, target_density=target_density, target_speedup=target_speedup,
                           block_size=block_size, min_recall=min_recall, holdout_fraction=holdout_fraction,
-                          backend=backend, dense_steps=dense_steps, steps_per_generation=steps_per_generation, seed=seed)
+                          backend=backend, dense_steps=dense_steps, steps_per_generation=steps_per_generation, seed=seed,
+                          adaptive=adaptive)
     result = search_model(model, calib_loader, config, example_inputs=example_inputs, cost_model=cost_model,
                           progress=progress, dynamic=dynamic, process_group=process_group)
     return result.compiled
@@ -222,17 +237,16 @@ def _search_model(model: torch.nn.Module, calib_loader: Any, config: SearchConfi
                   group: CalibrationGroup) -> ModelSearchResult:
     batches = collect_batches(model, calib_loader)
     if example_inputs is not None:
-        example_args, example_kwargs = normalize_inputs(example_inputs)
+        example_args, example_kwargs = (example_inputs.inputs if isinstance(example_inputs, FoundSites)
+                                        else normalize_inputs(example_inputs))
         batch_args, batch_kwargs = batches[0]
         if len(example_args) != len(batch_args) or sorted(example_kwargs) != sorted(batch_kwargs):
             raise InputError(
                 f"example_inputs {_describe_call(example_args, example_kwargs)} and the calibration batches "
                 f"{_describe_call(batch_args, batch_kwargs)} have different structures; give both in one form"
             )
-    captured = capture(model, example_inputs if example_inputs is not None else batches[0], dynamic=dynamic)
-    finder = FindAttention((captured.args, captured.kwargs), root=model)
-    PassManager([finder]).run(captured.graph_module)
-    sites = [node.meta[SITE_META_KEY] for node in attention_nodes(captured.graph_module)]
+    captured, sites = capture_attention(model, example_inputs if example_inputs is not None else batches[0],
+                                        dynamic=dynamic)
     result = search(captured, sites, [_with_fixed(b, captured.fixed_kwargs) for b in batches], config,
                     cost_model=cost_model, progress=progress, process_group=group)
     counter = StepCounter(config.steps_per_generation)
@@ -314,11 +328,10 @@ def _apply_strategy(model, strategy, calib_loader, example_inputs, backend, dyna
             raise SparsifyError("compile needs example_inputs (or a calib_loader whose first batch serves) to capture the model")
         args, kwargs = collect_batches(model, calib_loader)[0]
         example_inputs = (args, kwargs)
-    captured = capture(model, example_inputs, dynamic=dynamic)
-    finder = FindAttention((captured.args, captured.kwargs), root=model)
+    captured, _ = capture_attention(model, example_inputs, dynamic=dynamic)
     counter = StepCounter(steps_per_generation or strategy.metadata.get("steps_per_generation"))
     rewrite = RewriteAttention(strategy, backend=backend, source=source, step_counter=counter)
-    result = PassManager([finder, rewrite]).run(captured.graph_module)
+    result = PassManager([rewrite]).run(captured.graph_module)
     sites = [node.meta[SITE_META_KEY] for node in result.graph_module.graph.nodes if SITE_META_KEY in node.meta]
     compiled = SparsifiedModule(result.graph_module, strategy, sites, captured.fixed_kwargs, rewrite.rewritten, counter)
     compiled.captured_signature = _describe_call(captured.args, captured.kwargs)

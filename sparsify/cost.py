@@ -217,6 +217,22 @@ class CostModel:
         q_blocks = blocks_for(q_len or site.q_len, block_size)
         return batch * (q_blocks * costs.per_row_block + kept_blocks * block_size**2 * site.head_dim * costs.per_block_element)
 
+    def estimation_latency(self, site: AttentionSite, pattern, *, backend: str, device, block_size: int,
+                           batch: int = 1, q_len: int | None = None, k_len: int | None = None) -> float:
+        """Latency of estimating one head's input-adaptive mask (`sparsify.adaptive_patterns`): its multiply-adds at
+        twice SDPA's per-element cost (small matmuls run below peak) plus a quarter launch per kernel it starts.
+        Composite patterns pay for each adaptive part; static patterns cost nothing here."""
+        from sparsify.patterns import Intersection, Union
+
+        if isinstance(pattern, (Union, Intersection)):
+            return sum(self.estimation_latency(site, part, backend=backend, device=device, block_size=block_size,
+                                               batch=batch, q_len=q_len, k_len=k_len) for part in pattern.parts)
+        if not pattern.is_adaptive:
+            return 0.0
+        costs = self.costs(backend, device)
+        work, launches = pattern.estimation_work(q_len or site.q_len, k_len or site.k_len, site.head_dim, block_size)
+        return batch * work * 2 * costs.dense_per_element + launches * 0.25 * costs.launch
+
     def dense_latency(self, site: AttentionSite, *, backend: str, device, batch: int = 1) -> float:
         """Latency of the whole site run dense (SDPA)."""
         costs = self.costs(backend, device)

@@ -447,7 +447,8 @@ class CalibrationGroup:
         tensors: list[torch.Tensor] = []
         for name in candidates:
             errors = scores[name]
-            tensors += [*errors.squared_error, *errors.kept_mass, errors.output_norm, errors.total_mass]
+            tensors += [*errors.squared_error, *errors.kept_mass, errors.output_norm, errors.total_mass,
+                        *errors.work_sum, *errors.work_square_sum, errors.work_count]
         self._sum_in_place(tensors, "summing candidate errors")
 
     def sum_floats(self, values: Sequence[float], step: str = "summing floats") -> list[float]:

@@ -30,6 +30,7 @@ from sparsify.cost import CostModel
 from sparsify.distributed import CalibrationGroup, calibration_group
 from sparsify.errors import SparsifyError
 from sparsify.patterns import Pattern
+from sparsify.adaptive_search import AdaptiveCandidateMasks, adaptive_candidates
 from sparsify.profile import BlockMassProfile, CandidateErrors
 from sparsify.site import AttentionSite
 from sparsify.strategy import SiteStrategy, Strategy
@@ -61,6 +62,8 @@ class SearchConfig:
         steps_per_generation: calls per generation; calibration call ``i`` is step
             ``i % steps_per_generation`` (without it: step ``i``).
         seed: seed for every random choice.
+        adaptive: also score input-adaptive candidates (masks estimated per input on the device,
+            `sparsify.adaptive_patterns`); ``False`` keeps every pattern static (e.g. for ONNX export).
         profile_rows_per_block: query rows per block sampled for the block-mass profile
             (``None``: all rows).
         score_rows_per_block: query rows per block whose output error is measured on the
@@ -77,6 +80,7 @@ class SearchConfig:
     dense_steps: int = 0
     steps_per_generation: int | None = None
     seed: int = 0
+    adaptive: bool = True
     profile_rows_per_block: int | None = 16
     score_rows_per_block: int | None = 32
 
@@ -326,6 +330,7 @@ class HeadOptions:
     relative_error: torch.Tensor
     recall: torch.Tensor
     output_norm: float  # Σ ||dense output||² of the head
+    work_spread: torch.Tensor | None = None  # per candidate: std over held-out inputs of the work (adaptive ones)
 
 
 def choose_with_multiplier(options: Sequence[HeadOptions], primary: Callable[[HeadOptions], torch.Tensor],
@@ -436,7 +441,7 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
     profiles: dict[str, BlockMassProfile] = {}
     seeds = _SamplingSeeds(config.seed, shard.offset)
 
-    def profile_site(site, q, k, v, attn_mask, is_causal, scale):
+    def profile_site(site, q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
         key = site.name
         existing = profiles.get(key)
         if existing is None or (existing.q_len, existing.k_len) != (q.shape[2], k.shape[2]):
@@ -445,22 +450,29 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
                 return  # keep the profile of the longest sequence seen (ties: the longer query), in any batch order
             profiles[key] = BlockMassProfile.empty(site.num_heads, q.shape[2], k.shape[2], block_size)
         profiles[key].add(q, k, v, attn_mask, is_causal or site.causal, scale,
-                          rows_per_block=config.profile_rows_per_block, generator=seeds.for_site("profile", site))
+                          rows_per_block=config.profile_rows_per_block, generator=seeds.for_site("profile", site),
+                          softcap=softcap, sinks=sinks)
 
     observe(captured.graph_module, batches, profile_site,
             progress=tqdm(seeds.calls(profile_indices), total=len(profile_indices), desc="sparsify: profiling",
                           disable=not progress, unit="batch"))
     profiles = group.reduce_profiles(profiles, sites, block_size)
 
-    # 2. candidates per site/head (at the profile's lengths)
+    # 2. candidates per site/head (at the profile's lengths); input-adaptive ones after the static ones
     site_masks = {site.name: SiteMasks(block_size, site.causal) for site in sites}
     candidates: dict[str, list[list[Pattern]]] = {}
+    static_counts: dict[str, list[int]] = {}
+    adaptive: dict[str, AdaptiveCandidateMasks] = {}
     for site in sites:
         per_head = candidate_patterns(site, block_size, profiles.get(site.name))
         if site.name in profiles:
             per_head = [prefilter_candidates(patterns, profiles[site.name], head, site_masks[site.name], config.min_recall)
                         for head, patterns in enumerate(per_head)]
-        candidates[site.name] = per_head
+        static_counts[site.name] = [len(patterns) for patterns in per_head]
+        extra = adaptive_candidates(site, block_size) if config.adaptive else []
+        if extra:
+            adaptive[site.name] = AdaptiveCandidateMasks(site, block_size, extra)
+        candidates[site.name] = [patterns + extra for patterns in per_head]
 
     # 3-4. score on held-out batches
     scores: dict[str, CandidateErrors] = {
@@ -468,13 +480,19 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
     }
     mask_cache: dict[tuple[str, int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
-    def score_site(site, q, k, v, attn_mask, is_causal, scale):
+    def score_site(site, q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
         key = (site.name, q.shape[2], k.shape[2])
         if key not in mask_cache:
-            mask_cache[key] = _candidate_masks(candidates[site.name], q.shape[2], k.shape[2], site_masks[site.name], q.device)
+            static = [patterns[:count] for patterns, count in zip(candidates[site.name], static_counts[site.name])]
+            mask_cache[key] = _candidate_masks(static, q.shape[2], k.shape[2], site_masks[site.name], q.device)
         masks, skips = mask_cache[key]
+        batch_masks = None
+        if site.name in adaptive:  # the masks the adaptive candidates estimate on this very batch
+            batch_masks, work = adaptive[site.name].masks(q, k, attn_mask, scale)
+            scores[site.name].add_work(work, static_counts[site.name])
         return scores[site.name].add(q, k, v, attn_mask, is_causal or site.causal, scale, block_size, masks, skips,
-                                     rows_per_block=config.score_rows_per_block, generator=seeds.for_site("score", site))
+                                     rows_per_block=config.score_rows_per_block, generator=seeds.for_site("score", site),
+                                     softcap=softcap, sinks=sinks, batch_masks=batch_masks)
 
     observe(captured.graph_module, batches, score_site,
             progress=tqdm(seeds.calls(holdout_indices), total=len(holdout_indices), desc="sparsify: scoring candidates",
@@ -485,7 +503,7 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
     options: dict[str, list[HeadOptions]] = {}
     for site in sites:
         options[site.name] = _head_options(site, candidates[site.name], scores[site.name], site_masks[site.name],
-                                           cost_model, backend, device, config)
+                                           cost_model, backend, device, config, static_counts[site.name])
     chosen = _choose(sites, options, config)
     strategy = _build_strategy(sites, options, chosen, block_size, config, cost_model, backend, device)
     if group.is_distributed:
@@ -546,13 +564,16 @@ def _is_skip(pattern: Pattern) -> bool:
 
 
 def _head_options(site: AttentionSite, candidates: list[list[Pattern]], scores: CandidateErrors, site_masks: SiteMasks,
-                  cost_model: CostModel, backend: str, device: torch.device, config: SearchConfig) -> list[HeadOptions]:
+                  cost_model: CostModel, backend: str, device: torch.device, config: SearchConfig,
+                  static_counts: list[int] | None = None) -> list[HeadOptions]:
     block_size = site_masks.block_size
     dense_blocks = float(site_masks.of(pattern_library.dense(), site.q_len, site.k_len).sum())
     dense_cost = cost_model.dense_head_latency(site, backend=backend, device=device)
     options = []
     for head, head_candidates in enumerate(candidates):
         costs, work = [], []
+        static_count = static_counts[head] if static_counts is not None else len(head_candidates)
+        mean_work = scores.mean_work(head)
         for index, pattern in enumerate(head_candidates):
             if index == 0:
                 costs.append(dense_cost)
@@ -561,6 +582,14 @@ def _head_options(site: AttentionSite, candidates: list[list[Pattern]], scores: 
             if _is_skip(pattern):
                 costs.append(0.0)
                 work.append(0.0)
+                continue
+            if index >= static_count:  # input-adaptive: the work its masks kept on held-out inputs, plus estimating them
+                kept = float(mean_work[index]) * dense_blocks
+                cost = (cost_model.sparse_head_latency(site, kept, backend=backend, device=device, block_size=block_size)
+                        + cost_model.estimation_latency(site, pattern, backend=backend, device=device,
+                                                        block_size=block_size))
+                costs.append(cost)
+                work.append(float(mean_work[index]))
                 continue
             kept = float(site_masks.of(pattern, site.q_len, site.k_len).sum())
             cost = cost_model.sparse_head_latency(site, kept, backend=backend, device=device, block_size=block_size)
@@ -577,7 +606,8 @@ def _head_options(site: AttentionSite, candidates: list[list[Pattern]], scores: 
         excluded[0] = False
         squared_error[excluded] = math.inf
         options.append(HeadOptions(site.name, head, list(head_candidates), cost, torch.tensor(work, dtype=torch.float64),
-                                   squared_error, relative_error, recall, float(scores.output_norm[head])))
+                                   squared_error, relative_error, recall, float(scores.output_norm[head]),
+                                   scores.work_spread(head)))
     return options
 
 
@@ -624,13 +654,16 @@ def _build_strategy(sites, options, chosen, block_size, config, cost_model, back
         heads, metrics = [], []
         for option, index in zip(options[site.name], chosen[site.name]):
             heads.append(option.patterns[index])
-            metrics.append({
+            metric = {
                 "recall": round(float(option.recall[index]), 6),
                 "error": round(float(option.relative_error[index]), 6),
                 "work": round(float(option.work[index]), 6),
                 "estimated_seconds": float(option.cost[index]),
                 "dense_seconds": float(option.cost[0]),
-            })
+            }
+            if option.patterns[index].is_adaptive and option.work_spread is not None:
+                metric["work_spread"] = round(float(option.work_spread[index]), 6)   # over held-out inputs
+            metrics.append(metric)
             dense_total += float(option.cost[0])
             sparse_total += float(option.cost[index])
         site_strategies[site.name] = SiteStrategy(site.name, heads, head_metrics=metrics, dense_steps=config.dense_steps)

@@ -74,12 +74,13 @@ def _blocked_mean(x: torch.Tensor, block_size: int, valid: torch.Tensor | None =
 
 def pooled_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
                       scale: float | None = None, causal: bool = False, q_offset: int = 0,
-                      key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                      key_valid: torch.Tensor | None = None, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Estimated attention mass ``float32 [B, H, q_blocks, k_blocks]`` (rows sum to 1) from block-mean queries and keys.
 
     The score of block pair ``(I, J)`` is ``mean(q_I) · mean(k_J) * scale + log(keys in J)``
-    (a block of more valid keys holds proportionally more mass); blocks hidden by the causal
-    mask or holding no valid key get none.
+    (a block of more valid keys holds proportionally more mass), the dot product times
+    ``temperature`` (per head ``[1, H, 1, 1]`` or a number); blocks hidden by the causal mask or
+    holding no valid key get none.
 
     Example:
         >>> q = torch.randn(1, 2, 64, 8)
@@ -91,14 +92,16 @@ def pooled_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
     query_means, _ = _blocked_mean(q, block_size)
     key_means, key_counts = _blocked_mean(k, block_size, key_valid)
     key_means = key_means.index_select(1, kv_head_index.to(k.device))
-    logits = (query_means @ key_means.transpose(-1, -2)) * scale + key_counts.clamp_min(1e-30).log().unsqueeze(2)
+    logits = ((query_means @ key_means.transpose(-1, -2)) * scale * temperature
+              + key_counts.clamp_min(1e-30).log().unsqueeze(2))
     logits = _hide(logits, key_counts, q.shape[2], k.shape[2], block_size, causal, q_offset)
     return _softmax_rows(logits)
 
 
 def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
                             stride: int = 8, scale: float | None = None, causal: bool = False, q_offset: int = 0,
-                            key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                            key_valid: torch.Tensor | None = None,
+                            temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Estimated attention mass ``float32 [B, H, q_blocks, k_blocks]`` from strided antidiagonal sums (XAttention's idea).
 
     Inside every ``stride x stride`` tile the scores along its antidiagonal are summed (one
@@ -124,7 +127,7 @@ def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int
     q_tiles = qs.view(batch, heads, q_pad // stride, stride * dim)
     k_tiles = ks.view(batch, heads, k_pad // stride, stride, dim).flip(3).reshape(batch, heads, k_pad // stride,
                                                                                   stride * dim)
-    tile_scores = (q_tiles @ k_tiles.transpose(-1, -2)) * (scale / stride)     # mean over the antidiagonal
+    tile_scores = (q_tiles @ k_tiles.transpose(-1, -2)) * (scale / stride) * temperature  # antidiagonal mean
     valid = torch.arange(k_pad, device=k.device) < k_len
     if key_valid is not None:
         valid = valid & torch.nn.functional.pad(key_valid, (0, k_pad - k_len))

@@ -283,6 +283,15 @@ class RuntimeBlockMask:
         return dataclasses.replace(self, **tensors, kv_head_index=self.kv_head_index.index_select(0, index),
                                    kv_heads=host)
 
+    def batch_element(self, index: int) -> "RuntimeBlockMask":
+        """The mask of one batch element, recompressed to its own widest row (a host read: for CPU paths)."""
+        if self.batch == 1:
+            return dataclasses.replace(self, per_input=False)
+        return RuntimeBlockMask.from_block_masks(
+            self.to_block_masks()[index:index + 1], block_size=self.block_size, q_len=self.q_len, k_len=self.k_len,
+            causal=self.causal, kv_head_index=self.kv_head_index.cpu() if self.kv_heads is not None else
+            self.kv_head_index, q_offset=self.q_offset).to(self.device)
+
     # --- display --------------------------------------------------------------------------------
 
     def to_string(self, *, max_heads: int = 4, max_blocks: int = 64) -> str:
