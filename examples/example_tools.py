@@ -1,4 +1,5 @@
-"""Helpers the example scripts share: the adaptive-candidates option, chosen-pattern counts, timing and atomic JSON."""
+"""Helpers the example scripts share: the adaptive-candidates option, chosen-pattern counts, realised densities,
+timing and atomic JSON."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
+import torch
+
 import sparsify
+from sparsify.patterns import causal_block_mask
+from sparsify.tables import blocks_for
 
 
 def compile_options(adaptive: bool | None, compile_function: Callable[..., Any] = sparsify.compile) -> tuple[dict[str, Any], str]:
@@ -88,6 +93,109 @@ def error_checks(strategy: sparsify.Strategy, max_error: float | None) -> dict[s
     head_errors = [metric.get("error", 0.0) for site in strategy.sites.values() for metric in site.head_metrics or []]
     return {"max_site_error": max(site_errors.values(), default=None), "sites_over_budget": over,
             "max_head_error": max(head_errors, default=None)}
+
+
+def _runtime_sites(compiled: torch.nn.Module) -> list[torch.nn.Module]:
+    """The compiled module's runtime attention sites (modules carrying a site and its head patterns)."""
+    return [module for module in compiled.modules() if hasattr(module, "site") and hasattr(module, "head_patterns")]
+
+
+class RealisedDensity:
+    """Measures the causal block density a compiled model really runs while the ``with`` block calls it.
+
+    Static heads keep their pattern's blocks at the site's recorded lengths; input-adaptive heads
+    keep what their estimate keeps on each call, read from the sites' ``adaptive_density_log``.
+    `result` gives the mean over heads as `Strategy.summary` weighs it (kept blocks over the
+    blocks dense attention computes — the lower triangle at causal sites — each head weighted by
+    its head dim and its site's dense blocks); it differs from the summary's ``mean_density`` only
+    where heads are adaptive (the summary counts them as every block).
+    Calls must have the sites' recorded lengths.
+
+    Example:
+        >>> with RealisedDensity(compiled) as density:      # doctest: +SKIP
+        ...     compiled(**batch)
+        >>> density.result()["mean_density"]          # doctest: +SKIP
+    """
+
+    def __init__(self, compiled: torch.nn.Module):
+        self.sites = _runtime_sites(compiled)
+        self.logs: dict[str, list[torch.Tensor]] = {}
+
+    def __enter__(self) -> "RealisedDensity":
+        for module in self.sites:
+            adaptive_heads = getattr(module, "adaptive_heads", None)
+            if adaptive_heads is not None and adaptive_heads.numel():
+                module.adaptive_density_log = []
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for module in self.sites:
+            log = getattr(module, "adaptive_density_log", None)
+            if log is not None:
+                self.logs.setdefault(module.site.name, []).extend(entry.detach().cpu() for entry in log)
+                module.adaptive_density_log = None
+
+    def result(self) -> dict[str, Any]:
+        """``mean_density`` over all heads, the adaptive heads' count and mean, the calls measured, and per site."""
+        weighted = total_weight = 0.0
+        adaptive_values: list[float] = []
+        per_site: dict[str, float] = {}
+        for module in self.sites:
+            site = module.site
+            q_blocks, k_blocks = blocks_for(site.q_len, module.block_size), blocks_for(site.k_len, module.block_size)
+            visible = int(causal_block_mask(q_blocks, k_blocks).sum()) if site.causal else q_blocks * k_blocks
+            adaptive = getattr(module, "adaptive_heads", torch.zeros(0, dtype=torch.long)).tolist()
+            log = self.logs.get(site.name)
+            if adaptive and not log:
+                raise RuntimeError(f"site {site.name!r} has input-adaptive heads but ran no call inside the `with` block")
+            # Per call, each adaptive head's mean kept blocks per query row over all key blocks.
+            realised = (torch.stack(log).double().mean(0) * q_blocks * k_blocks / visible).tolist() if adaptive else []
+            densities = []
+            for head, pattern in enumerate(module.head_patterns):
+                if head in adaptive:
+                    densities.append(realised[adaptive.index(head)])
+                    adaptive_values.append(densities[-1])
+                else:
+                    densities.append(pattern.density(q_blocks, k_blocks, block_size=module.block_size, causal=site.causal,
+                                                     q_len=site.q_len, k_len=site.k_len))
+            per_site[site.name] = round(sum(densities) / len(densities), 6)
+            weight = site.head_dim * visible
+            weighted += weight * sum(densities)
+            total_weight += weight * len(densities)
+        calls = max((len(log) for log in self.logs.values()), default=0)
+        return {
+            "mean_density": weighted / total_weight if total_weight else None,
+            "adaptive_heads": len(adaptive_values),
+            "adaptive_head_mean_density": sum(adaptive_values) / len(adaptive_values) if adaptive_values else None,
+            "calls_measured": calls,
+            "per_site": per_site,
+        }
+
+
+def searched_density(strategy: sparsify.Strategy) -> float | None:
+    """Mean causal density by the work the search recorded per head (``head_metrics[...]["work"]``: static heads'
+    kept share, adaptive heads' mean kept share on the held-out calibration batches), weighted as
+    `Strategy.summary` weighs heads; ``None`` where a head has no recorded work.
+
+    Example:
+        >>> from sparsify import AttentionSite, Strategy
+        >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=8, q_len=128, k_len=128)
+        >>> searched_density(Strategy.dense([site])) is None
+        True
+    """
+    fingerprints = {entry["name"]: entry for entry in strategy.fingerprint}
+    weighted = total_weight = 0.0
+    for name, site in strategy.sites.items():
+        metrics = site.head_metrics
+        entry = fingerprints.get(name, {})
+        if not metrics or any("work" not in metric for metric in metrics) or "q_len" not in entry:
+            return None
+        q_blocks, k_blocks = blocks_for(entry["q_len"], strategy.block_size), blocks_for(entry["k_len"], strategy.block_size)
+        visible = int(causal_block_mask(q_blocks, k_blocks).sum()) if entry["causal"] else q_blocks * k_blocks
+        weight = entry.get("head_dim", 1) * visible
+        weighted += weight * sum(metric["work"] for metric in metrics)
+        total_weight += weight * len(metrics)
+    return weighted / total_weight if total_weight else None
 
 
 @dataclasses.dataclass

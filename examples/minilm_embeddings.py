@@ -22,7 +22,8 @@ import time
 import torch
 
 import sparsify
-from example_tools import Timer, compile_options, error_checks, family_counts, machine, write_json
+from example_tools import (RealisedDensity, Timer, compile_options, error_checks, family_counts, machine,
+                           searched_density, write_json)
 from sparsify.api import end_to_end_error
 
 RESULTS_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks", "results"))
@@ -100,7 +101,7 @@ def main(argv=None) -> dict:
     print(compiled.report())
 
     cosines = []
-    with torch.no_grad():
+    with torch.no_grad(), RealisedDensity(compiled) as realised:
         for batch in evaluation:
             dense = mean_pooled(model(**batch), batch["attention_mask"])
             sparse = mean_pooled(compiled(**batch), batch["attention_mask"])
@@ -108,11 +109,14 @@ def main(argv=None) -> dict:
     cosine = torch.cat(cosines)
     error = end_to_end_error(compiled, model, [((), b) for b in evaluation])
     summary = compiled.strategy.summary()
+    density = realised.result()
     totals, per_site = family_counts(compiled.strategy)
     budget = f"target_density {args.target_density}" if args.target_density else f"max_error {args.max_error}"
     print(f"\nall-MiniLM-L6-v2, {args.tokens} tokens, block {args.block_size}, {budget}, candidates: {candidates}:")
-    print(f"  mean block density {summary['mean_density']:.3f} ({summary['dense_heads']} of {summary['num_heads']} "
-          f"heads dense; estimated attention speedup {summary['estimated_speedup']:.2f}x on this CPU's cost model)")
+    print(f"  mean block density {density['mean_density']:.3f} run on the evaluation paragraphs "
+          f"({density['adaptive_heads']} input-adaptive heads; strategy summary {summary['mean_density']:.3f}, which "
+          f"counts adaptive heads dense); {summary['dense_heads']} of {summary['num_heads']} heads dense; estimated "
+          f"attention speedup {summary['estimated_speedup']:.2f}x on this CPU's cost model")
     print("  chosen families (heads): " + ", ".join(f"{family} {count}" for family, count in totals.items()))
     print(f"  evaluation (unseen paragraphs): last-hidden-state relative L2 error {error:.4f}; "
           f"embedding cosine vs dense: mean {cosine.mean():.5f}, min {cosine.min():.5f}")
@@ -126,7 +130,8 @@ def main(argv=None) -> dict:
         "calibration_paragraphs": len(calibration) * 4, "evaluation_paragraphs": len(evaluation) * 4,
         "cosine": {"mean": float(cosine.mean()), "min": float(cosine.min())},
         "last_hidden_state_relative_error": error,
-        "mean_block_density": summary["mean_density"],
+        "mean_block_density": density["mean_density"],
+        "density": {"realised_on_evaluation": density, "searched": searched_density(compiled.strategy)},
         "summary": summary,
         "error_checks": error_checks(compiled.strategy, None if args.target_density else args.max_error),
         "families": totals,

@@ -92,6 +92,65 @@ def test_searched_strategy_is_read_back_per_family_and_within_budget():
     assert math.isfinite(ratio) and ratio > 0
 
 
+def compiled_with(model, window, head_patterns):
+    """``model`` compiled with ``head_patterns`` (one per head) at every site, block 16."""
+    sites = sparsify.find_attention(model, {"input_ids": window})
+    strategy = sparsify.Strategy.dense(sites, block_size=16)
+    for site in sites:
+        strategy = strategy.with_heads(site.name, head_patterns)
+    return sparsify.compile(model, strategy=strategy, example_inputs={"input_ids": window})
+
+
+def test_realised_density_of_static_heads_is_the_summary_density():
+    model = tiny_llama()
+    window = torch.randint(0, 96, (1, 128))
+    compiled = compiled_with(model, window, [patterns.sliding_window(32), patterns.dense(), patterns.skip(),
+                                             patterns.a_shape(16, 16)])
+    with example_tools.RealisedDensity(compiled) as density, torch.no_grad():
+        compiled(input_ids=window)
+    result = density.result()
+    assert result["adaptive_heads"] == 0
+    assert result["mean_density"] == pytest.approx(compiled.strategy.summary()["mean_density"], abs=1e-9)
+
+
+def test_realised_density_counts_adaptive_heads_by_what_they_keep():
+    model = tiny_llama()
+    window = torch.randint(0, 96, (1, 128))
+    window_blocks = 128 // 16
+    static = patterns.sliding_window(16)
+    static_density = static.density(window_blocks, window_blocks, block_size=16, causal=True)
+    # Full coverage keeps every visible block: density 1 over the causal triangle (not over the square).
+    compiled = compiled_with(model, window, [patterns.pooled_coverage(1.0), static, patterns.pooled_coverage(1.0),
+                                             patterns.dense()])
+    assert compiled.strategy.summary()["mean_density"] == pytest.approx((3 + static_density) / 4)
+    with example_tools.RealisedDensity(compiled) as density, torch.no_grad():
+        compiled(input_ids=window)
+        compiled(input_ids=torch.randint(0, 96, (1, 128)))
+    result = density.result()
+    assert result["adaptive_heads"] == 2 * 2 and result["calls_measured"] == 2
+    assert result["adaptive_head_mean_density"] == pytest.approx(1.0, abs=1e-6)
+    assert result["mean_density"] == pytest.approx((3 + static_density) / 4, abs=1e-6)
+    # A partial coverage keeps fewer blocks than the summary (which counts adaptive heads as every block) says.
+    compiled = compiled_with(model, window, [patterns.pooled_coverage(0.5)] * 4)
+    with example_tools.RealisedDensity(compiled) as density, torch.no_grad():
+        compiled(input_ids=window)
+    result = density.result()
+    assert 0 < result["mean_density"] < 1 == compiled.strategy.summary()["mean_density"]
+    assert all(getattr(m, "adaptive_density_log", None) is None for m in compiled.modules())
+    with pytest.raises(RuntimeError, match="ran no call"):
+        with example_tools.RealisedDensity(compiled) as density:
+            pass
+        density.result()
+
+
+def test_searched_density_reads_the_recorded_work():
+    model = tiny_llama()
+    calibration = [{"input_ids": torch.randint(0, 96, (1, 256))} for _ in range(4)]
+    compiled = sparsify.compile(model, calibration, max_error=0.1, block_size=16, progress=False, adaptive=False)
+    assert example_tools.searched_density(compiled.strategy) == pytest.approx(
+        compiled.strategy.summary()["mean_density"], abs=1e-5)
+
+
 def test_error_checks_names_sites_over_budget():
     site = sparsify.AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=8, q_len=128, k_len=128)
     strategy = sparsify.Strategy.dense([site])
