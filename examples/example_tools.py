@@ -95,79 +95,74 @@ def error_checks(strategy: sparsify.Strategy, max_error: float | None) -> dict[s
             "max_head_error": max(head_errors, default=None)}
 
 
-def _runtime_sites(compiled: torch.nn.Module) -> list[torch.nn.Module]:
-    """The compiled module's runtime attention sites (modules carrying a site and its head patterns)."""
-    return [module for module in compiled.modules() if hasattr(module, "site") and hasattr(module, "head_patterns")]
-
-
 class RealisedDensity:
     """Measures the causal block density a compiled model really runs while the ``with`` block calls it.
 
     Static heads keep their pattern's blocks at the site's recorded lengths; input-adaptive heads
-    keep what their estimate keeps on each call, read from the sites' ``adaptive_density_log``.
-    `result` gives the mean over heads as `Strategy.summary` weighs it (kept blocks over the
-    blocks dense attention computes — the lower triangle at causal sites — each head weighted by
-    its head dim and its site's dense blocks); it differs from the summary's ``mean_density`` only
-    where heads are adaptive (the summary counts them as every block).
-    Calls must have the sites' recorded lengths.
+    keep what their estimate keeps on each call, read from the runtime sites'
+    ``adaptive_density_log``. `result` gives the mean over every head of the strategy (sites left
+    dense included) as `Strategy.summary` weighs it: kept blocks over the blocks dense attention
+    computes (the lower triangle at causal sites), each head weighted by its head dim and its
+    site's dense blocks. It differs from the summary's ``mean_density`` only where heads are
+    adaptive (the summary counts them as every block). Calls must have the recorded lengths.
 
     Example:
         >>> with RealisedDensity(compiled) as density:      # doctest: +SKIP
         ...     compiled(**batch)
-        >>> density.result()["mean_density"]          # doctest: +SKIP
+        >>> density.result()["mean_density"]                 # doctest: +SKIP
     """
 
     def __init__(self, compiled: torch.nn.Module):
-        self.sites = _runtime_sites(compiled)
+        self.strategy = compiled.strategy
+        # Runtime sites with adaptive heads, by site name (sites left dense are not rewritten at all).
+        self.adaptive_sites = {module.site.name: module for module in compiled.modules()
+                               if getattr(module, "adaptive_heads", None) is not None and module.adaptive_heads.numel()}
         self.logs: dict[str, list[torch.Tensor]] = {}
 
     def __enter__(self) -> "RealisedDensity":
-        for module in self.sites:
-            adaptive_heads = getattr(module, "adaptive_heads", None)
-            if adaptive_heads is not None and adaptive_heads.numel():
-                module.adaptive_density_log = []
+        for module in self.adaptive_sites.values():
+            module.adaptive_density_log = []
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        for module in self.sites:
-            log = getattr(module, "adaptive_density_log", None)
-            if log is not None:
-                self.logs.setdefault(module.site.name, []).extend(entry.detach().cpu() for entry in log)
-                module.adaptive_density_log = None
+        for name, module in self.adaptive_sites.items():
+            self.logs.setdefault(name, []).extend(entry.detach().cpu() for entry in module.adaptive_density_log or [])
+            module.adaptive_density_log = None
 
     def result(self) -> dict[str, Any]:
         """``mean_density`` over all heads, the adaptive heads' count and mean, the calls measured, and per site."""
+        strategy = self.strategy
         weighted = total_weight = 0.0
         adaptive_values: list[float] = []
         per_site: dict[str, float] = {}
-        for module in self.sites:
-            site = module.site
-            q_blocks, k_blocks = blocks_for(site.q_len, module.block_size), blocks_for(site.k_len, module.block_size)
-            visible = int(causal_block_mask(q_blocks, k_blocks).sum()) if site.causal else q_blocks * k_blocks
-            adaptive = getattr(module, "adaptive_heads", torch.zeros(0, dtype=torch.long)).tolist()
-            log = self.logs.get(site.name)
-            if adaptive and not log:
-                raise RuntimeError(f"site {site.name!r} has input-adaptive heads but ran no call inside the `with` block")
-            # Per call, each adaptive head's mean kept blocks per query row over all key blocks.
-            realised = (torch.stack(log).double().mean(0) * q_blocks * k_blocks / visible).tolist() if adaptive else []
+        for entry in strategy.fingerprint:
+            name, block_size = entry["name"], strategy.block_size
+            q_blocks, k_blocks = blocks_for(entry["q_len"], block_size), blocks_for(entry["k_len"], block_size)
+            visible = int(causal_block_mask(q_blocks, k_blocks).sum()) if entry["causal"] else q_blocks * k_blocks
+            realised: dict[int, float] = {}
+            if name in self.adaptive_sites:
+                if not self.logs.get(name):
+                    raise RuntimeError(f"site {name!r} has input-adaptive heads but ran no call inside the `with` block")
+                # Per call, each adaptive head's mean kept blocks per query row, over all key blocks.
+                shares = torch.stack(self.logs[name]).double().mean(0) * q_blocks * k_blocks / visible
+                realised = dict(zip(self.adaptive_sites[name].adaptive_heads.tolist(), shares.tolist()))
             densities = []
-            for head, pattern in enumerate(module.head_patterns):
-                if head in adaptive:
-                    densities.append(realised[adaptive.index(head)])
-                    adaptive_values.append(densities[-1])
+            for head, pattern in enumerate(strategy.sites[name].heads):
+                if pattern.is_adaptive:
+                    densities.append(realised[head])
+                    adaptive_values.append(realised[head])
                 else:
-                    densities.append(pattern.density(q_blocks, k_blocks, block_size=module.block_size, causal=site.causal,
-                                                     q_len=site.q_len, k_len=site.k_len))
-            per_site[site.name] = round(sum(densities) / len(densities), 6)
-            weight = site.head_dim * visible
+                    densities.append(pattern.density(q_blocks, k_blocks, block_size=block_size, causal=entry["causal"],
+                                                     q_len=entry["q_len"], k_len=entry["k_len"]))
+            per_site[name] = round(sum(densities) / len(densities), 6)
+            weight = entry.get("head_dim", 1) * visible
             weighted += weight * sum(densities)
             total_weight += weight * len(densities)
-        calls = max((len(log) for log in self.logs.values()), default=0)
         return {
             "mean_density": weighted / total_weight if total_weight else None,
             "adaptive_heads": len(adaptive_values),
             "adaptive_head_mean_density": sum(adaptive_values) / len(adaptive_values) if adaptive_values else None,
-            "calls_measured": calls,
+            "calls_measured": max((len(log) for log in self.logs.values()), default=0),
             "per_site": per_site,
         }
 

@@ -92,11 +92,11 @@ def test_searched_strategy_is_read_back_per_family_and_within_budget():
     assert math.isfinite(ratio) and ratio > 0
 
 
-def compiled_with(model, window, head_patterns):
-    """``model`` compiled with ``head_patterns`` (one per head) at every site, block 16."""
+def compiled_with(model, window, head_patterns, *, sites_changed=None):
+    """``model`` compiled with ``head_patterns`` (one per head) at every site (or the first ``sites_changed``), block 16."""
     sites = sparsify.find_attention(model, {"input_ids": window})
     strategy = sparsify.Strategy.dense(sites, block_size=16)
-    for site in sites:
+    for site in sites[:sites_changed]:
         strategy = strategy.with_heads(site.name, head_patterns)
     return sparsify.compile(model, strategy=strategy, example_inputs={"input_ids": window})
 
@@ -111,6 +111,12 @@ def test_realised_density_of_static_heads_is_the_summary_density():
     result = density.result()
     assert result["adaptive_heads"] == 0
     assert result["mean_density"] == pytest.approx(compiled.strategy.summary()["mean_density"], abs=1e-9)
+    # A site left dense is not rewritten, and still counts.
+    compiled = compiled_with(model, window, [patterns.sliding_window(32)] * 4, sites_changed=1)
+    with example_tools.RealisedDensity(compiled) as density, torch.no_grad():
+        compiled(input_ids=window)
+    summary = compiled.strategy.summary()["mean_density"]
+    assert summary < 1 and density.result()["mean_density"] == pytest.approx(summary, abs=1e-9)
 
 
 def test_realised_density_counts_adaptive_heads_by_what_they_keep():
