@@ -73,7 +73,13 @@ class ObservingInterpreter(torch.fx.Interpreter):
 
     def run_batch(self, args: tuple, kwargs: dict) -> Any:
         with torch.no_grad():
-            return self.run(*flat_graph_inputs(self.module, args, kwargs))
+            try:
+                return self.run(*flat_graph_inputs(self.module, args, kwargs))
+            except SparsifyError as error:
+                # torch.fx.Interpreter appends its node dump ("While executing ..., Original traceback ...,
+                # tlparse") to every error's message; ours already says what went wrong and where.
+                message = str(error.args[0]) if error.args else ""
+                raise type(error)(message.split("\n\nWhile executing ", 1)[0]) from None
 
 
 def observe(graph_module: torch.fx.GraphModule, batches: Sequence[tuple[tuple, dict]], observer: SiteObserver,

@@ -15,14 +15,16 @@ from typing import ClassVar
 import torch
 
 from sparsify.errors import PatternError
+from sparsify.limits import MAX_GRID_BLOCKS
 from sparsify.patterns import BlockGrid, Pattern, register_pattern
 
 __all__ = ["AdaptivePattern", "EstimatedVerticalSlash", "PooledCoverage", "estimated_vertical_slash",
            "pooled_coverage", "SCORINGS"]
 
 SCORINGS = ("mean", "antidiagonal")
-#: Upper bounds of the integer parameters (checked when a strategy is loaded).
-MAX_BLOCKS_PARAMETER = 1 << 20
+#: Block counts (sinks, minimum kept blocks) are bounded like every grid in a strategy (`sparsify.limits`).
+MAX_BLOCKS_PARAMETER = MAX_GRID_BLOCKS
+#: Antidiagonal strides: at most a block of the smallest size.
 MAX_STRIDE = 64
 
 
@@ -33,9 +35,10 @@ def _check_fraction(owner: str, field: str, value, *, allow_zero: bool = False) 
         raise PatternError(f"{owner}: {field} must be a fraction in {bound}, got {value!r}")
 
 
-def _check_count(owner: str, field: str, value, *, low: int = 0, high: int = MAX_BLOCKS_PARAMETER) -> None:
+def _check_count(owner: str, field: str, value, *, low: int = 0, high: int = MAX_BLOCKS_PARAMETER,
+                 bound: str = "MAX_GRID_BLOCKS in sparsify.limits") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise PatternError(f"{owner}: {field} must be an int in [{low}, {high}], got {value!r}")
+        raise PatternError(f"{owner}: {field} must be an int in [{low}, {high}] ({bound}), got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

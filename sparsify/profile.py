@@ -142,6 +142,34 @@ def probability_chunks(
         yield ProbabilityChunk(row_start, row_end, pooled, block_values, output, sink_mass)
 
 
+# An additive mask entry at or below this hides its key (HF uses the dtype's minimum, older code -10000).
+HIDDEN_BELOW = -1e4
+
+
+def padded_query_rows(attn_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int) -> torch.Tensor | None:
+    """Query rows that are padding, read off a self-attention mask: bool ``[batch, q_len]``, or ``None``.
+
+    A key position hidden from every query row and every head of a batch element is padding
+    (a key-padding mask; with a causal mask the same holds, since row ``i`` sees key ``i`` unless
+    ``i`` is padding). At self-attention (``q_len == k_len``) the query row at that position is
+    padding too: its output is meaningless and downstream code ignores it, so its error must not
+    count. ``None`` when there is no mask, the site is not self-attention, or nothing is padded.
+
+    Example:
+        >>> mask = torch.tensor([True, True, False]).view(1, 1, 1, 3)   # last token is padding
+        >>> padded_query_rows(mask, 1, 3, 3).tolist()
+        [[False, False, True]]
+    """
+    if attn_mask is None or q_len != k_len or attn_mask.shape[-1] != k_len:
+        return None
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)) if attn_mask.dim() < 4 else attn_mask
+    hidden = ~mask if mask.dtype == torch.bool else mask <= HIDDEN_BELOW
+    padded = hidden.all(dim=-2).all(dim=1)  # [batch or 1, k_len]
+    if not bool(padded.any()):
+        return None
+    return padded.expand(batch, k_len).cpu()
+
+
 def pool_query_blocks(pooled: torch.Tensor, row_start: int, block_size: int) -> torch.Tensor:
     """Sum ``[B, H, rows, key_blocks]`` over batch and the rows of each query block → ``[H, q_blocks_in_chunk, key_blocks]``."""
     batch, heads, rows, k_blocks = pooled.shape
@@ -219,6 +247,8 @@ class CandidateErrors:
     work_sum: list[torch.Tensor] = dataclasses.field(default_factory=list)
     work_square_sum: list[torch.Tensor] = dataclasses.field(default_factory=list)
     work_count: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
+    # Per `add` call (one per batch): the padded query rows left out of the sums (`padded_query_rows`).
+    padded_rows: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
 
     @classmethod
     def empty(cls, candidates_per_head: list[int]) -> "CandidateErrors":
@@ -259,11 +289,22 @@ class CandidateErrors:
         ``batch_masks[h]`` (bool ``[more, batch, q_blocks, k_blocks]``) are further candidates whose
         mask differs per batch element (input-adaptive ones, estimated on this batch); they are
         scored after the ``head_masks`` candidates, with the same identity per batch element.
+        Query rows that are padding (`padded_query_rows`) count neither in the errors nor in the
+        norms and masses.
         """
         offsets = None
         if rows_per_block is not None and rows_per_block < block_size:
             offsets = torch.randperm(block_size, generator=generator)[:rows_per_block].sort().values
         sampled = block_size if offsets is None else offsets.numel()
+        padded_rows = padded_query_rows(attn_mask, q.shape[0], q.shape[2], k.shape[2])
+        self.padded_rows.append(padded_rows)
+        row_weight = None
+        if padded_rows is not None:
+            positions = torch.arange(q.shape[2])
+            if offsets is not None:
+                positions = (torch.arange(blocks_for(q.shape[2], block_size)).unsqueeze(1) * block_size + offsets).flatten()
+                positions = positions[positions < q.shape[2]]
+            row_weight = (~padded_rows[:, positions]).to(q.device)  # [batch, scored rows]
         outputs = []
         for chunk in probability_chunks(q, k, v, attn_mask, is_causal, scale, block_size, with_block_values=True,
                                         row_offsets=offsets, softcap=softcap, sinks=sinks):
@@ -283,6 +324,10 @@ class CandidateErrors:
             sink_mass = None
             if chunk.sink_mass is not None:
                 sink_mass = torch.nn.functional.pad(chunk.sink_mass, (0, pad)).view(batch, -1, query_blocks, sampled)
+            weight = None
+            if row_weight is not None:  # [nq, 1, bs*B], laid out like the rows below
+                rows_weight = torch.nn.functional.pad(row_weight[:, chunk.row_start:chunk.row_end], (0, pad))
+                weight = rows_weight.view(batch, query_blocks, sampled).permute(1, 2, 0).reshape(query_blocks, 1, -1)
             for head, masks in enumerate(head_masks):
                 candidates = masks.shape[0]
                 block_masks = masks[:, first_block:first_block + query_blocks].to(values.dtype).transpose(0, 1)  # [nq, C, kb]
@@ -299,6 +344,11 @@ class CandidateErrors:
                 if skip_candidates is not None and bool(skip_candidates[head].any()):
                     output[:, skip_candidates[head]] = 0
                 reference = dense[:, head].permute(1, 2, 0, 3).reshape(query_blocks, 1, sampled * batch, value_dim)
+                if weight is not None:
+                    keep = weight.to(output.dtype)
+                    output, reference = output * keep.unsqueeze(-1), reference * keep.unsqueeze(-1)
+                    denominator = denominator * keep
+                    head_pooled = head_pooled * keep
                 error = (output - reference).pow(2).sum((0, 2, 3))
                 self.squared_error[head][:candidates] += error.to(torch.float64).cpu()
                 self.kept_mass[head][:candidates] += kept.sum((0, 2)).to(torch.float64).cpu()
@@ -308,7 +358,13 @@ class CandidateErrors:
                     kept = torch.einsum("cbqk,bqsk->cbqs", per_batch, pooled[:, head])     # [C', B, nq, bs]
                     denominator = kept if sink_mass is None else kept + sink_mass[:, head]
                     output = numerator / denominator.unsqueeze(-1).clamp_min(1e-30)
-                    error = (output - dense[:, head]).pow(2).sum((1, 2, 3, 4))
+                    difference = output - dense[:, head]
+                    if row_weight is not None:           # padded query rows do not count (as above)
+                        batch_weight = torch.nn.functional.pad(row_weight[:, chunk.row_start:chunk.row_end], (0, pad))
+                        batch_weight = batch_weight.view(batch, query_blocks, sampled).to(difference.dtype)
+                        difference = difference * batch_weight.unsqueeze(-1)
+                        kept = kept * batch_weight
+                    error = difference.pow(2).sum((1, 2, 3, 4))
                     self.squared_error[head][candidates:] += error.to(torch.float64).cpu()
                     self.kept_mass[head][candidates:] += kept.sum((1, 2, 3)).to(torch.float64).cpu()
                 self.output_norm[head] += float(reference.pow(2).sum())

@@ -80,8 +80,8 @@ def test_compiled_adaptive_site_computes_attention_under_its_estimated_masks():
     strategy = strategy.with_heads(site.name, head_patterns)
     compiled = sparsify.compile(model, strategy=strategy, example_inputs=(x,))
     layer = next(m for m in compiled.modules() if isinstance(m, SparseAttention))
-    q = model.proj(x).view(1, 4096, 2, 16).transpose(1, 2)
     with torch.no_grad():
+        q = model.proj(x).view(1, 4096, 2, 16).transpose(1, 2)
         out = layer(q, q, q, None, True, None)
     adaptive_q = q.index_select(1, layer.adaptive_heads)
     mask = layer.adaptive_source.mask(adaptive_q, q)

@@ -36,6 +36,11 @@ class StepCounter:
     wraps the count so each generation starts at step 0 again. `SparsifiedModule.reset_steps`
     resets it by hand.
 
+    Under ``torch.compile`` the count stays out of the graph: sites register their
+    ``dense_steps`` (`register`) and read ``dense_phase`` (``dense_steps -> step < dense_steps``),
+    so a compiled model guards on one bool per site instead of on the step (which would recompile
+    it every call); with no site registered nothing is counted inside a compiled graph.
+
     Example:
         >>> counter = StepCounter(steps_per_generation=3)
         >>> [counter.advance() for _ in range(4)]
@@ -46,18 +51,44 @@ class StepCounter:
         if steps_per_generation is not None and steps_per_generation <= 0:
             raise ValueError(f"steps_per_generation must be positive, got {steps_per_generation}")
         self.steps_per_generation = steps_per_generation
-        self.step = 0
+        self.dense_phase: dict[int, bool] = {}
+        self._step = 0
+
+    @property
+    def step(self) -> int:
+        """The current step (0 is the first call of a generation)."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = value
+        for dense_steps in self.dense_phase:
+            self.dense_phase[dense_steps] = value < dense_steps
+
+    def register(self, dense_steps: int) -> None:
+        """A site keeps its first ``dense_steps`` steps dense: keep ``dense_phase[dense_steps]`` up to date."""
+        if dense_steps:
+            self.dense_phase[dense_steps] = self._step < dense_steps
 
     def advance(self) -> int:
         """Return the current step and move to the next one."""
+        if torch.compiler.is_compiling():
+            return _advance_outside_graph(self) if self.dense_phase else self._step
         current = self.step
-        self.step += 1
-        if self.steps_per_generation is not None and self.step >= self.steps_per_generation:
-            self.step = 0
+        following = current + 1
+        if self.steps_per_generation is not None and following >= self.steps_per_generation:
+            following = 0
+        self.step = following
         return current
 
     def reset(self) -> None:
         self.step = 0
+
+
+@torch.compiler.disable
+def _advance_outside_graph(counter: StepCounter) -> int:
+    """`StepCounter.advance` for a compiled model whose sites keep dense steps: runs eagerly (one graph break)."""
+    return counter.advance()
 
 
 def is_dense_pattern(pattern: "Pattern") -> bool:
@@ -98,6 +129,8 @@ class SparseAttention(torch.nn.Module):
         self.backend = backend
         self.dense_steps = dense_steps
         self.step_counter = step_counter
+        if dense_steps and step_counter is not None and hasattr(step_counter, "register"):
+            step_counter.register(dense_steps)
         self.cost_model = cost_model
         dense = [h for h, p in enumerate(head_patterns) if is_dense_pattern(p)]
         skipped = [h for h, p in enumerate(head_patterns) if getattr(p, "is_skip", False)]
@@ -317,6 +350,11 @@ class SparseAttention(torch.nn.Module):
         prefill chunks against a cache: ``k_len - q_len``); causal masking, of dense heads too,
         follows it. The result has the layout of ``q``.
         """
+        if torch.compiler.is_compiling():  # torch.compile: the traceable path, kernel as a custom op
+            from sparsify.runtime.compiled import compiled_attend
+
+            return compiled_attend(self, q, k, v, attn_mask, scale, is_causal=is_causal, q_offset=q_offset,
+                                   softcap=softcap, sinks=sinks)
         site = self.site
         dense_only = (self.sparse_heads.numel() == 0 and self.skipped_heads.numel() == 0
                       and self.adaptive_heads.numel() == 0)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import model_zoo
 from helpers import call, max_relative_error
 from sparsify import CaptureError, NoAttentionFoundError, Strategy, compile, find_attention
+import sparsify.api as sparsify_api
 from sparsify.api import capture_attention
 from sparsify.capture import FRAMEWORK_DOOR, FoundSites, capture
 from sparsify.passes.infra import attention_nodes
@@ -298,26 +299,32 @@ def test_numpy_in_a_small_module_gives_one_line():
 # -- reuse between find_attention and compile ---------------------------------------------------
 
 class CountsTraces(nn.Module):
-    """Counts how often its Python forward runs (each capture traces it; the captured graph does not)."""
+    """A causal attention block (the model the reuse tests capture)."""
 
     def __init__(self):
         super().__init__()
         self.block = model_zoo.ManualAttentionBlock(64, 4, causal=True)
-        self.traces = 0
 
     def forward(self, x):
-        self.traces += 1
         return self.block(x)
 
 
-def test_compile_reuses_the_graph_find_attention_captured():
+def test_compile_reuses_the_graph_find_attention_captured(monkeypatch):
     model, x = CountsTraces().eval(), torch.randn(2, 40, 64)
     sites = find_attention(model, (x,))
     assert isinstance(sites, FoundSites) and isinstance(sites, list)
-    traces = model.traces
+    captures = []
+
+    def counting_capture(*args, **kwargs):
+        captures.append(args)
+        return capture(*args, **kwargs)
+
+    monkeypatch.setattr(sparsify_api, "capture", counting_capture)
     compiled = compile(model, strategy=Strategy.dense(sites), example_inputs=sites)
     again = compile(model, strategy=Strategy.dense(sites), example_inputs=sites)
-    assert model.traces == traces  # no second capture
+    assert captures == []  # no second capture
+    compile(model, strategy=Strategy.dense(sites), example_inputs=(x,))
+    assert len(captures) == 1  # the counter does see a capture
     assert compiled.graph_module is not again.graph_module
     assert "sparsify.attention" in sites.captured.graph_module.code  # the found graph is left as it was
     with torch.no_grad():
