@@ -159,6 +159,7 @@ class SparseAttention(torch.nn.Module):
         self._masks: collections.OrderedDict[tuple, RuntimeBlockMask] = collections.OrderedDict()
         self._plans: collections.OrderedDict[tuple, tuple["Backend", "BackendPlan"]] = collections.OrderedDict()
         self._backends: dict[tuple, "Backend"] = {}
+        self._make_trace_time_calls()
         if sparse:  # patterns are checked here, at build time, not at the first call
             self.runtime_mask(site.q_len, site.k_len, torch.device("cpu"))
 
@@ -176,7 +177,20 @@ class SparseAttention(torch.nn.Module):
         state["_masks"] = collections.OrderedDict()
         state["_plans"] = collections.OrderedDict()
         state["_backends"] = {}
+        for name in ("_trace_time_ensure_mask", "_trace_time_backend_name"):  # bound to this instance: made anew
+            state.pop(name, None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._make_trace_time_calls()
+
+    def _make_trace_time_calls(self) -> None:
+        """The functions `compiled_attend` calls while dynamo traces (see `TraceTimeCalls`), bound to this site."""
+        from sparsify.runtime.compiled import TraceTimeCalls
+
+        calls = TraceTimeCalls(self)
+        self._trace_time_ensure_mask, self._trace_time_backend_name = calls.ensure_mask, calls.backend_name
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(): cached device state is stale
         self._plans.clear()
@@ -367,6 +381,9 @@ class SparseAttention(torch.nn.Module):
                 f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
         if is_causal and not site.causal:
             raise UnsupportedError(f"site {site.name!r} was compiled as non-causal but is called with is_causal=True")
+        if self.sparse_heads.device != q.device:
+            raise UnsupportedError(f"site {site.name!r} is on {self.sparse_heads.device} but was called with tensors on "
+                                   f"{q.device}: move the compiled module there first (`.to({str(q.device)!r})`)")
         if attn_mask is not None and attn_mask.dim() < 4:
             attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
         output = q.new_empty((*q.shape[:-1], v.shape[-1]))
