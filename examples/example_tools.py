@@ -34,13 +34,19 @@ def compile_options(adaptive: bool | None, compile_function: Callable[..., Any] 
         ({'adaptive': True}, 'adaptive')
     """
     parameters = inspect.signature(compile_function).parameters
-    if "adaptive" not in parameters:
+    options_class = getattr(sparsify, "CompileOptions", None)
+    fields = {field.name: field.default for field in dataclasses.fields(options_class)} if options_class else {}
+    if "adaptive" in parameters:
+        default = parameters["adaptive"].default
+    elif "adaptive" in fields and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        default = fields["adaptive"]  # compile(model, calib, **options): the options object's default
+    else:
         if adaptive:
             raise SystemExit(f"sparsify {sparsify.__version__} ({os.path.dirname(sparsify.__file__)}) has no "
                              "input-adaptive candidates (sparsify.compile takes no adaptive=); run with --no-adaptive")
         return {}, "static (no adaptive option in this sparsify)"
     if adaptive is None:
-        return {}, "adaptive" if parameters["adaptive"].default else "static"
+        return {}, "adaptive" if default else "static"
     return {"adaptive": adaptive}, "adaptive" if adaptive else "static"
 
 

