@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import difflib
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -15,6 +16,7 @@ from sparsify.errors import PatternError
 
 __all__ = [
     "BlockGrid",
+    "TracedBlockGrid",
     "Pattern",
     "DistancePattern",
     "Dense",
@@ -167,6 +169,82 @@ class BlockGrid:
         return (self.key_first + self.block_size - 1).clamp(max=self.k_len - 1)
 
 
+#: Default `TracedBlockGrid.max_len`: lengths an any-length export serves unless told otherwise.
+DEFAULT_MAX_TRACED_LEN = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedBlockGrid:
+    """A `BlockGrid` whose lengths are known only when the graph runs: what `Pattern.traced_block_mask` reads.
+
+    ``q_len`` and ``k_len`` are ints or the symbolic sizes of a traced graph (``torch.SymInt``
+    under ``torch.export``, so an exported ONNX graph computes everything below from the input
+    shapes). The coordinates are the int64 tensors of `BlockGrid`, built from ops that export to
+    ONNX ``Range``, ``Clip`` and comparisons; block counts are ``(n + b - 1) // b`` because the
+    exporter lowers floor division of sizes to ONNX's truncating ``Div``, which is exact for
+    non-negative operands only. ``max_len`` is the declared maximum of both lengths, for the
+    lowerings whose loops run over distance scales (`radial`, `power_of_two`).
+
+    Example:
+        >>> grid = TracedBlockGrid(100, 192, block_size=64, max_len=4096)
+        >>> grid.q_blocks, grid.query_last.flatten().tolist(), int(grid.key_length())
+        (2, [63, 99], 192)
+    """
+
+    q_len: Any
+    k_len: Any
+    block_size: int = 64
+    causal: bool = False
+    max_len: int = DEFAULT_MAX_TRACED_LEN
+
+    def __post_init__(self) -> None:
+        _check_positive_int("traced block grid", "block_size", self.block_size)
+        _check_positive_int("traced block grid", "max_len", self.max_len)
+        if not isinstance(self.causal, bool):
+            raise PatternError(f"traced block grid: causal must be a bool, got {self.causal!r}")
+        for field in ("q_len", "k_len"):
+            length = getattr(self, field)
+            if isinstance(length, torch.SymInt):
+                continue
+            _check_positive_int("traced block grid", field, length)
+            if length > self.max_len:
+                raise PatternError(f"traced block grid: {field}={length} exceeds max_len={self.max_len}")
+
+    @property
+    def q_blocks(self) -> Any:
+        """Query blocks (an int, or a symbolic size while tracing)."""
+        return (self.q_len + self.block_size - 1) // self.block_size
+
+    @property
+    def k_blocks(self) -> Any:
+        """Key blocks (an int, or a symbolic size while tracing)."""
+        return (self.k_len + self.block_size - 1) // self.block_size
+
+    @property
+    def query_first(self) -> torch.Tensor:
+        """First token of each query block, ``int64 [q_blocks, 1]``."""
+        return (torch.arange(self.q_blocks) * self.block_size).unsqueeze(1)
+
+    @property
+    def query_last(self) -> torch.Tensor:
+        """Last token of each query block, ``int64 [q_blocks, 1]``."""
+        return (self.query_first + self.block_size - 1).clamp(max=self.q_len - 1)
+
+    @property
+    def key_first(self) -> torch.Tensor:
+        """First token of each key block, ``int64 [1, k_blocks]``."""
+        return (torch.arange(self.k_blocks) * self.block_size).unsqueeze(0)
+
+    @property
+    def key_last(self) -> torch.Tensor:
+        """Last token of each key block, ``int64 [1, k_blocks]``."""
+        return (self.key_first + self.block_size - 1).clamp(max=self.k_len - 1)
+
+    def key_length(self) -> torch.Tensor:
+        """``k_len`` as a 0-dim int64 tensor (for arithmetic the exporter should keep in the graph)."""
+        return torch.full((), self.k_len, dtype=torch.int64)
+
+
 @dataclasses.dataclass(frozen=True)
 class Pattern(abc.ABC):
     """Base of every sparsity pattern: a frozen, JSON round-trippable recipe for a block mask.
@@ -270,6 +348,61 @@ class Pattern(abc.ABC):
             return 0.0
         total = int(causal_block_mask(q_blocks, k_blocks).sum()) if causal else q_blocks * k_blocks
         return int(kept.sum()) / total
+
+    # --- lowering: the block mask as tensor ops of a length known only when the graph runs ---------
+
+    def traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        """`block_mask` for a `TracedBlockGrid`: kept blocks ``bool [q_blocks, k_blocks]`` as tensor ops of the lengths.
+
+        What an any-length ONNX export puts in the graph (``sparsify.export_onnx``): the same
+        blocks as `block_mask` at every length — causal triangle and row fallback included —
+        computed from the run-time sequence length. Families declare `_traced_block_mask`;
+        patterns that cannot (see `fixed_length_reason`) raise `PatternError`.
+
+        Example:
+            >>> grid = TracedBlockGrid(192, 192, block_size=64, causal=True)
+            >>> torch.equal(sliding_window(64).traced_block_mask(grid),
+            ...             sliding_window(64).block_mask(3, 3, block_size=64, causal=True))
+            True
+        """
+        reason = self.fixed_length_reason()
+        if reason is not None:
+            raise PatternError(f"pattern {self} has no any-length lowering: {reason}")
+        mask = self._traced_block_mask(grid)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise PatternError(f"pattern {self}: _traced_block_mask must return bool [q_blocks, k_blocks], got {got}")
+        query = torch.arange(grid.q_blocks).unsqueeze(1)
+        key = torch.arange(grid.k_blocks).unsqueeze(0)
+        if grid.causal:
+            mask = mask & (key <= query)
+        # As `block_mask`: a row left empty keeps key block min(i, k_blocks - 1).
+        empty = ~mask.any(dim=1, keepdim=True)
+        return mask | (empty & (key == query.clamp(max=grid.k_blocks - 1)))
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        """Kept blocks before the causal triangle and row fallback, as tensor ops of ``grid``'s coordinates.
+
+        The contract of `_block_mask`, for lengths that may be symbolic: no Python branch or loop
+        on the lengths, no ``int()``/``.item()``/``.tolist()`` of a tensor. Families whose
+        `_block_mask` is such an expression already return it; loops over distance scales run
+        to ``grid.max_len``. The base class has none (`fixed_length_reason` says so).
+        """
+        raise PatternError(f"pattern {self}: {self.fixed_length_reason()}")
+
+    def fixed_length_reason(self) -> str | None:
+        """Why an exported graph must fix this pattern's sequence length; ``None`` when it serves any length.
+
+        ``None`` exactly when the family declares `_traced_block_mask`.
+
+        Example:
+            >>> sliding_window(512).fixed_length_reason() is None
+            True
+        """
+        if type(self)._traced_block_mask is Pattern._traced_block_mask:
+            return (f"{type(self).__qualname__} declares no _traced_block_mask (its kept blocks as tensor ops of "
+                    f"the run-time length)")
+        return None
 
     # --- JSON -----------------------------------------------------------------------------------
 
@@ -388,19 +521,22 @@ def _distance_bounds(grid: BlockGrid) -> tuple[torch.Tensor, torch.Tensor]:
     return (lo.clamp(min=0) if grid.causal else lo), hi
 
 
-def _key_ranges_block_mask(grid: BlockGrid, starts: list[int], ends: list[int]) -> torch.Tensor:
+def _key_ranges_block_mask(
+    grid: BlockGrid | TracedBlockGrid, starts: list[int] | torch.Tensor, ends: list[int] | torch.Tensor
+) -> torch.Tensor:
     """Blocks holding a kept pair when every query keeps the keys ``[starts[n], ends[n]]``.
 
-    At causal sites a key block counts only up to the query block's last token.
+    At causal sites a key block counts only up to the query block's last token. ``starts`` and
+    ``ends`` are lists of ints or int64 tensors ``[n]``.
     """
-    if not starts:
+    if len(starts) == 0:
         return torch.zeros(grid.q_blocks, grid.k_blocks, dtype=torch.bool)
     first = grid.key_first.expand(grid.q_blocks, grid.k_blocks)
     last = grid.key_last.expand(grid.q_blocks, grid.k_blocks)
     if grid.causal:
         last = torch.minimum(last, grid.query_last)
-    lo = torch.maximum(first.unsqueeze(-1), torch.tensor(starts))
-    hi = torch.minimum(last.unsqueeze(-1), torch.tensor(ends))
+    lo = torch.maximum(first.unsqueeze(-1), torch.as_tensor(starts))
+    hi = torch.minimum(last.unsqueeze(-1), torch.as_tensor(ends))
     return (lo <= hi).any(dim=-1)
 
 
@@ -410,6 +546,19 @@ def _stripe_ranges(
     """Key ranges ``[floor(p * k_len), floor(p * k_len) + width - 1]`` of relative positions."""
     starts = [math.floor(position * k_len) for position in positions]
     return starts, [start + width - 1 for start in starts]
+
+
+def _traced_stripe_ranges(
+    positions: tuple[float, ...], width: int, grid: TracedBlockGrid
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_stripe_ranges` as int64 tensors of the traced key length.
+
+    The product is taken in float64, as Python's ``position * k_len`` is, so both floor alike.
+    """
+    starts = torch.floor(
+        torch.tensor(positions, dtype=torch.float64) * grid.key_length().to(torch.float64)
+    ).to(torch.int64)
+    return starts, starts + (width - 1)
 
 
 # --- the pattern families ---------------------------------------------------------------------
@@ -427,6 +576,9 @@ class Dense(Pattern):
 
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         return torch.ones(grid.q_blocks, grid.k_blocks, dtype=torch.bool)
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return self._block_mask(grid)  # already tensor ops of the grid's coordinates
 
 
 @register_pattern("sliding_window")
@@ -455,6 +607,9 @@ class SlidingWindow(Pattern):
             grid.query_last - grid.key_first >= lowest_allowed
         )
 
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return self._block_mask(grid)  # already tensor ops of the grid's coordinates
+
 
 @register_pattern("attention_sinks")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -473,6 +628,9 @@ class AttentionSinks(Pattern):
 
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         return (grid.key_first < self.num_tokens).expand(grid.q_blocks, grid.k_blocks)
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return self._block_mask(grid)  # already tensor ops of the grid's coordinates
 
 
 @register_pattern("skip")
@@ -500,6 +658,9 @@ class Skip(Pattern):
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         return torch.zeros(grid.q_blocks, grid.k_blocks, dtype=torch.bool)
 
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return self._block_mask(grid)  # already tensor ops of the grid's coordinates
+
 
 @register_pattern("last_tokens")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -521,6 +682,10 @@ class LastTokens(Pattern):
 
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         return _key_ranges_block_mask(grid, [grid.k_len - self.num_tokens], [grid.k_len - 1])
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        end = grid.key_length().reshape(1)
+        return _key_ranges_block_mask(grid, end - self.num_tokens, end - 1)
 
 
 @register_pattern("a_shape")
@@ -549,6 +714,9 @@ class AShape(Pattern):
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         sinks = AttentionSinks(self.sink_tokens)._block_mask(grid)
         return sinks | SlidingWindow(self.window)._block_mask(grid)
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return self._block_mask(grid)  # already tensor ops of the grid's coordinates
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -631,6 +799,9 @@ class MultiDiagonal(DistancePattern):
             first, last = first.clamp(min=-self.count), last.clamp(max=self.count)
         return first <= last
 
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return self._block_mask(grid)  # already tensor ops of the grid's coordinates
+
 
 @register_pattern("strided")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -662,6 +833,9 @@ class Strided(DistancePattern):
         lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
         first = -_floor_div(self.width - 1 - lo, self.stride)  # ceil((lo - width + 1) / stride)
         return first <= _floor_div(hi, self.stride)
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return self._block_mask(grid)  # already tensor ops of the grid's coordinates
 
 
 @register_pattern("radial")
@@ -695,10 +869,20 @@ class Radial(DistancePattern):
     def keeps_distance_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return _symmetric_range(self._keeps_abs_range, lo, hi)
 
-    def _keeps_abs_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        # Octaves past the farthest distance keep nothing, so looping up to the declared maximum
+        # length gives the blocks of looping up to the actual one.
+        lo, hi = _distance_bounds(grid)
+        keeps = functools.partial(self._keeps_abs_range, farthest=grid.max_len)
+        return (lo <= hi) & _symmetric_range(keeps, lo, hi)
+
+    def _keeps_abs_range(
+        self, lo: torch.Tensor, hi: torch.Tensor, farthest: int | None = None
+    ) -> torch.Tensor:
         decay = self.decay_tokens
         keep = lo <= max(self.window, 2 * decay - 1)
-        farthest = int(hi.max()) if hi.numel() else 0
+        if farthest is None:
+            farthest = int(hi.max()) if hi.numel() else 0
         exponent = 1
         # Octave e covers a in [decay * 2**e, decay * 2**(e + 1)) and keeps multiples of 2**e.
         while decay << exponent <= farthest:
@@ -739,6 +923,16 @@ class PowerOfTwo(DistancePattern):
     def keeps_distance_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
         farthest = max(int(lo.abs().max()), int(hi.abs().max())) if lo.numel() else 0
+        return self._keeps_lines(lo, hi, farthest)
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        # Lines past the farthest distance meet no block pair: looping up to the declared
+        # maximum length gives the blocks of looping up to the actual one.
+        lo, hi = _distance_bounds(grid)
+        return (lo <= hi) & self._keeps_lines(lo, hi, grid.max_len)
+
+    def _keeps_lines(self, lo: torch.Tensor, hi: torch.Tensor, farthest: int) -> torch.Tensor:
+        """Some line ``|d - s| <= width`` meets ``[lo, hi]``, for lines out to distance ``farthest``."""
         top = (farthest + self.width).bit_length()  # 2**top - width > farthest
         if self.max_exponent is not None:
             top = min(top, self.max_exponent)
@@ -776,6 +970,9 @@ class VerticalStripes(Pattern):
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         return _key_ranges_block_mask(grid, *_stripe_ranges(self.positions, self.width, grid.k_len))
 
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return _key_ranges_block_mask(grid, *_traced_stripe_ranges(self.positions, self.width, grid))
+
 
 @register_pattern("vertical_slash")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -810,7 +1007,15 @@ class VerticalSlash(Pattern):
         _check_positive_int("vertical_slash", "width", self.width)
 
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
-        mask = _key_ranges_block_mask(grid, *_stripe_ranges(self.vertical, self.width, grid.k_len))
+        vertical = _key_ranges_block_mask(grid, *_stripe_ranges(self.vertical, self.width, grid.k_len))
+        return self._with_slashes(grid, vertical)
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        vertical = _key_ranges_block_mask(grid, *_traced_stripe_ranges(self.vertical, self.width, grid))
+        return self._with_slashes(grid, vertical)
+
+    def _with_slashes(self, grid: BlockGrid | TracedBlockGrid, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` (the vertical lines' blocks) with the slash lines' blocks added."""
         if self.slash:
             lo, hi = _distance_bounds(grid)
             offsets = torch.tensor(self.slash)
@@ -967,6 +1172,13 @@ class BlockTopK(Pattern):
             return _any_in_rectangles(source, row_lo, row_hi, col_lo, col_hi)
         return self._diagonal_block_mask(source, row_lo, row_hi, grid.k_blocks)
 
+    def fixed_length_reason(self) -> str | None:
+        return (
+            f"block_top_k keeps a table of key blocks profiled at a {self.source_q_blocks}x"
+            f"{self.source_k_blocks}-block grid; its blocks at another length are that table "
+            "resampled, not a function of the block grid, so an export builds them per declared length"
+        )
+
     def _diagonal_block_mask(
         self, source: torch.Tensor, row_lo: torch.Tensor, row_hi: torch.Tensor, k_blocks: int
     ) -> torch.Tensor:
@@ -1069,6 +1281,13 @@ class _Composite(Pattern):
     def _params(self) -> dict[str, Any]:
         return {"parts": [part.to_dict() for part in self.parts]}
 
+    def fixed_length_reason(self) -> str | None:
+        for part in self.parts:
+            reason = part.fixed_length_reason()
+            if reason is not None:
+                return f"its part {part}: {reason}"
+        return None
+
     @classmethod
     def _from_params(cls, params: Mapping[str, Any], location: str) -> Pattern:
         parts = params["parts"]
@@ -1104,6 +1323,12 @@ class Union(_Composite):
             mask = mask | part._block_mask(grid)
         return mask
 
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        mask = self.parts[0]._traced_block_mask(grid)
+        for part in self.parts[1:]:
+            mask = mask | part._traced_block_mask(grid)
+        return mask
+
 
 @register_pattern("intersection")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -1121,6 +1346,12 @@ class Intersection(_Composite):
         mask = self.parts[0]._block_mask(grid)
         for part in self.parts[1:]:
             mask = mask & part._block_mask(grid)
+        return mask
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        mask = self.parts[0]._traced_block_mask(grid)
+        for part in self.parts[1:]:
+            mask = mask & part._traced_block_mask(grid)
         return mask
 
 
