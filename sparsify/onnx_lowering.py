@@ -121,7 +121,7 @@ def dense_attention_lowering(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = _default_scale(q)
     scores = torch.matmul(q * scale, k.transpose(-2, -1))
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -282,11 +282,23 @@ class TracedBlockTables(torch.nn.Module):
         key = torch.arange(k_blocks).unsqueeze(0)
         off = kept & (key != query) if self.causal else kept
         counts = off.sum(-1)
-        width = counts.max().clamp(min=1).item()     # the widest row of this call (data-dependent)
-        torch._check(width >= 1)
-        torch._check(width <= k_blocks)
+        width = self.width(q_len, k_len)
         blocks, valid = _slot_tables(kept, self.causal, width, counts)
-        return blocks.reshape(-1, blocks.shape[-1]), valid.reshape(-1, valid.shape[-1])
+        rows, slots = kept.shape[0] * q_blocks, blocks.shape[-1]
+        return blocks.reshape(rows, slots), valid.reshape(rows, slots)
+
+    def width(self, q_len: Any, k_len: Any) -> Any:
+        """Slots for the kept blocks of one row besides the diagonal: the patterns' `Pattern.traced_row_bound`.
+
+        A bound from the patterns' parameters and the lengths, not the widest row of the data:
+        a data-dependent slot count would make every later shape data-dependent, which the
+        exporter cannot cut into Scan chunks.
+        """
+        grid = TracedBlockGrid(q_len, k_len, self.block_size, self.causal, self.max_len)
+        width = self.patterns[0].traced_row_bound(grid)
+        for pattern in self.patterns[1:]:
+            width = torch.sym_max(width, pattern.traced_row_bound(grid))
+        return width
 
 
 def _mask_slots(mask, q_len: int, k_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -415,8 +427,15 @@ class BlockGatherAttention(torch.nn.Module):
             patterns = [module.head_patterns[int(h)] for h in sparse]
             self.traced = TracedBlockTables(patterns, block_size=self.block, causal=self.causal,
                                             max_len=request.max_len)
+            width = self.traced(request.q_len, request.k_len)[0].shape[1]
         elif request.tables == "listed":
             self._init_listed(module, request.listed)
+            width = self.listed_blocks.shape[-1]
+        if request.tables != "fixed":
+            # Rows per Scan chunk: about CHUNK_BYTES of scores at the example's width (a
+            # constant, so the chunk count is a size of the graph and not of the tables' data).
+            itemsize = torch.empty((), dtype=request.dtype).element_size()
+            self.chunk_rows = max(1, CHUNK_BYTES // (width * self.block * self.block * itemsize))
         else:
             self._init_fixed(module.runtime_mask(request.q_len, request.k_len, torch.device("cpu")))
 
@@ -526,7 +545,8 @@ class BlockGatherAttention(torch.nn.Module):
         q_blocks = (q_len + self.block - 1) // self.block
         blocks = self.listed_blocks.index_select(0, index.reshape(1))[0, :, :q_blocks]
         valid = self.listed_valid.index_select(0, index.reshape(1))[0, :, :q_blocks]
-        return blocks.reshape(-1, blocks.shape[-1]), valid.reshape(-1, valid.shape[-1])
+        rows, slots = blocks.shape[0] * q_blocks, blocks.shape[-1]
+        return blocks.reshape(rows, slots), valid.reshape(rows, slots)
 
     # --- forward -------------------------------------------------------------------------------
 
@@ -576,7 +596,9 @@ class BlockGatherAttention(torch.nn.Module):
         q_blocks, k_blocks = (q_len + bs - 1) // bs, (k_len + bs - 1) // bs
         head_dim, value_dim = q.shape[-1], v.shape[-1]
         if scale is None:
-            scale = 1.0 / math.sqrt(head_dim)
+            scale = _default_scale(q)
+        if self.tables != "fixed":
+            return self._sparse_computed(q, k, v, attn_mask, scale, softcap, sinks)
         groups = self._row_groups(q_len, k_len)
         qs = q if self.all_sparse else q.index_select(1, self.sparse_heads)
         qs = _pad_to_blocks(qs, q_len, q_blocks * bs).reshape(-1, heads * q_blocks, bs, head_dim)
@@ -595,38 +617,92 @@ class BlockGatherAttention(torch.nn.Module):
         return out
 
     def _attend(self, group: _RowGroup, qs, kb, vb, mask, k_len, k_blocks, scale, softcap, sinks) -> torch.Tensor:
-        """Attention of one row group: ``[B, rows, block, Dv]``."""
-        bs, rows, width = self.block, group.count, group.width
-        head_dim, value_dim = qs.shape[-1], vb.shape[-1]
-        kv = (self.sparse_kv_heads.index_select(0, group.heads).unsqueeze(-1) * k_blocks + group.blocks).reshape(-1)
-        q_group = qs if group.rows is None else qs.index_select(1, group.rows)
-        keys = kb.index_select(1, kv).reshape(-1, rows, width * bs, head_dim)
-        # The scale right before the MatMul: onnxruntime folds it in (FusedMatMul alpha).
-        scores = torch.matmul(q_group * scale, keys.transpose(-2, -1))           # [B, rows, bs, W*bs]
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
+        """Attention of one row group: ``[B, rows, block, Dv]``.
+
+        Per-row inputs (gather indices, key bias, mask indices, sink logits) are computed for the
+        whole group; fixed groups are cache-sized already, the one group of computed tables is
+        cut into cache-sized chunks by an ONNX ``Scan`` (`_attend_in_chunks`).
+        """
+        bs = self.block
+        kv = self.sparse_kv_heads.index_select(0, group.heads).unsqueeze(-1) * k_blocks + group.blocks   # [R, W]
+        dtype = qs.dtype
+        inputs = {"kv": kv}
         if group.key_bias:
-            scores = scores + self._key_bias(group, k_len, scores.dtype)          # [rows, 1, W*bs]
-        if group.diagonal_last:
-            scores = scores + _diagonal_triangle(bs, width, scores.dtype)        # [bs, W*bs]
-        dead = None
-        if mask is not None:
-            scores = scores + self._mask_tiles(mask, group)
-            if sinks is None:
-                # Rows the user's mask leaves without a visible key give zeros (torch backend
-                # semantics); their softmax is NaN, which the Where below drops.
-                dead = scores.amax(-1, keepdim=True) == _NEG_INF
-        values = vb.index_select(1, kv).reshape(-1, rows, width * bs, value_dim)
+            inputs["key_bias"] = self._key_bias(group, k_len, dtype)                          # [R, 1, W*bs]
+        if mask is not None and self._mask_index(mask, group) is not None:
+            inputs["mask_index"] = self._mask_index(mask, group)
         if sinks is not None:
-            # The sink joins each row's softmax as a key without a value (all mass on it: zeros).
-            column = sinks.index_select(0, group.heads).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-            probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
-        else:
-            probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, values)                                          # [B, rows, bs, Dv]
-        if dead is not None:
-            out = torch.where(dead, 0.0, out)
-        return out
+            inputs["sinks"] = sinks.index_select(0, group.heads)                               # [R]
+        triangle = _causal_triangle(bs, dtype) if group.diagonal_last else None
+        q_rows = qs if group.rows is None else qs.index_select(1, group.rows)
+        attend = _RowAttention(bs, scale, softcap, mask is not None and mask[1:4], sinks is not None)
+        return attend(q_rows, inputs, kb, vb, triangle, mask[0] if mask is not None else None)
+
+    def _sparse_computed(self, q, k, v, attn_mask, scale, softcap, sinks) -> torch.Tensor:
+        """The sparse heads with block tables computed for this call (``"any"`` / ``"listed"``).
+
+        Rows are (batch element, sparse head, query block) triples, run as chunks of
+        `chunk_rows` rows in an ONNX ``Scan`` so that each chunk's gathered blocks, scores and
+        probabilities stay in cache. A chunk gathers its query tokens and its key and value
+        blocks (keys and values padded once to whole blocks: a gather per block, not per token,
+        is what keeps the gathers cheap) and adds the key bias; one gather at the end puts every
+        token in place. (Rows whose slots need no bias cannot be split off as fixed tables are:
+        that needs a Scan over a data-dependent number of chunks, which torch 2.13's exporter
+        cannot decompose; the bias add costs about one pass over the scores.)
+        """
+        heads, bs = self.sparse_count, self.block
+        batch, q_len, k_len = q.shape[0], q.shape[2], k.shape[2]
+        q_blocks, k_blocks = (q_len + bs - 1) // bs, (k_len + bs - 1) // bs
+        head_dim, value_dim = q.shape[-1], v.shape[-1]
+        (group,) = self._row_groups(q_len, k_len)
+        dtype = q.dtype
+        # Batch folded into the rows: keys and values as [1, B * kv_heads * k_blocks, bs, D];
+        # queries stay unpadded, [1, B * heads * q_len, D]: each chunk gathers its query tokens.
+        qs = q if self.all_sparse else q.index_select(1, self.sparse_heads)
+        qs = qs.reshape(1, batch * heads * q_len, head_dim)
+        kv_blocks = self.num_kv_heads * k_blocks
+        kb = _pad_to_blocks(k, k_len, k_blocks * bs).reshape(1, batch * kv_blocks, bs, head_dim)
+        vb = _pad_to_blocks(v, k_len, k_blocks * bs).reshape(1, batch * kv_blocks, bs, value_dim)
+        rows = group.count                                      # per batch element
+        total = batch * rows
+        batch_index = torch.arange(batch).unsqueeze(1)
+
+        def per_row(tensor: torch.Tensor, stride: Any = 0) -> torch.Tensor:
+            """A per-row tensor of one batch element, for every row (``+ b * stride`` for element b)."""
+            tensor = tensor.unsqueeze(0)
+            if stride:
+                tensor = tensor + (batch_index * stride).reshape(batch, *([1] * (tensor.dim() - 1)))
+            return tensor.expand(batch, *tensor.shape[1:]).reshape(total, *tensor.shape[2:])
+
+        kv_local = self.sparse_kv_heads.index_select(0, group.heads).unsqueeze(-1) * k_blocks + group.blocks
+        # Query tokens of each row (a padded query repeats the last one; its output is dropped).
+        query_tokens = (group.heads.unsqueeze(-1) * q_len
+                        + (group.query_blocks.unsqueeze(-1) * bs + torch.arange(bs)).clamp(max=q_len - 1))
+        inputs = {"q_index": per_row(query_tokens, heads * q_len), "kv": per_row(kv_local, kv_blocks)}
+        mask = self._prepare_mask(attn_mask, dtype, q_len, k_len) if attn_mask is not None else None
+        user_mask = None
+        if mask is not None:
+            tiles = mask[0]
+            index = self._mask_index(mask, group)
+            per_batch = bool(tiles.shape[0] > 1)
+            user_mask = tiles.reshape(1, -1, *tiles.shape[2:]) if per_batch else tiles
+            if index is not None or per_batch:
+                if index is None:
+                    index = torch.zeros(rows, dtype=torch.long)
+                inputs["mask_index"] = per_row(index, tiles.shape[1] if per_batch else 0)
+        if sinks is not None:
+            sink_rows = sinks.index_select(0, self.sparse_heads).to(dtype).index_select(0, group.heads)
+            inputs["sinks"] = per_row(sink_rows)
+        triangle = _causal_triangle(bs, dtype) if group.diagonal_last else None
+        layout = mask[1:4] if mask is not None else None
+        inputs["key_bias"] = per_row(self._key_bias(group, k_len, dtype))                      # [B*R, 1, W*bs]
+        attend = _RowAttention(bs, scale, softcap, layout, sinks is not None, gather_queries=True)
+        out = _attend_in_chunks(attend, qs, inputs, kb, vb, triangle, user_mask, self.chunk_rows)
+        out = out.reshape(-1, value_dim)                  # [chunks * C * bs, Dv] (the batch dim is 1)
+        # Row (b, h, query block) holds tokens row * bs + t; token s of (b, h) is in row
+        # (b * heads + h) * q_blocks + s // bs: at (b * heads + h) * q_blocks * bs + s.
+        tokens = (torch.arange(batch * heads) * (q_blocks * bs)).unsqueeze(1) + torch.arange(q_len)
+        return out.index_select(0, tokens.reshape(-1)).reshape(batch, heads, q_len, value_dim)
 
     def _key_bias(self, group: _RowGroup, k_len: Any, dtype: torch.dtype) -> torch.Tensor:
         """``-inf`` on padding slots and keys past ``k_len``, else 0: ``[rows, 1, W * bs]`` (query-independent)."""
@@ -637,6 +713,18 @@ class BlockGatherAttention(torch.nn.Module):
             visible = visible & group.valid.unsqueeze(-1)
         return torch.where(visible, 0.0, _NEG_INF).to(dtype).reshape(group.count, 1, group.width * bs)
 
+    def _mask_index(self, prepared, group: _RowGroup) -> torch.Tensor | None:
+        """Where the user's (tiled) mask is read for each row (``[R]``) or slot (``[R, W]``); ``None``: everywhere alike."""
+        _, per_head, along_q, along_k, q_blocks, k_blocks = prepared
+        head = group.heads.unsqueeze(-1) if per_head else 0
+        if along_q and along_k:
+            return (head * q_blocks + group.query_blocks.unsqueeze(-1)) * k_blocks + group.blocks
+        if along_k:
+            return head * k_blocks + group.blocks
+        if along_q:
+            return group.heads * q_blocks + group.query_blocks if per_head else group.query_blocks
+        return group.heads if per_head else None
+
     def _prepare_mask(self, mask: torch.Tensor, dtype: torch.dtype, q_len: Any, k_len: Any):
         """The user's mask as an additive bias, padded to whole blocks and tiled, and how it varies."""
         bs = self.block
@@ -645,11 +733,12 @@ class BlockGatherAttention(torch.nn.Module):
             mask = torch.where(mask, 0.0, _NEG_INF).to(dtype)
         else:
             mask = mask.to(dtype)
-        per_head = mask.shape[1] > 1
+        # Layout flags as plain bools (a symbolic size > 1 is decided once, here).
+        per_head = bool(mask.shape[1] > 1)
         if per_head and not self.all_sparse:
             mask = mask.index_select(1, self.sparse_heads)
         mask_heads = self.sparse_count if per_head else 1
-        along_q, along_k = mask.shape[2] > 1, mask.shape[3] > 1
+        along_q, along_k = bool(mask.shape[2] > 1), bool(mask.shape[3] > 1)
         if along_q:
             mask = _pad_to_blocks(mask, q_len, q_blocks * bs, dim=2)
         if along_k:
@@ -665,36 +754,130 @@ class BlockGatherAttention(torch.nn.Module):
             mask = mask.reshape(-1, mask_heads, 1, 1)
         return mask, per_head, along_q, along_k, q_blocks, k_blocks
 
-    def _mask_tiles(self, prepared, group: _RowGroup) -> torch.Tensor:
-        """The user's mask for this group's rows and slots, broadcastable to ``[B, rows, bs, W*bs]``."""
-        mask, per_head, along_q, along_k, q_blocks, k_blocks = prepared
-        bs, rows, width = self.block, group.count, group.width
-        head = group.heads.unsqueeze(-1) if per_head else 0
+class _RowAttention:
+    """Attention of a run of rows from per-row inputs: the body shared by fixed groups and `Scan` chunks.
+
+    ``inputs``: ``kv`` ``[R, W]`` (flat key/value block of each slot), optionally ``key_bias``
+    ``[R, 1, W * bs]``, ``mask_index`` (``[R]`` or ``[R, W]``, where the tiled user mask is read)
+    and ``sinks`` ``[R]``. Returns ``[B, R, bs, Dv]``.
+    """
+
+    def __init__(self, block: int, scale: float, softcap: float | None, mask_layout, sinks: bool,
+                 gather_queries: bool = False):
+        self.block, self.scale, self.softcap, self.sinks = block, scale, softcap, sinks
+        self.mask_layout = mask_layout or None            # (per_head, along_q, along_k) of the user's mask
+        # gather_queries: q_rows holds every query token ([B, tokens, D]) and ``q_index``
+        # [R, bs] says which are these rows' (Scan chunks); else q_rows are these rows already.
+        self.gather_queries = gather_queries
+
+    def __call__(self, q_rows, inputs: dict, kb, vb, triangle, mask) -> torch.Tensor:
+        bs = self.block
+        kv = inputs["kv"]
+        rows, width = kv.shape[0], kv.shape[1]
+        slots = width * bs                                                         # keys per row
+        head_dim, value_dim = q_rows.shape[-1], vb.shape[-1]
+        flat = kv.reshape(-1)
+        if self.gather_queries:
+            q_rows = q_rows.index_select(1, inputs["q_index"].reshape(-1)).reshape(q_rows.shape[0], rows, bs, head_dim)
+        # Explicit sizes, no -1: inside an exported Scan the slot count is a data-dependent size.
+        keys = kb.index_select(1, flat).reshape(kb.shape[0], rows, slots, head_dim)
+        # The scale right before the MatMul: onnxruntime folds it in (FusedMatMul alpha).
+        scores = torch.matmul(q_rows * self.scale, keys.transpose(-2, -1))          # [B, R, bs, W*bs]
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        if "key_bias" in inputs:
+            scores = scores + inputs["key_bias"]
+        if triangle is not None:           # the causal triangle on the last (diagonal) slot
+            scores = scores + torch.cat([triangle.new_zeros(bs, slots - bs), triangle], -1)
+        dead = None
+        if mask is not None:
+            scores = scores + self._mask_tiles(mask, inputs.get("mask_index"), rows, width)
+            if not self.sinks:
+                # Rows the user's mask leaves without a visible key give zeros (torch backend
+                # semantics); their softmax is NaN, which the Where below drops.
+                dead = scores.amax(-1, keepdim=True) == _NEG_INF
+        values = vb.index_select(1, flat).reshape(vb.shape[0], rows, slots, value_dim)
+        if self.sinks:
+            # The sink joins each row's softmax as a key without a value (all mass on it: zeros).
+            column = inputs["sinks"].reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+            probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, values)                                          # [B, R, bs, Dv]
+        if dead is not None:
+            out = torch.where(dead, 0.0, out)
+        return out
+
+    def _mask_tiles(self, mask, index, rows, width) -> torch.Tensor:
+        """The user's mask for these rows and slots, broadcastable to ``[B, R, bs, W*bs]``."""
+        per_head, along_q, along_k = self.mask_layout[:3]
+        bs = self.block
         if along_q and along_k:
-            index = ((head * q_blocks + group.query_blocks.unsqueeze(-1)) * k_blocks + group.blocks).reshape(-1)
-            tiles = mask.index_select(1, index).reshape(-1, rows, width, bs, bs)
-            return tiles.transpose(2, 3).reshape(-1, rows, bs, width * bs)
+            tiles = mask.index_select(1, index.reshape(-1)).reshape(mask.shape[0], rows, width, bs, bs)
+            return tiles.transpose(2, 3).reshape(mask.shape[0], rows, bs, width * bs)
         if along_k:
-            index = (head * k_blocks + group.blocks).reshape(-1)
-            return mask.index_select(1, index).reshape(-1, rows, 1, width * bs)
-        if along_q:
-            index = group.heads * q_blocks + group.query_blocks if per_head else group.query_blocks
-            return mask.index_select(1, index)
-        return mask.index_select(1, group.heads) if per_head else mask
+            return mask.index_select(1, index.reshape(-1)).reshape(mask.shape[0], rows, 1, width * bs)
+        if index is not None:
+            return mask.index_select(1, index.reshape(-1))
+        return mask
+
+
+def _attend_in_chunks(attend: _RowAttention, q_source, inputs: dict, kb, vb, triangle, mask,
+                      per_chunk: int) -> torch.Tensor:
+    """`_RowAttention` (gathering its queries) over chunks of ``per_chunk`` rows: ``[chunks, B, per_chunk, bs, Dv]``.
+
+    Exported as one ONNX ``Scan``: onnxruntime runs its body chunk after chunk, so each chunk's
+    gathered blocks, scores and probabilities stay in cache from op to op. The per-row inputs
+    are padded to whole chunks (padded rows read row and block 0 and are dropped by the
+    caller). Eager calls run the same chunks in a Python loop.
+    """
+    rows = inputs["kv"].shape[0]
+    chunks = (rows + per_chunk - 1) // per_chunk
+    padded = chunks * per_chunk
+
+    def split(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = _pad_to_blocks(tensor, rows, padded, dim=0)
+        return tensor.reshape(chunks, per_chunk, *tensor.shape[1:])     # [chunks, per_chunk, ...]
+
+    names = list(inputs)
+    xs = [split(inputs[name]) for name in names]
+
+    def body(carry, chunk):
+        # Queries, keys, values, triangle and mask are read by every chunk: the exporter lifts
+        # them into the Scan body's outer scope (no copy per chunk).
+        return carry.clone(), attend(q_source, dict(zip(names, chunk)), kb, vb, triangle, mask)
+
+    if torch.compiler.is_exporting():
+        from torch._higher_order_ops.scan import scan
+
+        _, out = scan(body, torch.zeros(()), xs)
+    else:                       # eager (tests, the export's checks): the same chunks, one by one
+        out = torch.stack([attend(q_source, {name: x[index] for name, x in zip(names, xs)}, kb, vb, triangle, mask)
+                           for index in range(chunks)])
+    return out                                                        # [chunks, B, per_chunk, bs, Dv]
+
+
+def _default_scale(q: torch.Tensor) -> float:
+    """``1 / sqrt(head_dim)``; a symbolic head size is made static (the scale must be a constant of the graph)."""
+    return 1.0 / math.sqrt(int(q.shape[-1]))
 
 
 def _pad_to_blocks(tensor: torch.Tensor, length: Any, padded: Any, dim: int = 2) -> torch.Tensor:
-    """Zero-pad ``dim`` from ``length`` to ``padded``; always a pad when the lengths are symbolic (no guard)."""
+    """Zero-pad ``dim`` from ``length`` to ``padded``; always a pad when the lengths are symbolic (no guard).
+
+    Written as a ``Concat`` with zeros: onnxruntime's ``Pad`` copies several times slower (41 ms
+    against a few for q, k and v of 8 x 4096 x 64 on one CPU thread).
+    """
     if isinstance(length, int) and isinstance(padded, int) and length == padded:
         return tensor
-    pad = [0, 0] * (tensor.dim() - 1 - dim) + [0, padded - length]
-    return F.pad(tensor, pad)
+    shape = list(tensor.shape)
+    shape[dim] = padded - length
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim)
 
 
-def _diagonal_triangle(block: int, width: Any, dtype: torch.dtype) -> torch.Tensor:
-    """``[block, width * block]``: ``-inf`` above the diagonal of the last slot (the causal triangle), else 0."""
-    column = torch.arange(width * block) - (width - 1) * block       # key offset inside the last slot
-    hidden = column.unsqueeze(0) > torch.arange(block).unsqueeze(1)
+def _causal_triangle(block: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[block, block]``: ``-inf`` above the diagonal (keys after the query), else 0."""
+    hidden = torch.ones(block, block, dtype=torch.bool).triu(1)
     return torch.where(hidden, _NEG_INF, 0.0).to(dtype)
 
 
@@ -710,6 +893,16 @@ def check_traced_tables(module: torch.nn.Module, tables: TracedBlockTables, leng
     for q_len, k_len in lengths:
         expected = module.runtime_mask(q_len, k_len, torch.device("cpu")).to_block_masks()[0].cpu()
         got = tables.kept(q_len, k_len)
+        grid = TracedBlockGrid(q_len, k_len, tables.block_size, tables.causal, tables.max_len)
+        widest = expected.sum(-1).amax(-1)              # per head
+        for head, pattern_index in enumerate(tables.pattern_of_head.tolist()):
+            pattern = tables.patterns[pattern_index]
+            if int(widest[head]) > pattern.traced_row_bound(grid):
+                raise SparsifyError(
+                    f"site {module.site.name!r}: pattern {pattern} keeps {int(widest[head])} key blocks in one query "
+                    f"block at q_len={q_len}, k_len={k_len}, more than its _traced_row_bound "
+                    f"{pattern.traced_row_bound(grid)}. Export with lengths='fixed', or fix the pattern's "
+                    f"_traced_row_bound")
         if not torch.equal(got, expected):
             head = int((got != expected).flatten(1).any(1).nonzero()[0])
             raise SparsifyError(

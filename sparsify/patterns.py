@@ -404,6 +404,27 @@ class Pattern(abc.ABC):
                     f"the run-time length)")
         return None
 
+    def traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        """At most how many key blocks one query block keeps at ``grid``'s lengths (an int or symbolic size).
+
+        The slot count of an any-length export's block tables. It must be known without the
+        data (a data-dependent count makes every later shape data-dependent, which the exporter
+        cannot cut into chunks), so families bound it from their parameters and the grid's
+        (possibly symbolic) lengths in `_traced_row_bound`; the result is at least 1 and at most
+        ``k_blocks``. A family that declares none gets ``k_blocks``: correct, but every row then
+        computes every key block.
+
+        Example:
+            >>> grid = TracedBlockGrid(4096, 4096, block_size=64)
+            >>> (sliding_window(160) | attention_sinks(64)).traced_row_bound(grid)
+            8
+        """
+        return torch.sym_min(torch.sym_max(self._traced_row_bound(grid), 1), grid.k_blocks)
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        """An upper bound on the key blocks one query block keeps (uncapped); the base has ``k_blocks``."""
+        return grid.k_blocks
+
     # --- JSON -----------------------------------------------------------------------------------
 
     def _params(self) -> dict[str, Any]:
@@ -561,6 +582,16 @@ def _traced_stripe_ranges(
     return starts, starts + (width - 1)
 
 
+def _span_blocks(tokens: int, block: int) -> int:
+    """The most blocks a run of ``tokens`` consecutive keys can touch (it may start mid-block)."""
+    return (tokens + block - 2) // block + 1 if tokens > 0 else 0
+
+
+def _reaches(distance: int, grid: TracedBlockGrid) -> Any:
+    """1 when a query-key distance of ``distance`` fits the grid's lengths, else 0 (symbolic-safe: no branch)."""
+    return torch.sym_min(torch.sym_max(grid.q_len + grid.k_len - distance, 0), 1)
+
+
 # --- the pattern families ---------------------------------------------------------------------
 
 
@@ -610,6 +641,10 @@ class SlidingWindow(Pattern):
     def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
         return self._block_mask(grid)  # already tensor ops of the grid's coordinates
 
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        # A query block's keys lie within [first - window, last + window] ([.., last] at causal).
+        return _span_blocks(grid.block_size + self.window * (1 if grid.causal else 2), grid.block_size)
+
 
 @register_pattern("attention_sinks")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -631,6 +666,9 @@ class AttentionSinks(Pattern):
 
     def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
         return self._block_mask(grid)  # already tensor ops of the grid's coordinates
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        return (self.num_tokens + grid.block_size - 1) // grid.block_size
 
 
 @register_pattern("skip")
@@ -661,6 +699,9 @@ class Skip(Pattern):
     def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
         return self._block_mask(grid)  # already tensor ops of the grid's coordinates
 
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        return 1
+
 
 @register_pattern("last_tokens")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -686,6 +727,9 @@ class LastTokens(Pattern):
     def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
         end = grid.key_length().reshape(1)
         return _key_ranges_block_mask(grid, end - self.num_tokens, end - 1)
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        return _span_blocks(self.num_tokens, grid.block_size)
 
 
 @register_pattern("a_shape")
@@ -717,6 +761,10 @@ class AShape(Pattern):
 
     def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
         return self._block_mask(grid)  # already tensor ops of the grid's coordinates
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        return (AttentionSinks(self.sink_tokens)._traced_row_bound(grid)
+                + SlidingWindow(self.window)._traced_row_bound(grid))
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -802,6 +850,16 @@ class MultiDiagonal(DistancePattern):
     def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
         return self._block_mask(grid)  # already tensor ops of the grid's coordinates
 
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        # Each band covers [first - m * period - width, last - m * period + width]; bands that
+        # meet the grid have |m * period| < q_len + k_len.
+        bs, sides = grid.block_size, 1 if grid.causal else 2
+        if self.count is None:
+            return ((grid.q_len + grid.k_len) // self.period * 2 + 1) * _span_blocks(bs + 2 * self.width, bs)
+        # Nearby bands share blocks: never more than the blocks of their whole envelope.
+        envelope = _span_blocks(bs + sides * (self.count * self.period + self.width), bs)
+        return min((2 * self.count + 1) * _span_blocks(bs + 2 * self.width, bs), envelope)
+
 
 @register_pattern("strided")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -836,6 +894,11 @@ class Strided(DistancePattern):
 
     def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
         return self._block_mask(grid)  # already tensor ops of the grid's coordinates
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        # Kept distances [m * stride, m * stride + width - 1], |m * stride| < q_len + k_len.
+        bands = (grid.q_len + grid.k_len) // self.stride * 2 + 1
+        return bands * _span_blocks(grid.block_size + self.width - 1, grid.block_size)
 
 
 @register_pattern("radial")
@@ -875,6 +938,19 @@ class Radial(DistancePattern):
         lo, hi = _distance_bounds(grid)
         keeps = functools.partial(self._keeps_abs_range, farthest=grid.max_len)
         return (lo <= hi) & _symmetric_range(keeps, lo, hi)
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        bs, decay, sides = grid.block_size, self.decay_tokens, 1 if grid.causal else 2
+        near = max(self.window, 2 * decay - 1)
+        bound = _span_blocks(bs + sides * near, bs)
+        exponent = 1
+        # Octave e keeps `decay` multiples of 2**e per query; a query block's keys at one multiple
+        # are bs consecutive keys (at most 2 blocks). Octaves beyond the lengths count 0.
+        while decay << exponent <= grid.max_len:
+            reach = _span_blocks((decay << exponent) + bs - 1, bs)
+            bound = bound + sides * min(reach, 2 * decay) * _reaches(decay << exponent, grid)
+            exponent += 1
+        return bound
 
     def _keeps_abs_range(
         self, lo: torch.Tensor, hi: torch.Tensor, farthest: int | None = None
@@ -931,6 +1007,18 @@ class PowerOfTwo(DistancePattern):
         lo, hi = _distance_bounds(grid)
         return (lo <= hi) & self._keeps_lines(lo, hi, grid.max_len)
 
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        bs, top = grid.block_size, (grid.max_len + self.width).bit_length()
+        if self.max_exponent is not None:
+            top = min(top, self.max_exponent)
+        line = _span_blocks(bs + 2 * self.width, bs)
+        sides = 1 if grid.causal else 2
+        bound = line
+        for exponent in range(top + 1):     # lines +-2**e that fit the grid's lengths
+            bound = bound + sides * line * _reaches((1 << exponent) - self.width, grid)
+        # Nearby lines share blocks: never more than the blocks of their whole envelope.
+        return torch.sym_min(bound, _span_blocks(bs + sides * ((1 << top) + self.width), bs))
+
     def _keeps_lines(self, lo: torch.Tensor, hi: torch.Tensor, farthest: int) -> torch.Tensor:
         """Some line ``|d - s| <= width`` meets ``[lo, hi]``, for lines out to distance ``farthest``."""
         top = (farthest + self.width).bit_length()  # 2**top - width > farthest
@@ -973,6 +1061,9 @@ class VerticalStripes(Pattern):
     def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
         return _key_ranges_block_mask(grid, *_traced_stripe_ranges(self.positions, self.width, grid))
 
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        return len(self.positions) * _span_blocks(self.width, grid.block_size)
+
 
 @register_pattern("vertical_slash")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -1013,6 +1104,11 @@ class VerticalSlash(Pattern):
     def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
         vertical = _key_ranges_block_mask(grid, *_traced_stripe_ranges(self.vertical, self.width, grid))
         return self._with_slashes(grid, vertical)
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        bs = grid.block_size
+        return (len(self.vertical) * _span_blocks(self.width, bs)
+                + len(self.slash) * _span_blocks(bs + self.width - 1, bs))
 
     def _with_slashes(self, grid: BlockGrid | TracedBlockGrid, mask: torch.Tensor) -> torch.Tensor:
         """``mask`` (the vertical lines' blocks) with the slash lines' blocks added."""
@@ -1329,6 +1425,12 @@ class Union(_Composite):
             mask = mask | part._traced_block_mask(grid)
         return mask
 
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        bound = self.parts[0]._traced_row_bound(grid)
+        for part in self.parts[1:]:
+            bound = bound + part._traced_row_bound(grid)
+        return bound
+
 
 @register_pattern("intersection")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -1353,6 +1455,12 @@ class Intersection(_Composite):
         for part in self.parts[1:]:
             mask = mask & part._traced_block_mask(grid)
         return mask
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        bound = self.parts[0]._traced_row_bound(grid)
+        for part in self.parts[1:]:
+            bound = torch.sym_min(bound, part._traced_row_bound(grid))
+        return bound
 
 
 # --- factories ----------------------------------------------------------------------------------
