@@ -87,8 +87,8 @@ __all__ = [
 MIN_OPSET = 18
 #: Longest query/key length an any-length export serves by default (``max_seq_len``).
 DEFAULT_MAX_SEQ_LEN = DEFAULT_MAX_TRACED_LEN
-#: The dtypes attention may run in; anything else is refused before the export starts.
-EXPORT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: The dtypes an exported graph may compute in; anything else is refused before the export starts.
+EXPORT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _CANONICAL = "sparsify.attention"
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _LENGTH_CHOICES = ("auto", "any", "fixed")
@@ -211,7 +211,7 @@ class _ExportWrapper(torch.nn.Module):
 
 def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.PathLike, *,
                 opset: int | None = None, lengths: str | Sequence[int | tuple[int, int]] = "auto",
-                max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> OnnxExport:
+                max_seq_len: int = DEFAULT_MAX_SEQ_LEN, dtype: torch.dtype | str | None = None) -> OnnxExport:
     """Write ``compiled`` (a `sparsify.compile` result) as an ONNX model at ``path``.
 
     Sparse sites become a block gather of their kept key/value blocks, dense attention ONNX's
@@ -233,6 +233,11 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
             example's lengths are always served.
         max_seq_len: the longest query or key length an any-length file must serve (radial and
             power-of-two heads lower their distance octaves up to it).
+        dtype: the precision the file must compute in (``torch.float16``, ``"bfloat16"``, ...),
+            checked against the compiled module's; default: whatever the module computes in. The
+            graph computes in the compiled module's dtype: its captured graph fixes it (casts such
+            as ``to(torch.float32)`` are part of it), so for a float16 file compile the model in
+            float16 (``model.half()``).
 
     Returns:
         an `OnnxExport` naming the file, its inputs and outputs, the lengths it serves and why
@@ -256,6 +261,7 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
     onnx = _import_onnx()
     opset = _check_opset(opset, onnx)
     mode, declared = _check_lengths(lengths, max_seq_len)
+    target_dtype = _check_target_dtype(dtype)
     graph_module = compiled.graph_module
     sparse_modules = {name: module for name, module in graph_module.named_modules()
                       if isinstance(module, SparseAttention)}
@@ -277,7 +283,7 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
     args, kwargs = normalize_inputs(example_inputs)
     kwargs = {**compiled.fixed_kwargs, **kwargs}
     site_calls, example_output = _run_example(compiled, sparse_modules, args, kwargs)
-    dtype = _check_dtypes(graph_module, site_calls, sparse_modules)
+    dtype = _check_dtypes(graph_module, site_calls, sparse_modules, target_dtype)
     if mode == "auto":
         mode = "fixed" if pinned else "any"
         if pinned:
@@ -422,11 +428,26 @@ def _pinned_sites(sparse_modules: dict) -> dict[str, str]:
     return pinned
 
 
-def _check_dtypes(graph_module: torch.fx.GraphModule, site_calls: dict, sparse_modules: dict) -> torch.dtype:
+def _check_target_dtype(dtype: Any) -> torch.dtype | None:
+    """``export_onnx(dtype=...)`` as a torch dtype, or `UnsupportedError` naming the ones served."""
+    if dtype is None:
+        return None
+    served = ", ".join(str(d).replace("torch.", "") for d in EXPORT_DTYPES)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), dtype)
+    if not isinstance(dtype, torch.dtype) or dtype not in EXPORT_DTYPES:
+        raise UnsupportedError(f"export_onnx: dtype {dtype!r} cannot be served; an exported graph computes in "
+                               f"{served} (attention's matmuls and softmax have no other ONNX form here)")
+    return dtype
+
+
+def _check_dtypes(graph_module: torch.fx.GraphModule, site_calls: dict, sparse_modules: dict,
+                  target: torch.dtype | None = None) -> torch.dtype:
     """The dtype attention runs in; `UnsupportedError` for one the export cannot serve, naming the site.
 
     Sparse sites report it from the example call; dense sites from the captured graph's
-    metadata (the query's ``meta["val"]``, where capture recorded one).
+    metadata (the query's ``meta["val"]``, where capture recorded one). ``target`` is the
+    dtype the caller asked for (already one the export serves): it must be the module's.
     """
     found = [(f"site {sparse_modules[name].site.name!r}", dtype) for name, (_, _, dtype) in site_calls.items()]
     for node in graph_module.graph.nodes:
@@ -435,11 +456,18 @@ def _check_dtypes(graph_module: torch.fx.GraphModule, site_calls: dict, sparse_m
             if isinstance(value, torch.Tensor):
                 found.append((f"dense attention {node.name!r}", value.dtype))
     for where, dtype in found:
+        if target is not None and dtype != target:
+            name = lambda d: str(d).replace("torch.", "")                     # noqa: E731
+            raise UnsupportedError(
+                f"export_onnx(dtype={name(target)}): {where} computes in {name(dtype)}. The exported graph "
+                f"computes in the compiled module's dtype (its captured graph fixes it: casts such as "
+                f"to({name(dtype)}) are part of it); convert the model (model.to(torch.{name(target)})) and its "
+                f"example inputs, and compile it again")
         if dtype not in EXPORT_DTYPES:
             raise UnsupportedError(
                 f"export_onnx: {where} is {str(dtype).replace('torch.', '')}; the ONNX export serves "
-                f"{', '.join(str(d).replace('torch.', '') for d in EXPORT_DTYPES)}. Convert the model first "
-                f"(model.to(torch.float32)) and compile it again")
+                f"{', '.join(str(d).replace('torch.', '') for d in EXPORT_DTYPES)}. Export with "
+                f"dtype=torch.float32 (or float16), or convert the model and compile it again")
     dtypes = {dtype for _, dtype in found}
     if torch.bfloat16 in dtypes:
         logger.warning("export_onnx: the model runs in bfloat16; onnxruntime's CPU provider has no bfloat16 kernels "
