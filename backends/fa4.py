@@ -291,7 +291,8 @@ class FA4Backend(Backend):
         # key <= q_offset + query on every kept block, and rows left with no key come out as zeros.
         is_causal, is_local, window_right = attention_window(bool(mask.causal), q_len, k_shape[2], int(mask.q_offset))
         # CHECK(gpu): strided K/V head views (k[:, start::step]) and gathered heads give the right kv head.
-        layout = kv_head_layout(_host_ints(mask.kv_head_index), k_shape[1])
+        layout = kv_head_layout(list(mask.kv_heads) if mask.kv_heads is not None else _host_ints(mask.kv_head_index),
+                                k_shape[1])
         num_key_blocks = math.ceil(k_shape[2] / block)
         # CHECK(gpu): with ascending lists the key-end block is masked (k_len % block != 0) in both lists.
         partial_count, partial_index = ordered_block_list(

@@ -127,8 +127,17 @@ def _kv_for_heads(k: torch.Tensor, v: torch.Tensor, mask: RuntimeBlockMask):
     return k.index_select(1, index), v.index_select(1, index), False
 
 
+def _full_width(indices: torch.Tensor | None, k_blocks: int) -> torch.Tensor | None:
+    """Index rows padded to ``k_blocks`` slots: FlexAttention reads the key-block count off the last dim."""
+    if indices is None or indices.shape[-1] == k_blocks:
+        return indices
+    pad = indices[..., -1:].expand(*indices.shape[:-1], k_blocks - indices.shape[-1])
+    return torch.cat([indices, pad], -1).contiguous()
+
+
 def _from_kv_blocks(counts, indices, full_counts, full_indices, mask: RuntimeBlockMask, mask_mod):
     module = _flex_module()
+    indices, full_indices = _full_width(indices, mask.k_blocks), _full_width(full_indices, mask.k_blocks)
     kwargs = {}
     if "compute_q_blocks" in inspect.signature(module.BlockMask.from_kv_blocks).parameters:
         kwargs["compute_q_blocks"] = False  # forward only: the transposed tables are not needed

@@ -97,6 +97,14 @@ class TorchBackend(Backend):
             raise UnsupportedError(f"torch backend: the mask holds {mask.batch} batch elements, the call {batch}")
         common = dict(mask=mask, q_shape=tuple(q_shape), k_shape=tuple(k_shape), v_shape=tuple(v_shape), dtype=dtype,
                       device=device, compute_dtype=compute_dtype)
+        if (mask.per_input or mask.batch > 1) and device.type == "cpu":
+            # On the CPU a host read costs nothing: one compact host plan per batch element beats
+            # fixed-width rows (which do the work of every key block).
+            elements = [mask.batch_element(index) for index in range(mask.batch)]
+            shapes = ((1, *q_shape[1:]), (1, *k_shape[1:]), (1, *v_shape[1:]))
+            parts = [self.prepare(element, q_shape=shapes[0], k_shape=shapes[1], v_shape=shapes[2], dtype=dtype,
+                                  device=device) for element in elements]
+            return TorchPlan(**common, per_input=True, batch_plans=parts)
         if mask.per_input or mask.batch > 1:
             return TorchPlan(**common, chunks=_device_chunks(mask, batch, chunk_bytes, compute_dtype.itemsize),
                              per_input=True, bias_tiles=None, all_rows_covered=False)
@@ -113,6 +121,19 @@ class TorchBackend(Backend):
             return q.new_zeros(batch, heads, 0, v.shape[-1])
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
+        if plan.batch_plans is not None:
+            if batch != len(plan.batch_plans):
+                raise UnsupportedError(f"torch backend: the mask holds {len(plan.batch_plans)} batch elements, "
+                                       f"the call {batch}")
+            outputs = []
+            for index, part in enumerate(plan.batch_plans):
+                element_mask = None
+                if attn_mask is not None:
+                    full = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+                    element_mask = full[index:index + 1] if full.shape[0] > 1 else full
+                outputs.append(_run(part, q[index:index + 1], k[index:index + 1], v[index:index + 1], element_mask,
+                                    float(scale), softcap, sinks))
+            return torch.cat(outputs, 0)
         return _run(plan, q, k, v, attn_mask, float(scale), softcap, sinks)
 
 
@@ -140,6 +161,7 @@ class TorchPlan(BackendPlan):
     per_input: bool = False
     bias_tiles: torch.Tensor | None = None      # [tiles, block, block] of 0 / -inf (host plan)
     all_rows_covered: bool = False              # every row keeps a visible block (outputs all written)
+    batch_plans: list | None = None             # per batch element (per-input masks on the CPU)
 
 
 # ----------------------------------------------------------------------------------------------

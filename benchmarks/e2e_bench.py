@@ -4,9 +4,11 @@ The model is `sparsify.examples.StructuredVideoTransformer` (heads with window, 
 in-frame and sink structure) at 16K-32K tokens in bf16. sparsify.compile searches the strategy on
 a few calibration batches, rewrites the graph to the chosen backend, and the script times the
 compiled model against the same model with dense `F.scaled_dot_product_attention` (the default
-backend: cuDNN on Hopper), reporting the speedup and the output error. Prints a table, writes JSON.
+backend: cuDNN on Hopper), reporting the speedup and the output error. With ``--compile`` both are
+also timed under ``torch.compile`` (Inductor; sparse kernels are custom ops in the graph), so eager
+and compiled speedups sit side by side. Prints a table, writes JSON.
 
-    python benchmarks/e2e_bench.py [--frames 64 128] [--layers 4] [--backend triton]
+    python benchmarks/e2e_bench.py [--frames 64 128] [--layers 4] [--backend auto|fa4|triton] [--compile]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def time_cuda(function, repeats: int) -> float:
     """Median milliseconds of ``function`` over ``repeats`` runs (CUDA events, after warm-up)."""
     for _ in range(2):
         function()
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # CPU smoke runs
         start = time.perf_counter()
         for _ in range(repeats):
             function()
@@ -50,7 +52,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--backend", default="triton")
+    parser.add_argument("--backend", default="auto", help="auto (cost model's pick per site), fa4, triton, flex")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time both models under torch.compile (warm-up calls include the compilation)")
     parser.add_argument("--max-error", type=float, default=0.05)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
@@ -76,15 +80,28 @@ def main() -> None:
             dense_ms = time_cuda(lambda: model(test), args.repeats)
             sparse_ms = time_cuda(lambda: compiled(test), args.repeats)
             reference, output = model(test).float(), compiled(test).float()
+            if args.compile:
+                dense_compiled, sparse_compiled = torch.compile(model), torch.compile(compiled)
+                dense_compiled_ms = time_cuda(lambda: dense_compiled(test), args.repeats)
+                sparse_compiled_ms = time_cuda(lambda: sparse_compiled(test), args.repeats)
+                compiled_error = float((sparse_compiled(test).float() - output).norm() / output.norm())
         error = float((output - reference).norm() / reference.norm())
         summary = compiled.strategy.summary()
-        rows.append({
+        row = {
             "tokens": test.shape[1], "layers": args.layers, "heads": args.heads, "head_dim": args.head_dim,
             "backend": args.backend, "mean_density": round(summary["mean_density"], 4),
             "dense_ms": round(dense_ms, 2), "sparsify_ms": round(sparse_ms, 2),
             "speedup": round(dense_ms / sparse_ms, 3), "output_rel_error": round(error, 5),
             "search_s": round(search_seconds, 1),
-        })
+        }
+        if args.compile:
+            row.update({"dense_compiled_ms": round(dense_compiled_ms, 2),
+                        "sparsify_compiled_ms": round(sparse_compiled_ms, 2),
+                        "speedup_compiled": round(dense_compiled_ms / sparse_compiled_ms, 3),
+                        "compiled_vs_eager_error": round(compiled_error, 6)})
+            del dense_compiled, sparse_compiled
+            torch._dynamo.reset()
+        rows.append(row)
         print(compiled.report())
         del model, compiled
     print(tabulate(rows, headers="keys", tablefmt="github"))

@@ -26,6 +26,8 @@ from sparsify.search import SearchConfig
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                        help="also score input-adaptive candidates (default: yes)")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--frames", type=int, default=16, help="frames of 16x16 tokens (16: 4096 tokens)")
     parser.add_argument("--batches", type=int, default=4)
@@ -36,7 +38,8 @@ def main() -> None:
     model = StructuredVideoTransformer(frames=args.frames, heads=args.heads, layers=args.layers, dim=32 * args.heads).eval()
     batches = [model.example_tokens(seed=1 + i) for i in range(args.batches)]
     start = time.perf_counter()
-    result = search_model(model, batches, SearchConfig(max_error=args.max_error), progress=False)
+    result = search_model(model, batches, SearchConfig(max_error=args.max_error, adaptive=args.adaptive),
+                          progress=False)
     seconds = time.perf_counter() - start
     summary = result.compiled.strategy.summary()
     row = {

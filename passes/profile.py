@@ -1,7 +1,8 @@
 """The observe pass: run calibration batches through the captured graph and hand each site's inputs to observers.
 
 The canonical attention nodes run their dense computation as usual; before that, every observer
-registered for the run receives ``(site, q, k, v, attn_mask, is_causal, scale)``. The graph is
+registered for the run receives ``(site, q, k, v, attn_mask, is_causal, scale, softcap, sinks)`` —
+the canonical op's arguments, with ``softcap``/``sinks`` None where the node omits them. The graph is
 not edited: an `torch.fx.Interpreter` intercepts the canonical nodes, so the same captured graph
 serves profiling, candidate scoring and, afterwards, the rewrite.
 """
@@ -21,8 +22,21 @@ from sparsify.site import AttentionSite
 
 CANONICAL_ATTENTION = torch.ops.sparsify.attention.default
 
-SiteObserver = Callable[[AttentionSite, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, "float | None"],
-                        "torch.Tensor | None"]
+SiteObserver = Callable[[AttentionSite, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, "float | None",
+                         "float | None", "torch.Tensor | None"], "torch.Tensor | None"]
+
+
+def canonical_arguments(node: torch.fx.Node, env: dict) -> tuple:
+    """``(q, k, v, attn_mask, is_causal, scale, softcap, sinks)`` of a canonical node, values from ``env``.
+
+    Canonical nodes may omit the two trailing optional arguments; they come back as None.
+    """
+    values = [env[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
+    names = ("q", "k", "v", "attn_mask", "is_causal", "scale", "softcap", "sinks")
+    for name in names[len(values):]:
+        value = node.kwargs.get(name)
+        values.append(env[value] if isinstance(value, torch.fx.Node) else value)
+    return tuple(values)
 
 
 class ObservingInterpreter(torch.fx.Interpreter):
@@ -42,7 +56,7 @@ class ObservingInterpreter(torch.fx.Interpreter):
     def run_node(self, node: torch.fx.Node) -> Any:
         if node.op == "call_function" and node.target is CANONICAL_ATTENTION and SITE_META_KEY in node.meta:
             site: AttentionSite = node.meta[SITE_META_KEY]
-            q, k, v, attn_mask, is_causal, scale = (self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args)
+            q, k, v, attn_mask, is_causal, scale, softcap, sinks = canonical_arguments(node, self.env)
             for name, tensor in (("query", q), ("key", k), ("value", v)):
                 # One reduction is enough: NaN or inf anywhere makes the sum non-finite.
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
@@ -50,14 +64,22 @@ class ObservingInterpreter(torch.fx.Interpreter):
                         f"calibration batch {self.batch_index}: the {name} of site {site.name!r} holds NaN or inf; "
                         f"check the inputs and the model's dtype (fp16 overflow?) before calibrating"
                     )
-            output = self.observer(site, q, k, v, attn_mask, is_causal, scale)
+            output = self.observer(site, q, k, v, attn_mask, is_causal, scale, softcap, sinks)
             # An observer that computed the dense output anyway may return it (saves a second pass).
-            return output if isinstance(output, torch.Tensor) else dense_attention(q, k, v, attn_mask, is_causal, scale)
+            if isinstance(output, torch.Tensor):
+                return output
+            return dense_attention(q, k, v, attn_mask, is_causal, scale, softcap, sinks)
         return super().run_node(node)
 
     def run_batch(self, args: tuple, kwargs: dict) -> Any:
         with torch.no_grad():
-            return self.run(*flat_graph_inputs(self.module, args, kwargs))
+            try:
+                return self.run(*flat_graph_inputs(self.module, args, kwargs))
+            except SparsifyError as error:
+                # torch.fx.Interpreter appends its node dump ("While executing ..., Original traceback ...,
+                # tlparse") to every error's message; ours already says what went wrong and where.
+                message = str(error.args[0]) if error.args else ""
+                raise type(error)(message.split("\n\nWhile executing ", 1)[0]) from None
 
 
 def observe(graph_module: torch.fx.GraphModule, batches: Sequence[tuple[tuple, dict]], observer: SiteObserver,

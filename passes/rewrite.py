@@ -39,8 +39,9 @@ class RewriteAttention(GraphPass):
     name = "rewrite_attention"
 
     def __init__(self, strategy: "Strategy", *, backend: str = "auto", source: str = "strategy",
-                 step_counter: StepCounter | None = None):
+                 step_counter: StepCounter | None = None, cost_model=None):
         self.strategy = strategy
+        self.cost_model = cost_model  # prices backend="auto" per site (None: defaults and shipped profiles)
         self.step_counter = step_counter
         self.backend = backend
         self.source = source
@@ -62,7 +63,8 @@ class RewriteAttention(GraphPass):
             if all(is_dense_pattern(p) for p in site_strategy.heads):
                 continue
             module = SparseAttention(site, site_strategy.heads, block_size=self.strategy.block_size, backend=self.backend,
-                                     dense_steps=site_strategy.dense_steps, step_counter=self.step_counter)
+                                     dense_steps=site_strategy.dense_steps, step_counter=self.step_counter,
+                                     cost_model=self.cost_model)
             target = f"sparse_attention_{site.index}"
             graph_module.add_submodule(target, module.to(_device_of(graph_module)))
             with graph_module.graph.inserting_before(node):

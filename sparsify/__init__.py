@@ -14,6 +14,7 @@ from sparsify.errors import (
 )
 from sparsify.site import AttentionSite
 from sparsify.export import export_onnx
+from sparsify.integrations import attach
 from sparsify.strategy import Strategy
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "Strategy",
     "StrategyError",
     "UnsupportedError",
+    "attach",
     "compile",
     "export_onnx",
     "find_attention",

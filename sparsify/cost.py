@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sparsify.errors import SparsifyError
+from sparsify.io import write_text_atomically
 from sparsify.site import AttentionSite
 from sparsify.tables import blocks_for
 
@@ -63,6 +64,9 @@ DEFAULT_COSTS: dict[tuple[str, str], BackendCosts] = {
     ("torch", "cuda"): BackendCosts(3e-4, 1e-7, 4.0e-14, 7e-5, 5.7e-15),
     ("flex", "cuda"): BackendCosts(2.5e-4, 2e-8, 1.07e-14, 7e-5, 5.7e-15),
     ("triton", "cuda"): BackendCosts(1.1e-4, 7e-8, 8.2e-15, 7e-5, 5.7e-15),
+    # FlashAttention-4's block-sparse forward on an H200 (benchmarks/NOTES.md, kernel_bench v4): 1.08-1.10x
+    # cuDNN dense at 16-32K, ~24 us per call with the lean launch.
+    ("fa4", "cuda"): BackendCosts(2.5e-5, 1e-8, 5.3e-15, 7e-5, 5.7e-15),
 }
 
 
@@ -130,9 +134,12 @@ class HardwareProfile:
                                 f"device_type, device_name, costs{{{', '.join(f.name for f in dataclasses.fields(BackendCosts))}}}") from None
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as file:
-            json.dump(self.to_dict(), file, indent=2)
-            file.write("\n")
+        """Write the profile as JSON, atomically (a failed write leaves the old file intact).
+
+        Example:
+            >>> profile.save("h100_triton.json")                   # doctest: +SKIP
+        """
+        write_text_atomically(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HardwareProfile":
@@ -163,6 +170,9 @@ class CostModel:
         profiles: measured hardware profiles; they override the defaults for their
             (backend, device type) when their device name matches the current device, or
             always when ``match_device_name=False``.
+        preferred: profiles the user chose (``--hardware-profile``); they come first and apply
+            to their (backend, device type) whatever the device's name (a warning is logged
+            once when the name differs from the current device's).
 
     Example:
         >>> model = CostModel()
@@ -173,18 +183,37 @@ class CostModel:
         True
     """
 
-    def __init__(self, profiles: Sequence[HardwareProfile] = (), *, match_device_name: bool = True):
+    def __init__(self, profiles: Sequence[HardwareProfile] = (), *, match_device_name: bool = True,
+                 preferred: Sequence[HardwareProfile] = ()):
         self.profiles = list(profiles)
         self.match_device_name = match_device_name
+        self.preferred = list(preferred)
+        self._warned: set[tuple[str, str]] = set()
 
     @classmethod
-    def default(cls) -> "CostModel":
-        """Defaults plus every shipped profile whose device matches the current one."""
-        return cls(shipped_profiles())
+    def default(cls, hardware_profiles: Sequence[str | os.PathLike | HardwareProfile] = ()) -> "CostModel":
+        """Defaults plus every shipped profile whose device matches the current one, after ``hardware_profiles``.
+
+        ``hardware_profiles`` are files written by ``sparsify-cli calibrate`` (or loaded
+        profiles); they are read here, so a bad file fails before any calibration.
+
+        Example:
+            >>> CostModel.default(["my_gpu.json"]).costs("triton", "cuda")      # doctest: +SKIP
+        """
+        preferred = [p if isinstance(p, HardwareProfile) else HardwareProfile.load(p) for p in hardware_profiles]
+        return cls(shipped_profiles(), preferred=preferred)
 
     def costs(self, backend: str, device: torch.device | str) -> BackendCosts:
         """The constants used for ``backend`` on ``device``."""
         device_type = _device_type(device)
+        for profile in self.preferred:
+            if profile.backend == backend and profile.device_type == device_type:
+                key = (profile.backend, profile.device_name)
+                if key not in self._warned and not _same_device(profile.device_name, device):
+                    self._warned.add(key)
+                    logger.warning("hardware profile for %s was measured on %r, not on this %s (%r); using it as asked",
+                                   backend, profile.device_name, device_type, device_name(device))
+                return profile.costs
         for profile in self.profiles:
             if profile.backend != backend or profile.device_type != device_type:
                 continue
@@ -213,6 +242,22 @@ class CostModel:
         costs = self.costs(backend, device)
         q_blocks = blocks_for(q_len or site.q_len, block_size)
         return batch * (q_blocks * costs.per_row_block + kept_blocks * block_size**2 * site.head_dim * costs.per_block_element)
+
+    def estimation_latency(self, site: AttentionSite, pattern, *, backend: str, device, block_size: int,
+                           batch: int = 1, q_len: int | None = None, k_len: int | None = None) -> float:
+        """Latency of estimating one head's input-adaptive mask (`sparsify.adaptive_patterns`): its multiply-adds at
+        twice SDPA's per-element cost (small matmuls run below peak) plus a quarter launch per kernel it starts.
+        Composite patterns pay for each adaptive part; static patterns cost nothing here."""
+        from sparsify.patterns import Intersection, Union
+
+        if isinstance(pattern, (Union, Intersection)):
+            return sum(self.estimation_latency(site, part, backend=backend, device=device, block_size=block_size,
+                                               batch=batch, q_len=q_len, k_len=k_len) for part in pattern.parts)
+        if not pattern.is_adaptive:
+            return 0.0
+        costs = self.costs(backend, device)
+        work, launches = pattern.estimation_work(q_len or site.q_len, k_len or site.k_len, site.head_dim, block_size)
+        return batch * work * 2 * costs.dense_per_element + launches * 0.25 * costs.launch
 
     def dense_latency(self, site: AttentionSite, *, backend: str, device, batch: int = 1) -> float:
         """Latency of the whole site run dense (SDPA)."""
@@ -275,24 +320,81 @@ def time_call(function: Callable[[], Any], device: torch.device | str = "cpu", r
     return min(times)  # the least disturbed run: other processes only ever add time
 
 
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One timing `calibrate` takes: ``run()`` on ``device``, and the regression row it feeds.
+
+    ``kind`` is ``"sparse"`` (features: 1, heads × query blocks, kept multiply-adds) or
+    ``"dense"`` (features: 1, multiply-adds of dense attention).
+    """
+
+    kind: str
+    features: tuple[float, ...]
+    run: Callable[[], Any]
+
+
+def time_measurement(measurement: Measurement, device: torch.device, repeats: int) -> float:
+    """The default timer of `calibrate`: `time_call` of ``measurement.run``."""
+    return time_call(measurement.run, device, repeats)
+
+
+Timer = Callable[[Measurement, torch.device, int], float]
+"""Seconds of one measurement: ``timer(measurement, device, repeats)`` (default `time_measurement`)."""
+
+# Calibration is degenerate unless, at some length, the densest tables take this much longer than the sparsest.
+MIN_DENSITY_GROWTH = 1.05
+
+
 def calibrate(backend: str = "torch", device: str | torch.device = "cpu", *, dtype: torch.dtype | None = None,
               lengths: Sequence[int] = (1024, 2048, 4096), densities: Sequence[float] = (0.05, 0.15, 0.3, 0.6),
               heads: int = 8, head_dim: int = 64, block_size: int = 64, repeats: int = 3,
-              progress: Callable[[str], None] | None = None) -> HardwareProfile:
+              progress: Callable[[str], None] | None = None, timer: Timer = time_measurement,
+              attempts: int = 3) -> HardwareProfile:
     """Measure ``backend`` and dense SDPA on ``device`` over random block tables and fit `BackendCosts`.
+
+    The sparse time must grow with the kept blocks; on a busy machine the measurements can hide
+    that (a *degenerate* measurement: at no length do the densest tables take 5% longer than the
+    sparsest, or the fit finds no per-block cost — either would make every density look
+    equally fast). Such a fit is measured again with twice the
+    repeats, up to ``attempts`` times, and then refused with an explanation rather than saved.
+    ``timer(measurement, device, repeats)`` returns the seconds of one `Measurement`.
 
     Example:
         >>> profile = calibrate("torch", "cpu", lengths=(256,), densities=(0.25, 0.5), repeats=1)  # doctest: +SKIP
     """
     from sparsify.backends import get_backend
-    from sparsify.ops import dense_attention
-    from sparsify.runtime.block_mask import RuntimeBlockMask
 
     device = torch.device(device)
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    if len(set(densities)) < 2 or len(set(lengths)) < 1:
+        raise SparsifyError(f"calibrate needs at least two densities and one length, got densities={list(densities)} "
+                            f"lengths={list(lengths)}")
     implementation = get_backend(backend)
-    if not implementation.is_available(device):
-        raise SparsifyError(f"backend {backend!r} is not available here; cannot calibrate it")
+    reason = implementation.availability(device)
+    if reason is not None:
+        hint = f"; {implementation.install_hint}" if implementation.install_hint else ""
+        raise SparsifyError(f"backend {backend!r} is not available here: {reason}{hint}; cannot calibrate it")
+    for attempt in range(1, attempts + 1):
+        profile = _measure_and_fit(implementation, backend, device, dtype, lengths, densities, heads, head_dim,
+                                   block_size, repeats, progress, timer)
+        if profile.fit["density_growth"] >= MIN_DENSITY_GROWTH and profile.costs.per_block_element > 0:
+            return profile
+        logger.warning("calibration attempt %d: the sparse time did not grow with the kept blocks (noisy timings?); "
+                       "measuring again with %d repeats", attempt, repeats * 2)
+        repeats *= 2
+    raise SparsifyError(
+        f"calibrating {backend!r} on {device_name(device)} failed: after {attempts} attempts the sparse kernel's time "
+        f"still did not grow with the number of kept blocks, so no per-block cost could be fitted (the machine is "
+        f"probably busy). Run it again on an idle machine, with more --repeats or longer --lengths"
+    )
+
+
+def _measure_and_fit(implementation, backend: str, device: torch.device, dtype: torch.dtype, lengths: Sequence[int],
+                     densities: Sequence[float], heads: int, head_dim: int, block_size: int, repeats: int,
+                     progress: Callable[[str], None] | None, timer: Timer) -> HardwareProfile:
+    from sparsify.ops import dense_attention
+    from sparsify.runtime.block_mask import RuntimeBlockMask
+
     generator = torch.Generator().manual_seed(0)
     sparse_rows: list[list[float]] = []
     sparse_times: list[float] = []
@@ -300,8 +402,9 @@ def calibrate(backend: str = "torch", device: str | torch.device = "cpu", *, dty
     dense_times: list[float] = []
     for length in lengths:
         q, k, v = (torch.randn(1, heads, length, head_dim, generator=generator).to(device, dtype) for _ in range(3))
-        dense_times.append(time_call(lambda: dense_attention(q, k, v), device, repeats))
         dense_rows.append([1.0, heads * length * length * head_dim])
+        dense_times.append(timer(Measurement("dense", tuple(dense_rows[-1]), lambda: dense_attention(q, k, v)),
+                                 device, repeats))
         blocks = blocks_for(length, block_size)
         for density in densities:
             masks = torch.rand(heads, blocks, blocks, generator=generator) < density
@@ -310,9 +413,10 @@ def calibrate(backend: str = "torch", device: str | torch.device = "cpu", *, dty
                                                      k_len=length, causal=False)
             plan = implementation.prepare(mask, q_shape=tuple(q.shape), k_shape=tuple(k.shape),
                                           v_shape=tuple(v.shape), dtype=q.dtype, device=device)
-            seconds = time_call(lambda: implementation.run(plan, q, k, v), device, repeats)
-            sparse_times.append(seconds)
             sparse_rows.append([1.0, heads * blocks, float(masks.sum()) * block_size**2 * head_dim])
+            seconds = timer(Measurement("sparse", tuple(sparse_rows[-1]),
+                                        lambda: implementation.run(plan, q, k, v)), device, repeats)
+            sparse_times.append(seconds)
             if progress:
                 progress(f"S={length} density={density:.2f}: {seconds * 1e3:.2f} ms")
     sparse_fit = _nonnegative_fit(sparse_rows, sparse_times)
@@ -320,19 +424,35 @@ def calibrate(backend: str = "torch", device: str | torch.device = "cpu", *, dty
     costs = BackendCosts(sparse_fit[0], sparse_fit[1], sparse_fit[2], dense_fit[0], dense_fit[1])
     predicted = [sum(c * x for c, x in zip(sparse_fit, row)) for row in sparse_rows]
     relative = [abs(p - t) / t for p, t in zip(predicted, sparse_times)]
+    # Per length, time of the densest tables over time of the sparsest; the largest over the lengths.
+    densest = max(range(len(densities)), key=densities.__getitem__)
+    sparsest = min(range(len(densities)), key=densities.__getitem__)
+    growth = max(sparse_times[start + densest] / max(sparse_times[start + sparsest], 1e-30)
+                 for start in range(0, len(sparse_times), len(densities)))
     fit = {"samples": len(sparse_times) + len(dense_times), "mean_relative_error": sum(relative) / len(relative),
+           "density_growth": round(growth, 6),
            "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, "heads": heads, "head_dim": head_dim,
            "block_size": block_size, "lengths": list(lengths), "densities": list(densities)}
     return HardwareProfile(backend, device.type, device_name(device), costs, fit)
 
 
 def _nonnegative_fit(rows: list[list[float]], times: list[float]) -> list[float]:
-    """Least squares with coefficients clamped at zero (refit without the clamped columns)."""
+    """Least squares with coefficients clamped at zero (refit without the clamped columns).
+
+    Rows are weighted by ``1 / time`` (relative errors count, not absolute ones) and columns are
+    scaled to unit size first: the features span ten orders of magnitude (1 launch vs. 1e9
+    multiply-adds), which would otherwise make the solve ill-conditioned.
+
+    Example:
+        >>> [round(c, 6) for c in _nonnegative_fit([[1, 1], [1, 2], [1, 4]], [3, 5, 9])]
+        [1.0, 2.0]
+    """
     matrix = torch.tensor(rows, dtype=torch.float64)
-    target = torch.tensor(times, dtype=torch.float64)
+    target = torch.tensor(times, dtype=torch.float64).clamp_min(1e-12)
+    scale = matrix.abs().amax(0).clamp_min(1e-300)
+    matrix = matrix / scale
     active = list(range(matrix.shape[1]))
     coefficients = torch.zeros(matrix.shape[1], dtype=torch.float64)
-    # Relative weighting: fit log-scale-ish by dividing each row by its time.
     weights = 1.0 / target
     while active:
         solution = torch.linalg.lstsq(matrix[:, active] * weights[:, None], target * weights).solution
@@ -340,4 +460,4 @@ def _nonnegative_fit(rows: list[list[float]], times: list[float]) -> list[float]
             coefficients[active] = solution
             break
         active = [a for a, s in zip(active, solution.tolist()) if s > 0]
-    return coefficients.tolist()
+    return (coefficients / scale).tolist()

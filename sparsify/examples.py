@@ -103,16 +103,38 @@ def video_transformer(seq_frames: int = 8, height: int = 16, width: int = 16, di
         >>> tokens.shape
         torch.Size([1, 32, 32])
     """
-    torch.manual_seed(seed)
-    model = VideoTransformer(dim, heads, layers).eval()
-    return model, (torch.randn(1, seq_frames * height * width, dim),)
+    with torch.random.fork_rng(devices=[]):  # the weights come from the seed; the caller's random stream is untouched
+        torch.manual_seed(seed)
+        model = VideoTransformer(dim, heads, layers).eval()
+    tokens = torch.randn(1, seq_frames * height * width, dim, generator=torch.Generator().manual_seed(seed))
+    return model, (tokens,)
 
 
 def manual_attention_block(seq: int = 256, dim: int = 64, heads: int = 4, causal: bool = True,
                            seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor]]:
-    """Factory for the CLI: ``(model, example_inputs)`` of a `ManualAttentionBlock`."""
-    torch.manual_seed(seed)
-    return ManualAttentionBlock(dim, heads, causal).eval(), (torch.randn(1, seq, dim),)
+    """Factory for the CLI: ``(model, example_inputs)`` of a `ManualAttentionBlock` (weights from ``seed``).
+
+    Example:
+        >>> model, (x,) = manual_attention_block(seq=32, dim=16, heads=2)
+        >>> model(x).shape
+        torch.Size([1, 32, 16])
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the weights come from the seed; the caller's random stream is untouched
+        torch.manual_seed(seed)
+        model = ManualAttentionBlock(dim, heads, causal).eval()
+    return model, (torch.randn(1, seq, dim, generator=generator),)
+
+
+def manual_attention_batches(seq: int = 256, dim: int = 64, count: int = 4, seed: int = 1) -> list[torch.Tensor]:
+    """Calibration batches for `manual_attention_block` (``--calib sparsify.examples:manual_attention_batches``).
+
+    Example:
+        >>> [batch.shape for batch in manual_attention_batches(seq=32, dim=16, count=2)]
+        [torch.Size([1, 32, 16]), torch.Size([1, 32, 16])]
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, seq, dim, generator=generator) for _ in range(count)]
 
 
 class StructuredVideoTransformer(nn.Module):

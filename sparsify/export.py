@@ -38,7 +38,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -52,6 +51,7 @@ import torch.fx
 
 from sparsify.capture import normalize_inputs
 from sparsify.errors import SparsifyError, UnsupportedError
+from sparsify.io import atomic_paths
 from sparsify.onnx_lowering import (
     ATTENTION_OPSET,
     BlockGatherAttention,
@@ -72,9 +72,7 @@ __all__ = [
     "BlockGatherAttention",
     "LoweringRequest",
     "OnnxExport",
-    "add_export_command",
     "attention_op_lowering",
-    "command_export",
     "dense_attention_lowering",
     "export_onnx",
     "onnx_lowerings",
@@ -347,8 +345,13 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
         large = model.ByteSize() > (1 << 31) - (64 << 20)
     except ValueError:                       # protobuf refuses to size messages past 2 GiB
         large = True
-    onnx.save_model(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
-    onnx.checker.check_model(str(path), full_check=not large)
+    # Written atomically (sparsify.io): checked before it replaces the file that was there, which a failed or
+    # refused export leaves intact. A large model's external data file is replaced right before the model.
+    targets = [path.with_name(path.name + ".data"), path] if large else [path]
+    with atomic_paths(*targets) as temporaries:
+        onnx.save_model(model, str(temporaries[-1]), save_as_external_data=large,
+                        location=path.name + ".data" if large else None)
+        onnx.checker.check_model(str(temporaries[-1]), full_check=not large)
     opset_used = next(o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS)
     result = OnnxExport(path=path, opset=int(opset_used),
                         input_names=names, output_names=output_names, dynamic_batch=dynamic_batch,
@@ -662,56 +665,3 @@ def _check_standard(model, onnx) -> None:
     functions = sorted({f"{f.domain}::{f.name}" for f in model.functions})
     if custom or functions:
         raise UnsupportedError(f"the exported graph uses non-standard ONNX domains: {', '.join(custom + functions)}")
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: sparsify-cli export
-
-
-def command_export(args: argparse.Namespace) -> int:
-    """``sparsify-cli export --model pkg.mod:factory --strategy s.json --out model.onnx``."""
-    import sparsify
-    from sparsify.cli import load_factory
-
-    model, example_inputs = load_factory(args.model)
-    compiled = sparsify.compile(model, strategy=args.strategy, example_inputs=example_inputs, backend=args.backend)
-    result = export_onnx(compiled, example_inputs, args.out, opset=args.opset)
-    batch = "batch dynamic" if result.dynamic_batch else "batch fixed"
-    print(f"wrote {result.path} (opset {result.opset}): {result.sparse_sites} sparse / {result.dense_sites} dense "
-          f"site(s); inputs {', '.join(result.input_names)} ({batch}); outputs {', '.join(result.output_names)}")
-    if result.seq_lengths:
-        lengths = sorted({f"{q}x{k}" for q, k in result.seq_lengths.values()})
-        print(f"sequence length fixed at export: {', '.join(lengths)} (q x k); export again for another length")
-    if args.check:
-        _check_with_onnxruntime(compiled, example_inputs, result)
-    return 0
-
-
-def _check_with_onnxruntime(compiled, example_inputs, result: OnnxExport) -> None:
-    import numpy as np
-    import onnxruntime
-
-    args, kwargs = normalize_inputs(example_inputs)
-    kwargs = {**compiled.fixed_kwargs, **kwargs}
-    _, names, tensors = _tensor_inputs(compiled.graph_module, args, kwargs)
-    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {n: t.numpy() for n, t in zip(names, tensors)})[0]
-    with torch.no_grad():
-        output = compiled(*args, **kwargs)
-    expected = next(l for l in torch.utils._pytree.tree_leaves(output) if isinstance(l, torch.Tensor)).numpy()
-    error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
-    print(f"onnxruntime (CPU) vs compiled PyTorch: max relative error {error:.2e}")
-
-
-def add_export_command(commands: Any) -> None:
-    """Register ``export`` on the CLI's subparsers (``commands = parser.add_subparsers(...)``)."""
-    from sparsify.cli import DEFAULT_EXAMPLE
-
-    export = commands.add_parser("export", help="apply a strategy and export the sparse model to ONNX")
-    export.add_argument("--model", default=DEFAULT_EXAMPLE, help="package.module:factory")
-    export.add_argument("--strategy", required=True, help="strategy JSON file")
-    export.add_argument("--out", required=True, help="the .onnx file to write")
-    export.add_argument("--backend", default="torch", help="backend the strategy is applied with (default torch)")
-    export.add_argument("--opset", type=int, default=None, help=f"ONNX opset (>= {MIN_OPSET}; default: exporter's)")
-    export.add_argument("--check", action="store_true", help="run the file in onnxruntime and compare outputs")
-    export.set_defaults(handler=command_export)

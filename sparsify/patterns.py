@@ -13,6 +13,16 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from sparsify.errors import PatternError
+from sparsify.limits import (
+    MAX_EXPONENT,
+    MAX_GRID_BLOCKS,
+    MAX_LINES,
+    MAX_PARTS,
+    MAX_PATTERN_DEPTH,
+    MAX_TOKENS,
+    int_range_problem,
+    shown,
+)
 
 __all__ = [
     "BlockGrid",
@@ -50,6 +60,11 @@ __all__ = [
     "causal_block_mask",
     "register_pattern",
     "known_patterns",
+    "AdaptivePattern",
+    "EstimatedVerticalSlash",
+    "PooledCoverage",
+    "estimated_vertical_slash",
+    "pooled_coverage",
     "pattern_from_dict",
 ]
 
@@ -274,6 +289,11 @@ class Pattern(abc.ABC):
         """True for `skip`: the head's output is dropped (the rewrite writes zeros for it)."""
         return False
 
+    @property
+    def is_adaptive(self) -> bool:
+        """True when the mask is estimated per input (`sparsify.adaptive_patterns`), or a part of it is."""
+        return False
+
     @abc.abstractmethod
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         """Kept blocks ``bool [q_blocks, k_blocks]`` before the causal triangle and row fallback."""
@@ -493,19 +513,35 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_positive_int(owner: str, field: str, value: Any) -> None:
+    """A run-time size (block counts, lengths): any positive int."""
     if not _is_int(value) or value < 1:
-        raise PatternError(f"{owner}: {field} must be a positive int, got {value!r}")
+        raise PatternError(f"{owner}: {field} must be a positive int, got {shown(value)}")
 
 
-def _check_nonnegative_int(owner: str, field: str, value: Any) -> None:
-    if not _is_int(value) or value < 0:
-        raise PatternError(f"{owner}: {field} must be a non-negative int, got {value!r}")
+def _check_tokens(owner: str, field: str, value: Any, low: int = 1) -> None:
+    """A pattern parameter counted in tokens: an int in ``[low, MAX_TOKENS]``."""
+    _check_bounded(owner, field, value, low, MAX_TOKENS, "MAX_TOKENS")
 
 
-def _int_tuple(owner: str, field: str, values: Any) -> tuple[int, ...]:
-    """``values`` (a list or tuple of ints) sorted and deduplicated, else a `PatternError`."""
+def _check_bounded(owner: str, field: str, value: Any, low: int, high: int, bound: str) -> None:
+    problem = int_range_problem(value, low, high, bound)
+    if problem is not None:
+        raise PatternError(f"{owner}: {field} {problem}")
+
+
+def _check_count(owner: str, field: str, values: Any, high: int, bound: str) -> None:
+    if isinstance(values, (list, tuple)) and len(values) > high:
+        raise PatternError(
+            f"{owner}: {field} holds {len(values)} entries; at most {high} ({bound} in sparsify.limits)"
+        )
+
+
+def _int_tuple(owner: str, field: str, values: Any, low: int = -MAX_TOKENS) -> tuple[int, ...]:
+    """``values`` (a list or tuple of ints in ``[low, MAX_TOKENS]``) sorted and deduplicated."""
     if not isinstance(values, (list, tuple)) or not all(_is_int(value) for value in values):
-        raise PatternError(f"{owner}: {field} must be a list of ints, got {values!r}")
+        raise PatternError(f"{owner}: {field} must be a list of ints, got {shown(values)}")
+    for value in values:
+        _check_bounded(owner, f"{field} entry", value, low, MAX_TOKENS, "MAX_TOKENS")
     return tuple(sorted(set(values)))
 
 
@@ -515,8 +551,9 @@ def _relative_positions(owner: str, field: str, values: Any) -> tuple[float, ...
         isinstance(value, (int, float)) and not isinstance(value, bool) for value in values
     ):
         raise PatternError(
-            f"{owner}: {field} must be a list of relative positions in [0, 1), got {values!r}"
+            f"{owner}: {field} must be a list of relative positions in [0, 1), got {shown(values)}"
         )
+    _check_count(owner, field, values, MAX_LINES, "MAX_LINES")
     for value in values:
         if not 0.0 <= value < 1.0:
             raise PatternError(
@@ -627,7 +664,7 @@ class SlidingWindow(Pattern):
     window: int
 
     def __post_init__(self) -> None:
-        _check_positive_int("sliding_window", "window", self.window)
+        _check_tokens("sliding_window", "window", self.window)
 
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         # The differences q - k over a block pair fill the integer range
@@ -659,7 +696,7 @@ class AttentionSinks(Pattern):
     num_tokens: int
 
     def __post_init__(self) -> None:
-        _check_positive_int("attention_sinks", "num_tokens", self.num_tokens)
+        _check_tokens("attention_sinks", "num_tokens", self.num_tokens)
 
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         return (grid.key_first < self.num_tokens).expand(grid.q_blocks, grid.k_blocks)
@@ -719,7 +756,7 @@ class LastTokens(Pattern):
     num_tokens: int
 
     def __post_init__(self) -> None:
-        _check_positive_int("last_tokens", "num_tokens", self.num_tokens)
+        _check_tokens("last_tokens", "num_tokens", self.num_tokens)
 
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         return _key_ranges_block_mask(grid, [grid.k_len - self.num_tokens], [grid.k_len - 1])
@@ -752,8 +789,8 @@ class AShape(Pattern):
     _positional: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
-        _check_positive_int("a_shape", "sink_tokens", self.sink_tokens)
-        _check_positive_int("a_shape", "window", self.window)
+        _check_tokens("a_shape", "sink_tokens", self.sink_tokens)
+        _check_tokens("a_shape", "window", self.window)
 
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         sinks = AttentionSinks(self.sink_tokens)._block_mask(grid)
@@ -833,10 +870,10 @@ class MultiDiagonal(DistancePattern):
     count: int | None = None
 
     def __post_init__(self) -> None:
-        _check_positive_int("multi_diagonal", "period", self.period)
-        _check_nonnegative_int("multi_diagonal", "width", self.width)
+        _check_tokens("multi_diagonal", "period", self.period)
+        _check_tokens("multi_diagonal", "width", self.width, low=0)
         if self.count is not None:
-            _check_nonnegative_int("multi_diagonal", "count", self.count)
+            _check_tokens("multi_diagonal", "count", self.count, low=0)
 
     def keeps_distance_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         # Band m meets [lo, hi] iff m * period - width <= hi and m * period + width >= lo.
@@ -879,8 +916,8 @@ class Strided(DistancePattern):
     width: int = 1
 
     def __post_init__(self) -> None:
-        _check_positive_int("strided", "stride", self.stride)
-        _check_positive_int("strided", "width", self.width)
+        _check_tokens("strided", "stride", self.stride)
+        _check_tokens("strided", "width", self.width)
         if self.width > self.stride:
             raise PatternError(
                 f"strided: width must be at most stride={self.stride}, got {self.width}"
@@ -926,8 +963,8 @@ class Radial(DistancePattern):
     decay_tokens: int
 
     def __post_init__(self) -> None:
-        _check_positive_int("radial", "window", self.window)
-        _check_positive_int("radial", "decay_tokens", self.decay_tokens)
+        _check_tokens("radial", "window", self.window)
+        _check_tokens("radial", "decay_tokens", self.decay_tokens)
 
     def keeps_distance_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return _symmetric_range(self._keeps_abs_range, lo, hi)
@@ -993,8 +1030,8 @@ class PowerOfTwo(DistancePattern):
 
     def __post_init__(self) -> None:
         if self.max_exponent is not None:
-            _check_nonnegative_int("power_of_two", "max_exponent", self.max_exponent)
-        _check_nonnegative_int("power_of_two", "width", self.width)
+            _check_bounded("power_of_two", "max_exponent", self.max_exponent, 0, MAX_EXPONENT, "MAX_EXPONENT")
+        _check_tokens("power_of_two", "width", self.width, low=0)
 
     def keeps_distance_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
@@ -1053,7 +1090,7 @@ class VerticalStripes(Pattern):
         if not positions:
             raise PatternError("vertical_stripes: positions must hold at least one position")
         object.__setattr__(self, "positions", positions)
-        _check_positive_int("vertical_stripes", "width", self.width)
+        _check_tokens("vertical_stripes", "width", self.width)
 
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         return _key_ranges_block_mask(grid, *_stripe_ranges(self.positions, self.width, grid.k_len))
@@ -1090,12 +1127,13 @@ class VerticalSlash(Pattern):
 
     def __post_init__(self) -> None:
         vertical = _relative_positions("vertical_slash", "vertical", self.vertical)
+        _check_count("vertical_slash", "slash", self.slash, MAX_LINES, "MAX_LINES")
         slash = _int_tuple("vertical_slash", "slash", self.slash)
         if not vertical and not slash:
             raise PatternError("vertical_slash: vertical and slash are both empty")
         object.__setattr__(self, "vertical", vertical)
         object.__setattr__(self, "slash", slash)
-        _check_positive_int("vertical_slash", "width", self.width)
+        _check_tokens("vertical_slash", "width", self.width)
 
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         vertical = _key_ranges_block_mask(grid, *_stripe_ranges(self.vertical, self.width, grid.k_len))
@@ -1161,8 +1199,14 @@ class BlockTopK(Pattern):
     near_blocks: int = 4
 
     def __post_init__(self) -> None:
-        _check_positive_int("block_top_k", "source_q_blocks", self.source_q_blocks)
-        _check_positive_int("block_top_k", "source_k_blocks", self.source_k_blocks)
+        for field in ("source_q_blocks", "source_k_blocks"):
+            _check_bounded("block_top_k", field, getattr(self, field), 1, MAX_GRID_BLOCKS, "MAX_GRID_BLOCKS")
+        if self.source_q_blocks * self.source_k_blocks > MAX_GRID_BLOCKS:
+            raise PatternError(
+                f"block_top_k: the source grid source_q_blocks x source_k_blocks = {self.source_q_blocks} x "
+                f"{self.source_k_blocks} = {self.source_q_blocks * self.source_k_blocks} blocks; at most "
+                f"{MAX_GRID_BLOCKS} (MAX_GRID_BLOCKS in sparsify.limits)"
+            )
         if not isinstance(self.table, (list, tuple)):
             raise PatternError(
                 f"block_top_k: table must be a list of lists of key block indices, got "
@@ -1188,7 +1232,7 @@ class BlockTopK(Pattern):
                 f"block_top_k: relative_to must be one of {', '.join(_RELATIVE_TO)}, "
                 f"got {self.relative_to!r}"
             )
-        _check_nonnegative_int("block_top_k", "near_blocks", self.near_blocks)
+        _check_tokens("block_top_k", "near_blocks", self.near_blocks, low=0)
 
     @classmethod
     def from_block_scores(
@@ -1373,6 +1417,28 @@ class _Composite(Pattern):
                     f"{self.pattern_name}: parts[{index}] is skip(); a dropped head does not "
                     "combine with other patterns"
                 )
+        if len(self.parts) > MAX_PARTS:
+            raise PatternError(
+                f"{self.pattern_name}: {len(self.parts)} parts; at most {MAX_PARTS} "
+                f"(MAX_PARTS in sparsify.limits)"
+            )
+        depth = self.nesting_depth
+        if depth > MAX_PATTERN_DEPTH:
+            raise PatternError(
+                f"{self.pattern_name}: unions and intersections nested {depth} deep; at most "
+                f"{MAX_PATTERN_DEPTH} (MAX_PATTERN_DEPTH in sparsify.limits)"
+            )
+
+    @property
+    def nesting_depth(self) -> int:
+        """1 for a union or intersection of plain patterns, one more per level of nesting."""
+        return 1 + max(
+            (part.nesting_depth for part in self.parts if isinstance(part, _Composite)), default=0
+        )
+
+    @property
+    def is_adaptive(self) -> bool:
+        return any(part.is_adaptive for part in self.parts)
 
     def _params(self) -> dict[str, Any]:
         return {"parts": [part.to_dict() for part in self.parts]}
@@ -1385,15 +1451,22 @@ class _Composite(Pattern):
         return None
 
     @classmethod
-    def _from_params(cls, params: Mapping[str, Any], location: str) -> Pattern:
+    def _from_params(cls, params: Mapping[str, Any], location: str, depth: int = 0) -> Pattern:
         parts = params["parts"]
         if not isinstance(parts, list):
             raise PatternError(
                 f"{location}: pattern {cls.pattern_name!r}: parts must be a list of patterns, "
                 f"got {type(parts).__name__}"
             )
+        if len(parts) > MAX_PARTS:
+            raise PatternError(
+                f"{location}: pattern {cls.pattern_name!r}: {len(parts)} parts; at most "
+                f"{MAX_PARTS} (MAX_PARTS in sparsify.limits)"
+            )
         return cls(
-            tuple(_from_dict(part, f"{location}.parts[{i}]") for i, part in enumerate(parts))
+            tuple(
+                _from_dict(part, f"{location}.parts[{i}]", depth + 1) for i, part in enumerate(parts)
+            )
         )
 
     def __str__(self) -> str:
@@ -1621,7 +1694,7 @@ def pattern_from_dict(data: Mapping[str, Any]) -> Pattern:
     """Rebuild a pattern from `Pattern.to_dict` output, checking name and parameters.
 
     Raises `PatternError` naming the pattern and listing the known names or the expected
-    parameters.
+    parameters; every number is checked against its bound in `sparsify.limits`.
 
     Example:
         >>> pattern_from_dict({"pattern": "sliding_window", "window": 512})
@@ -1630,8 +1703,13 @@ def pattern_from_dict(data: Mapping[str, Any]) -> Pattern:
     return _from_dict(data, "")
 
 
-def _from_dict(data: Any, location: str) -> Pattern:
+def _from_dict(data: Any, location: str, depth: int = 0) -> Pattern:
     where = f"{location}: " if location else ""
+    if depth > MAX_PATTERN_DEPTH:
+        raise PatternError(
+            f"{where}patterns nested more than {MAX_PATTERN_DEPTH} deep "
+            f"(MAX_PATTERN_DEPTH in sparsify.limits)"
+        )
     if not isinstance(data, Mapping):
         raise PatternError(
             f"{where}a pattern must be a JSON object like {{\"pattern\": \"dense\"}}, "
@@ -1667,8 +1745,20 @@ def _from_dict(data: Any, location: str) -> Pattern:
             f"{', '.join(expected) if expected else '(no parameters)'}"
         )
     try:
+        if issubclass(cls, _Composite):
+            return cls._from_params(params, location or name, depth)
         return cls._from_params(params, location or name)
     except PatternError as error:
         if location and not str(error).startswith(location):
             raise PatternError(f"{where}{error}") from error
         raise
+
+
+# Input-adaptive families register themselves in the same registry (and are reachable from here).
+from sparsify.adaptive_patterns import (  # noqa: E402
+    AdaptivePattern,
+    EstimatedVerticalSlash,
+    PooledCoverage,
+    estimated_vertical_slash,
+    pooled_coverage,
+)

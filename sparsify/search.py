@@ -10,13 +10,17 @@ Flow (DESIGN.md §5):
    output against dense (`sparsify.profile.CandidateErrors`);
 5. choose — per site, the cheapest combination whose site output error stays within
    ``max_error`` (a multiple-choice knapsack solved with a Lagrange multiplier); with a global
-   ``target_density`` / ``target_speedup``, the multiplier is shared by all sites and the
-   error is allocated where it costs least.
+   ``target_density`` / ``target_speedup``, the least total error that meets the target with
+   every site still within ``max_error`` (`allocate_with_target`). A target out of reach
+   within the budget is reported (strategy metadata ``target``, a warning), never met by
+   exceeding ``max_error`` — unless ``target_overrides_max_error`` asks for it, and then the
+   sites over budget are named. A site never drops all of its heads (``skip``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 from typing import Any, Callable, Sequence
@@ -26,8 +30,11 @@ import torch
 from sparsify import patterns as pattern_library
 from sparsify.capture import Captured, normalize_inputs
 from sparsify.cost import CostModel
+from sparsify.distributed import CalibrationGroup, calibration_group
 from sparsify.errors import SparsifyError
+from sparsify.options import DEFAULT_OPTIONS, CompileOptions
 from sparsify.patterns import Pattern
+from sparsify.adaptive_search import AdaptiveCandidateMasks, adaptive_candidates
 from sparsify.profile import BlockMassProfile, CandidateErrors
 from sparsify.site import AttentionSite
 from sparsify.strategy import SiteStrategy, Strategy
@@ -35,70 +42,14 @@ from sparsify.tables import blocks_for
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_ERROR = 0.05
 # Static block tables hold positions of the calibration length; at equal cost a pattern defined
 # relative to the query and the sequence ends transfers better, so tables pay this much more.
 STATIC_TABLE_COST_FACTOR = 1.05
 
+SearchConfig = CompileOptions
+"""The search reads the shared options object (`sparsify.options.CompileOptions`)."""
 
-@dataclasses.dataclass(frozen=True)
-class SearchConfig:
-    """Options of the search (validated).
-
-    Attributes:
-        max_error: largest relative L2 error of each site's output against dense, in [0, 1).
-            ``0`` keeps every head dense.
-        target_density: optional global target of kept work over dense work (0, 1].
-        target_speedup: optional global target of estimated attention speedup (> 1).
-        block_size: block edge in tokens; ``None``: 64 on CPU, 128 on GPU.
-        min_recall: candidates keeping less attention mass on the profile are not scored.
-        holdout_fraction: share of calibration batches held out to score candidates.
-        backend: backend the cost model prices (``"auto"``: ``torch`` on CPU, ``triton`` on GPU).
-        dense_steps: leading forward calls (e.g. diffusion steps) of each generation that stay
-            dense; calibration calls of those steps are neither profiled nor scored.
-        steps_per_generation: calls per generation; calibration call ``i`` is step
-            ``i % steps_per_generation`` (without it: step ``i``).
-        seed: seed for every random choice.
-        profile_rows_per_block: query rows per block sampled for the block-mass profile
-            (``None``: all rows).
-        score_rows_per_block: query rows per block whose output error is measured on the
-            held-out batches (``None``: all rows) — an unbiased estimate of the site error.
-    """
-
-    max_error: float = DEFAULT_MAX_ERROR
-    target_density: float | None = None
-    target_speedup: float | None = None
-    block_size: int | None = None
-    min_recall: float = 0.7
-    holdout_fraction: float = 0.25
-    backend: str = "auto"
-    dense_steps: int = 0
-    steps_per_generation: int | None = None
-    seed: int = 0
-    profile_rows_per_block: int | None = 16
-    score_rows_per_block: int | None = 32
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.max_error, (int, float)) and 0 <= self.max_error < 1):
-            raise SparsifyError(f"max_error must be in [0, 1), got {self.max_error!r}")
-        if self.target_density is not None and not 0 < self.target_density <= 1:
-            raise SparsifyError(f"target_density must be in (0, 1], got {self.target_density!r}")
-        if self.target_speedup is not None and not self.target_speedup >= 1:
-            raise SparsifyError(f"target_speedup must be >= 1, got {self.target_speedup!r}")
-        if self.target_density is not None and self.target_speedup is not None:
-            raise SparsifyError("give target_density or target_speedup, not both")
-        if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
-            raise SparsifyError(f"block_size must be a power of two >= 16, got {self.block_size!r}")
-        if not 0 <= self.min_recall < 1:
-            raise SparsifyError(f"min_recall must be in [0, 1), got {self.min_recall!r}")
-        if not 0 < self.holdout_fraction < 1:
-            raise SparsifyError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction!r}")
-        if self.dense_steps < 0:
-            raise SparsifyError(f"dense_steps must be >= 0, got {self.dense_steps!r}")
-        if self.steps_per_generation is not None and not (0 < self.steps_per_generation and
-                                                          self.dense_steps < self.steps_per_generation):
-            raise SparsifyError(f"steps_per_generation must be positive and larger than dense_steps "
-                                f"({self.dense_steps}), got {self.steps_per_generation!r}")
+DEFAULT_MAX_ERROR = DEFAULT_OPTIONS.max_error
 
 
 # -- calibration data -----------------------------------------------------------------------------
@@ -324,6 +275,7 @@ class HeadOptions:
     relative_error: torch.Tensor
     recall: torch.Tensor
     output_norm: float  # Σ ||dense output||² of the head
+    work_spread: torch.Tensor | None = None  # per candidate: std over held-out inputs of the work (adaptive ones)
 
 
 def choose_with_multiplier(options: Sequence[HeadOptions], primary: Callable[[HeadOptions], torch.Tensor],
@@ -333,6 +285,8 @@ def choose_with_multiplier(options: Sequence[HeadOptions], primary: Callable[[He
     Lagrangian relaxation: each head takes ``argmin primary + λ·secondary``; λ is found by
     bisection (in log space) as the smallest that meets the budget. Index 0 of every head must
     be feasible on its own for the budget (dense has zero error), so a solution always exists.
+    Candidates off the convex hull, which no λ picks, are then tried greedily with what is left
+    of the budget (`improve_greedily`).
 
     Example:
         >>> option = HeadOptions("s", 0, [], torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.5]),
@@ -341,8 +295,13 @@ def choose_with_multiplier(options: Sequence[HeadOptions], primary: Callable[[He
         [1]
     """
 
+    def priced(option: HeadOptions, multiplier: float) -> torch.Tensor:
+        # An infinite secondary (an excluded candidate) stays infinite at multiplier 0 (0·inf is NaN).
+        penalty = secondary(option)
+        return primary(option) + torch.where(torch.isfinite(penalty), multiplier * penalty, math.inf)
+
     def pick(multiplier: float) -> tuple[list[int], float]:
-        choice = [int(torch.argmin(primary(o) + multiplier * secondary(o))) for o in options]
+        choice = [int(torch.argmin(priced(o, multiplier))) for o in options]
         return choice, sum(float(secondary(o)[c]) for o, c in zip(options, choice))
 
     choice, used = pick(0.0)
@@ -359,7 +318,53 @@ def choose_with_multiplier(options: Sequence[HeadOptions], primary: Callable[[He
             high, best = middle, candidate
         else:
             low = middle
-    return best
+    objective, cost = _padded([primary(o) for o in options]), _padded([secondary(o) for o in options])
+    group = torch.zeros(len(options), dtype=torch.long)
+    improved = improve_greedily(objective, [(cost, group, torch.tensor([budget], dtype=torch.float64))],
+                                torch.tensor(best))
+    return improved.tolist()
+
+
+def _padded(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[len(rows), longest]`` float64, padded with ``inf`` (a padded slot is never feasible)."""
+    table = torch.full((len(rows), max(len(r) for r in rows)), math.inf, dtype=torch.float64)
+    for index, row in enumerate(rows):
+        table[index, :len(row)] = row.to(torch.float64)
+    return table
+
+
+def improve_greedily(objective: torch.Tensor, constraints: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     choice: torch.Tensor) -> torch.Tensor:
+    """Move heads to candidates that lower Σ ``objective`` while every constraint stays met, best move first.
+
+    ``objective`` is ``[heads, candidates]``; each constraint is ``(values [heads, candidates],
+    group [heads], budgets [groups])``: per group, the chosen values must sum to at most its
+    budget. Candidates with an infinite value are never moved to. Stops when no move helps.
+
+    Example:
+        >>> objective = torch.tensor([[1.0, 0.6], [1.0, 0.4]], dtype=torch.float64)   # work: dense, sparse
+        >>> error = torch.tensor([[0.0, 0.3], [0.0, 0.2]], dtype=torch.float64)
+        >>> improve_greedily(objective, [(error, torch.tensor([0, 0]), torch.tensor([0.25]))], torch.tensor([0, 0]))
+        tensor([0, 1])
+    """
+    choice = choice.clone()
+    heads = torch.arange(objective.shape[0])
+    for _ in range(objective.numel()):
+        current = objective[heads, choice]
+        gain = current.unsqueeze(1) - objective
+        feasible = torch.isfinite(objective) & (gain > 1e-12 * current.abs().clamp_min(1e-300).unsqueeze(1))
+        for values, group, budgets in constraints:
+            chosen = values[heads, choice]
+            used = torch.zeros(len(budgets), dtype=torch.float64).index_add_(0, group, chosen)
+            slack = (budgets - used)[group].unsqueeze(1)
+            extra = values - chosen.unsqueeze(1)
+            feasible &= torch.isfinite(values) & (extra <= slack + 1e-12 * budgets.abs().max().clamp_min(1e-300))
+        if not bool(feasible.any()):
+            break
+        best = torch.where(feasible, gain, -math.inf).flatten().argmax()
+        head, candidate = divmod(int(best), objective.shape[1])
+        choice[head] = candidate
+    return choice
 
 
 @dataclasses.dataclass
@@ -373,69 +378,103 @@ class SearchResult:
     options: dict[str, list[HeadOptions]]
     held_out: list[tuple[tuple, dict]]
     held_out_steps: list[int] = dataclasses.field(default_factory=list)
+    target: TargetOutcome | None = None
+    # Per held-out batch: bool [batch, seq] padded positions (None: no padding seen), see `padded_query_rows`.
+    held_out_padding: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
 
 
 def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence[tuple[tuple, dict]],
-           config: SearchConfig, *, cost_model: CostModel | None = None, device: torch.device | None = None,
-           progress: bool = True) -> SearchResult:
+           config: CompileOptions, *, cost_model: CostModel | None = None, device: torch.device | None = None,
+           progress: bool | None = None, process_group: Any = None) -> SearchResult:
     """Profile, score and choose patterns for every head of every site (see the module docstring).
 
     ``captured`` is the graph after `FindAttention` (canonical nodes with sites); ``batches``
-    are ``(args, kwargs)`` pairs from `collect_batches`.
+    are ``(args, kwargs)`` pairs from `collect_batches`. Under ``torch.distributed`` (an
+    initialised default group, or ``process_group``; ``False`` opts out) every rank passes its
+    own shard of the batches and the statistics are summed over the ranks
+    (`sparsify.distributed`): every rank returns the strategy one process would find on the
+    rank-major concatenation of the shards.
     """
+    group = calibration_group(process_group)
+    with group.guard("the search"):
+        return _search(captured, sites, batches, config, cost_model, device, progress, group)
+
+
+def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence[tuple[tuple, dict]],
+            config: CompileOptions, cost_model: CostModel | None, device: torch.device | None, progress: bool | None,
+            group: CalibrationGroup) -> SearchResult:
     from tqdm.auto import tqdm
 
     from sparsify.passes.profile import observe
 
     if not sites:
         raise SparsifyError("search needs at least one attention site")
+    progress = config.progress if progress is None else progress
     cost_model = cost_model or CostModel.default()
     device = device or _device_of(captured.graph_module)
     block_size = config.block_size or (128 if device.type == "cuda" else 64)
     backend = config.backend if config.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
-    profile_indices, holdout_indices = split_batches(len(batches), config.holdout_fraction)
+    # Indices are global: batch i of this rank is batch shard.offset + i of the union of the ranks' batches.
+    shard = group.batch_shard(len(batches), dense_steps=config.dense_steps,
+                              steps_per_generation=config.steps_per_generation)
+    sites = group.agree_on_sites(sites, {"search": config.to_json(), "block_size": block_size,
+                                         "backend": backend})
+    profile_indices, holdout_indices = split_batches(shard.total, config.holdout_fraction)
     if config.dense_steps:
         # Steps that run dense teach nothing about the sparse steps: leave them out.
-        usable = [i for i in range(len(batches)) if _step_of(i, config) >= config.dense_steps]
+        usable = [i for i in range(shard.total) if _step_of(i, config) >= config.dense_steps]
         if not usable:
             raise SparsifyError(f"every calibration call is one of the first dense_steps={config.dense_steps} steps; "
                                 f"calibrate on later steps too (steps_per_generation={config.steps_per_generation})")
         chosen = split_batches(len(usable), config.holdout_fraction)
         profile_indices = [usable[i] for i in chosen[0]]
         holdout_indices = [usable[i] for i in chosen[1]]
+    profile_indices, holdout_indices = shard.local(profile_indices), shard.local(holdout_indices)
+    held_out_steps = [_step_of(shard.offset + i, config) for i in holdout_indices]
+    progress = progress and group.is_main
 
-    if config.max_error == 0 and config.target_density is None and config.target_speedup is None:
+    if config.max_error == 0 and not config.has_target:
         strategy = Strategy.dense(list(sites), block_size=block_size)
         strategy = _with_metadata(strategy, config, {"note": "max_error=0: every head dense"})
         return SearchResult(strategy, captured, list(sites), {}, {}, [batches[i] for i in holdout_indices],
-                            [_step_of(i, config) for i in holdout_indices])
+                            held_out_steps)
 
     # 1. profile
     profiles: dict[str, BlockMassProfile] = {}
-    generator = torch.Generator().manual_seed(config.seed)
+    seeds = _SamplingSeeds(config.seed, shard.offset)
 
-    def profile_site(site, q, k, v, attn_mask, is_causal, scale):
+    def profile_site(site, q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
         key = site.name
         existing = profiles.get(key)
         if existing is None or (existing.q_len, existing.k_len) != (q.shape[2], k.shape[2]):
-            if existing is not None and existing.q_len * existing.k_len >= q.shape[2] * k.shape[2]:
-                return  # keep the profile of the longest sequence seen
+            if existing is not None and (existing.q_len * existing.k_len, existing.q_len) >= (q.shape[2] * k.shape[2],
+                                                                                               q.shape[2]):
+                return  # keep the profile of the longest sequence seen (ties: the longer query), in any batch order
             profiles[key] = BlockMassProfile.empty(site.num_heads, q.shape[2], k.shape[2], block_size)
         profiles[key].add(q, k, v, attn_mask, is_causal or site.causal, scale,
-                          rows_per_block=config.profile_rows_per_block, generator=generator)
+                          rows_per_block=config.profile_rows_per_block, generator=seeds.for_site("profile", site),
+                          softcap=softcap, sinks=sinks)
 
     observe(captured.graph_module, batches, profile_site,
-            progress=tqdm(profile_indices, desc="sparsify: profiling", disable=not progress, unit="batch"))
+            progress=tqdm(seeds.calls(profile_indices), total=len(profile_indices), desc="sparsify: profiling",
+                          disable=not progress, unit="batch"))
+    profiles = group.reduce_profiles(profiles, sites, block_size)
 
-    # 2. candidates per site/head (at the profile's lengths)
+    # 2. candidates per site/head (at the profile's lengths); input-adaptive ones after the static ones
     site_masks = {site.name: SiteMasks(block_size, site.causal) for site in sites}
     candidates: dict[str, list[list[Pattern]]] = {}
+    static_counts: dict[str, list[int]] = {}
+    adaptive: dict[str, AdaptiveCandidateMasks] = {}
     for site in sites:
         per_head = candidate_patterns(site, block_size, profiles.get(site.name))
         if site.name in profiles:
             per_head = [prefilter_candidates(patterns, profiles[site.name], head, site_masks[site.name], config.min_recall)
                         for head, patterns in enumerate(per_head)]
-        candidates[site.name] = per_head
+        static_counts[site.name] = [len(patterns) for patterns in per_head]
+        extra = adaptive_candidates(site, block_size) if config.adaptive else []
+        if extra:
+            adaptive[site.name] = AdaptiveCandidateMasks(site, block_size, extra)
+        candidates[site.name] = [patterns + extra for patterns in per_head]
 
     # 3-4. score on held-out batches
     scores: dict[str, CandidateErrors] = {
@@ -443,29 +482,75 @@ def search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequence
     }
     mask_cache: dict[tuple[str, int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
-    def score_site(site, q, k, v, attn_mask, is_causal, scale):
+    def score_site(site, q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
         key = (site.name, q.shape[2], k.shape[2])
         if key not in mask_cache:
-            mask_cache[key] = _candidate_masks(candidates[site.name], q.shape[2], k.shape[2], site_masks[site.name], q.device)
+            static = [patterns[:count] for patterns, count in zip(candidates[site.name], static_counts[site.name])]
+            mask_cache[key] = _candidate_masks(static, q.shape[2], k.shape[2], site_masks[site.name], q.device)
         masks, skips = mask_cache[key]
+        batch_masks = None
+        if site.name in adaptive:  # the masks the adaptive candidates estimate on this very batch
+            batch_masks, work = adaptive[site.name].masks(q, k, attn_mask, scale)
+            scores[site.name].add_work(work, static_counts[site.name])
         return scores[site.name].add(q, k, v, attn_mask, is_causal or site.causal, scale, block_size, masks, skips,
-                                     rows_per_block=config.score_rows_per_block, generator=generator)
+                                     rows_per_block=config.score_rows_per_block, generator=seeds.for_site("score", site),
+                                     softcap=softcap, sinks=sinks, batch_masks=batch_masks)
 
     observe(captured.graph_module, batches, score_site,
-            progress=tqdm(holdout_indices, desc="sparsify: scoring candidates", disable=not progress, unit="batch"))
+            progress=tqdm(seeds.calls(holdout_indices), total=len(holdout_indices), desc="sparsify: scoring candidates",
+                          disable=not progress, unit="batch"))
+    group.reduce_candidate_errors(scores, candidates)
 
     # 5. choose
     options: dict[str, list[HeadOptions]] = {}
     for site in sites:
         options[site.name] = _head_options(site, candidates[site.name], scores[site.name], site_masks[site.name],
-                                           cost_model, backend, device, config)
-    chosen = _choose(sites, options, config)
-    strategy = _build_strategy(sites, options, chosen, block_size, config, cost_model, backend, device)
+                                           cost_model, backend, device, config, static_counts[site.name])
+    chosen, outcome = _choose(sites, options, config)
+    strategy = _build_strategy(sites, options, chosen, block_size, config, cost_model, backend, device, outcome)
+    if group.is_distributed:
+        calibration = {"world_size": group.world_size, "batches_per_rank": list(shard.counts)}
+        strategy = group.agree_on_strategy(dataclasses.replace(strategy, metadata={**strategy.metadata,
+                                                                                   "distributed": calibration}))
+    # Per held-out batch (this rank's), the padded positions the first masked self-attention site saw
+    # (for the end-to-end error).
+    held_out_padding = [
+        next((scores[site.name].padded_rows[i] for site in sites
+              if i < len(scores[site.name].padded_rows) and scores[site.name].padded_rows[i] is not None), None)
+        for i in range(len(holdout_indices))
+    ]
     return SearchResult(strategy, captured, list(sites), profiles, options, [batches[i] for i in holdout_indices],
-                        [_step_of(i, config) for i in holdout_indices])
+                        held_out_steps, target=outcome, held_out_padding=held_out_padding)
 
 
-def _step_of(index: int, config: SearchConfig) -> int:
+class _SamplingSeeds:
+    """Seeds the row sampling per (phase, global calibration call, site): a call's draws do not depend on which
+    calls ran before it, so a rank's shard samples exactly the rows one process samples on the union.
+
+    Example:
+        >>> seeds = _SamplingSeeds(seed=0, first_call=3)
+        >>> list(seeds.calls([0, 1])), seeds.call
+        ([0, 1], 4)
+    """
+
+    def __init__(self, seed: int, first_call: int):
+        self.seed = seed
+        self.first_call = first_call
+        self.call = first_call
+        self.generator = torch.Generator()
+
+    def calls(self, indices: Sequence[int]):
+        """Iterate ``indices`` (this rank's batch indices), tracking the global call being observed."""
+        for index in indices:
+            self.call = self.first_call + index
+            yield index
+
+    def for_site(self, phase: str, site: AttentionSite) -> torch.Generator:
+        text = f"{self.seed}/{phase}/{self.call}/{site.index}".encode()
+        return self.generator.manual_seed(int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1)
+
+
+def _step_of(index: int, config: CompileOptions) -> int:
     """The generation step of calibration call ``index``."""
     return index % config.steps_per_generation if config.steps_per_generation else index
 
@@ -488,13 +573,16 @@ def _is_skip(pattern: Pattern) -> bool:
 
 
 def _head_options(site: AttentionSite, candidates: list[list[Pattern]], scores: CandidateErrors, site_masks: SiteMasks,
-                  cost_model: CostModel, backend: str, device: torch.device, config: SearchConfig) -> list[HeadOptions]:
+                  cost_model: CostModel, backend: str, device: torch.device, config: CompileOptions,
+                  static_counts: list[int] | None = None) -> list[HeadOptions]:
     block_size = site_masks.block_size
     dense_blocks = float(site_masks.of(pattern_library.dense(), site.q_len, site.k_len).sum())
     dense_cost = cost_model.dense_head_latency(site, backend=backend, device=device)
     options = []
     for head, head_candidates in enumerate(candidates):
         costs, work = [], []
+        static_count = static_counts[head] if static_counts is not None else len(head_candidates)
+        mean_work = scores.mean_work(head)
         for index, pattern in enumerate(head_candidates):
             if index == 0:
                 costs.append(dense_cost)
@@ -503,6 +591,14 @@ def _head_options(site: AttentionSite, candidates: list[list[Pattern]], scores: 
             if _is_skip(pattern):
                 costs.append(0.0)
                 work.append(0.0)
+                continue
+            if index >= static_count:  # input-adaptive: the work its masks kept on held-out inputs, plus estimating them
+                kept = float(mean_work[index]) * dense_blocks
+                cost = (cost_model.sparse_head_latency(site, kept, backend=backend, device=device, block_size=block_size)
+                        + cost_model.estimation_latency(site, pattern, backend=backend, device=device,
+                                                        block_size=block_size))
+                costs.append(cost)
+                work.append(float(mean_work[index]))
                 continue
             kept = float(site_masks.of(pattern, site.q_len, site.k_len).sum())
             cost = cost_model.sparse_head_latency(site, kept, backend=backend, device=device, block_size=block_size)
@@ -519,19 +615,44 @@ def _head_options(site: AttentionSite, candidates: list[list[Pattern]], scores: 
         excluded[0] = False
         squared_error[excluded] = math.inf
         options.append(HeadOptions(site.name, head, list(head_candidates), cost, torch.tensor(work, dtype=torch.float64),
-                                   squared_error, relative_error, recall, float(scores.output_norm[head])))
+                                   squared_error, relative_error, recall, float(scores.output_norm[head]),
+                                   scores.work_spread(head)))
     return options
 
 
-def _choose(sites: Sequence[AttentionSite], options: dict[str, list[HeadOptions]], config: SearchConfig) -> dict[str, list[int]]:
+@dataclasses.dataclass
+class TargetOutcome:
+    """How a global target fared: reached or not, what was achieved, which sites exceed ``max_error``.
+
+    ``achieved`` is in the target's own unit (density, or speedup); ``sites_over_budget`` maps
+    each site whose output error exceeds ``max_error`` to that error (only ever non-empty with
+    ``target_overrides_max_error=True``).
+    """
+
+    kind: str  # "density" or "speedup"
+    value: float
+    achieved: float
+    reached: bool
+    overrides_max_error: bool
+    sites_over_budget: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "value": self.value, "achieved": round(self.achieved, 6), "reached": self.reached,
+                "overrides_max_error": self.overrides_max_error,
+                "sites_over_budget": sorted(self.sites_over_budget)}
+
+
+def _choose(sites: Sequence[AttentionSite], options: dict[str, list[HeadOptions]],
+            config: CompileOptions) -> tuple[dict[str, list[int]], TargetOutcome | None]:
     chosen: dict[str, list[int]] = {}
-    if config.target_density is None and config.target_speedup is None:
+    if not config.has_target:
         for site in sites:
             site_options = options[site.name]
             budget = config.max_error**2 * sum(o.output_norm for o in site_options)
             chosen[site.name] = choose_with_multiplier(site_options, lambda o: o.cost, lambda o: o.squared_error, budget)
-        return chosen
-    # Global target: minimise Σ (site-relative squared error) subject to Σ work or Σ cost <= target.
+        return _keep_one_head_per_site(sites, options, chosen, lambda o: o.cost), None
+    # Global target: minimise Σ (site-relative squared error) subject to Σ work (or cost) <= target and, unless
+    # the user lets the target override it, every site's error within max_error.
     everything = [o for site in sites for o in options[site.name]]
     site_norm = {site.name: max(sum(o.output_norm for o in options[site.name]), 1e-30) for site in sites}
     if config.target_density is not None:
@@ -541,13 +662,184 @@ def _choose(sites: Sequence[AttentionSite], options: dict[str, list[HeadOptions]
     else:
         secondary = lambda o: o.cost  # noqa: E731
         budget = sum(float(o.cost[0]) for o in everything) / config.target_speedup
-    primary = lambda o: o.squared_error / site_norm[o.site]  # noqa: E731
-    picks = choose_with_multiplier(everything, primary, secondary, budget)
+    site_index = {site.name: index for index, site in enumerate(sites)}
+    site_budget = math.inf if config.target_overrides_max_error else config.max_error**2
+    picks = allocate_with_target(
+        [o.squared_error / site_norm[o.site] for o in everything],
+        [secondary(o) / budget for o in everything],
+        [site_index[o.site] for o in everything],
+        [site_budget] * len(sites),
+    )
     position = 0
     for site in sites:
         count = len(options[site.name])
         chosen[site.name] = picks[position:position + count]
         position += count
+    chosen = _keep_one_head_per_site(sites, options, chosen, secondary)
+    # What was reached, and which sites exceed max_error.
+    used = sum(float(secondary(o)[c]) for site in sites for o, c in zip(options[site.name], chosen[site.name]))
+    if config.target_density is not None:
+        kind, value = "density", config.target_density
+        achieved = config.target_density * used / budget
+        reached = achieved <= config.target_density * (1 + 1e-9)
+    else:
+        kind, value = "speedup", config.target_speedup
+        dense_total = sum(float(o.cost[0]) for o in everything)
+        achieved = dense_total / used if used > 0 else math.inf
+        reached = achieved >= config.target_speedup * (1 - 1e-9)
+    over = {}
+    for site in sites:
+        error = _site_error(options[site.name], chosen[site.name])
+        if error > config.max_error * (1 + 1e-9):
+            over[site.name] = error
+    outcome = TargetOutcome(kind, value, achieved, reached, config.target_overrides_max_error, over)
+    if not reached and config.target_overrides_max_error:
+        logger.warning("target_%s=%g is not reachable even past max_error (no site drops all of its heads): the "
+                       "closest strategy has %s %.3f", kind, value, kind, achieved)
+    elif not reached:
+        logger.warning(
+            "target_%s=%g is not reachable within max_error=%g: the closest strategy has %s %.3f with every site "
+            "within the budget. Raise max_error, or pass target_overrides_max_error=True to let sites exceed it.",
+            kind, value, config.max_error, kind, achieved)
+    if over:
+        listed = ", ".join(f"{name} ({error:.3f})" for name, error in sorted(over.items(), key=lambda item: -item[1]))
+        logger.warning("target_%s=%g overrides max_error=%g (target_overrides_max_error=True): %d site(s) exceed the "
+                       "budget: %s", kind, value, config.max_error, len(over), listed)
+    return chosen, outcome
+
+
+def allocate_with_target(errors: Sequence[torch.Tensor], works: Sequence[torch.Tensor], site_of_head: Sequence[int],
+                         site_budgets: Sequence[float], work_budget: float = 1.0) -> list[int]:
+    """Per head one candidate: least Σ error with Σ work <= ``work_budget`` and each site's Σ error <= its budget.
+
+    ``errors[h]`` / ``works[h]`` hold head ``h``'s candidates (index 0 — dense — must have error 0;
+    ``inf`` error excludes a candidate); ``site_of_head[h]`` indexes ``site_budgets``. Lagrangian
+    relaxation with one multiplier ``λ`` on work and one ``ν_s`` per site on its error: each head
+    takes ``argmin (1 + ν_s)·error + λ·work``; for a given ``λ`` every ``ν_s`` is the smallest that
+    keeps its site within budget (bisection, all sites at once), and ``λ`` is the smallest that
+    meets the work budget (bisection). When no ``λ`` meets it, the result is the least work each
+    site can do within its error budget — the closest to the target the budgets allow.
+
+    Example:
+        >>> errors = [torch.tensor([0.0, 0.01, 1.0]), torch.tensor([0.0, 0.5, 1.0])]
+        >>> works = [torch.tensor([1.0, 0.2, 0.0]), torch.tensor([1.0, 0.2, 0.0])]
+        >>> allocate_with_target(errors, works, [0, 0], [0.25], work_budget=1.2)   # second head stays dense
+        [1, 0]
+    """
+    width = max(len(e) for e in errors)
+    error = torch.full((len(errors), width), math.inf, dtype=torch.float64)
+    work = torch.zeros((len(errors), width), dtype=torch.float64)
+    for head, (head_error, head_work) in enumerate(zip(errors, works)):
+        error[head, :len(head_error)] = head_error.to(torch.float64)
+        work[head, :len(head_work)] = head_work.to(torch.float64)
+    error = error.nan_to_num(nan=math.inf)
+    sites = torch.tensor(site_of_head, dtype=torch.long)
+    budgets = torch.tensor(site_budgets, dtype=torch.float64)
+    heads = torch.arange(len(errors))
+
+    def site_totals(choice: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(budgets), dtype=torch.float64).index_add_(0, sites, values[heads, choice])
+
+    def choose(price: float) -> torch.Tensor:
+        """Each site within its budget, at the least multiplier that keeps it there."""
+
+        def pick(site_multiplier: torch.Tensor) -> torch.Tensor:
+            weighted = (1 + site_multiplier[sites]).unsqueeze(1) * error + price * work
+            return weighted.argmin(1)
+
+        multiplier = torch.zeros(len(budgets), dtype=torch.float64)
+        choice = pick(multiplier)
+        over = site_totals(choice, error) > budgets
+        if not bool(over.any()):
+            return choice
+        low = torch.zeros_like(multiplier)
+        high = torch.where(over, torch.ones_like(multiplier), torch.zeros_like(multiplier))
+        for _ in range(40):  # grow until every site is within budget (ν → ∞ picks the least error: dense)
+            still = site_totals(pick(high), error) > budgets
+            if not bool(still.any()):
+                break
+            high = torch.where(still, high * 16, high)
+        best = pick(high)
+        for _ in range(50):
+            middle = torch.where(over, torch.sqrt(low.clamp_min(1e-12) * high), high)
+            trial = pick(middle)
+            within = site_totals(trial, error) <= budgets
+            high = torch.where(over & within, middle, high)
+            low = torch.where(over & ~within, middle, low)
+            best = pick(high)
+        return best
+
+    def total_work(choice: torch.Tensor) -> float:
+        # Relative slack for rounding: 0.2 + 0.2 must meet a budget of 0.4.
+        return float(work[heads, choice].sum()) * (1 - 1e-6)
+
+    choice = choose(0.0)
+    if total_work(choice) <= work_budget:
+        return choice.tolist()
+    # The least work within the budgets (λ → ∞): per site, least work subject to its error budget
+    # (excluded candidates — infinite error — cost infinite work here, so they are never picked).
+    least = torch.zeros(len(errors), dtype=torch.long)
+    priced = torch.where(torch.isfinite(error), work, torch.full_like(work, math.inf))
+    for site in range(len(budgets)):
+        members = (sites == site).nonzero().flatten()
+        if not members.numel():
+            continue
+        site_options = [HeadOptions("", int(h), [], priced[h], work[h], error[h], error[h], work[h], 1.0)
+                        for h in members.tolist()]
+        picked = choose_with_multiplier(site_options, lambda o: o.cost, lambda o: o.squared_error, float(budgets[site]))
+        least[members] = torch.tensor(picked)
+    if total_work(least) > work_budget:
+        return least.tolist()
+    low, high = 0.0, 1.0
+    while total_work(choose(high)) > work_budget and high < 1e30:
+        high *= 16
+    best = choose(high)
+    for _ in range(50):
+        middle = math.sqrt(max(low, 1e-12) * high)
+        candidate = choose(middle)
+        if total_work(candidate) <= work_budget:
+            high, best = middle, candidate
+        else:
+            low = middle
+    # Candidates off the convex hull (no multiplier picks them) may still lower the error within what is left.
+    everyone = torch.zeros(len(errors), dtype=torch.long)
+    work_limit = torch.tensor([work_budget / (1 - 1e-6)], dtype=torch.float64)
+    best = improve_greedily(error, [(work, everyone, work_limit), (error, sites, budgets)], best)
+    return best.tolist()
+
+
+def _site_error(site_options: Sequence[HeadOptions], choice: Sequence[int]) -> float:
+    squared = sum(float(o.squared_error[i]) for o, i in zip(site_options, choice))
+    norm = sum(o.output_norm for o in site_options)
+    return math.sqrt(squared / max(norm, 1e-300))
+
+
+def _keep_one_head_per_site(sites: Sequence[AttentionSite], options: dict[str, list[HeadOptions]],
+                            chosen: dict[str, list[int]], price: Callable[[HeadOptions], torch.Tensor]) -> dict[str, list[int]]:
+    """A site whose every head would be skipped keeps the head that is cheapest to keep (``price``).
+
+    Dropping every head makes the site's output vanish — a relative error of 1, which no
+    ``max_error`` in [0, 1) allows — so this only acts where the budget was overridden (or the
+    site's output is zero on the calibration data).
+    """
+    for site in sites:
+        site_options = options[site.name]
+        if not all(_is_skip(o.patterns[c]) for o, c in zip(site_options, chosen[site.name])):
+            continue
+        best = None
+        for head, option in enumerate(site_options):
+            values = price(option)
+            for index, pattern in enumerate(option.patterns):
+                if _is_skip(pattern) or not math.isfinite(float(option.squared_error[index])):
+                    continue
+                extra = float(values[index])
+                if best is None or extra < best[0]:
+                    best = (extra, head, index)
+        if best is not None:
+            chosen[site.name] = list(chosen[site.name])
+            chosen[site.name][best[1]] = best[2]
+            logger.info("site %s: every head would be skipped; head %d keeps %s", site.name, best[1],
+                        site_options[best[1]].patterns[best[2]])
     return chosen
 
 
@@ -555,24 +847,26 @@ def _dense_work(site: AttentionSite) -> float:
     return site.q_len * site.k_len * site.head_dim * (0.5 if site.causal else 1.0)
 
 
-def _build_strategy(sites, options, chosen, block_size, config, cost_model, backend, device) -> Strategy:
+def _build_strategy(sites, options, chosen, block_size, config: CompileOptions, cost_model, backend, device,
+                    outcome: TargetOutcome | None = None) -> Strategy:
     site_strategies = {}
     site_errors = {}
     dense_total = sparse_total = 0.0
     for site in sites:
-        squared = sum(float(o.squared_error[i]) for o, i in zip(options[site.name], chosen[site.name]))
-        norm = sum(o.output_norm for o in options[site.name])
-        site_errors[site.name] = round(math.sqrt(squared / max(norm, 1e-300)), 6)
+        site_errors[site.name] = round(_site_error(options[site.name], chosen[site.name]), 6)
         heads, metrics = [], []
         for option, index in zip(options[site.name], chosen[site.name]):
             heads.append(option.patterns[index])
-            metrics.append({
-                "recall": round(float(option.recall[index]), 6),
+            metric = {
+                "recall": round(min(max(float(option.recall[index]), 0.0), 1.0), 6),
                 "error": round(float(option.relative_error[index]), 6),
                 "work": round(float(option.work[index]), 6),
                 "estimated_seconds": float(option.cost[index]),
                 "dense_seconds": float(option.cost[0]),
-            })
+            }
+            if option.patterns[index].is_adaptive and option.work_spread is not None:
+                metric["work_spread"] = round(float(option.work_spread[index]), 6)   # over held-out inputs
+            metrics.append(metric)
             dense_total += float(option.cost[0])
             sparse_total += float(option.cost[index])
         site_strategies[site.name] = SiteStrategy(site.name, heads, head_metrics=metrics, dense_steps=config.dense_steps)
@@ -581,19 +875,21 @@ def _build_strategy(sites, options, chosen, block_size, config, cost_model, back
     return _with_metadata(strategy, config, {
         "backend": backend,
         "device": str(device),
-        "estimated_attention_speedup": round(dense_total / max(sparse_total, 1e-30), 4),
+        # Skipped heads cost nothing: with every head skipped there is no finite speedup to state.
+        "estimated_attention_speedup": round(dense_total / sparse_total, 4) if sparse_total > 0 else None,
         "site_errors": site_errors,
+        **({"target": outcome.to_json()} if outcome is not None else {}),
         **({"steps_per_generation": config.steps_per_generation} if config.steps_per_generation else {}),
     })
 
 
-def _with_metadata(strategy: Strategy, config: SearchConfig, extra: dict[str, Any]) -> Strategy:
+def _with_metadata(strategy: Strategy, config: CompileOptions, extra: dict[str, Any]) -> Strategy:
     from sparsify import __version__
 
     metadata = dict(strategy.metadata)
     metadata.update({
         "sparsify_version": __version__,
-        "search": {k: v for k, v in dataclasses.asdict(config).items() if v is not None},
+        "search": config.to_json(),
         **extra,
     })
     return dataclasses.replace(strategy, metadata=metadata)

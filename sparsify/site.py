@@ -30,6 +30,14 @@ class AttentionSite:
         source: which graph form was matched: ``"sdpa"``, ``"multihead_attention"`` or
             ``"manual"``.
         module_type: qualified class name of the module holding the attention.
+        softcap: ``c`` when scores are soft-capped as ``c * tanh(scores / c)`` before the mask
+            (Gemma 2), else None.
+        has_sinks: the softmax of every row has one extra learned logit per head, whose
+            column is dropped afterwards (gpt-oss "sinks").
+
+    ``softcap`` and ``has_sinks`` describe what the site computes, and the canonical node
+    carries their values; they are not part of `fingerprint`: a strategy is a block pattern
+    per head, equally valid with or without them, so a strategy file stays applicable.
 
     Example:
         >>> site = AttentionSite("blocks.0.attn", 0, num_heads=8, num_kv_heads=8, head_dim=64,
@@ -51,6 +59,8 @@ class AttentionSite:
     value_head_dim: int | None = None
     source: str = "sdpa"
     module_type: str = ""
+    softcap: float | None = None
+    has_sinks: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads <= 0 or self.num_kv_heads <= 0:
@@ -60,6 +70,8 @@ class AttentionSite:
                 f"site {self.name!r}: {self.num_heads} query heads are not a multiple of "
                 f"{self.num_kv_heads} key/value heads"
             )
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"site {self.name!r}: softcap must be positive, got {self.softcap!r}")
         if self.value_head_dim is None:
             object.__setattr__(self, "value_head_dim", self.head_dim)
 

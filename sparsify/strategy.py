@@ -11,6 +11,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sparsify.errors import PatternError, StrategyError
+from sparsify.io import write_text_atomically
+from sparsify.limits import (
+    MAX_BLOCK_SIZE,
+    MAX_GRID_BLOCKS,
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_JSON_DEPTH,
+    MAX_STEPS,
+    MAX_TOKENS,
+    MIN_BLOCK_SIZE,
+    int_range_problem,
+    shown,
+)
 from sparsify.patterns import Dense, Pattern, causal_block_mask, dense, pattern_from_dict
 from sparsify.site import AttentionSite
 from sparsify.tables import blocks_for
@@ -42,6 +55,22 @@ _FINGERPRINT_TYPES: dict[str, type] = {
     "kind": str,
 }
 _OPTIONAL_FINGERPRINT_TYPES: dict[str, type] = {"q_len": int, "k_len": int}
+# Upper bound (and the sparsify.limits name) of each integer of a fingerprint entry.
+_FINGERPRINT_BOUNDS: dict[str, tuple[int, str]] = {
+    "num_heads": (MAX_HEADS, "MAX_HEADS"),
+    "num_kv_heads": (MAX_HEADS, "MAX_HEADS"),
+    "head_dim": (MAX_HEAD_DIM, "MAX_HEAD_DIM"),
+    "q_len": (MAX_TOKENS, "MAX_TOKENS"),
+    "k_len": (MAX_TOKENS, "MAX_TOKENS"),
+}
+# Measured numbers the reports read: (lowest, highest) allowed; other keys are free JSON.
+_HEAD_METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "recall": (0.0, 1.0),
+    "work": (0.0, 1.0),
+    "error": (0.0, math.inf),
+    "estimated_seconds": (0.0, math.inf),
+    "dense_seconds": (0.0, math.inf),
+}
 _COMPARED_FINGERPRINT_KEYS = ("num_kv_heads", "head_dim", "causal", "kind")
 _MAX_LISTED_NAMES = 10
 
@@ -129,6 +158,9 @@ class SiteStrategy:
                         f"got {type(metrics).__name__}"
                     )
                 _check_json_value(metrics, f"{where}.head_metrics[{index}]")
+                for key, (low, high) in _HEAD_METRIC_RANGES.items():
+                    if key in metrics:
+                        _check_number(metrics[key], low, high, f"{where}.head_metrics[{index}].{key}")
             object.__setattr__(self, "head_metrics", [dict(m) for m in self.head_metrics])
 
         if self.fusion_groups is None:
@@ -137,10 +169,9 @@ class SiteStrategy:
             self._check_fusion_groups(where)
             object.__setattr__(self, "fusion_groups", [list(g) for g in self.fusion_groups])
 
-        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int):
-            raise StrategyError(f"{where}.dense_steps: must be an int, got {self.dense_steps!r}")
-        if self.dense_steps < 0:
-            raise StrategyError(f"{where}.dense_steps: must be >= 0, got {self.dense_steps}")
+        problem = int_range_problem(self.dense_steps, 0, MAX_STEPS, "MAX_STEPS")
+        if problem is not None:
+            raise StrategyError(f"{where}.dense_steps: {problem}")
 
     def _check_fusion_groups(self, where: str) -> None:
         groups = self.fusion_groups
@@ -284,6 +315,7 @@ class Strategy:
                     f"sites[{site.name!r}].heads: has {site.num_heads} patterns but "
                     f"fingerprint[{index}] says the site has {entry['num_heads']} heads"
                 )
+            _check_recorded_grid(entry, self.block_size, f"fingerprint[{index}]")
         object.__setattr__(self, "fingerprint", [dict(entry) for entry in self.fingerprint])
 
         if not isinstance(self.metadata, dict):
@@ -291,6 +323,7 @@ class Strategy:
                 f"metadata: must be a JSON object, got {type(self.metadata).__name__}"
             )
         _check_json_value(self.metadata, "metadata")
+        _check_known_metadata(self.metadata, list(self.sites))
 
     # --- constructors ---------------------------------------------------------------------------
 
@@ -442,15 +475,83 @@ class Strategy:
         sites[site_name] = SiteStrategy(site_name, list(heads), fusion_groups=None, **fields)
         return dataclasses.replace(self, sites=sites)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def shard_heads(self, rank: int, world_size: int) -> "Strategy":
+        """The strategy of one rank's contiguous shard of heads (tensor or Ulysses sequence parallel).
+
+        Rank ``rank`` of ``world_size`` holds query heads ``[rank * H / W, (rank + 1) * H / W)``
+        of every site and the key/value heads they read: ``Hkv / W`` of them when the
+        key/value heads split evenly, or one (replicated over ``W / Hkv`` ranks, as tensor
+        parallel frameworks do when there are fewer key/value heads than ranks). Patterns,
+        metrics and fusion groups are those of the shard's heads; the fingerprint describes the
+        shard, so the result applies to a model whose attention modules hold those heads.
+        Refuses (listing every site) when the heads or key/value heads do not split.
+
+        Example:
+            >>> from sparsify.patterns import dense, sliding_window
+            >>> site = AttentionSite("attn", 0, num_heads=4, num_kv_heads=2, head_dim=64,
+            ...                      q_len=1024, k_len=1024)
+            >>> full = Strategy.dense([site]).with_heads("attn", [dense(), dense(), sliding_window(128),
+            ...                                                   sliding_window(256)])
+            >>> shard = full.shard_heads(rank=1, world_size=2)
+            >>> [str(p) for p in shard.sites["attn"].heads], shard.fingerprint[0]["num_kv_heads"]
+            (['sliding_window(128)', 'sliding_window(256)'], 1)
+        """
+        for name, value in (("rank", rank), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise StrategyError(f"shard_heads: {name} must be an int, got {value!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise StrategyError(f"shard_heads: need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, "
+                                f"world_size={world_size}")
+        problems = []
+        for entry in self.fingerprint:
+            heads, kv_heads = entry["num_heads"], entry["num_kv_heads"]
+            if heads % world_size:
+                problems.append(f"site {entry['name']!r}: {heads} heads do not split into {world_size} equal shards")
+            elif kv_heads % world_size and world_size % kv_heads:
+                problems.append(f"site {entry['name']!r}: {kv_heads} key/value heads neither split into {world_size} "
+                                f"equal shards nor replicate evenly over {world_size} ranks")
+        if problems:
+            raise StrategyError(f"cannot shard the heads over {world_size} ranks:\n"
+                                + "\n".join(f"  - {problem}" for problem in problems))
+        sites = {}
+        fingerprint = []
+        for entry in self.fingerprint:
+            site = self.sites[entry["name"]]
+            per_shard = entry["num_heads"] // world_size
+            start, stop = rank * per_shard, (rank + 1) * per_shard
+            groups = [[head - start for head in group if start <= head < stop] for group in site.fusion_groups or []]
+            sites[site.name] = SiteStrategy(
+                site.name, list(site.heads[start:stop]),
+                head_metrics=None if site.head_metrics is None else site.head_metrics[start:stop],
+                fusion_groups=sorted((group for group in groups if group), key=min), dense_steps=site.dense_steps)
+            fingerprint.append({**entry, "num_heads": per_shard,
+                                "num_kv_heads": max(1, entry["num_kv_heads"] // world_size)})
+        shards = [*self.metadata.get("head_shards", []), {"rank": rank, "world_size": world_size}]
+        return dataclasses.replace(self, sites=sites, fingerprint=fingerprint,
+                                   metadata={**self.metadata, "head_shards": shards})
+
+    def save(self, path: str | os.PathLike[str], *, main_rank_only: bool | None = None) -> None:
         """Write the strategy as indented JSON (stable key order, so diffs stay small).
+
+        The write is atomic (`sparsify.io`): if it fails midway (full disk, file-size limit),
+        the file that was at ``path`` before is left intact.
+
+        Under an initialised ``torch.distributed`` group, only rank 0 writes a strategy that
+        every rank holds (``main_rank_only=None`` decides: yes for a whole-model strategy, no
+        for a `shard_heads` result, which differs per rank); ``True``/``False`` force it.
 
         Example:
             >>> strategy.save("strategy.json")                     # doctest: +SKIP
         """
+        if main_rank_only is None:
+            main_rank_only = "head_shards" not in self.metadata
+        if main_rank_only:
+            from sparsify.distributed import is_main_process
+
+            if not is_main_process():
+                return
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
-        with open(path, "w", encoding="utf-8") as file:
-            file.write(text + "\n")
+        write_text_atomically(path, text + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Strategy:
@@ -471,6 +572,11 @@ class Strategy:
             )
         except (json.JSONDecodeError, ValueError) as error:
             raise StrategyError(f"{source}: not valid JSON: {error}") from error
+        except RecursionError:
+            raise StrategyError(
+                f"{source}: JSON nested too deeply to read (a strategy nests at most "
+                f"{MAX_JSON_DEPTH} levels of free JSON; MAX_JSON_DEPTH in sparsify.limits)"
+            ) from None
         return cls.from_dict(data, source=source)
 
     # --- checks against a model -----------------------------------------------------------------
@@ -534,10 +640,16 @@ class Strategy:
     # --- reporting ------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        """Counts, and the mean density at the recorded lengths (``None`` when not recorded).
+        """Counts, the mean density at the recorded lengths (``None`` when not recorded), and the search's results.
+
+        ``estimated_speedup``, ``end_to_end_error`` and ``target_reached`` are ``None`` when the
+        strategy does not record them; ``sites_over_budget`` lists the sites a global target
+        pushed past ``max_error`` (only with ``target_overrides_max_error``).
 
         ``mean_density`` is all heads' kept blocks over the blocks dense attention computes
-        (lower triangle at causal sites), at each site's recorded ``q_len``/``k_len``.
+        (lower triangle at causal sites), at each site's recorded ``q_len``/``k_len``; an
+        input-adaptive head counts with the mean work its masks kept on the held-out inputs
+        (``adaptive_density`` gives their mean and spread over those inputs).
 
         Example:
             >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=64,
@@ -557,7 +669,27 @@ class Strategy:
             "mean_density": self._mean_density(),
             "estimated_speedup": self.metadata.get("estimated_attention_speedup"),
             "end_to_end_error": self.metadata.get("end_to_end_error"),
+            # With a global target: whether it was reached, and the sites it pushed past max_error.
+            "target_reached": (self.metadata.get("target") or {}).get("reached"),
+            "sites_over_budget": list((self.metadata.get("target") or {}).get("sites_over_budget", [])),
+            **self._adaptive_summary(),
         }
+
+    def _adaptive_summary(self) -> dict[str, Any]:
+        """How many heads are input-adaptive, and the mean / spread (over held-out inputs) of their realised density."""
+        works, spreads = [], []
+        for site in self.sites.values():
+            for head, pattern in enumerate(site.heads):
+                if getattr(pattern, "is_adaptive", False):
+                    metric = site.head_metrics[head] if site.head_metrics else {}
+                    if "work" in metric:
+                        works.append(float(metric["work"]))
+                        spreads.append(float(metric.get("work_spread", 0.0)))
+        if not works:
+            return {"adaptive_heads": 0, "adaptive_density": None}
+        return {"adaptive_heads": len(works), "adaptive_density": {
+            "mean": round(sum(works) / len(works), 4), "spread": round(sum(spreads) / len(spreads), 4),
+            "min": round(min(works), 4), "max": round(max(works), 4)}}
 
     def _mean_density(self) -> float | None:
         kept = 0
@@ -575,6 +707,13 @@ class Strategy:
             work_per_block = entry.get("head_dim", 1)  # each head's blocks weighted by its work
             for group in site.fusion_groups or []:
                 pattern = site.heads[group[0]]
+                if getattr(pattern, "is_adaptive", False):
+                    # Estimated per input: what its masks kept on the held-out inputs (every block if not recorded).
+                    for head in group:
+                        metric = site.head_metrics[head] if site.head_metrics else {}
+                        kept += float(metric.get("work", 1.0)) * dense_blocks * work_per_block
+                        computed += dense_blocks * work_per_block
+                    continue
                 if getattr(pattern, "is_skip", False):
                     kept_blocks = 0
                 else:
@@ -640,12 +779,68 @@ def _check_block_size(value: Any, location: str) -> None:
     if (
         isinstance(value, bool)
         or not isinstance(value, int)
-        or value < 16
+        or not MIN_BLOCK_SIZE <= value <= MAX_BLOCK_SIZE
         or value & (value - 1)
     ):
         raise StrategyError(
-            f"{location}: must be a power of two >= 16 (16, 32, 64, 128, ...), got {value!r}"
+            f"{location}: must be a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}] (16, 32, 64, 128, ...; "
+            f"MIN_BLOCK_SIZE/MAX_BLOCK_SIZE in sparsify.limits), got {shown(value)}"
         )
+
+
+def _check_recorded_grid(entry: dict[str, Any], block_size: int, location: str) -> None:
+    """The recorded lengths at ``block_size`` must make a grid reports can draw and count."""
+    if "q_len" not in entry or "k_len" not in entry:
+        return
+    q_blocks, k_blocks = blocks_for(entry["q_len"], block_size), blocks_for(entry["k_len"], block_size)
+    if q_blocks * k_blocks > MAX_GRID_BLOCKS:
+        raise StrategyError(
+            f"{location}: q_len x k_len = {entry['q_len']} x {entry['k_len']} tokens is {q_blocks} x {k_blocks} = "
+            f"{q_blocks * k_blocks} blocks of {block_size}; at most {MAX_GRID_BLOCKS} (MAX_GRID_BLOCKS in "
+            f"sparsify.limits): record shorter lengths or use a larger block_size"
+        )
+
+
+def _check_number(value: Any, low: float, high: float, location: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        bound = f"[{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g} and finite"
+        raise StrategyError(f"{location}: must be a number {bound}, got {shown(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise StrategyError(f"{location}: must be finite, got {value!r}")
+
+
+def _check_known_metadata(metadata: dict[str, Any], site_names: Sequence[str]) -> None:
+    """The metadata entries sparsify itself reads (reports, the step counter) have bounds too."""
+    if metadata.get("end_to_end_error") is not None:
+        _check_number(metadata["end_to_end_error"], 0.0, math.inf, "metadata.end_to_end_error")
+    if metadata.get("estimated_attention_speedup") is not None:
+        _check_number(metadata["estimated_attention_speedup"], 0.0, math.inf, "metadata.estimated_attention_speedup")
+        if metadata["estimated_attention_speedup"] == 0:
+            raise StrategyError("metadata.estimated_attention_speedup: must be > 0, got 0")
+    site_errors = metadata.get("site_errors")
+    if site_errors is not None:
+        if not isinstance(site_errors, dict):
+            raise StrategyError(f"metadata.site_errors: must be a JSON object of site name -> error, "
+                                f"got {_json_type(site_errors)}")
+        for name, value in site_errors.items():
+            _check_number(value, 0.0, math.inf, f"metadata.site_errors[{name!r}]")
+    steps = metadata.get("steps_per_generation")
+    if steps is not None:
+        problem = int_range_problem(steps, 1, MAX_STEPS, "MAX_STEPS")
+        if problem is not None:
+            raise StrategyError(f"metadata.steps_per_generation: {problem}")
+    target = metadata.get("target")
+    if target is not None:
+        if not isinstance(target, dict):
+            raise StrategyError(f"metadata.target: must be a JSON object, got {_json_type(target)}")
+        if not isinstance(target.get("reached", True), bool):
+            raise StrategyError(f"metadata.target.reached: must be true or false, got {_json_type(target['reached'])}")
+        over = target.get("sites_over_budget", [])
+        if not isinstance(over, list) or not all(isinstance(name, str) for name in over):
+            raise StrategyError("metadata.target.sites_over_budget: must be a list of site names")
+        for key in ("value", "achieved"):
+            if target.get(key) is not None:
+                _check_number(target[key], 0.0, math.inf, f"metadata.target.{key}")
 
 
 def _check_fingerprint_entry(entry: Any, location: str) -> None:
@@ -660,34 +855,46 @@ def _check_fingerprint_entry(entry: Any, location: str) -> None:
         if key not in entry:
             continue
         value = entry[key]
-        if expected is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise StrategyError(f"{location}.{key}: must be a positive int, got {value!r}")
+        if expected is int:
+            high, bound = _FINGERPRINT_BOUNDS[key]
+            problem = int_range_problem(value, 1, high, bound)
+            if problem is not None:
+                raise StrategyError(f"{location}.{key}: {problem}")
         if not isinstance(value, expected):
             raise StrategyError(
                 f"{location}.{key}: must be {_json_type_name(expected)}, got {_json_type(value)}"
             )
     if entry["kind"] not in ("self", "cross"):
         raise StrategyError(f"{location}.kind: must be 'self' or 'cross', got {entry['kind']!r}")
+    if entry["num_kv_heads"] > entry["num_heads"] or entry["num_heads"] % entry["num_kv_heads"]:
+        raise StrategyError(
+            f"{location}: num_heads={entry['num_heads']} is not a multiple of num_kv_heads={entry['num_kv_heads']}"
+        )
     _check_json_value(entry, location)
 
 
-def _check_json_value(value: Any, location: str) -> None:
-    """Raise unless ``value`` is made of JSON objects (string keys), arrays and finite scalars."""
+def _check_json_value(value: Any, location: str, depth: int = 0) -> None:
+    """Raise unless ``value`` is made of JSON objects (string keys), arrays and finite scalars,
+    nested at most ``MAX_JSON_DEPTH`` deep."""
     if value is None or isinstance(value, (str, bool, int)):
         return
     if isinstance(value, float):
         if not math.isfinite(value):
             raise StrategyError(f"{location}: {value!r} is not a JSON number")
         return
+    if isinstance(value, (list, tuple, dict)) and depth >= MAX_JSON_DEPTH:
+        raise StrategyError(
+            f"{location}: nested more than {MAX_JSON_DEPTH} levels deep (MAX_JSON_DEPTH in sparsify.limits)"
+        )
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            _check_json_value(item, f"{location}[{index}]")
+            _check_json_value(item, f"{location}[{index}]", depth + 1)
         return
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise StrategyError(f"{location}: key {key!r} is not a string")
-            _check_json_value(item, f"{location}[{key!r}]")
+            _check_json_value(item, f"{location}[{key!r}]", depth + 1)
         return
     raise StrategyError(f"{location}: {type(value).__name__} is not a JSON value")
 

@@ -1,8 +1,9 @@
-"""Shared fixtures and helpers for the test suite."""
+"""Shared fixtures and suite settings: GPU skips, a shuffled test order, warnings as errors."""
 
 from __future__ import annotations
 
 import os
+import random
 import sys
 
 import pytest
@@ -12,12 +13,63 @@ sys.path.insert(0, os.path.dirname(__file__))  # model_zoo, numerics helpers
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Warnings of third-party code that the suite cannot fix, by message and module. pyproject's
+# `filterwarnings` turns every other warning into an error; these are also added to each test as
+# marks, which take precedence over a command line `-W error`, so both `pytest -W error` and
+# `python -W error -m pytest` keep failing on our own warnings only.
+THIRD_PARTY_WARNINGS = [
+    # torch 2.13 deprecated its pytree LeafSpec class and warns whenever one is rebuilt — also by
+    # copy.deepcopy of an exported GraphModule's input spec (sparsify/export.py copies the graph).
+    r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning",
+]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--random-order-seed", type=int, default=None,
+                     help="seed of the shuffled test order (default: random, printed in the header; "
+                          "or SPARSIFY_TEST_ORDER_SEED). Use 0 to keep the file order.")
+
+
+def pytest_configure(config):
+    seed = config.getoption("--random-order-seed")
+    if seed is None:
+        seed = int(os.environ.get("SPARSIFY_TEST_ORDER_SEED", random.SystemRandom().randrange(1, 2**31)))
+    config.random_order_seed = seed
+
+
+def pytest_report_header(config):
+    seed = config.random_order_seed
+    return [f"test order: shuffled with --random-order-seed={seed}" if seed else "test order: as in the files"]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # Also under -q (which hides the header): the seed that replays this order.
+    seed = config.random_order_seed
+    if seed:
+        terminalreporter.write_line(f"test order: shuffled with --random-order-seed={seed}")
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        for ignore in reversed(THIRD_PARTY_WARNINGS):
+            item.add_marker(pytest.mark.filterwarnings(ignore))
+    seed = config.random_order_seed
+    if not seed:
+        return
+    # Modules in a random order, tests in a random order within each module (module-scoped
+    # fixtures are then built once per module, as in file order).
+    shuffler = random.Random(seed)
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    groups = list(modules.values())
+    shuffler.shuffle(groups)
+    for group in groups:
+        shuffler.shuffle(group)
+    items[:] = [item for group in groups for item in group]
 
 
 @pytest.fixture(autouse=True)

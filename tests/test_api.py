@@ -154,3 +154,110 @@ def test_compile_does_not_touch_the_global_random_generator():
     torch.manual_seed(123)
     sparsify.compile(model, [x, x + 1, x - 1], progress=False)
     assert torch.equal(torch.rand(1), expected)
+
+
+# -- training mode, options, early checks (issue 11) ----------------------------------------------
+
+def test_compiled_module_refuses_training_mode_when_dropout_would_be_lost():
+    layer = torch.nn.TransformerEncoderLayer(64, 4, batch_first=True, dropout=0.1)
+    x = torch.randn(2, 64, 64)
+    sites = sparsify.find_attention(layer, (x,))
+    compiled = sparsify.compile(layer, strategy=Strategy.uniform(sites, patterns.sliding_window(16), block_size=16),
+                                example_inputs=(x,))
+    assert not compiled.training and compiled.training_differs  # starts in eval mode: the graph is the eval graph
+    compiled(x)
+    compiled.train()
+    with pytest.raises(SparsifyError, match="training mode.*dropout.*compiled.eval"):
+        compiled(x)
+    compiled.eval()
+    assert compiled(x).shape == x.shape
+    assert layer.training  # the user's model keeps its own flags
+
+
+def test_training_mode_runs_when_the_model_has_no_train_only_behaviour():
+    model, (x,) = model_zoo.video()
+    sites = sparsify.find_attention(model, (x,))
+    compiled = sparsify.compile(model, strategy=Strategy.dense(sites), example_inputs=(x,))
+    assert not compiled.training_differs
+    expected = call(compiled, (x,))
+    compiled.train()
+    assert torch.equal(call(compiled, (x,)), expected)
+
+
+def test_training_mode_check_leaves_batch_norm_statistics_and_random_streams_alone():
+    from sparsify.api import training_changes_outputs
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = ((torch.randn(8, 4),), {})
+    torch.manual_seed(7)
+    expected = torch.rand(1)
+    torch.manual_seed(7)
+    assert training_changes_outputs(model, batch)
+    assert torch.equal(torch.rand(1), expected)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not model.training
+
+
+def test_unknown_option_names_are_refused_with_a_suggestion():
+    model, inputs = model_zoo.manual()
+    with pytest.raises(SparsifyError, match="unknown option 'max_eror' \\(did you mean 'max_error'\\?\\)"):
+        sparsify.compile(model, [inputs], max_eror=0.1)
+    sites = sparsify.find_attention(model, inputs)
+    with pytest.raises(SparsifyError, match="max_error shape a search and have no effect"):
+        sparsify.compile(model, strategy=Strategy.dense(sites), example_inputs=inputs, max_error=0.1)
+
+
+def test_options_object_and_keywords_share_one_set_of_defaults():
+    import inspect
+
+    from sparsify.options import CompileOptions
+
+    signature = inspect.signature(sparsify.compile)
+    # compile's signature holds no option defaults of its own: they all live in CompileOptions.
+    assert not set(signature.parameters) & {f for f in CompileOptions.__dataclass_fields__}
+    options = CompileOptions(max_error=0.1)
+    assert CompileOptions.from_keywords({"block_size": 32}, options) == CompileOptions(max_error=0.1, block_size=32)
+    with pytest.raises(dataclasses_frozen_error()):
+        options.max_error = 0.2
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+def test_an_unavailable_backend_fails_before_any_calibration_call():
+    model, (x,) = model_zoo.manual(seq=64)
+    calls = []
+
+    def forward_loop(module):
+        calls.append(1)
+        module(x)
+
+    from sparsify.backends import get_backend
+
+    if get_backend("triton").is_available():
+        pytest.skip("triton can run here (CUDA or interpreter): nothing to refuse")
+    with pytest.raises(sparsify.UnsupportedError, match="backend 'triton' is not available"):
+        sparsify.compile(model, forward_loop, backend="triton")
+    assert calls == []  # refused before the calibration loop ran
+
+
+def test_a_missing_hardware_profile_fails_before_calibration(tmp_path):
+    model, (x,) = model_zoo.manual(seq=64)
+    with pytest.raises(SparsifyError, match="hardware_profiles: .*missing.json' is not a file"):
+        sparsify.compile(model, [x, x], hardware_profiles=[str(tmp_path / "missing.json")])
+
+
+def test_calls_of_another_shape_are_explained_without_torch_internals():
+    model, (x,) = model_zoo.manual(seq=64)
+    sites = sparsify.find_attention(model, (x,))
+    compiled = sparsify.compile(model, strategy=Strategy.dense(sites), example_inputs=(x,))
+    with pytest.raises(sparsify.errors.InputError) as failure:
+        compiled(torch.randn(1, 64, 32))
+    message = str(failure.value)
+    assert "dimension 2 is 32, but the graph was captured with it fixed at 64" in message
+    assert "Guard failed" not in message and "size()" not in message
+    with pytest.raises(sparsify.errors.InputError, match="dtype torch.float64"):
+        compiled(torch.randn(1, 64, 64, dtype=torch.float64))

@@ -81,3 +81,108 @@ def test_calibrate_writes_a_profile(tmp_path, capsys):
     from sparsify.cost import HardwareProfile
 
     assert HardwareProfile.load(out).backend == "torch"
+
+
+# -- early checks, quiet runs, the picture (issue 11) ----------------------------------------------
+
+MANUAL = ["--model", "sparsify.examples:manual_attention_block", "--calib", "sparsify.examples:manual_attention_batches"]
+
+
+def test_search_with_an_unavailable_backend_fails_before_the_search(tmp_path, capfd):
+    from sparsify.backends import get_backend
+
+    if get_backend("triton").is_available():
+        pytest.skip("triton can run here: nothing to refuse")
+    out = tmp_path / "s.json"
+    assert main(["search", *MANUAL, "--backend", "triton", "--out", str(out)]) == 2
+    captured = capfd.readouterr()
+    assert "backend 'triton' is not available" in captured.err and "profiling" not in captured.err
+    assert not out.exists()
+
+
+def test_png_without_matplotlib_fails_before_the_search(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    out = tmp_path / "s.json"
+    with pytest.raises(SystemExit, match="--png needs matplotlib"):
+        main(["search", *MANUAL, "--png", str(tmp_path / "p.png"), "--out", str(out)])
+    assert not out.exists()
+
+
+def test_output_folder_is_checked_before_the_search(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["search", *MANUAL, "--out", str(tmp_path / "no" / "such" / "s.json")])
+
+
+def test_a_normal_run_prints_no_warnings(tmp_path, capfd):
+    assert main(["sites"]) == 0
+    assert capfd.readouterr().err == ""
+    out = tmp_path / "s.json"
+    assert main(["search", *MANUAL, "--out", str(out), "--no-progress"]) == 0
+    captured = capfd.readouterr()
+    assert captured.err == "" and "strategy written to" in captured.out
+
+
+def test_calibrate_writes_a_profile_that_search_reads(tmp_path, capfd):
+    profile = tmp_path / "cpu.json"
+    assert main(["calibrate", "--backend", "torch", "--lengths", "256", "512", "--repeats", "2",
+                 "--out", str(profile)]) == 0
+    assert f"--hardware-profile {profile}" in capfd.readouterr().out
+    out = tmp_path / "s.json"
+    assert main(["search", *MANUAL, "--hardware-profile", str(profile), "--out", str(out), "--no-progress"]) == 0
+    assert Strategy.load(out).metadata["search"]["hardware_profiles"] == [str(profile)]
+    missing = tmp_path / "missing.json"
+    assert main(["search", *MANUAL, "--hardware-profile", str(missing), "--out", str(out)]) == 2
+    assert "missing.json" in capfd.readouterr().err
+
+
+def test_export_is_a_cli_command_and_export_py_knows_no_cli(tmp_path, capfd):
+    import inspect
+
+    import sparsify.export
+
+    assert "sparsify.cli" not in inspect.getsource(sparsify.export)
+    assert not hasattr(sparsify.export, "command_export") and not hasattr(sparsify.export, "add_export_command")
+    model, inputs = manual_attention_block()
+    strategy = tmp_path / "s.json"
+    Strategy.uniform(find_attention(model, inputs), patterns.sliding_window(64), block_size=32).save(strategy)
+    onnx_file = tmp_path / "m.onnx"
+    assert main(["export", "--model", "sparsify.examples:manual_attention_block", "--strategy", str(strategy),
+                 "--out", str(onnx_file), "--check"]) == 0
+    captured = capfd.readouterr()
+    assert onnx_file.exists() and "max relative error" in captured.out
+    assert captured.err == ""  # no FutureWarning, no "torchvision is not installed" lines
+
+
+def test_report_draws_every_site_over_pages(tmp_path, capsys):
+    from sparsify import AttentionSite
+
+    sites = [AttentionSite(f"layers.{i}.attn", i, num_heads=3, num_kv_heads=3, head_dim=16, q_len=256, k_len=256)
+             for i in range(8)]
+    path = tmp_path / "s.json"
+    Strategy.uniform(sites, patterns.sliding_window(32), block_size=32).save(path)
+    picture = tmp_path / "r.png"
+    assert main(["report", str(path), "--png", str(picture)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 pages" in printed and "masks only" in printed
+    assert picture.exists() and (tmp_path / "r-2.png").exists()
+
+
+def test_an_export_that_fails_midway_keeps_the_previous_file(tmp_path, monkeypatch, capfd):
+    onnx = pytest.importorskip("onnx")
+    model, inputs = manual_attention_block()
+    strategy = tmp_path / "s.json"
+    Strategy.uniform(find_attention(model, inputs), patterns.sliding_window(64), block_size=32).save(strategy)
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"the previous, working model")
+
+    def refuse(*args, **kwargs):  # the file is written (to the temporary path), then its check fails
+        raise onnx.checker.ValidationError("simulated failure after the write")
+
+    monkeypatch.setattr(onnx.checker, "check_model", refuse)
+    with pytest.raises(onnx.checker.ValidationError):
+        main(["export", "--model", "sparsify.examples:manual_attention_block", "--strategy", str(strategy),
+              "--out", str(onnx_file)])
+    assert onnx_file.read_bytes() == b"the previous, working model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "s.json"]

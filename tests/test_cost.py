@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from sparsify import AttentionSite, SparsifyError
-from sparsify.cost import DEFAULT_COSTS, CostModel, HardwareProfile, calibrate, shipped_profiles
+from sparsify.cost import DEFAULT_COSTS, BackendCosts, CostModel, HardwareProfile, calibrate, shipped_profiles
 
 SITE = AttentionSite("attn", 0, num_heads=8, num_kv_heads=8, head_dim=64, q_len=4096, k_len=4096)
 
@@ -60,17 +61,76 @@ def test_unknown_backend_device_pair_says_how_to_calibrate():
     assert CostModel().costs("triton", "cpu") == DEFAULT_COSTS[("torch", "cpu")]
 
 
-def test_calibrate_fits_the_torch_backend(tmp_path):
-    profile = calibrate("torch", "cpu", lengths=(256, 512), densities=(0.2, 0.6), heads=2, head_dim=32,
-                        block_size=32, repeats=1)
-    # Timings on a shared 2-core machine are noisy: check the fit's shape, not its precision
-    # (benchmarks/ holds the measured numbers).
-    assert all(value >= 0 for value in vars(profile.costs).values())
-    assert profile.costs.per_block_element > 0 or profile.costs.per_row_block > 0
-    assert profile.fit["samples"] == 6 and profile.fit["mean_relative_error"] >= 0
+def linear_timer(costs: BackendCosts):
+    """A timer that answers with the cost model's own formula: calibration must recover ``costs``."""
+
+    def timer(measurement, device, repeats):
+        if measurement.kind == "sparse":
+            return sum(c * x for c, x in zip((costs.launch, costs.per_row_block, costs.per_block_element),
+                                             measurement.features))
+        return costs.dense_launch + costs.dense_per_element * measurement.features[1]
+
+    return timer
+
+
+def test_calibrate_recovers_known_constants_exactly():
+    # Deterministic: the measurements come from known constants, so the fit is checked to 1e-6, not "roughly".
+    truth = BackendCosts(launch=2e-4, per_row_block=3e-6, per_block_element=4e-11, dense_launch=5e-5,
+                         dense_per_element=2e-11)
+    profile = calibrate("torch", "cpu", lengths=(256, 512), densities=(0.2, 0.6), heads=2, head_dim=32, block_size=32,
+                        repeats=1, timer=linear_timer(truth))
+    for name, value in vars(truth).items():
+        assert getattr(profile.costs, name) == pytest.approx(value, rel=1e-6), name
+    assert profile.fit["samples"] == 6 and profile.fit["mean_relative_error"] < 1e-9
+
+
+def test_calibrate_refuses_timings_that_do_not_grow_with_density():
+    # Under load the sparse time can look flat in the density: no per-block cost can be fitted, and
+    # a profile saying "every density costs the same" would mislead the search. It is re-measured, then refused.
+    attempts = []
+
+    def flat(measurement, device, repeats):
+        attempts.append(repeats)
+        return 1e-3
+
+    with pytest.raises(SparsifyError, match="did not grow with the number of kept blocks"):
+        calibrate("torch", "cpu", lengths=(256,), densities=(0.2, 0.6), heads=2, head_dim=32, block_size=32,
+                  repeats=1, timer=flat, attempts=3)
+    assert sorted(set(attempts)) == [1, 2, 4]  # each attempt doubles the repeats
+
+
+def test_calibrate_measures_the_torch_backend(tmp_path):
+    # Real timings (noisy on a shared machine): calibration either fits a per-block cost or re-measures
+    # until it does; the profile it returns is valid and round-trips.
+    profile = calibrate("torch", "cpu", lengths=(256, 512), densities=(0.1, 0.8), heads=2, head_dim=32,
+                        block_size=32, repeats=2)
+    assert all(value >= 0 and math.isfinite(value) for value in vars(profile.costs).values())
+    assert profile.costs.per_block_element > 0
+    assert profile.fit["samples"] == 6 and profile.fit["dtype"] == "float32"
     path = tmp_path / "cpu.json"
     profile.save(path)
     assert HardwareProfile.load(path).costs == profile.costs
+
+
+def test_a_failed_profile_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "profile.json"
+    good = HardwareProfile("torch", "cpu", "a test cpu", DEFAULT_COSTS[("torch", "cpu")])
+    good.save(path)
+    broken = HardwareProfile("torch", "cpu", "a test cpu", DEFAULT_COSTS[("torch", "cpu")], fit={"bad": {1, 2}})
+    with pytest.raises(TypeError):
+        broken.save(path)  # not JSON: fails while producing the text
+    assert HardwareProfile.load(path).costs == good.costs and sorted(p.name for p in tmp_path.iterdir()) == ["profile.json"]
+
+
+def test_chosen_hardware_profiles_come_first(tmp_path, caplog):
+    mine = HardwareProfile("triton", "cuda", "Some Other GPU X1", BackendCosts(1.0, 2.0, 3.0, 4.0, 5.0))
+    path = tmp_path / "mine.json"
+    mine.save(path)
+    model = CostModel.default([path])
+    assert model.costs("torch", "cpu") == DEFAULT_COSTS[("torch", "cpu")]  # other backends: as before
+    assert CostModel.default([str(path)]).preferred[0].costs == mine.costs
+    with pytest.raises(SparsifyError, match="cannot read hardware profile"):
+        CostModel.default([tmp_path / "missing.json"])
 
 
 def test_shipped_profiles_load():

@@ -88,10 +88,81 @@ def test_candidate_errors_equal_dense_masked_reference(causal):
     errors.add(q, k, v, padding, causal, None, block, [masks] * heads, [skips] * heads)
     causal_keep = torch.ones(length, length, dtype=torch.bool).tril() if causal else torch.ones(length, length, dtype=torch.bool)
     dense = masked_output(q, k, v, causal_keep, padding)
+    # Query rows at padded positions carry no meaning: the errors leave them out.
+    real_rows = padding[:, 0, 0, :, None].double()  # [batch, length, 1]
+    assert errors.padded_rows[0].tolist() == (~padding[:, 0, 0]).tolist()
     for index, mask in enumerate(masks):
         keep = mask.repeat_interleave(block, 0).repeat_interleave(block, 1)[:length, :length] & causal_keep
         sparse = torch.zeros_like(dense) if skips[index] else masked_output(q, k, v, keep, padding)
         for head in range(heads):
-            expected = ((sparse[:, head] - dense[:, head]).norm() / dense[:, head].norm()).item()
+            difference, reference = (sparse[:, head] - dense[:, head]) * real_rows, dense[:, head] * real_rows
+            expected = (difference.norm() / reference.norm()).item()
             assert errors.relative_error(head)[index].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert all(errors.relative_error(h)[0] < 1e-5 and errors.relative_error(h)[-1] == pytest.approx(1.0) for h in range(heads))
+
+
+def softcap_sink_probabilities(q, k, attn_mask, causal, softcap, sinks):
+    """Dense probabilities with soft-capping and sinks (sink column dropped) and the sinks' own share."""
+    heads = q.shape[1]
+    k = k.repeat_interleave(heads // k.shape[1], 1)
+    scores = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    if causal:
+        scores = scores.masked_fill(torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).triu(1), float("-inf"))
+    column = sinks.double().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    full = torch.softmax(torch.cat([scores, column], -1), -1)
+    return full[..., :-1], full[..., -1]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_mass_with_softcap_and_sinks_equals_dense_pooling(causal):
+    q, k = torch.randn(2, 4, 100, 8) * 3, torch.randn(2, 2, 100, 8) * 3
+    sinks = torch.randn(4)
+    mask = torch.rand(2, 1, 1, 100) > 0.2
+    profile = BlockMassProfile.empty(4, 100, 100, 16)
+    profile.add(q, k, k, mask, causal, None, softcap=2.0, sinks=sinks)
+    probabilities, _ = softcap_sink_probabilities(q, k, mask, causal, 2.0, sinks)
+    torch.testing.assert_close(profile.mass, pooled_reference(probabilities, 16), rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_with_softcap_and_sinks_equal_dense_attention():
+    from sparsify.ops import dense_attention
+
+    q, k, v = torch.randn(1, 2, 90, 8) * 3, torch.randn(1, 2, 90, 8) * 3, torch.randn(1, 2, 90, 8)
+    sinks = torch.tensor([0.5, 2.0])
+    chunks = list(probability_chunks(q, k, v, None, True, None, 32, with_block_values=True, chunk_bytes=1,
+                                     softcap=3.0, sinks=sinks))
+    torch.testing.assert_close(torch.cat([c.output for c in chunks], 2),
+                               dense_attention(q, k, v, None, True, None, 3.0, sinks), rtol=1e-5, atol=1e-5)
+    _, sink_share = softcap_sink_probabilities(q, k, None, True, 3.0, sinks)
+    torch.testing.assert_close(torch.cat([c.sink_mass for c in chunks], 2).double(), sink_share, rtol=1e-5, atol=1e-6)
+
+
+def test_candidate_errors_with_softcap_and_sinks_equal_dense_masked_reference():
+    batch, heads, length, block = 2, 2, 96, 32
+    q = torch.randn(batch, heads, length, 8) * 3
+    k, v = torch.randn(batch, heads, length, 8) * 3, torch.randn(batch, heads, length, 8)
+    sinks = torch.tensor([1.0, -0.5])
+    candidates = [patterns.dense(), patterns.sliding_window(20), patterns.a_shape(10, 40), patterns.skip()]
+    blocks = -(-length // block)
+    masks = torch.stack([p.block_mask(blocks, blocks, block_size=block, causal=True, q_len=length, k_len=length)
+                         for p in candidates])
+    skips = torch.tensor([p.is_skip for p in candidates])
+    errors = CandidateErrors.empty([len(candidates)] * heads)
+    errors.add(q, k, v, None, True, None, block, [masks] * heads, [skips] * heads, softcap=4.0, sinks=sinks)
+    causal_keep = torch.ones(length, length, dtype=torch.bool).tril()
+    from sparsify.ops import dense_attention
+
+    dense = dense_attention(q.double(), k.double(), v.double(), causal_keep, False, None, 4.0, sinks.double())
+    for index, mask in enumerate(masks):
+        keep = mask.repeat_interleave(block, 0).repeat_interleave(block, 1)[:length, :length] & causal_keep
+        # With sinks a row whose keys are all dropped still normalises against its sink.
+        sparse = torch.zeros_like(dense) if skips[index] else dense_attention(
+            q.double(), k.double(), v.double(), keep, False, None, 4.0, sinks.double())
+        for head in range(heads):
+            expected = ((sparse[:, head] - dense[:, head]).norm() / dense[:, head].norm()).item()
+            assert errors.relative_error(head)[index].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert all(errors.recall(h)[0] == pytest.approx(1.0) for h in range(heads))

@@ -104,9 +104,14 @@ def test_target_density_is_met():
 
 
 def test_short_sequences_stay_dense_with_real_overheads():
+    # At 256 tokens the default CPU constants price every sparse pattern above dense (launch and
+    # per-row overheads): the search keeps every head dense instead of "finding" a slowdown.
     model, batches = small_video(layers=1)
     compiled = sparsify.compile(model, batches, block_size=16, progress=False)  # default CPU constants
-    assert compiled.strategy.summary()["estimated_speedup"] >= 1.0
+    summary = compiled.strategy.summary()
+    assert summary["sparse_heads"] == 0 and summary["dense_heads"] == 4
+    assert summary["estimated_speedup"] == 1.0
+    assert torch.equal(call(compiled, (batches[0],)), call(model, (batches[0],)))
 
 
 def test_no_sparse_pattern_where_the_cost_model_says_dense_is_faster():
@@ -138,8 +143,9 @@ def test_gpt2_search_keeps_the_model_close():
     assert compiled.strategy.summary()["end_to_end_error"] < 0.1
 
 
-@pytest.mark.parametrize("bad, message", [(1.0, "max_error must be in"), (-0.1, "max_error must be in"),
-                                          (float("nan"), "max_error must be in")])
+@pytest.mark.parametrize("bad, message", [(1.0, r"max_error: must be a number in \[0, 1\), got 1.0"),
+                                          (-0.1, "max_error: must be a number in"),
+                                          (float("nan"), "max_error: must be a number in .* got nan")])
 def test_bad_max_error(bad, message):
     model, batches = small_video(layers=1)
     with pytest.raises(SparsifyError, match=message):
@@ -160,8 +166,11 @@ def test_nan_in_calibration_names_the_site():
     model, batches = small_video(layers=1)
     poisoned = batches[0].clone()
     poisoned[0, 3, 5] = float("nan")
-    with pytest.raises(SparsifyError, match="blocks.0.attn.*NaN"):
+    with pytest.raises(SparsifyError, match="blocks.0.attn.*NaN") as failure:
         sparsify.compile(model, [batches[1], poisoned], progress=False)
+    message = str(failure.value)
+    # Our message only: no torch.fx interpreter dump ("While executing ...", "Original traceback", tlparse).
+    assert "While executing" not in message and "tlparse" not in message and "Original traceback" not in message
 
 
 def test_config_validation_lists_the_problem():
@@ -188,3 +197,160 @@ def test_dense_steps_need_later_calibration_steps():
     model, batches = small_video(layers=1)
     with pytest.raises(SparsifyError, match="dense_steps"):
         sparsify.compile(model, batches[:2], progress=False, dense_steps=2)
+
+
+# -- global targets and the error budget (issue 11) ------------------------------------------------
+
+def brute_force_target(errors, works, sites, budgets, work_budget):
+    best = None
+    for combo in itertools.product(*[range(len(e)) for e in errors]):
+        site_errors = [0.0] * len(budgets)
+        for head, choice in enumerate(combo):
+            site_errors[sites[head]] += float(errors[head][choice])
+        work = sum(float(works[h][c]) for h, c in enumerate(combo))
+        if any(e > b for e, b in zip(site_errors, budgets)) or work > work_budget:
+            continue
+        total = sum(site_errors)
+        if best is None or total < best[0]:
+            best = (total, combo)
+    return best
+
+
+def test_target_allocation_keeps_every_site_within_budget_and_matches_brute_force():
+    from sparsify.search import allocate_with_target
+
+    generator = torch.Generator().manual_seed(1)
+    reached = 0
+    for _ in range(40):
+        errors, works = [], []
+        for _head in range(4):
+            error = torch.rand(4, generator=generator, dtype=torch.float64) * 0.5
+            work = torch.rand(4, generator=generator, dtype=torch.float64)
+            error[0], work[0] = 0.0, 1.0  # dense: exact, full work
+            errors.append(error)
+            works.append(work)
+        sites = [0, 0, 1, 1]
+        budgets = [float(torch.rand(1, generator=generator)) * 0.6] * 2
+        work_budget = 1.0 + float(torch.rand(1, generator=generator)) * 2.5
+        choice = allocate_with_target(errors, works, sites, budgets, work_budget)
+        site_errors = [sum(float(errors[h][c]) for h, c in enumerate(choice) if sites[h] == s) for s in range(2)]
+        assert all(e <= b + 1e-9 for e, b in zip(site_errors, budgets))  # never over budget
+        best = brute_force_target(errors, works, sites, budgets, work_budget)
+        work = sum(float(works[h][c]) for h, c in enumerate(choice))
+        if best is None:
+            # Out of reach: the least work each site can do within its budget.
+            least = min(sum(float(works[h][c]) for h, c in enumerate(combo))
+                        for combo in itertools.product(range(4), repeat=4)
+                        if all(sum(float(errors[h][combo[h]]) for h in range(4) if sites[h] == s) <= budgets[s]
+                               for s in range(2)))
+            assert least - 1e-9 <= work <= least + 0.35  # a knapsack: the relaxation allows a small gap
+        else:
+            reached += 1
+            assert work <= work_budget + 1e-9
+            # Lagrangian relaxation is optimal on the convex hull; allow the usual small gap.
+            assert sum(site_errors) <= best[0] + 0.35
+    assert reached >= 10  # the cases exercise both outcomes
+
+
+def test_unreachable_target_stays_within_max_error_and_says_so(caplog):
+    model, batches = small_video(layers=1)
+    with caplog.at_level("WARNING", logger="sparsify.search"):
+        compiled = sparsify.compile(model, batches, target_density=0.05, block_size=16, progress=False,
+                                    cost_model=WORK_ONLY)
+    strategy = compiled.strategy
+    assert all(error <= 0.05 for error in strategy.metadata["site_errors"].values())
+    target = strategy.metadata["target"]
+    assert target["reached"] is False and target["sites_over_budget"] == [] and target["achieved"] > 0.05
+    assert "target_density=0.05 is not reachable within max_error=0.05" in caplog.text
+    assert strategy.summary()["target_reached"] is False
+    assert "NOT reached within max_error=0.05" in compiled.report()
+
+
+def test_target_that_overrides_the_budget_names_the_sites_over_it(caplog):
+    model, batches = small_video(layers=1)
+    with caplog.at_level("WARNING", logger="sparsify.search"):
+        compiled = sparsify.compile(model, batches, target_density=0.05, target_overrides_max_error=True,
+                                    block_size=16, progress=False, cost_model=WORK_ONLY)
+    strategy = compiled.strategy
+    assert strategy.summary()["mean_density"] <= 0.05 + 1e-6
+    assert strategy.summary()["sites_over_budget"] == ["blocks.0.attn"]
+    assert strategy.metadata["site_errors"]["blocks.0.attn"] > 0.05
+    assert "1 site(s) exceed the budget: blocks.0.attn" in caplog.text
+    assert "over budget: blocks.0.attn" in compiled.report()
+
+
+def test_no_site_drops_every_head_even_when_the_target_overrides_the_budget():
+    model, batches = small_video(layers=1)
+    compiled = sparsify.compile(model, batches, target_density=0.001, target_overrides_max_error=True, block_size=16,
+                                progress=False, cost_model=WORK_ONLY)
+    for site in compiled.strategy.sites.values():
+        assert not all(pattern.is_skip for pattern in site.heads)
+    assert compiled.strategy.metadata["target"]["reached"] is False
+
+
+def test_global_target_respects_the_budget_where_it_was_silently_exceeded():
+    # The issue: target_density=0.3 with max_error=0.05 picked skip() for all heads of a layer (site error 1.0).
+    model, batches = small_video(layers=2)
+    compiled = sparsify.compile(model, batches, target_density=0.3, block_size=16, progress=False,
+                                cost_model=WORK_ONLY)
+    errors = compiled.strategy.metadata["site_errors"]
+    assert errors and all(error <= 0.05 for error in errors.values())
+    assert compiled.strategy.summary()["end_to_end_error"] < 0.1
+
+
+def test_speedup_of_a_site_with_every_head_skipped_is_not_astronomical():
+    from sparsify import AttentionSite, Strategy
+    from sparsify.report import strategy_table
+    from sparsify.strategy import SiteStrategy
+
+    site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=64, q_len=1024, k_len=1024)
+    metrics = [{"error": 1.0, "estimated_seconds": 0.0, "dense_seconds": 1e-3}] * 2
+    strategy = Strategy.dense([site])
+    strategy = Strategy(strategy.block_size, {"attn": SiteStrategy("attn", [patterns.skip()] * 2, head_metrics=metrics)},
+                        strategy.fingerprint)
+    table = strategy_table(strategy)
+    assert "all skipped" in table and "e+" not in table
+
+
+def test_calibration_batches_of_another_shape_are_refused_before_calibration():
+    model, batches = small_video(layers=1)
+    wrong = torch.randn(1, batches[0].shape[1], 32)  # hidden size 32, the model takes 64
+    with pytest.raises(sparsify.errors.InputError) as failure:
+        sparsify.compile(model, [batches[0], wrong, batches[1]], block_size=16, progress=False)
+    message = str(failure.value)
+    assert "calibration batch 1" in message and "dimension 2 is 32" in message and "fixed at 64" in message
+    assert "Guard failed" not in message and "size()" not in message
+
+
+def test_padded_query_rows_do_not_count_in_the_errors():
+    from sparsify.api import end_to_end_error
+
+    # Two models equal everywhere except at the padded positions: the error left after ignoring them is 0.
+    class Noisy(torch.nn.Module):
+        def forward(self, x):
+            return x + torch.where(torch.arange(x.shape[1]) >= 6, 1.0, 0.0).view(1, -1, 1)
+
+    x = torch.randn(2, 8, 4)
+    padding = torch.zeros(2, 8, dtype=torch.bool)
+    padding[:, 6:] = True
+    batches = [((x,), {})]
+    assert end_to_end_error(Noisy(), torch.nn.Identity(), batches) > 0.3
+    assert end_to_end_error(Noisy(), torch.nn.Identity(), batches, ignored_positions=[padding]) == 0.0
+
+
+def test_bert_search_ignores_padding_rows():
+    model, inputs = model_zoo.bert(seq=128, batch=2)
+    batches = []
+    for seed in range(4):
+        batch = dict(model_zoo.bert(seq=128, batch=2, seed=seed)[1])
+        mask = torch.ones_like(batch["input_ids"])
+        mask[1, 80:] = 0  # the second sequence is padded
+        batches.append({**batch, "attention_mask": mask})
+    from sparsify.api import search_model
+    from sparsify.options import CompileOptions
+
+    result = search_model(model, batches, CompileOptions(block_size=16), cost_model=WORK_ONLY)
+    padding = result.search.held_out_padding
+    assert padding and all(p is not None and p[1, 80:].all() and not p[1, :80].any() and not p[0].any()
+                           for p in padding)
+    assert result.compiled.strategy.summary()["end_to_end_error"] < 0.1

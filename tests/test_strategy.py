@@ -176,7 +176,7 @@ MALFORMED = {
         _set(["site"], {}), ["unknown key(s) 'site'", "expected: format_version"]
     ),
     "block size not power of two": (
-        _set(["block_size"], 48), ["block_size: must be a power of two >= 16"]
+        _set(["block_size"], 48), ["block_size: must be a power of two in [16, 4096]", "got 48"]
     ),
     "block size too small": (_set(["block_size"], 8), ["block_size", "got 8"]),
     "block size string": (_set(["block_size"], "64"), ["block_size: must be an integer"]),
@@ -202,7 +202,7 @@ MALFORMED = {
     ),
     "bad pattern parameter": (
         _set([*SITE, "heads", 1], {"pattern": "sliding_window", "window": -4}),
-        ["sites['h.0.attn'].heads[1]: sliding_window: window must be a positive int, got -4"],
+        ["sites['h.0.attn'].heads[1]: sliding_window: window must be an int in [1, 16777216] (MAX_TOKENS in sparsify.limits), got -4"],
     ),
     "unknown pattern parameter": (
         _set([*SITE, "heads", 1], {"pattern": "sliding_window", "size": 4}),
@@ -231,7 +231,7 @@ MALFORMED = {
         ["sites['h.0.attn'].head_metrics[2]: must be a JSON object"],
     ),
     "negative dense steps": (
-        _set([*SITE, "dense_steps"], -1), ["sites['h.0.attn'].dense_steps: must be >= 0"]
+        _set([*SITE, "dense_steps"], -1), ["sites['h.0.attn'].dense_steps: must be an int in [0, 1000000] (MAX_STEPS in sparsify.limits), got -1"]
     ),
     "dense steps string": (
         _set([*SITE, "dense_steps"], "3"), ["sites['h.0.attn'].dense_steps: must be an integer"]
@@ -248,13 +248,95 @@ MALFORMED = {
         ["fingerprint[2].kind: must be 'self' or 'cross'"],
     ),
     "fingerprint bad length": (
-        _set(["fingerprint", 1, "q_len"], 0), ["fingerprint[1].q_len: must be a positive int"]
+        _set(["fingerprint", 1, "q_len"], 0), ["fingerprint[1].q_len: must be an int in [1, 16777216] (MAX_TOKENS in sparsify.limits), got 0"]
     ),
     "fingerprint order": (
         _set(["fingerprint", 0, "name"], "h.9.attn"),
         ["fingerprint: names ['h.9.attn', 'h.0.attn', 'cross'] do not match the sites"],
     ),
     "metadata not object": (_set(["metadata"], "v1"), ["metadata: must be a JSON object"]),
+    # Unbounded numbers (issue 11): each is refused at load with the field, the value and the bound,
+    # before anything allocates (the block size 2**40 asked for 562 TB, window 10**30 overflowed
+    # int64 at apply time, source_k_blocks 10**12 asked for 32 TB).
+    "huge block size": (
+        _set(["block_size"], 2**40), ["block_size: must be a power of two in [16, 4096]", "got 1099511627776"]
+    ),
+    "huge window": (
+        _set([*SITE, "heads", 1], {"pattern": "sliding_window", "window": 10**30}),
+        ["sites['h.0.attn'].heads[1]: sliding_window: window must be an int in [1, 16777216]",
+         "MAX_TOKENS in sparsify.limits", "got 1000000000000000000000000000000"],
+    ),
+    "huge static table grid": (
+        _set([*SITE, "heads", 0], {"pattern": "block_top_k", "table": [[0]], "source_q_blocks": 1,
+                                   "source_k_blocks": 10**12, "relative_to": "start", "near_blocks": 4}),
+        ["sites['h.0.attn'].heads[0]", "source_k_blocks must be an int in [1, 16777216]",
+         "MAX_GRID_BLOCKS", "got 1000000000000"],
+    ),
+    "static table grid too large in all": (
+        _set([*SITE, "heads", 0], {"pattern": "block_top_k", "table": [[0]] * 8, "source_q_blocks": 8,
+                                   "source_k_blocks": 2**22, "relative_to": "start", "near_blocks": 4}),
+        ["source_q_blocks x source_k_blocks = 8 x 4194304 = 33554432 blocks; at most 16777216"],
+    ),
+    "huge slash offset": (
+        _set([*SITE, "heads", 0], {"pattern": "vertical_slash", "vertical": [], "slash": [-(10**9)], "width": 1}),
+        ["vertical_slash: slash entry must be an int in [-16777216, 16777216]", "got -1000000000"],
+    ),
+    "huge exponent": (
+        _set([*SITE, "heads", 0], {"pattern": "power_of_two", "max_exponent": 100, "width": 0}),
+        ["power_of_two: max_exponent must be an int in [0, 24] (MAX_EXPONENT in sparsify.limits), got 100"],
+    ),
+    "too many slash lines": (
+        _set([*SITE, "heads", 0], {"pattern": "vertical_slash", "vertical": [], "slash": list(range(5000)),
+                                   "width": 1}),
+        ["vertical_slash: slash holds 5000 entries; at most 4096 (MAX_LINES in sparsify.limits)"],
+    ),
+    "fingerprint length too long": (
+        _set(["fingerprint", 1, "q_len"], 2**25), ["fingerprint[1].q_len: must be an int in [1, 16777216]",
+                                                   "got 33554432"]
+    ),
+    "fingerprint grid too large": (
+        lambda data: data["fingerprint"][1].update(q_len=10**7, k_len=10**7),
+        ["fingerprint[1]: q_len x k_len = 10000000 x 10000000 tokens is 312500 x 312500",
+         "at most 16777216 (MAX_GRID_BLOCKS in sparsify.limits)"],
+    ),
+    "fingerprint too many heads": (
+        lambda data: data["fingerprint"][2].update(num_heads=10**6, num_kv_heads=10**6),
+        ["fingerprint[2].num_heads: must be an int in [1, 4096] (MAX_HEADS in sparsify.limits), got 1000000"],
+    ),
+    "fingerprint kv heads do not divide": (
+        _set(["fingerprint", 1, "num_kv_heads"], 3), ["fingerprint[1]: num_heads=4 is not a multiple of num_kv_heads=3"]
+    ),
+    "huge dense steps": (
+        _set([*SITE, "dense_steps"], 10**12),
+        ["sites['h.0.attn'].dense_steps: must be an int in [0, 1000000] (MAX_STEPS in sparsify.limits)"],
+    ),
+    "negative measured error": (
+        _set(["sites", "h.1.attn", "head_metrics", 0, "error"], -0.5),
+        ["sites['h.1.attn'].head_metrics[0].error: must be a number >= 0 and finite, got -0.5"],
+    ),
+    "recall above one": (
+        _set(["sites", "h.1.attn", "head_metrics", 2, "recall"], 3),
+        ["sites['h.1.attn'].head_metrics[2].recall: must be a number [0, 1], got 3"],
+    ),
+    "negative end-to-end error": (
+        _set(["metadata", "end_to_end_error"], -1), ["metadata.end_to_end_error: must be a number >= 0"]
+    ),
+    "zero speedup": (
+        _set(["metadata", "estimated_attention_speedup"], 0), ["metadata.estimated_attention_speedup: must be > 0"]
+    ),
+    "bad steps per generation": (
+        _set(["metadata", "steps_per_generation"], 0),
+        ["metadata.steps_per_generation: must be an int in [1, 1000000]"],
+    ),
+    "metadata nested too deep": (
+        _set(["metadata", "notes"], json.loads("[" * 40 + "]" * 40)),
+        ["nested more than 32 levels deep (MAX_JSON_DEPTH in sparsify.limits)"],
+    ),
+    "patterns nested too deep": (
+        _set([*SITE, "heads", 0], json.loads(
+            '{"pattern": "union", "parts": [{"pattern": "dense"}, ' * 12 + '{"pattern": "dense"}' + "]}" * 12)),
+        ["patterns nested more than 8 deep (MAX_PATTERN_DEPTH in sparsify.limits)"],
+    ),
 }
 
 
@@ -292,6 +374,42 @@ def test_unreadable_documents(tmp_path, text, expected):
     assert expected in str(caught.value)
 
 
+def test_metadata_nested_past_the_recursion_limit_is_refused_clearly(tmp_path, sites):
+    # 100k levels: json itself cannot read it (RecursionError); the error names the file and the bound.
+    text = json.dumps(mixed_strategy(sites).to_dict())
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "strategy.json"
+    path.write_text(text.replace('"notes": ["calibrated on 4 samples"]', f'"notes": {deep}'))
+    with pytest.raises(StrategyError) as caught:
+        Strategy.load(path)
+    assert str(caught.value).startswith(f"{path}: ") and "MAX_JSON_DEPTH" in str(caught.value)
+
+
+def test_numbers_too_large_for_a_float_are_refused(tmp_path, sites):
+    text = json.dumps(mixed_strategy(sites).to_dict())  # json reads 1e400 as inf
+    path = tmp_path / "strategy.json"
+    path.write_text(text.replace('"notes": ["calibrated on 4 samples"]', '"notes": [1e400]'))
+    with pytest.raises(StrategyError, match=r"metadata\['notes'\]\[0\]: inf is not a JSON number"):
+        Strategy.load(path)
+
+
+def test_every_bound_is_documented_in_one_place():
+    import sparsify.limits as limits
+
+    names = [name for name in limits.__all__ if name.isupper()]
+    assert names and all(f"``{name}``" in limits.__doc__ for name in names)
+
+
+def test_summary_and_report_of_the_largest_allowed_grid_stay_cheap():
+    # The largest recorded grid the bounds allow is counted without running out of memory.
+    site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=16, q_len=4096 * 16, k_len=4096 * 16)
+    strategy = Strategy.uniform([site], sliding_window(64), block_size=16)
+    assert 0 < strategy.summary()["mean_density"] < 0.003
+    from sparsify.report import strategy_table
+
+    assert "sliding_window(64)" in strategy_table(strategy)
+
+
 def test_missing_file(tmp_path):
     path = tmp_path / "nowhere.json"
     with pytest.raises(StrategyError, match=r"nowhere\.json: cannot read strategy file"):
@@ -306,7 +424,7 @@ def test_from_dict_names_its_source():
 
 
 def test_constructors_validate(sites):
-    with pytest.raises(StrategyError, match="block_size: must be a power of two >= 16"):
+    with pytest.raises(StrategyError, match=r"block_size: must be a power of two in \[16, 4096\]"):
         Strategy.dense(sites, block_size=100)
     with pytest.raises(StrategyError, match="at least one site"):
         Strategy.dense([])

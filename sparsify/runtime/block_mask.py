@@ -56,6 +56,8 @@ class RuntimeBlockMask:
       after that position. 0 is SDPA's top-left alignment, ``k_len - q_len`` bottom-right.
     * ``per_input``: built for one call from its inputs (input-adaptive patterns); backends then
       take a path with no host work per call (fixed widths, no device-to-host reads).
+    * ``kv_heads``: ``kv_head_index`` as host ints (set when it was known on the host), so that a
+      backend's host work never reads it back from the device.
 
     Block classification happens here, once, on the mask's device; no backend re-derives it.
     Build one with `from_block_masks` (from boolean kept-block masks, e.g. a pattern's).
@@ -84,6 +86,7 @@ class RuntimeBlockMask:
     causal: bool
     q_offset: int = 0
     per_input: bool = False
+    kv_heads: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -157,9 +160,10 @@ class RuntimeBlockMask:
         counts, indices = _compress(partial_kept, partial_width)
         heads = kept.shape[1]
         if kv_head_index is None:
-            kv_head_index = torch.arange(heads, device=device)
+            kv_head_index = torch.arange(heads)
+        host = tuple(kv_head_index.tolist()) if kv_head_index.device.type == "cpu" else None
         return cls(counts, indices, full_counts, full_indices, kv_head_index.to(device=device, dtype=torch.int64),
-                   block_size, q_len, k_len, bool(causal), int(q_offset), bool(per_input))
+                   block_size, q_len, k_len, bool(causal), int(q_offset), bool(per_input), host)
 
     @classmethod
     def dense(cls, heads: int, *, block_size: int, q_len: int, k_len: int, causal: bool, q_offset: int = 0,
@@ -273,7 +277,20 @@ class RuntimeBlockMask:
         """
         index = torch.as_tensor(heads, dtype=torch.long, device=self.device)
         tensors = {name: getattr(self, name).index_select(1, index) for name in _TENSOR_FIELDS if name != "kv_head_index"}
-        return dataclasses.replace(self, **tensors, kv_head_index=self.kv_head_index.index_select(0, index))
+        host = None
+        if self.kv_heads is not None and not isinstance(heads, torch.Tensor):
+            host = tuple(self.kv_heads[h] for h in heads)
+        return dataclasses.replace(self, **tensors, kv_head_index=self.kv_head_index.index_select(0, index),
+                                   kv_heads=host)
+
+    def batch_element(self, index: int) -> "RuntimeBlockMask":
+        """The mask of one batch element, recompressed to its own widest row (a host read: for CPU paths)."""
+        if self.batch == 1:
+            return dataclasses.replace(self, per_input=False)
+        return RuntimeBlockMask.from_block_masks(
+            self.to_block_masks()[index:index + 1], block_size=self.block_size, q_len=self.q_len, k_len=self.k_len,
+            causal=self.causal, kv_head_index=self.kv_head_index.cpu() if self.kv_heads is not None else
+            self.kv_head_index, q_offset=self.q_offset).to(self.device)
 
     # --- display --------------------------------------------------------------------------------
 

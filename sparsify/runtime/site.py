@@ -11,7 +11,7 @@ import torch
 from sparsify.errors import StrategyError, UnsupportedError
 from sparsify.ops import dense_attention
 from sparsify.runtime.block_mask import RuntimeBlockMask, causal_element_mask
-from sparsify.runtime.mask_source import StaticMaskSource
+from sparsify.runtime.mask_source import AdaptiveMaskSource, StaticMaskSource
 from sparsify.site import AttentionSite
 
 if TYPE_CHECKING:
@@ -36,6 +36,11 @@ class StepCounter:
     wraps the count so each generation starts at step 0 again. `SparsifiedModule.reset_steps`
     resets it by hand.
 
+    Under ``torch.compile`` the count stays out of the graph: sites register their
+    ``dense_steps`` (`register`) and read ``dense_phase`` (``dense_steps -> step < dense_steps``),
+    so a compiled model guards on one bool per site instead of on the step (which would recompile
+    it every call); with no site registered nothing is counted inside a compiled graph.
+
     Example:
         >>> counter = StepCounter(steps_per_generation=3)
         >>> [counter.advance() for _ in range(4)]
@@ -46,18 +51,44 @@ class StepCounter:
         if steps_per_generation is not None and steps_per_generation <= 0:
             raise ValueError(f"steps_per_generation must be positive, got {steps_per_generation}")
         self.steps_per_generation = steps_per_generation
-        self.step = 0
+        self.dense_phase: dict[int, bool] = {}
+        self._step = 0
+
+    @property
+    def step(self) -> int:
+        """The current step (0 is the first call of a generation)."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = value
+        for dense_steps in self.dense_phase:
+            self.dense_phase[dense_steps] = value < dense_steps
+
+    def register(self, dense_steps: int) -> None:
+        """A site keeps its first ``dense_steps`` steps dense: keep ``dense_phase[dense_steps]`` up to date."""
+        if dense_steps:
+            self.dense_phase[dense_steps] = self._step < dense_steps
 
     def advance(self) -> int:
         """Return the current step and move to the next one."""
+        if torch.compiler.is_compiling():
+            return _advance_outside_graph(self) if self.dense_phase else self._step
         current = self.step
-        self.step += 1
-        if self.steps_per_generation is not None and self.step >= self.steps_per_generation:
-            self.step = 0
+        following = current + 1
+        if self.steps_per_generation is not None and following >= self.steps_per_generation:
+            following = 0
+        self.step = following
         return current
 
     def reset(self) -> None:
         self.step = 0
+
+
+@torch.compiler.disable
+def _advance_outside_graph(counter: StepCounter) -> int:
+    """`StepCounter.advance` for a compiled model whose sites keep dense steps: runs eagerly (one graph break)."""
+    return counter.advance()
 
 
 def is_dense_pattern(pattern: "Pattern") -> bool:
@@ -98,16 +129,30 @@ class SparseAttention(torch.nn.Module):
         self.backend = backend
         self.dense_steps = dense_steps
         self.step_counter = step_counter
+        if dense_steps and step_counter is not None and hasattr(step_counter, "register"):
+            step_counter.register(dense_steps)
         self.cost_model = cost_model
         dense = [h for h, p in enumerate(head_patterns) if is_dense_pattern(p)]
         skipped = [h for h, p in enumerate(head_patterns) if getattr(p, "is_skip", False)]
-        sparse = [h for h, p in enumerate(head_patterns) if not is_dense_pattern(p) and h not in skipped]
+        adaptive = [h for h, p in enumerate(head_patterns) if getattr(p, "is_adaptive", False)]
+        sparse = [h for h, p in enumerate(head_patterns)
+                  if not is_dense_pattern(p) and h not in skipped and h not in adaptive]
         group = site.gqa_group_size
         self.register_buffer("dense_heads", torch.tensor(dense, dtype=torch.long), persistent=False)
         self.register_buffer("sparse_heads", torch.tensor(sparse, dtype=torch.long), persistent=False)
         self.register_buffer("skipped_heads", torch.tensor(skipped, dtype=torch.long), persistent=False)
         self.register_buffer("dense_kv_heads", torch.tensor([h // group for h in dense], dtype=torch.long),
                              persistent=False)
+        self.register_buffer("adaptive_heads", torch.tensor(adaptive, dtype=torch.long), persistent=False)
+        self.adaptive_source = None
+        if adaptive:
+            self.adaptive_source = AdaptiveMaskSource(
+                [head_patterns[h] for h in adaptive], block_size=block_size, causal=site.causal,
+                kv_head_index=torch.tensor([h // group for h in adaptive], dtype=torch.long),
+                self_attention=site.is_self_attention)
+        #: Set to a list to collect, per call, the mean kept-block share of the adaptive heads (device
+        #: tensors, read when the caller wants them: the search and reports use it).
+        self.adaptive_density_log: list | None = None
         self.mask_source = StaticMaskSource([head_patterns[h] for h in sparse], block_size=block_size,
                                             causal=site.causal,
                                             kv_head_index=torch.tensor([h // group for h in sparse], dtype=torch.long))
@@ -119,7 +164,8 @@ class SparseAttention(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"site={self.site.name!r}, heads={self.site.num_heads} (dense {self.dense_heads.numel()}, "
-                f"sparse {self.sparse_heads.numel()}, skipped {self.skipped_heads.numel()}), "
+                f"sparse {self.sparse_heads.numel()}, adaptive {self.adaptive_heads.numel()}, "
+                f"skipped {self.skipped_heads.numel()}), "
                 f"block_size={self.block_size}, backend={self.backend!r}")
 
     # --- state that must not be copied ------------------------------------------------------------
@@ -203,6 +249,50 @@ class SparseAttention(torch.nn.Module):
         logger.debug("site %s: backend estimates %s", site.name, estimates)
         return min(candidates, key=lambda b: (estimates[b.name], b.auto_priority))
 
+    def _dense_backend(self, q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                       needs_grad: bool) -> "Backend | None":
+        """The site's backend when it runs this call's dense heads faster than SDPA (cost model), else ``None``."""
+        if is_causal != self.site.causal:
+            return None  # the block mask follows the site's causality; this call asks for another
+        key = ("dense", q.dtype, str(q.device), needs_grad)
+        if key not in self._backends:
+            backend = self.backend_for(q.dtype, q.device, needs_grad=needs_grad)
+            self._backends[key] = backend if self._dense_pays(backend, q.device) else None
+        backend = self._backends[key]
+        if backend is not None and attn_mask is not None and backend.attn_mask_problem(attn_mask) is not None:
+            return None
+        return backend
+
+    def _dense_pays(self, backend: "Backend", device: torch.device) -> bool:
+        if backend.name == "torch" or backend.block_size_problem(self.block_size, self.site.head_dim, device):
+            return False
+        from sparsify.cost import CostModel
+
+        cost_model = self.cost_model or CostModel.default()
+        site = self.site
+        full = RuntimeBlockMask.dense(1, block_size=self.block_size, q_len=site.q_len, k_len=site.k_len,
+                                      causal=site.causal).kept_blocks_per_head()[0]
+        try:
+            ours = cost_model.sparse_head_latency(site, full, backend=backend.cost_key, device=device,
+                                                  block_size=self.block_size)
+            sdpa = cost_model.dense_head_latency(site, backend=backend.cost_key, device=device)
+        except Exception:  # noqa: BLE001 - no cost constants: keep SDPA
+            return False
+        return ours < sdpa
+
+    def _full_mask(self, q_len: int, k_len: int, q_offset: int, device: torch.device) -> RuntimeBlockMask:
+        """Every block, for dense heads run by the site's backend (cached beside the sparse masks)."""
+        key = ("dense", q_len, k_len, q_offset, str(device))
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = RuntimeBlockMask.dense(self.dense_heads.numel(), block_size=self.block_size, q_len=q_len,
+                                          k_len=k_len, causal=self.site.causal, q_offset=q_offset,
+                                          kv_head_index=self.dense_kv_heads.cpu(), device=device)
+            if len(self._masks) >= MASK_CACHE_SIZE:
+                self._masks.popitem(last=False)
+            self._masks[key] = mask
+        return mask
+
     def _backend_for_mask(self, backend: "Backend", attn_mask: torch.Tensor, dtype: torch.dtype, device: torch.device,
                           needs_grad: bool) -> "Backend":
         """The backend for a call whose user mask the resolved backend does not take: the next one ``auto`` would
@@ -260,8 +350,14 @@ class SparseAttention(torch.nn.Module):
         prefill chunks against a cache: ``k_len - q_len``); causal masking, of dense heads too,
         follows it. The result has the layout of ``q``.
         """
+        if torch.compiler.is_compiling():  # torch.compile: the traceable path, kernel as a custom op
+            from sparsify.runtime.compiled import compiled_attend
+
+            return compiled_attend(self, q, k, v, attn_mask, scale, is_causal=is_causal, q_offset=q_offset,
+                                   softcap=softcap, sinks=sinks)
         site = self.site
-        dense_only = self.sparse_heads.numel() == 0 and self.skipped_heads.numel() == 0
+        dense_only = (self.sparse_heads.numel() == 0 and self.skipped_heads.numel() == 0
+                      and self.adaptive_heads.numel() == 0)
         early_step = self.dense_steps and self.step_counter is not None and self.step_counter.step < self.dense_steps
         if dense_only or early_step:
             return _dense(q, k, v, attn_mask, is_causal, scale, q_offset, softcap, sinks)
@@ -276,29 +372,59 @@ class SparseAttention(torch.nn.Module):
         output = q.new_empty((*q.shape[:-1], v.shape[-1]))
         if self.skipped_heads.numel():
             output.index_fill_(1, self.skipped_heads, 0)  # a skipped head contributes nothing
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if self.dense_heads.numel():
-            dense_out = _dense(q.index_select(1, self.dense_heads), k.index_select(1, self.dense_kv_heads),
-                               v.index_select(1, self.dense_kv_heads), _select_heads(attn_mask, self.dense_heads),
-                               is_causal, scale, q_offset, softcap,
-                               sinks.index_select(0, self.dense_heads) if sinks is not None else None)
-            output.index_copy_(1, self.dense_heads, dense_out)
-        if self.sparse_heads.numel() == 0:
-            return output
+            dense_mask = _select_heads(attn_mask, self.dense_heads)
+            dense_sinks = sinks.index_select(0, self.dense_heads) if sinks is not None else None
+            backend = self._dense_backend(q, dense_mask, is_causal, needs_grad)
+            if backend is None:
+                dense_out = _dense(q.index_select(1, self.dense_heads), k.index_select(1, self.dense_kv_heads),
+                                   v.index_select(1, self.dense_kv_heads), dense_mask, is_causal, scale, q_offset,
+                                   softcap, dense_sinks)
+            else:  # the site's backend runs dense heads faster than SDPA (by the cost model): a full mask
+                dense_q = q.index_select(1, self.dense_heads)
+                mask_key = ("dense", q.shape[2], k.shape[2], q_offset, str(q.device))
+                mask = self._full_mask(q.shape[2], k.shape[2], q_offset, q.device)
+                plan = self.plan_for(mask_key, mask, backend, dense_q, k, v)
+                dense_out = backend.run(plan, dense_q, k, v, attn_mask=dense_mask, scale=scale, softcap=softcap,
+                                        sinks=dense_sinks)
+            output.index_copy_(1, self.dense_heads, dense_out.to(output.dtype))
+        if self.sparse_heads.numel():
+            output.index_copy_(1, self.sparse_heads, self._static_heads(q, k, v, attn_mask, scale, q_offset, softcap,
+                                                                        sinks, needs_grad).to(output.dtype))
+        if self.adaptive_heads.numel():
+            output.index_copy_(1, self.adaptive_heads, self._adaptive_heads(q, k, v, attn_mask, scale, q_offset,
+                                                                            softcap, sinks, needs_grad).to(output.dtype))
+        return output
+
+    def _static_heads(self, q, k, v, attn_mask, scale, q_offset, softcap, sinks, needs_grad) -> torch.Tensor:
+        """The heads with static patterns: the mask and the plan are cached per length and call shape."""
         q_len, k_len = q.shape[2], k.shape[2]
         mask_key = (q_len, k_len, q_offset, str(q.device))
         mask = self.runtime_mask(q_len, k_len, q.device, q_offset)
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         backend = self.backend_for(q.dtype, q.device, needs_grad=needs_grad)
         sparse_mask = _select_heads(attn_mask, self.sparse_heads)
         if sparse_mask is not None and backend.attn_mask_problem(sparse_mask) is not None:
             backend = self._backend_for_mask(backend, sparse_mask, q.dtype, q.device, needs_grad)
         sparse_q = q.index_select(1, self.sparse_heads)
         plan = self.plan_for(mask_key, mask, backend, sparse_q, k, v)
-        sparse_out = backend.run(plan, sparse_q, k, v, attn_mask=sparse_mask,
-                                 scale=scale, softcap=softcap,
-                                 sinks=sinks.index_select(0, self.sparse_heads) if sinks is not None else None)
-        output.index_copy_(1, self.sparse_heads, sparse_out.to(output.dtype))
-        return output
+        return backend.run(plan, sparse_q, k, v, attn_mask=sparse_mask, scale=scale, softcap=softcap,
+                           sinks=sinks.index_select(0, self.sparse_heads) if sinks is not None else None)
+
+    def _adaptive_heads(self, q, k, v, attn_mask, scale, q_offset, softcap, sinks, needs_grad) -> torch.Tensor:
+        """The heads with input-adaptive patterns: the mask is estimated from this call's q and k, on the device."""
+        adaptive_q = q.index_select(1, self.adaptive_heads)
+        head_mask = _select_heads(attn_mask, self.adaptive_heads)
+        mask = self.adaptive_source.mask(adaptive_q, k, attn_mask=head_mask, q_offset=q_offset, scale=scale)
+        if self.adaptive_density_log is not None:
+            self.adaptive_density_log.append(mask.kept_counts().float().mean((0, 2)) / mask.k_blocks)
+        backend = self.backend_for(q.dtype, q.device, needs_grad=needs_grad)
+        if head_mask is not None and backend.attn_mask_problem(head_mask) is not None:
+            backend = self._backend_for_mask(backend, head_mask, q.dtype, q.device, needs_grad)
+        plan = backend.prepare(mask, q_shape=tuple(adaptive_q.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape),
+                               dtype=q.dtype, device=q.device)
+        return backend.run(plan, adaptive_q, k, v, attn_mask=head_mask, scale=scale, softcap=softcap,
+                           sinks=sinks.index_select(0, self.adaptive_heads) if sinks is not None else None)
 
 
 def _dense(q, k, v, attn_mask, is_causal, scale, q_offset, softcap, sinks) -> torch.Tensor:

@@ -1,0 +1,180 @@
+"""The transformers door: a strategy runs inside ``PreTrainedModel`` (``generate`` included) through ``AttentionInterface``.
+
+`attach_transformers` registers one attention function, ``"sparsify"``, in transformers' own
+registries (``AttentionInterface`` for the attention, ``AttentionMaskInterface`` for its masks,
+which are SDPA's), makes a copy of the model that shares every parameter and buffer, gives
+each attention module of the copy that the strategy names its `SparseAttention` as a child
+module, and switches the copy (not the model) to ``attn_implementation="sparsify"`` with
+``set_attn_implementation``. The user's model keeps its implementation, weights and outputs.
+
+The registered function runs per call:
+
+* a module without a `SparseAttention` (every head dense, or no site in the strategy) runs
+  transformers' own SDPA attention, unchanged;
+* a prefill (or a chunk of queries at least one block long) runs the site's heads — dense via
+  SDPA, sparse via the site's backend, skipped as zeros — with the query offset
+  ``k_len - q_len`` of keys that end at the last query (the dynamic cache, the default);
+  transformers' mask (padding, sliding windows) applies on top;
+* a decode step (a query shorter than one block against a longer cache) runs dense SDPA
+  (``decode="dense"``, the default: one query row costs little and is exact) or the
+  pattern's rows at that offset (``decode="sparse"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from sparsify.errors import UnsupportedError
+from sparsify.integrations.common import (
+    RUNTIME_ATTRIBUTE,
+    build_runtime,
+    check_call_shapes,
+    check_fingerprints,
+    install_runtime,
+    load_strategy,
+    match_sites,
+    read_attribute,
+    shared_weight_copy,
+)
+from sparsify.strategy import Strategy
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ATTENTION_IMPLEMENTATION", "DECODE_MODES", "attach_transformers", "sparsify_attention_forward"]
+
+#: The name the door registers in ``AttentionInterface`` and ``AttentionMaskInterface``.
+ATTENTION_IMPLEMENTATION = "sparsify"
+DECODE_MODES = ("dense", "sparse")
+#: Attribute of an attached site's `SparseAttention` holding its decode mode.
+DECODE_ATTRIBUTE = "decode_mode"
+
+
+def sparsify_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                               is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The ``"sparsify"`` attention function of transformers' ``AttentionInterface``.
+
+    Same contract as transformers' ``sdpa_attention_forward``: ``query`` ``[B, H, Sq, D]``,
+    ``key``/``value`` ``[B, Hkv, Sk, D]`` (the cache included), ``attention_mask`` ``None`` or 4-D;
+    returns ``([B, Sq, H, Dv], None)``.
+
+    Example:
+        >>> attached = sparsify.attach(model, strategy)       # registers it  # doctest: +SKIP
+        >>> attached.config._attn_implementation             # doctest: +SKIP
+        'sparsify'
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    runtime = module._modules.get(RUNTIME_ATTRIBUTE)
+    if runtime is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if dropout:
+        raise UnsupportedError(f"site {runtime.site.name!r}: attention dropout ({dropout}) is not supported by sparse "
+                               f"attention; call model.eval(), or set the config's attention dropout to 0 to train")
+    check_call_shapes(runtime, query, key, framework="transformers")
+    site = runtime.site
+    causal = site.causal
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is None and causal and 1 < q_len < k_len:
+        # transformers' SDPA contract: without a mask, a longer key range is an empty static cache's
+        # prefill, whose real keys are the first q_len.
+        key, value, k_len = key[:, :, :q_len], value[:, :, :q_len], q_len
+    decoding = k_len > q_len and q_len < runtime.block_size
+    if decoding and _decode_mode(module) == "dense":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    q_offset = k_len - q_len if site.is_self_attention else 0
+    if attention_mask is not None and attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
+        attention_mask = attention_mask.bool()
+    output = runtime.attend(query, key, value, attention_mask, scaling, is_causal=causal, q_offset=q_offset,
+                            softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _decode_mode(module: torch.nn.Module) -> str:
+    return getattr(module._modules[RUNTIME_ATTRIBUTE], DECODE_ATTRIBUTE, "dense")
+
+
+def register_attention_implementation() -> None:
+    """Register ``"sparsify"`` in transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION, sparsify_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
+
+
+def _module_readout(module: torch.nn.Module) -> dict[str, Any]:
+    """What an attention module says about its shape (transformers' common attribute names; missing ones are None)."""
+    heads = read_attribute(module, ("num_heads", "num_attention_heads", "n_head"),
+                           config_names=("num_attention_heads", "n_head"))
+    kv_heads = read_attribute(module, ("num_key_value_heads", "num_kv_heads"))
+    groups = getattr(module, "num_key_value_groups", None)
+    if kv_heads is None and isinstance(heads, int) and isinstance(groups, int) and groups > 0:
+        kv_heads = heads // groups
+    cross = getattr(module, "is_cross_attention", None)
+    causal = getattr(module, "is_causal", None)
+    readout = {"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": getattr(module, "head_dim", None),
+               "causal": bool(causal) if isinstance(causal, bool) else None,
+               "kind": None if cross is None else ("cross" if cross else "self")}
+    return {key: value for key, value in readout.items() if isinstance(value, (int, bool, str))}
+
+
+def attach_transformers(model: torch.nn.Module, strategy: Strategy | str, *, backend: str = "auto",
+                        decode: str = "dense", cost_model: Any = None) -> torch.nn.Module:
+    """A copy of ``model`` (a transformers ``PreTrainedModel``) that runs ``strategy`` through ``AttentionInterface``.
+
+    The copy shares every parameter and buffer with ``model``; ``model`` itself is not changed.
+    ``generate`` works with the default dynamic cache: prefill runs the strategy's masks, decode
+    steps run dense (``decode="dense"``) or the pattern's rows at their offset (``decode="sparse"``).
+    Use `sparsify.attach`, which picks this door for transformers models.
+
+    Example:
+        >>> attached = attach_transformers(model, "strategy.json")                 # doctest: +SKIP
+        >>> attached.generate(input_ids, max_new_tokens=32)                        # doctest: +SKIP
+    """
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as error:  # pragma: no cover - attach() checks first
+        raise UnsupportedError("the transformers door needs the transformers package") from error
+    if not isinstance(model, PreTrainedModel):
+        raise UnsupportedError(f"attach_transformers takes a transformers PreTrainedModel, got {type(model).__name__}")
+    if decode not in DECODE_MODES:
+        raise UnsupportedError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if not type(model)._can_set_attn_implementation():
+        raise UnsupportedError(
+            f"{type(model).__name__} does not dispatch its attention through transformers' AttentionInterface, so "
+            f"sparsify cannot attach to it; use the graph door instead: sparsify.compile(model, strategy=..., "
+            f"example_inputs=...)")
+    strategy, source = load_strategy(strategy)
+    modules = dict(model.named_modules())
+    mapping = match_sites(strategy, modules, source=source, framework="transformers")
+    check_fingerprints(strategy, mapping, {name: _module_readout(modules[path]) for name, path in mapping.items()},
+                       source=source)
+    if backend != "auto":
+        from sparsify.backends import get_backend
+
+        get_backend(backend)  # unknown names fail here, listing the known ones
+    runtimes = {name: build_runtime(strategy, name, index, backend=backend, cost_model=cost_model)
+                for index, name in enumerate(mapping)}
+
+    register_attention_implementation()
+    attached = shared_weight_copy(model)
+    copied = dict(attached.named_modules())
+    for name, runtime in runtimes.items():
+        if runtime is None:
+            continue
+        setattr(runtime, DECODE_ATTRIBUTE, decode)
+        install_runtime(copied[mapping[name]], runtime)
+    attached.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+    if attached.config._attn_implementation != ATTENTION_IMPLEMENTATION:
+        raise UnsupportedError(f"{type(model).__name__} did not accept attn_implementation="
+                               f"{ATTENTION_IMPLEMENTATION!r} (it reports {attached.config._attn_implementation!r})")
+    sparse = sum(runtime is not None for runtime in runtimes.values())
+    logger.info("attached %s to %s: %d of %d sites run sparse, decode=%s", source, type(model).__name__, sparse,
+                len(runtimes), decode)
+    return attached

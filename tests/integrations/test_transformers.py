@@ -1,0 +1,176 @@
+"""The transformers door: `sparsify.attach` on PreTrainedModels — generate, both doors equal, the user's model untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model_zoo
+import sparsify
+from helpers import call, first_tensor
+from sparsify import StrategyError, UnsupportedError, patterns
+from sparsify.integrations import attached_sites
+from sparsify.integrations.transformers import ATTENTION_IMPLEMENTATION
+
+from backend_helpers import rel_err
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+WINDOW = patterns.sliding_window(32) | patterns.attention_sinks(16)
+
+
+def _mixed(sites, block_size=16):
+    """Per site: one dense head, a skipped head where there are 4+, the rest window + sinks."""
+    strategy = sparsify.Strategy.dense(sites, block_size=block_size)
+    for site in sites:
+        heads = [patterns.dense()] + [WINDOW] * (site.num_heads - 1)
+        if site.num_heads >= 4:
+            heads[2] = patterns.skip()
+        strategy = strategy.with_heads(site.name, heads)
+    return strategy
+
+
+def _generate(model, ids, mask=None, new_tokens=8):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_dense_strategy_generates_exactly_the_original_tokens(name):
+    model, inputs = getattr(model_zoo, name)(seq=48, batch=2)
+    sites = sparsify.find_attention(model, inputs)
+    attached = sparsify.attach(model, sparsify.Strategy.dense(sites, block_size=16))
+    assert attached.config._attn_implementation == ATTENTION_IMPLEMENTATION
+    ids = inputs["input_ids"]
+    assert torch.equal(_generate(attached, ids[:1]), _generate(model, ids[:1]))
+    # A padded batch (left padding, as generate wants it) too.
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    assert torch.equal(_generate(attached, ids, mask), _generate(model, ids, mask))
+
+
+def test_attach_leaves_the_model_unchanged_and_shares_its_weights():
+    model, inputs = model_zoo.llama(seq=64)
+    before = call(model, inputs).logits
+    modules_before = [name for name, _ in model.named_modules()]
+    sites = sparsify.find_attention(model, inputs)
+    attached = sparsify.attach(model, _mixed(sites))
+    call(attached, inputs)
+    assert model.config._attn_implementation == "sdpa"
+    assert [name for name, _ in model.named_modules()] == modules_before
+    assert torch.equal(call(model, inputs).logits, before)
+    model_parameters = dict(model.named_parameters())
+    for name, parameter in attached.named_parameters():
+        assert parameter is model_parameters[name], name
+    assert set(attached.state_dict()) == set(model.state_dict())   # the sites' buffers are not state
+    assert sorted(attached_sites(attached)) == sorted(site.name for site in sites)
+    assert attached_sites(model) == {}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_both_doors_give_the_same_outputs(name):
+    model, inputs = getattr(model_zoo, name)(seq=96, batch=2)     # the second row is right-padded
+    sites = sparsify.find_attention(model, inputs)
+    strategy = _mixed(sites)
+    attached = sparsify.attach(model, strategy)
+    compiled = sparsify.compile(model, strategy=strategy, example_inputs=inputs)
+    gen = torch.Generator().manual_seed(7)
+    fresh = dict(inputs, input_ids=torch.randint(0, model_zoo.VOCAB, inputs["input_ids"].shape, generator=gen))
+    through_graph = first_tensor(call(compiled, fresh))
+    through_framework = call(attached, dict(fresh, use_cache=False)).logits
+    dense = call(model, fresh).logits
+    assert rel_err(through_framework, through_graph) < 1e-5
+    assert rel_err(through_framework, dense) > 1e-3               # the strategy really is sparse
+
+
+def test_sparse_generate_prefills_sparse_and_decodes_dense():
+    model, inputs = model_zoo.llama(seq=96, batch=1)
+    sites = sparsify.find_attention(model, inputs)
+    attached = sparsify.attach(model, sparsify.Strategy.uniform(sites, WINDOW, block_size=16))
+    ids = inputs["input_ids"]
+    tokens = _generate(attached, ids, new_tokens=6)
+    assert tokens.shape == (1, 96 + 6)
+    for runtime in attached_sites(attached).values():
+        shapes = {key[3] for key in runtime._plans}                   # query shapes the backend ran
+        assert shapes == {(1, 4, 96, 16)}                             # the prefill only
+        assert runtime.runtime_mask(96, 96, "cpu").density() < 0.8
+    # The prefill's logits are the graph door's.
+    compiled = sparsify.compile(model, strategy=sparsify.Strategy.uniform(sites, WINDOW, block_size=16),
+                                example_inputs=inputs)
+    assert rel_err(call(attached, dict(inputs, use_cache=False)).logits, first_tensor(call(compiled, inputs))) < 1e-5
+
+
+def test_sparse_decode_rows_equal_the_rows_of_the_full_sequence():
+    model, inputs = model_zoo.llama(seq=80, batch=1)
+    sites = sparsify.find_attention(model, inputs)
+    attached = sparsify.attach(model, sparsify.Strategy.uniform(sites, WINDOW, block_size=16), decode="sparse")
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        full = attached(ids, use_cache=False).logits                           # one call, every row
+        cache = attached(ids[:, :64], use_cache=True).past_key_values          # prefill 64 tokens (a DynamicCache)
+        rows = []
+        for position in range(64, 80):                                          # then one token at a time
+            step = attached(ids[:, position:position + 1], cache=cache, use_cache=True)
+            cache = step.past_key_values
+            rows.append(step.logits[:, -1])
+    decode_offsets = {key[2] for runtime in attached_sites(attached).values() for key in runtime._masks}
+    assert set(range(64, 80)) <= decode_offsets                                 # decode ran the pattern's rows
+    assert rel_err(torch.stack(rows, 1), full[:, 64:80]) < 1e-5
+
+
+def test_strategy_of_another_model_is_refused_with_the_names_that_do_not_match():
+    llama, llama_inputs = model_zoo.llama(seq=48)
+    gpt2, gpt2_inputs = model_zoo.gpt2(seq=48)
+    gpt2_strategy = sparsify.Strategy.dense(sparsify.find_attention(gpt2, gpt2_inputs))
+    with pytest.raises(StrategyError, match=r"transformer\.h\.0\.attn"):
+        sparsify.attach(llama, gpt2_strategy)
+    sites = sparsify.find_attention(llama, llama_inputs)
+    wrong = sparsify.Strategy.from_dict({**sparsify.Strategy.dense(sites).to_dict(),
+                                         "fingerprint": [dict(entry, head_dim=32) for entry in
+                                                         sparsify.Strategy.dense(sites).to_dict()["fingerprint"]]})
+    with pytest.raises(StrategyError, match=r"'model\.layers\.0\.self_attn'.*head_dim is 16 in the model but 32"):
+        sparsify.attach(llama, wrong)
+    assert llama.config._attn_implementation == "sdpa"
+
+
+def test_a_strategy_searched_on_the_base_model_fits_the_causal_lm(tmp_path):
+    model, inputs = model_zoo.llama(seq=64)
+    base_sites = sparsify.find_attention(model.model, inputs)
+    assert base_sites[0].name == "layers.0.self_attn"
+    path = tmp_path / "strategy.json"
+    sparsify.Strategy.uniform(base_sites, WINDOW, block_size=16).save(path)
+    attached = sparsify.attach(model, path)
+    assert sorted(attached_sites(attached)) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+
+
+def test_attached_model_compiles_without_graph_breaks():
+    model, inputs = model_zoo.llama(seq=96, batch=2)
+    sites = sparsify.find_attention(model, inputs)
+    attached = sparsify.attach(model, _mixed(sites))
+    arguments = dict(inputs, use_cache=False)
+    with torch.no_grad():
+        eager = attached(**arguments).logits
+        explained = torch._dynamo.explain(attached)(**arguments)
+        compiled = torch.compile(attached, fullgraph=True)(**arguments).logits
+    assert explained.graph_break_count == 0
+    assert rel_err(compiled, eager) < 1e-5
+
+
+def test_models_of_other_kinds_are_pointed_to_the_graph_door():
+    with pytest.raises(UnsupportedError, match="sparsify.compile"):
+        sparsify.attach(torch.nn.TransformerEncoderLayer(32, 4), "strategy.json")
+    model, inputs = model_zoo.llama(seq=32)
+    with pytest.raises(UnsupportedError, match="decode must be one of dense, sparse"):
+        sparsify.attach(model, sparsify.Strategy.dense(sparsify.find_attention(model, inputs)), decode="fast")
+
+
+def test_attention_dropout_in_training_is_refused_by_name():
+    model, inputs = model_zoo.llama(seq=48)
+    sites = sparsify.find_attention(model, inputs)
+    attached = sparsify.attach(model, sparsify.Strategy.uniform(sites, WINDOW, block_size=16))
+    for module in attached.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.1
+    attached.train()
+    with pytest.raises(UnsupportedError, match=r"'model\.layers\.0\.self_attn'.*dropout"):
+        attached(**inputs)

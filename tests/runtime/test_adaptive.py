@@ -1,0 +1,167 @@
+"""Input-adaptive masks: the estimators against explicit references, their guarantees, and the site running them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparsify import patterns
+from sparsify.errors import PatternError
+from sparsify.patterns import pattern_from_dict
+from sparsify.runtime import blocks_for
+from sparsify.runtime.adaptive import (antidiagonal_block_mass, coverage_block_mask, key_validity,
+                                       pooled_block_mass, self_blocks, vertical_slash_block_mask)
+from sparsify.runtime.mask_source import AdaptiveMaskSource
+from sparsify.runtime.site import SparseAttention
+from sparsify.site import AttentionSite
+
+from backend_helpers import mask_reference, rel_err
+
+
+def _qk(seed, batch=2, heads=3, kv_heads=1, q_len=96, k_len=96, dim=8):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, heads, q_len, dim, generator=gen),
+            torch.randn(batch, kv_heads, k_len, dim, generator=gen))
+
+
+def test_pooled_mass_equals_an_explicit_loop():
+    q, k = _qk(0, q_len=70, k_len=50)
+    block, scale = 16, 0.3
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid[1, 40:] = False
+    mass = pooled_block_mass(q, k, block_size=block, kv_head_index=torch.zeros(3, dtype=torch.long), scale=scale,
+                             key_valid=valid)
+    for b in range(2):
+        for h in range(3):
+            for i in range(blocks_for(70, block)):
+                query = q[b, h, i * block:(i + 1) * block].mean(0)
+                logits = []
+                for j in range(blocks_for(50, block)):
+                    keys = k[b, 0, j * block:(j + 1) * block][valid[b, j * block:(j + 1) * block]]
+                    logits.append(query @ keys.mean(0) * scale + math.log(len(keys)) if len(keys) else -math.inf)
+                expected = torch.softmax(torch.tensor(logits), 0)
+                assert torch.allclose(mass[b, h, i], expected, atol=1e-5)
+
+
+def test_antidiagonal_mass_equals_strided_antidiagonal_sums():
+    q, k = _qk(1, batch=1, heads=1, q_len=32, k_len=32)
+    stride, block = 4, 8
+    mass = antidiagonal_block_mass(q, k, block_size=block, kv_head_index=torch.tensor([0]), stride=stride, scale=1.0)
+    scores = q[0, 0] @ k[0, 0].T
+    tiles = torch.zeros(8, 8)
+    for i in range(8):
+        for j in range(8):
+            tiles[i, j] = sum(scores[i * stride + t, j * stride + stride - 1 - t] for t in range(stride)) / stride
+    expected = torch.softmax(tiles, -1).view(4, 2, 4, 2).sum((1, 3))
+    assert torch.allclose(mass[0, 0], expected / expected.sum(-1, keepdim=True), atol=1e-5)
+
+
+def test_coverage_keeps_the_fewest_blocks_within_bounds():
+    mass = torch.tensor([[[[0.5, 0.3, 0.15, 0.05]], [[0.25, 0.25, 0.25, 0.25]]]])
+    keep = coverage_block_mask(mass, torch.tensor([0.75, 0.6]), torch.tensor([1, 1]), torch.tensor([4, 2]))
+    assert keep[0, 0, 0].tolist() == [True, True, False, False]          # 0.5 + 0.3 >= 0.75
+    assert keep[0, 1, 0].sum() == 2                                     # capped at max_blocks
+    keep = coverage_block_mask(mass, torch.tensor([0.1, 0.1]), torch.tensor([3, 1]), torch.tensor([4, 4]))
+    assert int(keep[0, 0, 0].sum()) == 3                                # raised to min_blocks
+
+
+def test_vertical_slash_finds_planted_columns_and_diagonals():
+    torch.manual_seed(0)
+    q_len, dim, block = 256, 16, 32
+    direction = torch.randn(dim)
+    q = torch.randn(1, 1, q_len, dim) * 0.1 + direction
+    k = torch.randn(1, 1, q_len, dim) * 0.1
+    k[:, :, 70] = direction * 6                                        # every query looks at key 70
+    mask = vertical_slash_block_mask(q, k, block_size=block, kv_head_index=torch.tensor([0]),
+                                     vertical=torch.tensor([0.1]), slash=torch.tensor([0.05]), probe_rows=32,
+                                     causal=True)
+    assert bool(mask[0, 0, 3:, 70 // block].all())                      # the column, for every later row
+    # A diagonal: queries attend to the key 64 tokens back.
+    q2 = torch.randn(1, 1, q_len, dim)
+    k2 = torch.zeros(1, 1, q_len, dim)
+    k2[0, 0, :q_len - 64] = q2[0, 0, 64:] * 4
+    mask = vertical_slash_block_mask(q2, k2, block_size=block, kv_head_index=torch.tensor([0]),
+                                     vertical=torch.tensor([0.01]), slash=torch.tensor([0.05]), probe_rows=32,
+                                     causal=True)
+    assert bool(mask[0, 0, torch.arange(3, 8), torch.arange(1, 6)].all())    # block offset 2 (64 tokens)
+
+
+def test_key_validity_and_self_blocks():
+    additive = torch.zeros(2, 1, 5, 6)
+    additive[1, ..., 4:] = torch.finfo(torch.float32).min
+    assert key_validity(additive, 2, 6).tolist() == [[True] * 6, [True] * 4 + [False] * 2]
+    assert self_blocks(16, 48, 16, 32, "cpu").int().tolist() == [[0, 0, 1]]
+
+
+@pytest.mark.parametrize("pattern", [patterns.pooled_coverage(0.9), patterns.pooled_coverage(0.8, scoring="antidiagonal",
+                                                                                              stride=4),
+                                     patterns.estimated_vertical_slash(0.1, 0.1),
+                                     patterns.sliding_window(32) | patterns.pooled_coverage(0.5, max_fraction=0.3)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_estimated_masks_keep_the_own_block_and_never_an_empty_row(pattern, causal):
+    q, k = _qk(2, kv_heads=3, q_len=100, k_len=100)
+    source = AdaptiveMaskSource([pattern] * 3, block_size=16, causal=causal, kv_head_index=torch.arange(3),
+                                self_attention=True)
+    mask = source.mask(q, k)
+    kept = mask.to_block_masks()
+    assert mask.batch == 2 and mask.per_input and kept.shape == (2, 3, 7, 7)
+    assert bool(kept[..., torch.arange(7), torch.arange(7)].all())          # the diagonal block
+    assert bool((mask.kept_counts() > 0).all())
+
+
+def test_each_input_gets_its_own_mask_and_batch_elements_do_not_mix():
+    q, k = _qk(3, batch=2, kv_heads=1)
+    source = AdaptiveMaskSource([patterns.pooled_coverage(0.7)] * 3, block_size=16, causal=True,
+                                kv_head_index=torch.zeros(3, dtype=torch.long))
+    together = source.mask(q, k).to_block_masks()
+    alone = source.mask(q[1:], k[1:]).to_block_masks()
+    assert torch.equal(together[1:], alone)
+    assert not torch.equal(together[0], together[1])
+
+
+def test_fully_padded_key_blocks_are_never_estimated_kept():
+    q, k = _qk(4, batch=1, kv_heads=1, q_len=64, k_len=96)
+    padding = torch.ones(1, 1, 1, 96, dtype=torch.bool)
+    padding[..., 64:] = False
+    source = AdaptiveMaskSource([patterns.pooled_coverage(0.99)] * 3, block_size=16, causal=False,
+                                kv_head_index=torch.zeros(3, dtype=torch.long), self_attention=False)
+    kept = source.mask(q, k, attn_mask=padding).to_block_masks()
+    assert not bool(kept[..., 4:].any())
+
+
+def test_patterns_round_trip_and_validate():
+    for pattern in (patterns.pooled_coverage(0.95, min_blocks=2, sink_blocks=1, scoring="antidiagonal", stride=16),
+                    patterns.estimated_vertical_slash(0.02, 0.1, probe_blocks=2),
+                    patterns.attention_sinks(64) | patterns.estimated_vertical_slash()):
+        assert pattern_from_dict(pattern.to_dict()) == pattern and pattern.is_adaptive
+    assert not patterns.sliding_window(64).is_adaptive
+    for bad, message in ((lambda: patterns.pooled_coverage(1.5), "coverage"),
+                         (lambda: patterns.pooled_coverage(0.9, scoring="max"), "scoring"),
+                         (lambda: patterns.pooled_coverage(0.9, stride=6), "power of two"),
+                         (lambda: patterns.estimated_vertical_slash(0.0), "vertical"),
+                         (lambda: patterns.estimated_vertical_slash(probe_blocks=10**6), "probe_blocks")):
+        with pytest.raises(PatternError, match=message):
+            bad()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_site_runs_adaptive_heads_beside_static_dense_and_skipped_ones(causal):
+    site = AttentionSite("blocks.0.attn", 0, num_heads=4, num_kv_heads=2, head_dim=16, q_len=128, k_len=128,
+                         causal=causal)
+    layer = SparseAttention(site, [patterns.dense(), patterns.pooled_coverage(0.8), patterns.skip(),
+                                   patterns.sliding_window(32) | patterns.estimated_vertical_slash(0.1, 0.1)],
+                            block_size=16)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 128, 16, generator=gen)
+    k, v = torch.randn(2, 2, 128, 16, generator=gen), torch.randn(2, 2, 128, 16, generator=gen)
+    layer.adaptive_density_log = []
+    with torch.no_grad():
+        out = layer(q, k, v, None, causal, None)
+    adaptive_q = q.index_select(1, layer.adaptive_heads)
+    mask = layer.adaptive_source.mask(adaptive_q, k)
+    assert rel_err(out.index_select(1, layer.adaptive_heads), mask_reference(adaptive_q, k, v, mask)) < 1e-6
+    assert torch.equal(out[:, 2], torch.zeros_like(out[:, 2]))
+    density = layer.adaptive_density_log[0]
+    assert density.shape == (2,) and bool(((density > 0) & (density <= 1)).all())
