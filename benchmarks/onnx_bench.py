@@ -21,6 +21,7 @@ contention. ``--provider CUDAExecutionProvider`` times on the GPU (inputs and ou
 the device with IO binding, so host copies are not timed).
 
     python benchmarks/onnx_bench.py --seq 2048 4096 8192 --densities 0.05 0.12 0.25 --threads 1 2
+    python benchmarks/onnx_bench.py --device cuda --quick     # GPU: skips with a message without the CUDA provider
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ from sparsify.export import export_onnx
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "onnx_cpu.json"
 SINKS = 64
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
+#: ``--device`` to onnxruntime execution provider.
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+#: What ``--quick`` runs: one length, one density, one thread count, few repeats.
+_QUICK = {"seq": [2048], "densities": [0.12], "threads": [1], "repeats": 3}
 
 
 class SingleAttention(torch.nn.Module):
@@ -123,9 +128,11 @@ def export_files(model, inputs, pattern, block: int, workdir: pathlib.Path, tag:
     # Captured from batch 2 (a batch-1 capture fixes the batch size), exported and timed at batch 1.
     capture_inputs = tuple(torch.cat([t, t]) for t in inputs)
     sites = sparsify.find_attention(model, capture_inputs)
-    dense = sparsify.compile(model, strategy=Strategy.dense(sites, block_size=block), example_inputs=capture_inputs)
+    # dynamic="all": q/k/v are [batch, heads, seq, dim], whose sequence is not where a token input's is.
+    dense = sparsify.compile(model, strategy=Strategy.dense(sites, block_size=block), example_inputs=capture_inputs,
+                             dynamic="all")
     sparse = sparsify.compile(model, strategy=Strategy.uniform(sites, pattern, block_size=block),
-                              example_inputs=capture_inputs, backend="torch")
+                              example_inputs=capture_inputs, backend="torch", dynamic="all")
     files = {
         "dense": export_onnx(dense, inputs, workdir / f"{tag}_dense.onnx", lengths="fixed"),
         "dense_attention_op": export_onnx(dense, inputs, workdir / f"{tag}_dense_op.onnx", lengths="fixed", opset=23),
@@ -187,13 +194,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="onnxruntime intra-op thread counts, one row each (0 = onnxruntime's default)")
-    parser.add_argument("--provider", default="CPUExecutionProvider",
-                        help=f"onnxruntime execution provider (available here: "
+    parser.add_argument("--device", choices=sorted(_PROVIDERS), default=None,
+                        help="cpu or cuda: shorthand for --provider (cuda skips with a message, exit 0, when this "
+                             "onnxruntime has no CUDA provider)")
+    parser.add_argument("--provider", default=None,
+                        help=f"onnxruntime execution provider (default CPUExecutionProvider; available here: "
                              f"{', '.join(onnxruntime.get_available_providers())})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke run: seq {_QUICK['seq']}, density {_QUICK['densities']}, threads "
+                             f"{_QUICK['threads']}, {_QUICK['repeats']} repeats (overrides those options)")
     parser.add_argument("--end-to-end", action="store_true", help="also time VideoTransformer (4 layers, dim 256)")
     parser.add_argument("--out", type=pathlib.Path, default=None,
                         help="JSON results (default: benchmarks/results/onnx_<cpu|gpu>.json)")
     args = parser.parse_args(argv)
+    if args.device is not None and args.provider is not None and args.provider != _PROVIDERS[args.device]:
+        parser.error(f"--device {args.device} and --provider {args.provider} disagree; give one of them")
+    args.provider = args.provider or _PROVIDERS[args.device or "cpu"]
+    if args.quick:
+        for name, value in _QUICK.items():
+            setattr(args, name, value)
+    if args.device == "cuda" and args.provider not in onnxruntime.get_available_providers():
+        print(f"skipped: onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider (available: "
+              f"{', '.join(onnxruntime.get_available_providers())}); install onnxruntime-gpu for the GPU comparison")
+        return
     if args.provider not in onnxruntime.get_available_providers():
         parser.error(f"provider {args.provider!r} is not available in this onnxruntime; available: "
                      f"{', '.join(onnxruntime.get_available_providers())}")

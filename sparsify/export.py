@@ -272,6 +272,7 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
                 f"lowering (it {declared_by}); backends that export: {', '.join(exporting_backends())}. Compile with "
                 f"backend='torch' for export, or register one with sparsify.export.register_onnx_lowering(name)"
             )
+    _refuse_adaptive_heads(sparse_modules)
     pinned = _pinned_sites(sparse_modules)
     if mode == "any" and pinned:
         raise UnsupportedError(
@@ -416,6 +417,20 @@ def _check_lengths(lengths: Any, max_seq_len: Any) -> tuple[str, tuple[int | tup
             raise UnsupportedError(f"lengths: {entry!r} is longer than max_seq_len={max_seq_len}")
         declared.append(values[0] if len(values) == 1 else (values[0], values[1]))
     return "listed", tuple(declared)
+
+
+def _refuse_adaptive_heads(sparse_modules: dict) -> None:
+    """`UnsupportedError` naming every input-adaptive head (`Pattern.is_adaptive`): no ONNX lowering estimates masks."""
+    found = []
+    for module in sparse_modules.values():
+        for head in module.adaptive_heads.tolist():
+            found.append(f"site {module.site.name!r} head {head} ({module.head_patterns[head]})")
+    if found:
+        raise UnsupportedError(
+            "export_onnx: input-adaptive heads estimate their blocks from each input on the device, which the ONNX "
+            f"export has no standard-op lowering for: {'; '.join(found)}. Re-search with adaptive=False "
+            "(sparsify.compile(model, calib_loader, adaptive=False), or options=CompileOptions(adaptive=False)) so "
+            "those heads get static patterns, then export that strategy")
 
 
 def _pinned_sites(sparse_modules: dict) -> dict[str, str]:
