@@ -643,26 +643,32 @@ class BlockGatherAttention(torch.nn.Module):
 
         Rows are (batch element, sparse head, query block) triples, run as chunks of
         `chunk_rows` rows in an ONNX ``Scan`` so that each chunk's gathered blocks, scores and
-        probabilities stay in cache. A chunk gathers its query tokens and its key and value
-        blocks (keys and values padded once to whole blocks: a gather per block, not per token,
-        is what keeps the gathers cheap) and adds the key bias; one gather at the end puts every
-        token in place. (Rows whose slots need no bias cannot be split off as fixed tables are:
-        that needs a Scan over a data-dependent number of chunks, which torch 2.13's exporter
-        cannot decompose; the bias add costs about one pass over the scores.)
+        probabilities stay in cache. Query rows are contiguous blocks of the padded queries, so
+        the Scan slices them (no gather); a chunk gathers its key and value blocks (keys and
+        values padded once to whole blocks: a gather per block, not per token, keeps the gathers
+        cheap) and adds the key bias (padding slots, keys past ``k_len``). Rows whose slots need no
+        bias cannot be split off as fixed tables are: that needs a Scan over a data-dependent
+        number of chunks, which torch 2.13's exporter cannot decompose; the bias add costs about
+        one pass over the scores. (Hiding those keys inside the MatMul instead — an extra key
+        column of ``0``/``-inf`` against a column of ones — measured slower on onnxruntime's CPU
+        provider: the extra copies of q, k and v cost more than the add.)
         """
         heads, bs = self.sparse_count, self.block
         batch, q_len, k_len = q.shape[0], q.shape[2], k.shape[2]
         q_blocks, k_blocks = (q_len + bs - 1) // bs, (k_len + bs - 1) // bs
-        head_dim, value_dim = q.shape[-1], v.shape[-1]
+        value_dim = v.shape[-1]
         (group,) = self._row_groups(q_len, k_len)
         dtype = q.dtype
-        # Batch folded into the rows: keys and values as [1, B * kv_heads * k_blocks, bs, D];
-        # queries stay unpadded, [1, B * heads * q_len, D]: each chunk gathers its query tokens.
         qs = q if self.all_sparse else q.index_select(1, self.sparse_heads)
-        qs = qs.reshape(1, batch * heads * q_len, head_dim)
+        kp = _pad_to_blocks(k, k_len, k_blocks * bs)
+        vp = _pad_to_blocks(v, k_len, k_blocks * bs)
+        head_dim = qs.shape[-1]
+        # Batch folded into the rows: queries as [B * heads * q_blocks, bs, D] (row order b, h,
+        # query block: the tables' order), keys and values as [1, B * kv_heads * k_blocks, bs, D].
+        q_rows = _pad_to_blocks(qs, q_len, q_blocks * bs).reshape(batch * heads * q_blocks, bs, head_dim)
         kv_blocks = self.num_kv_heads * k_blocks
-        kb = _pad_to_blocks(k, k_len, k_blocks * bs).reshape(1, batch * kv_blocks, bs, head_dim)
-        vb = _pad_to_blocks(v, k_len, k_blocks * bs).reshape(1, batch * kv_blocks, bs, value_dim)
+        kb = kp.reshape(1, batch * kv_blocks, bs, head_dim)
+        vb = vp.reshape(1, batch * kv_blocks, bs, value_dim)
         rows = group.count                                      # per batch element
         total = batch * rows
         batch_index = torch.arange(batch).unsqueeze(1)
@@ -675,10 +681,7 @@ class BlockGatherAttention(torch.nn.Module):
             return tensor.expand(batch, *tensor.shape[1:]).reshape(total, *tensor.shape[2:])
 
         kv_local = self.sparse_kv_heads.index_select(0, group.heads).unsqueeze(-1) * k_blocks + group.blocks
-        # Query tokens of each row (a padded query repeats the last one; its output is dropped).
-        query_tokens = (group.heads.unsqueeze(-1) * q_len
-                        + (group.query_blocks.unsqueeze(-1) * bs + torch.arange(bs)).clamp(max=q_len - 1))
-        inputs = {"q_index": per_row(query_tokens, heads * q_len), "kv": per_row(kv_local, kv_blocks)}
+        inputs = {"q_rows": q_rows, "kv": per_row(kv_local, kv_blocks)}
         mask = self._prepare_mask(attn_mask, dtype, q_len, k_len) if attn_mask is not None else None
         user_mask = None
         if mask is not None:
@@ -696,13 +699,11 @@ class BlockGatherAttention(torch.nn.Module):
         triangle = _causal_triangle(bs, dtype) if group.diagonal_last else None
         layout = mask[1:4] if mask is not None else None
         inputs["key_bias"] = per_row(self._key_bias(group, k_len, dtype))                      # [B*R, 1, W*bs]
-        attend = _RowAttention(bs, scale, softcap, layout, sinks is not None, gather_queries=True)
-        out = _attend_in_chunks(attend, qs, inputs, kb, vb, triangle, user_mask, self.chunk_rows)
-        out = out.reshape(-1, value_dim)                  # [chunks * C * bs, Dv] (the batch dim is 1)
-        # Row (b, h, query block) holds tokens row * bs + t; token s of (b, h) is in row
-        # (b * heads + h) * q_blocks + s // bs: at (b * heads + h) * q_blocks * bs + s.
-        tokens = (torch.arange(batch * heads) * (q_blocks * bs)).unsqueeze(1) + torch.arange(q_len)
-        return out.index_select(0, tokens.reshape(-1)).reshape(batch, heads, q_len, value_dim)
+        attend = _RowAttention(bs, scale, softcap, layout, sinks is not None)
+        out = _attend_in_chunks(attend, inputs, kb, vb, triangle, user_mask, self.chunk_rows)
+        # [chunks, 1, C, bs, Dv] -> rows in order (b, h, query block), padded rows of the last chunk dropped.
+        out = out.reshape(-1, bs, value_dim)[:total]
+        return out.reshape(batch, heads, q_blocks * bs, value_dim)[:, :, :q_len]
 
     def _key_bias(self, group: _RowGroup, k_len: Any, dtype: torch.dtype) -> torch.Tensor:
         """``-inf`` on padding slots and keys past ``k_len``, else 0: ``[rows, 1, W * bs]`` (query-independent)."""
@@ -762,23 +763,19 @@ class _RowAttention:
     and ``sinks`` ``[R]``. Returns ``[B, R, bs, Dv]``.
     """
 
-    def __init__(self, block: int, scale: float, softcap: float | None, mask_layout, sinks: bool,
-                 gather_queries: bool = False):
+    def __init__(self, block: int, scale: float, softcap: float | None, mask_layout, sinks: bool):
         self.block, self.scale, self.softcap, self.sinks = block, scale, softcap, sinks
         self.mask_layout = mask_layout or None            # (per_head, along_q, along_k) of the user's mask
-        # gather_queries: q_rows holds every query token ([B, tokens, D]) and ``q_index``
-        # [R, bs] says which are these rows' (Scan chunks); else q_rows are these rows already.
-        self.gather_queries = gather_queries
 
     def __call__(self, q_rows, inputs: dict, kb, vb, triangle, mask) -> torch.Tensor:
         bs = self.block
         kv = inputs["kv"]
+        if q_rows is None:                   # a Scan chunk: its query rows are a per-row input, [R, bs, D]
+            q_rows = inputs["q_rows"].unsqueeze(0)
         rows, width = kv.shape[0], kv.shape[1]
         slots = width * bs                                                         # keys per row
         head_dim, value_dim = q_rows.shape[-1], vb.shape[-1]
         flat = kv.reshape(-1)
-        if self.gather_queries:
-            q_rows = q_rows.index_select(1, inputs["q_index"].reshape(-1)).reshape(q_rows.shape[0], rows, bs, head_dim)
         # Explicit sizes, no -1: inside an exported Scan the slot count is a data-dependent size.
         keys = kb.index_select(1, flat).reshape(kb.shape[0], rows, slots, head_dim)
         # The scale right before the MatMul: onnxruntime folds it in (FusedMatMul alpha).
@@ -822,9 +819,8 @@ class _RowAttention:
         return mask
 
 
-def _attend_in_chunks(attend: _RowAttention, q_source, inputs: dict, kb, vb, triangle, mask,
-                      per_chunk: int) -> torch.Tensor:
-    """`_RowAttention` (gathering its queries) over chunks of ``per_chunk`` rows: ``[chunks, B, per_chunk, bs, Dv]``.
+def _attend_in_chunks(attend: _RowAttention, inputs: dict, kb, vb, triangle, mask, per_chunk: int) -> torch.Tensor:
+    """`_RowAttention` over chunks of ``per_chunk`` rows (queries in ``inputs["q_rows"]``): ``[chunks, 1, per_chunk, bs, Dv]``.
 
     Exported as one ONNX ``Scan``: onnxruntime runs its body chunk after chunk, so each chunk's
     gathered blocks, scores and probabilities stay in cache from op to op. The per-row inputs
@@ -845,14 +841,14 @@ def _attend_in_chunks(attend: _RowAttention, q_source, inputs: dict, kb, vb, tri
     def body(carry, chunk):
         # Queries, keys, values, triangle and mask are read by every chunk: the exporter lifts
         # them into the Scan body's outer scope (no copy per chunk).
-        return carry.clone(), attend(q_source, dict(zip(names, chunk)), kb, vb, triangle, mask)
+        return carry.clone(), attend(None, dict(zip(names, chunk)), kb, vb, triangle, mask)
 
     if torch.compiler.is_exporting():
         from torch._higher_order_ops.scan import scan
 
         _, out = scan(body, torch.zeros(()), xs)
     else:                       # eager (tests, the export's checks): the same chunks, one by one
-        out = torch.stack([attend(q_source, {name: x[index] for name, x in zip(names, xs)}, kb, vb, triangle, mask)
+        out = torch.stack([attend(None, {name: x[index] for name, x in zip(names, xs)}, kb, vb, triangle, mask)
                            for index in range(chunks)])
     return out                                                        # [chunks, B, per_chunk, bs, Dv]
 
