@@ -663,14 +663,22 @@ class BlockGatherAttention(torch.nn.Module):
         kp = _pad_to_blocks(k, k_len, k_blocks * bs)
         vp = _pad_to_blocks(v, k_len, k_blocks * bs)
         head_dim = qs.shape[-1]
-        # Batch folded into the rows: queries as [B * heads * q_blocks, bs, D] (row order b, h,
-        # query block: the tables' order), keys and values as [1, B * kv_heads * k_blocks, bs, D].
-        q_rows = _pad_to_blocks(qs, q_len, q_blocks * bs).reshape(batch * heads * q_blocks, bs, head_dim)
+        rows = group.count                                      # per batch element
+        total = batch * rows
+        chunks = (total + self.chunk_rows - 1) // self.chunk_rows
+        # Batch folded into the rows: queries as [chunks * chunk_rows, bs, D] (row order b, h,
+        # query block: the tables' order), gathered in one copy that also pads each (b, h) to
+        # whole blocks and the rows to whole chunks (a padded query repeats the last token of
+        # its head, a padded row reads token 0; their outputs are dropped); keys and values as
+        # [1, B * kv_heads * k_blocks, bs, D].
+        row_token = (torch.arange(q_blocks * bs).clamp(max=q_len - 1).unsqueeze(0)
+                     + (torch.arange(batch * heads) * q_len).unsqueeze(1)).reshape(-1)
+        row_token = _pad_to_blocks(row_token, total * bs, chunks * self.chunk_rows * bs, dim=0)
+        q_rows = qs.reshape(batch * heads * q_len, head_dim).index_select(0, row_token)
+        q_rows = q_rows.reshape(chunks * self.chunk_rows, bs, head_dim)
         kv_blocks = self.num_kv_heads * k_blocks
         kb = kp.reshape(1, batch * kv_blocks, bs, head_dim)
         vb = vp.reshape(1, batch * kv_blocks, bs, value_dim)
-        rows = group.count                                      # per batch element
-        total = batch * rows
         batch_index = torch.arange(batch).unsqueeze(1)
 
         def per_row(tensor: torch.Tensor, stride: Any = 0) -> torch.Tensor:
@@ -681,7 +689,7 @@ class BlockGatherAttention(torch.nn.Module):
             return tensor.expand(batch, *tensor.shape[1:]).reshape(total, *tensor.shape[2:])
 
         kv_local = self.sparse_kv_heads.index_select(0, group.heads).unsqueeze(-1) * k_blocks + group.blocks
-        inputs = {"q_rows": q_rows, "kv": per_row(kv_local, kv_blocks)}
+        inputs = {"kv": per_row(kv_local, kv_blocks)}
         mask = self._prepare_mask(attn_mask, dtype, q_len, k_len) if attn_mask is not None else None
         user_mask = None
         if mask is not None:
@@ -700,10 +708,13 @@ class BlockGatherAttention(torch.nn.Module):
         layout = mask[1:4] if mask is not None else None
         inputs["key_bias"] = per_row(self._key_bias(group, k_len, dtype))                      # [B*R, 1, W*bs]
         attend = _RowAttention(bs, scale, softcap, layout, sinks is not None)
-        out = _attend_in_chunks(attend, inputs, kb, vb, triangle, user_mask, self.chunk_rows)
-        # [chunks, 1, C, bs, Dv] -> rows in order (b, h, query block), padded rows of the last chunk dropped.
-        out = out.reshape(-1, bs, value_dim)[:total]
-        return out.reshape(batch, heads, q_blocks * bs, value_dim)[:, :, :q_len]
+        out = _attend_in_chunks(attend, inputs, kb, vb, triangle, user_mask, self.chunk_rows, {"q_rows": q_rows})
+        out = out.reshape(-1, value_dim)                  # [chunks * C * bs, Dv] (the batch dim is 1)
+        # Row (b, h, query block) holds tokens row * bs + t; token s of (b, h) is in row
+        # (b * heads + h) * q_blocks + s // bs: at (b * heads + h) * q_blocks * bs + s. One gather
+        # drops the padded queries and rows.
+        tokens = (torch.arange(batch * heads) * (q_blocks * bs)).unsqueeze(1) + torch.arange(q_len)
+        return out.index_select(0, tokens.reshape(-1)).reshape(batch, heads, q_len, value_dim)
 
     def _key_bias(self, group: _RowGroup, k_len: Any, dtype: torch.dtype) -> torch.Tensor:
         """``-inf`` on padding slots and keys past ``k_len``, else 0: ``[rows, 1, W * bs]`` (query-independent)."""
@@ -819,8 +830,12 @@ class _RowAttention:
         return mask
 
 
-def _attend_in_chunks(attend: _RowAttention, inputs: dict, kb, vb, triangle, mask, per_chunk: int) -> torch.Tensor:
-    """`_RowAttention` over chunks of ``per_chunk`` rows (queries in ``inputs["q_rows"]``): ``[chunks, 1, per_chunk, bs, Dv]``.
+def _attend_in_chunks(attend: _RowAttention, inputs: dict, kb, vb, triangle, mask, per_chunk: int,
+                      padded_inputs: dict) -> torch.Tensor:
+    """`_RowAttention` over chunks of ``per_chunk`` rows: ``[chunks, 1, per_chunk, bs, Dv]``.
+
+    ``inputs`` are per-row tensors (``[rows, ...]``); ``padded_inputs`` per-row tensors already
+    padded to whole chunks (the query rows, ``q_rows``).
 
     Exported as one ONNX ``Scan``: onnxruntime runs its body chunk after chunk, so each chunk's
     gathered blocks, scores and probabilities stay in cache from op to op. The per-row inputs
@@ -835,8 +850,9 @@ def _attend_in_chunks(attend: _RowAttention, inputs: dict, kb, vb, triangle, mas
         tensor = _pad_to_blocks(tensor, rows, padded, dim=0)
         return tensor.reshape(chunks, per_chunk, *tensor.shape[1:])     # [chunks, per_chunk, ...]
 
-    names = list(inputs)
-    xs = [split(inputs[name]) for name in names]
+    names = list(inputs) + list(padded_inputs)
+    xs = [split(inputs[name]) for name in inputs]
+    xs += [tensor.reshape(chunks, per_chunk, *tensor.shape[1:]) for tensor in padded_inputs.values()]
 
     def body(carry, chunk):
         # Queries, keys, values, triangle and mask are read by every chunk: the exporter lifts
