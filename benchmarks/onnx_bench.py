@@ -173,6 +173,7 @@ def bench_case(model, inputs: tuple, seq: int, target: float, args, workdir: pat
             "any_over_fixed": round(times["any"] / times["fixed"], 3),
             "max_rel_error_vs_torch": {name: float(f"{value:.2e}") for name, value in errors.items()},
             "session_init_s": {name: round(runner.init_s, 2) for name, runner in runners.items()},
+            "load_average": [round(x, 2) for x in os.getloadavg()],          # the machine's, right after timing
             "file_mb": {name: round(file.path.stat().st_size / 2**20, 2) for name, file in files.items()},
         }
         print(f"{label} seq={seq} threads={threads} density={density:.3f}: dense {times['dense']:.1f} ms "

@@ -6,8 +6,9 @@ as an ONNX model that onnxruntime (or any runtime) runs *sparse*, not masked:
 * every `SparseAttention` site becomes a block gather (`sparsify.onnx_lowering.BlockGatherAttention`):
   per (sparse head, query block) row, a ``Gather`` of its kept key/value blocks, then
   ``MatMul → (bias) → Softmax → MatMul`` over those blocks only, so the work per call is
-  proportional to the kept blocks (0.8-1.0 of ``1 / density`` on onnxruntime's CPU provider, see
-  ``benchmarks/onnx_bench.py``). Dense heads of a site and canonical dense sites become ONNX's
+  proportional to the kept blocks (measured 0.6-0.85 of ``1 / density`` at 12-25% density on
+  onnxruntime's CPU provider, any-length files 1.1-1.3x the fixed-length ones' time; see
+  ``benchmarks/onnx_bench.py`` and ``benchmarks/NOTES.md``). Dense heads of a site and canonical dense sites become ONNX's
   ``Attention`` op when the opset has it (``opset >= 23``), else ``MatMul → Softmax → MatMul``;
   skipped heads are zeros.
 * **Sequence length.** With ``lengths="auto"`` (the default) one file serves every length up to
@@ -20,10 +21,14 @@ as an ONNX model that onnxruntime (or any runtime) runs *sparse*, not masked:
   example's length only, as with ``lengths="fixed"``. ``lengths="any"`` refuses to pin;
   ``lengths=[512, 1024, ...]`` serves exactly the listed lengths (pinned sites carry tables for
   each, picked in the graph by the run-time length). Batch is dynamic either way.
-* **Precision.** The graph runs in the dtype the compiled module runs in: float32, float16 or
-  bfloat16 (other dtypes are refused before any work). onnxruntime's CPU provider runs float16;
+* **Precision.** The graph runs in the dtype the compiled module runs in: float32, float16,
+  bfloat16 or float64 (other dtypes are refused before any work; ``dtype=`` checks the one
+  expected). onnxruntime's CPU provider runs float16;
   it has no bfloat16 kernels for MatMul, Softmax or Attention (onnxruntime 1.32), so a bfloat16
   file needs a provider that has them (CUDA).
+* **Refused before any work:** input-adaptive heads (`Pattern.is_adaptive`: their blocks are
+  estimated per input, which has no standard-op lowering here), naming the site and head; search
+  with ``adaptive=False`` for a strategy to export. Softcap and learned sinks are lowered.
 
 The graph holds standard ONNX domains only (checked after export), so nothing custom needs to
 be registered in the runtime. The exporter is ``torch.onnx.export(..., dynamo=True)`` (it needs
