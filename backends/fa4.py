@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -486,15 +487,17 @@ class FA4Backend(Backend):
         sparse_cute = None
         if warmup_sparse is not None:
             sparse_cute = fa4.to_cute_block_sparse_tensors(fa4.BlockSparseTensorsTorch(*warmup_sparse[:4]))
-        compiled = fa4.cute.compile(
-            kernel, fa4.to_cute_tensor(q), fa4.to_cute_tensor(k), fa4.to_cute_tensor(v),
-            fa4.to_cute_tensor(out, assumed_align=16), None, plan.default_scale,
-            None, None, None, None, None, None, plan.window_right,
-            None if sinks is None else fa4.to_cute_tensor(sinks, assumed_align=4, leading_dim=0),
-            sparse_cute, fa4.AuxData(None, None), None, None,
-            fa4.cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
-            options="--enable-tvm-ffi",
-        )
+        with warnings.catch_warnings():  # CuTe DSL warns that FA4's AuxData is no JitArgument; FA4 passes it anyway
+            warnings.filterwarnings("ignore", message="Argument aux_data", category=UserWarning)
+            compiled = fa4.cute.compile(
+                kernel, fa4.to_cute_tensor(q), fa4.to_cute_tensor(k), fa4.to_cute_tensor(v),
+                fa4.to_cute_tensor(out, assumed_align=16), None, plan.default_scale,
+                None, None, None, None, None, None, plan.window_right,
+                None if sinks is None else fa4.to_cute_tensor(sinks, assumed_align=4, leading_dim=0),
+                sparse_cute, fa4.AuxData(None, None), None, None,
+                fa4.cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+                options="--enable-tvm-ffi",
+            )
         # The kwargs wrapper costs a Python frame per call; the raw tvm_ffi.Function takes the same
         # positional arguments (FA4's disk cache calls it that way). CHECK(gpu): both give equal output.
         raw_getter = getattr(compiled, "__tvm_ffi_object__", None)
@@ -559,6 +562,12 @@ class _FA4Modules:
     """The FA4 / CuTe DSL names this backend uses, imported on first need."""
 
     def __init__(self):
+        with warnings.catch_warnings():  # FA4's helpers import names the CuTe DSL has deprecated (not ours to fix)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(cutlass|quack|flash_attn)")
+            warnings.filterwarnings("ignore", message=r"cutlass\.", category=DeprecationWarning)
+            self._import()
+
+    def _import(self) -> None:
         import cutlass.cute as cute
         from flash_attn.cute import interface, utils
         from flash_attn.cute.block_sparsity import (

@@ -93,7 +93,7 @@ def main(argv=None) -> None:
         for name, pattern in candidates.items():
             site = AttentionSite("bench", 0, num_heads=args.heads, num_kv_heads=args.heads, head_dim=args.head_dim,
                                  q_len=length, k_len=length, causal=True)
-            layer = SparseAttention(site, [pattern] * args.heads, block_size=args.block, backend=args.backend)
+            layer = SparseAttention(site, [pattern] * args.heads, block_size=args.block, backend=args.backend).to(device)
             with torch.no_grad():
                 call = lambda: layer(q, k, v, None, True, None)  # noqa: E731
                 out = call()

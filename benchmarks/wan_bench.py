@@ -10,8 +10,11 @@ door (``sparsify.attach``: diffusers' attention processors) or applied through t
 ``torch.compile`` (``--compile``; Inductor, the sparse kernels as custom ops in one graph), with
 CUDA events after warm-up, and reports the median, the speedups and the output error.
 
-Target (issue 10): at ~15% self-attention density, the sparsified step under torch.compile at least
-2.2x faster than the dense step under torch.compile, on an H200.
+The bound beside each speedup is the step with self-attention skipped (every self-attention head
+``skip()``): what a perfect kernel could approach; the self-attention share is ``1 - skipped/dense``.
+
+Targets: eager, at least 0.97 of that bound; at ~15% self-attention density, the sparsified step under
+torch.compile at least 2.2x faster than the dense step under torch.compile, on an H200.
 
     python benchmarks/wan_bench.py --compile [--backend auto|fa4|triton] [--density 0.15]
     python benchmarks/wan_bench.py --device cpu --tiny --compile      # smoke run: a tiny config on CPU
@@ -151,10 +154,17 @@ def main() -> None:
             strategy = strategy.with_heads(site.name, [pattern] * site.num_heads)
     self_density = float(pattern.block_mask(-(-tokens // block_size), -(-tokens // block_size), block_size=block_size,
                                             causal=False, q_len=tokens, k_len=tokens).float().mean())
+    # The bound: the same step with self-attention skipped (what a perfect kernel could approach).
+    skipped_strategy = sparsify.Strategy.dense(sites, block_size=block_size)
+    for site in sites:
+        if site.is_self_attention:
+            skipped_strategy = skipped_strategy.with_heads(site.name, [patterns.skip()] * site.num_heads)
     if args.door == "graph":
         sparse = sparsify.compile(model, strategy=strategy, example_inputs=inputs, backend=args.backend)
+        skipped = sparsify.compile(model, strategy=skipped_strategy, example_inputs=inputs, backend=args.backend)
     else:
         sparse = sparsify.attach(model, strategy, backend=args.backend)
+        skipped = sparsify.attach(model, skipped_strategy, backend=args.backend)
     print(f"WanTransformer3DModel ({'tiny' if args.tiny else '1.3B'} config), {tokens} tokens, {dtype}, "
           f"block {block_size}, self-attention {pattern} = density {self_density:.3f}, {args.door} door, "
           f"backend {args.backend}")
@@ -164,16 +174,21 @@ def main() -> None:
             return module(**inputs)[0]
 
     rows = []
-    variants = [("eager", model, sparse)]
+    variants = [("eager", model, sparse, skipped)]
     if args.compile:
-        variants.append(("torch.compile", torch.compile(model), torch.compile(sparse)))
+        variants.append(("torch.compile", torch.compile(model), torch.compile(sparse), torch.compile(skipped)))
     reference = step(model)
-    for label, dense_module, sparse_module in variants:
+    for label, dense_module, sparse_module, skipped_module in variants:
         dense_ms = time_ms(lambda: step(dense_module), args.repeats, args.warmup, device)
         sparse_ms = time_ms(lambda: step(sparse_module), args.repeats, args.warmup, device)
+        skipped_ms = time_ms(lambda: step(skipped_module), args.repeats, args.warmup, device)
+        bound = dense_ms / skipped_ms
         rows.append({"mode": label, "tokens": tokens, "self_attention_density": round(self_density, 4),
                      "dense_ms": round(dense_ms, 2), "sparse_ms": round(sparse_ms, 2),
-                     "speedup": round(dense_ms / sparse_ms, 3),
+                     "self_attention_skipped_ms": round(skipped_ms, 2),
+                     "self_attention_share": round(1 - skipped_ms / dense_ms, 3),
+                     "speedup": round(dense_ms / sparse_ms, 3), "bound": round(bound, 3),
+                     "fraction_of_bound": round(dense_ms / sparse_ms / bound, 3),
                      "output_rel_error": round(relative_error(step(sparse_module), reference), 5)})
     if args.compile:
         explained = torch._dynamo.explain(sparse)(**inputs)

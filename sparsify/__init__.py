@@ -15,6 +15,7 @@ from sparsify.errors import (
 from sparsify.site import AttentionSite
 from sparsify.export import export_onnx
 from sparsify.integrations import attach
+from sparsify.options import CompileOptions
 from sparsify.strategy import Strategy
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionSite",
     "CaptureError",
+    "CompileOptions",
     "NoAttentionFoundError",
     "PassError",
     "PatternError",

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # Options that only shape a search; applying a saved strategy has nothing for them to do.
 _SEARCH_ONLY_OPTIONS = ("max_error", "target_density", "target_speedup", "target_overrides_max_error", "block_size",
                         "dense_steps", "min_recall", "holdout_fraction", "seed", "profile_rows_per_block",
-                        "score_rows_per_block", "hardware_profiles", "adaptive")
+                        "score_rows_per_block", "hardware_profiles", "adaptive", "price_for")
 
 
 def capture_attention(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True) -> tuple[Captured, list[AttentionSite]]:
@@ -482,6 +482,9 @@ def _tensor_leaves(value: Any) -> list[torch.Tensor]:
 def _cost_model_for(options: CompileOptions, cost_model: CostModel | None) -> CostModel:
     if cost_model is not None and options.hardware_profiles:
         raise SparsifyError("give either cost_model or hardware_profiles, not both")
+    if cost_model is not None and options.price_for is not None:
+        raise SparsifyError("give either cost_model or price_for, not both (price_for replaces the cost model of the "
+                            "search)")
     if cost_model is not None:
         return cost_model
     return CostModel.default(options.hardware_profiles)

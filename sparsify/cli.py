@@ -128,7 +128,7 @@ def command_apply(args: argparse.Namespace) -> int:
 
 _SEARCH_OPTIONS = ["max_error", "target_density", "target_speedup", "target_overrides_max_error", "block_size",
                    "backend", "dense_steps", "steps_per_generation", "min_recall", "holdout_fraction", "seed",
-                   "hardware_profiles"]
+                   "hardware_profiles", "price_for", "adaptive"]
 
 
 def command_search(args: argparse.Namespace) -> int:
@@ -478,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
                        ("dense_steps", int), ("steps_per_generation", int), ("min_recall", float),
                        ("holdout_fraction", float), ("seed", int)):
         _add_option(search_parser, name, kind)
+    search_parser.add_argument("--adaptive", dest="adaptive", action=argparse.BooleanOptionalAction, default=None,
+                               help="also consider input-adaptive patterns, estimated per input on the device "
+                                    "(default on; --no-adaptive for strategies that export to ONNX)")
+    search_parser.add_argument("--price-for", dest="price_for", default=None, metavar="PATH",
+                               help="price candidates as this hardware profile's backend and device (search on this "
+                                    "machine for another one: a profile from `sparsify-cli calibrate` there)")
     search_parser.add_argument("--hardware-profile", dest="hardware_profiles", action="append", default=None,
                                metavar="PATH", help="hardware profile JSON from `sparsify-cli calibrate` "
                                "(repeatable); it prices its backend ahead of the shipped profiles")

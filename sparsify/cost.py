@@ -184,11 +184,27 @@ class CostModel:
     """
 
     def __init__(self, profiles: Sequence[HardwareProfile] = (), *, match_device_name: bool = True,
-                 preferred: Sequence[HardwareProfile] = ()):
+                 preferred: Sequence[HardwareProfile] = (), target: HardwareProfile | None = None):
         self.profiles = list(profiles)
         self.match_device_name = match_device_name
         self.preferred = list(preferred)
+        #: When set, every price is this profile's, whatever backend and device are asked (`priced_for`).
+        self.target = target
         self._warned: set[tuple[str, str]] = set()
+
+    @classmethod
+    def priced_for(cls, profile: "HardwareProfile | str | os.PathLike") -> "CostModel":
+        """A cost model that prices everything as ``profile``'s backend on its device (search here, deploy there).
+
+        Example:
+            >>> profile = HardwareProfile("fa4", "cuda", "NVIDIA H200", DEFAULT_COSTS[("fa4", "cuda")])
+            >>> site = AttentionSite("attn", 0, num_heads=8, num_kv_heads=8, head_dim=64, q_len=4096, k_len=4096)
+            >>> model = CostModel.priced_for(profile)
+            >>> model.dense_latency(site, backend="torch", device="cpu") == model.dense_latency(site, backend="fa4",
+            ...                                                                                   device="cuda")
+            True
+        """
+        return cls(target=profile if isinstance(profile, HardwareProfile) else HardwareProfile.load(profile))
 
     @classmethod
     def default(cls, hardware_profiles: Sequence[str | os.PathLike | HardwareProfile] = ()) -> "CostModel":
@@ -204,7 +220,9 @@ class CostModel:
         return cls(shipped_profiles(), preferred=preferred)
 
     def costs(self, backend: str, device: torch.device | str) -> BackendCosts:
-        """The constants used for ``backend`` on ``device``."""
+        """The constants used for ``backend`` on ``device`` (the target profile's, when the model has one)."""
+        if self.target is not None:
+            return self.target.costs
         device_type = _device_type(device)
         for profile in self.preferred:
             if profile.backend == backend and profile.device_type == device_type:

@@ -434,8 +434,8 @@ def _refuse_adaptive_heads(sparse_modules: dict) -> None:
         raise UnsupportedError(
             "export_onnx: input-adaptive heads estimate their blocks from each input on the device, which the ONNX "
             f"export has no standard-op lowering for: {'; '.join(found)}. Re-search with adaptive=False "
-            "(sparsify.compile(model, calib_loader, adaptive=False), or options=CompileOptions(adaptive=False)) so "
-            "those heads get static patterns, then export that strategy")
+            "(sparsify.compile(model, calib_loader, adaptive=False), options=CompileOptions(adaptive=False), or "
+            "sparsify-cli search --no-adaptive) so those heads get static patterns, then export that strategy")
 
 
 def _pinned_sites(sparse_modules: dict) -> dict[str, str]:

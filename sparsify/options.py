@@ -67,6 +67,10 @@ class CompileOptions:
             held-out batches (``None``: all rows) — an unbiased estimate of the site error.
         hardware_profiles: JSON files written by ``sparsify-cli calibrate``; their constants
             price their (backend, device type) ahead of the shipped profiles and defaults.
+        price_for: a hardware profile JSON (``sparsify-cli calibrate`` on the deployment machine, or
+            one shipped in ``sparsify/hardware_profiles``): candidates are priced as that profile's
+            backend on its device, whatever device the search runs on — search on one machine
+            (e.g. a CPU box), deploy on another (e.g. an H200). The strategy records it.
         progress: show progress bars on stderr (off by default: the library only logs; the CLI
             turns them on unless ``--no-progress``).
         dynamic: capture with dynamic batch and sequence dimensions (``"all"``: every dimension).
@@ -88,6 +92,7 @@ class CompileOptions:
     profile_rows_per_block: int | None = _option(16, "query rows per block sampled for the profile")
     score_rows_per_block: int | None = _option(32, "query rows per block scored on held-out batches")
     hardware_profiles: tuple[str, ...] = _option((), "hardware profile JSON written by `calibrate`")
+    price_for: str | None = _option(None, "price candidates with this hardware profile JSON, not this machine's costs")
     progress: bool = _option(False, "show progress bars (the library prints nothing unless asked; the CLI shows them)")
     dynamic: bool = _option(True, "capture with dynamic batch and sequence dimensions")
 
@@ -136,6 +141,14 @@ class CompileOptions:
                 raise SparsifyError(f"hardware_profiles: {os.fspath(path)!r} is not a file (write one with "
                                     f"`sparsify-cli calibrate --out {os.fspath(path)}`)")
         object.__setattr__(self, "hardware_profiles", tuple(os.fspath(p) for p in profiles))
+        if self.price_for is not None:
+            from sparsify.cost import HardwareProfile
+
+            if not isinstance(self.price_for, (str, os.PathLike)) or not os.path.isfile(self.price_for):
+                raise SparsifyError(f"price_for: {self.price_for!r} is not a hardware profile file (write one with "
+                                    f"`sparsify-cli calibrate` on the machine you deploy to)")
+            object.__setattr__(self, "price_for", os.fspath(self.price_for))
+            HardwareProfile.load(self.price_for)  # a bad file fails now, not after calibration
         for name in ("progress", "adaptive"):
             if not isinstance(getattr(self, name), bool):
                 raise SparsifyError(f"{name}: must be True or False, got {getattr(self, name)!r}")

@@ -410,10 +410,9 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
     if not sites:
         raise SparsifyError("search needs at least one attention site")
     progress = config.progress if progress is None else progress
-    cost_model = cost_model or CostModel.default()
     device = device or _device_of(captured.graph_module)
     block_size = config.block_size or (128 if device.type == "cuda" else 64)
-    backend = config.backend if config.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
+    cost_model, backend = pricing(config, device, cost_model)
     # Indices are global: batch i of this rank is batch shard.offset + i of the union of the ranks' batches.
     shard = group.batch_shard(len(batches), dense_steps=config.dense_steps,
                               steps_per_generation=config.steps_per_generation)
@@ -559,6 +558,29 @@ def _device_of(graph_module: torch.nn.Module) -> torch.device:
     from sparsify.passes.rewrite import _device_of as device_of
 
     return device_of(graph_module)
+
+
+def pricing(config: CompileOptions, device: torch.device, cost_model: CostModel | None = None) -> tuple[CostModel, str]:
+    """The cost model and the backend name the search prices candidates with.
+
+    ``config.price_for`` (a hardware profile) prices everything as that profile's backend on its
+    device; otherwise ``backend="auto"`` prices as the backend ``auto`` would run here (the first
+    available by declared priority: fa4, then triton, ... on a GPU; torch on a CPU).
+
+    Example:
+        >>> pricing(CompileOptions(), torch.device("cpu"))[1]
+        'torch'
+    """
+    if config.price_for is not None:
+        model = CostModel.priced_for(config.price_for)
+        return model, model.target.backend
+    cost_model = cost_model or CostModel.default(config.hardware_profiles)
+    if config.backend != "auto":
+        return cost_model, config.backend
+    from sparsify.backends import auto_candidates
+
+    candidates = auto_candidates(device)
+    return cost_model, candidates[0].name if candidates else "torch"
 
 
 def _candidate_masks(per_head: list[list[Pattern]], q_len: int, k_len: int, site_masks: SiteMasks,
@@ -875,6 +897,7 @@ def _build_strategy(sites, options, chosen, block_size, config: CompileOptions, 
     return _with_metadata(strategy, config, {
         "backend": backend,
         "device": str(device),
+        **({"priced_for": cost_model.target.device_name} if getattr(cost_model, "target", None) is not None else {}),
         # Skipped heads cost nothing: with every head skipped there is no finite speedup to state.
         "estimated_attention_speedup": round(dense_total / sparse_total, 4) if sparse_total > 0 else None,
         "site_errors": site_errors,

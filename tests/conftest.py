@@ -12,6 +12,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))  # model_zoo, numerics helpers
 
 HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Triton decorates its own standard library (tl.zeros, ...) when triton is first imported, and
+    # torch._dynamo imports triton; so its interpreter is switched on before any test imports
+    # anything: without CUDA, the whole session runs Triton kernels interpreted.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Warnings of third-party code that the suite cannot fix, by message and module. pyproject's
 # `filterwarnings` turns every other warning into an error; these are also added to each test as

@@ -135,4 +135,4 @@ def test_chosen_hardware_profiles_come_first(tmp_path, caplog):
 
 def test_shipped_profiles_load():
     for profile in shipped_profiles():
-        assert profile.device_type == "cuda" and profile.backend in ("triton", "flex", "torch")
+        assert profile.device_type == "cuda" and profile.backend in ("fa4", "triton", "flex", "torch")

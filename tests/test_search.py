@@ -354,3 +354,22 @@ def test_bert_search_ignores_padding_rows():
     assert padding and all(p is not None and p[1, 80:].all() and not p[1, :80].any() and not p[0].any()
                            for p in padding)
     assert result.compiled.strategy.summary()["end_to_end_error"] < 0.1
+
+
+def test_price_for_prices_the_search_as_another_machine(tmp_path):
+    # The same search on this CPU, priced as this machine (default CPU constants: dense wins at 256
+    # tokens) and as a target where only kept work costs (a GPU-like profile): the target gets sparse heads.
+    model, batches = small_video(layers=1)
+    target = HardwareProfile("fa4", "cuda", "NVIDIA H200", BackendCosts(0.0, 0.0, 1e-11, 0.0, 1e-11))
+    path = tmp_path / "h200.json"
+    target.save(path)
+    here = sparsify.compile(model, batches, block_size=16, progress=False)
+    there = sparsify.compile(model, batches, block_size=16, progress=False, price_for=str(path))
+    assert here.strategy.summary()["sparse_heads"] == 0
+    assert there.strategy.summary()["sparse_heads"] > 0
+    assert there.strategy.metadata["backend"] == "fa4" and there.strategy.metadata["priced_for"] == "NVIDIA H200"
+    assert max_relative_error(call(there, (batches[0],)), call(model, (batches[0],))) <= 0.1  # it runs here (torch)
+    with pytest.raises(SparsifyError, match="price_for: .*missing.json.*calibrate"):
+        sparsify.compile(model, batches, price_for=str(tmp_path / "missing.json"))
+    with pytest.raises(SparsifyError, match="either cost_model or price_for"):
+        sparsify.compile(model, batches, price_for=str(path), cost_model=WORK_ONLY)

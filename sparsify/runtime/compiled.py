@@ -6,11 +6,11 @@ calls `compiled_attend` instead, which dynamo traces without graph breaks:
 
 * dense and skipped heads are plain tensor ops (SDPA, ``index_select``/``index_copy_``);
 * the runtime mask is a read of the site's mask cache, a dict that dynamo guards on; a length
-  the cache does not hold yet is built while dynamo traces (`ensure_runtime_mask`, a constant
-  result), so the graph does not break for it. Symbolic lengths (dynamic shapes) are specialised
-  there (``guard_scalar``): a graph serves one set of lengths, as its masks do;
+  the cache does not hold yet is built while dynamo traces (`ensure_runtime_mask` through
+  `TraceTimeCalls`, a constant result), so the graph does not break for it. Symbolic lengths
+  (dynamic shapes) are specialised there (``guard_scalar``): a graph serves one set of lengths, as its masks do;
 * the backend is resolved once per (dtype, device, user-mask layout) at trace time
-  (`resolve_backend_name`, a constant result), and its name is an argument of the kernel op;
+  (`resolve_backend_name`, also through `TraceTimeCalls`), and its name is an argument of the kernel op;
 * the kernel is ``torch.ops.sparsify.block_sparse_attention``: q/k/v, the user's ``attn_mask``,
   the runtime mask's tensors and plain scalars in, the attention of the sparse heads out. A fake
   kernel gives its shape, so dynamo and Inductor treat it as one opaque call. Its implementation
@@ -36,12 +36,12 @@ counter without ``dense_phase`` is read as an int, which dynamo guards on.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
-from sparsify.errors import UnsupportedError
 from sparsify.runtime.block_mask import RuntimeBlockMask
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KernelBackends", "block_sparse_attention", "compiled_attend", "ensure_runtime_mask",
+__all__ = ["KernelBackends", "TraceTimeCalls", "block_sparse_attention", "compiled_attend", "ensure_runtime_mask",
            "resolve_backend_name"]
 
 
@@ -220,12 +220,11 @@ block_sparse_attention.register_autograd(_backward, setup_context=_setup_context
 # --- outside the graph: masks and backends ------------------------------------------------------
 
 
-@torch.compiler.assume_constant_result
 def ensure_runtime_mask(layer: "SparseAttention", q_len: int, k_len: int, q_offset: int, device: str) -> bool:
     """Build ``layer``'s runtime mask for these lengths into its cache unless it is there (runs at trace time).
 
-    Dynamo runs this function while it traces (its result is a constant), so the mask is built
-    outside the graph and the dict read that follows finds it: no graph break.
+    Dynamo runs this function while it traces (through `TraceTimeCalls`, its result a constant), so
+    the mask is built outside the graph and the dict read that follows finds it: no graph break.
     """
     key = (q_len, k_len, q_offset, device)
     if key not in layer._masks:
@@ -235,7 +234,6 @@ def ensure_runtime_mask(layer: "SparseAttention", q_len: int, k_len: int, q_offs
     return True
 
 
-@torch.compiler.assume_constant_result
 def resolve_backend_name(layer: "SparseAttention", dtype: torch.dtype, device: torch.device,
                          mask_layout: tuple | None) -> str:
     """The name of the backend ``layer`` uses for these inputs (run at trace time; its result is a graph constant).
@@ -252,6 +250,36 @@ def resolve_backend_name(layer: "SparseAttention", dtype: torch.dtype, device: t
         if backend.attn_mask_problem(probe) is not None:
             backend = layer._backend_for_mask(backend, probe, dtype, torch.device(device), False)
     return backend.name
+
+
+class TraceTimeCalls:
+    """A site's calls that dynamo runs while it traces, their results graph constants: one pair per `SparseAttention`.
+
+    ``torch.compiler.assume_constant_result`` needs arguments dynamo can turn into Python
+    constants, and torch 2.11 cannot do that for a module; so each site gets two plain functions
+    closed over a weak reference to it, called with lengths, dtypes and devices only. The site
+    makes them at construction and again when it is copied (``copy.deepcopy`` or unpickling), so a
+    copy never reaches the original's caches.
+
+    Example:
+        >>> calls = TraceTimeCalls(layer)                                        # doctest: +SKIP
+        >>> calls.ensure_mask(4096, 4096, 0, "cuda:0")                           # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, layer: "SparseAttention"):
+        owner = weakref.ref(layer)
+
+        @torch.compiler.assume_constant_result
+        def ensure_mask(q_len: int, k_len: int, q_offset: int, device: str) -> bool:
+            return ensure_runtime_mask(owner(), q_len, k_len, q_offset, device)
+
+        @torch.compiler.assume_constant_result
+        def backend_name(dtype: torch.dtype, device: torch.device, mask_layout: tuple | None) -> str:
+            return resolve_backend_name(owner(), dtype, device, mask_layout)
+
+        self.ensure_mask = ensure_mask
+        self.backend_name = backend_name
 
 
 # --- the compiled attention of one site ---------------------------------------------------------
@@ -293,19 +321,11 @@ def compiled_attend(layer: "SparseAttention", q: torch.Tensor, k: torch.Tensor, 
     """
     from sparsify.runtime.site import _dense, _select_heads
 
-    site = layer.site
     dense_only = (layer.sparse_heads.numel() == 0 and layer.skipped_heads.numel() == 0
                   and layer.adaptive_heads.numel() == 0)
     if dense_only or in_dense_steps(layer):
         return _dense(q, k, v, attn_mask, is_causal, scale, q_offset, softcap, sinks)
-    if q.shape[1] != site.num_heads or k.shape[1] != site.num_kv_heads:
-        raise UnsupportedError(
-            f"site {site.name!r} was compiled for {site.num_heads} query / {site.num_kv_heads} key-value heads, "
-            f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if is_causal and not site.causal:
-        raise UnsupportedError(f"site {site.name!r} was compiled as non-causal but is called with is_causal=True")
-    if attn_mask is not None and attn_mask.dim() < 4:
-        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    attn_mask = layer.checked_call(q, k, attn_mask, is_causal)
     output = q.new_empty((*q.shape[:-1], v.shape[-1]))
     if layer.skipped_heads.numel():
         output.index_fill_(1, layer.skipped_heads, 0)
@@ -318,7 +338,7 @@ def compiled_attend(layer: "SparseAttention", q: torch.Tensor, k: torch.Tensor, 
     if layer.sparse_heads.numel():
         # Masks are per length: symbolic lengths (dynamic shapes) specialise here, with a guard on their values.
         lengths = (guard_scalar(q.shape[2]), guard_scalar(k.shape[2]), guard_scalar(q_offset))
-        ensure_runtime_mask(layer, *lengths, str(q.device))
+        layer._trace_time_ensure_mask(*lengths, str(q.device))
         mask = layer._masks[(*lengths, str(q.device))]                 # a dict read dynamo guards on
         output.index_copy_(1, layer.sparse_heads, _kernel(layer, layer.sparse_heads, mask, q, k, v, attn_mask, scale,
                                                           softcap, sinks).to(output.dtype))
@@ -340,7 +360,7 @@ def _kernel(layer: "SparseAttention", heads: torch.Tensor, mask: RuntimeBlockMas
     layout = None
     if head_mask is not None:
         layout = (tuple(int(s) for s in head_mask.shape), tuple(int(s) for s in head_mask.stride()), head_mask.dtype)
-    backend = resolve_backend_name(layer, q.dtype, q.device, layout)
+    backend = layer._trace_time_backend_name(q.dtype, q.device, layout)
     return torch.ops.sparsify.block_sparse_attention(
         q.index_select(1, heads), k, v, head_mask, mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
         mask.full_kv_indices, mask.kv_head_index, mask.block_size, mask.q_len, mask.k_len, mask.causal,

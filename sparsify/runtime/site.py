@@ -85,7 +85,7 @@ class StepCounter:
         self.step = 0
 
 
-@torch.compiler.disable
+@torch._disable_dynamo  # like torch.compiler.disable, but imports dynamo at the first call, not at `import sparsify`
 def _advance_outside_graph(counter: StepCounter) -> int:
     """`StepCounter.advance` for a compiled model whose sites keep dense steps: runs eagerly (one graph break)."""
     return counter.advance()
@@ -159,6 +159,7 @@ class SparseAttention(torch.nn.Module):
         self._masks: collections.OrderedDict[tuple, RuntimeBlockMask] = collections.OrderedDict()
         self._plans: collections.OrderedDict[tuple, tuple["Backend", "BackendPlan"]] = collections.OrderedDict()
         self._backends: dict[tuple, "Backend"] = {}
+        self._make_trace_time_calls()
         if sparse:  # patterns are checked here, at build time, not at the first call
             self.runtime_mask(site.q_len, site.k_len, torch.device("cpu"))
 
@@ -176,7 +177,20 @@ class SparseAttention(torch.nn.Module):
         state["_masks"] = collections.OrderedDict()
         state["_plans"] = collections.OrderedDict()
         state["_backends"] = {}
+        for name in ("_trace_time_ensure_mask", "_trace_time_backend_name"):  # bound to this instance: made anew
+            state.pop(name, None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._make_trace_time_calls()
+
+    def _make_trace_time_calls(self) -> None:
+        """The functions `compiled_attend` calls while dynamo traces (see `TraceTimeCalls`), bound to this site."""
+        from sparsify.runtime.compiled import TraceTimeCalls
+
+        calls = TraceTimeCalls(self)
+        self._trace_time_ensure_mask, self._trace_time_backend_name = calls.ensure_mask, calls.backend_name
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(): cached device state is stale
         self._plans.clear()
@@ -355,20 +369,12 @@ class SparseAttention(torch.nn.Module):
 
             return compiled_attend(self, q, k, v, attn_mask, scale, is_causal=is_causal, q_offset=q_offset,
                                    softcap=softcap, sinks=sinks)
-        site = self.site
         dense_only = (self.sparse_heads.numel() == 0 and self.skipped_heads.numel() == 0
                       and self.adaptive_heads.numel() == 0)
         early_step = self.dense_steps and self.step_counter is not None and self.step_counter.step < self.dense_steps
         if dense_only or early_step:
             return _dense(q, k, v, attn_mask, is_causal, scale, q_offset, softcap, sinks)
-        if q.shape[1] != site.num_heads or k.shape[1] != site.num_kv_heads:
-            raise UnsupportedError(
-                f"site {site.name!r} was compiled for {site.num_heads} query / {site.num_kv_heads} key-value heads, "
-                f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
-        if is_causal and not site.causal:
-            raise UnsupportedError(f"site {site.name!r} was compiled as non-causal but is called with is_causal=True")
-        if attn_mask is not None and attn_mask.dim() < 4:
-            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        attn_mask = self.checked_call(q, k, attn_mask, is_causal)
         output = q.new_empty((*q.shape[:-1], v.shape[-1]))
         if self.skipped_heads.numel():
             output.index_fill_(1, self.skipped_heads, 0)  # a skipped head contributes nothing
@@ -396,6 +402,23 @@ class SparseAttention(torch.nn.Module):
             output.index_copy_(1, self.adaptive_heads, self._adaptive_heads(q, k, v, attn_mask, scale, q_offset,
                                                                             softcap, sinks, needs_grad).to(output.dtype))
         return output
+
+    def checked_call(self, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None,
+                     is_causal: bool) -> torch.Tensor | None:
+        """Refuse a call the site cannot serve (heads, causality, device); returns ``attn_mask`` as 4-D (or ``None``)."""
+        site = self.site
+        if q.shape[1] != site.num_heads or k.shape[1] != site.num_kv_heads:
+            raise UnsupportedError(
+                f"site {site.name!r} was compiled for {site.num_heads} query / {site.num_kv_heads} key-value heads, "
+                f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
+        if is_causal and not site.causal:
+            raise UnsupportedError(f"site {site.name!r} was compiled as non-causal but is called with is_causal=True")
+        if self.sparse_heads.device != q.device:
+            raise UnsupportedError(f"site {site.name!r} is on {self.sparse_heads.device} but was called with tensors on "
+                                   f"{q.device}: move the compiled module there first (`.to({str(q.device)!r})`)")
+        if attn_mask is not None and attn_mask.dim() < 4:
+            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        return attn_mask
 
     def _static_heads(self, q, k, v, attn_mask, scale, q_offset, softcap, sinks, needs_grad) -> torch.Tensor:
         """The heads with static patterns: the mask and the plan are cached per length and call shape."""

@@ -14,7 +14,7 @@ import torch
 from sparsify.backends import backend_class, backend_names, get_backend
 from sparsify.runtime import RuntimeBlockMask
 
-from backend_helpers import (HAS_CUDA, assert_close, load_triton_kernels, mask_reference, random_attn_mask,
+from backend_helpers import (HAS_CUDA, load_triton_kernels, mask_reference, random_attn_mask,
                              random_runtime_mask, rel_err)
 
 load_triton_kernels()  # interpreted on CPU without CUDA
