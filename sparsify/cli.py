@@ -259,21 +259,43 @@ def command_export(args: argparse.Namespace) -> int:
     if args.check and importlib.util.find_spec("onnxruntime") is None:
         raise SystemExit("--check needs onnxruntime: pip install 'sparsify-attention[onnx]' (or leave out --check)")
     _check_output_path(args.out, "--out")
+    lengths = args.lengths if args.lengths in ("auto", "any", "fixed") else _export_lengths(args.lengths)
     options = _options_from(args, ["backend"])
     check_backend_available(options.backend)
     model, example_inputs = load_factory(args.model)
     compiled = sparsify.compile(model, strategy=args.strategy, example_inputs=example_inputs, options=options)
-    result = export_onnx(compiled, example_inputs, args.out, opset=args.opset)
+    result = export_onnx(compiled, example_inputs, args.out, opset=args.opset, lengths=lengths,
+                         max_seq_len=args.max_seq_len)
     batch = "batch dynamic" if result.dynamic_batch else "batch fixed"
-    print(f"wrote {result.path} (opset {result.opset}): {result.sparse_sites} sparse / {result.dense_sites} dense "
-          f"site(s); inputs {', '.join(result.input_names)} ({batch}); outputs {', '.join(result.output_names)}")
-    if result.seq_lengths:
-        lengths = sorted({f"{q}x{k}" for q, k in result.seq_lengths.values()})
-        print(f"sequence length fixed at export: {', '.join(lengths)} (q x k); export again for another length")
+    print(f"wrote {result.path} (opset {result.opset}, {result.dtype}): {result.sparse_sites} sparse / "
+          f"{result.dense_sites} dense site(s), {result.attention_ops} ONNX Attention node(s); inputs "
+          f"{', '.join(result.input_names)} ({batch}); outputs {', '.join(result.output_names)}")
+    if result.lengths == "any":
+        print(f"serves any sequence length up to {result.max_seq_len}")
+    elif result.lengths == "listed":
+        print(f"serves the lengths {', '.join(f'{q}x{k}' for q, k in result.listed_lengths)} (q x k)")
+    else:
+        fixed = sorted({f"{q}x{k}" for q, k in result.seq_lengths.values()}) or ["the example's"]
+        print(f"sequence length fixed at export: {', '.join(fixed)} (q x k)")
+    for site, why in result.pinned_sites.items():
+        print(f"  site {site} pins the length: {why}")
     if args.check:
         error = _onnxruntime_error(compiled, example_inputs, result)
         print(f"onnxruntime (CPU) vs compiled PyTorch: max relative error {error:.2e}")
     return 0
+
+
+def _export_lengths(text: str) -> list:
+    """``--lengths 512,1024`` or ``--lengths 64x512`` as export_onnx's list (ints, or (q_len, k_len) pairs)."""
+    lengths = []
+    for entry in text.split(","):
+        parts = entry.strip().lower().split("x")
+        if not all(part.strip().isdigit() for part in parts) or len(parts) > 2:
+            raise SystemExit(f"--lengths: {entry!r} is not a length (512) or a q x k pair (64x512); give auto, any, "
+                             f"fixed or a comma-separated list such as 512,1024")
+        values = [int(part) for part in parts]
+        lengths.append(values[0] if len(values) == 1 else tuple(values))
+    return lengths
 
 
 def _onnxruntime_error(compiled, example_inputs, result) -> float:
@@ -506,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="where to write the profile (default hardware_profile.json)")
     calibrate_parser.set_defaults(handler=command_calibrate)
 
-    from sparsify.export import MIN_OPSET
+    from sparsify.export import DEFAULT_MAX_SEQ_LEN, MIN_OPSET
     bench = commands.add_parser("bench", help="time the original and the sparsified model end to end on this device")
     bench.add_argument("--model", required=True, help="package.module:factory returning (model, example_inputs)")
     bench.add_argument("--strategy", required=True, help="strategy JSON file")
@@ -529,6 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the .onnx file to write")
     _add_option(export, "backend", str)
     export.add_argument("--opset", type=int, default=None, help=f"ONNX opset (>= {MIN_OPSET}; default: exporter's)")
+    export.add_argument("--lengths", default="auto",
+                        help="auto (any length unless a site's pattern pins it), any, fixed (the example's), or a "
+                             "comma-separated list of lengths to serve (512,1024 or 64x512 pairs)")
+    export.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
+                        help=f"longest length an any-length file serves (default {DEFAULT_MAX_SEQ_LEN})")
     export.add_argument("--check", action="store_true", help="run the file in onnxruntime and compare outputs")
     export.set_defaults(handler=command_export)
 

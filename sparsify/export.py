@@ -1,41 +1,44 @@
-"""ONNX export of a compiled model: sparse attention in standard ONNX ops, run by any ONNX runtime.
+"""ONNX export of a compiled model: sparse attention in standard ONNX ops, at any sequence length.
 
 `export_onnx(compiled, example_inputs, path)` writes the rewritten graph of a `SparsifiedModule`
 as an ONNX model that onnxruntime (or any runtime) runs *sparse*, not masked:
 
-* every `SparseAttention` site becomes a block gather. Rows are (sparse head, query block)
-  pairs; rows are grouped by how many key blocks they keep (at most 4 groups, chosen to
-  minimise padded work) and cut into cache-sized chunks. Per chunk: one ``Gather`` of the kept
-  key blocks on a constant index tensor into ``[batch, rows, kept * block, head_dim]``, then
-  ``MatMul → (Add bias) → Softmax → MatMul`` with the ``Gather``-ed value blocks. Block tables
-  are initializers; the bias (``-inf`` on padding slots of rows narrower than their group, keys
-  past the end in the partial last block, the causal triangle of diagonal blocks) exists only
-  where needed and is built in the graph from small boolean constants, so the file stays small
-  and the runtime folds it once at session start. Dense heads of a site run plain
-  ``MatMul → Softmax → MatMul``. The work per call is proportional to the kept blocks, which is
-  where the speedup comes from (about 0.9 of ``1 / density`` on one CPU thread, see
-  ``benchmarks/onnx_bench.py``).
-* canonical dense sites (``torch.ops.sparsify.attention``) become ``MatMul → Softmax → MatMul``.
+* every `SparseAttention` site becomes a block gather (`sparsify.onnx_lowering.BlockGatherAttention`):
+  per (sparse head, query block) row, a ``Gather`` of its kept key/value blocks, then
+  ``MatMul → (bias) → Softmax → MatMul`` over those blocks only, so the work per call is
+  proportional to the kept blocks (measured 0.6-0.85 of ``1 / density`` at 12-25% density on
+  onnxruntime's CPU provider, any-length files 1.1-1.3x the fixed-length ones' time; see
+  ``benchmarks/onnx_bench.py`` and ``benchmarks/NOTES.md``). Dense heads of a site and canonical dense sites become ONNX's
+  ``Attention`` op when the opset has it (``opset >= 23``), else ``MatMul → Softmax → MatMul``;
+  skipped heads are zeros.
+* **Sequence length.** With ``lengths="auto"`` (the default) one file serves every length up to
+  ``max_seq_len`` whenever each sparse site allows it: the kept blocks are computed in the graph
+  from the run-time length, each head pattern lowered by its own `Pattern.traced_block_mask`
+  (dense, skip, sliding window, sinks, A-shape, last tokens, multi-diagonal, strided,
+  power-of-two, radial, vertical stripes, vertical-slash, and their unions and intersections).
+  A pattern that only exists as a table (`block_top_k`) pins the length: its site is named
+  with the reason (`OnnxExport.pinned_sites`, a logged warning) and the file serves the
+  example's length only, as with ``lengths="fixed"``. ``lengths="any"`` refuses to pin;
+  ``lengths=[512, 1024, ...]`` serves exactly the listed lengths (pinned sites carry tables for
+  each, picked in the graph by the run-time length). Batch is dynamic either way.
+* **Precision.** The graph runs in the dtype the compiled module runs in: float32, float16,
+  bfloat16 or float64 (other dtypes are refused before any work; ``dtype=`` checks the one
+  expected). onnxruntime's CPU provider runs float16;
+  it has no bfloat16 kernels for MatMul, Softmax or Attention (onnxruntime 1.32), so a bfloat16
+  file needs a provider that has them (CUDA).
+* **Refused before any work:** input-adaptive heads (`Pattern.is_adaptive`: their blocks are
+  estimated per input, which has no standard-op lowering here), naming the site and head; search
+  with ``adaptive=False`` for a strategy to export. Softcap and learned sinks are lowered.
 
 The graph holds standard ONNX domains only (checked after export), so nothing custom needs to
-be registered in the runtime.
-
-Sequence length is fixed at export, batch is dynamic. The block tables are a function of the
-sequence length computed by pattern code (unions, static top-k tables from a profile, ...), not
-by a closed formula, so computing them in-graph would mean an ONNX lowering per pattern and
-data-dependent shapes (``NonZero``) that the runtime re-plans at every call; as constants they
-cost nothing at run time. The exported inputs therefore carry static sequence dimensions and
-onnxruntime refuses another length with "Got invalid dimensions for input ...". Export once per
-deployed length (typical for DiT/video models, whose token count is fixed by the resolution).
-``dynamic_seq=True`` is accepted only for models whose sites are all dense.
-
-The exporter is ``torch.onnx.export(..., dynamo=True)`` (it needs ``onnxscript``): the
-TorchScript exporter bakes the captured graph's symbolic sizes (``sym_size``) into constants,
-so batch would not stay dynamic.
+be registered in the runtime. The exporter is ``torch.onnx.export(..., dynamo=True)`` (it needs
+``onnxscript``): the TorchScript exporter bakes the captured graph's symbolic sizes into
+constants, so neither batch nor length would stay dynamic.
 
 Example:
     >>> compiled = sparsify.compile(model, strategy=strategy, example_inputs=inputs)  # doctest: +SKIP
-    >>> sparsify.export_onnx(compiled, inputs, "model.onnx")                        # doctest: +SKIP
+    >>> sparsify.export_onnx(compiled, inputs, "model.onnx").lengths                # doctest: +SKIP
+    'any'
 """
 
 from __future__ import annotations
@@ -44,25 +47,37 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import os
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 
 from sparsify.capture import normalize_inputs
 from sparsify.errors import SparsifyError, UnsupportedError
 from sparsify.io import atomic_paths
+from sparsify.onnx_lowering import (
+    ATTENTION_OPSET,
+    BlockGatherAttention,
+    LoweringRequest,
+    attention_op_lowering,
+    check_traced_tables,
+    dense_attention_lowering,
+)
+from sparsify.patterns import DEFAULT_MAX_TRACED_LEN
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ATTENTION_OPSET",
+    "DEFAULT_MAX_SEQ_LEN",
+    "EXPORT_DTYPES",
     "MIN_OPSET",
     "BlockGatherAttention",
+    "LoweringRequest",
     "OnnxExport",
+    "attention_op_lowering",
     "dense_attention_lowering",
     "export_onnx",
     "onnx_lowerings",
@@ -73,372 +88,23 @@ __all__ = [
 #: torchlib) emits opset-18 forms (``Split`` with ``num_outputs``, ``ReduceMax`` with axes as an
 #: input); at opset 17 the exported model fails the checker.
 MIN_OPSET = 18
+#: Longest query/key length an any-length export serves by default (``max_seq_len``).
+DEFAULT_MAX_SEQ_LEN = DEFAULT_MAX_TRACED_LEN
+#: The dtypes an exported graph may compute in; anything else is refused before the export starts.
+EXPORT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _CANONICAL = "sparsify.attention"
 _STANDARD_DOMAINS = ("", "ai.onnx")
-
-
-# ----------------------------------------------------------------------------------------------
-# Lowerings: export-friendly attention in plain torch ops
-
-
-def dense_attention_lowering(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                             is_causal: bool, scale: float | None) -> torch.Tensor:
-    """``torch.ops.sparsify.attention`` as ``MatMul → (mask) → Softmax → MatMul`` (exports to plain ONNX).
-
-    Example:
-        >>> q = torch.randn(1, 2, 8, 4)
-        >>> out = dense_attention_lowering(q, q, q, None, True, None)
-        >>> torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True), atol=1e-6)
-        True
-    """
-    if k.shape[1] != q.shape[1]:
-        group = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q * scale, k.transpose(-2, -1))
-    visible = None
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        visible = attn_mask
-    elif attn_mask is not None:
-        scores = scores + attn_mask.to(scores.dtype)
-    if is_causal:
-        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        visible = causal if visible is None else visible & causal
-    if visible is None:
-        return torch.matmul(torch.softmax(scores, dim=-1), v)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    output = torch.matmul(torch.softmax(scores, dim=-1), v)
-    # As F.scaled_dot_product_attention: a query that sees no key gives zeros (softmax gave NaN).
-    return torch.where(visible.any(-1, keepdim=True), output, 0.0)
-
-
-class BlockGatherAttention(torch.nn.Module):
-    """One `SparseAttention` site on fixed lengths, in export-friendly torch ops.
-
-    Sparse heads gather their kept key/value blocks (constant indices), compute
-    ``[batch, heads, q_blocks, block, width * block]`` scores against them, add a constant
-    structural bias (padding slots, partial last block, causal diagonal) and the user's mask
-    gathered tile by tile, then softmax and a second matmul. ``width`` is the widest row of
-    the site after dropping blocks a causal mask hides; narrower rows are padded and masked.
-    Dense heads run `dense_attention_lowering`. Equal to ``SparseAttention.forward`` on inputs
-    of these lengths (rows whose keys are all masked give zeros, as the torch backend does).
-
-    Example:
-        >>> from sparsify import patterns
-        >>> from sparsify.runtime.site import SparseAttention
-        >>> from sparsify.site import AttentionSite
-        >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=16, q_len=128, k_len=128)
-        >>> layer = SparseAttention(site, [patterns.dense(), patterns.sliding_window(32)], block_size=32)
-        >>> lowered = BlockGatherAttention(layer, 128, 128)
-        >>> q = torch.randn(1, 2, 128, 16)
-        >>> torch.allclose(lowered(q, q, q, None, False, None), layer(q, q, q, None, False, None), atol=1e-5)
-        True
-    """
-
-    def __init__(self, module: torch.nn.Module, q_len: int, k_len: int, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        site = module.site
-        bs = module.block_size
-        self.site_name = site.name
-        self.q_len, self.k_len, self.block = q_len, k_len, bs
-        self.q_blocks, self.k_blocks = -(-q_len // bs), -(-k_len // bs)
-        self.num_heads, self.num_kv_heads = site.num_heads, site.num_kv_heads
-        dense = module.dense_heads.detach().cpu().long()
-        sparse = module.sparse_heads.detach().cpu().long()
-        skipped = getattr(module, "skipped_heads", torch.zeros(0, dtype=torch.long)).detach().cpu().long()
-        self.skipped_count = skipped.numel()
-        self.has_dense = dense.numel() > 0
-        self.has_sparse = sparse.numel() > 0
-        self.all_sparse = bool(torch.equal(sparse, torch.arange(site.num_heads)))
-        self.register_buffer("dense_heads", dense.clone(), persistent=False)
-        self.register_buffer("dense_kv_heads", module.dense_kv_heads.detach().cpu().long().clone(), persistent=False)
-        self.register_buffer("sparse_heads", sparse.clone(), persistent=False)
-        # Output heads come as [dense..., sparse..., skipped...]; this gathers them back into head order.
-        order = torch.cat([dense, sparse, skipped])
-        self.identity_order = bool(torch.equal(order, torch.arange(order.numel())))
-        self.register_buffer("head_order", torch.argsort(order), persistent=False)
-        self.width = 1
-        if self.has_sparse:
-            self._init_tables(module.runtime_mask(q_len, k_len, torch.device("cpu")), dtype)
-
-    def _init_tables(self, mask, dtype: torch.dtype) -> None:
-        bs, q_blocks, k_blocks = self.block, self.q_blocks, self.k_blocks
-        counts, indices = mask.merged()     # kept blocks (causal-hidden ones already dropped), ascending
-        indices, counts = indices[0].long(), counts[0].long()
-        kv_head = mask.kv_head_index.detach().cpu().long()
-        heads, _, max_kept = indices.shape
-        valid = torch.arange(max_kept) < counts.unsqueeze(-1)
-        # Rows are (sparse head, query block) pairs, flattened; real slots first, ascending.
-        rows_total = heads * q_blocks
-        kept = valid.sum(-1).reshape(rows_total)
-        width = max(int(kept.max()), 1)
-        order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-        blocks = indices.gather(-1, order).reshape(rows_total, width)
-        slot_valid = torch.arange(width) < kept.unsqueeze(-1)                  # [R, W]
-        blocks = torch.where(slot_valid, blocks, blocks[:, :1]).clamp(0, k_blocks - 1)
-        row_head = torch.arange(rows_total) // q_blocks
-        row_query_block = torch.arange(rows_total) % q_blocks
-        tail = self.k_len - (k_blocks - 1) * bs                 # keys in the last key block
-        self.width = width
-        self.sparse_count = heads
-        self.groups: list[_RowGroup] = []
-        chunks = []
-        for rows, group_width in _group_rows(kept.clamp(min=1)):
-            # Chunks of rows whose scores fit in cache (per batch item): the runtime runs them one
-            # after the other, so gathered K/V and scores of a chunk stay in cache between ops.
-            per_chunk = max(1, CHUNK_BYTES // (bs * group_width * bs * 4))
-            chunks += [(rows[i:i + per_chunk], group_width) for i in range(0, len(rows), per_chunk)]
-        for index, (rows, group_width) in enumerate(chunks):
-            b = blocks[rows, :group_width]
-            valid_g = slot_valid[rows, :group_width]
-            head, query_block = row_head[rows], row_query_block[rows]
-            partial = valid_g & (b == k_blocks - 1) if tail < bs else torch.zeros_like(valid_g)
-            diagonal = valid_g & (b == query_block.unsqueeze(-1)) if mask.causal else torch.zeros_like(valid_g)
-            group = _RowGroup(index=index, rows=len(rows), width=group_width,
-                              all_rows=len(rows) == rows_total and bool(torch.equal(rows, torch.arange(rows_total))),
-                              has_padding=not bool(valid_g.all()), has_partial=bool(partial.any()),
-                              has_diagonal=bool(diagonal.any()))
-            self.groups.append(group)
-            shape = (len(rows), 1, group_width, 1)
-            buffers = {
-                "rows": rows,                                                   # query rows (also per-head mask rows)
-                "kv": (kv_head[head].unsqueeze(-1) * k_blocks + b).reshape(-1),  # flat K/V blocks of each slot
-                "mask_keys": b.reshape(-1),                                     # user-mask gathers, shared by heads
-                "mask_keys_head": (head.unsqueeze(-1) * k_blocks + b).reshape(-1),   # ... or one per head
-                "mask_tiles": (query_block.unsqueeze(-1) * k_blocks + b).reshape(-1),
-                "mask_tiles_head": (rows.unsqueeze(-1) * k_blocks + b).reshape(-1),
-                "query_blocks": query_block,
-                "heads": head,
-                "padding": (~valid_g).view(shape),
-                "partial": partial.view(shape),
-                "diagonal": diagonal.view(shape),
-            }
-            for name, value in buffers.items():
-                self.register_buffer(f"group{index}_{name}", value.contiguous(), persistent=False)
-        row_order = torch.cat([getattr(self, f"group{g.index}_rows") for g in self.groups])
-        self.identity_rows = bool(torch.equal(row_order, torch.arange(rows_total)))
-        self.register_buffer("row_inverse", torch.argsort(row_order), persistent=False)
-        self.register_buffer("tail_columns", (torch.arange(bs) >= tail).view(1, 1, bs), persistent=False)
-        self.register_buffer("upper_triangle", torch.ones(bs, bs, dtype=torch.bool).triu(1).view(bs, 1, bs),
-                             persistent=False)
-        # Rows that keep no visible block at all (possible only under causal) give zeros.
-        alive = (kept > 0).view(heads, q_blocks)
-        self.has_dead_rows = not bool(alive.all())
-        self.register_buffer("alive_rows", alive.repeat_interleave(bs, 1)[:, : self.q_len].unsqueeze(-1),
-                             persistent=False)
-
-    def _buffer(self, group: "_RowGroup", name: str) -> torch.Tensor:
-        return getattr(self, f"group{group.index}_{name}")
-
-    def extra_repr(self) -> str:
-        groups = ", ".join(f"{g.rows}x{g.width}" for g in self.groups)
-        return (f"site={self.site_name!r}, q_len={self.q_len}, k_len={self.k_len}, block={self.block}, "
-                f"row groups (rows x kept blocks)=[{groups}], sparse_heads={self.sparse_heads.numel()}, "
-                f"dense_heads={self.dense_heads.numel()}")
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                is_causal: bool, scale: float | None) -> torch.Tensor:
-        if not self.has_sparse and not self.skipped_count:
-            return dense_attention_lowering(q, k, v, attn_mask, is_causal, scale)
-        if attn_mask is not None and attn_mask.dim() < 4:
-            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-        outputs = []
-        if self.has_dense:
-            dense_mask = attn_mask
-            if attn_mask is not None and attn_mask.shape[1] > 1:
-                dense_mask = attn_mask.index_select(1, self.dense_heads)
-            outputs.append(dense_attention_lowering(q.index_select(1, self.dense_heads),
-                                                    k.index_select(1, self.dense_kv_heads),
-                                                    v.index_select(1, self.dense_kv_heads), dense_mask, is_causal, scale))
-        if self.has_sparse:
-            outputs.append(self._sparse(q, k, v, attn_mask, scale))
-        if self.skipped_count:  # a skipped head contributes zeros
-            outputs.append(torch.zeros((q.shape[0], self.skipped_count, q.shape[2], v.shape[-1]), dtype=q.dtype,
-                                       device=q.device))
-        output = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-        if not self.identity_order:
-            output = output.index_select(1, self.head_order)
-        return output
-
-    def _structural_bias(self, group: "_RowGroup", dtype: torch.dtype) -> torch.Tensor | None:
-        """``-inf`` where the tables hide a key, else 0: ``[rows, bs|1, W * bs]`` (``None``: nothing hidden).
-
-        Built in the graph from small boolean factors (padding slots | keys past ``k_len`` in the
-        partial last block | the causal triangle of diagonal blocks), so the file stays small;
-        the runtime folds it into one constant at session start.
-        """
-        masked = None
-        for present, term in ((group.has_padding, lambda: self._buffer(group, "padding")),
-                              (group.has_partial, lambda: self._buffer(group, "partial") & self.tail_columns),
-                              (group.has_diagonal, lambda: self._buffer(group, "diagonal") & self.upper_triangle)):
-            if present:
-                masked = term() if masked is None else masked | term()
-        if masked is None:
-            return None
-        bs = self.block
-        # Without the causal triangle the mask does not vary along a block's queries.
-        query_rows = bs if group.has_diagonal else 1
-        masked = masked.expand(group.rows, query_rows, group.width, bs).reshape(group.rows, query_rows, group.width * bs)
-        return torch.where(masked, float("-inf"), 0.0).to(dtype)
-
-    def _sparse(self, q, k, v, attn_mask, scale) -> torch.Tensor:
-        heads, bs = self.sparse_count, self.block
-        q_blocks, k_blocks = self.q_blocks, self.k_blocks
-        head_dim, value_dim = q.shape[-1], v.shape[-1]
-        if scale is None:
-            scale = 1.0 / math.sqrt(head_dim)
-        qs = q if self.all_sparse else q.index_select(1, self.sparse_heads)
-        if q_blocks * bs != self.q_len:
-            qs = F.pad(qs, (0, 0, 0, q_blocks * bs - self.q_len))
-        qs = qs.reshape(-1, heads * q_blocks, bs, head_dim)
-        if k_blocks * bs != self.k_len:
-            k = F.pad(k, (0, 0, 0, k_blocks * bs - self.k_len))
-            v = F.pad(v, (0, 0, 0, k_blocks * bs - self.k_len))
-        kb = k.reshape(-1, self.num_kv_heads * k_blocks, bs, head_dim)
-        vb = v.reshape(-1, self.num_kv_heads * k_blocks, bs, value_dim)
-        mask = self._prepare_mask(attn_mask, q.dtype) if attn_mask is not None else None
-        outputs = []
-        for group in self.groups:
-            kv = self._buffer(group, "kv")
-            q_group = qs if group.all_rows else qs.index_select(1, self._buffer(group, "rows"))
-            keys = kb.index_select(1, kv).reshape(-1, group.rows, group.width * bs, head_dim)
-            # The scale right before the MatMul: onnxruntime folds it in (FusedMatMul alpha).
-            scores = torch.matmul(q_group * scale, keys.transpose(-2, -1))       # [B, rows, bs, W*bs]
-            bias = self._structural_bias(group, scores.dtype)
-            if bias is not None:
-                scores = scores + bias
-            dead = None
-            if mask is not None:
-                scores = scores + self._mask_tiles(mask, group)
-                # Rows the user's mask leaves without a visible key give zeros (torch backend
-                # semantics); their softmax is NaN, which the Where below drops.
-                dead = scores.amax(-1, keepdim=True) == float("-inf")
-            probs = torch.softmax(scores, dim=-1)
-            values = vb.index_select(1, kv).reshape(-1, group.rows, group.width * bs, value_dim)
-            out = torch.matmul(probs, values)                                      # [B, rows, bs, Dv]
-            if dead is not None:
-                out = torch.where(dead, 0.0, out)
-            outputs.append(out)
-        out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-        if not self.identity_rows:
-            out = out.index_select(1, self.row_inverse)
-        out = out.reshape(-1, heads, q_blocks * bs, value_dim)
-        if q_blocks * bs != self.q_len:
-            out = out[:, :, : self.q_len]
-        if self.has_dead_rows:
-            out = torch.where(self.alive_rows, out, 0.0)
-        return out
-
-    def _prepare_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool, bool, bool]:
-        """The user's mask as an additive bias, padded to whole blocks, and how it varies."""
-        bs, q_blocks, k_blocks = self.block, self.q_blocks, self.k_blocks
-        if mask.dtype == torch.bool:
-            mask = torch.where(mask, 0.0, float("-inf")).to(dtype)
-        else:
-            mask = mask.to(dtype)
-        per_head = mask.shape[1] > 1
-        if per_head and not self.all_sparse:
-            mask = mask.index_select(1, self.sparse_heads)
-        mask_heads = self.sparse_count if per_head else 1
-        along_q, along_k = mask.shape[2] > 1, mask.shape[3] > 1
-        if along_q and q_blocks * bs != self.q_len:
-            mask = F.pad(mask, (0, 0, 0, q_blocks * bs - self.q_len))
-        if along_k and k_blocks * bs != self.k_len:
-            mask = F.pad(mask, (0, k_blocks * bs - self.k_len))
-        if along_q and along_k:       # tiles [B, heads * q_blocks * k_blocks, bs, bs]
-            mask = mask.reshape(-1, mask_heads, q_blocks, bs, k_blocks, bs).transpose(3, 4)
-            mask = mask.reshape(-1, mask_heads * q_blocks * k_blocks, bs, bs)
-        elif along_k:                 # key blocks [B, heads * k_blocks, bs]
-            mask = mask.reshape(-1, mask_heads * k_blocks, bs)
-        elif along_q:                 # query blocks [B, heads * q_blocks, bs, 1]
-            mask = mask.reshape(-1, mask_heads * q_blocks, bs, 1)
-        else:                         # [B, heads, 1, 1]
-            mask = mask.reshape(-1, mask_heads, 1, 1)
-        return mask, per_head, along_q, along_k
-
-    def _mask_tiles(self, prepared, group: "_RowGroup") -> torch.Tensor:
-        """The user's mask for this group's rows and slots, broadcastable to ``[B, rows, bs, W*bs]``."""
-        mask, per_head, along_q, along_k = prepared
-        bs = self.block
-        if along_q and along_k:
-            index = self._buffer(group, "mask_tiles_head" if per_head else "mask_tiles")
-            tiles = mask.index_select(1, index).reshape(-1, group.rows, group.width, bs, bs)
-            return tiles.transpose(2, 3).reshape(-1, group.rows, bs, group.width * bs)
-        if along_k:
-            index = self._buffer(group, "mask_keys_head" if per_head else "mask_keys")
-            return mask.index_select(1, index).reshape(-1, group.rows, 1, group.width * bs)
-        if along_q:
-            return mask.index_select(1, self._buffer(group, "rows" if per_head else "query_blocks"))
-        return mask.index_select(1, self._buffer(group, "heads")) if per_head else mask
-
-
-@dataclasses.dataclass(frozen=True)
-class _RowGroup:
-    """Rows (sparse head, query block) computed together, each with ``width`` key-block slots."""
-
-    index: int
-    rows: int
-    width: int
-    all_rows: bool        # every row of the site, in order: no gather of queries needed
-    has_padding: bool     # some rows keep fewer than ``width`` blocks
-    has_partial: bool     # some slot is the partial last key block
-    has_diagonal: bool    # some slot is a diagonal block under causal
-
-
-#: Scores bytes (per batch item) of one chunk of rows. onnxruntime runs the chunks' ops one
-#: after the other, so a chunk's gathered K/V and scores stay in cache from op to op; at S=4096
-#: and 12% density on one CPU thread this took the sparse model from 74 to 54 ms.
-CHUNK_BYTES = 2 << 20
-#: Row groups per site at most; splitting off a group costs a gather of its queries and outputs.
-MAX_ROW_GROUPS = 4
-_GROUP_OVERHEAD = 0.03     # fraction of the site's work one more group must save...
-_GROUP_OVERHEAD_SLOTS = 256  # ...and at least this many (row, key block) slots: small sites stay whole
-_PADDING_COST = 0.15       # extra cost of a group whose rows differ in width (a bias Add over its scores)
-
-
-def _group_rows(widths: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-    """Split rows into at most `MAX_ROW_GROUPS` groups of similar width, minimising padded work.
-
-    Rows sorted by width (widest first) are cut into contiguous segments by dynamic
-    programming; a segment costs ``rows * widest`` (padded slots are computed and masked),
-    plus `_PADDING_COST` when its widths differ, plus `_GROUP_OVERHEAD` of the total (at least
-    `_GROUP_OVERHEAD_SLOTS`) per extra group. Each group's rows are returned in ascending order, with the group's width.
-    """
-    distinct = torch.unique(widths).flip(0).tolist()           # widest first
-    count = [int((widths == w).sum()) for w in distinct]
-    n = len(distinct)
-    total = sum(count) * distinct[0]
-
-    def cost(i: int, j: int) -> float:        # segment distinct[i..j], inclusive
-        work = sum(count[i:j + 1]) * distinct[i]
-        return work * (1 + _PADDING_COST * (i != j))
-
-    best = {(0, 0): (0.0, [])}                # (distinct widths used, groups) -> (cost, cuts)
-    for groups in range(1, MAX_ROW_GROUPS + 1):
-        for end in range(1, n + 1):
-            options = [(best[(start, groups - 1)][0] + cost(start, end - 1), best[(start, groups - 1)][1] + [end])
-                       for start in range(0, end) if (start, groups - 1) in best]
-            if options:
-                best[(end, groups)] = min(options)
-    overhead = max(_GROUP_OVERHEAD * total, _GROUP_OVERHEAD_SLOTS)
-    choice = min((best[(n, g)][0] + overhead * (g - 1), best[(n, g)][1])
-                 for g in range(1, MAX_ROW_GROUPS + 1) if (n, g) in best)
-    groups, start = [], 0
-    for end in choice[1]:
-        members = torch.nonzero((widths <= distinct[start]) & (widths >= distinct[end - 1])).flatten()
-        groups.append((members, distinct[start]))
-        start = end
-    return groups
+_LENGTH_CHOICES = ("auto", "any", "fixed")
 
 
 # ----------------------------------------------------------------------------------------------
 # Registry: ONNX lowerings by name; each backend declares the one that reproduces it
 
-#: ``lowering(sparse_attention_module, q_len, k_len, dtype) -> nn.Module`` with the same call
-#: signature as `SparseAttention`, built from plain torch ops that export to standard ONNX.
-Lowering = Callable[[torch.nn.Module, int, int, torch.dtype], torch.nn.Module]
+#: ``lowering(sparse_attention_module, request: LoweringRequest) -> nn.Module`` with the call
+#: signature of `SparseAttention`, built from plain torch ops that export to standard ONNX; the
+#: request says which lengths its block tables serve, the dtype, and whether dense heads may use
+#: ONNX's ``Attention`` op.
+Lowering = Callable[[torch.nn.Module, LoweringRequest], torch.nn.Module]
 _LOWERINGS: dict[str, Lowering] = {}
 #: The lowering of sites compiled with ``backend="auto"``: every auto candidate computes what the
 #: runtime mask describes (each is tested against the torch reference).
@@ -450,8 +116,8 @@ def register_onnx_lowering(name: str) -> Callable[[Lowering], Lowering]:
 
     Example:
         >>> @register_onnx_lowering("my_kernel_lowering")        # doctest: +SKIP
-        ... def lower(module, q_len, k_len, dtype):
-        ...     return BlockGatherAttention(module, q_len, k_len, dtype)
+        ... def lower(module, request):
+        ...     return BlockGatherAttention(module, request)
     """
 
     def decorate(lowering: Lowering) -> Lowering:
@@ -464,7 +130,12 @@ def register_onnx_lowering(name: str) -> Callable[[Lowering], Lowering]:
 
 
 def onnx_lowerings() -> list[str]:
-    """Names of the registered ONNX lowerings."""
+    """Names of the registered ONNX lowerings.
+
+    Example:
+        >>> "block_gather" in onnx_lowerings()
+        True
+    """
     return sorted(_LOWERINGS)
 
 
@@ -493,7 +164,16 @@ register_onnx_lowering("block_gather")(BlockGatherAttention)
 
 @dataclasses.dataclass
 class OnnxExport:
-    """What `export_onnx` wrote: the file, its interface and the lengths it is fixed to."""
+    """What `export_onnx` wrote: the file, its interface and the lengths it serves.
+
+    Attributes:
+        lengths: ``"any"`` (every length up to ``max_seq_len``), ``"fixed"`` (the example's) or
+            ``"listed"`` (``listed_lengths``).
+        seq_lengths: per sparse site fixed to one length, its ``(q_len, k_len)``.
+        pinned_sites: per site whose patterns cannot serve any length, why (its pattern's
+            `Pattern.fixed_length_reason`).
+        attention_ops: ONNX ``Attention`` nodes in the graph (dense attention at opset >= 23).
+    """
 
     path: pathlib.Path
     opset: int
@@ -502,7 +182,13 @@ class OnnxExport:
     dynamic_batch: bool                       # False only when the compiled graph fixed the batch size
     sparse_sites: int
     dense_sites: int
-    seq_lengths: dict[str, tuple[int, int]]   # per sparse site: (q_len, k_len) the tables are built for
+    seq_lengths: dict[str, tuple[int, int]]
+    lengths: str = "fixed"
+    listed_lengths: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    max_seq_len: int | None = None
+    pinned_sites: dict[str, str] = dataclasses.field(default_factory=dict)
+    dtype: str = "float32"
+    attention_ops: int = 0
 
 
 class _ExportWrapper(torch.nn.Module):
@@ -527,30 +213,44 @@ class _ExportWrapper(torch.nn.Module):
 
 
 def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.PathLike, *,
-                opset: int | None = None, dynamic_seq: bool = False) -> OnnxExport:
+                opset: int | None = None, lengths: str | Sequence[int | tuple[int, int]] = "auto",
+                max_seq_len: int = DEFAULT_MAX_SEQ_LEN, dtype: torch.dtype | str | None = None) -> OnnxExport:
     """Write ``compiled`` (a `sparsify.compile` result) as an ONNX model at ``path``.
 
-    Sparse sites are lowered to a block gather of the kept key/value blocks (standard ONNX ops,
-    block tables as initializers), dense sites to ``MatMul → Softmax → MatMul``. The batch
-    dimension is dynamic; the sequence length is fixed to the one of ``example_inputs`` (see the
-    module docstring for why; onnxruntime rejects other lengths). The model is checked with
-    ``onnx.checker`` and must hold only standard ONNX domains.
+    Sparse sites become a block gather of their kept key/value blocks, dense attention ONNX's
+    ``Attention`` (``opset >= 23``) or ``MatMul → Softmax → MatMul``; batch is dynamic, and the
+    sequence length as ``lengths`` says (see the module docstring). The model is checked with
+    ``onnx.checker`` and must hold only standard ONNX domains. Bad arguments (opset, lengths,
+    dtype, a backend without lowering) are refused before any work.
 
     Args:
         compiled: the `SparsifiedModule` that `sparsify.compile` returned.
         example_inputs: inputs as the model is called (tensor, tuple of positional arguments or
-            dict of keyword arguments), at the sequence length to deploy.
+            dict of keyword arguments); ``"fixed"`` files serve their length only.
         path: the ``.onnx`` file to write.
-        opset: ONNX opset (default: the exporter's; at least `MIN_OPSET`).
-        dynamic_seq: make sequence dimensions dynamic; only for models without sparse sites.
+        opset: ONNX opset (default: the exporter's, 18; at least `MIN_OPSET`; 23 or newer writes
+            dense attention as ``Attention``).
+        lengths: ``"auto"`` (any length unless a site pins it), ``"any"`` (any length, or fail
+            naming the sites that pin it), ``"fixed"`` (the example's length), or the lengths to
+            serve: ints (self-attention, ``q_len == k_len``) or ``(q_len, k_len)`` pairs; the
+            example's lengths are always served.
+        max_seq_len: the longest query or key length an any-length file must serve (radial and
+            power-of-two heads lower their distance octaves up to it).
+        dtype: the precision the file must compute in (``torch.float16``, ``"bfloat16"``, ...),
+            checked against the compiled module's; default: whatever the module computes in. The
+            graph computes in the compiled module's dtype: its captured graph fixes it (casts such
+            as ``to(torch.float32)`` are part of it), so for a float16 file compile the model in
+            float16 (``model.half()``).
 
     Returns:
-        an `OnnxExport` naming the file, its input/output names and the fixed lengths.
+        an `OnnxExport` naming the file, its inputs and outputs, the lengths it serves and why
+        sites pinned them.
 
     Example:
         >>> compiled = sparsify.compile(model, strategy=strategy, example_inputs=inputs)  # doctest: +SKIP
-        >>> export_onnx(compiled, inputs, "model.onnx").input_names                     # doctest: +SKIP
-        ['input_ids', 'attention_mask']
+        >>> result = export_onnx(compiled, inputs, "model.onnx", opset=23)               # doctest: +SKIP
+        >>> result.lengths, result.input_names                                           # doctest: +SKIP
+        ('any', ['input_ids', 'attention_mask'])
     """
     from sparsify.api import SparsifiedModule
     from sparsify.runtime.site import SparseAttention
@@ -563,35 +263,47 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
         )
     onnx = _import_onnx()
     opset = _check_opset(opset, onnx)
+    mode, declared = _check_lengths(lengths, max_seq_len)
+    target_dtype = _check_target_dtype(dtype)
     graph_module = compiled.graph_module
     sparse_modules = {name: module for name, module in graph_module.named_modules()
                       if isinstance(module, SparseAttention)}
     for name, module in sparse_modules.items():
         lowering = lowering_name(module.backend)
         if lowering not in _LOWERINGS:
-            declared = f"declares the lowering {lowering!r}, which is not registered" if lowering else "declares none"
+            declared_by = f"declares the lowering {lowering!r}, which is not registered" if lowering else "declares none"
             raise UnsupportedError(
                 f"site {module.site.name!r} ({name}) was compiled for backend {module.backend!r}, which has no ONNX "
-                f"lowering (it {declared}); backends that export: {', '.join(exporting_backends())}. Compile with "
+                f"lowering (it {declared_by}); backends that export: {', '.join(exporting_backends())}. Compile with "
                 f"backend='torch' for export, or register one with sparsify.export.register_onnx_lowering(name)"
             )
-    if dynamic_seq and sparse_modules:
+    _refuse_adaptive_heads(sparse_modules)
+    pinned = _pinned_sites(sparse_modules)
+    if mode == "any" and pinned:
         raise UnsupportedError(
-            f"dynamic_seq=True: {len(sparse_modules)} site(s) run sparse, and their block tables are fixed at export "
-            f"(they are initializers computed from the patterns for one length). Export once per sequence length, "
-            f"with example inputs of that length"
-        )
-
+            "export_onnx(lengths='any'): " + "; ".join(f"site {site!r} pins the length: {why}" for site, why in
+                                                      pinned.items())
+            + ". Export with lengths='fixed' (the example's length) or lengths=[...] (the lengths to serve)")
     args, kwargs = normalize_inputs(example_inputs)
     kwargs = {**compiled.fixed_kwargs, **kwargs}
-    lengths, example_output = _run_example(compiled, sparse_modules, args, kwargs)
+    site_calls, example_output = _run_example(compiled, sparse_modules, args, kwargs)
+    dtype = _check_dtypes(graph_module, site_calls, sparse_modules, target_dtype)
+    if mode == "auto":
+        mode = "fixed" if pinned else "any"
+        if pinned:
+            logger.warning("export_onnx: the sequence length is fixed to the example's: %s. Pass lengths=[...] to "
+                           "serve several lengths", "; ".join(f"site {s!r} pins it ({why})" for s, why in pinned.items()))
+    attention_op = opset is not None and opset >= ATTENTION_OPSET
+    requests = _lowering_requests(sparse_modules, site_calls, mode, declared, pinned, max_seq_len, attention_op)
 
-    export_module = _export_copy(graph_module, sparse_modules, lengths)
+    export_module = _export_copy(graph_module, sparse_modules, requests, attention_op)
+    _check_any_length_tables(export_module, sparse_modules, requests)
     slots, names, tensors = _tensor_inputs(graph_module, args, kwargs)
     if not tensors:
         raise SparsifyError("export_onnx: the example inputs hold no tensor")
     wrapper = _ExportWrapper(export_module, args, kwargs, slots).eval()
-    trace_tensors, dynamic_shapes = _dynamic_batch(tensors, dynamic_seq)
+    dynamic_length = mode != "fixed"
+    trace_tensors, dynamic_shapes = _dynamic_shapes(tensors, dynamic_length)
     dynamic_batch = True
     try:
         with torch.no_grad():
@@ -606,6 +318,8 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
             "for a dynamic batch.", tensors[0].shape[0], tensors[0].shape[0])
         dynamic_batch = False
         trace_tensors, dynamic_shapes = list(tensors), (tuple(None for _ in tensors),)
+        if dynamic_length:
+            trace_tensors, dynamic_shapes = _dynamic_shapes(tensors, dynamic_length, batch=False)
         with torch.no_grad():
             outputs = wrapper(*trace_tensors)
     output_names = _output_names(example_output, len(outputs))
@@ -613,12 +327,20 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
     program = _run_exporter(wrapper, tuple(trace_tensors), names, output_names, dynamic_shapes, opset)
     model = program.model_proto
     _check_standard(model, onnx)
-    seq_lengths = {sparse_modules[name].site.name: shape[:2] for name, shape in lengths.items()}
+    seq_lengths = {sparse_modules[name].site.name: (request.q_len, request.k_len)
+                   for name, request in requests.items() if request.tables == "fixed"}
+    listed = sorted({pair for request in requests.values() for pair in request.listed})
+    served = {"any": f"any (query and key lengths up to {max_seq_len})", "fixed": "fixed: "
+              + (", ".join(sorted({f"{q}x{k}" for q, k in seq_lengths.values()})) or "the example's"),
+              "listed": "listed: " + ", ".join(f"{q}x{k}" for q, k in listed)}[mode]
     metadata = {
         "sparsify.strategy": json.dumps(compiled.strategy.summary(), default=str),
+        "sparsify.lengths": served,
         "sparsify.fixed_lengths": json.dumps({site: list(l) for site, l in seq_lengths.items()}),
+        "sparsify.pinned_sites": json.dumps(pinned),
+        "sparsify.dtype": str(dtype).replace("torch.", ""),
         "sparsify.dynamic_axes": ("batch (dim 0 of every batched input)" if dynamic_batch else "none")
-                                 + (" and sequence" if dynamic_seq else ""),
+                                 + (" and sequence" if dynamic_length else ""),
     }
     for key, value in metadata.items():
         entry = model.metadata_props.add()
@@ -640,9 +362,12 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
     result = OnnxExport(path=path, opset=int(opset_used),
                         input_names=names, output_names=output_names, dynamic_batch=dynamic_batch,
                         sparse_sites=len(sparse_modules),
-                        dense_sites=len(compiled.sites) - len(sparse_modules), seq_lengths=seq_lengths)
-    logger.info("exported %s: %d sparse / %d dense site(s), opset %d, inputs %s", path, result.sparse_sites,
-                result.dense_sites, result.opset, names)
+                        dense_sites=len(compiled.sites) - len(sparse_modules), seq_lengths=seq_lengths,
+                        lengths=mode, listed_lengths=listed, max_seq_len=max_seq_len if mode == "any" else None,
+                        pinned_sites=pinned, dtype=str(dtype).replace("torch.", ""),
+                        attention_ops=sum(node.op_type == "Attention" for node in model.graph.node))
+    logger.info("exported %s: %d sparse / %d dense site(s), opset %d, lengths %s, inputs %s", path,
+                result.sparse_sites, result.dense_sites, result.opset, served, names)
     return result
 
 
@@ -675,6 +400,106 @@ def _check_opset(opset: int | None, onnx) -> int | None:
     return opset
 
 
+def _check_lengths(lengths: Any, max_seq_len: Any) -> tuple[str, tuple[int | tuple[int, int], ...]]:
+    """``(mode, declared lengths)`` from `export_onnx`'s arguments, or `UnsupportedError` saying what is wrong."""
+    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
+        raise UnsupportedError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+    if isinstance(lengths, str):
+        if lengths not in _LENGTH_CHOICES:
+            raise UnsupportedError(f"unknown lengths {lengths!r}; known: {', '.join(_LENGTH_CHOICES)}, or a list of "
+                                   f"lengths (ints or (q_len, k_len) pairs)")
+        return lengths, ()
+    if not isinstance(lengths, (list, tuple)) or not lengths:
+        raise UnsupportedError(f"lengths must be one of {', '.join(_LENGTH_CHOICES)} or a non-empty list of lengths, "
+                               f"got {lengths!r}")
+    declared = []
+    for entry in lengths:
+        values = entry if isinstance(entry, (list, tuple)) else (entry,)
+        if len(values) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                 for v in values):
+            raise UnsupportedError(f"lengths: {entry!r} is neither a positive int nor a (q_len, k_len) pair of them")
+        if max(values) > max_seq_len:
+            raise UnsupportedError(f"lengths: {entry!r} is longer than max_seq_len={max_seq_len}")
+        declared.append(values[0] if len(values) == 1 else (values[0], values[1]))
+    return "listed", tuple(declared)
+
+
+def _refuse_adaptive_heads(sparse_modules: dict) -> None:
+    """`UnsupportedError` naming every input-adaptive head (`Pattern.is_adaptive`): no ONNX lowering estimates masks."""
+    found = []
+    for module in sparse_modules.values():
+        for head in module.adaptive_heads.tolist():
+            found.append(f"site {module.site.name!r} head {head} ({module.head_patterns[head]})")
+    if found:
+        raise UnsupportedError(
+            "export_onnx: input-adaptive heads estimate their blocks from each input on the device, which the ONNX "
+            f"export has no standard-op lowering for: {'; '.join(found)}. Re-search with adaptive=False "
+            "(sparsify.compile(model, calib_loader, adaptive=False), options=CompileOptions(adaptive=False), or "
+            "sparsify-cli search --no-adaptive) so those heads get static patterns, then export that strategy")
+
+
+def _pinned_sites(sparse_modules: dict) -> dict[str, str]:
+    """Per site whose sparse heads cannot serve any length, why (the first such head's pattern)."""
+    pinned = {}
+    for module in sparse_modules.values():
+        for head in module.sparse_heads.tolist():
+            pattern = module.head_patterns[head]
+            reason = pattern.fixed_length_reason()
+            if reason is not None:
+                pinned[module.site.name] = f"head {head}: {pattern}: {reason}"
+                break
+    return pinned
+
+
+def _check_target_dtype(dtype: Any) -> torch.dtype | None:
+    """``export_onnx(dtype=...)`` as a torch dtype, or `UnsupportedError` naming the ones served."""
+    if dtype is None:
+        return None
+    served = ", ".join(str(d).replace("torch.", "") for d in EXPORT_DTYPES)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), dtype)
+    if not isinstance(dtype, torch.dtype) or dtype not in EXPORT_DTYPES:
+        raise UnsupportedError(f"export_onnx: dtype {dtype!r} cannot be served; an exported graph computes in "
+                               f"{served} (attention's matmuls and softmax have no other ONNX form here)")
+    return dtype
+
+
+def _check_dtypes(graph_module: torch.fx.GraphModule, site_calls: dict, sparse_modules: dict,
+                  target: torch.dtype | None = None) -> torch.dtype:
+    """The dtype attention runs in; `UnsupportedError` for one the export cannot serve, naming the site.
+
+    Sparse sites report it from the example call; dense sites from the captured graph's
+    metadata (the query's ``meta["val"]``, where capture recorded one). ``target`` is the
+    dtype the caller asked for (already one the export serves): it must be the module's.
+    """
+    found = [(f"site {sparse_modules[name].site.name!r}", dtype) for name, (_, _, dtype) in site_calls.items()]
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and _CANONICAL in str(node.target) and node.args:
+            value = getattr(node.args[0], "meta", {}).get("val")
+            if isinstance(value, torch.Tensor):
+                found.append((f"dense attention {node.name!r}", value.dtype))
+    for where, dtype in found:
+        if target is not None and dtype != target:
+            name = lambda d: str(d).replace("torch.", "")                     # noqa: E731
+            raise UnsupportedError(
+                f"export_onnx(dtype={name(target)}): {where} computes in {name(dtype)}. The exported graph "
+                f"computes in the compiled module's dtype (its captured graph fixes it: casts such as "
+                f"to({name(dtype)}) are part of it); convert the model (model.to(torch.{name(target)})) and its "
+                f"example inputs, and compile it again")
+        if dtype not in EXPORT_DTYPES:
+            raise UnsupportedError(
+                f"export_onnx: {where} is {str(dtype).replace('torch.', '')}; the ONNX export serves "
+                f"{', '.join(str(d).replace('torch.', '') for d in EXPORT_DTYPES)}. Export with "
+                f"dtype=torch.float32 (or float16), or convert the model and compile it again")
+    dtypes = {dtype for _, dtype in found}
+    if torch.bfloat16 in dtypes:
+        logger.warning("export_onnx: the model runs in bfloat16; onnxruntime's CPU provider has no bfloat16 kernels "
+                       "for MatMul, Softmax or Attention, so run the file with a provider that has them (CUDA)")
+    if not dtypes:
+        return torch.float32
+    return next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+
+
 def _run_example(compiled, sparse_modules: dict, args: tuple, kwargs: dict) -> tuple[dict[str, tuple], Any]:
     """One forward on the example inputs: per sparse submodule ``(q_len, k_len, dtype)``, and the output."""
     found: dict[str, tuple] = {}
@@ -701,22 +526,69 @@ def _run_example(compiled, sparse_modules: dict, args: tuple, kwargs: dict) -> t
     return found, output
 
 
-def _export_copy(graph_module: torch.fx.GraphModule, sparse_modules: dict, lengths: dict) -> torch.fx.GraphModule:
+def _lowering_requests(sparse_modules: dict, site_calls: dict, mode: str, declared: tuple, pinned: dict,
+                       max_seq_len: int, attention_op: bool) -> dict[str, LoweringRequest]:
+    """Per sparse submodule, what its lowering must serve."""
+    requests = {}
+    for name, module in sparse_modules.items():
+        q_len, k_len, dtype = site_calls[name]
+        site = module.site.name
+        if mode != "fixed" and max(q_len, k_len) > max_seq_len:
+            raise UnsupportedError(f"site {site!r}: the example's lengths {q_len}x{k_len} exceed "
+                                   f"max_seq_len={max_seq_len}")
+        tables, listed = ("any", ()) if mode in ("any", "listed") else ("fixed", ())
+        if mode == "listed" and site in pinned:
+            pairs = [(q_len, k_len)]
+            for entry in declared:
+                if isinstance(entry, tuple):
+                    pairs.append(entry)
+                elif q_len == k_len:
+                    pairs.append((entry, entry))
+                else:
+                    raise UnsupportedError(
+                        f"site {site!r} attends {q_len} queries to {k_len} keys; give its lengths as (q_len, k_len) "
+                        f"pairs, e.g. lengths=[({q_len}, {k_len})]")
+            tables, listed = "listed", tuple(dict.fromkeys(pairs))
+        requests[name] = LoweringRequest(q_len, k_len, dtype, tables=tables, listed=listed, max_len=max_seq_len,
+                                         attention_op=attention_op)
+    return requests
+
+
+def _export_copy(graph_module: torch.fx.GraphModule, sparse_modules: dict, requests: dict,
+                 attention_op: bool) -> torch.fx.GraphModule:
     """A GraphModule sharing the weights of ``graph_module`` whose attentions are export lowerings."""
     graph = copy.deepcopy(graph_module.graph)
+    dense = attention_op_lowering if attention_op else dense_attention_lowering
     for node in graph.nodes:
         if node.op == "call_function" and _CANONICAL in str(node.target):
-            node.target = dense_attention_lowering
+            node.target = dense
     export_module = torch.fx.GraphModule(graph_module, graph)
     for name, module in sparse_modules.items():
-        q_len, k_len, dtype = lengths[name]
-        lowering = _LOWERINGS[lowering_name(module.backend)](module, q_len, k_len, dtype)
+        lowering = _LOWERINGS[lowering_name(module.backend)](module, requests[name])
         export_module.add_submodule(name, lowering)   # replaces the shared submodule in the copy only
     for attribute in ("_in_spec", "_out_spec"):
         if hasattr(graph_module, attribute):
             setattr(export_module, attribute, getattr(graph_module, attribute))
     export_module.recompile()
     return export_module
+
+
+def _check_any_length_tables(export_module: torch.nn.Module, sparse_modules: dict, requests: dict) -> None:
+    """Before writing: each any-length lowering keeps the runtime's blocks at lengths around the example's."""
+    for name, module in sparse_modules.items():
+        request = requests[name]
+        traced = getattr(export_module.get_submodule(name), "traced", None)
+        if request.tables != "any" or traced is None:
+            continue
+        bs, cap = module.block_size, min(request.max_len, 8192)
+        q_len, k_len = request.q_len, request.k_len
+        variants = {1, bs - 1, bs + 1, q_len // 2 + 1, 2 * q_len + 3}
+        if q_len == k_len:
+            pairs = {(n, n) for n in variants}
+        else:
+            pairs = {(n, k_len) for n in variants} | {(q_len, n) for n in {1, k_len // 2 + 1, 2 * k_len + 3}}
+        pairs = sorted((q, k) for q, k in pairs | {(q_len, k_len)} if 1 <= q <= cap and 1 <= k <= cap)
+        check_traced_tables(module, traced, pairs)
 
 
 def _placeholder_names(graph_module: torch.fx.GraphModule) -> list[str]:
@@ -743,19 +615,24 @@ def _tensor_inputs(graph_module, args: tuple, kwargs: dict):
     return slots, names, tensors
 
 
-def _dynamic_batch(tensors: list[torch.Tensor], dynamic_seq: bool):
-    """Example tensors to trace with (batch >= 2, so it is not specialised) and their dynamic shapes."""
-    batch = tensors[0].shape[0] if tensors[0].dim() else None
+def _dynamic_shapes(tensors: list[torch.Tensor], dynamic_length: bool, batch: bool = True):
+    """Example tensors to trace with (batch >= 2, so it is not specialised) and their dynamic shapes.
+
+    With ``dynamic_length`` every other dimension of size > 1 is ``Dim.AUTO`` (dynamic where the
+    graph allows it: sequence, image sizes).
+    """
+    batch_size = tensors[0].shape[0] if batch and tensors[0].dim() else None
     dim = torch.export.Dim("batch")
     trace, shapes = [], []
     for tensor in tensors:
         spec = {}
-        if batch is not None and tensor.dim() and tensor.shape[0] == batch:
+        if batch_size is not None and tensor.dim() and tensor.shape[0] == batch_size:
             spec[0] = dim
-            if batch == 1:
+            if batch_size == 1:
                 tensor = torch.cat([tensor, tensor])
-        if dynamic_seq:
-            spec.update({i: torch.export.Dim.AUTO for i in range(1, tensor.dim()) if tensor.shape[i] > 1})
+        if dynamic_length:
+            spec.update({i: torch.export.Dim.AUTO for i in range(1 if batch else 0, tensor.dim())
+                         if tensor.shape[i] > 1 and i not in spec})
         trace.append(tensor)
         shapes.append(spec or None)
     return trace, (tuple(shapes),)
@@ -794,6 +671,9 @@ def _run_exporter(wrapper, tensors: tuple, names: list[str], output_names: list[
         if "batch" in text and ("specializ" in text or "Constraints violated" in text or "constant" in text.lower()):
             hint = (" The captured graph fixes the batch size (its capture fell back to static shapes); "
                     "compile with dynamic=True and a model that captures with dynamic shapes.")
+        elif "data-dependent" in text.lower() or "GuardOnDataDependent" in text:
+            hint = (" A lowering branched on a value only known at run time (a pattern's _traced_block_mask must "
+                    "be tensor ops of the grid); export with lengths='fixed' to build the tables in Python.")
         elif opset is not None and ("opset" in text.lower() or "version" in text.lower()):
             hint = f" An op of the graph may not exist at opset {opset}; try the default opset."
         raise SparsifyError(f"torch.onnx.export failed: {type(error).__name__}: {first[:500]}.{hint}") from error

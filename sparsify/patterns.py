@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import difflib
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -25,6 +26,7 @@ from sparsify.limits import (
 
 __all__ = [
     "BlockGrid",
+    "TracedBlockGrid",
     "Pattern",
     "DistancePattern",
     "Dense",
@@ -182,6 +184,82 @@ class BlockGrid:
         return (self.key_first + self.block_size - 1).clamp(max=self.k_len - 1)
 
 
+#: Default `TracedBlockGrid.max_len`: lengths an any-length export serves unless told otherwise.
+DEFAULT_MAX_TRACED_LEN = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedBlockGrid:
+    """A `BlockGrid` whose lengths are known only when the graph runs: what `Pattern.traced_block_mask` reads.
+
+    ``q_len`` and ``k_len`` are ints or the symbolic sizes of a traced graph (``torch.SymInt``
+    under ``torch.export``, so an exported ONNX graph computes everything below from the input
+    shapes). The coordinates are the int64 tensors of `BlockGrid`, built from ops that export to
+    ONNX ``Range``, ``Clip`` and comparisons; block counts are ``(n + b - 1) // b`` because the
+    exporter lowers floor division of sizes to ONNX's truncating ``Div``, which is exact for
+    non-negative operands only. ``max_len`` is the declared maximum of both lengths, for the
+    lowerings whose loops run over distance scales (`radial`, `power_of_two`).
+
+    Example:
+        >>> grid = TracedBlockGrid(100, 192, block_size=64, max_len=4096)
+        >>> grid.q_blocks, grid.query_last.flatten().tolist(), int(grid.key_length())
+        (2, [63, 99], 192)
+    """
+
+    q_len: Any
+    k_len: Any
+    block_size: int = 64
+    causal: bool = False
+    max_len: int = DEFAULT_MAX_TRACED_LEN
+
+    def __post_init__(self) -> None:
+        _check_positive_int("traced block grid", "block_size", self.block_size)
+        _check_positive_int("traced block grid", "max_len", self.max_len)
+        if not isinstance(self.causal, bool):
+            raise PatternError(f"traced block grid: causal must be a bool, got {self.causal!r}")
+        for field in ("q_len", "k_len"):
+            length = getattr(self, field)
+            if isinstance(length, torch.SymInt):
+                continue
+            _check_positive_int("traced block grid", field, length)
+            if length > self.max_len:
+                raise PatternError(f"traced block grid: {field}={length} exceeds max_len={self.max_len}")
+
+    @property
+    def q_blocks(self) -> Any:
+        """Query blocks (an int, or a symbolic size while tracing)."""
+        return (self.q_len + self.block_size - 1) // self.block_size
+
+    @property
+    def k_blocks(self) -> Any:
+        """Key blocks (an int, or a symbolic size while tracing)."""
+        return (self.k_len + self.block_size - 1) // self.block_size
+
+    @property
+    def query_first(self) -> torch.Tensor:
+        """First token of each query block, ``int64 [q_blocks, 1]``."""
+        return (torch.arange(self.q_blocks) * self.block_size).unsqueeze(1)
+
+    @property
+    def query_last(self) -> torch.Tensor:
+        """Last token of each query block, ``int64 [q_blocks, 1]``."""
+        return (self.query_first + self.block_size - 1).clamp(max=self.q_len - 1)
+
+    @property
+    def key_first(self) -> torch.Tensor:
+        """First token of each key block, ``int64 [1, k_blocks]``."""
+        return (torch.arange(self.k_blocks) * self.block_size).unsqueeze(0)
+
+    @property
+    def key_last(self) -> torch.Tensor:
+        """Last token of each key block, ``int64 [1, k_blocks]``."""
+        return (self.key_first + self.block_size - 1).clamp(max=self.k_len - 1)
+
+    def key_length(self) -> torch.Tensor:
+        """``k_len`` as a 0-dim int64 tensor (for arithmetic the exporter should keep in the graph)."""
+        return torch.full((), self.k_len, dtype=torch.int64)
+
+
 @dataclasses.dataclass(frozen=True)
 class Pattern(abc.ABC):
     """Base of every sparsity pattern: a frozen, JSON round-trippable recipe for a block mask.
@@ -290,6 +368,82 @@ class Pattern(abc.ABC):
             return 0.0
         total = int(causal_block_mask(q_blocks, k_blocks).sum()) if causal else q_blocks * k_blocks
         return int(kept.sum()) / total
+
+    # --- lowering: the block mask as tensor ops of a length known only when the graph runs ---------
+
+    def traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        """`block_mask` for a `TracedBlockGrid`: kept blocks ``bool [q_blocks, k_blocks]`` as tensor ops of the lengths.
+
+        What an any-length ONNX export puts in the graph (``sparsify.export_onnx``): the same
+        blocks as `block_mask` at every length — causal triangle and row fallback included —
+        computed from the run-time sequence length. Families declare `_traced_block_mask`;
+        patterns that cannot (see `fixed_length_reason`) raise `PatternError`.
+
+        Example:
+            >>> grid = TracedBlockGrid(192, 192, block_size=64, causal=True)
+            >>> torch.equal(sliding_window(64).traced_block_mask(grid),
+            ...             sliding_window(64).block_mask(3, 3, block_size=64, causal=True))
+            True
+        """
+        reason = self.fixed_length_reason()
+        if reason is not None:
+            raise PatternError(f"pattern {self} has no any-length lowering: {reason}")
+        mask = self._traced_block_mask(grid)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise PatternError(f"pattern {self}: _traced_block_mask must return bool [q_blocks, k_blocks], got {got}")
+        query = torch.arange(grid.q_blocks).unsqueeze(1)
+        key = torch.arange(grid.k_blocks).unsqueeze(0)
+        if grid.causal:
+            mask = mask & (key <= query)
+        # As `block_mask`: a row left empty keeps key block min(i, k_blocks - 1).
+        empty = ~mask.any(dim=1, keepdim=True)
+        return mask | (empty & (key == query.clamp(max=grid.k_blocks - 1)))
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        """Kept blocks before the causal triangle and row fallback, as tensor ops of ``grid``'s coordinates.
+
+        The contract of `_block_mask`, for lengths that may be symbolic: no Python branch or loop
+        on the lengths, no ``int()``/``.item()``/``.tolist()`` of a tensor. Families whose
+        `_block_mask` is such an expression already return it; loops over distance scales run
+        to ``grid.max_len``. The base class has none (`fixed_length_reason` says so).
+        """
+        raise PatternError(f"pattern {self}: {self.fixed_length_reason()}")
+
+    def fixed_length_reason(self) -> str | None:
+        """Why an exported graph must fix this pattern's sequence length; ``None`` when it serves any length.
+
+        ``None`` exactly when the family declares `_traced_block_mask`.
+
+        Example:
+            >>> sliding_window(512).fixed_length_reason() is None
+            True
+        """
+        if type(self)._traced_block_mask is Pattern._traced_block_mask:
+            return (f"{type(self).__qualname__} declares no _traced_block_mask (its kept blocks as tensor ops of "
+                    f"the run-time length)")
+        return None
+
+    def traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        """At most how many key blocks one query block keeps at ``grid``'s lengths (an int or symbolic size).
+
+        The slot count of an any-length export's block tables. It must be known without the
+        data (a data-dependent count makes every later shape data-dependent, which the exporter
+        cannot cut into chunks), so families bound it from their parameters and the grid's
+        (possibly symbolic) lengths in `_traced_row_bound`; the result is at least 1 and at most
+        ``k_blocks``. A family that declares none gets ``k_blocks``: correct, but every row then
+        computes every key block.
+
+        Example:
+            >>> grid = TracedBlockGrid(4096, 4096, block_size=64)
+            >>> (sliding_window(160) | attention_sinks(64)).traced_row_bound(grid)
+            8
+        """
+        return torch.sym_min(torch.sym_max(self._traced_row_bound(grid), 1), grid.k_blocks)
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        """An upper bound on the key blocks one query block keeps (uncapped); the base has ``k_blocks``."""
+        return grid.k_blocks
 
     # --- JSON -----------------------------------------------------------------------------------
 
@@ -425,19 +579,22 @@ def _distance_bounds(grid: BlockGrid) -> tuple[torch.Tensor, torch.Tensor]:
     return (lo.clamp(min=0) if grid.causal else lo), hi
 
 
-def _key_ranges_block_mask(grid: BlockGrid, starts: list[int], ends: list[int]) -> torch.Tensor:
+def _key_ranges_block_mask(
+    grid: BlockGrid | TracedBlockGrid, starts: list[int] | torch.Tensor, ends: list[int] | torch.Tensor
+) -> torch.Tensor:
     """Blocks holding a kept pair when every query keeps the keys ``[starts[n], ends[n]]``.
 
-    At causal sites a key block counts only up to the query block's last token.
+    At causal sites a key block counts only up to the query block's last token. ``starts`` and
+    ``ends`` are lists of ints or int64 tensors ``[n]``.
     """
-    if not starts:
+    if len(starts) == 0:
         return torch.zeros(grid.q_blocks, grid.k_blocks, dtype=torch.bool)
     first = grid.key_first.expand(grid.q_blocks, grid.k_blocks)
     last = grid.key_last.expand(grid.q_blocks, grid.k_blocks)
     if grid.causal:
         last = torch.minimum(last, grid.query_last)
-    lo = torch.maximum(first.unsqueeze(-1), torch.tensor(starts))
-    hi = torch.minimum(last.unsqueeze(-1), torch.tensor(ends))
+    lo = torch.maximum(first.unsqueeze(-1), torch.as_tensor(starts))
+    hi = torch.minimum(last.unsqueeze(-1), torch.as_tensor(ends))
     return (lo <= hi).any(dim=-1)
 
 
@@ -447,6 +604,29 @@ def _stripe_ranges(
     """Key ranges ``[floor(p * k_len), floor(p * k_len) + width - 1]`` of relative positions."""
     starts = [math.floor(position * k_len) for position in positions]
     return starts, [start + width - 1 for start in starts]
+
+
+def _traced_stripe_ranges(
+    positions: tuple[float, ...], width: int, grid: TracedBlockGrid
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_stripe_ranges` as int64 tensors of the traced key length.
+
+    The product is taken in float64, as Python's ``position * k_len`` is, so both floor alike.
+    """
+    starts = torch.floor(
+        torch.tensor(positions, dtype=torch.float64) * grid.key_length().to(torch.float64)
+    ).to(torch.int64)
+    return starts, starts + (width - 1)
+
+
+def _span_blocks(tokens: int, block: int) -> int:
+    """The most blocks a run of ``tokens`` consecutive keys can touch (it may start mid-block)."""
+    return (tokens + block - 2) // block + 1 if tokens > 0 else 0
+
+
+def _reaches(distance: int, grid: TracedBlockGrid) -> Any:
+    """1 when a query-key distance of ``distance`` fits the grid's lengths, else 0 (symbolic-safe: no branch)."""
+    return torch.sym_min(torch.sym_max(grid.q_len + grid.k_len - distance, 0), 1)
 
 
 # --- the pattern families ---------------------------------------------------------------------
@@ -464,6 +644,9 @@ class Dense(Pattern):
 
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         return torch.ones(grid.q_blocks, grid.k_blocks, dtype=torch.bool)
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return self._block_mask(grid)  # already tensor ops of the grid's coordinates
 
 
 @register_pattern("sliding_window")
@@ -492,6 +675,13 @@ class SlidingWindow(Pattern):
             grid.query_last - grid.key_first >= lowest_allowed
         )
 
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return self._block_mask(grid)  # already tensor ops of the grid's coordinates
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        # A query block's keys lie within [first - window, last + window] ([.., last] at causal).
+        return _span_blocks(grid.block_size + self.window * (1 if grid.causal else 2), grid.block_size)
+
 
 @register_pattern("attention_sinks")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -510,6 +700,12 @@ class AttentionSinks(Pattern):
 
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         return (grid.key_first < self.num_tokens).expand(grid.q_blocks, grid.k_blocks)
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return self._block_mask(grid)  # already tensor ops of the grid's coordinates
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        return (self.num_tokens + grid.block_size - 1) // grid.block_size
 
 
 @register_pattern("skip")
@@ -537,6 +733,12 @@ class Skip(Pattern):
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         return torch.zeros(grid.q_blocks, grid.k_blocks, dtype=torch.bool)
 
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return self._block_mask(grid)  # already tensor ops of the grid's coordinates
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        return 1
+
 
 @register_pattern("last_tokens")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -558,6 +760,13 @@ class LastTokens(Pattern):
 
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         return _key_ranges_block_mask(grid, [grid.k_len - self.num_tokens], [grid.k_len - 1])
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        end = grid.key_length().reshape(1)
+        return _key_ranges_block_mask(grid, end - self.num_tokens, end - 1)
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        return _span_blocks(self.num_tokens, grid.block_size)
 
 
 @register_pattern("a_shape")
@@ -586,6 +795,13 @@ class AShape(Pattern):
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         sinks = AttentionSinks(self.sink_tokens)._block_mask(grid)
         return sinks | SlidingWindow(self.window)._block_mask(grid)
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return self._block_mask(grid)  # already tensor ops of the grid's coordinates
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        return (AttentionSinks(self.sink_tokens)._traced_row_bound(grid)
+                + SlidingWindow(self.window)._traced_row_bound(grid))
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -668,6 +884,19 @@ class MultiDiagonal(DistancePattern):
             first, last = first.clamp(min=-self.count), last.clamp(max=self.count)
         return first <= last
 
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return self._block_mask(grid)  # already tensor ops of the grid's coordinates
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        # Each band covers [first - m * period - width, last - m * period + width]; bands that
+        # meet the grid have |m * period| < q_len + k_len.
+        bs, sides = grid.block_size, 1 if grid.causal else 2
+        if self.count is None:
+            return ((grid.q_len + grid.k_len) // self.period * 2 + 1) * _span_blocks(bs + 2 * self.width, bs)
+        # Nearby bands share blocks: never more than the blocks of their whole envelope.
+        envelope = _span_blocks(bs + sides * (self.count * self.period + self.width), bs)
+        return min((2 * self.count + 1) * _span_blocks(bs + 2 * self.width, bs), envelope)
+
 
 @register_pattern("strided")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -699,6 +928,14 @@ class Strided(DistancePattern):
         lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
         first = -_floor_div(self.width - 1 - lo, self.stride)  # ceil((lo - width + 1) / stride)
         return first <= _floor_div(hi, self.stride)
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return self._block_mask(grid)  # already tensor ops of the grid's coordinates
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        # Kept distances [m * stride, m * stride + width - 1], |m * stride| < q_len + k_len.
+        bands = (grid.q_len + grid.k_len) // self.stride * 2 + 1
+        return bands * _span_blocks(grid.block_size + self.width - 1, grid.block_size)
 
 
 @register_pattern("radial")
@@ -732,10 +969,33 @@ class Radial(DistancePattern):
     def keeps_distance_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return _symmetric_range(self._keeps_abs_range, lo, hi)
 
-    def _keeps_abs_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        # Octaves past the farthest distance keep nothing, so looping up to the declared maximum
+        # length gives the blocks of looping up to the actual one.
+        lo, hi = _distance_bounds(grid)
+        keeps = functools.partial(self._keeps_abs_range, farthest=grid.max_len)
+        return (lo <= hi) & _symmetric_range(keeps, lo, hi)
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        bs, decay, sides = grid.block_size, self.decay_tokens, 1 if grid.causal else 2
+        near = max(self.window, 2 * decay - 1)
+        bound = _span_blocks(bs + sides * near, bs)
+        exponent = 1
+        # Octave e keeps `decay` multiples of 2**e per query; a query block's keys at one multiple
+        # are bs consecutive keys (at most 2 blocks). Octaves beyond the lengths count 0.
+        while decay << exponent <= grid.max_len:
+            reach = _span_blocks((decay << exponent) + bs - 1, bs)
+            bound = bound + sides * min(reach, 2 * decay) * _reaches(decay << exponent, grid)
+            exponent += 1
+        return bound
+
+    def _keeps_abs_range(
+        self, lo: torch.Tensor, hi: torch.Tensor, farthest: int | None = None
+    ) -> torch.Tensor:
         decay = self.decay_tokens
         keep = lo <= max(self.window, 2 * decay - 1)
-        farthest = int(hi.max()) if hi.numel() else 0
+        if farthest is None:
+            farthest = int(hi.max()) if hi.numel() else 0
         exponent = 1
         # Octave e covers a in [decay * 2**e, decay * 2**(e + 1)) and keeps multiples of 2**e.
         while decay << exponent <= farthest:
@@ -776,6 +1036,28 @@ class PowerOfTwo(DistancePattern):
     def keeps_distance_range(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
         farthest = max(int(lo.abs().max()), int(hi.abs().max())) if lo.numel() else 0
+        return self._keeps_lines(lo, hi, farthest)
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        # Lines past the farthest distance meet no block pair: looping up to the declared
+        # maximum length gives the blocks of looping up to the actual one.
+        lo, hi = _distance_bounds(grid)
+        return (lo <= hi) & self._keeps_lines(lo, hi, grid.max_len)
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        bs, top = grid.block_size, (grid.max_len + self.width).bit_length()
+        if self.max_exponent is not None:
+            top = min(top, self.max_exponent)
+        line = _span_blocks(bs + 2 * self.width, bs)
+        sides = 1 if grid.causal else 2
+        bound = line
+        for exponent in range(top + 1):     # lines +-2**e that fit the grid's lengths
+            bound = bound + sides * line * _reaches((1 << exponent) - self.width, grid)
+        # Nearby lines share blocks: never more than the blocks of their whole envelope.
+        return torch.sym_min(bound, _span_blocks(bs + sides * ((1 << top) + self.width), bs))
+
+    def _keeps_lines(self, lo: torch.Tensor, hi: torch.Tensor, farthest: int) -> torch.Tensor:
+        """Some line ``|d - s| <= width`` meets ``[lo, hi]``, for lines out to distance ``farthest``."""
         top = (farthest + self.width).bit_length()  # 2**top - width > farthest
         if self.max_exponent is not None:
             top = min(top, self.max_exponent)
@@ -813,6 +1095,12 @@ class VerticalStripes(Pattern):
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
         return _key_ranges_block_mask(grid, *_stripe_ranges(self.positions, self.width, grid.k_len))
 
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        return _key_ranges_block_mask(grid, *_traced_stripe_ranges(self.positions, self.width, grid))
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        return len(self.positions) * _span_blocks(self.width, grid.block_size)
+
 
 @register_pattern("vertical_slash")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -848,7 +1136,20 @@ class VerticalSlash(Pattern):
         _check_tokens("vertical_slash", "width", self.width)
 
     def _block_mask(self, grid: BlockGrid) -> torch.Tensor:
-        mask = _key_ranges_block_mask(grid, *_stripe_ranges(self.vertical, self.width, grid.k_len))
+        vertical = _key_ranges_block_mask(grid, *_stripe_ranges(self.vertical, self.width, grid.k_len))
+        return self._with_slashes(grid, vertical)
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        vertical = _key_ranges_block_mask(grid, *_traced_stripe_ranges(self.vertical, self.width, grid))
+        return self._with_slashes(grid, vertical)
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        bs = grid.block_size
+        return (len(self.vertical) * _span_blocks(self.width, bs)
+                + len(self.slash) * _span_blocks(bs + self.width - 1, bs))
+
+    def _with_slashes(self, grid: BlockGrid | TracedBlockGrid, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` (the vertical lines' blocks) with the slash lines' blocks added."""
         if self.slash:
             lo, hi = _distance_bounds(grid)
             offsets = torch.tensor(self.slash)
@@ -1011,6 +1312,13 @@ class BlockTopK(Pattern):
             return _any_in_rectangles(source, row_lo, row_hi, col_lo, col_hi)
         return self._diagonal_block_mask(source, row_lo, row_hi, grid.k_blocks)
 
+    def fixed_length_reason(self) -> str | None:
+        return (
+            f"block_top_k keeps a table of key blocks profiled at a {self.source_q_blocks}x"
+            f"{self.source_k_blocks}-block grid; its blocks at another length are that table "
+            "resampled, not a function of the block grid, so an export builds them per declared length"
+        )
+
     def _diagonal_block_mask(
         self, source: torch.Tensor, row_lo: torch.Tensor, row_hi: torch.Tensor, k_blocks: int
     ) -> torch.Tensor:
@@ -1135,6 +1443,13 @@ class _Composite(Pattern):
     def _params(self) -> dict[str, Any]:
         return {"parts": [part.to_dict() for part in self.parts]}
 
+    def fixed_length_reason(self) -> str | None:
+        for part in self.parts:
+            reason = part.fixed_length_reason()
+            if reason is not None:
+                return f"its part {part}: {reason}"
+        return None
+
     @classmethod
     def _from_params(cls, params: Mapping[str, Any], location: str, depth: int = 0) -> Pattern:
         parts = params["parts"]
@@ -1177,6 +1492,18 @@ class Union(_Composite):
             mask = mask | part._block_mask(grid)
         return mask
 
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        mask = self.parts[0]._traced_block_mask(grid)
+        for part in self.parts[1:]:
+            mask = mask | part._traced_block_mask(grid)
+        return mask
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        bound = self.parts[0]._traced_row_bound(grid)
+        for part in self.parts[1:]:
+            bound = bound + part._traced_row_bound(grid)
+        return bound
+
 
 @register_pattern("intersection")
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -1195,6 +1522,18 @@ class Intersection(_Composite):
         for part in self.parts[1:]:
             mask = mask & part._block_mask(grid)
         return mask
+
+    def _traced_block_mask(self, grid: TracedBlockGrid) -> torch.Tensor:
+        mask = self.parts[0]._traced_block_mask(grid)
+        for part in self.parts[1:]:
+            mask = mask & part._traced_block_mask(grid)
+        return mask
+
+    def _traced_row_bound(self, grid: TracedBlockGrid) -> Any:
+        bound = self.parts[0]._traced_row_bound(grid)
+        for part in self.parts[1:]:
+            bound = torch.sym_min(bound, part._traced_row_bound(grid))
+        return bound
 
 
 # --- factories ----------------------------------------------------------------------------------

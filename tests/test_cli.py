@@ -152,7 +152,14 @@ def test_export_is_a_cli_command_and_export_py_knows_no_cli(tmp_path, capfd):
                  "--out", str(onnx_file), "--check"]) == 0
     captured = capfd.readouterr()
     assert onnx_file.exists() and "max relative error" in captured.out
+    assert "serves any sequence length" in captured.out
     assert captured.err == ""  # no FutureWarning, no "torchvision is not installed" lines
+
+
+def test_export_lengths_that_are_not_lengths_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--lengths: '2y' is not a length"):
+        main(["export", "--model", "sparsify.examples:manual_attention_block", "--strategy", str(tmp_path / "s.json"),
+              "--out", str(tmp_path / "m.onnx"), "--lengths", "512,2y"])
 
 
 def test_report_draws_every_site_over_pages(tmp_path, capsys):
