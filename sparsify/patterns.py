@@ -123,8 +123,32 @@ def causal_block_mask(q_blocks: int, k_blocks: int) -> torch.Tensor:
     return torch.ones(q_blocks, k_blocks, dtype=torch.bool).tril()
 
 
+class _BlockTokenBounds:
+    """Token coordinates of a block grid's blocks, for grids with ``q_len``/``k_len``/``block_size`` and block counts."""
+
+    @property
+    def query_first(self) -> torch.Tensor:
+        """First token of each query block, ``int64 [q_blocks, 1]``."""
+        return (torch.arange(self.q_blocks) * self.block_size).unsqueeze(1)
+
+    @property
+    def query_last(self) -> torch.Tensor:
+        """Last token of each query block, ``int64 [q_blocks, 1]``."""
+        return (self.query_first + self.block_size - 1).clamp(max=self.q_len - 1)
+
+    @property
+    def key_first(self) -> torch.Tensor:
+        """First token of each key block, ``int64 [1, k_blocks]``."""
+        return (torch.arange(self.k_blocks) * self.block_size).unsqueeze(0)
+
+    @property
+    def key_last(self) -> torch.Tensor:
+        """Last token of each key block, ``int64 [1, k_blocks]``."""
+        return (self.key_first + self.block_size - 1).clamp(max=self.k_len - 1)
+
+
 @dataclasses.dataclass(frozen=True)
-class BlockGrid:
+class BlockGrid(_BlockTokenBounds):
     """The block layout of one attention: how many blocks and which tokens each block covers.
 
     Query block ``i`` covers tokens ``[i * block_size, min((i + 1) * block_size, q_len))`` and
@@ -163,33 +187,13 @@ class BlockGrid:
                     f"blocks of {self.block_size} tokens, not {blocks_field}={blocks}"
                 )
 
-    @property
-    def query_first(self) -> torch.Tensor:
-        """First token of each query block, ``int64 [q_blocks, 1]``."""
-        return (torch.arange(self.q_blocks) * self.block_size).unsqueeze(1)
-
-    @property
-    def query_last(self) -> torch.Tensor:
-        """Last token of each query block, ``int64 [q_blocks, 1]``."""
-        return (self.query_first + self.block_size - 1).clamp(max=self.q_len - 1)
-
-    @property
-    def key_first(self) -> torch.Tensor:
-        """First token of each key block, ``int64 [1, k_blocks]``."""
-        return (torch.arange(self.k_blocks) * self.block_size).unsqueeze(0)
-
-    @property
-    def key_last(self) -> torch.Tensor:
-        """Last token of each key block, ``int64 [1, k_blocks]``."""
-        return (self.key_first + self.block_size - 1).clamp(max=self.k_len - 1)
-
 
 #: Default `TracedBlockGrid.max_len`: lengths an any-length export serves unless told otherwise.
 DEFAULT_MAX_TRACED_LEN = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
-class TracedBlockGrid:
+class TracedBlockGrid(_BlockTokenBounds):
     """A `BlockGrid` whose lengths are known only when the graph runs: what `Pattern.traced_block_mask` reads.
 
     ``q_len`` and ``k_len`` are ints or the symbolic sizes of a traced graph (``torch.SymInt``
@@ -234,26 +238,6 @@ class TracedBlockGrid:
     def k_blocks(self) -> Any:
         """Key blocks (an int, or a symbolic size while tracing)."""
         return (self.k_len + self.block_size - 1) // self.block_size
-
-    @property
-    def query_first(self) -> torch.Tensor:
-        """First token of each query block, ``int64 [q_blocks, 1]``."""
-        return (torch.arange(self.q_blocks) * self.block_size).unsqueeze(1)
-
-    @property
-    def query_last(self) -> torch.Tensor:
-        """Last token of each query block, ``int64 [q_blocks, 1]``."""
-        return (self.query_first + self.block_size - 1).clamp(max=self.q_len - 1)
-
-    @property
-    def key_first(self) -> torch.Tensor:
-        """First token of each key block, ``int64 [1, k_blocks]``."""
-        return (torch.arange(self.k_blocks) * self.block_size).unsqueeze(0)
-
-    @property
-    def key_last(self) -> torch.Tensor:
-        """Last token of each key block, ``int64 [1, k_blocks]``."""
-        return (self.key_first + self.block_size - 1).clamp(max=self.k_len - 1)
 
     def key_length(self) -> torch.Tensor:
         """``k_len`` as a 0-dim int64 tensor (for arithmetic the exporter should keep in the graph)."""
