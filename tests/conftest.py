@@ -26,6 +26,10 @@ THIRD_PARTY_WARNINGS = [
     # torch 2.13 deprecated its pytree LeafSpec class and warns whenever one is rebuilt — also by
     # copy.deepcopy of an exported GraphModule's input spec (sparsify/export.py copies the graph).
     r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning",
+    # FA4 (flash-attn-4) and its CuTe DSL, on GPU machines: deprecations inside their own imports and
+    # a compile-time note (the fa4 backend also silences both where it imports and compiles FA4).
+    r"ignore:cutlass\.:DeprecationWarning",
+    r"ignore:Argument aux_data:UserWarning",
 ]
 
 
