@@ -110,7 +110,7 @@ class RealisedDensity:
     dense included) as `Strategy.summary` weighs it: kept blocks over the blocks dense attention
     computes (the lower triangle at causal sites), each head weighted by its head dim and its
     site's dense blocks. It differs from the summary's ``mean_density`` only where heads are
-    adaptive (the summary counts them as every block). Calls must have the recorded lengths.
+    adaptive (the summary counts them at the work the search recorded). Calls must have the recorded lengths.
 
     Example:
         >>> with RealisedDensity(compiled) as density:      # doctest: +SKIP

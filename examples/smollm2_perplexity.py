@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{arguments.block_size}, over all {summary['num_heads']} heads): {realised_density['mean_density']:.4f} "
           f"run on the evaluation windows ({realised_density['adaptive_heads']} input-adaptive heads, their mean "
           f"{_format(realised_density['adaptive_head_mean_density'])}); {_format(density['searched'])} by the work the "
-          f"search recorded; {summary['mean_density']:.4f} by the strategy summary (adaptive heads counted dense)")
+          f"search recorded; {summary['mean_density']:.4f} by the strategy summary (adaptive heads at the work the search recorded)")
     print(f"{summary['dense_heads']} heads dense; estimated attention speedup {summary['estimated_speedup']}x; "
           f"logits error on the search's held-out windows {summary['end_to_end_error']}")
     print("chosen families (heads): " + ", ".join(f"{family} {count}" for family, count in totals.items()))
