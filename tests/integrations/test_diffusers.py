@@ -33,6 +33,12 @@ def _self_attention_strategy(sites, dense_steps=0):
     return strategy
 
 
+def _dit_inputs():
+    """Inputs of the tiny DiT pipeline's transformer: a CFG-sized batch of 2 latents, timesteps and labels."""
+    return {"hidden_states": torch.randn(2, 4, 16, 16), "timestep": torch.tensor([3, 7]),
+            "class_labels": torch.tensor([1, 2])}
+
+
 def _wan(sites_batch=2):
     model = tiny_pipelines.wan_transformer()
     inputs = tiny_pipelines.wan_inputs(batch=sites_batch)
@@ -55,8 +61,7 @@ def test_both_doors_give_the_same_outputs_on_wan_and_dit():
 
     pipeline = tiny_pipelines.dit_pipeline()
     dit = pipeline.transformer
-    dit_inputs = {"hidden_states": torch.randn(2, 4, 16, 16), "timestep": torch.tensor([3, 7]),
-                  "class_labels": torch.tensor([1, 2])}
+    dit_inputs = _dit_inputs()
     dit_sites = sparsify.find_attention(dit, dit_inputs)
     dit_strategy = sparsify.Strategy.uniform(dit_sites, WINDOW, block_size=16)
     assert rel_err(call(sparsify.attach(dit, dit_strategy), dit_inputs).sample,
@@ -141,8 +146,7 @@ def test_step_tracker_counts_steps_by_timestep():
 def test_a_cfg_batched_pipeline_runs_end_to_end():
     pipeline = tiny_pipelines.dit_pipeline()
     original = pipeline.transformer
-    dit_inputs = {"hidden_states": torch.randn(2, 4, 16, 16), "timestep": torch.tensor([3, 7]),
-                  "class_labels": torch.tensor([1, 2])}
+    dit_inputs = _dit_inputs()
     sites = sparsify.find_attention(original, dit_inputs)
 
     def images(transformer, **kwargs):
@@ -188,8 +192,7 @@ def test_a_processor_that_does_not_call_sdpa_is_refused_by_site():
 
     pipeline = tiny_pipelines.dit_pipeline()
     dit = pipeline.transformer
-    dit_inputs = {"hidden_states": torch.randn(2, 4, 16, 16), "timestep": torch.tensor([3, 7]),
-                  "class_labels": torch.tensor([1, 2])}
+    dit_inputs = _dit_inputs()
     sites = sparsify.find_attention(dit, dit_inputs)
     dit.transformer_blocks[0].attn1.set_processor(AttnProcessor())    # baddbmm + softmax, no SDPA
     attached = sparsify.attach(dit, sparsify.Strategy.uniform(sites, WINDOW, block_size=16))
@@ -199,10 +202,7 @@ def test_a_processor_that_does_not_call_sdpa_is_refused_by_site():
 
 def test_a_strategy_for_other_modules_is_refused_with_their_names():
     model, inputs, sites = _wan()
-    other = sparsify.Strategy.dense(sparsify.find_attention(
-        tiny_pipelines.dit_pipeline().transformer,
-        {"hidden_states": torch.randn(2, 4, 16, 16), "timestep": torch.tensor([3, 7]),
-         "class_labels": torch.tensor([1, 2])}))
+    other = sparsify.Strategy.dense(sparsify.find_attention(tiny_pipelines.dit_pipeline().transformer, _dit_inputs()))
     with pytest.raises(StrategyError, match=r"transformer_blocks\.0\.attn1"):
         sparsify.attach(model, other)
     document = _self_attention_strategy(sites).to_dict()
