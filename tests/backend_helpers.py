@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import math
-import os
-import sys
 
 import torch
 
@@ -102,23 +99,12 @@ def assert_close(output: torch.Tensor, expected: torch.Tensor, tol: float) -> No
 
 
 def load_triton_kernels():
-    """The triton kernel module, interpreted on CPU when there is no CUDA device (``TRITON_INTERPRET``
-    must be set before the module decorates its kernel; the variable is restored afterwards so that
-    other tests do not see the interpreter switched on). ``None`` without triton."""
+    """The triton kernel module, or ``None`` without triton. On a machine without CUDA it runs in
+    Triton's interpreter: tests/conftest.py switches that on for the whole session, before anything
+    imports triton (triton decorates its own standard library when first imported)."""
     if not HAS_TRITON:
         return None
-    saved = os.environ.get("TRITON_INTERPRET")
-    if not HAS_CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import sparsify.backends.triton  # noqa: F401  (registers "triton")
-        from sparsify.backends import triton_kernels
+    import sparsify.backends.triton  # noqa: F401  (registers "triton")
+    from sparsify.backends import triton_kernels
 
-        if not HAS_CUDA and type(triton_kernels._block_sparse_fwd_kernel).__name__ != "InterpretedFunction":
-            triton_kernels = importlib.reload(sys.modules["sparsify.backends.triton_kernels"])
-        return triton_kernels
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    return triton_kernels
