@@ -80,6 +80,15 @@ def attention_sites(model: torch.nn.Module, tokens: int, text_tokens: int) -> li
     return sites
 
 
+def self_attention_strategy(sites: list, block_size: int, pattern: patterns.Pattern) -> sparsify.Strategy:
+    """Every self-attention head runs ``pattern``; cross attention stays dense."""
+    strategy = sparsify.Strategy.dense(sites, block_size=block_size)
+    for site in sites:
+        if site.is_self_attention:
+            strategy = strategy.with_heads(site.name, [pattern] * site.num_heads)
+    return strategy
+
+
 def time_ms(function, repeats: int, warmup: int, device: torch.device) -> float:
     """Median milliseconds of ``function`` (CUDA events on GPU) after ``warmup`` calls."""
     for _ in range(warmup):
@@ -148,17 +157,11 @@ def main() -> None:
     sinks = min(args.sinks, block_size)
     window = window_for_density(tokens, block_size, args.density, sinks)
     pattern = patterns.sliding_window(window) | patterns.attention_sinks(sinks)
-    strategy = sparsify.Strategy.dense(sites, block_size=block_size)
-    for site in sites:
-        if site.is_self_attention:
-            strategy = strategy.with_heads(site.name, [pattern] * site.num_heads)
+    strategy = self_attention_strategy(sites, block_size, pattern)
     self_density = float(pattern.block_mask(-(-tokens // block_size), -(-tokens // block_size), block_size=block_size,
                                             causal=False, q_len=tokens, k_len=tokens).float().mean())
     # The bound: the same step with self-attention skipped (what a perfect kernel could approach).
-    skipped_strategy = sparsify.Strategy.dense(sites, block_size=block_size)
-    for site in sites:
-        if site.is_self_attention:
-            skipped_strategy = skipped_strategy.with_heads(site.name, [patterns.skip()] * site.num_heads)
+    skipped_strategy = self_attention_strategy(sites, block_size, patterns.skip())
     if args.door == "graph":
         sparse = sparsify.compile(model, strategy=strategy, example_inputs=inputs, backend=args.backend)
         skipped = sparsify.compile(model, strategy=skipped_strategy, example_inputs=inputs, backend=args.backend)

@@ -897,7 +897,7 @@ def _build_strategy(sites, options, chosen, block_size, config: CompileOptions, 
     return _with_metadata(strategy, config, {
         "backend": backend,
         "device": str(device),
-        **({"priced_for": cost_model.target.device_name} if getattr(cost_model, "target", None) is not None else {}),
+        **({"priced_for": cost_model.target.device_name} if cost_model.target is not None else {}),
         # Skipped heads cost nothing: with every head skipped there is no finite speedup to state.
         "estimated_attention_speedup": round(dense_total / sparse_total, 4) if sparse_total > 0 else None,
         "site_errors": site_errors,
