@@ -151,7 +151,9 @@ class RuntimeBlockMask:
         kept = kept & visible
         full_kept = kept & full
         partial_kept = kept & ~full
-        if width is None:
+        if width is None and kept.numel() == 0:               # no heads (a site whose sparse heads are all adaptive)
+            full_width = partial_width = 1
+        elif width is None:
             widths = torch.stack([full_kept.sum(-1).amax(), partial_kept.sum(-1).amax()]).tolist()
             full_width, partial_width = (max(1, int(w)) for w in widths)
         else:

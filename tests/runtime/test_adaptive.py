@@ -165,3 +165,20 @@ def test_site_runs_adaptive_heads_beside_static_dense_and_skipped_ones(causal):
     assert torch.equal(out[:, 2], torch.zeros_like(out[:, 2]))
     density = layer.adaptive_density_log[0]
     assert density.shape == (2,) and bool(((density > 0) & (density <= 1)).all())
+
+
+def test_a_site_whose_sparse_heads_are_all_adaptive_prices_its_backends_without_crashing():
+    # Issue 19: on a GPU, backend="auto" prices its candidates with the site's static mask; a site whose sparse heads
+    # are all input-adaptive has a static mask of zero heads, and building it crashed in amax() at every length.
+    site = AttentionSite("model.layers.0.self_attn", 0, num_heads=4, num_kv_heads=2, head_dim=16, q_len=192,
+                         k_len=192, causal=True)
+    layer = SparseAttention(site, [patterns.estimated_vertical_slash(0.05, 0.05, sink_blocks=1)] * 4, block_size=32)
+    static = layer.runtime_mask(site.q_len, site.k_len, "cpu")        # what _resolve_backend prices
+    assert static.num_heads == 0 and static.kept_blocks_per_head() == []
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 4, 192, 16, generator=gen)
+    k, v = torch.randn(1, 2, 192, 16, generator=gen), torch.randn(1, 2, 192, 16, generator=gen)
+    with torch.no_grad():
+        out = layer(q, k, v, None, True, None)
+    mask = layer.adaptive_source.mask(q, k)
+    assert rel_err(out, mask_reference(q, k, v, mask)) < 1e-6
