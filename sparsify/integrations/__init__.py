@@ -23,7 +23,7 @@ def _is_instance(model: Any, module_name: str, class_name: str) -> bool:
 
 
 def attach(model: torch.nn.Module, strategy: Strategy | str | os.PathLike, *, backend: str = "auto",
-           decode: str = "dense", cost_model: Any = None) -> torch.nn.Module:
+           decode: Any = "dense", cost_model: Any = None) -> torch.nn.Module:
     """Run ``strategy`` inside the framework's own loop: a copy of ``model`` that shares its weights.
 
     The framework door, beside the graph door (`sparsify.compile`). The same strategy — searched
@@ -33,7 +33,9 @@ def attach(model: torch.nn.Module, strategy: Strategy | str | os.PathLike, *, ba
     * a transformers ``PreTrainedModel``: ``attached.generate(...)`` with the default dynamic
       cache. Attention goes through transformers' ``AttentionInterface`` (``attn_implementation
       ="sparsify"``, set on the copy only); prefill runs the strategy's masks, decode steps run
-      dense (``decode="dense"``) or the pattern's rows at their query offset (``decode="sparse"``).
+      dense (``decode="dense"``), the pattern's rows at their query offset (``decode="sparse"``), or
+      the cache pages a decode pattern picks per step from the query
+      (``decode=sparsify.decode_patterns.query_aware_decode(0.1)``).
     * a diffusers model (``ModelMixin``, e.g. ``pipe.transformer``): attention modules named by
       the strategy get a diffusers attention processor that wraps their own and runs their
       scaled-dot-product attention on the site's kernels, so a pipeline runs as usual (CFG
@@ -50,7 +52,7 @@ def attach(model: torch.nn.Module, strategy: Strategy | str | os.PathLike, *, ba
         model: a transformers ``PreTrainedModel`` or a diffusers ``ModelMixin``.
         strategy: a `Strategy` or the path of a strategy JSON file.
         backend: ``"auto"`` or a backend name (``"torch"``, ``"triton"``, ``"fa4"``, ``"flex"``).
-        decode: transformers only: ``"dense"`` or ``"sparse"`` decode steps.
+        decode: transformers only: ``"dense"``, ``"sparse"`` or a decode pattern (`query_aware_decode`).
         cost_model: the `CostModel` ``backend="auto"`` prices backends with.
 
     Example:
@@ -69,7 +71,7 @@ def attach(model: torch.nn.Module, strategy: Strategy | str | os.PathLike, *, ba
         return attach_transformers(model, strategy, backend=backend, decode=decode, cost_model=cost_model)
     if _is_instance(model, "diffusers", "ModelMixin") or _is_instance(
             model, "diffusers.models.modeling_utils", "ModelMixin"):
-        if decode != "dense":
+        if not isinstance(decode, str) or decode != "dense":
             raise UnsupportedError("decode= applies to transformers models (with a KV cache); diffusers models have "
                                    "no decode steps")
         from sparsify.integrations.diffusers import attach_diffusers

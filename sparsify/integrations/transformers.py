@@ -16,8 +16,19 @@ The registered function runs per call:
   ``k_len - q_len`` of keys that end at the last query (the dynamic cache, the default);
   transformers' mask (padding, sliding windows) applies on top;
 * a decode step (a query shorter than one block against a longer cache) runs dense SDPA
-  (``decode="dense"``, the default: one query row costs little and is exact) or the
-  pattern's rows at that offset (``decode="sparse"``).
+  (``decode="dense"``, the default: one query row costs little and is exact), the
+  pattern's rows at that offset (``decode="sparse"``), or — with a decode pattern such as
+  ``decode=query_aware_decode(0.1)`` — the cache pages that pattern selects per step and head
+  from the query (`sparsify.runtime.decode`, Quest's idea). The decoder is a child module of each
+  causal self-attention module of the copy (``sparse_decoder``), dense sites included; it owns the
+  page summaries of that layer's cache, which prefills (``use_cache=True``) and decode steps update
+  as the cache fills.
+
+Prefill in chunks works through any cache: a chunk is a query range at its offset. A
+``StaticCache`` hands attention its whole capacity, the unused slots hidden by the mask; the
+door reads the chunk's end from the mask (one small host read per layer and chunk) and attends
+to the filled slots only. Decode steps read nothing on the host, so a compiled decode step with
+a ``StaticCache`` is one graph for every step.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from typing import Any
 
 import torch
 
+from sparsify.decode_patterns import QueryAwareDecode
 from sparsify.errors import UnsupportedError
 from sparsify.integrations.common import (
     RUNTIME_ATTRIBUTE,
@@ -50,6 +62,8 @@ ATTENTION_IMPLEMENTATION = "sparsify"
 DECODE_MODES = ("dense", "sparse")
 #: Attribute of an attached site's `SparseAttention` holding its decode mode.
 DECODE_ATTRIBUTE = "decode_mode"
+#: Name under which an attention module of the attached copy holds its `QueryAwareDecoder`.
+DECODER_ATTRIBUTE = "sparse_decoder"
 
 
 def sparsify_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -69,30 +83,57 @@ def sparsify_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     runtime = module._modules.get(RUNTIME_ATTRIBUTE)
-    if runtime is None:
+    decoder = module._modules.get(DECODER_ATTRIBUTE)
+    if runtime is None and decoder is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if dropout:
-        raise UnsupportedError(f"site {runtime.site.name!r}: attention dropout ({dropout}) is not supported by sparse "
-                               f"attention; call model.eval(), or set the config's attention dropout to 0 to train")
-    check_call_shapes(runtime, query, key, framework="transformers")
-    site = runtime.site
-    causal = site.causal
+    if runtime is not None:
+        if dropout:
+            raise UnsupportedError(f"site {runtime.site.name!r}: attention dropout ({dropout}) is not supported by "
+                                   f"sparse attention; call model.eval(), or set the config's attention dropout to 0 "
+                                   f"to train")
+        check_call_shapes(runtime, query, key, framework="transformers")
+    original = (key, value, attention_mask)
     q_len, k_len = query.shape[2], key.shape[2]
-    if attention_mask is None and causal and 1 < q_len < k_len:
-        # transformers' SDPA contract: without a mask, a longer key range is an empty static cache's
-        # prefill, whose real keys are the first q_len.
-        key, value, k_len = key[:, :, :q_len], value[:, :, :q_len], q_len
-    decoding = k_len > q_len and q_len < runtime.block_size
-    if decoding and _decode_mode(module) == "dense":
+    causal = runtime.site.causal if runtime is not None else True      # decoders sit on causal self-attention only
+    block_size = runtime.block_size if runtime is not None else decoder.block_size
+    decoding = k_len > q_len and q_len < block_size
+    if decoding:
+        if decoder is not None:
+            output = decoder(query, key, value, attention_mask, scaling)
+            if runtime is not None and runtime.skipped_heads.numel():
+                output = output.index_fill(1, runtime.skipped_heads, 0)
+            return output.transpose(1, 2).contiguous(), None
+        if _decode_mode(module) == "dense":
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+    elif causal and k_len > q_len:
+        # A prefill (chunk) through a cache. Without a mask the cache is an empty static cache's first chunk
+        # (transformers' SDPA contract): its real keys are the first q_len. With one, the filled slots end at
+        # the last slot the last query row sees (a static cache's capacity is longer; a dynamic cache ends there).
+        end = q_len if attention_mask is None else int(_visible_key_end(attention_mask, k_len))
+        if end < k_len:
+            key, value, k_len = key[:, :, :end], value[:, :, :end], end
+            attention_mask = attention_mask[..., :end] if attention_mask is not None else None
+    if decoder is not None and not decoding and kwargs.get("use_cache"):
+        decoder.observe_prefill(key, k_len - q_len, k_len)
+    if runtime is None:
+        key, value, attention_mask = original
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    site = runtime.site
     q_offset = k_len - q_len if site.is_self_attention else 0
     if attention_mask is not None and attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
         attention_mask = attention_mask.bool()
     output = runtime.attend(query, key, value, attention_mask, scaling, is_causal=causal, q_offset=q_offset,
                             softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
     return output.transpose(1, 2).contiguous(), None
+
+
+def _visible_key_end(attention_mask: torch.Tensor, k_len: int) -> torch.Tensor:
+    from sparsify.runtime.decode import visible_key_end
+
+    return visible_key_end(attention_mask, k_len)
 
 
 def _decode_mode(module: torch.nn.Module) -> str:
@@ -125,17 +166,20 @@ def _module_readout(module: torch.nn.Module) -> dict[str, Any]:
 
 
 def attach_transformers(model: torch.nn.Module, strategy: Strategy | str, *, backend: str = "auto",
-                        decode: str = "dense", cost_model: Any = None) -> torch.nn.Module:
+                        decode: str | QueryAwareDecode = "dense", cost_model: Any = None) -> torch.nn.Module:
     """A copy of ``model`` (a transformers ``PreTrainedModel``) that runs ``strategy`` through ``AttentionInterface``.
 
     The copy shares every parameter and buffer with ``model``; ``model`` itself is not changed.
-    ``generate`` works with the default dynamic cache: prefill runs the strategy's masks, decode
-    steps run dense (``decode="dense"``) or the pattern's rows at their offset (``decode="sparse"``).
+    ``generate`` works with the dynamic and the static cache: prefill runs the strategy's masks,
+    decode steps run dense (``decode="dense"``), the pattern's rows at their offset
+    (``decode="sparse"``) or the pages a decode pattern selects per step
+    (``decode=query_aware_decode(0.1)``, every causal self-attention site, dense ones included).
     Use `sparsify.attach`, which picks this door for transformers models.
 
     Example:
         >>> attached = attach_transformers(model, "strategy.json")                 # doctest: +SKIP
         >>> attached.generate(input_ids, max_new_tokens=32)                        # doctest: +SKIP
+        >>> quest = attach_transformers(model, "strategy.json", decode=query_aware_decode(0.1))  # doctest: +SKIP
     """
     try:
         from transformers import PreTrainedModel
@@ -143,8 +187,9 @@ def attach_transformers(model: torch.nn.Module, strategy: Strategy | str, *, bac
         raise UnsupportedError("the transformers door needs the transformers package") from error
     if not isinstance(model, PreTrainedModel):
         raise UnsupportedError(f"attach_transformers takes a transformers PreTrainedModel, got {type(model).__name__}")
-    if decode not in DECODE_MODES:
-        raise UnsupportedError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if not isinstance(decode, QueryAwareDecode) and decode not in DECODE_MODES:
+        raise UnsupportedError(f"decode must be one of {', '.join(DECODE_MODES)} or a decode pattern "
+                               f"(sparsify.decode_patterns.query_aware_decode(...)), got {decode!r}")
     if not type(model)._can_set_attn_implementation():
         raise UnsupportedError(
             f"{type(model).__name__} does not dispatch its attention through transformers' AttentionInterface, so "
@@ -165,10 +210,13 @@ def attach_transformers(model: torch.nn.Module, strategy: Strategy | str, *, bac
     register_attention_implementation()
     attached = shared_weight_copy(model)
     copied = dict(attached.named_modules())
+    fingerprints = {entry["name"]: entry for entry in strategy.fingerprint}
     for name, runtime in runtimes.items():
+        if isinstance(decode, QueryAwareDecode):
+            _install_decoder(copied[mapping[name]], fingerprints[name], decode, strategy.block_size)
         if runtime is None:
             continue
-        setattr(runtime, DECODE_ATTRIBUTE, decode)
+        setattr(runtime, DECODE_ATTRIBUTE, decode if isinstance(decode, str) else "pattern")
         install_runtime(copied[mapping[name]], runtime)
     attached.set_attn_implementation(ATTENTION_IMPLEMENTATION)
     if attached.config._attn_implementation != ATTENTION_IMPLEMENTATION:
@@ -178,3 +226,15 @@ def attach_transformers(model: torch.nn.Module, strategy: Strategy | str, *, bac
     logger.info("attached %s to %s: %d of %d sites run sparse, decode=%s", source, type(model).__name__, sparse,
                 len(runtimes), decode)
     return attached
+
+
+def _install_decoder(module: torch.nn.Module, fingerprint: dict[str, Any], pattern: QueryAwareDecode,
+                     block_size: int) -> None:
+    """Give a causal self-attention module of the attached copy its `QueryAwareDecoder` (other sites decode as before)."""
+    if not fingerprint["causal"] or fingerprint["kind"] != "self":
+        return
+    from sparsify.runtime.decode import QueryAwareDecoder
+
+    module.add_module(DECODER_ATTRIBUTE, QueryAwareDecoder(pattern, num_heads=fingerprint["num_heads"],
+                                                           num_kv_heads=fingerprint["num_kv_heads"],
+                                                           block_size=block_size))

@@ -1,0 +1,257 @@
+"""Query-aware sparse decode: per-page key summaries kept as the cache fills, and the per-step page selection that reads them.
+
+`KeyPageSummaries` holds, for one attention layer's KV cache, the element-wise minimum and
+maximum of the keys of every page (``page_size`` consecutive cache slots). It is updated
+incrementally: a prefill (or a prefill chunk) summarises the pages its keys fall in, a decode
+step the page(s) of its new token(s) — never the whole cache.
+
+`QueryAwareDecoder` is the module that owns those summaries for one attention layer and runs a
+decode step under a `sparsify.decode_patterns.QueryAwareDecode` pattern: per key/value head it
+bounds every page's best score ``Σ_d max(q_d · min_d, q_d · max_d)`` (largest over the query
+heads of the group and the step's query rows), keeps the sink pages, the recent window and the
+top pages by that bound (a fixed count: ``pattern.selected_pages``), gathers their keys and values
+and runs SDPA over them, the group's query heads as rows of one call (no GQA expansion). A step
+is device work only — the new token's position comes from the attention mask as a tensor when a
+static cache hides its unused slots — so it compiles into one graph that serves every step.
+
+Why gather + SDPA: a decode query is one row per head, so a block-sparse prefill kernel (built
+for 64-128-row query tiles) would run almost empty tiles; gathering the selected pages costs one
+extra read and write of the selected keys and values (``selected / all`` of dense traffic) and then
+runs the framework's fastest dense kernel on a short, contiguous sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from sparsify.decode_patterns import QueryAwareDecode
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KeyPageSummaries", "QueryAwareDecoder", "page_bounds", "read_fraction", "select_pages", "visible_key_end"]
+
+#: Pages a summary tensor grows by at least when a growing cache outruns it.
+_GROWTH_PAGES = 64
+
+
+class KeyPageSummaries:
+    """Element-wise ``minimum`` / ``maximum`` ``[B, Hkv, pages, D]`` of the keys of every page of one layer's cache.
+
+    ``pages_capacity`` grows (doubling) with a growing cache; a static cache's fits from the start.
+    Slots past the cache's end hold stale values that the selection never reads as candidates.
+
+    Example:
+        >>> summaries = KeyPageSummaries(page_size=4)
+        >>> keys = torch.arange(12.0).view(1, 1, 12, 1)
+        >>> summaries.summarise(keys, 0, 10)                         # pages 0, 1 and the first 2 keys of page 2
+        >>> summaries.minimum[0, 0, :3, 0].tolist(), summaries.maximum[0, 0, :3, 0].tolist()
+        ([0.0, 4.0, 8.0], [3.0, 7.0, 9.0])
+    """
+
+    def __init__(self, page_size: int):
+        self.page_size = page_size
+        self.minimum: torch.Tensor | None = None
+        self.maximum: torch.Tensor | None = None
+
+    @property
+    def pages_capacity(self) -> int:
+        return 0 if self.minimum is None else self.minimum.shape[2]
+
+    def _ensure(self, keys: torch.Tensor, pages: int) -> None:
+        """Allocate (or grow) the summaries for ``pages`` pages of ``keys``' batch, heads, size, dtype and device."""
+        batch, heads, _, dim = keys.shape
+        fits = (self.minimum is not None and self.minimum.shape[:2] == (batch, heads)
+                and self.minimum.shape[3] == dim and self.minimum.dtype == keys.dtype
+                and self.minimum.device == keys.device)
+        if fits and pages <= self.pages_capacity:
+            return
+        capacity = max(pages, 2 * self.pages_capacity if fits else 0, _GROWTH_PAGES)
+        minimum = keys.new_empty(batch, heads, capacity, dim)
+        maximum = keys.new_empty(batch, heads, capacity, dim)
+        if fits:                                                 # a growing cache keeps what it summarised
+            minimum[:, :, :self.pages_capacity] = self.minimum
+            maximum[:, :, :self.pages_capacity] = self.maximum
+        self.minimum, self.maximum = minimum, maximum
+
+    def summarise(self, keys: torch.Tensor, start: int, end: int) -> None:
+        """Summarise the pages holding cache slots ``[start, end)`` of ``keys`` ``[B, Hkv, S, D]`` (host ints: prefill).
+
+        A page cut by ``end`` is summarised over its slots before ``end``; ``start == 0`` starts a new sequence.
+        """
+        page = self.page_size
+        if start == 0 or self.minimum is None:
+            self._ensure(keys, -(-keys.shape[2] // page))
+        first, last = start // page, -(-end // page)
+        self._ensure(keys, last)
+        span = keys[:, :, first * page:end]
+        padding = (last - first) * page - span.shape[2]
+        low = torch.nn.functional.pad(span, (0, 0, 0, padding), value=float("inf"))
+        high = torch.nn.functional.pad(span, (0, 0, 0, padding), value=float("-inf"))
+        shape = (*keys.shape[:2], last - first, page, keys.shape[3])
+        self.minimum[:, :, first:last] = low.view(shape).amin(3)
+        self.maximum[:, :, first:last] = high.view(shape).amax(3)
+
+    def update(self, keys: torch.Tensor, end: torch.Tensor, new_tokens: int) -> None:
+        """Re-summarise the pages of the last ``new_tokens`` slots before ``end`` (a 0-dim device tensor): a decode step.
+
+        Device work only, a fixed number of pages per call: it compiles into the step's graph.
+        """
+        page = self.page_size
+        self._ensure(keys, -(-keys.shape[2] // page))
+        touched = (new_tokens - 1 + page - 1) // page + 1             # pages the new tokens can span
+        first_page = torch.div(end - new_tokens, page, rounding_mode="floor")
+        last_page = torch.div(end - 1, page, rounding_mode="floor")
+        pages = torch.minimum(first_page + torch.arange(touched, device=keys.device), last_page)   # [touched]
+        slots = pages.unsqueeze(1) * page + torch.arange(page, device=keys.device)               # [touched, page]
+        valid = (slots < end).view(1, 1, touched, page, 1)
+        gathered = keys.index_select(2, slots.flatten().clamp(max=keys.shape[2] - 1))
+        gathered = gathered.view(*keys.shape[:2], touched, page, keys.shape[3])
+        inf = torch.tensor(float("inf"), dtype=keys.dtype, device=keys.device)
+        self.minimum.index_copy_(2, pages, torch.where(valid, gathered, inf).amin(3))
+        self.maximum.index_copy_(2, pages, torch.where(valid, gathered, -inf).amax(3))
+
+
+def page_bounds(q: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, pages]``: per key/value head the largest upper bound of ``q · k`` over each page's keys.
+
+    ``q`` is ``[B, Hkv, rows, D]`` (the group's query heads and the step's query rows); the bound
+    of one row is ``Σ_d max(q_d · min_d, q_d · max_d)``, and a page scores its largest row.
+
+    Example:
+        >>> q = torch.tensor([[[[1.0, -1.0]]]])
+        >>> low, high = torch.tensor([[[[0.0, -2.0]]]]), torch.tensor([[[[3.0, 1.0]]]])
+        >>> page_bounds(q, low, high).tolist()                       # 1 * 3 + (-1) * (-2)
+        [[[5.0]]]
+    """
+    q = q.to(minimum.dtype)
+    bound = q.clamp(min=0) @ maximum.transpose(-1, -2) + q.clamp(max=0) @ minimum.transpose(-1, -2)
+    return bound.amax(2)
+
+
+def select_pages(bounds: torch.Tensor, end: torch.Tensor, pattern: QueryAwareDecode, page_size: int) -> torch.Tensor:
+    """``int64 [B, Hkv, count]``: the pages a step reads, ``count = pattern.selected_pages(bounds.shape[-1])``.
+
+    Sinks and the window (ending at the page of slot ``end - 1``) always; the rest by the highest
+    bound among pages that hold a slot before ``end``. Indices are distinct; when fewer pages are
+    valid than ``count``, the extra ones point past ``end`` and the caller masks them.
+    """
+    pages = bounds.shape[-1]
+    count = pattern.selected_pages(pages)
+    page = torch.arange(pages, device=bounds.device)
+    last_page = torch.div(end - 1, page_size, rounding_mode="floor")
+    scores = bounds.float().masked_fill(page * page_size >= end, float("-inf"))
+    forced = (page < pattern.sink_pages) | ((page <= last_page) & (page > last_page - pattern.window_pages))
+    scores = scores.masked_fill(forced, float("inf"))
+    return scores.topk(count, dim=-1, sorted=False).indices
+
+
+def visible_key_end(attention_mask: torch.Tensor, k_len: int) -> torch.Tensor:
+    """0-dim ``int64``: one past the last cache slot the last query row of ``attention_mask`` sees (over the batch).
+
+    A ``StaticCache`` hands attention its whole capacity and hides the unused slots with the mask;
+    the new token's slot is the last one its row sees. Device work, no host read.
+    """
+    row = attention_mask[..., -1, :]
+    visible = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    visible = visible.reshape(-1, k_len).any(0)
+    slots = torch.arange(1, k_len + 1, device=attention_mask.device)
+    return torch.where(visible, slots, 0).amax()
+
+
+class QueryAwareDecoder(torch.nn.Module):
+    """One attention layer's query-aware decode: owns its cache's page summaries and runs decode steps over selected pages.
+
+    Call `observe_prefill` for every prefill (chunk) that writes the cache, and `forward` for each
+    decode step (a call of fewer than ``block_size`` query rows against a longer cache). The summaries follow the one cache this layer is decoding: a prefill starting at
+    slot 0 starts a new sequence.
+
+    Example:
+        >>> from sparsify.decode_patterns import query_aware_decode
+        >>> decoder = QueryAwareDecoder(query_aware_decode(1.0, page_size=4), num_heads=2, num_kv_heads=1)
+        >>> keys, values = torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 8)
+        >>> decoder.observe_prefill(keys[:, :, :15], 0, 15)
+        >>> decoder(torch.randn(1, 2, 1, 8), keys, values, None, None).shape
+        torch.Size([1, 2, 1, 8])
+    """
+
+    def __init__(self, pattern: QueryAwareDecode, *, num_heads: int, num_kv_heads: int, block_size: int = 128):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} query heads do not split into {num_kv_heads} key/value head groups")
+        self.pattern = pattern
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        #: Calls with fewer query rows than this against a longer cache are decode steps (the strategy's block size).
+        self.block_size = block_size
+        self.summaries = KeyPageSummaries(pattern.page_size)
+        #: Set to a list to collect, per step, the fraction of the visible cache read (device tensors).
+        self.read_log: list | None = None
+
+    def extra_repr(self) -> str:
+        return f"{self.pattern}, heads={self.num_heads}, kv_heads={self.num_kv_heads}"
+
+    def observe_prefill(self, keys: torch.Tensor, start: int, end: int) -> None:
+        """Summarise the cache slots ``[start, end)`` a prefill (chunk) wrote (host ints)."""
+        self.summaries.summarise(keys, start, end)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+        """One decode step: ``query`` ``[B, H, Lq, D]`` against the cache ``key``/``value`` ``[B, Hkv, S, D]``.
+
+        Without a mask the cache ends at ``S`` (a growing cache); with one, at the last slot the
+        last query row sees (a static cache). Returns ``[B, H, Lq, Dv]``.
+        """
+        batch, heads, rows, dim = query.shape
+        kv_heads, k_len = key.shape[1], key.shape[2]
+        group = heads // kv_heads
+        page = self.pattern.page_size
+        if attention_mask is None:
+            end = torch.full((), k_len, dtype=torch.long, device=key.device)
+        else:
+            end = visible_key_end(attention_mask, k_len)
+        if self.summaries.minimum is None:
+            raise RuntimeError("query-aware decode needs the prefill's key summaries: run the prompt through the "
+                               "attached model with use_cache=True before decoding")
+        self.summaries.update(key, end, rows)
+        pages = -(-k_len // page)
+        grouped = query.reshape(batch, kv_heads, group * rows, dim)
+        bounds = page_bounds(grouped, self.summaries.minimum[:, :, :pages], self.summaries.maximum[:, :, :pages])
+        chosen = select_pages(bounds, end, self.pattern, page)                        # [B, Hkv, count]
+        slots = (chosen.unsqueeze(-1) * page + torch.arange(page, device=key.device)).flatten(2)   # [B, Hkv, n]
+        in_range = slots < k_len
+        base = torch.arange(batch * kv_heads, device=key.device).view(batch, kv_heads, 1) * k_len
+        flat = (base + slots.clamp(max=k_len - 1)).flatten()
+        selected_keys = key.reshape(-1, dim).index_select(0, flat).view(batch, kv_heads, -1, dim)
+        selected_values = value.reshape(-1, value.shape[-1]).index_select(0, flat).view(batch, kv_heads, -1,
+                                                                                       value.shape[-1])
+        # Row r of the step sits at slot end - rows + r and sees the selected slots up to it.
+        row_slot = end - rows + torch.arange(rows, device=key.device)                   # [rows]
+        visible = (slots.unsqueeze(2) <= row_slot.view(1, 1, rows, 1)) & in_range.unsqueeze(2)   # [B, Hkv, rows, n]
+        if attention_mask is not None:
+            user = attention_mask[:, 0, -rows:] if attention_mask.dim() == 4 else attention_mask[..., -rows:, :]
+            user = user if user.dtype == torch.bool else user > torch.finfo(user.dtype).min / 2
+            user = user.expand(batch, rows, k_len)
+            picked = user.gather(2, slots.clamp(max=k_len - 1).reshape(batch, 1, -1).expand(batch, rows, -1))
+            visible = visible & picked.view(batch, rows, kv_heads, -1).transpose(1, 2)
+        visible = visible.unsqueeze(2).expand(batch, kv_heads, group, rows, -1).reshape(batch, kv_heads,
+                                                                                       group * rows, -1)
+        if self.read_log is not None:
+            self.read_log.append((slots < end).sum(-1).float().mean() / end.clamp(min=1))
+        output = torch.nn.functional.scaled_dot_product_attention(grouped, selected_keys, selected_values,
+                                                                  attn_mask=visible, scale=scale)
+        return output.reshape(batch, heads, rows, -1)
+
+
+def read_fraction(pattern: QueryAwareDecode, context: int) -> float:
+    """Fraction of a ``context``-token cache one step reads (pages actually selected over pages present).
+
+    Example:
+        >>> from sparsify.decode_patterns import query_aware_decode
+        >>> round(read_fraction(query_aware_decode(0.05, page_size=32), 131072), 3)
+        0.051
+    """
+    pages = math.ceil(context / pattern.page_size)
+    return pattern.selected_pages(pages) / pages
