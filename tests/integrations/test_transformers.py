@@ -174,3 +174,121 @@ def test_attention_dropout_in_training_is_refused_by_name():
     attached.train()
     with pytest.raises(UnsupportedError, match=r"'model\.layers\.0\.self_attn'.*dropout"):
         attached(**inputs)
+
+
+# --- chunked prefill and query-aware decode (issue 19) ---------------------------------------------------------------
+
+def _chunked_logits(model, ids, chunk, cache):
+    """Logits of ``ids`` prefilled ``chunk`` tokens at a time through ``cache``."""
+    pieces = []
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], chunk):
+            pieces.append(model(ids[:, start:start + chunk], cache=cache, use_cache=True).logits)
+    return torch.cat(pieces, 1)
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_chunked_prefill_with_static_patterns_equals_one_call(cache_kind):
+    import transformers
+
+    model, inputs = model_zoo.llama(seq=160, batch=1)
+    sites = sparsify.find_attention(model, inputs)
+    attached = sparsify.attach(model, _mixed(sites))
+    ids = torch.randint(0, model_zoo.VOCAB, (1, 160), generator=torch.Generator().manual_seed(11))   # fresh input
+    with torch.no_grad():
+        whole = attached(ids, use_cache=False).logits
+        dense = model(ids, use_cache=False).logits
+    cache = (transformers.DynamicCache(config=model.config) if cache_kind == "dynamic"
+             else transformers.StaticCache(config=model.config, max_cache_len=256))
+    chunked = _chunked_logits(attached, ids, 48, cache)       # 48 = 3 blocks: chunks start at block edges
+    assert rel_err(chunked, whole) < 1e-5
+    assert rel_err(whole, dense) > 1e-3                         # the strategy really is sparse
+    offsets = {key[2] for runtime in attached_sites(attached).values() for key in runtime._masks}
+    assert {48, 96, 144} <= offsets                             # each chunk ran at its offset
+
+
+def test_chunked_prefill_of_adaptive_heads_estimates_per_chunk_from_what_the_chunk_sees():
+    model, inputs = model_zoo.llama(seq=128, batch=1)
+    sites = sparsify.find_attention(model, inputs)
+    strategy = sparsify.Strategy.uniform(sites, patterns.pooled_coverage(0.9, sink_blocks=1), block_size=16)
+    attached = sparsify.attach(model, strategy)
+    ids = torch.randint(0, model_zoo.VOCAB, (1, 128), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        dense = model(ids, use_cache=False).logits
+        whole = attached(ids, use_cache=False).logits
+    import transformers
+
+    chunked = _chunked_logits(attached, ids, 64, transformers.DynamicCache(config=model.config))
+    # The first chunk sees what the one call's first rows see: the same rows; the second estimates on its own.
+    assert rel_err(chunked[:, :64], whole[:, :64]) < 1e-5
+    assert rel_err(chunked, dense) < 1.5 * rel_err(whole, dense) + 1e-3
+
+
+def test_query_aware_decode_reading_every_page_generates_the_dense_tokens():
+    model, inputs = model_zoo.llama(seq=64, batch=2)
+    sites = sparsify.find_attention(model, inputs)
+    every_page = sparsify.decode_patterns.query_aware_decode(1.0, page_size=8)
+    attached = sparsify.attach(model, sparsify.Strategy.dense(sites, block_size=16), decode=every_page)
+    ids = inputs["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0                                              # left padding on the second row
+    assert torch.equal(_generate(attached, ids, mask, new_tokens=12), _generate(model, ids, mask, new_tokens=12))
+    decoders = [module.sparse_decoder for module in attached.modules() if hasattr(module, "sparse_decoder")]
+    assert len(decoders) == 2 and all(d.summaries.minimum is not None for d in decoders)
+
+
+def test_query_aware_decode_reads_its_budget_of_pages_and_stays_close_to_dense():
+    model, inputs = model_zoo.llama(seq=96, batch=1)
+    sites = sparsify.find_attention(model, inputs)
+    pattern = sparsify.decode_patterns.query_aware_decode(0.1, page_size=8, sink_pages=1, window_pages=1, min_pages=1)
+    strategy = sparsify.Strategy.dense(sites, block_size=16)
+    attached = sparsify.attach(model, strategy, decode=pattern)
+    ids = torch.randint(0, model_zoo.VOCAB, (1, 96), generator=torch.Generator().manual_seed(13))
+    decoders = [module.sparse_decoder for module in attached.modules() if hasattr(module, "sparse_decoder")]
+    rows, dense_rows = [], []
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = attached(ids[:, :80], use_cache=True).past_key_values
+        for decoder in decoders:
+            decoder.read_log = []
+        for position in range(80, 96):
+            step = attached(ids[:, position:position + 1], cache=cache, use_cache=True)
+            cache = step.past_key_values
+            rows.append(step.logits[:, -1])
+    reads = torch.stack([torch.stack(decoder.read_log) for decoder in decoders])
+    assert reads.shape == (2, 16) and bool((reads < 0.6).all())          # 3 or 4 of 10-12 pages
+    error = rel_err(torch.stack(rows, 1), full[:, 80:96])
+    assert 1e-4 < error < 0.5                                             # sparse, and still near the dense rows
+
+
+def test_query_aware_decode_compiles_once_for_every_step_of_a_static_cache():
+    import transformers
+
+    model, inputs = model_zoo.llama(seq=64, batch=1)
+    sites = sparsify.find_attention(model, inputs)
+    pattern = sparsify.decode_patterns.query_aware_decode(0.25, page_size=8, min_pages=1)
+    attached = sparsify.attach(model, sparsify.Strategy.uniform(sites, WINDOW, block_size=16), decode=pattern)
+    ids = torch.randint(0, model_zoo.VOCAB, (1, 72), generator=torch.Generator().manual_seed(14))
+    reference = sparsify.attach(model, sparsify.Strategy.uniform(sites, WINDOW, block_size=16), decode=pattern)
+
+    def decode(step_model, steps, compiled):
+        cache = transformers.StaticCache(config=model.config, max_cache_len=128)
+        outputs = []
+        with torch.no_grad():
+            attached(ids[:, :64], cache=cache, use_cache=True) if compiled else reference(
+                ids[:, :64], cache=cache, use_cache=True)
+            for position in range(64, 64 + steps):
+                outputs.append(step_model(ids[:, position:position + 1], cache=cache, use_cache=True,
+                                          position_ids=torch.tensor([[position]])).logits)
+        return torch.cat(outputs, 1)
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(attached)
+    got = decode(compiled, 8, True)
+    frames = counters["stats"]["unique_graphs"]
+    expected = decode(reference, 8, False)
+    assert rel_err(got, expected) < 1e-4
+    assert frames == 1, dict(counters["stats"])             # one graph serves every decode step: no recompiles
+    assert not counters["graph_break"], dict(counters["graph_break"])
