@@ -1,0 +1,93 @@
+"""What the long-context LLM benchmarks share: model shapes built from configs, their attention sites, and timers.
+
+Shapes (random weights, no download):
+
+* ``llama-1b``: Llama-3.2-1B's geometry — 16 layers, hidden 2048, 32 query / 8 key-value heads of
+  64, MLP 8192, vocabulary 128256, RoPE θ 500000.
+* ``qwen-7b``: Qwen2.5-7B's attention geometry — hidden 3584, 28 query / 4 key-value heads of 128,
+  MLP 18944, vocabulary 152064, RoPE θ 1e6 (fewer layers than the real 28: ``--layers``).
+* ``tiny``: 2 layers, hidden 256, 4 / 2 heads of 64 — CPU smoke runs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+import sparsify
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-1b": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                     intermediate_size=8192, vocab_size=128256, rope_theta=500000.0),
+    "qwen-7b": dict(num_hidden_layers=4, hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
+                    intermediate_size=18944, vocab_size=152064, rope_theta=1000000.0),
+    "tiny": dict(num_hidden_layers=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 intermediate_size=512, vocab_size=1024, rope_theta=10000.0),
+}
+
+
+def build_model(shape: str, *, layers: int | None, max_tokens: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """A ``LlamaForCausalLM`` of ``shape`` (random weights, SDPA attention, eval mode) on ``device`` in ``dtype``."""
+    import transformers
+
+    if shape not in SHAPES:
+        raise SystemExit(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    settings = dict(SHAPES[shape])
+    if layers:
+        settings["num_hidden_layers"] = layers
+    theta = settings.pop("rope_theta")
+    config = transformers.LlamaConfig(**settings, max_position_embeddings=max(max_tokens, 8192),
+                                      rope_parameters={"rope_type": "default", "rope_theta": theta},
+                                      bos_token_id=0, eos_token_id=1, pad_token_id=0, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def attention_sites(model) -> list[sparsify.AttentionSite]:
+    """The causal self-attention sites of a transformers decoder, named by module path (what graph capture names).
+
+    Read off the modules (heads, head size) instead of capturing the graph: capture at 1B scale costs
+    more GPU time than the benchmark itself.
+    """
+    config = model.config
+    names = [name for name, module in model.named_modules() if hasattr(module, "layer_idx") and hasattr(module, "o_proj")]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return [sparsify.AttentionSite(name, index, num_heads=config.num_attention_heads,
+                                   num_kv_heads=config.num_key_value_heads, head_dim=head_dim, q_len=4096,
+                                   k_len=4096, causal=True) for index, name in enumerate(names)]
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ms(function: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median milliseconds of ``function`` (CUDA events on a GPU, wall clock on CPU), after ``warmup`` calls."""
+    for _ in range(warmup):
+        function()
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            function()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start_time = time.perf_counter()
+            function()
+            times.append((time.perf_counter() - start_time) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu"
