@@ -48,17 +48,10 @@ def build_model(shape: str, *, layers: int | None, max_tokens: int, device: str,
 
 
 def attention_sites(model) -> list[sparsify.AttentionSite]:
-    """The causal self-attention sites of a transformers decoder, named by module path (what graph capture names).
+    """The model's attention sites read off its modules (graph capture at 1B scale costs more than the benchmark)."""
+    from sparsify.integrations.transformers import attention_sites as read_sites
 
-    Read off the modules (heads, head size) instead of capturing the graph: capture at 1B scale costs
-    more GPU time than the benchmark itself.
-    """
-    config = model.config
-    names = [name for name, module in model.named_modules() if hasattr(module, "layer_idx") and hasattr(module, "o_proj")]
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return [sparsify.AttentionSite(name, index, num_heads=config.num_attention_heads,
-                                   num_kv_heads=config.num_key_value_heads, head_dim=head_dim, q_len=4096,
-                                   k_len=4096, causal=True) for index, name in enumerate(names)]
+    return read_sites(model)
 
 
 def synchronize() -> None:

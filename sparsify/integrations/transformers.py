@@ -51,11 +51,13 @@ from sparsify.integrations.common import (
     read_attribute,
     shared_weight_copy,
 )
+from sparsify.site import AttentionSite
 from sparsify.strategy import Strategy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ATTENTION_IMPLEMENTATION", "DECODE_MODES", "attach_transformers", "sparsify_attention_forward"]
+__all__ = ["ATTENTION_IMPLEMENTATION", "DECODE_MODES", "attach_transformers", "attention_sites",
+           "sparsify_attention_forward"]
 
 #: The name the door registers in ``AttentionInterface`` and ``AttentionMaskInterface``.
 ATTENTION_IMPLEMENTATION = "sparsify"
@@ -163,6 +165,31 @@ def _module_readout(module: torch.nn.Module) -> dict[str, Any]:
                "causal": bool(causal) if isinstance(causal, bool) else None,
                "kind": None if cross is None else ("cross" if cross else "self")}
     return {key: value for key, value in readout.items() if isinstance(value, (int, bool, str))}
+
+
+def attention_sites(model: torch.nn.Module, *, tokens: int = 4096) -> list[AttentionSite]:
+    """The attention sites of a transformers model read off its modules (no graph capture), for `Strategy` builders.
+
+    An attention module is one that says whether it is causal and how many heads of which size it
+    has (transformers' attention classes do); its site is named by its module path, as graph capture
+    names it, and recorded at ``tokens`` tokens (masks are built per length at run time anyway).
+    Capture (`sparsify.find_attention`) finds what this cannot: attentions without such attributes.
+
+    Example:
+        >>> sites = attention_sites(model)                                      # doctest: +SKIP
+        >>> strategy = sparsify.Strategy.uniform(sites, patterns.sliding_window(4096), block_size=128)  # doctest: +SKIP
+    """
+    sites = []
+    for name, module in model.named_modules():
+        readout = _module_readout(module)
+        if not name or "causal" not in readout or not {"num_heads", "num_kv_heads", "head_dim"} <= set(readout):
+            continue
+        sites.append(AttentionSite(name, len(sites), num_heads=readout["num_heads"],
+                                   num_kv_heads=readout["num_kv_heads"], head_dim=readout["head_dim"], q_len=tokens,
+                                   k_len=tokens, causal=readout["causal"],
+                                   is_self_attention=readout.get("kind", "self") == "self",
+                                   module_type=f"{type(module).__module__}.{type(module).__qualname__}"))
+    return sites
 
 
 def attach_transformers(model: torch.nn.Module, strategy: Strategy | str, *, backend: str = "auto",

@@ -292,3 +292,15 @@ def test_query_aware_decode_compiles_once_for_every_step_of_a_static_cache():
     assert rel_err(got, expected) < 1e-4
     assert frames == 1, dict(counters["stats"])             # one graph serves every decode step: no recompiles
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_sites_read_off_the_modules_are_the_sites_capture_finds():
+    from sparsify.integrations.transformers import attention_sites
+
+    model, inputs = model_zoo.llama(seq=32)
+    captured = sparsify.find_attention(model, inputs)
+    read = attention_sites(model, tokens=32)
+    fields = ("name", "index", "num_heads", "num_kv_heads", "head_dim", "causal", "is_self_attention", "module_type")
+    assert [[getattr(site, field) for field in fields] for site in read] == [
+        [getattr(site, field) for field in fields] for site in captured]
+    assert attention_sites(torch.nn.Linear(2, 2)) == []
