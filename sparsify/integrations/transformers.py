@@ -34,12 +34,12 @@ a ``StaticCache`` is one graph for every step.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from sparsify.decode_patterns import QueryAwareDecode
-from sparsify.errors import UnsupportedError
+from sparsify.errors import StrategyError, UnsupportedError
 from sparsify.integrations.common import (
     RUNTIME_ATTRIBUTE,
     build_runtime,
@@ -200,7 +200,9 @@ def attach_transformers(model: torch.nn.Module, strategy: Strategy | str, *, bac
     ``generate`` works with the dynamic and the static cache: prefill runs the strategy's masks,
     decode steps run dense (``decode="dense"``), the pattern's rows at their offset
     (``decode="sparse"``) or the pages a decode pattern selects per step
-    (``decode=query_aware_decode(0.1)``, every causal self-attention site, dense ones included).
+    (``decode=query_aware_decode(0.1)``: every causal self-attention site, dense ones included; or
+    ``{site name: pattern}`` for the named sites only — e.g. all but the first layers, whose
+    attention is rarely sparse — the others decoding dense).
     Use `sparsify.attach`, which picks this door for transformers models.
 
     Example:
@@ -214,9 +216,15 @@ def attach_transformers(model: torch.nn.Module, strategy: Strategy | str, *, bac
         raise UnsupportedError("the transformers door needs the transformers package") from error
     if not isinstance(model, PreTrainedModel):
         raise UnsupportedError(f"attach_transformers takes a transformers PreTrainedModel, got {type(model).__name__}")
-    if not isinstance(decode, QueryAwareDecode) and decode not in DECODE_MODES:
-        raise UnsupportedError(f"decode must be one of {', '.join(DECODE_MODES)} or a decode pattern "
-                               f"(sparsify.decode_patterns.query_aware_decode(...)), got {decode!r}")
+    if isinstance(decode, Mapping):
+        wrong = {name: value for name, value in decode.items() if not isinstance(value, QueryAwareDecode)}
+        if wrong:
+            raise UnsupportedError(f"decode maps site names to decode patterns (query_aware_decode(...)); these are "
+                                   f"not: {wrong}")
+    elif not isinstance(decode, QueryAwareDecode) and decode not in DECODE_MODES:
+        raise UnsupportedError(f"decode must be one of {', '.join(DECODE_MODES)}, a decode pattern "
+                               f"(sparsify.decode_patterns.query_aware_decode(...)) or a mapping of site names to "
+                               f"decode patterns, got {decode!r}")
     if not type(model)._can_set_attn_implementation():
         raise UnsupportedError(
             f"{type(model).__name__} does not dispatch its attention through transformers' AttentionInterface, so "
@@ -238,12 +246,13 @@ def attach_transformers(model: torch.nn.Module, strategy: Strategy | str, *, bac
     attached = shared_weight_copy(model)
     copied = dict(attached.named_modules())
     fingerprints = {entry["name"]: entry for entry in strategy.fingerprint}
+    decode_patterns = _decode_patterns(decode, list(runtimes), source)
     for name, runtime in runtimes.items():
-        if isinstance(decode, QueryAwareDecode):
-            _install_decoder(copied[mapping[name]], fingerprints[name], decode, strategy.block_size)
+        if name in decode_patterns:
+            _install_decoder(copied[mapping[name]], fingerprints[name], decode_patterns[name], strategy.block_size)
         if runtime is None:
             continue
-        setattr(runtime, DECODE_ATTRIBUTE, decode if isinstance(decode, str) else "pattern")
+        setattr(runtime, DECODE_ATTRIBUTE, decode if isinstance(decode, str) else "dense")   # decoder sites: theirs
         install_runtime(copied[mapping[name]], runtime)
     attached.set_attn_implementation(ATTENTION_IMPLEMENTATION)
     if attached.config._attn_implementation != ATTENTION_IMPLEMENTATION:
@@ -253,6 +262,19 @@ def attach_transformers(model: torch.nn.Module, strategy: Strategy | str, *, bac
     logger.info("attached %s to %s: %d of %d sites run sparse, decode=%s", source, type(model).__name__, sparse,
                 len(runtimes), decode)
     return attached
+
+
+def _decode_patterns(decode: Any, names: list[str], source: str) -> dict[str, QueryAwareDecode]:
+    """``{site name: decode pattern}`` of the sites that decode with one (every site for one pattern, the named ones
+    for a mapping, whose unknown names are refused with the known ones)."""
+    if isinstance(decode, QueryAwareDecode):
+        return {name: decode for name in names}
+    if not isinstance(decode, Mapping):
+        return {}
+    unknown = [name for name in decode if name not in names]
+    if unknown:
+        raise StrategyError(f"decode names sites that {source} does not have: {unknown}; its sites: {names}")
+    return dict(decode)
 
 
 def _install_decoder(module: torch.nn.Module, fingerprint: dict[str, Any], pattern: QueryAwareDecode,

@@ -304,3 +304,18 @@ def test_sites_read_off_the_modules_are_the_sites_capture_finds():
     assert [[getattr(site, field) for field in fields] for site in read] == [
         [getattr(site, field) for field in fields] for site in captured]
     assert attention_sites(torch.nn.Linear(2, 2)) == []
+
+
+def test_query_aware_decode_on_named_sites_only_and_unknown_names_refused():
+    model, inputs = model_zoo.llama(seq=48, batch=1)
+    sites = sparsify.find_attention(model, inputs)
+    pattern = sparsify.decode_patterns.query_aware_decode(0.1, page_size=8)
+    attached = sparsify.attach(model, sparsify.Strategy.uniform(sites, WINDOW, block_size=16),
+                               decode={sites[1].name: pattern})
+    layers = attached.model.layers
+    assert not hasattr(layers[0].self_attn, "sparse_decoder") and hasattr(layers[1].self_attn, "sparse_decoder")
+    assert layers[0].self_attn.sparse_attention.decode_mode == "dense"
+    with pytest.raises(StrategyError, match=r"model\.layers\.9\.self_attn"):
+        sparsify.attach(model, sparsify.Strategy.dense(sites), decode={"model.layers.9.self_attn": pattern})
+    with pytest.raises(UnsupportedError, match="decode patterns"):
+        sparsify.attach(model, sparsify.Strategy.dense(sites), decode={sites[0].name: "sparse"})
