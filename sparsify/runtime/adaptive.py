@@ -26,6 +26,7 @@ __all__ = [
     "pooled_block_mass",
     "self_blocks",
     "vertical_slash_block_mask",
+    "vertical_slash_line_mass",
 ]
 
 _NEG_INF = float("-inf")
@@ -195,17 +196,82 @@ def self_blocks(q_len: int, k_len: int, block_size: int, q_offset: int, device) 
     return (key >= first.unsqueeze(1)) & (key <= last.unsqueeze(1))
 
 
+def vertical_slash_line_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                             probe_rows: int, scale: float | None = None, causal: bool = False, q_offset: int = 0,
+                             key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(column_mass [B, H, Kb], diagonal_mass [B, H, Kb + total_blocks])`` of the last ``probe_rows`` queries.
+
+    The probe queries attend to every key they may see; ``column_mass[J]`` is their probability mass
+    in key block ``J`` (vertical lines), ``diagonal_mass[o + Kb - 1]`` the mass on block diagonal
+    ``o`` = (absolute query block) - (key block), ``o`` from ``-(Kb - 1)`` to ``total_blocks``, which
+    holds the token offsets ``query - key`` in ``[(o - 1) * block, (o + 1) * block)`` (slash lines).
+
+    Cost: one ``probe x Sk x D`` matmul in the inputs' dtype (grouped query heads share their key
+    head: no GQA copy of the keys), one softmax, and one pass over the probabilities that splits each
+    (probe rows x key block) tile by offset class with a small matmul — no per-element scatter.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    batch, heads, q_len, dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    device = q.device
+    k_blocks = blocks_for(k_len, block_size)
+    total_blocks = blocks_for(q_offset + q_len, block_size)
+    probe_rows = max(1, min(probe_rows, q_len))
+    probe = q[:, :, q_len - probe_rows:] * scale
+    group = heads // kv_heads if heads % kv_heads == 0 else 0
+    regular = (kv_head_index.device.type == "cpu" and group > 0
+               and torch.equal(kv_head_index.long(), torch.arange(kv_heads).repeat_interleave(group)))
+    if regular:   # query head h reads key head h // group: the group's probe rows are rows of one matmul
+        scores = (probe.reshape(batch, kv_heads, group * probe_rows, dim) @ k.transpose(-1, -2)).view(
+            batch, heads, probe_rows, k_len)
+    else:
+        scores = probe @ k.index_select(1, kv_head_index.to(k.device)).transpose(-1, -2)     # [B, H, P, Sk]
+    base = q_offset + q_len - probe_rows                                   # absolute position of the first probe row
+    if causal and base + 1 < k_len:                                        # keys after a row's own position
+        width = k_len - base - 1
+        later = torch.arange(width, device=device).unsqueeze(0) >= torch.arange(probe_rows, device=device).unsqueeze(1)
+        scores[..., base + 1:].masked_fill_(later, _NEG_INF)
+    if key_valid is not None:
+        scores.masked_fill_(~key_valid.view(batch, 1, 1, k_len), _NEG_INF)
+    probabilities = torch.softmax(scores, dim=-1).nan_to_num_(0.0)       # rows that see nothing: zeros
+    # Row r, key J * block + c lies at token offset d = base + r - J * block - c; with base = m * block + shift,
+    # its offset tile floor(d / block) is m - J + e, e = floor((shift + r - c) / block): a few classes per tile.
+    first_block, shift = divmod(base, block_size)
+    rows = torch.arange(probe_rows, device=device).view(-1, 1)
+    columns = torch.arange(block_size, device=device).view(1, -1)
+    offset_class = torch.div(shift + rows - columns, block_size, rounding_mode="floor") + 1   # >= 0
+    classes = (shift + probe_rows - 1) // block_size + 2
+    weights = torch.nn.functional.one_hot(offset_class, classes).to(probabilities.dtype)    # [P, block, classes]
+    full = k_len // block_size
+    parts = []
+    if full:
+        tiles = probabilities[..., :full * block_size].view(batch, heads, probe_rows, full, block_size)
+        parts.append((tiles @ weights.unsqueeze(0).unsqueeze(0)).float().sum(2))            # [B, H, full, classes]
+    if full < k_blocks:                                                                    # the partial last block
+        tail = probabilities[..., full * block_size:].unsqueeze(3)                         # [B, H, P, 1, rest]
+        rest = tail.shape[-1]
+        parts.append((tail @ weights[:, :rest].unsqueeze(0).unsqueeze(0)).float().sum(2))
+    split = torch.cat(parts, 2)                                                            # [B, H, Kb, classes]
+    column_mass = split.sum(-1)
+    # Tile index (offset tile + Kb, as offsets run from -Kb * block): m - J + (class - 1) + Kb.
+    tile_index = (first_block + k_blocks - 1 - torch.arange(k_blocks, device=device).view(-1, 1)
+                  + torch.arange(classes, device=device).view(1, -1))                       # [Kb, classes]
+    tiles = torch.zeros(batch, heads, k_blocks + total_blocks + 1, device=device, dtype=torch.float32)
+    tiles.scatter_add_(2, tile_index.reshape(1, 1, -1).expand(batch, heads, -1), split.reshape(batch, heads, -1))
+    diagonals = torch.arange(-(k_blocks - 1), total_blocks + 1, device=device)
+    diagonal_mass = tiles[..., diagonals - 1 + k_blocks] + tiles[..., diagonals + k_blocks]
+    return column_mass, diagonal_mass
+
+
 def vertical_slash_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
                               vertical: torch.Tensor, slash: torch.Tensor, probe_rows: int,
                               scale: float | None = None, causal: bool = False, q_offset: int = 0,
                               key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """``bool [B, H, Qb, Kb]``: MInference's vertical-slash lines, estimated from the last ``probe_rows`` queries.
 
-    The probe queries attend to every key (exactly, in float32); their probability mass is
-    summed per key block (vertical lines) and per block diagonal (slash lines: a diagonal at
-    block offset ``o`` holds the token offsets ``(o - 1) * block .. (o + 1) * block``). Per head
-    the top ``ceil(vertical[h] * k_blocks)`` key blocks and ``ceil(slash[h] * diagonals)`` block
-    diagonals are kept (at least one of each).
+    The probe queries attend to every key (`vertical_slash_line_mass`); per head the top
+    ``ceil(vertical[h] * k_blocks)`` key blocks and ``ceil(slash[h] * diagonals)`` block diagonals
+    are kept (at least one of each).
 
     Example:
         >>> q = torch.randn(1, 1, 64, 8)
@@ -215,46 +281,19 @@ def vertical_slash_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: i
         >>> mask.shape
         torch.Size([1, 1, 4, 4])
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
     q_blocks, k_blocks = blocks_for(q_len, block_size), blocks_for(k_len, block_size)
     device = q.device
-    probe_rows = max(1, min(probe_rows, q_len))
-    probe = q[:, :, q_len - probe_rows:].float()
-    keys = k.float().index_select(1, kv_head_index.to(k.device))
-    scores = (probe @ keys.transpose(-1, -2)) * scale                          # [B, H, P, Sk]
-    query_position = q_offset + q_len - probe_rows + torch.arange(probe_rows, device=device)   # absolute
-    key_position = torch.arange(k_len, device=device)
-    hidden = torch.zeros(probe_rows, k_len, dtype=torch.bool, device=device)
-    if causal:
-        hidden = key_position.unsqueeze(0) > query_position.unsqueeze(1)
-    scores = scores.masked_fill(hidden, _NEG_INF)
-    if key_valid is not None:
-        scores = scores.masked_fill(~key_valid.view(batch, 1, 1, k_len), _NEG_INF)
-    probabilities = _softmax_rows(scores)
-    # Vertical lines: mass per key block.
-    padded = k_blocks * block_size
-    column_mass = torch.nn.functional.pad(probabilities.sum(2), (0, padded - k_len))
-    column_mass = column_mass.view(batch, heads, k_blocks, block_size).sum(-1)            # [B, H, Kb]
-    # Slash lines: mass per token offset d = query - key, pooled into tiles of one block of offsets
-    # (tile t holds d in [t * block, (t + 1) * block)); block diagonal o holds tiles o - 1 and o.
-    pad_left = k_blocks * block_size - k_len                                              # tile 0 starts at d = -Kb*bs
-    offsets = query_position.unsqueeze(1) - key_position.unsqueeze(0) + k_len + pad_left   # [P, Sk], >= 0
-    total_blocks = blocks_for(q_offset + q_len, block_size)
-    bins = (k_blocks + total_blocks + 1) * block_size
-    offset_mass = torch.zeros(batch, heads, bins, device=device, dtype=probabilities.dtype)
-    offset_mass.scatter_add_(2, offsets.reshape(1, 1, -1).expand(batch, heads, -1),
-                             probabilities.reshape(batch, heads, -1))
-    tiles = offset_mass.view(batch, heads, -1, block_size).sum(-1)                        # tile j: t = j - Kb
-    diagonals = torch.arange(-(k_blocks - 1), total_blocks + 1, device=device)
-    diagonal_mass = tiles[..., diagonals - 1 + k_blocks] + tiles[..., diagonals + k_blocks]   # [B, H, diagonals]
+    column_mass, diagonal_mass = vertical_slash_line_mass(
+        q, k, block_size=block_size, kv_head_index=kv_head_index, probe_rows=probe_rows, scale=scale, causal=causal,
+        q_offset=q_offset, key_valid=key_valid)
     vertical_keep = _top_fraction(column_mass, vertical, heads)
     slash_keep = _top_fraction(diagonal_mass, slash, heads)
     # Block (I, J) lies on block diagonal (absolute query block of I) - J.
     query_block = (q_offset + torch.arange(q_blocks, device=device) * block_size) // block_size
     diagonal_of = query_block.unsqueeze(1) - torch.arange(k_blocks, device=device).unsqueeze(0)
-    diagonal_index = (diagonal_of + (k_blocks - 1)).clamp(0, diagonals.numel() - 1)          # [Qb, Kb]
+    diagonal_index = (diagonal_of + (k_blocks - 1)).clamp(0, diagonal_mass.shape[-1] - 1)      # [Qb, Kb]
     on_slash = slash_keep.gather(2, diagonal_index.reshape(1, 1, -1).expand(batch, heads, -1))
     return vertical_keep.unsqueeze(2) | on_slash.view(batch, heads, q_blocks, k_blocks)
 

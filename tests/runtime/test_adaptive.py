@@ -182,3 +182,40 @@ def test_a_site_whose_sparse_heads_are_all_adaptive_prices_its_backends_without_
         out = layer(q, k, v, None, True, None)
     mask = layer.adaptive_source.mask(q, k)
     assert rel_err(out, mask_reference(q, k, v, mask)) < 1e-6
+
+
+@pytest.mark.parametrize("q_len, k_len, q_offset, probe_rows, causal, kv", [
+    (70, 70, 0, 16, True, [0, 0, 1, 1]),          # partial blocks, probe not block-aligned, GQA (a grouped matmul)
+    (40, 100, 60, 32, True, [1, 0, 1, 0]),        # a chunk at an offset, irregular head-to-key map
+    (64, 80, 0, 16, False, [0, 1, 0, 1]),         # not causal
+    (5, 77, 72, 5, True, [0, 0, 1, 1]),           # a few rows at the end of a long cache
+])
+def test_line_masses_equal_a_loop_over_every_probe_row_and_key(q_len, k_len, q_offset, probe_rows, causal, kv):
+    from sparsify.runtime.adaptive import vertical_slash_line_mass
+
+    gen = torch.Generator().manual_seed(q_len + k_len)
+    q = torch.randn(2, 4, q_len, 8, generator=gen)
+    k = torch.randn(2, 2, k_len, 8, generator=gen)
+    valid = torch.ones(2, k_len, dtype=torch.bool)
+    valid[1, :3] = False
+    block, scale = 16, 0.4
+    kv_index = torch.tensor(kv)
+    columns, diagonals = vertical_slash_line_mass(q, k, block_size=block, kv_head_index=kv_index,
+                                                  probe_rows=probe_rows, scale=scale, causal=causal,
+                                                  q_offset=q_offset, key_valid=valid)
+    k_blocks, total = blocks_for(k_len, block), blocks_for(q_offset + q_len, block)
+    expected_columns = torch.zeros(2, 4, k_blocks, dtype=torch.float64)
+    tiles = torch.zeros(2, 4, k_blocks + total + 1, dtype=torch.float64)
+    for b in range(2):
+        for h in range(4):
+            for r in range(q_len - probe_rows, q_len):
+                position = q_offset + r
+                seen = [j for j in range(k_len) if valid[b, j] and (not causal or j <= position)]
+                scores = torch.stack([q[b, h, r].double() @ k[b, kv[h], j].double() * scale for j in seen])
+                for j, p in zip(seen, torch.softmax(scores, 0)):
+                    expected_columns[b, h, j // block] += p
+                    tiles[b, h, (position - j) // block + k_blocks] += p
+    offsets = torch.arange(-(k_blocks - 1), total + 1)
+    expected_diagonals = tiles[..., offsets - 1 + k_blocks] + tiles[..., offsets + k_blocks]
+    assert torch.allclose(columns.double(), expected_columns, atol=1e-5)
+    assert torch.allclose(diagonals.double(), expected_diagonals, atol=1e-5)
