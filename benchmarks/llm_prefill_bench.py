@@ -11,7 +11,9 @@ see `llm_bench_tools`), attaches a strategy with ``sparsify.attach`` over every
 
 Beside the time to first token it measures, per forward, dense attention alone (SDPA over every
 layer's q/k/v shapes, CUDA events) and each mode's sparse attention alone (the site's ``attend``),
-the adaptive heads' mask estimation alone, and the realised causal density. From those:
+the adaptive heads' mask estimation alone, the backend kernel alone (``kernel_ms``; ``glue_ms`` is
+what the site adds around it: head selection copies, plan, output placement), and the realised
+causal density. From those:
 ``ideal = (dense - dense attention) + density * dense attention`` and ``of_ideal = ideal / sparse``
 (1.0 = the sparse step loses nothing beyond its density). ``--chunk N`` also prefills the prompt in
 chunks of N tokens through a DynamicCache (``chunked_ratio`` = chunked / one call). ``--profile``
@@ -77,6 +79,16 @@ def dense_attention_ms(model, q, k, v, repeats: int) -> float:
     with torch.no_grad():
         return time_ms(lambda: sdpa_attention_forward(module, q, k, v, None, scaling=module.scaling, is_causal=True),
                        repeats)
+
+
+def kernel_ms(runtime, mask, q, k, v, scale: float, repeats: int) -> float:
+    """Milliseconds of the backend's kernel alone on the site's sparse heads (plan prepared, q already selected)."""
+    heads = runtime.adaptive_heads if runtime.adaptive_heads.numel() else runtime.sparse_heads
+    backend = runtime.backend_for(q.dtype, q.device)
+    selected = q.index_select(1, heads)
+    plan = backend.prepare(mask, q_shape=tuple(selected.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape),
+                           dtype=q.dtype, device=q.device)
+    return time_ms(lambda: backend.run(plan, selected, k, v, attn_mask=None, scale=scale), repeats)
 
 
 def chunked_prefill(model, ids: torch.Tensor, chunk: int):
@@ -179,13 +191,16 @@ def main(argv=None) -> None:
                     kept = float(mask.kept_counts().sum()) / (mask.num_heads * causal_blocks(tokens, block))
                 sparse_attention = time_ms(lambda: runtime.attend(q, k, v, None, scale, is_causal=True),
                                            max(arguments.repeats, 3)) * layer_count
+                kernel = kernel_ms(runtime, mask, q, k, v, scale, max(arguments.repeats, 3)) * layer_count
                 sparse_ms = time_ms(lambda: attached(ids, use_cache=False, logits_to_keep=1), arguments.repeats)
                 ideal = other + kept * dense_attention
                 row = dict(shape=shape, layers=layer_count, tokens=tokens, mode=mode, density=kept, ttft_ms=sparse_ms,
                            speedup=dense_ms / sparse_ms, attention_ms=sparse_attention,
                            attention_speedup=dense_attention / sparse_attention, estimation_ms=estimation,
                            estimation_share=estimation / sparse_attention, ideal_ms=ideal, of_ideal=ideal / sparse_ms,
-                           attention_of_ideal=kept * dense_attention / sparse_attention,
+                           attention_of_ideal=kept * dense_attention / sparse_attention, kernel_ms=kernel,
+                           kernel_of_ideal=kept * dense_attention / kernel,
+                           glue_ms=sparse_attention - kernel - estimation,
                            backend=runtime.backend_for(q.dtype, q.device).name)
                 if arguments.chunk and arguments.chunk < tokens:
                     chunked_ms = time_ms(lambda: chunked_prefill(attached, ids, arguments.chunk), 1)
