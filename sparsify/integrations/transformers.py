@@ -51,13 +51,14 @@ from sparsify.integrations.common import (
     read_attribute,
     shared_weight_copy,
 )
+from sparsify.runtime.block_mask import causal_element_mask
 from sparsify.site import AttentionSite
 from sparsify.strategy import Strategy
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ATTENTION_IMPLEMENTATION", "DECODE_MODES", "attach_transformers", "attention_sites",
-           "sparsify_attention_forward"]
+           "sparsify_attention_forward", "sparsify_causal_mask"]
 
 #: The name the door registers in ``AttentionInterface`` and ``AttentionMaskInterface``.
 ATTENTION_IMPLEMENTATION = "sparsify"
@@ -87,8 +88,8 @@ def sparsify_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     runtime = module._modules.get(RUNTIME_ATTRIBUTE)
     decoder = module._modules.get(DECODER_ATTRIBUTE)
     if runtime is None and decoder is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, _chunk_mask(module, query, key, attention_mask),
+                                      dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     if runtime is not None:
         if dropout:
             raise UnsupportedError(f"site {runtime.site.name!r}: attention dropout ({dropout}) is not supported by "
@@ -109,20 +110,19 @@ def sparsify_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         if _decode_mode(module) == "dense":
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kwargs)
-    elif causal and k_len > q_len:
-        # A prefill (chunk) through a cache. Without a mask the cache is an empty static cache's first chunk
-        # (transformers' SDPA contract): its real keys are the first q_len. With one, the filled slots end at
-        # the last slot the last query row sees (a static cache's capacity is longer; a dynamic cache ends there).
-        end = q_len if attention_mask is None else int(_visible_key_end(attention_mask, k_len))
+    elif causal and k_len > q_len and attention_mask is not None:
+        # A prefill chunk through a cache, with a mask (padding, or a static cache): the filled slots end at the
+        # last slot the last query row sees (a static cache's capacity is longer; a dynamic cache ends there).
+        # Without a mask (`sparsify_causal_mask` skips pure causal ones) the keys end at the last query.
+        end = int(_visible_key_end(attention_mask, k_len))
         if end < k_len:
-            key, value, k_len = key[:, :, :end], value[:, :, :end], end
-            attention_mask = attention_mask[..., :end] if attention_mask is not None else None
+            key, value, k_len, attention_mask = key[:, :, :end], value[:, :, :end], end, attention_mask[..., :end]
     if decoder is not None and not decoding and kwargs.get("use_cache"):
         decoder.observe_prefill(key, k_len - q_len, k_len)
     if runtime is None:
         key, value, attention_mask = original
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, _chunk_mask(module, query, key, attention_mask),
+                                      dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     site = runtime.site
     q_offset = k_len - q_len if site.is_self_attention else 0
     if attention_mask is not None and attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
@@ -130,6 +130,16 @@ def sparsify_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     output = runtime.attend(query, key, value, attention_mask, scaling, is_causal=causal, q_offset=q_offset,
                             softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
     return output.transpose(1, 2).contiguous(), None
+
+
+def _chunk_mask(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask SDPA needs for a dense call: a causal chunk whose mask `sparsify_causal_mask` skipped gets its
+    bottom-right causal mask back (SDPA's ``is_causal`` aligns top-left); everything else keeps its own."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is None and 1 < q_len < k_len and getattr(module, "is_causal", False):
+        return causal_element_mask(q_len, k_len, k_len - q_len, query.device)
+    return attention_mask
 
 
 def _visible_key_end(attention_mask: torch.Tensor, k_len: int) -> torch.Tensor:
@@ -148,7 +158,32 @@ def register_attention_implementation() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION_IMPLEMENTATION, sparsify_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sparsify_causal_mask)
+
+
+def sparsify_causal_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_offset: int = 0,
+                         mask_function: Any = None, attention_mask: torch.Tensor | None = None,
+                         local_size: int | None = None, allow_is_causal_skip: bool = True,
+                         **kwargs: Any) -> torch.Tensor | None:
+    """The ``"sparsify"`` mask function of ``AttentionMaskInterface``: SDPA's masks, skipped where a query offset says it all.
+
+    A chunk of queries at the end of a growing cache (``q_offset + q_length == kv_length``), with no
+    padding and nothing but causality to mask, gets no mask (``None``): the attention function reads
+    the chunk's offset from the lengths, and the sparse kernels run without a ``q x k`` element mask
+    (a 2 GB tensor for a 16K chunk at 128K). A static cache's calls keep an explicit mask — that is how
+    the attention function finds the filled slots — and everything else is ``sdpa_mask``'s.
+    """
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    mask_function = causal_mask_function if mask_function is None else mask_function
+    bottom_right = isinstance(q_offset, int) and kv_offset == 0 and q_offset + q_length == kv_length
+    if (allow_is_causal_skip and bottom_right and mask_function is causal_mask_function and local_size is None
+            and not torch.compiler.is_compiling()
+            and (attention_mask is None or bool(attention_mask[:, :kv_length].all()))):
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     local_size=local_size, allow_is_causal_skip=allow_is_causal_skip and bottom_right, **kwargs)
 
 
 def _module_readout(module: torch.nn.Module) -> dict[str, Any]:

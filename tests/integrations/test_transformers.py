@@ -207,6 +207,18 @@ def test_chunked_prefill_with_static_patterns_equals_one_call(cache_kind):
     assert {48, 96, 144} <= offsets                             # each chunk ran at its offset
 
 
+def test_chunked_prefill_of_a_dense_strategy_equals_the_models_one_call():
+    import transformers
+
+    model, inputs = model_zoo.llama(seq=96, batch=1)
+    attached = sparsify.attach(model, sparsify.Strategy.dense(sparsify.find_attention(model, inputs), block_size=16))
+    ids = torch.randint(0, model_zoo.VOCAB, (1, 96), generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        dense = model(ids, use_cache=False).logits
+    chunked = _chunked_logits(attached, ids, 40, transformers.DynamicCache(config=model.config))
+    assert rel_err(chunked, dense) < 1e-5
+
+
 def test_chunked_prefill_of_adaptive_heads_estimates_per_chunk_from_what_the_chunk_sees():
     model, inputs = model_zoo.llama(seq=128, batch=1)
     sites = sparsify.find_attention(model, inputs)

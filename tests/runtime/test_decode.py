@@ -155,3 +155,24 @@ def test_decode_pattern_round_trips_and_validates():
                          (lambda: query_aware_decode(window_pages=0), "window_pages")):
         with pytest.raises(PatternError, match=message):
             bad()
+
+
+@pytest.mark.gpu
+def test_decode_on_the_gpu_in_bfloat16_equals_dense_with_every_page_and_compiles_once():
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    keys = torch.randn(2, 8, 4096, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    values = torch.randn(2, 8, 4096, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(2, 32, 1, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    decoder = QueryAwareDecoder(query_aware_decode(1.0, page_size=32), num_heads=32, num_kv_heads=8)
+    decoder.observe_prefill(keys, 0, 4095)
+    assert rel_err(decoder(q, keys, values, None, None), _dense_decode(q.cpu(), keys.cpu(), values.cpu(), 4096)) < 2e-2
+    sparse = QueryAwareDecoder(query_aware_decode(0.05, page_size=32), num_heads=32, num_kv_heads=8)
+    sparse.observe_prefill(keys, 0, 4095)
+    mask = torch.ones(2, 1, 1, 4096, dtype=torch.bool, device="cuda")
+    eager = sparse(q, keys, values, mask, None)
+    torch._dynamo.reset()
+    compiled = torch.compile(sparse, fullgraph=True)
+    for _ in range(3):
+        got = compiled(q, keys, values, mask, None)
+    assert rel_err(got, eager) < 1e-2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
