@@ -2,7 +2,8 @@
 
 `attach_transformers` registers one attention function, ``"sparsify"``, in transformers' own
 registries (``AttentionInterface`` for the attention, ``AttentionMaskInterface`` for its masks,
-which are SDPA's), makes a copy of the model that shares every parameter and buffer, gives
+which are SDPA's, except that a purely causal chunk at the end of a growing cache gets none: its
+offset says it all, `sparsify_causal_mask`), makes a copy of the model that shares every parameter and buffer, gives
 each attention module of the copy that the strategy names its `SparseAttention` as a child
 module, and switches the copy (not the model) to ``attn_implementation="sparsify"`` with
 ``set_attn_implementation``. The user's model keeps its implementation, weights and outputs.
@@ -52,6 +53,7 @@ from sparsify.integrations.common import (
     shared_weight_copy,
 )
 from sparsify.runtime.block_mask import causal_element_mask
+from sparsify.runtime.decode import QueryAwareDecoder, visible_key_end
 from sparsify.site import AttentionSite
 from sparsify.strategy import Strategy
 
@@ -114,7 +116,7 @@ def sparsify_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         # A prefill chunk through a cache, with a mask (padding, or a static cache): the filled slots end at the
         # last slot the last query row sees (a static cache's capacity is longer; a dynamic cache ends there).
         # Without a mask (`sparsify_causal_mask` skips pure causal ones) the keys end at the last query.
-        end = int(_visible_key_end(attention_mask, k_len))
+        end = int(visible_key_end(attention_mask, k_len))
         if end < k_len:
             key, value, k_len, attention_mask = key[:, :, :end], value[:, :, :end], end, attention_mask[..., :end]
     if decoder is not None and not decoding and kwargs.get("use_cache"):
@@ -140,12 +142,6 @@ def _chunk_mask(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     if attention_mask is None and 1 < q_len < k_len and getattr(module, "is_causal", False):
         return causal_element_mask(q_len, k_len, k_len - q_len, query.device)
     return attention_mask
-
-
-def _visible_key_end(attention_mask: torch.Tensor, k_len: int) -> torch.Tensor:
-    from sparsify.runtime.decode import visible_key_end
-
-    return visible_key_end(attention_mask, k_len)
 
 
 def _decode_mode(module: torch.nn.Module) -> str:
@@ -317,8 +313,6 @@ def _install_decoder(module: torch.nn.Module, fingerprint: dict[str, Any], patte
     """Give a causal self-attention module of the attached copy its `QueryAwareDecoder` (other sites decode as before)."""
     if not fingerprint["causal"] or fingerprint["kind"] != "self":
         return
-    from sparsify.runtime.decode import QueryAwareDecoder
-
     module.add_module(DECODER_ATTRIBUTE, QueryAwareDecoder(pattern, num_heads=fingerprint["num_heads"],
                                                            num_kv_heads=fingerprint["num_kv_heads"],
                                                            block_size=block_size))
