@@ -22,7 +22,6 @@ too (one graph for every step).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 

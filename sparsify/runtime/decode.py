@@ -22,14 +22,11 @@ runs the framework's fastest dense kernel on a short, contiguous sequence.
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 
 from sparsify.decode_patterns import QueryAwareDecode
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["KeyPageSummaries", "QueryAwareDecoder", "page_bounds", "read_fraction", "select_pages", "visible_key_end"]
 
