@@ -110,8 +110,8 @@ def sparsify_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
                 output = output.index_fill(1, runtime.skipped_heads, 0)
             return output.transpose(1, 2).contiguous(), None
         if _decode_mode(module) == "dense":
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, is_causal=is_causal, **kwargs)
+            return sdpa_attention_forward(module, query, key, value, _chunk_mask(module, query, key, attention_mask),
+                                          dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     elif causal and k_len > q_len and attention_mask is not None:
         # A prefill chunk through a cache, with a mask (padding, or a static cache): the filled slots end at the
         # last slot the last query row sees (a static cache's capacity is longer; a dynamic cache ends there).

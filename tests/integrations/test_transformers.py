@@ -202,6 +202,15 @@ def test_chunked_prefill_with_static_patterns_equals_one_call(cache_kind):
              else transformers.StaticCache(config=model.config, max_cache_len=256))
     chunked = _chunked_logits(attached, ids, 48, cache)       # 48 = 3 blocks: chunks start at block edges
     assert rel_err(chunked, whole) < 1e-5
+    # A last chunk shorter than a block (run dense, as decode steps are by default) stays causal from its offset;
+    # a window longer than the prompt keeps every block, so the sparse site's rows are the dense model's.
+    keeps_all = sparsify.attach(model, sparsify.Strategy.uniform(sites, patterns.sliding_window(512), block_size=16))
+    cache = (transformers.DynamicCache(config=model.config) if cache_kind == "dynamic"
+             else transformers.StaticCache(config=model.config, max_cache_len=256))
+    with torch.no_grad():
+        keeps_all(ids[:, :150], cache=cache, use_cache=True)
+        tail = keeps_all(ids[:, 150:], cache=cache, use_cache=True).logits
+    assert rel_err(tail, dense[:, 150:]) < 1e-5
     assert rel_err(whole, dense) > 1e-3                         # the strategy really is sparse
     offsets = {key[2] for runtime in attached_sites(attached).values() for key in runtime._masks}
     assert {48, 96, 144} <= offsets                             # each chunk ran at its offset
