@@ -447,8 +447,8 @@ def test_bad_parameters(make, expected):
             {"pattern": "slidng_window", "window": 8},
             "unknown pattern 'slidng_window' (did you mean 'sliding_window'?); known: "
             "a_shape, attention_sinks, block_top_k, dense, estimated_vertical_slash, intersection, "
-            "last_tokens, multi_diagonal, pooled_coverage, power_of_two, radial, skip, sliding_window, "
-            "strided, union, vertical_slash, vertical_stripes",
+            "last_tokens, multi_diagonal, pooled_coverage, power_of_two, query_aware_decode, radial, skip, "
+            "sliding_window, strided, union, vertical_slash, vertical_stripes",
         ),
         ({"pattern": 3}, "unknown pattern 3; known: a_shape, attention_sinks"),
         ({"window": 8}, "no 'pattern' key; known patterns: a_shape, attention_sinks"),
