@@ -51,9 +51,29 @@ def wrap(module: torch.nn.Module, mode: str) -> torch.nn.Module:
     return torch.compile(module, mode="reduce-overhead" if mode == "reduce-overhead" else None)
 
 
+def ideal_fields(dense_step, sparse_step, dense_ms: float, sparse_ms: float, density: float, device,
+                 steps: int, previous_attention_ms: float | None) -> dict:
+    """The dense step's attention time (and the sparse step's, for information), the ideal and the fraction of it."""
+    attention = measure_attention_time(dense_step, device, steps=steps)
+    sparse_attention = measure_attention_time(sparse_step, device, steps=steps)
+    attention_ms, source = attention.attention_ms, attention.source
+    if attention.calls_per_step == 0 and previous_attention_ms is not None:
+        # The profiler saw no attention kernels (e.g. replayed from a CUDA graph): they are the previous
+        # mode's kernels, so their time is too.
+        attention_ms, source = previous_attention_ms, "previous mode's attention kernels (none seen in this mode)"
+    fields = {"attention_ms": round(attention_ms, 3), "attention_calls": attention.calls_per_step,
+              "attention_source": source, "attention_share": round(attention_ms / dense_ms, 4),
+              "sparse_attention_ms": round(sparse_attention.attention_ms, 3)}
+    if attention_ms > 0:
+        ideal = ideal_step_ms(dense_ms, attention_ms, density)
+        fields.update({"ideal_ms": round(ideal, 2), "ideal_speedup": round(dense_ms / ideal, 3),
+                       "fraction_of_ideal": round(fraction_of_ideal(ideal, sparse_ms), 3)})
+    return fields
+
+
 def measure_mode(mode: str, model: torch.nn.Module, compiled: sparsify.SparsifiedModule, test: torch.Tensor,
                  reference: torch.Tensor, eager_sparse: torch.Tensor, density: float, args,
-                 eager_attention_ms: float | None) -> dict:
+                 previous_attention_ms: float | None) -> dict:
     """Time dense and sparse in one mode, measure the dense attention time, and return the row's numbers."""
     device = test.device
     skips_before = cudagraph_skips() if mode == "reduce-overhead" else 0
@@ -65,23 +85,15 @@ def measure_mode(mode: str, model: torch.nn.Module, compiled: sparsify.Sparsifie
 
     dense_ms = median_ms(lambda: run(dense_module), device, args.repeats, args.warmup)
     sparse_ms = median_ms(lambda: run(sparse_module), device, args.repeats, args.warmup)
+    print(f"{mode}: dense {dense_ms:.2f} ms, sparse {sparse_ms:.2f} ms; measuring the attention time", flush=True)
     output = run(sparse_module).float().clone()  # CUDA graphs reuse their output buffers
-    attention = measure_attention_time(lambda: run(dense_module), device, steps=args.attention_steps)
-    sparse_attention = measure_attention_time(lambda: run(sparse_module), device, steps=args.attention_steps)
     row = {"dense_ms": round(dense_ms, 2), "sparsify_ms": round(sparse_ms, 2), "speedup": round(dense_ms / sparse_ms, 3),
            "output_rel_error": round(relative_error(output, reference), 5)}
-    attention_ms, source = attention.attention_ms, attention.source
-    if attention.calls_per_step == 0 and eager_attention_ms is not None:
-        # The profiler saw no attention kernels (e.g. replayed from a CUDA graph): the kernels are the
-        # eager step's, so their time is too.
-        attention_ms, source = eager_attention_ms, "eager step's attention kernels (none seen in this mode)"
-    row.update({"attention_ms": round(attention_ms, 3), "attention_calls": attention.calls_per_step,
-                "attention_source": source, "attention_share": round(attention_ms / dense_ms, 4),
-                "sparse_attention_ms": round(sparse_attention.attention_ms, 3)})
-    if attention_ms > 0:
-        ideal = ideal_step_ms(dense_ms, attention_ms, density)
-        row.update({"ideal_ms": round(ideal, 2), "ideal_speedup": round(dense_ms / ideal, 3),
-                    "fraction_of_ideal": round(fraction_of_ideal(ideal, sparse_ms), 3)})
+    try:  # the timings above stay in the row whatever happens here
+        row.update(ideal_fields(lambda: run(dense_module), lambda: run(sparse_module), dense_ms, sparse_ms, density,
+                                device, args.attention_steps, previous_attention_ms))
+    except Exception as error:
+        row["ideal_error"] = error_text(error)
     if mode != "eager":
         row["vs_eager_error"] = round(relative_error(output, eager_sparse), 6)
     if mode == "reduce-overhead":
@@ -137,16 +149,16 @@ def main(argv: list[str] | None = None) -> int:
             common = {"tokens": test.shape[1], "layers": args.layers, "heads": args.heads, "head_dim": args.head_dim,
                       "backend": args.backend, "mean_density": round(compiled.strategy.summary()["mean_density"], 4),
                       "attention_density": round(density, 4), "search_s": round(search_seconds, 1)}
-            eager_attention_ms = None
+            previous_attention_ms = None
             for mode in modes:
                 try:
                     row = measure_mode(mode, model, compiled, test, reference, eager_sparse, density, args,
-                                       eager_attention_ms)
+                                       previous_attention_ms)
                 except Exception as error:  # the row says what failed; the other modes still run
                     row = {"error": error_text(error)}
                 log.add(mode=mode, **common, **row)
-                if mode == "eager":
-                    eager_attention_ms = row.get("attention_ms")
+                if row.get("attention_calls"):
+                    previous_attention_ms = row["attention_ms"]
                 if mode != "eager":
                     torch._dynamo.reset()
             del model, compiled, reference, eager_sparse

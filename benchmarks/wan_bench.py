@@ -205,13 +205,17 @@ def measure_mode(mode: str, model, sparse, skipped, step, reference, density: fl
     dense_module, sparse_module = wrap(model), wrap(sparse)
     dense_ms = median_ms(lambda: step(dense_module), device, args.repeats, args.warmup)
     sparse_ms = median_ms(lambda: step(sparse_module), device, args.repeats, args.warmup)
-    attention = measure_attention_time(lambda: step(dense_module), device, steps=args.attention_steps)
-    row = {"dense_ms": round(dense_ms, 2), "sparse_ms": round(sparse_ms, 2), "speedup": round(dense_ms / sparse_ms, 3),
-           **attention.as_row(), "attention_share": round(attention.attention_ms / dense_ms, 4)}
-    if attention.attention_ms > 0:
-        ideal = ideal_step_ms(dense_ms, attention.attention_ms, density)
-        row.update({"ideal_ms": round(ideal, 2), "ideal_speedup": round(dense_ms / ideal, 3),
-                    "fraction_of_ideal": round(fraction_of_ideal(ideal, sparse_ms), 3)})
+    print(f"{mode}: dense {dense_ms:.2f} ms, sparse {sparse_ms:.2f} ms; measuring the attention time", flush=True)
+    row = {"dense_ms": round(dense_ms, 2), "sparse_ms": round(sparse_ms, 2), "speedup": round(dense_ms / sparse_ms, 3)}
+    try:  # the timings above stay in the row whatever happens here
+        attention = measure_attention_time(lambda: step(dense_module), device, steps=args.attention_steps)
+        row.update(**attention.as_row(), attention_share=round(attention.attention_ms / dense_ms, 4))
+        if attention.attention_ms > 0:
+            ideal = ideal_step_ms(dense_ms, attention.attention_ms, density)
+            row.update({"ideal_ms": round(ideal, 2), "ideal_speedup": round(dense_ms / ideal, 3),
+                        "fraction_of_ideal": round(fraction_of_ideal(ideal, sparse_ms), 3)})
+    except Exception as error:
+        row["ideal_error"] = error_text(error)
     row["output_rel_error"] = round(relative_error(step(sparse_module), reference), 5)
     if skipped is not None:
         skipped_module = wrap(skipped)
