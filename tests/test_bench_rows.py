@@ -187,3 +187,22 @@ def test_e2e_bench_smoke_run_writes_its_rows(tmp_path, capsys):
         row["dense_ms"] - row["attention_ms"] * (1 - row["attention_density"]), abs=0.02)
     assert row["fraction_of_ideal"] > 0 and 0 < row["output_rel_error"] < 1
     assert "row: mode=eager" in capsys.readouterr().out
+
+
+def test_the_session_summary_shows_cut_runs_and_test_counts(tmp_path):
+    import show_rows
+
+    path = tmp_path / "wan.json"
+    with pytest.raises(MemoryError):
+        with RowLog(path, meta={"device": "NVIDIA H100"}, echo=False) as log:
+            log.add(mode="eager", speedup=1.8, fraction_of_ideal=0.98, dense_ms=621.0)
+            raise MemoryError
+    assert show_rows.describe_rows(path, ["mode", "fraction_of_ideal"]).splitlines() == [
+        "wan.json: NVIDIA H100, 1 rows, INCOMPLETE (cut or failed)", "  mode=eager  fraction_of_ideal=0.98"]
+    junit = tmp_path / "tests.xml"
+    junit.write_text('<testsuites><testsuite tests="5" failures="1" errors="1" skipped="2">'
+                     '<testcase classname="tests.backends.test_fa4" name="test_matches"><failure/></testcase>'
+                     '<testcase classname="tests.test_ops" name="test_op"><error/></testcase></testsuite></testsuites>')
+    assert show_rows.junit_counts(junit).splitlines() == [
+        "tests.xml: 1 passed, 1 failed, 1 errors, 2 skipped", "  FAILED tests.backends.test_fa4::test_matches",
+        "  FAILED tests.test_ops::test_op"]
