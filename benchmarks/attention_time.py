@@ -1,4 +1,4 @@
-"""The attention time of a model step (torch.profiler, attention kernels matched by name) and the ideal step time its density allows.
+"""Attention time of a model step (torch.profiler, attention kernels by name) and the ideal step time its density allows.
 
 A sparsified model can at best save the attention work its strategy drops, so the honest ideal for
 one step is::

@@ -155,12 +155,13 @@ def run_grid(args, log: RowLog) -> list[dict]:
                 if pct >= 100 and pattern != args.patterns[0]:
                     continue  # dense is dense whatever the pattern
                 mask, density = mask_for(pattern, seq, args.heads, pct / 100, args.block, args.causal)
-                row = {"table": "grid", "seq": seq, "pattern": "dense" if pct >= 100 else pattern, "density_target": pct / 100,
-                       "density": density, "sdpa_ms": t_sdpa}
+                row = {"table": "grid", "seq": seq, "pattern": "dense" if pct >= 100 else pattern,
+                       "density_target": pct / 100, "density": density, "sdpa_ms": t_sdpa}
                 reference = None
                 for name, backend in backends.items():
                     if name == "torch" and seq > args.torch_max_seq:
                         continue
+                    plan = None
                     try:
                         plan = backend.prepare(mask, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, dtype=dtype,
                                                device=q.device)
