@@ -18,7 +18,8 @@ How attention is timed: on CUDA, the GPU time of the kernels whose names are att
 (`is_attention_kernel`: cuDNN's SDPA, FlashAttention 2/3/4, the memory-efficient CUTLASS kernels,
 sparsify's block-sparse kernel, FlexAttention templates), summed over a few profiled steps; the
 math SDPA backend (separate matmul and softmax kernels) is not counted. On CPU (smoke runs), the
-CPU time of the outermost attention operators (`is_attention_operator`).
+CPU time of the outermost attention operators (`is_attention_operator`), taken as a share of the
+profiled step (`AttentionTime.attention_ms_at`: the profiler slows CPU operators).
 
 Example:
     >>> ideal_step_ms(dense_step_ms=600.0, attention_ms=400.0, density=0.15)
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from typing import Any, Callable, Iterable
 
 import torch
@@ -112,6 +114,7 @@ class AttentionTime:
         calls_per_step: attention kernels (or outermost operators) per step.
         steps: how many steps were profiled.
         source: ``"cuda kernels"`` or ``"cpu operators"``.
+        profiled_step_ms: wall time per step while profiled (``None`` when not measured).
     """
 
     attention_ms: float
@@ -119,6 +122,21 @@ class AttentionTime:
     calls_per_step: float
     steps: int
     source: str
+    profiled_step_ms: float | None = None
+
+    def attention_ms_at(self, step_ms: float) -> float:
+        """The attention time of a step that took ``step_ms`` without the profiler.
+
+        On CUDA, the kernels' own time (the profiler does not slow the GPU). On CPU the profiler
+        slows every operator, so the attention's share of the profiled step, times ``step_ms``.
+
+        Example:
+            >>> AttentionTime(2.0, {}, 1.0, 1, "cpu operators", profiled_step_ms=8.0).attention_ms_at(4.0)
+            1.0
+        """
+        if self.source == "cuda kernels" or not self.profiled_step_ms:
+            return self.attention_ms
+        return self.attention_ms / self.profiled_step_ms * step_ms
 
     def as_row(self, prefix: str = "attention") -> dict[str, Any]:
         """Flat row fields (``attention_ms``, ``attention_calls``, ``attention_<family>_ms``)."""
@@ -188,11 +206,14 @@ def measure_attention_time(step: Callable[[], Any], device: torch.device | str, 
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize(device)
     with torch.profiler.profile(activities=activities) as profiler:
+        begin = time.perf_counter()
         for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    return attention_time_from_events(profiler.events(), steps, device.type)
+        profiled_step_ms = (time.perf_counter() - begin) / steps * 1e3
+    measured = attention_time_from_events(profiler.events(), steps, device.type)
+    return dataclasses.replace(measured, profiled_step_ms=profiled_step_ms)
 
 
 def attention_density(strategy: sparsify.Strategy, sites: Iterable[sparsify.AttentionSite] | None = None) -> float:

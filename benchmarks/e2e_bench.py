@@ -56,14 +56,14 @@ def ideal_fields(dense_step, sparse_step, dense_ms: float, sparse_ms: float, den
     """The dense step's attention time (and the sparse step's, for information), the ideal and the fraction of it."""
     attention = measure_attention_time(dense_step, device, steps=steps)
     sparse_attention = measure_attention_time(sparse_step, device, steps=steps)
-    attention_ms, source = attention.attention_ms, attention.source
+    attention_ms, source = attention.attention_ms_at(dense_ms), attention.source
     if attention.calls_per_step == 0 and previous_attention_ms is not None:
         # The profiler saw no attention kernels (e.g. replayed from a CUDA graph): they are the previous
         # mode's kernels, so their time is too.
         attention_ms, source = previous_attention_ms, "previous mode's attention kernels (none seen in this mode)"
     fields = {"attention_ms": round(attention_ms, 3), "attention_calls": attention.calls_per_step,
               "attention_source": source, "attention_share": round(attention_ms / dense_ms, 4),
-              "sparse_attention_ms": round(sparse_attention.attention_ms, 3)}
+              "sparse_attention_ms": round(sparse_attention.attention_ms_at(sparse_ms), 3)}
     if attention_ms > 0:
         ideal = ideal_step_ms(dense_ms, attention_ms, density)
         fields.update({"ideal_ms": round(ideal, 2), "ideal_speedup": round(dense_ms / ideal, 3),

@@ -209,9 +209,11 @@ def measure_mode(mode: str, model, sparse, skipped, step, reference, density: fl
     row = {"dense_ms": round(dense_ms, 2), "sparse_ms": round(sparse_ms, 2), "speedup": round(dense_ms / sparse_ms, 3)}
     try:  # the timings above stay in the row whatever happens here
         attention = measure_attention_time(lambda: step(dense_module), device, steps=args.attention_steps)
-        row.update(**attention.as_row(), attention_share=round(attention.attention_ms / dense_ms, 4))
-        if attention.attention_ms > 0:
-            ideal = ideal_step_ms(dense_ms, attention.attention_ms, density)
+        attention_ms = attention.attention_ms_at(dense_ms)
+        row.update(**attention.as_row(), attention_share=round(attention_ms / dense_ms, 4))
+        row["attention_ms"] = round(attention_ms, 3)
+        if attention_ms > 0:
+            ideal = ideal_step_ms(dense_ms, attention_ms, density)
             row.update({"ideal_ms": round(ideal, 2), "ideal_speedup": round(dense_ms / ideal, 3),
                         "fraction_of_ideal": round(fraction_of_ideal(ideal, sparse_ms), 3)})
     except Exception as error:
