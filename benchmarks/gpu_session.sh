@@ -87,8 +87,8 @@ case "$PART" in
   export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site2
   install_sparsify
   card
-  gpu_suite tests_gpu_with_fa4 "${LIMIT_TESTS:-200}"
-  step e2e "${LIMIT_E2E:-300}" python3 benchmarks/e2e_bench.py --frames 64 128 --layers 4 --backend auto --compile \
+  gpu_suite tests_gpu_with_fa4 "${LIMIT_TESTS:-150}"
+  step e2e "${LIMIT_E2E:-330}" python3 benchmarks/e2e_bench.py --frames 64 128 --layers 4 --backend auto --compile \
     --out "$WORK/json/e2e_cuda.json"
   show "$WORK/json/e2e_cuda.json" tokens mode dense_ms sparsify_ms speedup attention_ms ideal_ms fraction_of_ideal \
     output_rel_error cudagraph_skips;;

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 
@@ -133,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     block_size = args.block_size or (32 if args.tiny else 128)
     text_tokens = 16 if args.tiny else 512
     torch.manual_seed(0)
+    begin = time.perf_counter()
     model = WanTransformer3DModel(**config).eval().to(device, dtype)
+    print(f"model built in {time.perf_counter() - begin:.0f} s", flush=True)
     inputs = make_inputs(frames, height, width, text_tokens, config["text_dim"], device, dtype)
     tokens = frames * (height // 2) * (width // 2)
 
@@ -203,9 +206,13 @@ def measure_mode(mode: str, model, sparse, skipped, step, reference, density: fl
     """One mode's numbers: dense, sparse (and skipped) step times, the dense attention time, the ideal."""
     wrap = torch.compile if mode == "torch.compile" else (lambda module: module)
     dense_module, sparse_module = wrap(model), wrap(sparse)
+    begin = time.perf_counter()
     dense_ms = median_ms(lambda: step(dense_module), device, args.repeats, args.warmup)
+    print(f"{mode}: dense step {dense_ms:.2f} ms ({time.perf_counter() - begin:.0f} s with warm-up)", flush=True)
+    begin = time.perf_counter()
     sparse_ms = median_ms(lambda: step(sparse_module), device, args.repeats, args.warmup)
-    print(f"{mode}: dense {dense_ms:.2f} ms, sparse {sparse_ms:.2f} ms; measuring the attention time", flush=True)
+    print(f"{mode}: sparse step {sparse_ms:.2f} ms ({time.perf_counter() - begin:.0f} s with warm-up); measuring the "
+          "dense step's attention time", flush=True)
     row = {"dense_ms": round(dense_ms, 2), "sparse_ms": round(sparse_ms, 2), "speedup": round(dense_ms / sparse_ms, 3)}
     try:  # the timings above stay in the row whatever happens here
         attention = measure_attention_time(lambda: step(dense_module), device, steps=args.attention_steps)
