@@ -101,6 +101,39 @@ def measure_mode(mode: str, model: torch.nn.Module, compiled: sparsify.Sparsifie
     return row
 
 
+def bench_length(frames: int, modes: tuple[str, ...], device: torch.device, dtype: torch.dtype, args,
+                 log: RowLog) -> None:
+    """Search a strategy for one length, then one row per mode (a mode that fails logs its error and the next runs)."""
+    model = StructuredVideoTransformer(frames=frames, dim=args.heads * args.head_dim, heads=args.heads,
+                                       layers=args.layers).eval().to(device, dtype)
+    batches = [model.example_tokens(seed=1 + i) for i in range(args.batches)]
+    start = time.perf_counter()
+    compiled = sparsify.compile(model, batches, max_error=args.max_error, backend=args.backend,
+                                block_size=128 if device.type == "cuda" else 64, progress=False)
+    search_seconds = time.perf_counter() - start
+    print(compiled.report(), flush=True)
+    test = model.example_tokens(seed=100)
+    with torch.no_grad():
+        reference = model(test).float()
+        eager_sparse = compiled(test).float()
+    density = attention_density(compiled.strategy, compiled.sites)
+    common = {"tokens": test.shape[1], "layers": args.layers, "heads": args.heads, "head_dim": args.head_dim,
+              "backend": args.backend, "mean_density": round(compiled.strategy.summary()["mean_density"], 4),
+              "attention_density": round(density, 4), "search_s": round(search_seconds, 1)}
+    previous_attention_ms = None
+    for mode in modes:
+        try:
+            row = measure_mode(mode, model, compiled, test, reference, eager_sparse, density, args,
+                               previous_attention_ms)
+        except Exception as error:  # the row says what failed; the other modes still run
+            row = {"error": error_text(error)}
+        log.add(mode=mode, **common, **row)
+        if row.get("attention_calls"):
+            previous_attention_ms = row["attention_ms"]
+        if mode != "eager":
+            torch._dynamo.reset()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[64, 128], help="frames of 16x16 tokens (64: 16K)")
@@ -133,35 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         for frames in args.frames:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            model = StructuredVideoTransformer(frames=frames, dim=args.heads * args.head_dim, heads=args.heads,
-                                               layers=args.layers).eval().to(device, dtype)
-            batches = [model.example_tokens(seed=1 + i) for i in range(args.batches)]
-            start = time.perf_counter()
-            compiled = sparsify.compile(model, batches, max_error=args.max_error, backend=args.backend,
-                                        block_size=128 if device.type == "cuda" else 64, progress=False)
-            search_seconds = time.perf_counter() - start
-            print(compiled.report(), flush=True)
-            test = model.example_tokens(seed=100)
-            with torch.no_grad():
-                reference = model(test).float()
-                eager_sparse = compiled(test).float()
-            density = attention_density(compiled.strategy, compiled.sites)
-            common = {"tokens": test.shape[1], "layers": args.layers, "heads": args.heads, "head_dim": args.head_dim,
-                      "backend": args.backend, "mean_density": round(compiled.strategy.summary()["mean_density"], 4),
-                      "attention_density": round(density, 4), "search_s": round(search_seconds, 1)}
-            previous_attention_ms = None
-            for mode in modes:
-                try:
-                    row = measure_mode(mode, model, compiled, test, reference, eager_sparse, density, args,
-                                       previous_attention_ms)
-                except Exception as error:  # the row says what failed; the other modes still run
-                    row = {"error": error_text(error)}
-                log.add(mode=mode, **common, **row)
-                if row.get("attention_calls"):
-                    previous_attention_ms = row["attention_ms"]
-                if mode != "eager":
-                    torch._dynamo.reset()
-            del model, compiled, reference, eager_sparse
+            try:
+                bench_length(frames, modes, device, dtype, args, log)
+            except Exception as error:  # e.g. out of memory in the search: the next length still runs
+                log.add(mode="search", tokens=frames * 16 * 16, error=error_text(error))
         print(log.table(), flush=True)
     print(f"written {out}")
     return 0
