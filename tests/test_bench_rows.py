@@ -211,3 +211,53 @@ def test_the_session_summary_shows_cut_runs_and_test_counts(tmp_path):
     assert show_rows.junit_counts(junit).splitlines() == [
         "tests.xml: 1 passed, 1 failed, 1 errors, 2 skipped", "  FAILED tests.backends.test_fa4::test_matches",
         "  FAILED tests.test_ops::test_op"]
+
+
+def _gpu_attention_inputs():
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, weight = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=generator)
+                       for shape in [(1, 8, 4096, 128)] * 3 + [(128, 128)])
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float()) @ weight.float()
+    return q, k, v, weight, reference
+
+
+def _check_only_attention_is_counted(function, q, k, v, weight, reference):
+    from timing import median_ms
+
+    output = function()
+    assert float((output.float() - reference).norm() / reference.norm()) < 2e-2
+    sdpa_alone_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), "cuda", repeats=5)
+    step_ms = median_ms(function, "cuda", repeats=5)
+    measured = attention_time.measure_attention_time(function, "cuda", steps=3)
+    assert measured.calls_per_step >= 1, "no attention kernel recognised on this card"
+    assert set(measured.by_family) <= {"cudnn", "flash", "efficient"}
+    # Only the attention: about SDPA's own time, less than the step with its GEMM.
+    assert measured.attention_ms < step_ms
+    assert measured.attention_ms == pytest.approx(sdpa_alone_ms, rel=0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sdpa_backend", ["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"])
+def test_this_gpus_sdpa_kernels_are_recognised_and_nothing_else(sdpa_backend):
+    """On the card: each SDPA backend's kernels are found by name, the projection's GEMM is not."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v, weight, reference = _gpu_attention_inputs()
+    with sdpa_kernel(getattr(SDPBackend, sdpa_backend)):
+        try:
+            F.scaled_dot_product_attention(q, k, v)
+        except RuntimeError as error:  # this backend does not run here (card, build)
+            pytest.skip(f"SDPA backend {sdpa_backend} unavailable: {error}")
+        _check_only_attention_is_counted(lambda: F.scaled_dot_product_attention(q, k, v) @ weight, q, k, v, weight,
+                                         reference)
+
+
+@pytest.mark.gpu
+def test_this_gpus_attention_kernels_are_recognised_under_torch_compile():
+    """Inductor may name kernels around SDPA after it; only the attention kernel itself counts."""
+    q, k, v, weight, reference = _gpu_attention_inputs()
+    step = torch.compile(lambda: F.scaled_dot_product_attention(q, k, v) @ weight)
+    try:
+        _check_only_attention_is_counted(step, q, k, v, weight, reference)
+    finally:
+        torch._dynamo.reset()
