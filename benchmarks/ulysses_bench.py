@@ -100,7 +100,9 @@ def run(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = WanTransformer3DModel(**config).eval().to(dtype)
+        model = WanTransformer3DModel(**config).eval()
+    if dtype != torch.float32:
+        model = model.to(dtype)
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(tensor, 0)  # the same weights on every rank, whatever each device's generator did
