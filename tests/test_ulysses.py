@@ -181,5 +181,5 @@ def test_the_benchmark_smoke_run_measures_every_world_size(two_ranks):
     for row in rows:
         assert row["dense_ms"] > 0 and row["sparse_ms"] > 0
         assert row["sparse_error_vs_one_process"] < 1e-4 and row["dense_error_vs_one_process"] < 1e-4
-        assert 1e-3 < row["sparse_error_vs_dense"] < 1
+        assert 1e-3 < row["sparse_error_vs_dense"] < 1 and row["equals_one_gpu"] is True
     assert rows[1]["dense_scaling_efficiency"] > 0
