@@ -69,6 +69,7 @@ def _worker(rank: int, world_size: int, mode: str, backend: str | None, args: ar
         torch.cuda.reset_peak_memory_stats(device)
     init_seconds = 0.0
     if backend is not None:
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (the GPU machines set it so)
         start = time.perf_counter()
         dist.init_process_group(backend, init_method=f"file://{directory}/store_{mode.replace('/', '_')}", rank=rank,
                                 world_size=world_size, timeout=TIMEOUT)

@@ -229,6 +229,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("ulysses_bench needs CUDA GPUs (or --device cpu --smoke for a smoke run)")
     if "WORLD_SIZE" in os.environ:  # launched by torchrun: one process per GPU
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (the GPU machines set it so)
         init_from_environment(prefer_cuda=args.device == "cuda", timeout=TIMEOUT)
         try:
             run(args)

@@ -22,6 +22,7 @@ Launched with ``torchrun`` (one process per GPU; gloo on CPU with ``--device cpu
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--check", action="store_true", help="rank 0 also runs the one-GPU sparse step and compares")
     args = parser.parse_args()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off, as the GPU machines set it
     if not init_from_environment(prefer_cuda=args.device == "cuda"):
         raise SystemExit("launch with torchrun --nproc-per-node N (N processes: one per GPU)")
     rank, world_size = dist.get_rank(), dist.get_world_size()

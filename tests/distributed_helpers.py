@@ -9,6 +9,7 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -51,6 +52,7 @@ def _rank_entry(rank, worker, world_size, directory, backend, port, args):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if backend == "nccl":
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (the GPU machines set it so)
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"file://{directory}/store", rank=rank, world_size=world_size,
                             timeout=COLLECTIVE_TIMEOUT)
@@ -60,3 +62,16 @@ def _rank_entry(rank, worker, world_size, directory, backend, port, args):
         if dist.is_initialized():
             dist.destroy_process_group()
     (Path(directory) / f"result_{rank}.json").write_text(json.dumps(result))
+
+
+def gpu_world_sizes() -> list:
+    """World sizes of the multi-GPU tests: 2, and every GPU of the machine when there are more (the largest lent)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    sizes = [2] + ([count] if count > 2 else [])
+    return [pytest.param(size, id=f"{size}-gpus") for size in sizes]
+
+
+def needs_gpus(world_size: int) -> None:
+    """Skip the calling test unless this machine has ``world_size`` CUDA devices."""
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} CUDA devices, this machine has {torch.cuda.device_count()}")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distributed_helpers import COLLECTIVE_TIMEOUT, JOIN_SECONDS, run_ranks
+from distributed_helpers import COLLECTIVE_TIMEOUT, JOIN_SECONDS, gpu_world_sizes, needs_gpus, run_ranks
 from helpers import masked_attention_reference
 import sparsify
 from sparsify import patterns
@@ -490,18 +490,6 @@ def _nccl_shard_job(rank, world_size, directory):
     summary = search_summary(model, batches, scenario_config("uneven"), None)
     summary["device"] = torch.cuda.current_device()
     return summary
-
-
-def gpu_world_sizes() -> list:
-    """2 and the largest world this machine lends (every GPU), each only where it exists."""
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    sizes = [2] + ([count] if count > 2 else [])
-    return [pytest.param(size, id=f"{size}-gpus") for size in sizes]
-
-
-def needs_gpus(world_size: int) -> None:
-    if torch.cuda.device_count() < world_size:
-        pytest.skip(f"needs {world_size} CUDA devices, this machine has {torch.cuda.device_count()}")
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import sparsify
-from distributed_helpers import run_ranks
+from distributed_helpers import gpu_world_sizes, needs_gpus, run_ranks
 from sparsify import UnsupportedError, patterns
 from sparsify.integrations import attached_sites
 from sparsify.integrations.ulysses import (
@@ -32,12 +32,12 @@ SELF_PATTERNS = [patterns.sliding_window(64), patterns.a_shape(32, 32), patterns
 CROSS_PATTERNS = [patterns.dense(), patterns.attention_sinks(32), patterns.attention_sinks(32), patterns.dense()]
 
 
-def wan_model():
-    """A 2-layer `WanTransformer3DModel` with 4 heads of 16 (random weights, the same on every rank)."""
+def wan_model(heads: int = 4):
+    """A 2-layer `WanTransformer3DModel` with ``heads`` heads of 16 (random weights, the same on every rank)."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16,
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=16, in_channels=16,
                                  out_channels=16, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2,
                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64).eval()
 
@@ -51,10 +51,12 @@ def wan_inputs(seed: int, frames: int = 4, size: int = 16) -> dict:
 
 
 def sparse_strategy(model) -> sparsify.Strategy:
+    """The per-head patterns above (repeated when the model has more heads) on every site."""
     sites = sparsify.find_attention(model, wan_inputs(seed=1))
     strategy = sparsify.Strategy.dense(sites, block_size=BLOCK)
     for site in sites:
-        strategy = strategy.with_heads(site.name, SELF_PATTERNS if site.kind == "self" else CROSS_PATTERNS)
+        chosen = SELF_PATTERNS if site.kind == "self" else CROSS_PATTERNS
+        strategy = strategy.with_heads(site.name, [chosen[head % len(chosen)] for head in range(site.num_heads)])
     return strategy
 
 
@@ -183,3 +185,43 @@ def test_the_benchmark_smoke_run_measures_every_world_size(two_ranks):
         assert row["sparse_error_vs_one_process"] < 1e-4 and row["dense_error_vs_one_process"] < 1e-4
         assert 1e-3 < row["sparse_error_vs_dense"] < 1 and row["equals_one_gpu"] is True
     assert rows[1]["dense_scaling_efficiency"] > 0
+
+
+# -- on GPUs: NCCL all-to-alls and the GPU kernels -------------------------------------------------
+
+def _nccl_wan_job(rank, world_size, directory):
+    model = wan_model(heads=8).cuda().to(torch.bfloat16)  # run_ranks made cuda:rank the current device
+    strategy = sparsify.Strategy.load(directory / "strategy.json")
+    inputs = {key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in wan_inputs(seed=7).items()}
+    inputs["hidden_states"] = inputs["hidden_states"].to(torch.bfloat16)
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(torch.bfloat16)
+    parallel = sequence_parallel(model)
+    sparse = sparsify.attach(parallel, strategy.shard_heads(rank, world_size))
+    with torch.no_grad():
+        outputs = {"dense": parallel(**inputs)[0].float().cpu(), "sparse": sparse(**inputs)[0].float().cpu()}
+    torch.save(outputs, directory / f"outputs_{rank}.pt")
+    return {"device": torch.cuda.current_device()}
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+@pytest.mark.parametrize("world_size", gpu_world_sizes())
+def test_nccl_ulysses_on_gpus_equals_one_gpu_dense_and_sparse(tmp_path, world_size):
+    needs_gpus(world_size)
+    model = wan_model(heads=8).cuda().to(torch.bfloat16)
+    strategy = sparse_strategy(wan_model(heads=8))
+    strategy.save(tmp_path / "strategy.json")
+    results = run_ranks(_nccl_wan_job, world_size, tmp_path, backend="nccl")
+    assert [result["device"] for result in results] == list(range(world_size))
+    inputs = {key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in wan_inputs(seed=7).items()}
+    inputs["hidden_states"] = inputs["hidden_states"].to(torch.bfloat16)
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(torch.bfloat16)
+    with torch.no_grad():
+        expected = {"dense": model(**inputs)[0].float().cpu(),
+                    "sparse": sparsify.attach(model, strategy)(**inputs)[0].float().cpu()}
+    assert float((expected["sparse"] - expected["dense"]).norm() / expected["dense"].norm()) > 1e-2
+    for rank in range(world_size):
+        got = torch.load(tmp_path / f"outputs_{rank}.pt")
+        for label in ("dense", "sparse"):
+            error = float((got[label] - expected[label]).norm() / expected[label].norm())
+            assert error < 1e-2, (rank, label, error)  # bf16 rounding only

@@ -62,7 +62,11 @@ def _world(process_group: Any) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         raise UnsupportedError("Ulysses sequence parallelism needs an initialised torch.distributed process group; "
                                "call torch.distributed.init_process_group(...) first (torchrun sets up its environment)")
-    return dist.get_rank(process_group), dist.get_world_size(process_group)
+    rank = dist.get_rank(process_group)
+    if rank < 0:
+        raise UnsupportedError(f"this process (global rank {dist.get_rank()}) is not a member of the Ulysses process "
+                               f"group; only its members build and run the sequence-parallel model")
+    return rank, dist.get_world_size(process_group)
 
 
 def sequence_to_heads(tensor: torch.Tensor, process_group: Any = None) -> torch.Tensor:
