@@ -78,6 +78,9 @@ def _wan_job(rank, world_size, directory):
     inputs = wan_inputs(seed=7)
     parallel = sequence_parallel(model)
     sparse = sparsify.attach(parallel, strategy.shard_heads(rank, world_size))
+    seen = []  # tokens each block of the sparse copy holds outside attention
+    for block in sparse.blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
     with torch.no_grad():
         dense_output = parallel(**inputs)[0]
         sparse_output = sparse(**inputs)[0]
@@ -98,7 +101,8 @@ def _wan_job(rank, world_size, directory):
             refused[case] = None
         except Exception as error:  # noqa: BLE001 - what each rank raised is the result
             refused[case] = f"{type(error).__name__}: {error}"
-    return {"sparse_sites": len(attached_sites(sparse)), "refused": refused, "model_untouched": not attached_sites(model)}
+    return {"sparse_sites": len(attached_sites(sparse)), "refused": refused, "model_untouched": not attached_sites(model),
+            "block_tokens": seen}
 
 
 def _bench_job(directory):
@@ -150,6 +154,7 @@ def test_sparse_ulysses_equals_the_attached_strategy_on_one_process(two_ranks):
     assert float((expected - dense).norm() / dense.norm()) > 1e-3  # the sparse heads change the output
     for rank, result in enumerate(results):
         assert result["wan"]["sparse_sites"] == 4  # every site of the shard has a sparse head
+        assert result["wan"]["block_tokens"] == [128, 128]  # each rank holds half of the 256 tokens in both blocks
         assert result["wan"]["model_untouched"]
         got = torch.load(directory / f"outputs_{rank}.pt")["sparse"]
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
