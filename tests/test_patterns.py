@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+import torch.nn.attention.flex_attention as flex_attention
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -342,6 +343,38 @@ def test_partial_last_block_is_exact():
 def test_causal_block_mask_is_lower_triangle_top_left_aligned():
     assert causal_block_mask(2, 3).int().tolist() == [[1, 0, 0], [1, 1, 0]]
     assert torch.equal(dense().block_mask(5, 3, causal=True), causal_block_mask(5, 3))
+
+
+@pytest.mark.parametrize("q_len, k_len, q_offset", [(64, 64, 0), (40, 100, 60), (33, 70, 5), (100, 40, 0), (16, 64, 48)])
+def test_causal_block_mask_is_the_runtime_classification_at_any_offset(q_len, k_len, q_offset):
+    block = 16
+    q_blocks, k_blocks = blocks(q_len, block), blocks(k_len, block)
+    got = causal_block_mask(q_blocks, k_blocks, block_size=block, q_len=q_len, k_len=k_len, q_offset=q_offset)
+    # A block is visible when it holds a pair with key <= q_offset + query.
+    query = torch.arange(q_len).unsqueeze(1) + q_offset
+    pairs = torch.arange(k_len).unsqueeze(0) <= query
+    assert torch.equal(got, pool_to_blocks(pairs, block))
+    with pytest.raises(PatternError, match="make"):
+        causal_block_mask(q_blocks + 1, k_blocks, block_size=block, q_len=q_len, k_len=k_len)
+
+
+def test_is_dense_is_a_property_not_a_name():
+    assert dense().is_dense and not skip().is_dense and not sliding_window(64).is_dense
+    assert (dense() | attention_sinks(4)).is_dense and not (dense() & attention_sinks(4)).is_dense
+    assert (dense() & dense()).is_dense
+    assert not pattern_from_dict({"pattern": "pooled_coverage", "coverage": 0.9, "min_blocks": 1, "max_fraction": 1.0,
+                                  "sink_blocks": 0, "scoring": "mean", "stride": 8, "temperature": 1.0}).is_dense
+    # Whatever is_dense claims, the pattern keeps every visible block.
+    for pattern in (dense(), dense() | strided(4), sliding_window(16)):
+        kept = pattern.block_mask(5, 7, block_size=16, causal=True)
+        assert pattern.is_dense == torch.equal(kept, causal_block_mask(5, 7, block_size=16))
+
+
+def test_old_import_paths_still_work():
+    import sparsify.adaptive_patterns as old
+    from sparsify.patterns import adaptive
+
+    assert old.PooledCoverage is adaptive.PooledCoverage and old.pooled_coverage(0.9) == adaptive.pooled_coverage(0.9)
 
 
 def test_density():
@@ -820,8 +853,6 @@ def test_bad_dicts_of_the_new_families(data, expected):
 
 
 # --- FlexAttention agrees ----------------------------------------------------------------------
-
-flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
 
 
 def flex_block_mask(mask_mod, q_len: int, k_len: int, block_size: int) -> torch.Tensor:
