@@ -985,3 +985,42 @@ def test_agrees_with_flex_attention_create_block_mask(q_len, k_len, block_size, 
         # Flex may leave a row empty; our fallback rule then applies on top of it.
         expected = with_fallback(flex_block_mask(mask_mod, q_len, k_len, block_size))
         assert torch.equal(got, expected), (pattern, q_len, k_len, block_size, causal)
+
+
+@pytest.mark.parametrize("pattern", [sliding_window(40), attention_sinks(8) | strided(48, 4), dense(),
+                                     vertical_slash([0.5], [0, 64], width=8)])
+@pytest.mark.parametrize("causal, q_len, k_len, q_offset", [(True, 100, 100, 0), (False, 70, 130, 0),
+                                                            (True, 40, 130, 90), (True, 1, 97, 96)])
+def test_runtime_mask_is_the_block_mask_classified(pattern, causal, q_len, k_len, q_offset):
+    from sparsify.runtime import StaticMaskSource, causal_element_mask
+
+    block = 16
+    mask = pattern.runtime_mask(q_len, k_len, block_size=block, causal=causal, q_offset=q_offset)
+    source = StaticMaskSource([pattern], block_size=block, causal=causal, kv_head_index=torch.tensor([0]))
+    built = source.mask(q_len=q_len, k_len=k_len, q_offset=q_offset, device="cpu")
+    assert torch.equal(mask.to_block_masks(), built.to_block_masks())
+    assert torch.equal(mask.full_block_masks(), built.full_block_masks())
+    if q_offset == 0:
+        kept = pattern.block_mask(blocks(q_len, block), blocks(k_len, block), block_size=block, causal=causal,
+                                  q_len=q_len, k_len=k_len)
+        assert torch.equal(mask.to_block_masks()[0, 0], kept)
+        assert mask.density() == pytest.approx(pattern.density(*kept.shape, block_size=block, causal=causal,
+                                                                q_len=q_len, k_len=k_len))
+    # Full blocks need no element mask: every key slot exists and is visible to every real query of
+    # the block (padded query rows past q_len are never computed). Every kept block holds a visible pair.
+    visible = causal_element_mask(q_len, k_len, q_offset) if causal else torch.ones(q_len, k_len, dtype=torch.bool)
+    padded = torch.zeros(blocks(q_len, block) * block, blocks(k_len, block) * block, dtype=torch.bool)
+    padded[:q_len, :k_len] = visible
+    tiles = padded.view(blocks(q_len, block), block, blocks(k_len, block), block)
+    real_rows = (torch.arange(blocks(q_len, block) * block) < q_len).view(-1, block, 1, 1)
+    assert not bool((mask.full_block_masks()[0, 0] & ~(tiles | ~real_rows).all(3).all(1)).any())
+    assert not bool((mask.to_block_masks()[0, 0] & ~tiles.any(3).any(1)).any())
+
+
+def test_runtime_mask_refuses_skip_and_adaptive_patterns():
+    with pytest.raises(PatternError, match="skip"):
+        skip().runtime_mask(64, 64)
+    adaptive = pattern_from_dict({"pattern": "estimated_vertical_slash", "vertical": 0.1, "slash": 0.1,
+                                  "probe_blocks": 1, "sink_blocks": 0})
+    with pytest.raises(PatternError, match="estimated per input"):
+        (sliding_window(16) | adaptive).runtime_mask(64, 64)

@@ -11,7 +11,8 @@ import torch
 
 from sparsify.errors import PatternError
 from sparsify.limits import MAX_LINES, MAX_TOKENS, int_range_problem, shown
-from sparsify.runtime.block_mask import block_geometry, block_token_bounds
+from sparsify.runtime.block_mask import RuntimeBlockMask, block_geometry, block_token_bounds
+from sparsify.runtime.mask_source import pattern_block_masks
 
 __all__ = [
     "BlockGrid",
@@ -280,7 +281,8 @@ class Pattern(abc.ABC):
         """Kept blocks ``bool [q_blocks, k_blocks]`` on CPU; every row keeps at least one block.
 
         A block is kept when the pattern keeps any (query, key) token pair inside it. ``causal``
-        drops the blocks above the diagonal (key block ``j > i``). A query row left empty keeps
+        drops the blocks causal attention never sees (`causal_block_mask`, the runtime mask's
+        classification at query offset 0: key block ``j > i``). A query row left empty keeps
         key block ``min(i, k_blocks - 1)``. ``q_len``/``k_len`` give the true token counts when
         the last block is partial (default: full blocks).
 
@@ -320,7 +322,10 @@ class Pattern(abc.ABC):
         q_len: int | None = None,
         k_len: int | None = None,
     ) -> float:
-        """Kept blocks over the blocks dense attention computes (the lower triangle at causal).
+        """Kept blocks over the blocks dense attention computes (the causally visible ones at causal sites).
+
+        The one meaning of density (`sparsify.runtime.RuntimeBlockMask.density` is the same
+        quantity for a built mask).
 
         `skip` computes nothing and has density 0.0 (its block mask is only a placeholder).
 
@@ -337,6 +342,37 @@ class Pattern(abc.ABC):
             return 0.0
         visible = BlockGrid(q_blocks, k_blocks, block_size, q_len, k_len, causal).visible_blocks()
         return int(kept.sum()) / int(visible.sum())
+
+    def runtime_mask(
+        self,
+        q_len: int,
+        k_len: int,
+        *,
+        block_size: int = 64,
+        causal: bool = False,
+        q_offset: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> RuntimeBlockMask:
+        """This pattern's `RuntimeBlockMask` for one head: the kept blocks split into full and partial ones.
+
+        The mask the kernels, the cost model and the ONNX lowering read, built as a site builds it
+        (`sparsify.runtime.StaticMaskSource`): for a query chunk at ``q_offset`` the pattern's rows at
+        that position. Input-adaptive patterns have no mask without an input
+        (`sparsify.runtime.mask_source.AdaptiveMaskSource` estimates one per call), and `skip`
+        computes nothing; both are refused.
+
+        Example:
+            >>> mask = sliding_window(64).runtime_mask(256, 256, block_size=64, causal=True)
+            >>> mask.kept_counts().tolist(), mask.density()
+            ([[[1, 2, 2, 2]]], 0.7)
+        """
+        if self.is_skip or self.is_adaptive:
+            kind = "skip() computes nothing" if self.is_skip else "an input-adaptive pattern is estimated per input"
+            raise PatternError(f"pattern {self}: no static runtime mask ({kind})")
+        kept = pattern_block_masks([self], block_size=block_size, q_len=q_len, k_len=k_len, causal=causal,
+                                   q_offset=q_offset)
+        return RuntimeBlockMask.from_block_masks(kept.to(device), block_size=block_size, q_len=q_len, k_len=k_len,
+                                                 causal=causal, q_offset=q_offset)
 
     # --- lowering: the block mask as tensor ops of a length known only when the graph runs ---------
 
