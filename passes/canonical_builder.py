@@ -20,7 +20,13 @@ aten = torch.ops.aten
 
 
 class CanonicalBuilder:
-    """Emits the canonical node of one candidate and rewires everything the chain fed."""
+    """Emits the canonical node of one candidate and rewires everything the chain fed.
+
+    Example:
+        >>> node = CanonicalBuilder(graph_module.graph, candidate).build()   # doctest: +SKIP
+        >>> node.target is torch.ops.sparsify.attention.default             # doctest: +SKIP
+        True
+    """
 
     def __init__(self, graph: torch.fx.Graph, candidate: Candidate):
         self.graph = graph

@@ -19,6 +19,11 @@ def record_example_shapes(graph_module: torch.fx.GraphModule, example_inputs: tu
 
     Export leaves data-dependent sizes (a text length taken from a mask) without a hint; the
     example run gives the matcher the sizes the model really had.
+
+    Example:
+        >>> record_example_shapes(graph_module, ((x,), {}))                 # doctest: +SKIP
+        >>> node.meta[EXAMPLE_SHAPE_KEY]                                    # doctest: +SKIP
+        (2, 4, 80, 16)
     """
     if example_inputs is None:
         return
@@ -42,6 +47,10 @@ def mask_is_causal(mask: torch.Tensor, rows_per_chunk: int = 256) -> bool:
 
     Checked on the example's concrete mask, chunk by chunk of query rows, so no further
     ``q_len × k_len`` tensor is built.
+
+    Example:
+        >>> mask_is_causal(torch.ones(4, 4, dtype=torch.bool).tril()), mask_is_causal(torch.ones(4, 4, dtype=torch.bool))
+        (True, False)
     """
     q_len, k_len = mask.shape[-2], mask.shape[-1]
     if q_len < 2 or k_len < 2:
@@ -62,7 +71,12 @@ def mask_is_causal(mask: torch.Tensor, rows_per_chunk: int = 256) -> bool:
 
 def observe_attention_inputs(graph_module: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node],
                              example_inputs: tuple[tuple, dict] | None) -> dict[torch.fx.Node, tuple]:
-    """``{node: (q shape, k shape, v shape, mask or None)}`` of each canonical node, from one run on the example."""
+    """``{node: (q shape, k shape, v shape, mask or None)}`` of each canonical node, from one run on the example.
+
+    Example:
+        >>> observe_attention_inputs(graph_module, [node], ((x,), {}))[node][0]   # doctest: +SKIP
+        (2, 4, 80, 16)
+    """
     if example_inputs is None:
         raise ValueError("find_attention needs the example inputs the graph was captured with")
     recorder = _AttentionInputRecorder(graph_module, set(nodes))

@@ -22,6 +22,10 @@ def is_self_attention(query: torch.fx.Node, key: torch.fx.Node, graph_module: to
     Walks up from q and from k to the inputs of the nearest projections (a linear layer or a
     matmul with a weight); q and k that share one such input read one sequence. Where no
     projection is found, the graph inputs reached stand in.
+
+    Example:
+        >>> is_self_attention(candidate.query, candidate.key, graph_module)   # doctest: +SKIP
+        True
     """
     modules = dict(graph_module.named_modules())
     query_sources, key_sources = _token_sources(query, modules), _token_sources(key, modules)

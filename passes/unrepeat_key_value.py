@@ -51,7 +51,13 @@ def _unrepeat_one(node: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
 
 
 def unrepeat_key_value(key: torch.fx.Node, value: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
-    """Un-repeat GQA keys/values when both were repeated by the same factor."""
+    """Un-repeat GQA keys/values when both were repeated by the same factor (else return them as they are).
+
+    Example:
+        >>> key, value = unrepeat_key_value(repeated_key, repeated_value)    # doctest: +SKIP
+        >>> shape_of(key)[1]                                                 # doctest: +SKIP
+        2
+    """
     key_source, value_source = _unrepeat_one(key), _unrepeat_one(value)
     if key_source and value_source and key_source[1] == value_source[1]:
         return key_source[0], value_source[0]
