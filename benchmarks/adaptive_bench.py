@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from sparsify import patterns
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "adaptive_bench.json"

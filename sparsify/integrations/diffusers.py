@@ -41,7 +41,7 @@ from sparsify.integrations.common import (
     match_sites,
     shared_weight_copy,
 )
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.strategy import Strategy
 
 logger = logging.getLogger(__name__)

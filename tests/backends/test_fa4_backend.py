@@ -9,7 +9,7 @@ import torch
 from sparsify import patterns
 from sparsify.backends import BackendUnavailableError, get_backend, require_backend
 from sparsify.backends.fa4 import attention_window, kv_head_layout, ordered_block_list
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 
 from backend_helpers import mask_reference, random_runtime_mask, rel_err

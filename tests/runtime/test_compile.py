@@ -9,8 +9,8 @@ import torch._dynamo.testing
 import sparsify
 from sparsify import patterns
 from sparsify.integrations.diffusers import DenoisingStepTracker
-from sparsify.runtime import compiled as compiled_module
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime import kernel_op
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 
 from backend_helpers import HAS_CUDA, mask_reference, rel_err
@@ -68,7 +68,7 @@ def test_the_kernel_op_passes_torch_library_checks():
     args = (q, k, v, None, mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
             mask.kv_head_index, mask.block_size, mask.q_len, mask.k_len, mask.causal, mask.q_offset, mask.per_input,
             None, None, None, "torch")
-    torch.library.opcheck(compiled_module.block_sparse_attention, args)
+    torch.library.opcheck(kernel_op.block_sparse_attention, args)
     expected = mask_reference(q.detach(), k.detach(), v.detach(), mask)
     assert rel_err(torch.ops.sparsify.block_sparse_attention(*args).detach(), expected) < 1e-6
 

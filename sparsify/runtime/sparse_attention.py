@@ -1,16 +1,19 @@
-"""`SparseAttention`: the module that owns one attention site at run time — its masks, backends and plans."""
+"""`SparseAttention`: the module that owns one attention site at run time — its masks, backends, plans and its one attend path."""
 
 from __future__ import annotations
 
 import collections
 import logging
+import weakref
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from sparsify.errors import StrategyError, UnsupportedError
 from sparsify.ops import dense_attention
 from sparsify.runtime.block_mask import RuntimeBlockMask, causal_element_mask
+from sparsify.runtime.kernel_op import SITE_HANDLES
 from sparsify.runtime.mask_source import AdaptiveMaskSource, StaticMaskSource
 from sparsify.site import AttentionSite
 
@@ -21,7 +24,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SparseAttention", "StepCounter", "MASK_CACHE_SIZE", "PLAN_CACHE_SIZE"]
+__all__ = ["SparseAttention", "StepCounter", "TraceTimeCalls", "MASK_CACHE_SIZE", "PLAN_CACHE_SIZE", "is_dense_pattern"]
 
 #: Runtime masks a site keeps (one per query length, key length, query offset and device).
 MASK_CACHE_SIZE = 16
@@ -97,12 +100,19 @@ def is_dense_pattern(pattern: "Pattern") -> bool:
 
 
 class SparseAttention(torch.nn.Module):
-    """Attention of one site with per-head patterns: dense heads via SDPA, sparse heads via a backend, skipped heads as zeros.
+    """Attention of one site with per-head patterns: dense heads via SDPA (or the site's backend), sparse heads via a backend, skipped heads as zeros.
 
     The module owns everything the site needs at run time: one `RuntimeBlockMask` per (query
     length, key length, query offset, device), built from the patterns on first use and kept
-    in a bounded cache; the backend chosen per (dtype, device); and the backend's plan per mask
-    and call shape. Nothing is global.
+    in a bounded cache; the backend chosen per (dtype, device) and its instance (compiled
+    kernels); and the backend's plan per mask and call shape, prepared once. Nothing is global
+    but the weak handle by which the kernel op finds this module (`sparsify.runtime.kernel_op`).
+
+    `attend` is one path for eager calls and calls under ``torch.compile``: every group of
+    heads that runs on a backend is one call of ``torch.ops.sparsify.block_sparse_attention``;
+    masks, backend names and the choice for dense heads are resolved by functions dynamo runs
+    while it traces (`TraceTimeCalls`), so a compiled graph has no break for them and holds
+    their results as constants.
 
     ``forward`` has the signature of the canonical op ``torch.ops.sparsify.attention`` (it
     replaces it in a rewritten graph); `attend` is the general entry, with a query offset for
@@ -158,8 +168,9 @@ class SparseAttention(torch.nn.Module):
                                             kv_head_index=torch.tensor([h // group for h in sparse], dtype=torch.long))
         self._masks: collections.OrderedDict[tuple, RuntimeBlockMask] = collections.OrderedDict()
         self._plans: collections.OrderedDict[tuple, tuple["Backend", "BackendPlan"]] = collections.OrderedDict()
-        self._backends: dict[tuple, "Backend"] = {}
-        self._make_trace_time_calls()
+        self._backends: dict[tuple, "Backend | None"] = {}
+        self._instances: dict[str, "Backend"] = {}
+        self._attach_run_time_state()
         if sparse:  # patterns are checked here, at build time, not at the first call
             self.runtime_mask(site.q_len, site.k_len, torch.device("cpu"))
 
@@ -171,33 +182,34 @@ class SparseAttention(torch.nn.Module):
 
     # --- state that must not be copied ------------------------------------------------------------
 
+    _NOT_COPIED = ("_trace_time_calls", "_site_handle")
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_masks"] = collections.OrderedDict()
         state["_plans"] = collections.OrderedDict()
         state["_backends"] = {}
-        for name in ("_trace_time_ensure_mask", "_trace_time_backend_name"):  # bound to this instance: made anew
+        state["_instances"] = {}
+        for name in self._NOT_COPIED:  # bound to this instance: made anew for a copy
             state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._make_trace_time_calls()
+        self._attach_run_time_state()
 
-    def _make_trace_time_calls(self) -> None:
-        """The functions `compiled_attend` calls while dynamo traces (see `TraceTimeCalls`), bound to this site."""
-        from sparsify.runtime.compiled import TraceTimeCalls
-
-        calls = TraceTimeCalls(self)
-        self._trace_time_ensure_mask, self._trace_time_backend_name = calls.ensure_mask, calls.backend_name
+    def _attach_run_time_state(self) -> None:
+        """The trace-time calls bound to this module and its handle for the kernel op (anew for every copy)."""
+        self._trace_time_calls = TraceTimeCalls(self)
+        self._site_handle = SITE_HANDLES.register(self)
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(): cached device state is stale
         self._plans.clear()
         self._backends.clear()
         return super()._apply(fn, recurse)
 
-    # --- masks, backends, plans -----------------------------------------------------------------
+    # --- masks ----------------------------------------------------------------------------------
 
     def runtime_mask(self, q_len: int, k_len: int, device: torch.device | str, q_offset: int = 0) -> RuntimeBlockMask:
         """The runtime mask of the sparse heads for these lengths (built once, then cached; bounded).
@@ -211,46 +223,107 @@ class SparseAttention(torch.nn.Module):
         mask = self._masks.get(key)
         if mask is None:
             mask = self.mask_source.mask(q_len=q_len, k_len=k_len, q_offset=q_offset, device=device)
-            if len(self._masks) >= MASK_CACHE_SIZE:
-                self._masks.popitem(last=False)  # the least recently used lengths go first
-            self._masks[key] = mask
+            self._remember_mask(key, mask)
         else:
             self._masks.move_to_end(key)
         return mask
 
-    def backend_for(self, dtype: torch.dtype, device: torch.device | str, *, needs_grad: bool = False) -> "Backend":
-        """The backend that serves this site's sparse heads for inputs of ``dtype`` on ``device`` (resolved once)."""
+    def _full_mask(self, q_len: int, k_len: int, q_offset: int, device: torch.device) -> RuntimeBlockMask:
+        """Every block, for dense heads run by the site's backend (cached beside the sparse masks)."""
+        key = _mask_key("dense", q_len, k_len, q_offset, str(device))
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = RuntimeBlockMask.dense(self.dense_heads.numel(), block_size=self.block_size, q_len=q_len,
+                                          k_len=k_len, causal=self.site.causal, q_offset=q_offset,
+                                          kv_head_index=self.dense_kv_heads.cpu(), device=device)
+            self._remember_mask(key, mask)
+        else:
+            self._masks.move_to_end(key)
+        return mask
+
+    def _remember_mask(self, key: tuple, mask: RuntimeBlockMask) -> None:
+        if len(self._masks) >= MASK_CACHE_SIZE:
+            self._masks.popitem(last=False)  # the least recently used lengths go first
+        self._masks[key] = mask
+
+    def ensure_mask(self, slot: str, q_len: int, k_len: int, q_offset: int, device: str) -> None:
+        """Build the cached mask of ``slot`` (``"sparse"`` or ``"dense"``) for these lengths unless it is there.
+
+        Under ``torch.compile`` this runs while dynamo traces (`TraceTimeCalls`), so the dict read
+        that follows finds the mask without a graph break.
+        """
+        if slot == "dense":
+            self._full_mask(q_len, k_len, q_offset, torch.device(device))
+        else:
+            self.runtime_mask(q_len, k_len, torch.device(device), q_offset)
+
+    # --- backends -------------------------------------------------------------------------------
+
+    def backend_for(self, dtype: torch.dtype, device: torch.device | str) -> "Backend":
+        """The backend that serves this site's sparse heads for inputs of ``dtype`` on ``device`` (resolved once).
+
+        Gradients do not narrow the choice: the kernel op's backward recomputes with the ``torch``
+        backend, so the forward may run on a kernel that computes none.
+        """
         device = torch.device(device)
-        key = (dtype, str(device), needs_grad)
+        key = (dtype, str(device))
         backend = self._backends.get(key)
         if backend is None:
-            backend = self._resolve_backend(dtype, device, needs_grad)
+            backend = self._own(self._resolve_backend(dtype, device))
             self._backends[key] = backend
         return backend
 
-    def _resolve_backend(self, dtype: torch.dtype, device: torch.device, needs_grad: bool) -> "Backend":
+    def _own(self, backend: "Backend") -> "Backend":
+        """The module's one instance of ``backend``'s kind (instances hold compiled kernels: one per name)."""
+        return self._instances.setdefault(backend.name, backend)
+
+    def _backend_named(self, name: str) -> "Backend":
+        backend = self._instances.get(name)
+        if backend is None:
+            from sparsify.backends.base import get_backend
+
+            backend = self._instances[name] = get_backend(name)
+        return backend
+
+    def _resolve_backend(self, dtype: torch.dtype, device: torch.device) -> "Backend":
         from sparsify.backends.base import auto_candidates, require_backend
 
         site = self.site
+        where = f"{str(dtype).replace('torch.', '')} on {device}, block_size {self.block_size}"
         if self.backend != "auto":
             backend = require_backend(self.backend, device)
-            reason = backend.unsupported_reason(site, dtype, device)
+            reason = self._serving_problem(backend, dtype, device)
             if reason:
-                raise UnsupportedError(f"backend {self.backend!r} cannot serve site {site.name!r} "
-                                       f"({str(dtype).replace('torch.', '')} on {device}): {reason}")
-            if needs_grad and not backend.features.training:
-                raise UnsupportedError(
-                    f"site {site.name!r}: backend {self.backend!r} computes no gradients; train with backend='torch' "
-                    f"(or 'auto'), or run the forward under torch.no_grad()")
+                raise UnsupportedError(f"backend {self.backend!r} cannot serve site {site.name!r} ({where}): {reason}; "
+                                       f"use backend='auto' (it falls back per site) or another backend")
             return backend
-        candidates = [b for b in auto_candidates(device) if b.supports(site, dtype, device)
-                      and (b.features.training or not needs_grad)]
+        candidates, passed_over = [], []
+        for backend in auto_candidates(device):
+            reason = self._serving_problem(backend, dtype, device)
+            if reason:
+                passed_over.append((backend, reason))
+            else:
+                candidates.append(backend)
         if not candidates:
-            raise UnsupportedError(f"no backend serves site {site.name!r} for {dtype} on {device}")
-        if len(candidates) == 1:
-            return candidates[0]
+            reasons = "; ".join(f"{b.name}: {reason}" for b, reason in passed_over)
+            raise UnsupportedError(f"no backend serves site {site.name!r} ({where}): {reasons}")
+        chosen = candidates[0] if len(candidates) == 1 else self._cheapest(candidates, device)
+        preferred = [(b, reason) for b, reason in passed_over if b.auto_priority < chosen.auto_priority]
+        if preferred:  # once per site, dtype and device: the resolution is cached
+            logger.info("site %s (%s): %s; %s serves it instead", site.name, where,
+                        "; ".join(f"backend {b.name!r} cannot ({reason})" for b, reason in preferred), chosen.name)
+        return chosen
+
+    def _serving_problem(self, backend: "Backend", dtype: torch.dtype, device: torch.device) -> str | None:
+        """Why ``backend`` cannot serve this site's inputs of ``dtype`` on ``device`` at its block size, or ``None``."""
+        head_dim = max(self.site.head_dim, self.site.value_head_dim or self.site.head_dim)
+        return (backend.unsupported_reason(self.site, dtype, device)
+                or backend.block_size_problem(self.block_size, head_dim, device))
+
+    def _cheapest(self, candidates: list["Backend"], device: torch.device) -> "Backend":
         from sparsify.cost import CostModel
 
+        site = self.site
         cost_model = self.cost_model or CostModel.default()
         kept = self.runtime_mask(site.q_len, site.k_len, torch.device("cpu")).kept_blocks_per_head()
         estimates = {}
@@ -263,19 +336,35 @@ class SparseAttention(torch.nn.Module):
         logger.debug("site %s: backend estimates %s", site.name, estimates)
         return min(candidates, key=lambda b: (estimates[b.name], b.auto_priority))
 
-    def _dense_backend(self, q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-                       needs_grad: bool) -> "Backend | None":
-        """The site's backend when it runs this call's dense heads faster than SDPA (cost model), else ``None``."""
+    def backend_name(self, dtype: torch.dtype, device: torch.device | str, mask_layout: tuple | None) -> str:
+        """The name of the backend that runs this site's sparse heads for these inputs (a graph constant under compile).
+
+        ``mask_layout`` is ``None`` or ``(shape, stride, dtype)`` of the user's ``attn_mask`` for
+        those heads: a backend that cannot take that mask is replaced by the next one ``auto``
+        would consider (or refused, naming the site, when the backend was asked for by name).
+        """
+        device = torch.device(device)
+        backend = self.backend_for(dtype, device)
+        if mask_layout is not None:
+            probe = _mask_probe(mask_layout)
+            if backend.attn_mask_problem(probe) is not None:
+                backend = self._backend_for_mask(backend, probe, dtype, device)
+        return backend.name
+
+    def dense_backend_name(self, dtype: torch.dtype, device: torch.device | str, is_causal: bool,
+                           mask_layout: tuple | None) -> str:
+        """The backend that runs this call's dense heads when it beats SDPA (by the cost model), else ``""`` (SDPA)."""
         if is_causal != self.site.causal:
-            return None  # the block mask follows the site's causality; this call asks for another
-        key = ("dense", q.dtype, str(q.device), needs_grad)
+            return ""  # the block mask follows the site's causality; this call asks for another
+        device = torch.device(device)
+        key = ("dense", dtype, str(device))
         if key not in self._backends:
-            backend = self.backend_for(q.dtype, q.device, needs_grad=needs_grad)
-            self._backends[key] = backend if self._dense_pays(backend, q.device) else None
+            backend = self.backend_for(dtype, device)
+            self._backends[key] = backend if self._dense_pays(backend, device) else None
         backend = self._backends[key]
-        if backend is not None and attn_mask is not None and backend.attn_mask_problem(attn_mask) is not None:
-            return None
-        return backend
+        if backend is None or (mask_layout is not None and backend.attn_mask_problem(_mask_probe(mask_layout))):
+            return ""
+        return backend.name
 
     def _dense_pays(self, backend: "Backend", device: torch.device) -> bool:
         if backend.name == "torch" or backend.block_size_problem(self.block_size, self.site.head_dim, device):
@@ -294,37 +383,24 @@ class SparseAttention(torch.nn.Module):
             return False
         return ours < sdpa
 
-    def _full_mask(self, q_len: int, k_len: int, q_offset: int, device: torch.device) -> RuntimeBlockMask:
-        """Every block, for dense heads run by the site's backend (cached beside the sparse masks)."""
-        key = ("dense", q_len, k_len, q_offset, str(device))
-        mask = self._masks.get(key)
-        if mask is None:
-            mask = RuntimeBlockMask.dense(self.dense_heads.numel(), block_size=self.block_size, q_len=q_len,
-                                          k_len=k_len, causal=self.site.causal, q_offset=q_offset,
-                                          kv_head_index=self.dense_kv_heads.cpu(), device=device)
-            if len(self._masks) >= MASK_CACHE_SIZE:
-                self._masks.popitem(last=False)
-            self._masks[key] = mask
-        return mask
-
-    def _backend_for_mask(self, backend: "Backend", attn_mask: torch.Tensor, dtype: torch.dtype, device: torch.device,
-                          needs_grad: bool) -> "Backend":
+    def _backend_for_mask(self, backend: "Backend", attn_mask: torch.Tensor, dtype: torch.dtype,
+                          device: torch.device) -> "Backend":
         """The backend for a call whose user mask the resolved backend does not take: the next one ``auto`` would
         consider (cached), or an error naming the site when the backend was asked for by name."""
         problem = backend.attn_mask_problem(attn_mask)
         if self.backend != "auto":
             raise UnsupportedError(f"site {self.site.name!r}: backend {self.backend!r} cannot take this call's "
                                    f"attn_mask: {problem}. Use backend='auto' (it falls back per call) or 'triton'")
-        key = (dtype, str(device), needs_grad, "mask", attn_mask.dim(), tuple(s == 1 or st == 0 for s, st in
-                                                                          zip(attn_mask.shape, attn_mask.stride())))
+        key = (dtype, str(device), "mask", attn_mask.dim(), tuple(s == 1 or st == 0 for s, st in
+                                                                 zip(attn_mask.shape, attn_mask.stride())))
         fallback = self._backends.get(key)
         if fallback is None:
             from sparsify.backends.base import auto_candidates
 
             for candidate in auto_candidates(device):
-                if (candidate.supports(self.site, dtype, device) and candidate.attn_mask_problem(attn_mask) is None
-                        and (candidate.features.training or not needs_grad)):
-                    fallback = candidate
+                if self._serving_problem(candidate, dtype, device) is None and \
+                        candidate.attn_mask_problem(attn_mask) is None:
+                    fallback = self._own(candidate)
                     break
             if fallback is None:
                 raise UnsupportedError(f"site {self.site.name!r}: no backend takes this call's attn_mask ({problem})")
@@ -332,6 +408,8 @@ class SparseAttention(torch.nn.Module):
                         backend.name, tuple(attn_mask.shape), fallback.name)
             self._backends[key] = fallback
         return fallback
+
+    # --- plans and the kernel op ----------------------------------------------------------------
 
     def plan_for(self, mask_key: tuple, mask: RuntimeBlockMask, backend: "Backend", q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> "BackendPlan":
@@ -348,12 +426,57 @@ class SparseAttention(torch.nn.Module):
         self._plans[key] = (backend, plan)
         return plan
 
+    def run_kernel(self, mask_slot: str, mask: RuntimeBlockMask, backend: str, q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float | None, softcap: float | None,
+                   sinks: torch.Tensor | None) -> torch.Tensor:
+        """What the kernel op runs for this site: the cached plan of a static mask (``mask_slot`` ``"sparse"`` or
+        ``"dense"``), or a plan for this call only (``""``: a mask estimated from this call's inputs)."""
+        kernel = self._backend_named(backend)
+        if mask_slot:
+            mask_key = _mask_key(mask_slot, mask.q_len, mask.k_len, mask.q_offset, str(q.device))
+            mask = self._masks.get(mask_key, mask)  # the cached object: it knows its heads on the host
+            plan = self.plan_for(mask_key, mask, kernel, q, k, v)
+        else:
+            plan = kernel.prepare(mask, q_shape=tuple(q.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape),
+                                  dtype=q.dtype, device=q.device)
+        return kernel.run(plan, q, k, v, attn_mask=attn_mask, scale=scale, softcap=softcap, sinks=sinks)
+
+    def _kernel(self, mask_slot: str, backend: str, heads: torch.Tensor, mask: RuntimeBlockMask, q, k, v, head_mask,
+                scale, softcap, sinks) -> torch.Tensor:
+        """One call of the kernel op for the query heads ``heads`` of the site under ``mask``."""
+        return torch.ops.sparsify.block_sparse_attention(
+            q.index_select(1, heads), k, v, head_mask, mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
+            mask.full_kv_indices, mask.kv_head_index, mask.block_size, mask.q_len, mask.k_len, mask.causal,
+            mask.q_offset, mask.per_input, scale, softcap, sinks.index_select(0, heads) if sinks is not None else None,
+            backend, self._site_handle, mask_slot)
+
+    def _cached_mask(self, slot: str, q: torch.Tensor, k: torch.Tensor, q_offset: int) -> RuntimeBlockMask:
+        """The site's static mask of ``slot`` for this call's lengths; a dict read dynamo guards on under compile."""
+        # Masks are per length: symbolic lengths (dynamic shapes) specialise here, with a guard on their values.
+        lengths = (guard_scalar(q.shape[2]), guard_scalar(k.shape[2]), guard_scalar(q_offset))
+        self._trace_time_calls.ensure_mask(slot, *lengths, str(q.device))
+        return self._masks[_mask_key(slot, *lengths, str(q.device))]
+
     # --- forward ----------------------------------------------------------------------------------
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                 is_causal: bool, scale: float | None, softcap: float | None = None,
                 sinks: torch.Tensor | None = None) -> torch.Tensor:
         return self.attend(q, k, v, attn_mask, scale, is_causal=is_causal, softcap=softcap, sinks=sinks)
+
+    def in_dense_steps(self) -> bool:
+        """Whether the site runs dense now because of its dense warm-up steps.
+
+        The step counter's ``dense_phase`` (``dense_steps -> bool``, kept up to date outside a
+        compiled graph by `StepCounter` and the diffusers door's tracker) is read, so a compiled
+        model guards on one bool per site instead of on the step; a counter without it is read as an int.
+        """
+        if not self.dense_steps or self.step_counter is None:
+            return False
+        phases = getattr(self.step_counter, "dense_phase", None)
+        if phases is not None and self.dense_steps in phases:
+            return bool(phases[self.dense_steps])
+        return self.step_counter.step < self.dense_steps
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                scale: float | None = None, *, is_causal: bool = False, q_offset: int = 0,
@@ -362,45 +485,44 @@ class SparseAttention(torch.nn.Module):
 
         ``q_offset`` places query ``i`` at absolute position ``q_offset + i`` (decode steps and
         prefill chunks against a cache: ``k_len - q_len``); causal masking, of dense heads too,
-        follows it. The result has the layout of ``q``.
+        follows it. The result has the layout of ``q``. The same code runs eagerly and under
+        ``torch.compile`` (no graph break, except one for the estimator of input-adaptive heads).
         """
-        if torch.compiler.is_compiling():  # torch.compile: the traceable path, kernel as a custom op
-            from sparsify.runtime.compiled import compiled_attend
-
-            return compiled_attend(self, q, k, v, attn_mask, scale, is_causal=is_causal, q_offset=q_offset,
-                                   softcap=softcap, sinks=sinks)
         dense_only = (self.sparse_heads.numel() == 0 and self.skipped_heads.numel() == 0
                       and self.adaptive_heads.numel() == 0)
-        early_step = self.dense_steps and self.step_counter is not None and self.step_counter.step < self.dense_steps
-        if dense_only or early_step:
+        if dense_only or self.in_dense_steps():
             return _dense(q, k, v, attn_mask, is_causal, scale, q_offset, softcap, sinks)
         attn_mask = self.checked_call(q, k, attn_mask, is_causal)
+        calls = self._trace_time_calls
         output = q.new_empty((*q.shape[:-1], v.shape[-1]))
         if self.skipped_heads.numel():
             output.index_fill_(1, self.skipped_heads, 0)  # a skipped head contributes nothing
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if self.dense_heads.numel():
-            dense_mask = _select_heads(attn_mask, self.dense_heads)
-            dense_sinks = sinks.index_select(0, self.dense_heads) if sinks is not None else None
-            backend = self._dense_backend(q, dense_mask, is_causal, needs_grad)
-            if backend is None:
-                dense_out = _dense(q.index_select(1, self.dense_heads), k.index_select(1, self.dense_kv_heads),
+            heads = self.dense_heads
+            dense_mask = _select_heads(attn_mask, heads)
+            backend = calls.dense_backend_name(q.dtype, q.device, is_causal, _mask_layout(dense_mask))
+            if backend:  # the site's backend runs dense heads faster than SDPA (by the cost model): a full mask
+                mask = self._cached_mask("dense", q, k, q_offset)
+                dense_out = self._kernel("dense", backend, heads, mask, q, k, v, dense_mask, scale, softcap, sinks)
+            else:
+                dense_out = _dense(q.index_select(1, heads), k.index_select(1, self.dense_kv_heads),
                                    v.index_select(1, self.dense_kv_heads), dense_mask, is_causal, scale, q_offset,
-                                   softcap, dense_sinks)
-            else:  # the site's backend runs dense heads faster than SDPA (by the cost model): a full mask
-                dense_q = q.index_select(1, self.dense_heads)
-                mask_key = ("dense", q.shape[2], k.shape[2], q_offset, str(q.device))
-                mask = self._full_mask(q.shape[2], k.shape[2], q_offset, q.device)
-                plan = self.plan_for(mask_key, mask, backend, dense_q, k, v)
-                dense_out = backend.run(plan, dense_q, k, v, attn_mask=dense_mask, scale=scale, softcap=softcap,
-                                        sinks=dense_sinks)
-            output.index_copy_(1, self.dense_heads, dense_out.to(output.dtype))
+                                   softcap, sinks.index_select(0, heads) if sinks is not None else None)
+            output.index_copy_(1, heads, dense_out.to(output.dtype))
         if self.sparse_heads.numel():
-            output.index_copy_(1, self.sparse_heads, self._static_heads(q, k, v, attn_mask, scale, q_offset, softcap,
-                                                                        sinks, needs_grad).to(output.dtype))
+            heads = self.sparse_heads
+            head_mask = _select_heads(attn_mask, heads)
+            backend = calls.backend_name(q.dtype, q.device, _mask_layout(head_mask))
+            mask = self._cached_mask("sparse", q, k, q_offset)
+            output.index_copy_(1, heads, self._kernel("sparse", backend, heads, mask, q, k, v, head_mask, scale,
+                                                      softcap, sinks).to(output.dtype))
         if self.adaptive_heads.numel():
-            output.index_copy_(1, self.adaptive_heads, self._adaptive_heads(q, k, v, attn_mask, scale, q_offset,
-                                                                            softcap, sinks, needs_grad).to(output.dtype))
+            heads = self.adaptive_heads
+            head_mask = _select_heads(attn_mask, heads)
+            mask = estimate_adaptive_mask(self, q.index_select(1, heads), k, head_mask, q_offset, scale)
+            backend = calls.backend_name(q.dtype, q.device, _mask_layout(head_mask))
+            output.index_copy_(1, heads, self._kernel("", backend, heads, mask, q, k, v, head_mask, scale, softcap,
+                                                      sinks).to(output.dtype))
         return output
 
     def checked_call(self, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -420,34 +542,73 @@ class SparseAttention(torch.nn.Module):
             attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
         return attn_mask
 
-    def _static_heads(self, q, k, v, attn_mask, scale, q_offset, softcap, sinks, needs_grad) -> torch.Tensor:
-        """The heads with static patterns: the mask and the plan are cached per length and call shape."""
-        q_len, k_len = q.shape[2], k.shape[2]
-        mask_key = (q_len, k_len, q_offset, str(q.device))
-        mask = self.runtime_mask(q_len, k_len, q.device, q_offset)
-        backend = self.backend_for(q.dtype, q.device, needs_grad=needs_grad)
-        sparse_mask = _select_heads(attn_mask, self.sparse_heads)
-        if sparse_mask is not None and backend.attn_mask_problem(sparse_mask) is not None:
-            backend = self._backend_for_mask(backend, sparse_mask, q.dtype, q.device, needs_grad)
-        sparse_q = q.index_select(1, self.sparse_heads)
-        plan = self.plan_for(mask_key, mask, backend, sparse_q, k, v)
-        return backend.run(plan, sparse_q, k, v, attn_mask=sparse_mask, scale=scale, softcap=softcap,
-                           sinks=sinks.index_select(0, self.sparse_heads) if sinks is not None else None)
 
-    def _adaptive_heads(self, q, k, v, attn_mask, scale, q_offset, softcap, sinks, needs_grad) -> torch.Tensor:
-        """The heads with input-adaptive patterns: the mask is estimated from this call's q and k, on the device."""
-        adaptive_q = q.index_select(1, self.adaptive_heads)
-        head_mask = _select_heads(attn_mask, self.adaptive_heads)
-        mask = self.adaptive_source.mask(adaptive_q, k, attn_mask=head_mask, q_offset=q_offset, scale=scale)
-        if self.adaptive_density_log is not None:
-            self.adaptive_density_log.append(mask.kept_counts().float().mean((0, 2)) / mask.k_blocks)
-        backend = self.backend_for(q.dtype, q.device, needs_grad=needs_grad)
-        if head_mask is not None and backend.attn_mask_problem(head_mask) is not None:
-            backend = self._backend_for_mask(backend, head_mask, q.dtype, q.device, needs_grad)
-        plan = backend.prepare(mask, q_shape=tuple(adaptive_q.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape),
-                               dtype=q.dtype, device=q.device)
-        return backend.run(plan, adaptive_q, k, v, attn_mask=head_mask, scale=scale, softcap=softcap,
-                           sinks=sinks.index_select(0, self.adaptive_heads) if sinks is not None else None)
+class TraceTimeCalls:
+    """A site's calls that dynamo runs while it traces, their results graph constants: one set per `SparseAttention`.
+
+    ``torch.compiler.assume_constant_result`` needs arguments dynamo can turn into Python
+    constants, and torch 2.11 cannot do that for a module; so each site gets plain functions
+    closed over a weak reference to it, called with slots, lengths, dtypes and devices only. The
+    site makes them at construction and again when it is copied (``copy.deepcopy`` or
+    unpickling), so a copy never reaches the original's caches. Eager calls run them directly.
+
+    Example:
+        >>> calls = TraceTimeCalls(layer)                                        # doctest: +SKIP
+        >>> calls.backend_name(torch.bfloat16, torch.device("cuda:0"), None)    # doctest: +SKIP
+        'fa4'
+    """
+
+    def __init__(self, layer: SparseAttention):
+        owner = weakref.ref(layer)
+
+        @torch.compiler.assume_constant_result
+        def ensure_mask(slot: str, q_len: int, k_len: int, q_offset: int, device: str) -> bool:
+            owner().ensure_mask(slot, q_len, k_len, q_offset, device)
+            return True
+
+        @torch.compiler.assume_constant_result
+        def backend_name(dtype: torch.dtype, device: torch.device, mask_layout: tuple | None) -> str:
+            return owner().backend_name(dtype, device, mask_layout)
+
+        @torch.compiler.assume_constant_result
+        def dense_backend_name(dtype: torch.dtype, device: torch.device, is_causal: bool,
+                               mask_layout: tuple | None) -> str:
+            return owner().dense_backend_name(dtype, device, is_causal, mask_layout)
+
+        self.ensure_mask = ensure_mask
+        self.backend_name = backend_name
+        self.dense_backend_name = dense_backend_name
+
+
+@torch.compiler.disable
+def estimate_adaptive_mask(layer: SparseAttention, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None,
+                           q_offset: int, scale: float | None) -> RuntimeBlockMask:
+    """The per-input mask of ``layer``'s adaptive heads for this call (outside a compiled graph: one break).
+
+    The estimators are device work, but not all of them trace (e.g. the vertical-slash estimator
+    reads its probe size from a tensor), so they run eagerly. Their kernel call is in the graph.
+    """
+    mask = layer.adaptive_source.mask(q, k, attn_mask=attn_mask, q_offset=int(q_offset), scale=scale)
+    if layer.adaptive_density_log is not None:
+        layer.adaptive_density_log.append(mask.kept_counts().float().mean((0, 2)) / mask.k_blocks)
+    return mask
+
+
+def _mask_key(slot: str, q_len: int, k_len: int, q_offset: int, device: str) -> tuple:
+    """The key of a cached static mask: sparse heads by lengths, dense heads' full mask prefixed with ``"dense"``."""
+    return ("dense", q_len, k_len, q_offset, device) if slot == "dense" else (q_len, k_len, q_offset, device)
+
+
+def _mask_layout(mask: torch.Tensor | None) -> tuple | None:
+    """``(shape, stride, dtype)`` of a user mask, as host ints (what the backend choice depends on), or ``None``."""
+    if mask is None:
+        return None
+    return tuple(int(s) for s in mask.shape), tuple(int(s) for s in mask.stride()), mask.dtype
+
+
+def _mask_probe(layout: tuple) -> torch.Tensor:
+    shape, stride, dtype = layout
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
 
 
 def _dense(q, k, v, attn_mask, is_causal, scale, q_offset, softcap, sinks) -> torch.Tensor:

@@ -11,8 +11,8 @@ import torch
 from sparsify import patterns
 from sparsify.backends import BackendUnavailableError
 from sparsify.errors import UnsupportedError
-from sparsify.runtime import site as site_module
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime import sparse_attention as sparse_attention_module
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 
 from backend_helpers import mask_reference, rel_err
@@ -31,9 +31,9 @@ def test_masks_are_cached_per_length_and_bounded():
     assert len(layer._masks) == 1                     # the captured length, built (and checked) at construction
     first = layer.runtime_mask(128, 128, "cpu")
     assert layer.runtime_mask(128, 128, "cpu") is first
-    for length in range(144, 144 + 16 * (site_module.MASK_CACHE_SIZE + 4), 16):
+    for length in range(144, 144 + 16 * (sparse_attention_module.MASK_CACHE_SIZE + 4), 16):
         layer.runtime_mask(length, length, "cpu")
-    assert len(layer._masks) == site_module.MASK_CACHE_SIZE
+    assert len(layer._masks) == sparse_attention_module.MASK_CACHE_SIZE
     assert (128, 128, 0, "cpu") not in layer._masks     # the least recently used length went first
 
 
@@ -45,10 +45,10 @@ def test_plans_are_cached_per_call_shape_and_bounded():
         layer(q, kv, kv, None, True, None)
         layer(q, kv, kv, None, True, None)
         assert len(layer._plans) == 1
-        for batch in range(2, site_module.PLAN_CACHE_SIZE + 5):
+        for batch in range(2, sparse_attention_module.PLAN_CACHE_SIZE + 5):
             layer(q.expand(batch, -1, -1, -1), kv.expand(batch, -1, -1, -1), kv.expand(batch, -1, -1, -1),
                   None, True, None)
-    assert len(layer._plans) == site_module.PLAN_CACHE_SIZE
+    assert len(layer._plans) == sparse_attention_module.PLAN_CACHE_SIZE
 
 
 def test_query_chunks_at_an_offset_equal_the_rows_of_the_full_call():
@@ -107,14 +107,27 @@ def test_gradients_flow_through_sparse_heads_on_the_torch_backend():
         assert rel_err(ours, expected) < 1e-9
 
 
-def test_a_backend_without_gradients_is_refused_in_training():
-    layer = _layer(backend="triton")
-    q = torch.randn(1, 4, 64, 16, requires_grad=True)
-    kv = torch.randn(1, 2, 64, 16)
-    with pytest.raises(UnsupportedError) as failure:
-        layer(q, kv, kv, None, True, None)
-    # On CPU the triton kernel is not available at all; on a GPU box it would be "computes no gradients".
-    assert "blocks.0.attn" in str(failure.value) or isinstance(failure.value, BackendUnavailableError)
+def test_a_backend_without_gradients_trains_by_recomputing_with_the_torch_backend():
+    # The triton kernel computes no gradients (on CPU it runs in Triton's interpreter): the kernel op's
+    # backward recomputes the sparse heads with the torch backend, eagerly as under torch.compile.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = _layer(causal=True, backend="triton").to(device)
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(1, 4, 64, 16, generator=gen).to(device), torch.randn(1, 2, 64, 16, generator=gen).to(device),
+              torch.randn(1, 2, 64, 16, generator=gen).to(device)]
+    q, k, v = (t.clone().requires_grad_() for t in inputs)
+    output = layer(q, k, v, None, True, None)
+    output.pow(2).sum().backward()
+    rq, rk, rv = (t.clone().requires_grad_() for t in inputs)
+    sparse = layer.runtime_mask(64, 64, device)
+    reference = torch.zeros_like(output)
+    reference[:, layer.sparse_heads] = mask_reference(rq.index_select(1, layer.sparse_heads), rk, rv, sparse).float()
+    reference[:, :1] = torch.nn.functional.scaled_dot_product_attention(rq[:, :1], rk[:, :1], rv[:, :1], is_causal=True)
+    reference.pow(2).sum().backward()
+    assert rel_err(output.detach(), reference.detach()) < 3e-3       # the forward ran on the triton kernel
+    assert {key[1] for key in layer._plans} == {"triton"}
+    for ours, expected in ((q.grad, rq.grad), (k.grad, rk.grad), (v.grad, rv.grad)):
+        assert rel_err(ours, expected) < 3e-3
 
 
 def test_unavailable_backend_names_what_is_missing():
