@@ -117,6 +117,30 @@ def test_symbolic_lengths_specialise_without_a_graph_break(dynamic):
             assert rel_err(output, layer.attend(q, k, v, is_causal=True, q_offset=k_len - q_len)) < 1e-6
 
 
+def test_plans_are_prepared_once_per_mask_and_shape_under_compile():
+    gen = torch.Generator().manual_seed(8)
+    layer = _layer(backend="torch")
+    backend = layer.backend_for(torch.float32, "cpu")            # the module's instance, which the kernel op runs
+    prepared = []
+    prepare = backend.prepare
+
+    def counting_prepare(mask, **shapes):
+        prepared.append((mask.q_len, shapes["q_shape"]))
+        return prepare(mask, **shapes)
+
+    backend.prepare = counting_prepare
+    function = torch.compile(lambda q, k, v: layer.attend(q, k, v, is_causal=True), backend="aot_eager",
+                             fullgraph=True)
+    with torch.no_grad():
+        for q_len in (128, 128, 128, 96, 96, 128):
+            q, k, v = _qkv(gen, q_len=q_len)
+            output = function(q, k, v)
+            sparse = layer.runtime_mask(q_len, q_len, "cpu")
+            expected = mask_reference(q.index_select(1, layer.sparse_heads), k, v, sparse)
+            assert rel_err(output.index_select(1, layer.sparse_heads), expected) < 1e-6
+    assert prepared == [(128, (2, 2, 128, 16)), (96, (2, 2, 96, 16))]     # once per (mask, shapes), not per call
+
+
 def test_compiled_training_matches_eager_gradients():
     gen = torch.Generator().manual_seed(3)
     layer = _layer(backend="torch")
