@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -190,9 +191,9 @@ def launch_overhead(args) -> dict:
     """Host time per call (microseconds) at S=1024, where the host, not the GPU, is the limit.
 
     Each backend's ``run`` on a prepared plan, as the site module calls it (for triton: the cached
-    direct launch from the second call on; ``triton_full_path``: the same with ``FAST_LAUNCH`` off).
+    direct launch from the second call on; ``triton_full_path``: the same with ``fast_launch`` off).
     """
-    from sparsify.backends import triton_kernels as kernels
+    from sparsify.backends.triton import TritonBackend
 
     dtype = getattr(torch, args.dtype)
     q, k, v = make_inputs(1024, args.heads, args.dim, dtype)
@@ -202,10 +203,10 @@ def launch_overhead(args) -> dict:
         plan = backend.prepare(mask, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, dtype=dtype, device=q.device)
         calls[name] = (lambda b=backend, p=plan: b.run(p, q, k, v))
         if name == "triton":
-            calls["triton_full_path"] = calls[name]
+            full_path = TritonBackend(fast_launch=False)
+            calls["triton_full_path"] = (lambda b=full_path, p=plan: b.run(p, q, k, v))
     result = {}
     for name, fn in calls.items():
-        kernels.FAST_LAUNCH = name != "triton_full_path"
         try:
             with torch.no_grad():
                 for _ in range(20):
@@ -221,8 +222,6 @@ def launch_overhead(args) -> dict:
             result[name] = best
         except Exception as err:
             result[name] = f"{type(err).__name__}: {err}"[:200]
-        finally:
-            kernels.FAST_LAUNCH = True
     if getattr(args, "profile_host", False):
         import cProfile
         import pstats
@@ -330,7 +329,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tune", action="store_true", help="sweep kernel tile configs instead")
     parser.add_argument("--profile-host", action="store_true", help="cProfile the host side of a call")
     parser.add_argument("--no-fast-launch", action="store_true",
-                        help="time the grid with triton_kernels.FAST_LAUNCH off (full host path per call)")
+                        help="time the grid with the triton backend's fast_launch off (full host path per call)")
     parser.add_argument("--tune-dims", type=int, nargs="+", default=[128, 64])
     parser.add_argument("--tune-blocks", type=int, nargs="+", default=[128, 64])
     args = parser.parse_args(argv)
@@ -343,9 +342,7 @@ def main(argv=None) -> int:
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "args": vars(args)}
     if args.no_fast_launch:
-        from sparsify.backends import triton_kernels
-
-        triton_kernels.FAST_LAUNCH = False
+        os.environ["SPARSIFY_TRITON_FAST_LAUNCH"] = "0"   # read by every triton backend made from here on
         meta["fast_launch"] = False
     if args.tune:
         rows = run_tune(args)

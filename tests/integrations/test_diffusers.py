@@ -19,7 +19,6 @@ from sparsify.integrations.diffusers import (
 
 from backend_helpers import rel_err
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 WINDOW = patterns.sliding_window(32) | patterns.attention_sinks(16)
 

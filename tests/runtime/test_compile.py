@@ -16,8 +16,6 @@ from sparsify.site import AttentionSite
 from backend_helpers import HAS_CUDA, mask_reference, rel_err
 
 KERNEL_OP = "sparsify.block_sparse_attention"
-# Inductor itself calls a deprecated torch.jit API while it compiles on CPU (torch 2.13).
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 @pytest.fixture(autouse=True)
