@@ -13,7 +13,7 @@ from sparsify.runtime import kernel_op
 from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 
-from backend_helpers import HAS_CUDA, mask_reference, rel_err
+from backend_helpers import mask_reference, recorded_cuda_graphs, rel_err
 
 KERNEL_OP = "sparsify.block_sparse_attention"
 
@@ -277,4 +277,38 @@ def test_gpu_backends_under_compile_equal_eager(backend):
         inductor = torch.compile(lambda *a: layer.attend(*a, is_causal=True), fullgraph=True)(q, k, v)
     assert graphs.kernel_calls() == 1
     assert rel_err(output, eager) < 1e-3 and rel_err(inductor, eager) < 1e-3
-    assert HAS_CUDA
+    expected = mask_reference(q, k, v, layer.runtime_mask(2048, 2048, "cuda"))
+    assert rel_err(eager, expected) < 1e-2                            # bf16 inputs, against float64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "fa4"])
+def test_graph_door_under_cuda_graphs_equals_eager_and_captures_once(backend):
+    # torch.compile(mode="reduce-overhead") of a compiled module: CUDA graphs replay the kernel op
+    # (its plan prepared in the warm-up, nothing on the host per replay), one graph, no re-capture.
+    from sparsify.backends import get_backend
+
+    if get_backend(backend).availability("cuda") is not None:
+        pytest.skip(get_backend(backend).availability("cuda"))
+    layer = torch.nn.TransformerEncoderLayer(256, 4, 512, batch_first=True, dropout=0.0)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval().to("cuda", torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 1024, 256, generator=gen, device="cuda", dtype=torch.bfloat16)
+    sites = sparsify.find_attention(model, (x,))
+    strategy = sparsify.Strategy.uniform(sites, patterns.sliding_window(256) | patterns.attention_sinks(64),
+                                         block_size=64)
+    compiled = sparsify.compile(model, strategy=strategy, example_inputs=(x,), backend=backend)
+    with torch.no_grad():
+        eager = compiled(x).clone()
+        torch._dynamo.utils.counters.clear()
+        function = torch.compile(compiled, mode="reduce-overhead", fullgraph=True)
+        outputs = [function(x).clone() for _ in range(4)]          # warm-up, capture, replays
+        recorded = recorded_cuda_graphs()
+        outputs += [function(x).clone() for _ in range(4)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+    assert recorded >= 1 and recorded_cuda_graphs() == recorded    # no re-capture per call
+    for output in outputs:
+        assert rel_err(output, eager) < 1e-2
+    plans = {key[1] for site in compiled.modules() if isinstance(site, SparseAttention) for key in site._plans}
+    assert plans == {backend}

@@ -154,3 +154,32 @@ def test_wrong_head_count_is_refused():
     q = torch.randn(1, 2, 64, 16)
     with pytest.raises(UnsupportedError, match="compiled for 4 query / 2 key-value heads"):
         layer(q, q, q, None, False, None)
+
+
+def test_auto_passes_over_a_backend_that_cannot_take_the_block_size_and_says_so_once(monkeypatch, caplog):
+    # What auto does when FA4's tile constraints (sm90) rule it out for a site: the next backend serves
+    # the site, and the log says so once, naming the site and the reason.
+    from sparsify.backends import base
+    from sparsify.backends.torch import TorchBackend
+
+    class TileBound(TorchBackend):
+        name = "tile_bound"
+        auto_priority = 1
+
+        def block_size_problem(self, block_size, head_dim, device):
+            return f"its key tile is 128 keys, not {block_size}"
+
+    monkeypatch.setattr(base, "auto_candidates", lambda device: [TileBound(), TorchBackend()])
+    layer = _layer(causal=False)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 64, 16, generator=gen)
+    k, v = torch.randn(1, 2, 64, 16, generator=gen), torch.randn(1, 2, 64, 16, generator=gen)
+    with torch.no_grad(), caplog.at_level("INFO", logger="sparsify.runtime.sparse_attention"):
+        output = layer(q, k, v, None, False, None)
+        layer(q, k, v, None, False, None)
+    notes = [record.getMessage() for record in caplog.records if "tile_bound" in record.getMessage()]
+    assert len(notes) == 1
+    assert "blocks.0.attn" in notes[0] and "not 16" in notes[0] and "torch serves it" in notes[0]
+    assert {key[1] for key in layer._plans} == {"torch"}
+    expected = mask_reference(q.index_select(1, layer.sparse_heads), k, v, layer.runtime_mask(64, 64, "cpu"))
+    assert rel_err(output.index_select(1, layer.sparse_heads), expected) < 1e-6
