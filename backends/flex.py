@@ -117,7 +117,9 @@ class FlexBackend(Backend):
                 return compiled(arguments["q"], arguments["k"], arguments["v"], arguments["score_mod"],
                                 arguments["block_mask"], scale, arguments["enable_gqa"], arguments["kernel_options"])
         except Exception as error:
-            if type(error).__name__ != "FailOnRecompileLimitHit":
+            limit_hit = type(error).__name__ == "FailOnRecompileLimitHit" or (
+                type(error).__name__ == "Unsupported" and "limit" in str(error))  # older torch's wording
+            if not limit_hit:
                 raise
             raise UnsupportedError(
                 f"flex backend: FlexAttention's compiled kernel for {call_class[0]} inputs (head dim {call_class[1]}, "
@@ -206,7 +208,9 @@ def _recompile_budget():
     """Where ``torch.compile`` takes no per-callable ``recompile_limit`` (older torch): the budget for this call only."""
     if "recompile_limit" in _compile_parameters():
         return contextlib.nullcontext()
-    return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its older name
+    return config.patch(**{name: RECOMPILE_LIMIT})
 
 
 @functools.cache
