@@ -146,7 +146,25 @@ def test_copies_start_with_empty_caches():
         expected = layer(q, kv, kv, None, True, None)
         clone = copy.deepcopy(layer)
         assert len(clone._plans) == 0 and len(clone._masks) == 0 and len(layer._plans) == 1
+        assert clone._site_handle != layer._site_handle           # the kernel op reaches the copy's own plans
         assert torch.equal(clone(q, kv, kv, None, True, None), expected)
+        assert len(clone._plans) == 1 and len(layer._plans) == 1
+
+
+def test_the_kernel_op_of_a_site_that_is_gone_says_so():
+    import gc
+
+    layer = _layer()
+    mask = layer.runtime_mask(128, 128, "cpu")
+    handle = layer._site_handle
+    q = torch.randn(1, 2, 128, 16)
+    arguments = (q, q, q, None, mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
+                 mask.kv_head_index, 16, 128, 128, True, 0, False, None, None, None, "torch", handle, "sparse")
+    assert rel_err(torch.ops.sparsify.block_sparse_attention(*arguments), mask_reference(q, q, q, mask)) < 1e-6
+    del layer
+    gc.collect()
+    with pytest.raises(RuntimeError, match=f"site handle {handle} no longer exists"):
+        torch.ops.sparsify.block_sparse_attention(*arguments)
 
 
 def test_wrong_head_count_is_refused():
