@@ -173,6 +173,25 @@ class SparseAttention(torch.nn.Module):
         self._attach_run_time_state()
         if sparse:  # patterns are checked here, at build time, not at the first call
             self.runtime_mask(site.q_len, site.k_len, torch.device("cpu"))
+        if sparse or adaptive:
+            self._refuse_a_named_backend_that_cannot_serve()
+
+    def _refuse_a_named_backend_that_cannot_serve(self) -> None:
+        """A backend asked for by name that cannot take this site's block size on this process's GPU is refused
+        now, naming the site and the reason, before any work (``auto`` falls back per site instead)."""
+        if self.backend == "auto" or not torch.cuda.is_available():
+            return
+        from sparsify.backends.base import get_backend
+
+        backend = get_backend(self.backend)
+        if "cuda" not in backend.features.devices or backend.availability("cuda") is not None:
+            return  # refused at the first call, with what is missing, where the call's device is known
+        head_dim = max(self.site.head_dim, self.site.value_head_dim or self.site.head_dim)
+        problem = backend.block_size_problem(self.block_size, head_dim, torch.device("cuda"))
+        if problem:
+            raise UnsupportedError(f"backend {self.backend!r} cannot serve site {self.site.name!r} (block_size "
+                                   f"{self.block_size}, head dim {head_dim}, {torch.cuda.get_device_name()}): "
+                                   f"{problem}; use backend='auto' (it falls back per site) or another backend")
 
     def extra_repr(self) -> str:
         return (f"site={self.site.name!r}, heads={self.site.num_heads} (dense {self.dense_heads.numel()}, "
