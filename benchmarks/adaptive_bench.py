@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from bench_rows import RowLog
 from sparsify import patterns
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 from timing import device_description, median_ms
 

@@ -35,6 +35,7 @@ Grid timings are medians of ``triton.testing.do_bench`` (CUDA events, warm-up fi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -398,7 +399,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tune", action="store_true", help="sweep kernel tile configs instead")
     parser.add_argument("--profile-host", action="store_true", help="cProfile the host side of a call")
     parser.add_argument("--no-fast-launch", action="store_true",
-                        help="time the grid with triton_kernels.FAST_LAUNCH off (full host path per call)")
+                        help="time the grid with the triton backend's fast_launch off (full host path per call)")
     parser.add_argument("--tune-dims", type=int, nargs="+", default=[128, 64])
     parser.add_argument("--tune-blocks", type=int, nargs="+", default=[128, 64])
     parser.add_argument("--host-time-only", action="store_true", help="only the host-time table (no grid)")
@@ -420,11 +421,7 @@ def main(argv=None) -> int:
 
         meta["triton"] = triton.__version__
     if args.no_fast_launch:
-        from sparsify.backends import triton_kernels
-
-        if not hasattr(triton_kernels, "FAST_LAUNCH"):
-            parser.error("--no-fast-launch: this sparsify's triton kernels have no FAST_LAUNCH switch")
-        triton_kernels.FAST_LAUNCH = False
+        os.environ["SPARSIFY_TRITON_FAST_LAUNCH"] = "0"   # read by every triton backend made from here on
         meta["fast_launch"] = False
     with RowLog(args.json, meta=meta, echo=False) as log:
         if args.tune:

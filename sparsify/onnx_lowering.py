@@ -380,7 +380,7 @@ class BlockGatherAttention(torch.nn.Module):
 
     Example:
         >>> from sparsify import patterns
-        >>> from sparsify.runtime.site import SparseAttention
+        >>> from sparsify.runtime.sparse_attention import SparseAttention
         >>> from sparsify.site import AttentionSite
         >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=16, q_len=128, k_len=128)
         >>> layer = SparseAttention(site, [patterns.dense(), patterns.sliding_window(32)], block_size=32)

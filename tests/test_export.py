@@ -14,7 +14,7 @@ from sparsify import SparsifyError, Strategy, UnsupportedError, patterns
 from sparsify.patterns import estimated_vertical_slash
 from sparsify.api import capture_attention, compile
 from sparsify.patterns import TracedBlockGrid
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 
 onnx = pytest.importorskip("onnx")

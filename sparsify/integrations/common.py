@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from sparsify.errors import StrategyError, UnsupportedError
-from sparsify.runtime.site import SparseAttention, is_dense_pattern
+from sparsify.runtime.sparse_attention import SparseAttention, is_dense_pattern
 from sparsify.site import AttentionSite
 from sparsify.strategy import Strategy
 
