@@ -6,7 +6,7 @@ from sparsify.backends.base import (
     BackendPlan,
     BackendUnavailableError,
     auto_candidates,
-    available_backends,
+    available_backends,  # deprecated: backend_names
     backend_class,
     backend_names,
     describe_backends,
@@ -25,7 +25,6 @@ __all__ = [
     "BackendPlan",
     "BackendUnavailableError",
     "auto_candidates",
-    "available_backends",
     "backend_class",
     "backend_names",
     "describe_backends",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import warnings
 from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
@@ -17,7 +18,6 @@ __all__ = [
     "BackendFeatures",
     "BackendPlan",
     "BackendUnavailableError",
-    "available_backends",
     "backend_class",
     "backend_names",
     "get_backend",
@@ -226,7 +226,12 @@ def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
-available_backends = backend_names  # the name older code used
+def available_backends() -> list[str]:
+    """Deprecated name of `backend_names` (it lists every registered backend, available or not); use that."""
+    warnings.warn("sparsify.backends.available_backends() is deprecated: it lists every registered backend, "
+                  "available or not; use backend_names() (or describe_backends() for availability)",
+                  DeprecationWarning, stacklevel=2)
+    return backend_names()
 
 
 def backend_class(name: str) -> type[Backend]:

@@ -127,7 +127,7 @@ def ordered_block_list(count: torch.Tensor, indices: torch.Tensor, num_key_block
     """int32 ``(count, indices)`` with each row's first ``count`` indices ascending.
 
     FA4 visits a list from its last entry down and applies the key-end mask only to the first block it
-    visits, so the block holding the last key must be last (``/work/notes/fa4.md`` section 3). Entries
+    visits, so the block holding the last key must be last. Entries
     past ``count`` become ``INT32_MAX`` (never read). Device-only work, no host sync.
     """
     count = count.to(torch.int32)

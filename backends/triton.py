@@ -42,7 +42,11 @@ class TritonPlan(BackendPlan):
 
 @register_backend("triton")
 class TritonBackend(Backend):
-    """Fused block-sparse attention forward in Triton; CUDA, fp16/bf16 (fp32 in TF32); forward only.
+    """Fused block-sparse attention forward in Triton; CUDA, fp16/bf16/fp32; forward only.
+
+    ``fast_launch`` (default: on unless the environment sets ``SPARSIFY_TRITON_FAST_LAUNCH=0``)
+    lets repeat calls of a plan take the cached direct launch (`triton_kernels`); off, every call
+    takes the full host path (same results, bitwise).
 
     Example:
         >>> backend = get_backend("triton")                                  # doctest: +SKIP
@@ -53,6 +57,11 @@ class TritonBackend(Backend):
                                max_head_dim=256, training=False, cuda_graphs=True)
     auto_priority = 20
     install_hint = "pip install triton (it ships with CUDA builds of torch)"
+
+    def __init__(self, fast_launch: bool | None = None) -> None:
+        if fast_launch is None:
+            fast_launch = os.environ.get("SPARSIFY_TRITON_FAST_LAUNCH", "1") != "0"
+        self.fast_launch = bool(fast_launch)
 
     def availability(self, device: torch.device | str | None = None) -> str | None:
         if not _triton_importable():
@@ -93,4 +102,4 @@ class TritonBackend(Backend):
         if q.shape != plan.q_shape or q.dtype != plan.dtype:  # cheap: the kernel checks the rest
             plan.check_call(q, k, v, self.name)
         return kernels.block_sparse_attention(q, k, v, plan.launch, attn_mask=attn_mask, scale=scale,
-                                              softcap=softcap, sinks=sinks)
+                                              softcap=softcap, sinks=sinks, fast_launch=self.fast_launch)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -353,13 +352,20 @@ def block_sparse_attention(
     sinks: torch.Tensor | None = None,
     config: KernelConfig | None = None,
     use_tma: bool | None = None,
+    fast_launch: bool = True,
 ) -> torch.Tensor:
-    """Run the fused kernel for ``plan`` (from `plan_launch`); semantics of `sparsify.backends.base.Backend.run`."""
-    fast = (FAST_LAUNCH and attn_mask is None and config is None and use_tma is None and softcap is None
+    """Run the fused kernel for ``plan`` (from `plan_launch`); semantics of `sparsify.backends.base.Backend.run`.
+
+    ``fast_launch`` lets a repeat call take the cached direct launch of the plan (see below);
+    float32 inputs run their dot products in TF32 only where torch's float32 matmul precision
+    allows it (``torch.set_float32_matmul_precision("high")``), as torch's own matmuls do.
+    """
+    precision = "tf32" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest" else "ieee"
+    fast = (fast_launch and FAST_LAUNCH_SUPPORTED and attn_mask is None and config is None and use_tma is None and softcap is None
             and sinks is None and plan.work is not None and q.is_cuda and _knobs is not None
             and _raw_stream is not None)
     if fast:
-        key = _fast_key(q, k, v)
+        key = (_fast_key(q, k, v), precision)
         rec = plan.launches.get(key)
         if rec is not None and rec.device_index == _current_device() and _hooks_off():
             return _fast_launch(rec, q, k, v, scale)
@@ -414,11 +420,11 @@ def block_sparse_attention(
         bs, config.block_m, config.block_n,
         bool(mask.causal), kind, mask_tensor is not None and mstrides[2] == 0,
         per_batch, bool(softcap), sinks is not None,
-        "tf32" if q.dtype == torch.float32 else "ieee", use_tma,
+        precision, use_tma,
     ]
     kernel = _block_sparse_fwd_kernel[(grid0,)](*args, num_warps=config.num_warps, num_stages=config.num_stages)
     if fast:
-        _remember_launch(plan, _fast_key(q, k, v), kernel, args, grid0, out, use_tma, q.device)
+        _remember_launch(plan, (_fast_key(q, k, v), precision), kernel, args, grid0, out, use_tma, q.device)
     return out
 
 
@@ -429,16 +435,18 @@ def block_sparse_attention(
 # no grid or config derivation. Per call it only allocates the output, copies four cached TMA
 # descriptor templates with new base tensors (or passes the tensors), and calls Triton's launcher
 # directly. Only calls without attn_mask/softcap/sinks/config/use_tma overrides and with a shared
-# (not per-input) mask take it. Set SPARSIFY_TRITON_FAST_LAUNCH=0 to disable.
-FAST_LAUNCH = os.environ.get("SPARSIFY_TRITON_FAST_LAUNCH", "1") != "0"
+# (not per-input) mask take it. The backend instance decides (`TritonBackend.fast_launch`; the
+# environment's SPARSIFY_TRITON_FAST_LAUNCH=0 turns it off for new instances); this module only
+# records whether its argument template matches the kernel.
 _LAUNCHES_PER_PLAN = 8
 _OPERAND_POS = (0, 1, 2, 3)
 _MASK_POS, _SINKS_POS = 4, 5
 _names = list(getattr(_block_sparse_fwd_kernel, "arg_names", None) or [])
 _SCALE_POS = _names.index("qk_scale") if "qk_scale" in _names else -1
 _HEAD_D_POS = _names.index("HEAD_D") if "HEAD_D" in _names else -1
-if _SCALE_POS < 0 or _HEAD_D_POS < 0 or _names[_MASK_POS] != "Mask" or _names[_SINKS_POS] != "Sinks":
-    FAST_LAUNCH = False  # the argument template below would not match the kernel
+# Whether the argument template below matches the kernel (a constant of this module).
+FAST_LAUNCH_SUPPORTED = not (_SCALE_POS < 0 or _HEAD_D_POS < 0 or _names[_MASK_POS] != "Mask"
+                             or _names[_SINKS_POS] != "Sinks")
 del _names
 
 try:  # the raw stream getter Triton's own launch path uses

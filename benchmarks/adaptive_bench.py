@@ -6,7 +6,8 @@ static sliding window of about ``--window-density`` of the blocks, and the input
 exactly as a compiled model runs them (mask estimated on the device per call, then the backend).
 Inputs carry input-dependent "anchor" keys that every query attends to, plus local structure.
 Reports per pattern: milliseconds per call (median, CUDA events), the estimation alone, realised
-density, speedup over SDPA. Writes JSON.
+density, speedup over SDPA. Each row is printed and written to the JSON file
+(``{"meta", "rows", "complete"}``) as soon as it is measured.
 
     python benchmarks/adaptive_bench.py                         # CUDA: 16K and 32K
     python benchmarks/adaptive_bench.py --smoke                 # CPU, short, to check it runs
@@ -15,18 +16,16 @@ density, speedup over SDPA. Writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-from tabulate import tabulate
 
+from bench_rows import RowLog
 from sparsify import patterns
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
+from timing import device_description, median_ms
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "adaptive_bench.json"
 
@@ -44,22 +43,7 @@ def anchored_inputs(length: int, heads: int, dim: int, device, dtype, seed: int 
 
 def timed(fn, device, repeats: int) -> float:
     """Median milliseconds per call (CUDA events on a GPU)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, device, repeats, warmup=3)
 
 
 def main(argv=None) -> None:
@@ -78,7 +62,17 @@ def main(argv=None) -> None:
     if args.smoke:
         args.seq, args.heads, args.head_dim, args.block, args.repeats = [2048], 4, 64, 64, 3
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = []
+    log = RowLog(args.out, meta={"benchmark": "adaptive", "device": device_description(device),
+                                 "torch": torch.__version__,
+                                 "config": {k: v for k, v in vars(args).items() if k != "out"}})
+    with log:
+        run(args, device, dtype, log)
+        print(log.table(), flush=True)
+    print(f"wrote {args.out}")
+
+
+def run(args, device: torch.device, dtype: torch.dtype, log: RowLog) -> None:
+    """One row per length and pattern, each logged as soon as it is measured."""
     for length in args.seq:
         q, k, v = anchored_inputs(length, args.heads, args.head_dim, device, dtype)
         dense_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device, args.repeats)
@@ -109,19 +103,10 @@ def main(argv=None) -> None:
                     density = float(mask.kept_counts().sum()) / (mask.num_heads * mask.q_blocks * (mask.k_blocks + 1) / 2)
             error = float((out.float() - reference).norm() / reference.norm())
             backend = layer.backend_for(dtype, device).name
-            rows.append({"seq": length, "pattern": name, "backend": backend, "ms": round(ms, 4),
-                         "estimate_ms": round(estimate_ms, 4), "dense_ms": round(dense_ms, 4),
-                         "speedup": round(dense_ms / ms, 3), "causal_density": round(density, 4),
-                         "error": round(error, 5)})
-            print(rows[-1], flush=True)
+            log.add(seq=length, pattern=name, backend=backend, ms=round(ms, 4), estimate_ms=round(estimate_ms, 4),
+                    dense_ms=round(dense_ms, 4), speedup=round(dense_ms / ms, 3), causal_density=round(density, 4),
+                    error=round(error, 5))
         del q, k, v, reference
-    headers = ["seq", "pattern", "backend", "ms", "estimate_ms", "dense_ms", "speedup", "causal_density", "error"]
-    print(tabulate([[row[h] for h in headers] for row in rows], headers=headers, tablefmt="github"))
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rows": rows,
-                                    "config": {k: v for k, v in vars(args).items() if k != "out"}}, indent=1) + "\n")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ Example:
     >>> import tempfile, pathlib
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "bench.json"
     >>> with RowLog(path, meta={"device": "cpu"}, echo=False) as log:
-    ...     log.add(tokens=1024, speedup=2.5)
+    ...     _ = log.add(tokens=1024, speedup=2.5)
     >>> import json; json.loads(path.read_text())["rows"]
     [{'tokens': 1024, 'speedup': 2.5}]
 """
@@ -64,7 +64,7 @@ class RowLog:
 
     Example:
         >>> log = RowLog(None, echo=False)
-        >>> log.add(density=0.1, ms=3.2)
+        >>> _ = log.add(density=0.1, ms=3.2)
         >>> log.rows
         [{'density': 0.1, 'ms': 3.2}]
     """

@@ -3,7 +3,8 @@
 Compares ``dynamic=True`` (batch and sequence dims dynamic: the default) with ``dynamic="all"``
 (every dim dynamic, as capture did before; Swin's window partition makes it slow), and shows
 that ``compile(..., example_inputs=sites)`` reuses the graph ``find_attention`` captured.
-Prints a table and writes JSON (default benchmarks/results/capture_cpu.json).
+Prints each row and writes it to the JSON file (default benchmarks/results/capture_cpu.json,
+``{"meta", "rows", "complete"}``) as soon as it is measured, then a table.
 
     python benchmarks/capture_bench.py [--image 224] [--skip-all]
 """
@@ -11,15 +12,14 @@ Prints a table and writes JSON (default benchmarks/results/capture_cpu.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 
 import torch
-from tabulate import tabulate
 
 import sparsify
+from bench_rows import RowLog
 from sparsify.api import capture_attention
 
 
@@ -46,28 +46,23 @@ def main() -> None:
     args = parser.parse_args()
 
     model, inputs = hf_swin(args.image)
-    rows, results = [], {}
-    for dynamic in ([True] if args.skip_all else [True, "all"]):
-        seconds, (captured, sites) = timed(lambda: capture_attention(model, inputs, dynamic=dynamic))
-        results[f"swin_dynamic_{dynamic}"] = {"seconds": round(seconds, 2), "sites": len(sites),
-                                              "dynamic": captured.dynamic}
-        rows.append([f"HF Swin 2 layers, dynamic={dynamic!r}", f"{seconds:.1f}", len(sites)])
-    seconds, sites = timed(lambda: sparsify.find_attention(model, inputs))
-    reuse, _ = timed(lambda: sparsify.compile(model, strategy=sparsify.Strategy.dense(sites), example_inputs=sites))
-    again, _ = timed(lambda: sparsify.compile(model, strategy=sparsify.Strategy.dense(sites), example_inputs=inputs))
-    results["find_attention_then_compile"] = {"find_attention": round(seconds, 2), "compile_reusing": round(reuse, 2),
-                                              "compile_capturing_again": round(again, 2)}
-    rows += [["find_attention", f"{seconds:.1f}", len(sites)],
-             ["compile(example_inputs=sites): reuses the graph", f"{reuse:.1f}", ""],
-             ["compile(example_inputs=inputs): captures again", f"{again:.1f}", ""]]
-    print(tabulate(rows, headers=["step", "seconds", "sites"]))
-    payload = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "image": args.image, "results": results}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    temporary = args.out + ".tmp"
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(temporary, args.out)
+    meta = {"benchmark": "capture", "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "image": args.image}
+    with RowLog(args.out, meta=meta) as log:
+        for dynamic in ([True] if args.skip_all else [True, "all"]):
+            seconds, (captured, sites) = timed(lambda: capture_attention(model, inputs, dynamic=dynamic))
+            log.add(case=f"swin_dynamic_{dynamic}", step=f"HF Swin 2 layers, dynamic={dynamic!r}",
+                    seconds=round(seconds, 2), sites=len(sites), dynamic=captured.dynamic)
+        seconds, sites = timed(lambda: sparsify.find_attention(model, inputs))
+        log.add(case="find_attention", step="find_attention", seconds=round(seconds, 2), sites=len(sites))
+        reuse, _ = timed(lambda: sparsify.compile(model, strategy=sparsify.Strategy.dense(sites), example_inputs=sites))
+        log.add(case="compile_reusing", step="compile(example_inputs=sites): reuses the graph",
+                seconds=round(reuse, 2))
+        again, _ = timed(lambda: sparsify.compile(model, strategy=sparsify.Strategy.dense(sites),
+                                                  example_inputs=inputs))
+        log.add(case="compile_capturing_again", step="compile(example_inputs=inputs): captures again",
+                seconds=round(again, 2))
+        print(log.table(floatfmt=".1f"))
 
 
 if __name__ == "__main__":

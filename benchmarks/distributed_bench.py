@@ -9,16 +9,19 @@ pays its own capture), and is timed twice in that process (cold, then warm):
 * ``world-2/gloo``    two ranks sharing the device, gloo collectives (the sums go through the CPU);
 * ``world-2/nccl-shared``  two ranks sharing one GPU with NCCL (recent NCCL refuses two ranks per
                       device; the row then says why);
-* ``world-2/nccl``    two ranks on two GPUs (only where two GPUs exist).
+* ``world-N/nccl``    N ranks on N GPUs, one each, for N = 2, 4, 8 up to the GPUs there are
+                      (and their count itself): the multi-GPU calibration.
 
 Each rank takes a contiguous share of the batches; the union is the local mode's batch list, so
 every mode must choose the local mode's patterns (checked, and reported with the largest
-relative difference of the per-head errors). Prints a table and writes JSON
-(default ``benchmarks/results/distributed_<cpu|gpu>.json``).
+relative difference of the per-head errors). Per rank: warm seconds, peak GPU memory
+(``torch.cuda.max_memory_allocated``) and peak resident memory of the process. Each mode's row
+is printed and written as it is measured (``RowLog``; default
+``benchmarks/results/distributed_<cpu|gpu>.json``).
 
     python benchmarks/distributed_bench.py                 # GPU when available, else CPU
     python benchmarks/distributed_bench.py --smoke         # tiny model on CPU with gloo (seconds)
-    python benchmarks/distributed_bench.py --device cuda --frames 16 --layers 8 --batches 8
+    python benchmarks/distributed_bench.py --device cuda --frames 16 --layers 8 --batches 16
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import datetime
 import json
 import os
 import platform
+import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,13 +40,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tabulate import tabulate
 
-from sparsify.api import search_model
-from sparsify.cost import device_name
-from sparsify.distributed import contiguous_shard
-from sparsify.examples import StructuredVideoTransformer
-from sparsify.search import SearchConfig
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_rows import RowLog  # noqa: E402
+from sparsify.api import search_model  # noqa: E402
+from sparsify.cost import device_name  # noqa: E402
+from sparsify.distributed import contiguous_shard  # noqa: E402
+from sparsify.examples import StructuredVideoTransformer  # noqa: E402
+from sparsify.search import SearchConfig  # noqa: E402
 
 TIMEOUT = datetime.timedelta(minutes=3)  # collectives wait only for the slowest rank
 
@@ -57,10 +64,12 @@ def _worker(rank: int, world_size: int, mode: str, backend: str | None, args: ar
     torch.set_num_threads(max(1, args.threads // world_size))
     device = torch.device(args.device)
     if device.type == "cuda":
-        device = torch.device("cuda", rank if mode == "world-2/nccl" else 0)
+        device = torch.device("cuda", rank if one_gpu_per_rank(mode) else 0)
         torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
     init_seconds = 0.0
     if backend is not None:
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (the GPU machines set it so)
         start = time.perf_counter()
         dist.init_process_group(backend, init_method=f"file://{directory}/store_{mode.replace('/', '_')}", rank=rank,
                                 world_size=world_size, timeout=TIMEOUT)
@@ -80,11 +89,31 @@ def _worker(rank: int, world_size: int, mode: str, backend: str | None, args: ar
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - start)
         report = {"seconds": seconds, "init_seconds": init_seconds, "batches": len(shard),
-                  "strategy": result.compiled.strategy.to_dict()}
+                  "strategy": result.compiled.strategy.to_dict(),
+                  "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+                  # ru_maxrss is in KiB on Linux
+                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         Path(directory, f"{mode.replace('/', '_')}_{rank}.json").write_text(json.dumps(report))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def one_gpu_per_rank(mode: str) -> bool:
+    """``world-N/nccl`` (N > 1): rank r on GPU r; every other mode shares GPU 0."""
+    return mode.endswith("/nccl") and not mode.startswith("world-1/")
+
+
+def nccl_world_sizes(devices: int) -> list[int]:
+    """2, 4, 8, ... up to ``devices``, and ``devices`` itself (nothing below two GPUs)."""
+    sizes = []
+    size = 2
+    while size <= devices:
+        sizes.append(size)
+        size *= 2
+    if devices >= 2 and devices not in sizes:
+        sizes.append(devices)
+    return sizes
 
 
 def run_mode(mode: str, world_size: int, backend: str | None, args: argparse.Namespace, directory: str) -> list[dict]:
@@ -129,20 +158,26 @@ def main() -> None:
     modes: list[tuple[str, int, str | None]] = [("local", 1, None)]
     if kind == "gpu":
         modes += [("world-1/nccl", 1, "nccl"), ("world-2/gloo", 2, "gloo"), ("world-2/nccl-shared", 2, "nccl")]
-        if torch.cuda.device_count() >= 2:
-            modes.append(("world-2/nccl", 2, "nccl"))
+        modes += [(f"world-{n}/nccl", n, "nccl") for n in nccl_world_sizes(torch.cuda.device_count())]
     else:
         modes += [("world-1/gloo", 1, "gloo"), ("world-2/gloo", 2, "gloo")]
 
-    rows, records = [], {}
-    with tempfile.TemporaryDirectory() as directory:
+    machine = {"device": device_name(args.device), "torch": torch.__version__, "python": platform.python_version(),
+               "cpu_count": os.cpu_count(), "cuda_devices": torch.cuda.device_count(),
+               "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")}
+    workload = {k: getattr(args, k) for k in ("frames", "height", "width", "heads", "layers", "batches", "block_size",
+                                              "max_error", "threads")}
+    with tempfile.TemporaryDirectory() as directory, RowLog(args.out, meta={"machine": machine,
+                                                                             "workload": workload}) as log:
         reference = None
         for mode, world_size, backend in modes:
+            if world_size > args.batches:
+                log.add(mode=mode, ranks=world_size, skipped=f"{args.batches} batches cannot feed {world_size} ranks")
+                continue
             try:
                 ranks = run_mode(mode, world_size, backend, args, directory)
             except Exception as error:  # noqa: BLE001 - a mode that cannot run here is reported, not fatal
-                rows.append([mode, world_size, "-", "-", "-", "-", f"failed: {type(error).__name__}: {str(error)[:120]}"])
-                records[mode] = {"error": f"{type(error).__name__}: {error}"}
+                log.add(mode=mode, ranks=world_size, error=f"{type(error).__name__}: {str(error)[:300]}")
                 continue
             cold = max(r["seconds"][0] for r in ranks)
             warm = max(r["seconds"][1] for r in ranks)
@@ -151,23 +186,16 @@ def main() -> None:
                 reference, local_warm = strategy, warm
             same, worst = compare(strategy, reference)
             agree = all(r["strategy"]["sites"] == strategy["sites"] for r in ranks)
-            rows.append([mode, world_size, "/".join(str(r["batches"]) for r in ranks), f"{cold:.2f}", f"{warm:.2f}",
-                         f"{warm / local_warm:.2f}x", f"{'yes' if same else 'NO'} ({worst:.1e}); ranks agree: "
-                         f"{'yes' if agree else 'NO'}"])
-            records[mode] = {"world_size": world_size, "backend": backend, "batches_per_rank": [r["batches"] for r in ranks],
-                             "cold_seconds": cold, "warm_seconds": warm, "init_seconds": max(r["init_seconds"] for r in ranks),
-                             "same_patterns_as_local": same, "max_relative_error_difference": worst, "ranks_agree": agree}
-    headers = ["mode", "ranks", "batches/rank", "cold s", "warm s", "warm vs local", "same patterns (max rel. diff)"]
-    print(tabulate(rows, headers=headers, tablefmt="github"))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    machine = {"device": device_name(args.device), "torch": torch.__version__, "python": platform.python_version(),
-               "cpu_count": os.cpu_count(), "cuda_devices": torch.cuda.device_count()}
-    workload = {k: getattr(args, k) for k in ("frames", "height", "width", "heads", "layers", "batches", "block_size",
-                                              "max_error", "threads")}
-    with open(args.out, "w") as file:
-        json.dump({"machine": machine, "workload": workload, "modes": records}, file, indent=2)
+            log.add(mode=mode, ranks=world_size, backend=backend, batches_per_rank=[r["batches"] for r in ranks],
+                    cold_seconds=round(cold, 3), warm_seconds=round(warm, 3),
+                    warm_vs_local=round(warm / local_warm, 3),
+                    warm_seconds_per_rank=[round(r["seconds"][1], 3) for r in ranks],
+                    peak_gpu_gib_per_rank=[round(r["peak_gpu_gib"], 3) for r in ranks],
+                    peak_rss_gib_per_rank=[round(r["peak_rss_gib"], 3) for r in ranks],
+                    init_seconds=round(max(r["init_seconds"] for r in ranks), 3),
+                    same_patterns_as_local=same, max_relative_error_difference=worst, ranks_agree=agree)
+    print(log.table())
     print(f"written {args.out}")
-
 
 if __name__ == "__main__":
     main()

@@ -1,53 +1,128 @@
 #!/usr/bin/env bash
-# The GPU session in calls of at most 10 minutes (device time is scarce), after `bash .fa4wh/part-a/stash.sh`
-# on the same machine (see benchmarks/NOTES.md). Results go to $OUT (or benchmarks/results/gpu).
-#   bash benchmarks/gpu_session.sh 1   # FA4 + sparsify install, GPU tests, FA4 calibration, e2e (eager + compile), adaptive
-#   bash benchmarks/gpu_session.sh 2   # FA4 tests, e2e, Wan 1.3B step (eager + compile), kernel grid, NCCL, ONNX providers
-#   bash benchmarks/gpu_session.sh 3   # adaptive sites at 16K/32K, flex tests
-# Every step has its own time limit, so a slow step costs its limit and the next one still runs.
+# The GPU session in parts that each fit one call of at most 10 minutes (device time is scarce: ~25 min for
+# the whole team). Run from the repository root; results go to $OUT (default benchmarks/results/gpu).
+#
+#   bash benchmarks/gpu_session.sh 1   # ~3-4 min: install, the whole `pytest -m gpu tests` WITHOUT FA4; counts + card
+#   bash benchmarks/gpu_session.sh 2   # ~8-9 min: FA4 install, the whole GPU suite again WITH FA4,
+#                                      #   e2e_bench --compile at 16K and 32K (eager / compiled / reduce-overhead)
+#   bash benchmarks/gpu_session.sh 3   # ~6-7 min: kernel_bench host time (1K tokens: SDPA, backends' run, a sparse
+#                                      #   site eager and under torch.compile) + a short wan_bench --compile (32760 tokens)
+#   bash benchmarks/gpu_session.sh 4   # the LLM benches (llm_prefill_bench.py, llm_decode_bench.py) where they exist
+#
+# Every step has its own time limit (`timeout`), so a slow or failing step costs at most its limit and the next one
+# still runs. Benchmarks write their JSON row by row, so a step cut by its limit keeps the rows it measured.
+# What comes back (at most 8 files, no deeper than 2 folders): $OUT/part<N>.tar.gz (every JSON, JUnit XML and step
+# log of the part, re-packed after each step, so it is current even if the call is cut) and $OUT/part<N>.txt (the
+# summary printed to stdout: card, pass/fail counts, key rows). Limits can be changed: LIMIT_TESTS=300 bash ... 1;
+# SKIP_INSTALL=1 skips `pip install -e .` (already installed).
 set -uo pipefail
 PART=${1:-1}
 OUT=${OUT:-benchmarks/results/gpu}
-mkdir -p "$OUT"
-LOGS=${LOGS:-/tmp/gpu_session_logs}  # step logs (their tails are printed); $OUT keeps the results
-mkdir -p "$LOGS"
+WORK=${WORK:-/tmp/gpu_session/part$PART}   # everything of this part; packed into $OUT/part$PART.tar.gz
+mkdir -p "$OUT" "$WORK/json" "$WORK/logs"
+SUMMARY="$OUT/part$PART.txt"
+: > "$SUMMARY"
 export PYTHONUNBUFFERED=1
-step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, show its tail
-  local name=$1 seconds=$2; shift 2
-  local begin=$SECONDS
-  timeout "$seconds" "$@" > "$LOGS/$name.txt" 2>&1
-  echo "== $name: rc $? in $((SECONDS - begin)) s"; tail -n "${TAIL:-12}" "$LOGS/$name.txt"
+say() { echo "$@" | tee -a "$SUMMARY"; }
+pack() {  # re-pack the part's files into one archive (atomically: a cut call leaves the previous archive)
+  tar -czf "$OUT/.part$PART.tar.gz.tmp" -C "$WORK" json logs 2> /dev/null && mv "$OUT/.part$PART.tar.gz.tmp" "$OUT/part$PART.tar.gz"
 }
-if [ ! -d /tmp/site/flash_attn ] && [ -f .fa4wh/part-b/install.sh ]; then
-  bash .fa4wh/part-b/install.sh /tmp/site > "$LOGS/fa4_install.log" 2>&1 || tail -3 "$LOGS/fa4_install.log"
-fi
-if [ ! -d /tmp/site2/diffusers ] && ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site2 .whl/*.whl > "$LOGS/diffusers_install.log" 2>&1
-fi
-export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site2
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$LOGS/install.log" 2>&1 || { tail -5 "$LOGS/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import sparsify.backends as b; [print(r) for r in b.describe_backends('cuda')]" 2>&1 | tee "$OUT/backends.txt"
+trap pack EXIT
+step() {  # step NAME SECONDS COMMAND...: run under a time limit, keep its log, show its tail, re-pack
+  local name=$1 seconds=$2; shift 2
+  local begin=$SECONDS rc
+  timeout --kill-after=15 "$seconds" "$@" > "$WORK/logs/$name.txt" 2>&1
+  rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    say "== $name: TIME LIMIT ($seconds s) after $((SECONDS - begin)) s"
+  else
+    say "== $name: rc $rc in $((SECONDS - begin)) s"
+  fi
+  tail -n "${TAIL:-8}" "$WORK/logs/$name.txt"
+  pack
+}
+show() {  # show FILE.json [KEYS...]: the rows a step wrote (also when it was cut)
+  local file=$1; shift
+  python3 benchmarks/show_rows.py "$file" ${1:+--keys "$@"} 2>&1 | tee -a "$SUMMARY"
+}
+counts() {  # counts NAME: pass / fail counts of a test step's JUnit file
+  python3 benchmarks/show_rows.py --junit "$WORK/json/$1.xml" 2>&1 | tee -a "$SUMMARY"
+}
+
+install_sparsify() {  # SKIP_INSTALL=1: sparsify is already installed (editable) in this python
+  [ "${SKIP_INSTALL:-0}" = 1 ] && return 0
+  if [ ! -d /tmp/site2/diffusers ] && ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site2 .whl/*.whl > "$WORK/logs/diffusers_install.txt" 2>&1
+  fi
+  python3 -m pip install -q --no-deps --no-build-isolation -e . > "$WORK/logs/install.txt" 2>&1 \
+    || { say "sparsify install failed:"; tail -5 "$WORK/logs/install.txt"; pack; exit 1; }
+}
+install_fa4() {  # FA4 (flash-attn-4, CuTe DSL) from the wheelhouse into /tmp/site
+  if [ ! -d /tmp/site/flash_attn ] && [ -f .fa4wh/part-b/install.sh ]; then
+    local begin=$SECONDS
+    bash .fa4wh/part-b/install.sh /tmp/site > "$WORK/logs/fa4_install.txt" 2>&1 || tail -3 "$WORK/logs/fa4_install.txt"
+    say "== fa4_install: $((SECONDS - begin)) s"
+  fi
+  [ -d /tmp/site/flash_attn ] || say "FA4 is NOT installed (no .fa4wh/part-b/install.sh, or it failed): fa4 rows skip"
+}
+card() {
+  say "card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$SUMMARY"
+  python3 -c "import sparsify.backends as b; [print(r) for r in b.describe_backends('cuda')]" 2>&1 | tee -a "$SUMMARY"
+}
+gpu_suite() {  # gpu_suite NAME SECONDS: the whole GPU-marked suite, counts to the summary
+  TAIL=15 step "$1" "$2" python3 -m pytest -q -p no:cacheprovider -m gpu --tb=line -rf \
+    --junitxml="$WORK/json/$1.xml" tests
+  counts "$1"
+}
+
 case "$PART" in
 1)
-  TAIL=25 step tests 190 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=line -rf tests
-  step calibrate_fa4 70 sparsify-cli calibrate --backend fa4 --device cuda --lengths 4096 8192 16384 --heads 16 \
-    --head-dim 128 --block-size 128 --repeats 5 --out "$OUT/calibration_fa4.json"
-  TAIL=20 step e2e 190 python3 benchmarks/e2e_bench.py --frames 64 128 --layers 4 --backend auto --compile \
-    --out "$OUT/e2e_gpu.json"
-  TAIL=20 step adaptive 90 python3 benchmarks/adaptive_bench.py --seq 16384 32768 --out "$OUT/adaptive_gpu.json";;
+  export PYTHONPATH=/tmp/site2
+  install_sparsify
+  card
+  gpu_suite tests_gpu_without_fa4 "${LIMIT_TESTS:-420}";;
 2)
-  timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -x tests/backends/test_fa4_backend.py \
-    > "$OUT/tests_fa4.txt" 2>&1; tail -c 3000 "$OUT/tests_fa4.txt"
-  TAIL=20 step e2e 170 python3 benchmarks/e2e_bench.py --frames 64 128 --layers 4 --backend auto --compile \
-    --out "$OUT/e2e_gpu.json"
-  TAIL=20 step wan 180 python3 benchmarks/wan_bench.py --compile --backend auto --density 0.15 --out "$OUT/wan_gpu.json"
-  TAIL=40 step kernels 90 python3 benchmarks/kernel_bench.py --seq 8192 16384 32768 --density 5 10 25 100 \
-    --patterns window --backends fa4 triton flex --rep-ms 25 --json "$OUT/kernel_bench.json"
-  step distributed 40 python3 benchmarks/distributed_bench.py --device cuda --out "$OUT/distributed_gpu.json"
-  step onnx_providers 10 python3 -c "import onnxruntime; print(onnxruntime.__version__, onnxruntime.get_available_providers())";;
+  install_fa4
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site2
+  install_sparsify
+  card
+  gpu_suite tests_gpu_with_fa4 "${LIMIT_TESTS:-150}"
+  step e2e "${LIMIT_E2E:-330}" python3 benchmarks/e2e_bench.py --frames 64 128 --layers 4 --backend auto --compile \
+    --out "$WORK/json/e2e_cuda.json"
+  show "$WORK/json/e2e_cuda.json" tokens mode dense_ms sparsify_ms speedup attention_ms ideal_ms fraction_of_ideal \
+    output_rel_error cudagraph_skips;;
 3)
-  TAIL=20 step adaptive 60 python3 benchmarks/adaptive_bench.py --seq 16384 32768 --out "$OUT/adaptive_gpu.json"
-  timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/backends/test_flex_backend.py \
-    tests/backends/test_backend_suite.py -k "flex" > "$OUT/tests_flex.txt" 2>&1; tail -c 3000 "$OUT/tests_flex.txt";;
+  install_fa4
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site2
+  install_sparsify
+  card
+  step kernel_host "${LIMIT_KERNEL:-150}" python3 benchmarks/kernel_bench.py --host-time-only --backends fa4 triton \
+    --json "$WORK/json/kernel_host.json"
+  show "$WORK/json/kernel_host.json" call host_us gpu_us wall_us host_bound
+  # Wan 1.3B config at 32760 tokens: eager, then torch.compile (two compilations of the 30-layer model); the
+  # self-attention-skipped column is left out (a third compilation), the graph-break count runs last.
+  step wan "${LIMIT_WAN:-330}" python3 benchmarks/wan_bench.py --compile --no-skipped --backend auto --density 0.15 \
+    --repeats 5 --warmup 2 --out "$WORK/json/wan_cuda.json"
+  show "$WORK/json/wan_cuda.json" mode dense_ms sparse_ms speedup attention_ms ideal_ms fraction_of_ideal \
+    output_rel_error;;
+4)
+  install_fa4
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site2
+  install_sparsify
+  card
+  for bench in llm_prefill llm_decode; do
+    script=benchmarks/${bench}_bench.py
+    if [ ! -f "$script" ]; then say "== $bench: $script does not exist here, skipped"; continue; fi
+    if python3 "$script" --help 2>/dev/null | grep -q -- "--out"; then
+      step "$bench" "${LIMIT_LLM:-270}" python3 "$script" --out "$WORK/json/${bench}_cuda.json"
+      show "$WORK/json/${bench}_cuda.json"
+    else
+      step "$bench" "${LIMIT_LLM:-270}" python3 "$script"
+    fi
+  done;;
+*)
+  echo "unknown part '$PART': 1, 2, 3 or 4 (see the head of $0)" >&2; exit 2;;
 esac
+pack
+say "part $PART done in $SECONDS s; files: $OUT/part$PART.tar.gz, $SUMMARY"

@@ -7,26 +7,43 @@ process, and reports per backend
 
 * ``frac_ideal``: ``speedup_vs_sdpa * density`` (1.0 = time proportional to kept blocks),
 * for dense rows (100%): the backend's speed over SDPA's,
-* host time per call at S=1024 (microseconds, ``run`` only, what the site module calls).
+* host time per call at S=1024 (`host_time`): the backend's ``run`` alone, one sparse site called
+  eagerly (a `sparsify.compile`d single-attention module) and the same site under
+  ``torch.compile``, next to SDPA eager and compiled, all in the same run.
+
+Host time per call is defined as the wall time the host takes to *issue* ``--host-calls``
+back-to-back calls (no synchronisation between them; the clock stops when the last call returns,
+before the final synchronise), divided by the number of calls, best of three, after warm-up. At
+1K tokens a call's kernels are shorter than its host work, so the GPU never throttles the loop and
+this is the host's cost per call. Each row also gives the GPU time per call over the same loop
+(CUDA events: kernels plus the idle gaps the host leaves) and ``host_bound`` (host >= GPU time).
+
+Every row is printed and written to the JSON file (``{"meta", "rows", "complete"}``) as soon as it
+is measured; rows carry ``table``: ``grid``, ``host`` or ``tune``.
 
 Usage (on the GPU machine)::
 
-    python benchmarks/kernel_bench.py                       # full grid, writes kernel_bench.json
+    python benchmarks/kernel_bench.py                       # full grid + host time, writes kernel_bench.json
     python benchmarks/kernel_bench.py --seq 8192 16384 --density 10 100 --backends fa4 triton
+    python benchmarks/kernel_bench.py --host-time-only --backends fa4 triton   # the host-time table only
+    python benchmarks/kernel_bench.py --host-time-only --device cpu --backends torch   # CPU smoke run
     python benchmarks/kernel_bench.py --tune                # sweep the triton kernel's tile configs
 
-Timings are medians of ``triton.testing.do_bench`` (CUDA events, warm-up first).
+Grid timings are medians of ``triton.testing.do_bench`` (CUDA events, warm-up first).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from bench_rows import RowLog
+from timing import error_text
 
 PATTERNS = ("window", "random", "mixed")
 
@@ -91,14 +108,14 @@ def make_inputs(seq, heads, dim, dtype, gen_seed=0):
     return [torch.randn(shape, device="cuda", dtype=dtype) for _ in range(3)]
 
 
-def mask_for(pattern, seq, heads, density, block, causal, seed=0):
-    """A runtime mask on the GPU and its density (of the causal area when causal)."""
+def mask_for(pattern, seq, heads, density, block, causal, seed=0, device="cuda"):
+    """A runtime mask on ``device`` and its density (of the causal area when causal)."""
     from sparsify.runtime import RuntimeBlockMask
 
     gen = torch.Generator().manual_seed(seed)
     blocks = -(-seq // block)
     masks = block_masks(pattern, heads, blocks, density, causal, gen)
-    mask = RuntimeBlockMask.from_block_masks(masks.to("cuda"), block_size=block, q_len=seq, k_len=seq, causal=causal)
+    mask = RuntimeBlockMask.from_block_masks(masks.to(device), block_size=block, q_len=seq, k_len=seq, causal=causal)
     area = blocks * (blocks + 1) / 2 if causal else blocks * blocks
     return mask, float(masks.sum()) / (heads * area)
 
@@ -107,14 +124,14 @@ def rel_err(out, ref):
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
-def available_backends(names: list[str]) -> dict:
+def available_backends(names: list[str], device: torch.device | str = "cuda") -> dict:
     """The named backends that run here (the others are reported and skipped)."""
     from sparsify.backends import get_backend
 
     found = {}
     for name in names:
         backend = get_backend(name)
-        reason = backend.availability("cuda")
+        reason = backend.availability(device)
         if reason:
             print(f"backend {name}: skipped ({reason})", flush=True)
         else:
@@ -122,9 +139,9 @@ def available_backends(names: list[str]) -> dict:
     return found
 
 
-def run_grid(args, meta: dict) -> list[dict]:
+def run_grid(args, log: RowLog) -> list[dict]:
     backends = available_backends(args.backends)
-    meta["backends"] = list(backends)
+    log.update_meta(backends=list(backends))
     dtype = getattr(torch, args.dtype)
     rows = []
     for seq in args.seq:
@@ -139,12 +156,13 @@ def run_grid(args, meta: dict) -> list[dict]:
                 if pct >= 100 and pattern != args.patterns[0]:
                     continue  # dense is dense whatever the pattern
                 mask, density = mask_for(pattern, seq, args.heads, pct / 100, args.block, args.causal)
-                row = {"seq": seq, "pattern": "dense" if pct >= 100 else pattern, "density_target": pct / 100,
-                       "density": density, "sdpa_ms": t_sdpa}
+                row = {"table": "grid", "seq": seq, "pattern": "dense" if pct >= 100 else pattern,
+                       "density_target": pct / 100, "density": density, "sdpa_ms": t_sdpa}
                 reference = None
                 for name, backend in backends.items():
                     if name == "torch" and seq > args.torch_max_seq:
                         continue
+                    plan = None
                     try:
                         plan = backend.prepare(mask, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, dtype=dtype,
                                                device=q.device)
@@ -163,12 +181,11 @@ def run_grid(args, meta: dict) -> list[dict]:
                     except Exception as err:  # report and keep going
                         row[f"{name}_error"] = f"{type(err).__name__}: {err}"[:300]
                     del plan
-                rows.append(row)
+                rows.append(log.add(**row))  # written at once: partial results survive a time limit
                 print(format_row(row, list(backends)), flush=True)
                 del mask
         del q, k, v
         torch.cuda.empty_cache()
-        write_json(args.json, meta, rows)  # partial results survive a time limit
     return rows
 
 
@@ -181,63 +198,115 @@ def get_reference(mask, q, k, v, pct, reference_dense, seq):
     return get_backend("torch").attention(q.float(), k.float(), v.float(), mask)
 
 
-def write_json(path: str, meta: dict, rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+class SingleAttention(torch.nn.Module):
+    """One attention call: the model whose single site the host-time table compiles."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
 
 
-def launch_overhead(args) -> dict:
-    """Host time per call (microseconds) at S=1024, where the host, not the GPU, is the limit.
+def issue_time_us(function, device: torch.device, calls: int, warmup: int = 20, rounds: int = 3) -> dict:
+    """Host microseconds to issue one call (see the module docstring), and GPU microseconds per call over the loop."""
+    for _ in range(warmup):
+        function()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    best_host, best_wall, gpu_us = float("inf"), float("inf"), None
+    for _ in range(rounds):  # best of a few: the host is noisy
+        if cuda:
+            start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start_event.record()
+        begin = time.perf_counter()
+        for _ in range(calls):
+            function()
+        issued = time.perf_counter()
+        if cuda:
+            end_event.record()
+            torch.cuda.synchronize(device)
+        finished = time.perf_counter()
+        if (issued - begin) < best_host * calls / 1e6:
+            best_host = (issued - begin) / calls * 1e6
+            best_wall = (finished - begin) / calls * 1e6
+            gpu_us = start_event.elapsed_time(end_event) / calls * 1e3 if cuda else None
+    result = {"host_us": round(best_host, 2), "wall_us": round(best_wall, 2)}
+    if gpu_us is not None:
+        result.update(gpu_us=round(gpu_us, 2), host_bound=best_host >= gpu_us)
+    return result
 
-    Each backend's ``run`` on a prepared plan, as the site module calls it (for triton: the cached
-    direct launch from the second call on; ``triton_full_path``: the same with ``FAST_LAUNCH`` off).
+
+def host_time(args, log: RowLog) -> list[dict]:
+    """Host time per call at S=1024: SDPA, each backend's ``run``, and one sparse site eager and under torch.compile.
+
+    Rows (``table="host"``), one per call kind: ``sdpa eager``, ``sdpa torch.compile``, and per
+    available backend ``<name> run`` (``prepare`` once, ``run`` per call), ``<name> site eager``
+    (a `sparsify.compile`d module whose one site runs the backend) and ``<name> site torch.compile``
+    (that module under ``torch.compile``). A call that fails records its error and the others go on.
     """
-    from sparsify.backends import triton_kernels as kernels
+    import sparsify
+    from sparsify import patterns
 
-    dtype = getattr(torch, args.dtype)
-    q, k, v = make_inputs(1024, args.heads, args.dim, dtype)
-    mask, _ = mask_for("random", 1024, args.heads, 0.25, args.block, args.causal)
-    calls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)}
-    for name, backend in available_backends(args.backends).items():
-        plan = backend.prepare(mask, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, dtype=dtype, device=q.device)
-        calls[name] = (lambda b=backend, p=plan: b.run(p, q, k, v))
-        if name == "triton":
-            calls["triton_full_path"] = calls[name]
-    result = {}
-    for name, fn in calls.items():
-        kernels.FAST_LAUNCH = name != "triton_full_path"
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+    seq = args.host_seq
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, args.heads, seq, args.dim, generator=generator).to(device, dtype) for _ in range(3))
+    model = SingleAttention().eval()
+    sites = sparsify.find_attention(model, (q, k, v))
+    pattern = patterns.sliding_window(2 * args.block) | patterns.attention_sinks(args.block)
+    strategy = sparsify.Strategy.uniform(sites, pattern, block_size=args.block)
+    density = strategy.summary()["mean_density"]
+    calls = {"sdpa eager": lambda: lambda: model(q, k, v),
+             "sdpa torch.compile": lambda: (lambda compiled: lambda: compiled(q, k, v))(torch.compile(model))}
+    for name, backend in available_backends(args.backends, device).items():
+        def run_call(backend=backend):
+            mask, _ = mask_for("window", seq, args.heads, density, args.block, False, device=device)
+            plan = backend.prepare(mask, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, dtype=dtype, device=device)
+            return lambda: backend.run(plan, q, k, v)
+
+        def site_call(compile_it: bool, name=name):
+            sparse = sparsify.compile(model, strategy=strategy, example_inputs=(q, k, v), backend=name)
+            sparse = torch.compile(sparse) if compile_it else sparse
+            return lambda: sparse(q, k, v)
+
+        calls[f"{name} run"] = run_call
+        calls[f"{name} site eager"] = lambda site_call=site_call: site_call(False)
+        calls[f"{name} site torch.compile"] = lambda site_call=site_call: site_call(True)
+    rows = []
+    for label, make in calls.items():
+        row = {"table": "host", "call": label, "seq": seq, "heads": args.heads, "dim": args.dim,
+               "site_density": round(density, 4), "calls": args.host_calls}
         try:
             with torch.no_grad():
-                for _ in range(20):
-                    fn()
-                torch.cuda.synchronize()
-                best = float("inf")
-                for _ in range(3):  # best of three: the host is noisy
-                    start = time.perf_counter()
-                    for _ in range(200):
-                        fn()
-                    torch.cuda.synchronize()
-                    best = min(best, (time.perf_counter() - start) / 200 * 1e6)
-            result[name] = best
-        except Exception as err:
-            result[name] = f"{type(err).__name__}: {err}"[:200]
-        finally:
-            kernels.FAST_LAUNCH = True
-    if getattr(args, "profile_host", False):
-        import cProfile
-        import pstats
+                row.update(issue_time_us(make(), device, args.host_calls))
+        except Exception as error:  # report and keep going
+            row["error"] = error_text(error)
+        rows.append(log.add(**row))
+        if args.profile_host and label != "sdpa eager" and "error" not in row:
+            profile_host(label, make(), device)
+        print(f"host time, {label}: " + (f"{row['host_us']:.1f} us per call" if "host_us" in row else row["error"])
+              + (f" (GPU {row['gpu_us']:.1f} us per call)" if "gpu_us" in row else ""), flush=True)
+    torch._dynamo.reset()
+    return rows
 
-        for name in [n for n in calls if n != "sdpa"]:
-            prof = cProfile.Profile()
-            prof.enable()
-            with torch.no_grad():
-                for _ in range(500):
-                    calls[name]()
-            prof.disable()
-            torch.cuda.synchronize()
-            print(f"--- cProfile, {name}, 500 calls")
-            pstats.Stats(prof).sort_stats("tottime").print_stats(12)
-    return result
+
+def profile_host(label: str, function, device: torch.device, calls: int = 500) -> None:
+    """Print cProfile's top entries for ``calls`` calls of ``function`` (where a call's host time goes)."""
+    import cProfile
+    import pstats
+
+    with torch.no_grad():
+        for _ in range(10):
+            function()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            function()
+        profiler.disable()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    print(f"--- cProfile, {label}, {calls} calls")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
 
 
 def format_row(row: dict, names: list[str]) -> str:
@@ -251,7 +320,7 @@ def format_row(row: dict, names: list[str]) -> str:
     return f"{row['seq']:>6} {row['pattern']:>7} {100 * row['density']:6.1f}% sdpa {row['sdpa_ms']:8.3f} | " + " | ".join(cells)
 
 
-def run_tune(args) -> list[dict]:
+def run_tune(args, log: RowLog) -> list[dict]:
     """Time the kernel over a small list of tile configs (per head dim and block size)."""
     from sparsify.backends import triton_kernels as kernels
 
@@ -280,10 +349,10 @@ def run_tune(args) -> list[dict]:
                     except Exception as err:
                         print(f"D={dim} bs={block} {cfg}: {type(err).__name__}: {str(err)[:200]}", flush=True)
                         continue
-                    row = {"seq": seq, "dim": dim, "block": block, "density": density, "tma": tma,
+                    row = {"table": "tune", "seq": seq, "dim": dim, "block": block, "density": density, "tma": tma,
                            "config": list(vars(cfg).values()),
                            "ms": t, "sdpa_ms": t_sdpa, "frac_ideal": t_sdpa / t * density, "err": err}
-                    results.append(row)
+                    results.append(log.add(**row))
                     print(f"S={seq} D={dim:3} bs={block:3} dens={100 * density:5.1f}% {cfg} tma={tma:d} {t:7.3f} ms "
                           f"ideal {row['frac_ideal']:.3f} err {err:.1e}", flush=True)
         del q, k, v
@@ -330,34 +399,40 @@ def main(argv=None) -> int:
     parser.add_argument("--tune", action="store_true", help="sweep kernel tile configs instead")
     parser.add_argument("--profile-host", action="store_true", help="cProfile the host side of a call")
     parser.add_argument("--no-fast-launch", action="store_true",
-                        help="time the grid with triton_kernels.FAST_LAUNCH off (full host path per call)")
+                        help="time the grid with the triton backend's fast_launch off (full host path per call)")
     parser.add_argument("--tune-dims", type=int, nargs="+", default=[128, 64])
     parser.add_argument("--tune-blocks", type=int, nargs="+", default=[128, 64])
+    parser.add_argument("--host-time-only", action="store_true", help="only the host-time table (no grid)")
+    parser.add_argument("--host-seq", type=int, default=1024, help="tokens of the host-time calls")
+    parser.add_argument("--host-calls", type=int, default=200, help="back-to-back calls per host-time measurement")
+    parser.add_argument("--device", default="cuda",
+                        help="cuda, or cpu for a smoke run of the host-time table (with --host-time-only)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("kernel_bench needs a CUDA GPU", file=sys.stderr)
+    if args.device == "cpu" and not args.host_time_only:
+        parser.error("--device cpu runs only the host-time table: add --host-time-only")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("kernel_bench needs a CUDA GPU (or --device cpu --host-time-only for a smoke run)", file=sys.stderr)
         return 2
-    import triton
-
     started = time.time()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "args": vars(args)}
-    if args.no_fast_launch:
-        from sparsify.backends import triton_kernels
+    meta = {"benchmark": "kernel", "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "torch": torch.__version__, "args": vars(args)}
+    if args.device == "cuda":
+        import triton
 
-        triton_kernels.FAST_LAUNCH = False
+        meta["triton"] = triton.__version__
+    if args.no_fast_launch:
+        os.environ["SPARSIFY_TRITON_FAST_LAUNCH"] = "0"   # read by every triton backend made from here on
         meta["fast_launch"] = False
-    if args.tune:
-        rows = run_tune(args)
-    else:
-        rows = run_grid(args, meta)
-        print(summary(rows, meta["backends"]))
-        meta["host_us_per_call_s1024"] = launch_overhead(args)
-        print("host time per call at S=1024 (us):",
-              {k: round(v, 1) for k, v in meta["host_us_per_call_s1024"].items()})
-    meta["seconds"] = time.time() - started
-    write_json(args.json, meta, rows)
-    print(f"{meta['device']} torch {meta['torch']} triton {meta['triton']}; {meta['seconds']:.0f} s; "
+    with RowLog(args.json, meta=meta, echo=False) as log:
+        if args.tune:
+            run_tune(args, log)
+        else:
+            if not args.host_time_only:
+                rows = run_grid(args, log)
+                print(summary(rows, log.meta["backends"]))
+            host_time(args, log)
+        log.update_meta(seconds=round(time.time() - started, 1))
+    print(f"{meta['device']} torch {meta['torch']} triton {meta.get('triton', '-')}; {time.time() - started:.0f} s; "
           f"wrote {args.json}")
     return 0
 

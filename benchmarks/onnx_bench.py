@@ -27,7 +27,6 @@ the device with IO binding, so host copies are not timed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 import sparsify
+from bench_rows import RowLog
 from sparsify import Strategy, patterns
 from sparsify.cost import device_name
 from sparsify.export import export_onnx
@@ -142,7 +142,8 @@ def export_files(model, inputs, pattern, block: int, workdir: pathlib.Path, tag:
     return sparse, files
 
 
-def bench_case(model, inputs: tuple, seq: int, target: float, args, workdir: pathlib.Path, label: str) -> list[dict]:
+def bench_case(model, inputs: tuple, seq: int, target: float, args, workdir: pathlib.Path, label: str,
+               log: RowLog) -> list[dict]:
     block = args.block
     pattern, density = window_pattern(seq, block, target)
     other = tuple(t[..., : seq // 2 + 17, :] if t.dim() == 4 else t[:, : seq // 2 + 17] for t in inputs)
@@ -180,7 +181,7 @@ def bench_case(model, inputs: tuple, seq: int, target: float, args, workdir: pat
               f"(Attention op {times['dense_attention_op']:.1f}), fixed {times['fixed']:.1f} ms, any "
               f"{times['any']:.1f} ms; {speedup:.2f}x of ideal {1 / density:.2f}x, any/fixed "
               f"{row['any_over_fixed']:.2f} (max rel err {max(errors.values()):.1e})", flush=True)
-        rows.append(row)
+        rows.append(log.add(**row))  # written at once: a later crash keeps it
     return rows
 
 
@@ -224,28 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or DEFAULT_OUT.with_name("onnx_cpu.json" if args.provider == "CPUExecutionProvider" else "onnx_gpu.json")
     dtype = _DTYPES[args.dtype]
 
-    torch.manual_seed(0)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = pathlib.Path(tmp)
-        for seq in args.seq:
-            qkv = tuple(torch.randn(1, args.heads, seq, args.head_dim).to(dtype) for _ in range(3))
-            for target in args.densities:
-                rows += bench_case(SingleAttention().eval(), qkv, seq, target, args, workdir, "attention")
-            if args.end_to_end:
-                model = sparsify.examples.VideoTransformer(256, 4, 4).eval().to(dtype)
-                tokens = (torch.randn(1, seq, 256).to(dtype),)
-                for target in args.densities:
-                    rows += bench_case(model, tokens, seq, target, args, workdir, "video_transformer")
-
-    headers = {"model": "model", "seq": "seq", "threads": "threads", "density": "density", "dense_ms": "dense ms",
-               "dense_attention_op_ms": "dense (Attention op) ms", "fixed_ms": "sparse fixed ms",
-               "any_ms": "sparse any-length ms", "speedup": "speedup", "fraction_of_ideal": "of ideal",
-               "fraction_of_ideal_any": "of ideal (any)", "any_over_fixed": "any / fixed"}
-    print(tabulate([[row[key] for key in headers] for row in rows], headers=list(headers.values()),
-                   tablefmt="github"))
-
-    result = {
+    meta = {
         "benchmark": "onnx",
         "config": {"batch": 1, "heads": args.heads, "head_dim": args.head_dim, "block": args.block,
                    "dtype": args.dtype, "pattern": f"sliding_window(w) | attention_sinks({SINKS}), non-causal",
@@ -259,10 +239,26 @@ def main(argv: list[str] | None = None) -> None:
                     "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_average": [round(x, 2) for x in os.getloadavg()],
                     "note": "CPU: shared machine; files are interleaved so each ratio is measured under the same load"},
-        "results": rows,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    torch.manual_seed(0)
+    with RowLog(out, meta=meta, echo=False) as log, tempfile.TemporaryDirectory() as tmp:
+        workdir = pathlib.Path(tmp)
+        for seq in args.seq:
+            qkv = tuple(torch.randn(1, args.heads, seq, args.head_dim).to(dtype) for _ in range(3))
+            for target in args.densities:
+                bench_case(SingleAttention().eval(), qkv, seq, target, args, workdir, "attention", log)
+            if args.end_to_end:
+                model = sparsify.examples.VideoTransformer(256, 4, 4).eval().to(dtype)
+                tokens = (torch.randn(1, seq, 256).to(dtype),)
+                for target in args.densities:
+                    bench_case(model, tokens, seq, target, args, workdir, "video_transformer", log)
+
+        headers = {"model": "model", "seq": "seq", "threads": "threads", "density": "density", "dense_ms": "dense ms",
+                   "dense_attention_op_ms": "dense (Attention op) ms", "fixed_ms": "sparse fixed ms",
+                   "any_ms": "sparse any-length ms", "speedup": "speedup", "fraction_of_ideal": "of ideal",
+                   "fraction_of_ideal_any": "of ideal (any)", "any_over_fixed": "any / fixed"}
+        print(tabulate([[row[key] for key in headers] for row in log.rows], headers=list(headers.values()),
+                       tablefmt="github"))
     print(f"wrote {out}")
 
 

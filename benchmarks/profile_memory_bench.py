@@ -2,7 +2,8 @@
 
 Each length runs in a fresh subprocess; the peak resident set size above the inputs' own memory
 is what profiling added. A seq × seq fp32 score matrix for 8 heads is shown for comparison.
-Prints a table and writes JSON (default benchmarks/results/profile_memory_cpu.json).
+Prints each row and writes it to the JSON file (default benchmarks/results/profile_memory_cpu.json,
+``{"meta", "rows", "complete"}``) as soon as it is measured, then a table.
 
     python benchmarks/profile_memory_bench.py [--lengths 2048 4096 8192 16384]
 """
@@ -16,7 +17,7 @@ import resource
 import subprocess
 import sys
 
-from tabulate import tabulate
+from bench_rows import RowLog
 
 HEADS, HEAD_DIM, BLOCK = 8, 64, 64
 
@@ -48,18 +49,16 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(measure(args.child, args.rows_per_block)))
         return
-    rows = []
-    for rows_per_block in (None, 16):
-        for length in args.lengths:
-            command = [sys.executable, __file__, "--child", str(length)]
-            if rows_per_block:
-                command += ["--rows-per-block", str(rows_per_block)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(output.strip().splitlines()[-1]))
-    print(tabulate(rows, headers="keys", tablefmt="github"))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as file:
-        json.dump({"heads": HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK, "rows": rows}, file, indent=2)
+    with RowLog(args.out, meta={"benchmark": "profile_memory", "heads": HEADS, "head_dim": HEAD_DIM,
+                                "block_size": BLOCK}) as log:
+        for rows_per_block in (None, 16):
+            for length in args.lengths:
+                command = [sys.executable, __file__, "--child", str(length)]
+                if rows_per_block:
+                    command += ["--rows-per-block", str(rows_per_block)]
+                output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                log.add(**json.loads(output.strip().splitlines()[-1]))
+        print(log.table(floatfmt=".1f"))
     print(f"written {args.out}")
 
 

@@ -1,7 +1,8 @@
 """Benchmark the `torch` backend against dense `F.scaled_dot_product_attention` on CPU.
 
 Sliding-window block tables (non-causal) at about 5, 12 and 25% block density; B=1, H=8, D=64,
-fp32, block 64. Prints a table of median times and speedups and writes JSON with machine info.
+fp32, block 64. Prints each row and writes it to the JSON file (``{"meta", "rows", "complete"}``, machine
+info in ``meta``) as soon as it is measured, then a table of median times and speedups.
 
     python benchmarks/torch_backend_bench.py --seq 2048 4096 --repeats 10
 """
@@ -9,7 +10,6 @@ fp32, block 64. Prints a table of median times and speedups and writes JSON with
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import platform
 import statistics
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
+from bench_rows import RowLog
 from sparsify.backends.torch import TorchBackend
 from sparsify.runtime import RuntimeBlockMask
 from sparsify.cost import device_name
@@ -61,36 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
 
-    torch.manual_seed(0)
-    backend = TorchBackend()
-    rows = []
-    for seq in args.seq:
-        q, k, v = (torch.randn(1, args.heads, seq, args.head_dim) for _ in range(3))
-        dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
-        for target in args.densities:
-            mask = sliding_window_mask(seq, args.block, args.heads, target)
-            density = mask.density()
-            plan = backend.prepare(mask, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, dtype=q.dtype,
-                                   device=q.device)
-            sparse_ms = median_ms(lambda: backend.run(plan, q, k, v), args.repeats)
-            rows.append({
-                "seq": seq,
-                "target_density": target,
-                "density": round(density, 4),
-                "dense_ms": round(dense_ms, 3),
-                "sparse_ms": round(sparse_ms, 3),
-                "speedup": round(dense_ms / sparse_ms, 2),
-                "ideal_speedup": round(1.0 / density, 2),
-            })
-            print(f"seq={seq} density={density:.3f}: dense {dense_ms:.2f} ms, torch backend "
-                  f"{sparse_ms:.2f} ms", flush=True)
-
-    headers = {"seq": "seq", "density": "density", "dense_ms": "dense SDPA ms",
-               "sparse_ms": "torch backend ms", "speedup": "speedup", "ideal_speedup": "ideal (1/density)"}
-    print(tabulate([[row[key] for key in headers] for row in rows], headers=list(headers.values()),
-                   tablefmt="github"))
-
-    result = {
+    meta = {
         "benchmark": "torch_backend_cpu",
         "config": {"batch": 1, "heads": args.heads, "head_dim": args.head_dim, "block": args.block,
                    "dtype": "float32", "pattern": "sliding_window (non-causal)",
@@ -98,10 +70,27 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu": device_name("cpu"), "python": platform.python_version(),
                     "platform": platform.platform()},
-        "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    torch.manual_seed(0)
+    backend = TorchBackend()
+    with RowLog(args.out, meta=meta) as log:
+        for seq in args.seq:
+            q, k, v = (torch.randn(1, args.heads, seq, args.head_dim) for _ in range(3))
+            dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
+            for target in args.densities:
+                mask = sliding_window_mask(seq, args.block, args.heads, target)
+                density = mask.density()
+                plan = backend.prepare(mask, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, dtype=q.dtype,
+                                       device=q.device)
+                sparse_ms = median_ms(lambda: backend.run(plan, q, k, v), args.repeats)
+                log.add(seq=seq, target_density=target, density=round(density, 4), dense_ms=round(dense_ms, 3),
+                        sparse_ms=round(sparse_ms, 3), speedup=round(dense_ms / sparse_ms, 2),
+                        ideal_speedup=round(1.0 / density, 2))
+
+        headers = {"seq": "seq", "density": "density", "dense_ms": "dense SDPA ms",
+                   "sparse_ms": "torch backend ms", "speedup": "speedup", "ideal_speedup": "ideal (1/density)"}
+        print(tabulate([[row[key] for key in headers] for row in log.rows], headers=list(headers.values()),
+                       tablefmt="github"))
     print(f"wrote {args.out}")
 
 

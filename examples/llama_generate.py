@@ -117,10 +117,9 @@ def main() -> None:
     print(f"dense strategy through attach: greedy tokens {'equal to' if same else 'DIFFER from'} the original's")
 
     attached = sparsify.attach(model, path)
-    causal_share = (args.prompt // args.block_size + 1) / (2 * (args.prompt // args.block_size))
     with torch.no_grad():
         runtime = next(iter(sparsify.integrations.attached_sites(attached).values()))
-        density = runtime.runtime_mask(args.prompt, args.prompt, "cpu").density() / causal_share
+        density = runtime.runtime_mask(args.prompt, args.prompt, "cpu").density()       # over the causal blocks
         prefill_dense = seconds(lambda: model(ids, use_cache=False), args.repeats)
         prefill_sparse = seconds(lambda: attached(ids, use_cache=False), args.repeats)
         logits_error = float((attached(ids, use_cache=False).logits - model(ids, use_cache=False).logits).norm()

@@ -100,6 +100,8 @@ def arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
 # Concrete shapes recorded from one run on the example inputs (the find_attention pass sets and
 # removes them): they stand in for sizes export left symbolic without a hint (data-dependent).
 EXAMPLE_SHAPE_KEY = "sparsify_example_shape"
+#: A fill value at or below this hides a key as well as -inf does (HF uses finfo.min, others -1e9).
+MASKING_FILL = -1.0e4
 
 
 def fake_value(node: Any) -> Any:

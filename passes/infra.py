@@ -5,16 +5,21 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
+import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+import sparsify.ops  # noqa: F401  (registers torch.ops.sparsify.attention)
 from sparsify.errors import PassError, SparsifyError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GraphPass", "PassManager", "PassResult", "attention_nodes"]
+__all__ = ["CANONICAL_ATTENTION", "SITE_META_KEY", "GraphPass", "PassManager", "PassResult", "attention_nodes"]
 
+#: Where a canonical attention node keeps its `AttentionSite`.
 SITE_META_KEY = "sparsify"
+#: The canonical attention op every matched attention becomes (`sparsify.ops`).
+CANONICAL_ATTENTION = torch.ops.sparsify.attention.default
 
 
 def attention_nodes(graph_module: torch.fx.GraphModule) -> list[torch.fx.Node]:

@@ -10,7 +10,7 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from sparsify.passes.infra import SITE_META_KEY, GraphPass, attention_nodes
-from sparsify.runtime.site import SparseAttention, StepCounter, is_dense_pattern
+from sparsify.runtime.sparse_attention import SparseAttention, StepCounter, is_dense_pattern
 from sparsify.site import AttentionSite
 
 if TYPE_CHECKING:

@@ -253,7 +253,7 @@ def export_onnx(compiled: torch.nn.Module, example_inputs: Any, path: str | os.P
         ('any', ['input_ids', 'attention_mask'])
     """
     from sparsify.api import SparsifiedModule
-    from sparsify.runtime.site import SparseAttention
+    from sparsify.runtime.sparse_attention import SparseAttention
 
     if not isinstance(compiled, SparsifiedModule):
         raise SparsifyError(

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from sparsify.errors import SparsifyError, UnsupportedError
 from sparsify.patterns import DEFAULT_MAX_TRACED_LEN, Pattern, TracedBlockGrid
+from sparsify.runtime.block_mask import RuntimeBlockMask, causal_boundary_blocks
 
 __all__ = [
     "BlockGatherAttention",
@@ -202,29 +203,30 @@ class _RowGroup:
     key_bias: bool                   # some slot is padding or holds keys past k_len
 
 
-def _slot_tables(kept: torch.Tensor, causal: bool, width: Any, counts: torch.Tensor | None = None):
+def _slot_tables(kept: torch.Tensor, boundary: torch.Tensor | None, width: Any):
     """Slots of kept-block masks ``bool [H, q_blocks, k_blocks]``: ``(blocks, valid)``, both ``[H, q_blocks, W]``.
 
-    Off-diagonal kept blocks fill the first slots in ascending order (padding after them); at
-    causal sites one more, last slot holds the diagonal block (valid where it is kept).
-    ``width`` is the off-diagonal slot count (at least the widest row); ``counts`` the rows'
-    off-diagonal counts when the caller has them.
+    ``boundary`` (``bool``, broadcastable to ``kept``; ``None`` at non-causal sites) marks the
+    kept blocks that cross the causal boundary, as the runtime mask classifies them
+    (`RuntimeBlockMask.boundary_block_masks`, `causal_boundary_blocks`); at query offset 0 they
+    are diagonal blocks. The other kept blocks fill the first ``width`` slots in ascending order
+    (padding after them; ``width`` is at least the widest row); at causal sites one more, last
+    slot holds the row's diagonal block (valid where the row keeps a boundary block).
     """
     q_blocks, k_blocks = kept.shape[-2], kept.shape[-1]
-    query = torch.arange(q_blocks).unsqueeze(1)
     key = torch.arange(k_blocks).unsqueeze(0)
-    off = kept & (key != query) if causal else kept
-    if counts is None:
-        counts = off.sum(-1)
+    inside = kept if boundary is None else kept & ~boundary
+    counts = inside.sum(-1)
     # Kept columns sort first (key = column), the others after (key = k_blocks + column).
-    order = torch.where(off, key, key + k_blocks).topk(width, dim=-1, largest=False, sorted=True).values
+    order = torch.where(inside, key, key + k_blocks).topk(width, dim=-1, largest=False, sorted=True).values
     valid = torch.arange(width) < counts.unsqueeze(-1)
     blocks = torch.where(valid, order, 0)
-    if causal:
-        diagonal = (kept & (key == query)).any(-1, keepdim=True)
+    if boundary is not None:
+        crossing = (kept & boundary).any(-1, keepdim=True)
         heads = kept.shape[0]
-        blocks = torch.cat([blocks, query.clamp(max=k_blocks - 1).unsqueeze(0).expand(heads, q_blocks, 1)], -1)
-        valid = torch.cat([valid, diagonal], -1)
+        diagonal = torch.arange(q_blocks).unsqueeze(1).clamp(max=k_blocks - 1)
+        blocks = torch.cat([blocks, diagonal.unsqueeze(0).expand(heads, q_blocks, 1)], -1)
+        valid = torch.cat([valid, crossing], -1)
     return blocks, valid
 
 
@@ -270,20 +272,16 @@ class TracedBlockTables(torch.nn.Module):
         """``bool [heads, q_blocks, k_blocks]``: the kept blocks at these lengths (ints or symbolic sizes)."""
         grid = TracedBlockGrid(q_len, k_len, self.block_size, self.causal, self.max_len)
         masks = torch.stack([pattern.traced_block_mask(grid) for pattern in self.patterns])
-        # At causal sites the patterns' triangle (key block <= query block) already drops every
-        # block the runtime mask drops as wholly hidden (top-left alignment, query offset 0).
+        # At causal sites the patterns drop the blocks `block_geometry` calls hidden, as the
+        # runtime mask does (one classification, query offset 0).
         return masks if self.identity else masks.index_select(0, self.pattern_of_head)
 
     def forward(self, q_len: Any, k_len: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(blocks, valid)``, ``[heads * q_blocks, W]``: the slots of every row (see `_slot_tables`)."""
         kept = self.kept(q_len, k_len)
-        q_blocks, k_blocks = kept.shape[-2], kept.shape[-1]
-        query = torch.arange(q_blocks).unsqueeze(1)
-        key = torch.arange(k_blocks).unsqueeze(0)
-        off = kept & (key != query) if self.causal else kept
-        counts = off.sum(-1)
-        width = self.width(q_len, k_len)
-        blocks, valid = _slot_tables(kept, self.causal, width, counts)
+        q_blocks = kept.shape[-2]
+        boundary = causal_boundary_blocks(q_len, k_len, self.block_size) if self.causal else None
+        blocks, valid = _slot_tables(kept, boundary, self.width(q_len, k_len))
         rows, slots = kept.shape[0] * q_blocks, blocks.shape[-1]
         return blocks.reshape(rows, slots), valid.reshape(rows, slots)
 
@@ -301,33 +299,32 @@ class TracedBlockTables(torch.nn.Module):
         return width
 
 
-def _mask_slots(mask, q_len: int, k_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mask_slots(mask: RuntimeBlockMask, q_len: int, k_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A `RuntimeBlockMask`'s kept blocks in the slot layout, from its own full/partial classification.
 
     Returns ``(kept, blocks, valid)``: the kept masks ``[H, q_blocks, k_blocks]`` and their
-    slots ``[H, q_blocks, W]`` (`_slot_tables`). Every partial block must be one the slot layout
-    masks: the causal diagonal block (triangle) or the last key block past ``k_len`` (key bias);
-    that holds for masks at query offset 0, which is what the export builds.
+    slots ``[H, q_blocks, W]`` (`_slot_tables`). The slot layout masks two kinds of partial
+    block: blocks crossing the causal boundary (`RuntimeBlockMask.boundary_block_masks`), with
+    the diagonal triangle — so they must be diagonal blocks, as at query offset 0, which is
+    what the export builds — and the last key block past ``k_len``, with the key bias.
     """
     if mask.batch != 1:
         raise UnsupportedError("the ONNX lowering takes masks shared by the batch (static patterns); this mask has "
                                f"a batch dimension of {mask.batch}")
     full = mask.full_block_masks()[0].cpu()
     partial = mask.partial_block_masks()[0].cpu()
+    boundary = mask.boundary_block_masks()[0].cpu()
     q_blocks, k_blocks = full.shape[-2], full.shape[-1]
-    query = torch.arange(q_blocks).unsqueeze(1)
-    key = torch.arange(k_blocks).unsqueeze(0)
-    diagonal = partial & (key == query) if mask.causal else torch.zeros_like(partial)
-    tail = (key == k_blocks - 1) & (k_len % mask.block_size != 0)
-    unsupported = partial & ~diagonal & ~tail
-    if bool(unsupported.any()):
+    off_diagonal = torch.arange(q_blocks).unsqueeze(1) != torch.arange(k_blocks).unsqueeze(0)
+    tail = (torch.arange(k_blocks) == k_blocks - 1) & (k_len % mask.block_size != 0)
+    if bool((boundary & off_diagonal).any()) or bool((partial & ~boundary & ~tail).any()):
         raise UnsupportedError(
             f"the runtime mask (q_len={q_len}, k_len={k_len}, q_offset={mask.q_offset}) has partial blocks that are "
             f"neither the causal diagonal nor the last key block; the ONNX lowering serves query offset 0 only")
     kept = full | partial
-    off = kept & (key != query) if mask.causal else kept
-    width = max(int(off.sum(-1).max()), 1)
-    blocks, valid = _slot_tables(kept, mask.causal, width)
+    inside = kept & ~boundary
+    width = max(int(inside.sum(-1).max()), 1)
+    blocks, valid = _slot_tables(kept, boundary if mask.causal else None, width)
     return kept, blocks, valid
 
 
@@ -383,7 +380,7 @@ class BlockGatherAttention(torch.nn.Module):
 
     Example:
         >>> from sparsify import patterns
-        >>> from sparsify.runtime.site import SparseAttention
+        >>> from sparsify.runtime.sparse_attention import SparseAttention
         >>> from sparsify.site import AttentionSite
         >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=16, q_len=128, k_len=128)
         >>> layer = SparseAttention(site, [patterns.dense(), patterns.sliding_window(32)], block_size=32)

@@ -97,11 +97,11 @@ class CompileOptions:
     dynamic: bool = _option(True, "capture with dynamic batch and sequence dimensions")
 
     def __post_init__(self) -> None:
-        from sparsify.backends import available_backends
+        from sparsify.backends import backend_names
 
-        if not isinstance(self.backend, str) or (self.backend != "auto" and self.backend not in available_backends()):
+        if not isinstance(self.backend, str) or (self.backend != "auto" and self.backend not in backend_names()):
             raise SparsifyError(f"backend: unknown backend {self.backend!r}; known: auto, "
-                                f"{', '.join(available_backends())}")
+                                f"{', '.join(backend_names())}")
         _check_fraction("max_error", self.max_error, low_open=False, high_open=True)
         if self.target_density is not None:
             _check_fraction("target_density", self.target_density, low_open=True, high_open=False)

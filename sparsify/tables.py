@@ -1,4 +1,4 @@
-"""Block arithmetic shared by the search and the reports (the runtime's block mask lives in `sparsify.runtime`)."""
+"""Leftover: `blocks_for` lives in `sparsify.runtime.block_mask`; delete this module once its importers import it from there."""
 
 from sparsify.runtime.block_mask import blocks_for
 

@@ -98,6 +98,22 @@ def assert_close(output: torch.Tensor, expected: torch.Tensor, tol: float) -> No
     assert error <= tol * scale, f"max abs error {error:.3g} > {tol:g} * {scale:.3g}"
 
 
+def recorded_cuda_graphs() -> int:
+    """CUDA graphs Inductor's CUDA-graph trees have recorded on the current device (0 when none)."""
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    if manager is None:
+        return 0
+    nodes, count = list(manager.get_roots()), 0
+    while nodes:
+        node = nodes.pop()
+        count += 1
+        for children in node.children.values():
+            nodes.extend(children)
+    return count
+
+
 def load_triton_kernels():
     """The triton kernel module, or ``None`` without triton. On a machine without CUDA it runs in
     Triton's interpreter: tests/conftest.py switches that on for the whole session, before anything

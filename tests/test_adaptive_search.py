@@ -68,7 +68,7 @@ def test_adaptive_heads_are_chosen_where_the_inputs_move_the_attention():
 
 def test_compiled_adaptive_site_computes_attention_under_its_estimated_masks():
     from sparsify import patterns
-    from sparsify.runtime.site import SparseAttention
+    from sparsify.runtime.sparse_attention import SparseAttention
 
     model = AnchoredAttention()
     x = anchored_batch(7)

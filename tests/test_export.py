@@ -11,10 +11,10 @@ import torch.nn.functional as F
 import model_zoo
 from helpers import call, masked_attention_reference, max_relative_error
 from sparsify import SparsifyError, Strategy, UnsupportedError, patterns
-from sparsify.adaptive_patterns import estimated_vertical_slash
+from sparsify.patterns import estimated_vertical_slash
 from sparsify.api import capture_attention, compile
 from sparsify.patterns import TracedBlockGrid
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 
 onnx = pytest.importorskip("onnx")

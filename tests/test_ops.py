@@ -116,13 +116,22 @@ def test_gradcheck_through_the_op():
     assert torch.autograd.gradcheck(lambda *x: torch.ops.sparsify.attention(*x[:4], False, 0.5, 3.0, x[4]), inputs)
 
 
-def test_bool_mask_has_no_gradient_and_backward_runs():
-    q, k, v, _, _ = random_inputs()
-    q.requires_grad_(True)
-    keep = torch.rand(2, 1, 20, 20) > 0.3
+def test_bool_mask_has_no_gradient_and_the_input_gradients_equal_the_dense_reference():
+    q, k, v, _, _ = (t.double() for t in random_inputs(kv_heads=2))
+    keep = torch.rand(2, 1, 20, 20, generator=torch.Generator().manual_seed(3)) > 0.3
     keep[..., 0] = True
-    torch.ops.sparsify.attention(q, k, v, keep, False, None).sum().backward()
-    assert q.grad is not None and torch.isfinite(q.grad).all()
+    grad_output = torch.randn(2, 4, 20, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.ops.sparsify.attention(*inputs, keep, True, 0.4).backward(grad_output)
+    # Reference: softmax attention with the mask and the causal triangle written out, GQA heads repeated.
+    ref_q, ref_k, ref_v = (t.clone().requires_grad_() for t in (q, k, v))
+    scores = ref_q @ ref_k.repeat_interleave(2, 1).transpose(-1, -2) * 0.4
+    visible = keep & torch.ones(20, 20, dtype=torch.bool).tril()
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)
+    (weights @ ref_v.repeat_interleave(2, 1)).backward(grad_output)
+    for ours, expected in zip((t.grad for t in inputs), (ref_q.grad, ref_k.grad, ref_v.grad)):
+        torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-10)
+    assert not keep.requires_grad
 
 
 @pytest.mark.parametrize("family", ["manual", "gpt_oss"])

@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+import torch.nn.attention.flex_attention as flex_attention
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -342,6 +343,38 @@ def test_partial_last_block_is_exact():
 def test_causal_block_mask_is_lower_triangle_top_left_aligned():
     assert causal_block_mask(2, 3).int().tolist() == [[1, 0, 0], [1, 1, 0]]
     assert torch.equal(dense().block_mask(5, 3, causal=True), causal_block_mask(5, 3))
+
+
+@pytest.mark.parametrize("q_len, k_len, q_offset", [(64, 64, 0), (40, 100, 60), (33, 70, 5), (100, 40, 0), (16, 64, 48)])
+def test_causal_block_mask_is_the_runtime_classification_at_any_offset(q_len, k_len, q_offset):
+    block = 16
+    q_blocks, k_blocks = blocks(q_len, block), blocks(k_len, block)
+    got = causal_block_mask(q_blocks, k_blocks, block_size=block, q_len=q_len, k_len=k_len, q_offset=q_offset)
+    # A block is visible when it holds a pair with key <= q_offset + query.
+    query = torch.arange(q_len).unsqueeze(1) + q_offset
+    pairs = torch.arange(k_len).unsqueeze(0) <= query
+    assert torch.equal(got, pool_to_blocks(pairs, block))
+    with pytest.raises(PatternError, match="make"):
+        causal_block_mask(q_blocks + 1, k_blocks, block_size=block, q_len=q_len, k_len=k_len)
+
+
+def test_is_dense_is_a_property_not_a_name():
+    assert dense().is_dense and not skip().is_dense and not sliding_window(64).is_dense
+    assert (dense() | attention_sinks(4)).is_dense and not (dense() & attention_sinks(4)).is_dense
+    assert (dense() & dense()).is_dense
+    assert not pattern_from_dict({"pattern": "pooled_coverage", "coverage": 0.9, "min_blocks": 1, "max_fraction": 1.0,
+                                  "sink_blocks": 0, "scoring": "mean", "stride": 8, "temperature": 1.0}).is_dense
+    # Whatever is_dense claims, the pattern keeps every visible block.
+    for pattern in (dense(), dense() | strided(4), sliding_window(16)):
+        kept = pattern.block_mask(5, 7, block_size=16, causal=True)
+        assert pattern.is_dense == torch.equal(kept, causal_block_mask(5, 7, block_size=16))
+
+
+def test_old_import_paths_still_work():
+    import sparsify.adaptive_patterns as old
+    from sparsify.patterns import adaptive
+
+    assert old.PooledCoverage is adaptive.PooledCoverage and old.pooled_coverage(0.9) == adaptive.pooled_coverage(0.9)
 
 
 def test_density():
@@ -821,8 +854,6 @@ def test_bad_dicts_of_the_new_families(data, expected):
 
 # --- FlexAttention agrees ----------------------------------------------------------------------
 
-flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
-
 
 def flex_block_mask(mask_mod, q_len: int, k_len: int, block_size: int) -> torch.Tensor:
     """Partial and full blocks of FlexAttention's mask as ``bool [q_blocks, k_blocks]``."""
@@ -954,3 +985,42 @@ def test_agrees_with_flex_attention_create_block_mask(q_len, k_len, block_size, 
         # Flex may leave a row empty; our fallback rule then applies on top of it.
         expected = with_fallback(flex_block_mask(mask_mod, q_len, k_len, block_size))
         assert torch.equal(got, expected), (pattern, q_len, k_len, block_size, causal)
+
+
+@pytest.mark.parametrize("pattern", [sliding_window(40), attention_sinks(8) | strided(48, 4), dense(),
+                                     vertical_slash([0.5], [0, 64], width=8)])
+@pytest.mark.parametrize("causal, q_len, k_len, q_offset", [(True, 100, 100, 0), (False, 70, 130, 0),
+                                                            (True, 40, 130, 90), (True, 1, 97, 96)])
+def test_runtime_mask_is_the_block_mask_classified(pattern, causal, q_len, k_len, q_offset):
+    from sparsify.runtime import StaticMaskSource, causal_element_mask
+
+    block = 16
+    mask = pattern.runtime_mask(q_len, k_len, block_size=block, causal=causal, q_offset=q_offset)
+    source = StaticMaskSource([pattern], block_size=block, causal=causal, kv_head_index=torch.tensor([0]))
+    built = source.mask(q_len=q_len, k_len=k_len, q_offset=q_offset, device="cpu")
+    assert torch.equal(mask.to_block_masks(), built.to_block_masks())
+    assert torch.equal(mask.full_block_masks(), built.full_block_masks())
+    if q_offset == 0:
+        kept = pattern.block_mask(blocks(q_len, block), blocks(k_len, block), block_size=block, causal=causal,
+                                  q_len=q_len, k_len=k_len)
+        assert torch.equal(mask.to_block_masks()[0, 0], kept)
+        assert mask.density() == pytest.approx(pattern.density(*kept.shape, block_size=block, causal=causal,
+                                                                q_len=q_len, k_len=k_len))
+    # Full blocks need no element mask: every key slot exists and is visible to every real query of
+    # the block (padded query rows past q_len are never computed). Every kept block holds a visible pair.
+    visible = causal_element_mask(q_len, k_len, q_offset) if causal else torch.ones(q_len, k_len, dtype=torch.bool)
+    padded = torch.zeros(blocks(q_len, block) * block, blocks(k_len, block) * block, dtype=torch.bool)
+    padded[:q_len, :k_len] = visible
+    tiles = padded.view(blocks(q_len, block), block, blocks(k_len, block), block)
+    real_rows = (torch.arange(blocks(q_len, block) * block) < q_len).view(-1, block, 1, 1)
+    assert not bool((mask.full_block_masks()[0, 0] & ~(tiles | ~real_rows).all(3).all(1)).any())
+    assert not bool((mask.to_block_masks()[0, 0] & ~tiles.any(3).any(1)).any())
+
+
+def test_runtime_mask_refuses_skip_and_adaptive_patterns():
+    with pytest.raises(PatternError, match="skip"):
+        skip().runtime_mask(64, 64)
+    adaptive = pattern_from_dict({"pattern": "estimated_vertical_slash", "vertical": 0.1, "slash": 0.1,
+                                  "probe_blocks": 1, "sink_blocks": 0})
+    with pytest.raises(PatternError, match="estimated per input"):
+        (sliding_window(16) | adaptive).runtime_mask(64, 64)

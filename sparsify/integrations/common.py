@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from sparsify.errors import StrategyError, UnsupportedError
-from sparsify.runtime.site import SparseAttention, is_dense_pattern
+from sparsify.runtime.sparse_attention import SparseAttention, is_dense_pattern
 from sparsify.site import AttentionSite
 from sparsify.strategy import Strategy
 
@@ -165,16 +165,23 @@ def check_fingerprints(strategy: Strategy, mapping: Mapping[str, str], readouts:
 
     ``readouts`` holds, per site, what its module says about itself: ``num_heads``,
     ``num_kv_heads``, ``head_dim``, ``causal``, ``kind`` (any may be missing; those are checked
-    on the first call, from the tensors).
+    on the first call, from the tensors). A head shard (`Strategy.shard_heads`) fits modules of
+    its heads (tensor parallel) or of all heads (Ulysses sequence parallel).
     """
     problems = []
     fingerprints = {entry["name"]: entry for entry in strategy.fingerprint}
+    shards = [shard["world_size"] for shard in strategy.metadata.get("head_shards", [])]
     for name, path in mapping.items():
         recorded = fingerprints[name]
         for key, value in readouts.get(name, {}).items():
             if value is None or key not in recorded:
                 continue
-            if recorded[key] != value:
+            share = value
+            if shards and key in ("num_heads", "num_kv_heads") and isinstance(value, int):
+                # A head shard (Strategy.shard_heads) also runs on a module of all heads (Ulysses sequence parallel).
+                for world_size in shards:
+                    share = share // world_size if key == "num_heads" or share % world_size == 0 else 1
+            if recorded[key] != value and recorded[key] != share:
                 problems.append(f"site {name!r} (module {path!r}): {key} is {value!r} in the model but "
                                 f"{recorded[key]!r} in the strategy")
     if problems:

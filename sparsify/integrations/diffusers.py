@@ -41,7 +41,7 @@ from sparsify.integrations.common import (
     match_sites,
     shared_weight_copy,
 )
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.strategy import Strategy
 
 logger = logging.getLogger(__name__)
@@ -53,11 +53,17 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 
 
 class _RouteAttention(TorchFunctionMode):
-    """Routes the first ``scaled_dot_product_attention`` of one processor call to a site; everything else runs as is."""
+    """Routes the ``scaled_dot_product_attention`` of one processor call to a site; everything else runs as is.
 
-    def __init__(self, runtime: SparseAttention):
+    A processor that calls it a second time in one call (e.g. an IP-Adapter's attention over
+    image keys) is refused: the strategy holds one site per module (graph capture of the model
+    found one attention there), so the second would run with no strategy of its own.
+    """
+
+    def __init__(self, runtime: SparseAttention, processor: Any):
         super().__init__()
         self.runtime = runtime
+        self.processor = processor
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -70,8 +76,14 @@ class _RouteAttention(TorchFunctionMode):
                 return getattr(args[0], name)(*args[1:], **kwargs)
             return func(*args, **kwargs)
         self.calls += 1
-        if self.calls > 1:  # a second attention in the module (e.g. image keys): not a site of the strategy
-            return func(*args, **kwargs)
+        if self.calls > 1:
+            raise UnsupportedError(
+                f"site {self.runtime.site.name!r}: its processor {type(self.processor).__name__} calls "
+                f"scaled_dot_product_attention more than once per call (e.g. an IP-Adapter's attention over image "
+                f"keys), but the strategy has one site for this module, searched where it attended once; the "
+                f"diffusers door runs one attention per module. Search the strategy on the model as it runs now and "
+                f"apply it with sparsify.compile (the graph door gives every attention its own site), or remove "
+                f"the extra attention (e.g. unload the IP-Adapter)")
         call = dict(_SDPA_DEFAULTS)
         call.update(zip(_SDPA_PARAMETERS, args))
         call.update(kwargs)
@@ -113,7 +125,7 @@ class SparseAttentionProcessor:
         runtime = attn._modules.get(RUNTIME_ATTRIBUTE)
         if runtime is None:
             return self.inner(attn, *args, **kwargs)
-        route = _RouteAttention(runtime)
+        route = _RouteAttention(runtime, self.inner)
         with route:
             output = self.inner(attn, *args, **kwargs)
         if route.calls == 0:

@@ -3,20 +3,50 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
-__all__ = ["RuntimeBlockMask", "blocks_for", "causal_element_mask"]
+__all__ = ["RuntimeBlockMask", "block_geometry", "block_token_bounds", "blocks_for", "causal_boundary_blocks",
+           "causal_element_mask"]
 
 
-def blocks_for(length: int, block_size: int) -> int:
-    """Blocks covering ``length`` tokens (the last one may be partial).
+def blocks_for(length: Any, block_size: int) -> Any:
+    """Blocks covering ``length`` tokens (the last one may be partial); ``length`` may be a symbolic size.
+
+    Written ``(length + block_size - 1) // block_size``: exact for non-negative lengths, and it
+    lowers to ONNX's truncating ``Div`` correctly when the length is symbolic.
 
     Example:
         >>> blocks_for(130, 64)
         3
     """
-    return -(-length // block_size)
+    return (length + block_size - 1) // block_size
+
+
+def block_token_bounds(q_len: Any, k_len: Any, block_size: int, q_offset: int = 0,
+                       device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor]:
+    """``(query_first, query_last, key_first, key_last)``: the first and last token of every block, int64.
+
+    The one definition of which tokens a block covers. Query block ``i`` covers the tokens
+    ``[i * block_size, min((i + 1) * block_size, q_len))`` at absolute positions ``q_offset +``
+    those (``[q_blocks, 1]`` each); key block ``j`` likewise up to ``k_len`` (``[1, k_blocks]``).
+    The lengths may be symbolic sizes (any-length export): only ``arange``, arithmetic and
+    ``clamp`` of them.
+
+    Example:
+        >>> query_first, query_last, key_first, key_last = block_token_bounds(100, 64, 64, q_offset=4)
+        >>> query_first.flatten().tolist(), query_last.flatten().tolist(), key_last.flatten().tolist()
+        ([4, 68], [67, 103], [63])
+    """
+    query_first = torch.arange(blocks_for(q_len, block_size), device=device).unsqueeze(1) * block_size
+    query_last = (query_first + block_size - 1).clamp(max=q_len - 1)
+    key_first = torch.arange(blocks_for(k_len, block_size), device=device).unsqueeze(0) * block_size
+    key_last = (key_first + block_size - 1).clamp(max=k_len - 1)
+    if q_offset:
+        query_first, query_last = query_first + q_offset, query_last + q_offset
+    return query_first, query_last, key_first, key_last
 
 
 def causal_element_mask(q_len: int, k_len: int, q_offset: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
@@ -68,7 +98,7 @@ class RuntimeBlockMask:
         >>> mask.full_kv_num_blocks.tolist(), mask.kv_num_blocks.tolist()
         ([[[0, 1, 2]]], [[[1, 1, 1]]])
         >>> print(mask.to_string())
-        RuntimeBlockMask(heads=1, q_len=160, k_len=160, block_size=64, causal, density 0.667: 3 full, 3 partial)
+        RuntimeBlockMask(heads=1, q_len=160, k_len=160, block_size=64, causal, density 1.000: 3 full, 3 partial)
         head 0
           ░
           █░
@@ -230,6 +260,17 @@ class RuntimeBlockMask:
         """``bool [B, H, q_blocks, k_blocks]``: the kept blocks that need an element mask."""
         return _expand(self.kv_num_blocks, self.kv_indices, self.k_blocks)
 
+    def boundary_block_masks(self) -> torch.Tensor:
+        """``bool [B, H, q_blocks, k_blocks]``: the kept partial blocks that cross the causal boundary.
+
+        The other partial blocks hold keys past ``k_len`` (the last key block); see
+        `causal_boundary_blocks`. All False at non-causal sites.
+        """
+        partial = self.partial_block_masks()
+        if not self.causal:
+            return torch.zeros_like(partial)
+        return partial & causal_boundary_blocks(self.q_len, self.k_len, self.block_size, self.q_offset, self.device)
+
     def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(counts [B, H, q_blocks], indices [B, H, q_blocks, full_width + partial_width])``: all kept blocks ascending.
 
@@ -253,7 +294,27 @@ class RuntimeBlockMask:
         return element
 
     def density(self) -> float:
-        """Kept blocks over all ``heads * q_blocks * k_blocks`` blocks (averaged over the batch)."""
+        """Kept blocks over the blocks dense attention computes (the causal-visible ones at causal sites).
+
+        The one meaning of density everywhere (patterns, strategy summary, report): kept work
+        over the work of a dense call with the same causality. `block_fraction` divides by every
+        block instead.
+
+        Example:
+            >>> RuntimeBlockMask.dense(1, block_size=16, q_len=64, k_len=64, causal=True).density()
+            1.0
+        """
+        visible, _ = block_geometry(self.q_len, self.k_len, self.block_size, self.causal, self.q_offset, "cpu")
+        total = self.batch * self.num_heads * int(visible.sum())
+        return float(self.kept_counts().sum()) / max(total, 1)
+
+    def block_fraction(self) -> float:
+        """Kept blocks over all ``heads * q_blocks * k_blocks`` blocks (averaged over the batch), causal or not.
+
+        Example:
+            >>> RuntimeBlockMask.dense(1, block_size=16, q_len=64, k_len=64, causal=True).block_fraction()
+            0.625
+        """
         total = self.batch * self.num_heads * self.q_blocks * self.k_blocks
         return float(self.kept_counts().sum()) / max(total, 1)
 
@@ -328,30 +389,45 @@ class RuntimeBlockMask:
 _TENSOR_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "kv_head_index")
 
 
-def block_geometry(q_len: int, k_len: int, block_size: int, causal: bool, q_offset: int,
-                   device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def block_geometry(q_len: Any, k_len: Any, block_size: int, causal: bool, q_offset: int = 0,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(visible, full)``, both ``bool [q_blocks, k_blocks]``: blocks holding some visible pair / only visible pairs.
 
-    A block is full when it lies inside ``k_len`` and, at causal sites, its last key is at or
-    before the first query of the query block (absolute positions, ``q_offset`` included).
+    The one causal classification of blocks (bottom-right aligned by ``q_offset``): a block is
+    visible when its first key is at or before the last query of the query block (absolute
+    positions), and full when it lies inside ``k_len`` and, at causal sites, its last key is at
+    or before the first query of the query block. Patterns, runtime masks, the search and the
+    ONNX lowering all read it; the lengths may be symbolic sizes (any-length export).
 
     Example:
         >>> visible, full = block_geometry(4, 4, 2, True, 0, "cpu")
         >>> visible.int().tolist(), full.int().tolist()
         ([[1, 0], [1, 1]], [[0, 0], [1, 0]])
     """
-    q_blocks, k_blocks = blocks_for(q_len, block_size), blocks_for(k_len, block_size)
-    query_block = torch.arange(q_blocks, device=device).unsqueeze(1)
-    key_block = torch.arange(k_blocks, device=device).unsqueeze(0)
-    key_end = (key_block + 1) * block_size                       # one past the block's last key slot
-    complete = key_end <= k_len
+    query_first, query_last, key_first, key_last = block_token_bounds(q_len, k_len, block_size, q_offset, device)
+    complete = key_last - key_first == block_size - 1            # the block lies inside k_len
     if not causal:
-        return torch.ones(q_blocks, k_blocks, dtype=torch.bool, device=device), complete.expand(q_blocks, k_blocks)
-    query_first = q_offset + query_block * block_size
-    query_last = q_offset + torch.clamp((query_block + 1) * block_size, max=q_len) - 1
-    visible = key_block * block_size <= query_last
-    full = complete & (key_end - 1 <= query_first)
+        shape = (query_first.shape[0], key_first.shape[1])
+        return torch.ones(shape, dtype=torch.bool, device=device), complete.expand(shape)
+    visible = key_first <= query_last
+    full = complete & (key_last <= query_first)
     return visible, full
+
+
+def causal_boundary_blocks(q_len: Any, k_len: Any, block_size: int, q_offset: int = 0,
+                           device: torch.device | str | None = None) -> torch.Tensor:
+    """``bool [q_blocks, k_blocks]``: the causal blocks that are visible but not entirely (they cross the boundary).
+
+    With `block_geometry`'s ``(visible, full)``, the partial blocks of a causal mask are these
+    plus the partial last key block; at query offset 0 with equal block sizes they are the
+    diagonal blocks ``(i, i)``.
+
+    Example:
+        >>> causal_boundary_blocks(4, 4, 2).int().tolist()
+        [[1, 0], [0, 1]]
+    """
+    query_first, query_last, key_first, key_last = block_token_bounds(q_len, k_len, block_size, q_offset, device)
+    return (key_first <= query_last) & (key_last > query_first)
 
 
 def _compress(kept: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:

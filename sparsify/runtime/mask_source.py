@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from sparsify.runtime.block_mask import RuntimeBlockMask, blocks_for
+from sparsify.runtime.block_mask import RuntimeBlockMask, block_token_bounds, blocks_for
 
 if TYPE_CHECKING:
     from sparsify.patterns import Pattern
@@ -41,9 +41,8 @@ def pattern_block_masks(patterns: Sequence["Pattern"], *, block_size: int, q_len
     total = q_offset + q_len
     rows = torch.stack([p.block_mask(blocks_for(total, block_size), k_blocks, block_size=block_size, causal=causal,
                                      q_len=total, k_len=k_len) for p in patterns])
-    first = (q_offset + torch.arange(q_blocks) * block_size) // block_size
-    last = (q_offset + torch.clamp((torch.arange(q_blocks) + 1) * block_size, max=q_len) - 1) // block_size
-    return rows[:, first] | rows[:, last]
+    query_first, query_last, _, _ = block_token_bounds(q_len, k_len, block_size, q_offset)
+    return rows[:, query_first.flatten() // block_size] | rows[:, query_last.flatten() // block_size]
 
 
 class StaticMaskSource:
@@ -105,7 +104,7 @@ class AdaptiveMaskSource:
 
     def __init__(self, patterns: Sequence["Pattern"], *, block_size: int, causal: bool, kv_head_index: torch.Tensor,
                  self_attention: bool = True):
-        from sparsify.adaptive_patterns import AdaptivePattern
+        from sparsify.patterns.adaptive import AdaptivePattern
 
         if len(patterns) != kv_head_index.numel():
             raise ValueError(f"{len(patterns)} patterns but {kv_head_index.numel()} key/value head indices")
@@ -166,7 +165,7 @@ class AdaptiveMaskSource:
                                                  per_input=True)
 
     def _evaluate(self, pattern, head, estimates, q_len, k_len, q_offset, device) -> torch.Tensor:
-        from sparsify.patterns import Intersection, Union
+        from sparsify.patterns.composites import Intersection, Union
 
         if pattern.is_adaptive and not isinstance(pattern, (Union, Intersection)):
             return estimates[(head, id(pattern))]

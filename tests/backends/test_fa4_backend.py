@@ -9,7 +9,7 @@ import torch
 from sparsify import patterns
 from sparsify.backends import BackendUnavailableError, get_backend, require_backend
 from sparsify.backends.fa4 import attention_window, kv_head_layout, ordered_block_list
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 
 from backend_helpers import mask_reference, random_runtime_mask, rel_err
@@ -122,3 +122,26 @@ def test_gpu_lean_call_replays_from_a_cuda_graph():
         torch.cuda.synchronize()
         assert rel_err(captured, backend.run(plan, q, k, v)) <= 1e-3
         assert rel_err(captured, eager) > 1e-2                  # the replay really read the new q
+
+
+_SM90 = HAS_FA4 and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _SM90, reason="needs FA4 on an sm90 GPU (its tile constraints there)")
+def test_a_block_size_fa4_cannot_take_is_refused_by_name_and_served_by_the_next_backend_under_auto(caplog):
+    # sm90: 128-token blocks need head dims <= 128 (FA4's key tile); head dim 256 does not fit.
+    site = AttentionSite("blocks.3.attn", 0, num_heads=2, num_kv_heads=2, head_dim=256, q_len=512, k_len=512,
+                         causal=True)
+    q = torch.randn(1, 2, 512, 256, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(Exception, match=r"backend 'fa4' cannot serve site 'blocks\.3\.attn'.*128"):
+        SparseAttention(site, [patterns.sliding_window(128)] * 2, block_size=128, backend="fa4")   # before any call
+    auto = SparseAttention(site, [patterns.sliding_window(128)] * 2, block_size=128, backend="auto").cuda()
+    with torch.no_grad(), caplog.at_level("INFO", logger="sparsify.runtime.sparse_attention"):
+        first = auto(q, q, q, None, True, None)
+        auto(q, q, q, None, True, None)
+    notes = [r.getMessage() for r in caplog.records if "'fa4' cannot" in r.getMessage()]
+    assert len(notes) == 1 and "blocks.3.attn" in notes[0]    # said once, naming the site
+    assert {key[1] for key in auto._plans} != {"fa4"}
+    expected = mask_reference(q, q, q, auto.runtime_mask(512, 512, "cuda"))
+    assert rel_err(first, expected) < 2e-2

@@ -18,6 +18,7 @@ if importlib.util.find_spec("triton") is None:
 
 from backend_helpers import HAS_CUDA, load_triton_kernels, mask_reference, rel_err  # noqa: E402
 from sparsify.backends import get_backend  # noqa: E402
+from sparsify.backends.triton import TritonBackend  # noqa: E402
 from sparsify.errors import UnsupportedError  # noqa: E402
 from sparsify.runtime import RuntimeBlockMask  # noqa: E402
 from sparsify.site import AttentionSite  # noqa: E402
@@ -276,21 +277,20 @@ def test_gpu_padding_mask_bf16():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dim,dtype", [(128, torch.bfloat16), (80, torch.float16), (64, torch.float32)])
-def test_gpu_fast_launch_matches_the_full_path(dim, dtype, monkeypatch):
+def test_gpu_fast_launch_matches_the_full_path(dim, dtype):
     """Repeat calls take the cached direct launch; results are bitwise those of the full path."""
     gen = torch.Generator().manual_seed(11)
     batch, heads, kv_heads, seq = 2, 4, 2, 1000
     tables = random_tables(gen, heads, kv_heads, seq, seq, 128, True, density=0.4).to(DEVICE)
     backend = get_backend("triton")
+    full_path = TritonBackend(fast_launch=False)
     q, k, v = make_qkv(gen, batch, heads, kv_heads, seq, seq, dim, dtype)
     plan = backend.prepare(tables, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape, dtype=dtype, device=DEVICE)
     for step in range(3):  # new inputs each call: descriptors/pointers must follow them
         q, k, v = make_qkv(gen, batch, heads, kv_heads, seq, seq, dim, dtype)
         for scale in (None, 0.3):
             fast = backend.run(plan, q, k, v, scale=scale)
-            monkeypatch.setattr(triton_kernels, "FAST_LAUNCH", False)
-            full = backend.run(plan, q, k, v, scale=scale)
-            monkeypatch.setattr(triton_kernels, "FAST_LAUNCH", True)
+            full = full_path.run(plan, q, k, v, scale=scale)
             assert torch.equal(fast, full)
     assert len(plan.launch.launches) == 1  # the direct launch lives on the plan
     # A strided view of other inputs (different strides) is a different launch, still right.

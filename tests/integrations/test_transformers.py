@@ -93,7 +93,7 @@ def test_sparse_generate_prefills_sparse_and_decodes_dense():
     for runtime in attached_sites(attached).values():
         shapes = {key[3] for key in runtime._plans}                   # query shapes the backend ran
         assert shapes == {(1, 4, 96, 16)}                             # the prefill only
-        assert runtime.runtime_mask(96, 96, "cpu").density() < 0.8
+        assert runtime.runtime_mask(96, 96, "cpu").block_fraction() < 0.8
     # The prefill's logits are the graph door's.
     compiled = sparsify.compile(model, strategy=sparsify.Strategy.uniform(sites, WINDOW, block_size=16),
                                 example_inputs=inputs)

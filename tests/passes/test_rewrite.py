@@ -11,7 +11,7 @@ from sparsify import Strategy, StrategyError, patterns
 from sparsify.api import capture_attention
 from sparsify.passes.infra import PassManager, attention_nodes
 from sparsify.passes.rewrite import RewriteAttention
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 
 CANONICAL = torch.ops.sparsify.attention.default

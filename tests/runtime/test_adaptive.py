@@ -14,7 +14,7 @@ from sparsify.runtime import blocks_for
 from sparsify.runtime.adaptive import (antidiagonal_block_mass, coverage_block_mask, key_validity,
                                        pooled_block_mass, self_blocks, vertical_slash_block_mask)
 from sparsify.runtime.mask_source import AdaptiveMaskSource
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 
 from backend_helpers import mask_reference, rel_err

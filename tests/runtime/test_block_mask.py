@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from sparsify import patterns
 from sparsify.runtime import RuntimeBlockMask, blocks_for, causal_element_mask, pattern_block_masks
+from sparsify.runtime.block_mask import block_geometry, block_token_bounds, causal_boundary_blocks
 
 
 def brute_force(kept: torch.Tensor, block: int, q_len: int, k_len: int, causal: bool, q_offset: int):
@@ -115,3 +116,61 @@ def test_pattern_rows_at_an_offset_are_the_full_length_rows(pattern, q_len, k_le
         first = (offset + row * block) // block
         last = (offset + min((row + 1) * block, q_len) - 1) // block
         assert torch.equal(chunk[0, row], full[first:last + 1].any(0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(q_len=st.integers(1, 70), k_len=st.integers(1, 70), block=st.sampled_from([4, 8, 16]),
+       q_offset=st.integers(0, 40), causal=st.booleans())
+def test_token_bounds_and_causal_classification_match_the_token_pairs(q_len, k_len, block, q_offset, causal):
+    query_first, query_last, key_first, key_last = block_token_bounds(q_len, k_len, block, q_offset)
+    q_blocks, k_blocks = blocks_for(q_len, block), blocks_for(k_len, block)
+    assert query_first.flatten().tolist() == [q_offset + i * block for i in range(q_blocks)]
+    assert query_last.flatten().tolist() == [q_offset + min((i + 1) * block, q_len) - 1 for i in range(q_blocks)]
+    assert key_first.flatten().tolist() == [j * block for j in range(k_blocks)]
+    assert key_last.flatten().tolist() == [min((j + 1) * block, k_len) - 1 for j in range(k_blocks)]
+    visible, full = block_geometry(q_len, k_len, block, causal, q_offset)
+    everything = torch.ones(1, q_blocks, k_blocks, dtype=torch.bool)
+    expected_full, expected_partial = brute_force(everything, block, q_len, k_len, causal, q_offset)
+    assert torch.equal(full, expected_full[0])
+    assert torch.equal(visible, (expected_full | expected_partial)[0])
+    boundary = causal_boundary_blocks(q_len, k_len, block, q_offset)
+    # Crossing the causal boundary: some pair visible, some hidden (keys past k_len aside).
+    tokens = causal_element_mask(q_len, k_len, q_offset)
+    for i in range(q_blocks):
+        for j in range(k_blocks):
+            tile = tokens[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            assert bool(boundary[i, j]) == (bool(tile.any()) and not bool(tile.all())), (i, j)
+
+
+def test_density_is_kept_over_causal_visible_work_and_block_fraction_over_all_blocks():
+    kept = torch.tensor([[[True, False, False], [True, True, False], [True, False, True]]])
+    mask = RuntimeBlockMask.from_block_masks(kept, block_size=16, q_len=48, k_len=48, causal=True)
+    # 5 kept blocks; dense causal computes 6 of the 9.
+    assert mask.density() == pytest.approx(5 / 6)
+    assert mask.block_fraction() == pytest.approx(5 / 9)
+    dense = RuntimeBlockMask.dense(2, block_size=16, q_len=40, k_len=72, causal=True, q_offset=32)
+    visible, _ = block_geometry(40, 72, 16, True, 32)
+    assert dense.density() == 1.0
+    assert dense.block_fraction() == pytest.approx(int(visible.sum()) / visible.numel())
+    open_mask = RuntimeBlockMask.from_block_masks(kept, block_size=16, q_len=48, k_len=48, causal=False)
+    assert open_mask.density() == open_mask.block_fraction() == pytest.approx(5 / 9)
+    # The patterns' density is the same quantity.
+    window = patterns.sliding_window(20)
+    built = RuntimeBlockMask.from_block_masks(window.block_mask(5, 5, block_size=16, causal=True, q_len=70, k_len=70)[None],
+                                              block_size=16, q_len=70, k_len=70, causal=True)
+    assert built.density() == pytest.approx(window.density(5, 5, block_size=16, causal=True, q_len=70, k_len=70))
+
+
+@pytest.mark.parametrize("q_offset", [0, 5, 16])
+def test_boundary_blocks_are_the_partial_blocks_that_cross_the_causal_boundary(q_offset):
+    torch.manual_seed(q_offset)
+    kept = torch.rand(2, 4, 5) < 0.7
+    mask = RuntimeBlockMask.from_block_masks(kept, block_size=8, q_len=30, k_len=38, causal=True, q_offset=q_offset)
+    boundary = mask.boundary_block_masks()[0]
+    partial = mask.partial_block_masks()[0]
+    expected = kept & causal_boundary_blocks(30, 38, 8, q_offset)
+    assert torch.equal(boundary, expected)
+    # The other partial blocks hold keys past k_len: the last key block only.
+    assert not bool((partial & ~boundary)[..., :-1].any())
+    uncausal = RuntimeBlockMask.from_block_masks(kept, block_size=8, q_len=30, k_len=38, causal=False)
+    assert not bool(uncausal.boundary_block_masks().any())

@@ -9,15 +9,13 @@ import torch._dynamo.testing
 import sparsify
 from sparsify import patterns
 from sparsify.integrations.diffusers import DenoisingStepTracker
-from sparsify.runtime import compiled as compiled_module
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime import kernel_op
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 
-from backend_helpers import HAS_CUDA, mask_reference, rel_err
+from backend_helpers import mask_reference, recorded_cuda_graphs, rel_err
 
 KERNEL_OP = "sparsify.block_sparse_attention"
-# Inductor itself calls a deprecated torch.jit API while it compiles on CPU (torch 2.13).
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +66,7 @@ def test_the_kernel_op_passes_torch_library_checks():
     args = (q, k, v, None, mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
             mask.kv_head_index, mask.block_size, mask.q_len, mask.k_len, mask.causal, mask.q_offset, mask.per_input,
             None, None, None, "torch")
-    torch.library.opcheck(compiled_module.block_sparse_attention, args)
+    torch.library.opcheck(kernel_op.block_sparse_attention, args)
     expected = mask_reference(q.detach(), k.detach(), v.detach(), mask)
     assert rel_err(torch.ops.sparsify.block_sparse_attention(*args).detach(), expected) < 1e-6
 
@@ -115,6 +113,30 @@ def test_symbolic_lengths_specialise_without_a_graph_break(dynamic):
             q, k, v = _qkv(gen, q_len=q_len, k_len=k_len)
             output = function(q, k, v, k_len - q_len)
             assert rel_err(output, layer.attend(q, k, v, is_causal=True, q_offset=k_len - q_len)) < 1e-6
+
+
+def test_plans_are_prepared_once_per_mask_and_shape_under_compile():
+    gen = torch.Generator().manual_seed(8)
+    layer = _layer(backend="torch")
+    backend = layer.backend_for(torch.float32, "cpu")            # the module's instance, which the kernel op runs
+    prepared = []
+    prepare = backend.prepare
+
+    def counting_prepare(mask, **shapes):
+        prepared.append((mask.q_len, shapes["q_shape"]))
+        return prepare(mask, **shapes)
+
+    backend.prepare = counting_prepare
+    function = torch.compile(lambda q, k, v: layer.attend(q, k, v, is_causal=True), backend="aot_eager",
+                             fullgraph=True)
+    with torch.no_grad():
+        for q_len in (128, 128, 128, 96, 96, 128):
+            q, k, v = _qkv(gen, q_len=q_len)
+            output = function(q, k, v)
+            sparse = layer.runtime_mask(q_len, q_len, "cpu")
+            expected = mask_reference(q.index_select(1, layer.sparse_heads), k, v, sparse)
+            assert rel_err(output.index_select(1, layer.sparse_heads), expected) < 1e-6
+    assert prepared == [(128, (2, 2, 128, 16)), (96, (2, 2, 96, 16))]     # once per (mask, shapes), not per call
 
 
 def test_compiled_training_matches_eager_gradients():
@@ -255,4 +277,38 @@ def test_gpu_backends_under_compile_equal_eager(backend):
         inductor = torch.compile(lambda *a: layer.attend(*a, is_causal=True), fullgraph=True)(q, k, v)
     assert graphs.kernel_calls() == 1
     assert rel_err(output, eager) < 1e-3 and rel_err(inductor, eager) < 1e-3
-    assert HAS_CUDA
+    expected = mask_reference(q, k, v, layer.runtime_mask(2048, 2048, "cuda"))
+    assert rel_err(eager, expected) < 1e-2                            # bf16 inputs, against float64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "fa4"])
+def test_graph_door_under_cuda_graphs_equals_eager_and_captures_once(backend):
+    # torch.compile(mode="reduce-overhead") of a compiled module: CUDA graphs replay the kernel op
+    # (its plan prepared in the warm-up, nothing on the host per replay), one graph, no re-capture.
+    from sparsify.backends import get_backend
+
+    if get_backend(backend).availability("cuda") is not None:
+        pytest.skip(get_backend(backend).availability("cuda"))
+    layer = torch.nn.TransformerEncoderLayer(256, 4, 512, batch_first=True, dropout=0.0)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval().to("cuda", torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 1024, 256, generator=gen, device="cuda", dtype=torch.bfloat16)
+    sites = sparsify.find_attention(model, (x,))
+    strategy = sparsify.Strategy.uniform(sites, patterns.sliding_window(256) | patterns.attention_sinks(64),
+                                         block_size=64)
+    compiled = sparsify.compile(model, strategy=strategy, example_inputs=(x,), backend=backend)
+    with torch.no_grad():
+        eager = compiled(x).clone()
+        torch._dynamo.utils.counters.clear()
+        function = torch.compile(compiled, mode="reduce-overhead", fullgraph=True)
+        outputs = [function(x).clone() for _ in range(4)]          # warm-up, capture, replays
+        recorded = recorded_cuda_graphs()
+        outputs += [function(x).clone() for _ in range(4)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+    assert recorded >= 1 and recorded_cuda_graphs() == recorded    # no re-capture per call
+    for output in outputs:
+        assert rel_err(output, eager) < 1e-2
+    plans = {key[1] for site in compiled.modules() if isinstance(site, SparseAttention) for key in site._plans}
+    assert plans == {backend}

@@ -11,8 +11,8 @@ import torch
 from sparsify import patterns
 from sparsify.backends import BackendUnavailableError
 from sparsify.errors import UnsupportedError
-from sparsify.runtime import site as site_module
-from sparsify.runtime.site import SparseAttention
+from sparsify.runtime import sparse_attention as sparse_attention_module
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 
 from backend_helpers import mask_reference, rel_err
@@ -31,9 +31,9 @@ def test_masks_are_cached_per_length_and_bounded():
     assert len(layer._masks) == 1                     # the captured length, built (and checked) at construction
     first = layer.runtime_mask(128, 128, "cpu")
     assert layer.runtime_mask(128, 128, "cpu") is first
-    for length in range(144, 144 + 16 * (site_module.MASK_CACHE_SIZE + 4), 16):
+    for length in range(144, 144 + 16 * (sparse_attention_module.MASK_CACHE_SIZE + 4), 16):
         layer.runtime_mask(length, length, "cpu")
-    assert len(layer._masks) == site_module.MASK_CACHE_SIZE
+    assert len(layer._masks) == sparse_attention_module.MASK_CACHE_SIZE
     assert (128, 128, 0, "cpu") not in layer._masks     # the least recently used length went first
 
 
@@ -45,10 +45,10 @@ def test_plans_are_cached_per_call_shape_and_bounded():
         layer(q, kv, kv, None, True, None)
         layer(q, kv, kv, None, True, None)
         assert len(layer._plans) == 1
-        for batch in range(2, site_module.PLAN_CACHE_SIZE + 5):
+        for batch in range(2, sparse_attention_module.PLAN_CACHE_SIZE + 5):
             layer(q.expand(batch, -1, -1, -1), kv.expand(batch, -1, -1, -1), kv.expand(batch, -1, -1, -1),
                   None, True, None)
-    assert len(layer._plans) == site_module.PLAN_CACHE_SIZE
+    assert len(layer._plans) == sparse_attention_module.PLAN_CACHE_SIZE
 
 
 def test_query_chunks_at_an_offset_equal_the_rows_of_the_full_call():
@@ -107,14 +107,27 @@ def test_gradients_flow_through_sparse_heads_on_the_torch_backend():
         assert rel_err(ours, expected) < 1e-9
 
 
-def test_a_backend_without_gradients_is_refused_in_training():
-    layer = _layer(backend="triton")
-    q = torch.randn(1, 4, 64, 16, requires_grad=True)
-    kv = torch.randn(1, 2, 64, 16)
-    with pytest.raises(UnsupportedError) as failure:
-        layer(q, kv, kv, None, True, None)
-    # On CPU the triton kernel is not available at all; on a GPU box it would be "computes no gradients".
-    assert "blocks.0.attn" in str(failure.value) or isinstance(failure.value, BackendUnavailableError)
+def test_a_backend_without_gradients_trains_by_recomputing_with_the_torch_backend():
+    # The triton kernel computes no gradients (on CPU it runs in Triton's interpreter): the kernel op's
+    # backward recomputes the sparse heads with the torch backend, eagerly as under torch.compile.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = _layer(causal=True, backend="triton").to(device)
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(1, 4, 64, 16, generator=gen).to(device), torch.randn(1, 2, 64, 16, generator=gen).to(device),
+              torch.randn(1, 2, 64, 16, generator=gen).to(device)]
+    q, k, v = (t.clone().requires_grad_() for t in inputs)
+    output = layer(q, k, v, None, True, None)
+    output.pow(2).sum().backward()
+    rq, rk, rv = (t.clone().requires_grad_() for t in inputs)
+    sparse = layer.runtime_mask(64, 64, device)
+    reference = torch.zeros_like(output)
+    reference[:, layer.sparse_heads] = mask_reference(rq.index_select(1, layer.sparse_heads), rk, rv, sparse).float()
+    reference[:, :1] = torch.nn.functional.scaled_dot_product_attention(rq[:, :1], rk[:, :1], rv[:, :1], is_causal=True)
+    reference.pow(2).sum().backward()
+    assert rel_err(output.detach(), reference.detach()) < 3e-3       # the forward ran on the triton kernel
+    assert {key[1] for key in layer._plans} == {"triton"}
+    for ours, expected in ((q.grad, rq.grad), (k.grad, rk.grad), (v.grad, rv.grad)):
+        assert rel_err(ours, expected) < 3e-3
 
 
 def test_unavailable_backend_names_what_is_missing():
@@ -133,7 +146,25 @@ def test_copies_start_with_empty_caches():
         expected = layer(q, kv, kv, None, True, None)
         clone = copy.deepcopy(layer)
         assert len(clone._plans) == 0 and len(clone._masks) == 0 and len(layer._plans) == 1
+        assert clone._site_handle != layer._site_handle           # the kernel op reaches the copy's own plans
         assert torch.equal(clone(q, kv, kv, None, True, None), expected)
+        assert len(clone._plans) == 1 and len(layer._plans) == 1
+
+
+def test_the_kernel_op_of_a_site_that_is_gone_says_so():
+    import gc
+
+    layer = _layer()
+    mask = layer.runtime_mask(128, 128, "cpu")
+    handle = layer._site_handle
+    q = torch.randn(1, 2, 128, 16)
+    arguments = (q, q, q, None, mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
+                 mask.kv_head_index, 16, 128, 128, True, 0, False, None, None, None, "torch", handle, "sparse")
+    assert rel_err(torch.ops.sparsify.block_sparse_attention(*arguments), mask_reference(q, q, q, mask)) < 1e-6
+    del layer
+    gc.collect()
+    with pytest.raises(RuntimeError, match=f"site handle {handle} no longer exists"):
+        torch.ops.sparsify.block_sparse_attention(*arguments)
 
 
 def test_wrong_head_count_is_refused():
@@ -141,3 +172,32 @@ def test_wrong_head_count_is_refused():
     q = torch.randn(1, 2, 64, 16)
     with pytest.raises(UnsupportedError, match="compiled for 4 query / 2 key-value heads"):
         layer(q, q, q, None, False, None)
+
+
+def test_auto_passes_over_a_backend_that_cannot_take_the_block_size_and_says_so_once(monkeypatch, caplog):
+    # What auto does when FA4's tile constraints (sm90) rule it out for a site: the next backend serves
+    # the site, and the log says so once, naming the site and the reason.
+    from sparsify.backends import base
+    from sparsify.backends.torch import TorchBackend
+
+    class TileBound(TorchBackend):
+        name = "tile_bound"
+        auto_priority = 1
+
+        def block_size_problem(self, block_size, head_dim, device):
+            return f"its key tile is 128 keys, not {block_size}"
+
+    monkeypatch.setattr(base, "auto_candidates", lambda device: [TileBound(), TorchBackend()])
+    layer = _layer(causal=False)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 64, 16, generator=gen)
+    k, v = torch.randn(1, 2, 64, 16, generator=gen), torch.randn(1, 2, 64, 16, generator=gen)
+    with torch.no_grad(), caplog.at_level("INFO", logger="sparsify.runtime.sparse_attention"):
+        output = layer(q, k, v, None, False, None)
+        layer(q, k, v, None, False, None)
+    notes = [record.getMessage() for record in caplog.records if "tile_bound" in record.getMessage()]
+    assert len(notes) == 1
+    assert "blocks.0.attn" in notes[0] and "not 16" in notes[0] and "torch serves it" in notes[0]
+    assert {key[1] for key in layer._plans} == {"torch"}
+    expected = mask_reference(q.index_select(1, layer.sparse_heads), k, v, layer.runtime_mask(64, 64, "cpu"))
+    assert rel_err(output.index_select(1, layer.sparse_heads), expected) < 1e-6
