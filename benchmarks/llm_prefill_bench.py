@@ -19,7 +19,7 @@ causal density. From those:
 chunks of N tokens through a DynamicCache (``chunked_ratio`` = chunked / one call). ``--profile``
 writes a torch.profiler table of one sparse forward (where the sparse step spends its time).
 
-    python benchmarks/llm_prefill_bench.py --quick                 # ~4 min on an H100: 1B at 32K+128K, 7B-geometry at 128K
+    python benchmarks/llm_prefill_bench.py                         # --quick: ~4 min on an H100: 1B at 32K+128K, 7B-geometry at 128K
     python benchmarks/llm_prefill_bench.py --shapes llama-1b --lengths 32768 65536 131072 --chunk 16384
     python benchmarks/llm_prefill_bench.py --device cpu --shapes tiny --lengths 1024 --block-size 64   # CPU smoke
 """
@@ -121,8 +121,9 @@ def profile_table(function, path: str) -> None:
 
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["llama-1b", "qwen-7b"])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="llama-1b, qwen-7b, tiny (default, with --lengths unset: the --quick plan)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="prompt lengths (default 32K 64K 128K)")
     parser.add_argument("--layers", type=int, default=None, help="layers of every shape (default: the shape's own)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--density", type=float, default=0.08, help="target share of the causal blocks")
@@ -133,7 +134,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", action="store_true", help="write a torch.profiler table of one sparse forward")
     parser.add_argument("--quick", action="store_true",
-                        help="the ~4-minute H100 run: llama-1b at 32K and 128K, qwen-7b (2 layers) at 128K, chunk 16K")
+                        help="the ~4-minute H100 run (the default without --shapes/--lengths): llama-1b at 32K and "
+                             "128K, qwen-7b (2 layers) at 128K, chunks of 16K")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -142,11 +144,14 @@ def plan(arguments) -> list[tuple[str, int | None, int]]:
     """(shape, layers, tokens) cases in order."""
     if arguments.quick:
         return [("llama-1b", None, 32768), ("llama-1b", None, 131072), ("qwen-7b", 2, 131072)]
-    return [(shape, arguments.layers, tokens) for shape in arguments.shapes for tokens in arguments.lengths]
+    shapes = arguments.shapes or ["llama-1b", "qwen-7b"]
+    lengths = arguments.lengths or [32768, 65536, 131072]
+    return [(shape, arguments.layers, tokens) for shape in shapes for tokens in lengths]
 
 
 def main(argv=None) -> None:
     arguments = parse_arguments(argv)
+    arguments.quick = arguments.quick or (arguments.shapes is None and arguments.lengths is None)
     if arguments.quick and not arguments.chunk:
         arguments.chunk = 16384
     device = arguments.device
