@@ -41,7 +41,7 @@ from sparsify.api import search_model
 from sparsify.cost import device_name
 from sparsify.distributed import contiguous_shard
 from sparsify.examples import StructuredVideoTransformer
-from sparsify.search import SearchConfig
+from sparsify.options import CompileOptions
 
 TIMEOUT = datetime.timedelta(minutes=3)  # collectives wait only for the slowest rank
 
@@ -68,7 +68,7 @@ def _worker(rank: int, world_size: int, mode: str, backend: str | None, args: ar
     try:
         model, batches = build(args, device)
         shard = contiguous_shard(batches, rank, world_size)
-        config = SearchConfig(max_error=args.max_error, block_size=args.block_size)
+        config = CompileOptions(max_error=args.max_error, block_size=args.block_size)
         seconds = []
         for _ in range(2):  # cold (capture, first kernels), then warm
             if device.type == "cuda":

@@ -21,6 +21,7 @@ from sparsify.passes.infra import SITE_META_KEY, PassManager, PassResult, attent
 from sparsify.passes.rewrite import RewriteAttention, StepCounter
 from sparsify.site import AttentionSite
 from sparsify.search import SearchResult, collect_batches, search
+from sparsify.search.metrics import first_output_tensor
 from sparsify.strategy import Strategy
 
 logger = logging.getLogger(__name__)
@@ -501,24 +502,6 @@ def _describe_call(args: tuple, kwargs: dict) -> str:
 
     parts = [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in kwargs.items()]
     return "(" + ", ".join(parts) + ")"
-
-
-def first_output_tensor(value: Any) -> torch.Tensor:
-    """The first tensor of a model output: a tensor, tuple/list, dict or HF ``ModelOutput``.
-
-    Example:
-        >>> first_output_tensor({"logits": torch.zeros(2), "loss": None}).shape
-        torch.Size([2])
-    """
-    if isinstance(value, torch.Tensor):
-        return value
-    if hasattr(value, "to_tuple"):
-        value = value.to_tuple()
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)) and value:
-        return first_output_tensor(value[0])
-    raise SparsifyError(f"the model's output holds no tensor to compare ({type(value).__name__})")
 
 
 def _apply_strategy(model, strategy, calib_loader, example_inputs, options: CompileOptions) -> SparsifiedModule:

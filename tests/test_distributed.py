@@ -30,7 +30,7 @@ from sparsify.distributed import (
 )
 from sparsify.errors import SparsifyError, StrategyError
 from sparsify.examples import StructuredVideoTransformer
-from sparsify.search import SearchConfig
+from sparsify.options import CompileOptions
 from sparsify.site import AttentionSite
 from sparsify.strategy import Strategy
 
@@ -109,12 +109,12 @@ def shards_of(scenario: str) -> list[list[torch.Tensor]]:
     raise ValueError(scenario)
 
 
-def scenario_config(scenario: str) -> SearchConfig:
+def scenario_config(scenario: str) -> CompileOptions:
     if scenario == "lengths":
-        return SearchConfig(target_density=0.5, **SAMPLED)  # a global target: one multiplier over every site
+        return CompileOptions(target_density=0.5, **SAMPLED)  # a global target: one multiplier over every site
     if scenario == "generations":
-        return SearchConfig(max_error=0.05, dense_steps=1, steps_per_generation=2, **SAMPLED)
-    return SearchConfig(max_error=0.05, **SAMPLED)
+        return CompileOptions(max_error=0.05, dense_steps=1, steps_per_generation=2, **SAMPLED)
+    return CompileOptions(max_error=0.05, **SAMPLED)
 
 
 def search_summary(model, batches, config, process_group) -> dict:
@@ -237,12 +237,12 @@ def _failing_rank_batches(case: str, rank: int) -> list:
 def _failure_job(rank, world_size):
     model = video_model()
     outcomes = {}
-    cases = [(case, _failing_rank_batches(case, rank), SearchConfig(**SAMPLED)) for case in [*FAILURES, "both ranks fail"]]
+    cases = [(case, _failing_rank_batches(case, rank), CompileOptions(**SAMPLED)) for case in [*FAILURES, "both ranks fail"]]
     # Ranks that disagree on the options, or whose step numbers would not agree, are refused on every rank.
-    cases.append(("options differ", _failing_rank_batches("none", rank), SearchConfig(max_error=0.05 + 0.05 * rank,
+    cases.append(("options differ", _failing_rank_batches("none", rank), CompileOptions(max_error=0.05 + 0.05 * rank,
                                                                                        **SAMPLED)))
     batches = [model.example_tokens(seed=seed) for seed in range(3 - rank)]  # 3 + 2: rank 0 ends mid-generation
-    cases.append(("partial generation", batches, SearchConfig(dense_steps=1, steps_per_generation=2, **SAMPLED)))
+    cases.append(("partial generation", batches, CompileOptions(dense_steps=1, steps_per_generation=2, **SAMPLED)))
     for case, batches, config in cases:
         started = time.monotonic()
         try:
