@@ -49,6 +49,8 @@ def strategy_table(strategy: Strategy) -> str:
     """
     fingerprints = {entry["name"]: entry for entry in strategy.fingerprint}
     site_errors = strategy.metadata.get("site_errors") or {}
+    budget = strategy.metadata.get("output_budget") if isinstance(strategy.metadata.get("output_budget"), dict) else {}
+    sensitivities = budget.get("sensitivities") or {}
     rows = []
     for name, site_strategy in strategy.sites.items():
         entry = fingerprints.get(name, {})
@@ -65,16 +67,20 @@ def strategy_table(strategy: Strategy) -> str:
             "causal" if entry.get("causal") else entry.get("kind", "?"),
             "; ".join(f"{n}× {p}" for p, n in counts.items()), density,
             "-" if worst is None else f"{worst:.4f}",
-            f"{site_errors[name]:.4f}" if name in site_errors else "-", _site_speedup(metrics),
+            f"{site_errors[name]:.4f}" if name in site_errors else "-",
+            *([f"{sensitivities[name]:.3g}" if name in sensitivities else "-"] if sensitivities else []),
+            _site_speedup(metrics),
         ])
-    table = tabulate(rows, headers=["site", "heads (q/kv)", "kind", "patterns", "density", "worst head error",
-                                    "site error", "est. speedup"], tablefmt="simple")
+    headers = ["site", "heads (q/kv)", "kind", "patterns", "density", "worst head error", "site error",
+               *(["sensitivity"] if sensitivities else []), "est. speedup"]
+    table = tabulate(rows, headers=headers, tablefmt="simple")
     summary = strategy.summary()
     footer = [f"mean density {summary['mean_density']:.3f}" if summary["mean_density"] is not None else None,
               f"estimated attention speedup {summary['estimated_speedup']:.2f}x" if summary.get("estimated_speedup") else None,
               f"end-to-end output error {summary['end_to_end_error']:.2e}" if summary.get("end_to_end_error") is not None else None]
     lines = ["; ".join(part for part in footer if part)] if any(footer) else []
     lines += _target_lines(strategy.metadata)
+    lines += _output_budget_lines(budget)
     return table + "".join("\n" + line for line in lines)
 
 
@@ -111,6 +117,22 @@ def _site_speedup(metrics: Sequence[dict[str, Any]]) -> str:
     if sparse <= 0:
         return "all skipped"  # nothing is computed: no finite speedup to state
     return f"{dense / sparse:.2f}x"
+
+
+def _output_budget_lines(record: dict[str, Any]) -> list[str]:
+    """The model-level budget: promised vs measured on held-out batches, and how the verification went."""
+    if not record or "measured" not in record:
+        return []
+    verdict = "within" if record.get("within_budget", True) else "OVER"
+    lines = [f"model-level {record.get('metric')}: budget {record.get('budget'):g}, promised {record['promised']:.3e}, "
+             f"measured {record['measured']:.3e} on held-out batches ({verdict} budget)"]
+    trail = record.get("verifications") or []
+    if len(trail) > 1:
+        steps = ", ".join(f"scale {entry['scale']:.3g} → {entry['measured']:.2e}" for entry in trail)
+        lines.append(f"verified {len(trail)} allocations: {steps}")
+    lines.append("sensitivity: model-level error (squared relative L2, or KL) per squared site error, measured by "
+                 "injecting each site's error alone")
+    return lines
 
 
 def _target_lines(metadata: dict[str, Any]) -> list[str]:

@@ -642,8 +642,9 @@ class Strategy:
     def summary(self) -> dict[str, Any]:
         """Counts, the mean density at the recorded lengths (``None`` when not recorded), and the search's results.
 
-        ``estimated_speedup``, ``end_to_end_error`` and ``target_reached`` are ``None`` when the
-        strategy does not record them; ``sites_over_budget`` lists the sites a global target
+        ``estimated_speedup``, ``end_to_end_error``, ``target_reached`` and ``output_error`` (the
+        model-level budget: metric, budget, promised and measured error on held-out batches) are
+        ``None`` when the strategy does not record them; ``sites_over_budget`` lists the sites a global target
         pushed past ``max_error`` (only with ``target_overrides_max_error``).
 
         ``mean_density`` is all heads' kept blocks over the blocks dense attention computes
@@ -672,8 +673,16 @@ class Strategy:
             # With a global target: whether it was reached, and the sites it pushed past max_error.
             "target_reached": (self.metadata.get("target") or {}).get("reached"),
             "sites_over_budget": list((self.metadata.get("target") or {}).get("sites_over_budget", [])),
+            "output_error": self._output_error(),
             **self._adaptive_summary(),
         }
+
+    def _output_error(self) -> dict[str, Any] | None:
+        """The model-level budget's metric, budget, and promised vs measured error on held-out data (or ``None``)."""
+        record = self.metadata.get("output_budget")
+        if not isinstance(record, dict):
+            return None
+        return {key: record.get(key) for key in ("metric", "budget", "promised", "measured")}
 
     def _adaptive_summary(self) -> dict[str, Any]:
         """How many heads are input-adaptive, and the mean / spread (over held-out inputs) of their realised density."""

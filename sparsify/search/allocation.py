@@ -100,7 +100,9 @@ def improve_greedily(objective: torch.Tensor, constraints: Sequence[tuple[torch.
             used = torch.zeros(len(budgets), dtype=torch.float64).index_add_(0, group, chosen)
             slack = (budgets - used)[group].unsqueeze(1)
             extra = values - chosen.unsqueeze(1)
-            feasible &= torch.isfinite(values) & (extra <= slack + 1e-12 * budgets.abs().max().clamp_min(1e-300))
+            finite = budgets[torch.isfinite(budgets)]  # an infinite budget must not make the rounding slack infinite
+            tolerance = 1e-12 * (float(finite.abs().max()) if finite.numel() else 1.0)
+            feasible &= torch.isfinite(values) & (extra <= slack + max(tolerance, 1e-300))
         if not bool(feasible.any()):
             break
         best = torch.where(feasible, gain, -math.inf).flatten().argmax()
@@ -210,13 +212,20 @@ def choose(sites: Sequence[AttentionSite], options: dict[str, list[HeadOptions]]
     # site whose error reaches nothing).
     scale = {site.name: 1.0 if weight is None else max(weight[site.name], 1e-12) for site in sites}
     site_budget = [math.inf if config.target_overrides_max_error else cap * scale[site.name] for site in sites]
-    picks = allocate_with_target(
-        [scale[o.site] * o.squared_error / site_norm[o.site] for o in everything],
-        [secondary(o) / budget for o in everything],
-        [site_index[o.site] for o in everything],
-        site_budget,
-    )
-    chosen = _keep_one_head_per_site(sites, options, _split(sites, options, picks), secondary)
+    work_budget = 1.0
+    for _ in range(4):
+        picks = allocate_with_target(
+            [scale[o.site] * o.squared_error / site_norm[o.site] for o in everything],
+            [secondary(o) / budget for o in everything],
+            [site_index[o.site] for o in everything],
+            site_budget, work_budget,
+        )
+        chosen = _keep_one_head_per_site(sites, options, _split(sites, options, picks), secondary)
+        # A site kept from dropping every head spends work the allocation did not plan: plan with that much less.
+        used = sum(float(secondary(o)[c]) for site in sites for o, c in zip(options[site.name], chosen[site.name]))
+        if used <= budget * (1 + 1e-9) or used <= sum(float(secondary(o)[p]) for o, p in zip(everything, picks)):
+            break
+        work_budget -= (used - budget) / budget
     # What was reached, and which sites exceed max_error.
     used = sum(float(secondary(o)[c]) for site in sites for o, c in zip(options[site.name], chosen[site.name]))
     if config.target_density is not None:
