@@ -126,7 +126,8 @@ def command_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-_SEARCH_OPTIONS = ["max_error", "target_density", "target_speedup", "target_overrides_max_error", "block_size",
+_SEARCH_OPTIONS = ["max_output_error", "output_metric", "max_error", "target_density", "target_speedup",
+                   "target_overrides_max_error", "block_size",
                    "backend", "dense_steps", "steps_per_generation", "min_recall", "holdout_fraction", "seed",
                    "hardware_profiles", "price_for", "adaptive"]
 
@@ -473,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "default: the built-in structured video transformer")
     search_parser.add_argument("--calib", default=None, help="package.module:function returning an iterable of batches")
     search_parser.add_argument("--out", default="strategy.json", help="where to write the strategy (default strategy.json)")
+    _add_option(search_parser, "max_output_error", float)
+    from sparsify.search.metrics import OUTPUT_METRICS
+
+    _add_option(search_parser, "output_metric", str, choices=sorted(OUTPUT_METRICS))
     for name, kind in (("max_error", float), ("target_density", float), ("target_speedup", float),
                        ("target_overrides_max_error", bool), ("block_size", int), ("backend", str),
                        ("dense_steps", int), ("steps_per_generation", int), ("min_recall", float),
