@@ -194,7 +194,7 @@ def _write_search_outputs(args: argparse.Namespace, result: Any) -> None:
     from sparsify.report import render_png, save_profile_maps
 
     strategy = result.compiled.strategy
-    strategy.save(args.out, main_rank_only=False)  # the caller writes on rank 0 only
+    strategy.save(args.out)  # this function runs on rank 0 only
     profile_path = _profile_path(args.out)
     maps = {name: profile.normalized() for name, profile in result.search.profiles.items()}
     if maps:
