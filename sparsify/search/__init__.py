@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Sequence
 
 import torch
@@ -137,6 +138,7 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
         return SearchResult(strategy, captured, list(sites), {}, {}, [batches[i] for i in holdout_indices],
                             held_out_steps)
 
+    clock = _PhaseClock(device)
     # 1. profile
     profiles: dict[str, BlockMassProfile] = {}
     seeds = SamplingSeeds(config.seed, shard.offset)
@@ -157,6 +159,7 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
             progress=tqdm(seeds.calls(profile_indices), total=len(profile_indices), desc="sparsify: profiling",
                           disable=not progress, unit="batch"))
     profiles = group.reduce_profiles(profiles, sites, block_size)
+    clock.lap("profile")
 
     # 2. candidates per site/head (at the profile's lengths); input-adaptive ones after the static ones
     site_masks = {site.name: SiteMasks(block_size, site.causal) for site in sites}
@@ -198,6 +201,7 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
             progress=tqdm(seeds.calls(holdout_indices), total=len(holdout_indices), desc="sparsify: scoring candidates",
                           disable=not progress, unit="batch"))
     group.reduce_candidate_errors(scores, candidates)
+    clock.lap("score")
 
     # 5. choose
     options: dict[str, list[HeadOptions]] = {}
@@ -211,27 +215,31 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
               if i < len(scores[site.name].padded_rows) and scores[site.name].padded_rows[i] is not None), None)
         for i in range(len(holdout_indices))
     ]
+    clock.lap("price")
     budget_record: dict[str, Any] = {}
     if config.output_budget is None:
         allocation = choose(sites, options, config)
+        clock.lap("allocate")
     else:
         allocation, budget_record = _allocate_for_output(
             captured, sites, options, config, [batches[i] for i in holdout_indices], held_out_steps, held_out_padding,
-            block_size, backend, cost_model, group)
+            block_size, backend, cost_model, group, clock)
     strategy = build_strategy(sites, options, allocation.chosen, block_size, config, cost_model, backend, device,
                               allocation.target, budget_record)
     if group.is_distributed:
         calibration = {"world_size": group.world_size, "batches_per_rank": list(shard.counts)}
         strategy = group.agree_on_strategy(dataclasses.replace(strategy, metadata={**strategy.metadata,
                                                                                    "distributed": calibration}))
+    logger.info("search phases (s): %s", ", ".join(f"{name} {value:.1f}" for name, value in clock.seconds.items()))
     return SearchResult(strategy, captured, list(sites), profiles, options, [batches[i] for i in holdout_indices],
-                        held_out_steps, target=allocation.target, held_out_padding=held_out_padding)
+                        held_out_steps, target=allocation.target, held_out_padding=held_out_padding,
+                        seconds=dict(clock.seconds))
 
 
 def _allocate_for_output(captured: Captured, sites: Sequence[AttentionSite], options: dict[str, list[HeadOptions]],
                          config: CompileOptions, held_out: list[tuple[tuple, dict]], steps: list[int],
                          padding: list[torch.Tensor | None], block_size: int, backend: str, cost_model: CostModel,
-                         group: CalibrationGroup) -> tuple[Allocation, dict[str, Any]]:
+                         group: CalibrationGroup, clock: "_PhaseClock") -> tuple[Allocation, dict[str, Any]]:
     """The model-level budget: sensitivities, one global allocation, verification and tightening (module docstring).
 
     Returns the allocation and what the strategy records of it (``output_budget`` metadata).
@@ -261,7 +269,10 @@ def _allocate_for_output(captured: Captured, sites: Sequence[AttentionSite], opt
         probe = runtime(site, heads)
         if probe is not None:
             probes[site.name] = probe
+    verifier.dense_outputs()
+    clock.lap("dense outputs")
     sensitivities = measure_sensitivities(verifier, sites, probes)
+    clock.lap("sensitivities")
     dense_work_total = {site.name: site.q_len * site.k_len * (0.5 if site.causal else 1.0) for site in sites}
 
     def density(allocation: Allocation) -> float:
@@ -295,6 +306,7 @@ def _allocate_for_output(captured: Captured, sites: Sequence[AttentionSite], opt
             return choose(sites, options, config, sensitivities, budget_scale=scale)
 
         allocation, trail, chosen_index = tighten_until_within(allocate, measure, budget)
+    clock.lap("allocate and verify")
     chosen = trail[chosen_index]
     unit = 1.0 / metric.power
     record = {
@@ -310,6 +322,22 @@ def _allocate_for_output(captured: Captured, sites: Sequence[AttentionSite], opt
     logger.info("model-level %s: promised %.3e, measured %.3e (budget %g) after %d verification(s), %d forward passes",
                 metric.name, record["promised"], record["measured"], config.output_budget, len(trail), verifier.passes)
     return allocation, record
+
+
+class _PhaseClock:
+    """Wall seconds per phase of the search (the device is synchronised at each lap, so GPU work is counted)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + round(now - self.last, 3)
+        self.last = now
 
 
 def _least_error_sparse(option: HeadOptions) -> int:

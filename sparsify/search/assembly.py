@@ -32,6 +32,8 @@ class SearchResult:
     target: TargetOutcome | None = None
     # Per held-out batch: bool [batch, seq] padded positions (None: no padding seen), see `padded_query_rows`.
     held_out_padding: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    # Wall seconds per phase (profile, score, allocate, sensitivities, verification): where the search's time went.
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 def build_strategy(sites, options, chosen, block_size, config: CompileOptions, cost_model, backend, device,
                    outcome: TargetOutcome | None = None, output_budget: dict[str, Any] | None = None) -> Strategy:
