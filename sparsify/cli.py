@@ -213,6 +213,20 @@ def command_report(args: argparse.Namespace) -> int:
     _check_output_path(args.png, "--png")
     strategy = Strategy.load(args.strategy)
     print(strategy_table(strategy))
+    if args.quality_png:
+        from sparsify.report import quality_points, render_quality_png
+
+        _check_picture_extra(args.quality_png)
+        _check_output_path(args.quality_png, "--quality-png")
+        record = strategy.metadata.get("output_budget") or {}
+        points = quality_points(strategy)
+        if not points:
+            raise SystemExit(f"{args.strategy}: records no verified allocations (search it with a model-level budget, "
+                             f"--max-output-error, to draw quality against density)")
+        label = f"measured {record.get('metric', 'error')} on held-out batches"
+        written = render_quality_png({"verified allocations": points}, args.quality_png, ylabel=label,
+                                     reference=record.get("budget"), title="the search's verified allocations")
+        print(f"picture written to {written}")
     if args.png:
         profile_path = args.profile or _profile_path(args.strategy)
         if args.profile and not os.path.exists(args.profile):
@@ -503,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="print a strategy's table; --png draws maps and masks")
     report.add_argument("strategy", help="strategy JSON file")
     report.add_argument("--png", default=None, help="write a picture here (more pages as <name>-2.png, ...)")
+    report.add_argument("--quality-png", default=None, help="draw the measured model-level error of the allocations "
+                        "the search verified against their density (strategies searched with a model-level budget)")
     report.add_argument("--profile", default=None, help="profile maps JSON (default: <strategy>.profile.json)")
     report.set_defaults(handler=command_report)
 

@@ -23,7 +23,9 @@ __all__ = [
     "head_densities",
     "load_profile_maps",
     "page_paths",
+    "quality_points",
     "render_png",
+    "render_quality_png",
     "report_figures",
     "save_profile_maps",
     "strategy_table",
@@ -278,6 +280,70 @@ def report_figures(strategy: Strategy, profile_maps: dict[str, torch.Tensor] | N
         FigureCanvasAgg(figure)
         figures.append(figure)
     return figures
+
+
+def quality_points(strategy: Strategy) -> list[tuple[float, float]]:
+    """(mean density, measured model-level error) of every allocation the search verified, by density.
+
+    The model-level budget's search verifies a few whole-model allocations on held-out batches
+    (``output_budget.verifications`` in the metadata): together they trace the model's quality
+    against its density. Empty when the strategy records none (a per-site budget, an old file).
+
+    Example:
+        >>> from sparsify import AttentionSite
+        >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=64, q_len=256, k_len=256)
+        >>> quality_points(Strategy.dense([site]))
+        []
+    """
+    record = strategy.metadata.get("output_budget")
+    if not isinstance(record, dict):
+        return []
+    points = {(float(entry["density"]), float(entry["measured"])) for entry in record.get("verifications") or []
+              if isinstance(entry, dict) and "density" in entry and "measured" in entry}
+    return sorted(points)
+
+
+def render_quality_png(series: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, *,
+                       ylabel: str = "model-level error", title: str = "quality against density",
+                       reference: float | None = None, dpi: int = 100) -> pathlib.Path:
+    """One line per series of ``(density, value)`` points — e.g. the perplexity ratio of several methods, or a
+    search's verified allocations (`quality_points`) — drawn to ``path`` (atomically).
+
+    ``reference`` draws a dashed horizontal line (the budget, or a ratio of 1).
+
+    Example:
+        >>> render_quality_png({"ours": [(0.3, 1.01), (0.5, 1.004)]}, "pareto.png", ylabel="ppl ratio")  # doctest: +SKIP
+        PosixPath('pareto.png')
+    """
+    if not series or not any(series.values()):
+        raise SparsifyError("nothing to draw: no (density, value) points (the quality plot needs a strategy searched "
+                            "under a model-level budget, or measured rows)")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SparsifyError("the picture needs matplotlib: pip install 'sparsify-attention[report]'") from None
+    figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
+    markers = "os^vDP*X"
+    for index, (name, points) in enumerate(series.items()):
+        ordered = sorted(points)
+        if ordered:
+            axis.plot([p[0] for p in ordered], [p[1] for p in ordered], marker=markers[index % len(markers)],
+                      label=name)
+    if reference is not None:
+        axis.axhline(reference, color="grey", linestyle="--", linewidth=1)
+    axis.set_xlabel("mean density (kept work / causal-visible work)", fontsize=_FONT + 1)
+    axis.set_ylabel(ylabel, fontsize=_FONT + 1)
+    axis.set_title(title, fontsize=_FONT + 2)
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=_FONT)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    path = pathlib.Path(path)
+    write_bytes_atomically(path, buffer.getvalue())
+    return path
 
 
 def _draw_page(figure_class, strategy: Strategy, names: list[str], profile_maps, page: int, pages: int, total: int):
