@@ -164,8 +164,9 @@ def choose(sites: Sequence[AttentionSite], options: dict[str, list[HeadOptions]]
       ``max_error`` unless ``target_overrides_max_error``.
 
     Example:
-        >>> option = HeadOptions("s", 0, [], torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.5]),
-        ...                      torch.tensor([0.0, 0.01]), torch.zeros(2), torch.ones(2), 1.0)
+        >>> from sparsify import patterns
+        >>> option = HeadOptions("s", 0, [patterns.dense(), patterns.sliding_window(16)], torch.tensor([2.0, 1.0]),
+        ...                      torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.001]), torch.zeros(2), torch.ones(2), 1.0)
         >>> site = AttentionSite("s", 0, num_heads=1, num_kv_heads=1, head_dim=8, q_len=64, k_len=64)
         >>> choose([site], {"s": [option]}, CompileOptions(max_output_error=0.05), {"s": 0.5}).chosen
         {'s': [1]}
@@ -293,6 +294,8 @@ def allocate_within_budget(objectives: Sequence[torch.Tensor], contributions: Se
         >>> costs = [torch.tensor([1.0, 0.3, 0.1]), torch.tensor([1.0, 0.3, 0.1])]
         >>> shares = [torch.tensor([0.0, 0.01, 0.5]), torch.tensor([0.0, 0.2, 0.9])]
         >>> allocate_within_budget(costs, shares, 0.3, shares, [0, 0], [math.inf])
+        [1, 1]
+        >>> allocate_within_budget(costs, shares, 0.8, shares, [0, 0], [math.inf])   # room for one head's cheapest
         [2, 1]
     """
     objective, contribution, value = _padded(objectives), _padded(contributions), _padded(site_values)
