@@ -48,7 +48,7 @@ from sparsify.api import search_model  # noqa: E402
 from sparsify.cost import device_name  # noqa: E402
 from sparsify.distributed import contiguous_shard  # noqa: E402
 from sparsify.examples import StructuredVideoTransformer  # noqa: E402
-from sparsify.search import SearchConfig  # noqa: E402
+from sparsify.options import CompileOptions  # noqa: E402
 
 TIMEOUT = datetime.timedelta(minutes=3)  # collectives wait only for the slowest rank
 
@@ -77,7 +77,7 @@ def _worker(rank: int, world_size: int, mode: str, backend: str | None, args: ar
     try:
         model, batches = build(args, device)
         shard = contiguous_shard(batches, rank, world_size)
-        config = SearchConfig(max_error=args.max_error, block_size=args.block_size)
+        config = CompileOptions(max_error=args.max_error, block_size=args.block_size)
         seconds = []
         for _ in range(2):  # cold (capture, first kernels), then warm
             if device.type == "cuda":

@@ -30,7 +30,7 @@ import torch
 import sparsify
 from bench_rows import RowLog
 from llm_bench_tools import attention_sites, build_model, machine, time_ms
-from sparsify.decode_patterns import query_aware_decode
+from sparsify.patterns import query_aware_decode
 from sparsify.runtime.decode import QueryAwareDecoder, read_fraction
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

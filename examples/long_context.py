@@ -38,7 +38,7 @@ import torch
 
 import sparsify
 from sparsify import patterns
-from sparsify.decode_patterns import query_aware_decode
+from sparsify.patterns import query_aware_decode
 from sparsify.integrations.transformers import attention_sites
 
 HERE = os.path.dirname(os.path.abspath(__file__))

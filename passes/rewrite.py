@@ -10,7 +10,7 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from sparsify.passes.infra import SITE_META_KEY, GraphPass, attention_nodes
-from sparsify.runtime.sparse_attention import SparseAttention, StepCounter, is_dense_pattern
+from sparsify.runtime.sparse_attention import SparseAttention, StepCounter
 from sparsify.site import AttentionSite
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class RewriteAttention(GraphPass):
         for node in attention_nodes(graph_module):
             site: AttentionSite = node.meta[SITE_META_KEY]
             site_strategy = self.strategy.sites[site.name]
-            if all(is_dense_pattern(p) for p in site_strategy.heads):
+            if all(p.is_dense for p in site_strategy.heads):
                 continue
             module = SparseAttention(site, site_strategy.heads, block_size=self.strategy.block_size, backend=self.backend,
                                      dense_steps=site_strategy.dense_steps, step_counter=self.step_counter,

@@ -1,7 +1,7 @@
 """sparsify: a compiler for attention sparsity in PyTorch."""
 
 from sparsify import ops  # noqa: F401  (registers torch.ops.sparsify.attention)
-from sparsify import decode_patterns, examples, patterns
+from sparsify import examples, patterns
 from sparsify.api import SparsifiedModule, compile, find_attention
 from sparsify.errors import (
     CaptureError,
@@ -34,7 +34,6 @@ __all__ = [
     "UnsupportedError",
     "attach",
     "compile",
-    "decode_patterns",
     "export_onnx",
     "find_attention",
     "patterns",

@@ -21,12 +21,14 @@ from sparsify.passes.infra import SITE_META_KEY, PassManager, PassResult, attent
 from sparsify.passes.rewrite import RewriteAttention, StepCounter
 from sparsify.site import AttentionSite
 from sparsify.search import SearchResult, collect_batches, search
+from sparsify.search.metrics import first_output_tensor
 from sparsify.strategy import Strategy
 
 logger = logging.getLogger(__name__)
 
 # Options that only shape a search; applying a saved strategy has nothing for them to do.
-_SEARCH_ONLY_OPTIONS = ("max_error", "target_density", "target_speedup", "target_overrides_max_error", "block_size",
+_SEARCH_ONLY_OPTIONS = ("max_output_error", "output_metric", "max_error", "target_density", "target_speedup",
+                        "target_overrides_max_error", "block_size",
                         "dense_steps", "min_recall", "holdout_fraction", "seed", "profile_rows_per_block",
                         "score_rows_per_block", "hardware_profiles", "adaptive", "price_for")
 
@@ -168,14 +170,18 @@ def compile(  # noqa: A001 - mirrors torch.compile
 
     Two ways in:
 
-    * ``compile(model, calib_loader, max_error=...)`` profiles the calibration data, searches
-      per site and head the cheapest pattern within ``max_error`` (relative L2 error of each
-      site's output against dense) and rewrites the graph;
+    * ``compile(model, calib_loader, max_output_error=...)`` profiles the calibration data,
+      measures how much each site's error reaches the model's output, picks per site and head
+      the cheapest patterns whose model-level error (``output_metric``: relative L2 of the
+      output by default, or next-token KL, or a callable) stays within the budget, verifies
+      the whole sparsified model on held-out batches and rewrites the graph (``max_error``
+      alone: each site's output within it, as in earlier versions);
     * ``compile(model, strategy="strategy.json", example_inputs=...)`` applies a saved strategy
       without data.
 
     Every other keyword argument is an option of `sparsify.options.CompileOptions` — the one
-    place their defaults and checks live (``backend``, ``max_error``, ``target_density``,
+    place their defaults and checks live (``backend``, ``max_output_error``, ``output_metric``,
+    ``max_error``, ``target_density``,
     ``target_speedup``, ``target_overrides_max_error``, ``block_size``, ``dense_steps``,
     ``steps_per_generation``, ``min_recall``, ``holdout_fraction``, ``seed``,
     ``hardware_profiles``, ``progress``, ``dynamic``, ...); or pass a whole ``options`` object
@@ -501,24 +507,6 @@ def _describe_call(args: tuple, kwargs: dict) -> str:
 
     parts = [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in kwargs.items()]
     return "(" + ", ".join(parts) + ")"
-
-
-def first_output_tensor(value: Any) -> torch.Tensor:
-    """The first tensor of a model output: a tensor, tuple/list, dict or HF ``ModelOutput``.
-
-    Example:
-        >>> first_output_tensor({"logits": torch.zeros(2), "loss": None}).shape
-        torch.Size([2])
-    """
-    if isinstance(value, torch.Tensor):
-        return value
-    if hasattr(value, "to_tuple"):
-        value = value.to_tuple()
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)) and value:
-        return first_output_tensor(value[0])
-    raise SparsifyError(f"the model's output holds no tensor to compare ({type(value).__name__})")
 
 
 def _apply_strategy(model, strategy, calib_loader, example_inputs, options: CompileOptions) -> SparsifiedModule:

@@ -126,7 +126,8 @@ def command_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-_SEARCH_OPTIONS = ["max_error", "target_density", "target_speedup", "target_overrides_max_error", "block_size",
+_SEARCH_OPTIONS = ["max_output_error", "output_metric", "max_error", "target_density", "target_speedup",
+                   "target_overrides_max_error", "block_size",
                    "backend", "dense_steps", "steps_per_generation", "min_recall", "holdout_fraction", "seed",
                    "hardware_profiles", "price_for", "adaptive"]
 
@@ -193,7 +194,7 @@ def _write_search_outputs(args: argparse.Namespace, result: Any) -> None:
     from sparsify.report import render_png, save_profile_maps
 
     strategy = result.compiled.strategy
-    strategy.save(args.out, main_rank_only=False)  # the caller writes on rank 0 only
+    strategy.save(args.out)  # this function runs on rank 0 only
     profile_path = _profile_path(args.out)
     maps = {name: profile.normalized() for name, profile in result.search.profiles.items()}
     if maps:
@@ -212,6 +213,20 @@ def command_report(args: argparse.Namespace) -> int:
     _check_output_path(args.png, "--png")
     strategy = Strategy.load(args.strategy)
     print(strategy_table(strategy))
+    if args.quality_png:
+        from sparsify.report import quality_points, render_quality_png
+
+        _check_picture_extra(args.quality_png)
+        _check_output_path(args.quality_png, "--quality-png")
+        record = strategy.metadata.get("output_budget") or {}
+        points = quality_points(strategy)
+        if not points:
+            raise SystemExit(f"{args.strategy}: records no verified allocations (search it with a model-level budget, "
+                             f"--max-output-error, to draw quality against density)")
+        label = f"measured {record.get('metric', 'error')} on held-out batches"
+        written = render_quality_png({"verified allocations": points}, args.quality_png, ylabel=label,
+                                     reference=record.get("budget"), title="the search's verified allocations")
+        print(f"picture written to {written}")
     if args.png:
         profile_path = args.profile or _profile_path(args.strategy)
         if args.profile and not os.path.exists(args.profile):
@@ -473,6 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "default: the built-in structured video transformer")
     search_parser.add_argument("--calib", default=None, help="package.module:function returning an iterable of batches")
     search_parser.add_argument("--out", default="strategy.json", help="where to write the strategy (default strategy.json)")
+    _add_option(search_parser, "max_output_error", float)
+    from sparsify.search.metrics import OUTPUT_METRICS
+
+    _add_option(search_parser, "output_metric", str, choices=sorted(OUTPUT_METRICS))
     for name, kind in (("max_error", float), ("target_density", float), ("target_speedup", float),
                        ("target_overrides_max_error", bool), ("block_size", int), ("backend", str),
                        ("dense_steps", int), ("steps_per_generation", int), ("min_recall", float),
@@ -498,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="print a strategy's table; --png draws maps and masks")
     report.add_argument("strategy", help="strategy JSON file")
     report.add_argument("--png", default=None, help="write a picture here (more pages as <name>-2.png, ...)")
+    report.add_argument("--quality-png", default=None, help="draw the measured model-level error of the allocations "
+                        "the search verified against their density (strategies searched with a model-level budget)")
     report.add_argument("--profile", default=None, help="profile maps JSON (default: <strategy>.profile.json)")
     report.set_defaults(handler=command_report)
 

@@ -25,7 +25,7 @@ import torch
 from sparsify.errors import SparsifyError
 from sparsify.io import write_text_atomically
 from sparsify.site import AttentionSite
-from sparsify.tables import blocks_for
+from sparsify.runtime.block_mask import blocks_for
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,10 @@ class BackendCosts:
 
 
 # Defaults for devices without a profile; `calibrate` measures real ones. The CUDA rows are the
-# H200 measurements shipped in hardware_profiles/ (bf16, D=128, block 128), rounded; the torch
-# rows are rough (a 2-core CPU; the torch backend on a GPU is a reference, not a fast path).
+# H200 measurements shipped in hardware_profiles/ (bf16, D=128, block 128), rounded: on another GPU
+# they are a generic guess, and the cost model says so once (`DEFAULT_CUDA_COSTS_MEASURED_ON`); the
+# torch rows are rough (a 2-core CPU; the torch backend on a GPU is a reference, not a fast path).
+DEFAULT_CUDA_COSTS_MEASURED_ON = "NVIDIA H200"
 DEFAULT_COSTS: dict[tuple[str, str], BackendCosts] = {
     ("torch", "cpu"): BackendCosts(2e-4, 2e-6, 5.0e-11, 5e-5, 3.0e-11),
     ("torch", "cuda"): BackendCosts(3e-4, 1e-7, 4.0e-14, 7e-5, 5.7e-15),
@@ -238,6 +240,13 @@ class CostModel:
             if not self.match_device_name or _same_device(profile.device_name, device):
                 return profile.costs
         if (backend, device_type) in DEFAULT_COSTS:
+            if device_type == "cuda" and (backend, "default") not in self._warned \
+                    and not _same_device(DEFAULT_CUDA_COSTS_MEASURED_ON, device):
+                self._warned.add((backend, "default"))
+                logger.warning("no hardware profile for backend %r on %s: priced with the default constants, measured "
+                               "on an %s (a guess here); run `sparsify-cli calibrate --backend %s` on this machine and "
+                               "pass the file as hardware_profiles for real ones", backend, device_name(device),
+                               DEFAULT_CUDA_COSTS_MEASURED_ON, backend)
             return DEFAULT_COSTS[(backend, device_type)]
         if ("torch", device_type) in DEFAULT_COSTS:
             logger.warning("no cost constants for backend %r on %s: priced as the torch backend "
@@ -263,7 +272,7 @@ class CostModel:
 
     def estimation_latency(self, site: AttentionSite, pattern, *, backend: str, device, block_size: int,
                            batch: int = 1, q_len: int | None = None, k_len: int | None = None) -> float:
-        """Latency of estimating one head's input-adaptive mask (`sparsify.adaptive_patterns`): its multiply-adds at
+        """Latency of estimating one head's input-adaptive mask (`sparsify.patterns.adaptive`): its multiply-adds at
         twice SDPA's per-element cost (small matmuls run below peak) plus a quarter launch per kernel it starts.
         Composite patterns pay for each adaptive part; static patterns cost nothing here."""
         from sparsify.patterns import Intersection, Union

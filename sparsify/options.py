@@ -5,9 +5,11 @@ arguments, the search reads the same object, and the CLI builds its flags from t
 (their defaults and help texts), so a default is written in exactly one place.
 
 Example:
-    >>> options = CompileOptions(max_error=0.1, block_size=32)
-    >>> options.max_error, options.backend
-    (0.1, 'auto')
+    >>> options = CompileOptions(block_size=32)
+    >>> options.output_budget, options.max_error, options.backend   # the default: a model-level budget, no site cap
+    (0.05, None, 'auto')
+    >>> CompileOptions(max_error=0.1).output_budget is None           # max_error alone: a per-site budget, as before
+    True
     >>> CompileOptions(max_eror=0.1)                                # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -24,12 +26,15 @@ import dataclasses
 import difflib
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from sparsify.errors import SparsifyError
 from sparsify.limits import MAX_BLOCK_SIZE, MAX_STEPS, MIN_BLOCK_SIZE
 
-__all__ = ["CompileOptions", "DEFAULT_OPTIONS"]
+__all__ = ["CompileOptions", "DEFAULT_MAX_OUTPUT_ERROR", "DEFAULT_OPTIONS"]
+
+DEFAULT_MAX_OUTPUT_ERROR = 0.05
+"""The model-level budget when neither ``max_output_error`` nor ``max_error`` is given (in the metric's unit)."""
 
 
 def _option(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - argparse's word
@@ -44,8 +49,22 @@ class CompileOptions:
     Attributes:
         backend: kernel the rewrite uses and the cost model prices: ``"auto"`` (per site, the
             fastest available one) or a registered backend name (``sparsify.backends``).
-        max_error: largest relative L2 error of each site's output against dense, in [0, 1).
-            ``0`` keeps every head dense.
+        max_output_error: the budget on the **model's output**: the largest error of the
+            sparsified model's output against the dense model's on held-out calibration
+            batches, measured by ``output_metric``. The search measures each site's sensitivity,
+            allocates error over all sites and heads with one global multiplier, verifies the
+            whole sparsified model and tightens until the measured error is within it.
+            ``None``: ``DEFAULT_MAX_OUTPUT_ERROR`` (0.05) unless ``max_error`` is given alone.
+            This is the default budget: users judge a model by its output, and sites differ in
+            how much of their error reaches it. ``0`` keeps every head dense.
+        output_metric: how the model's output error is measured: ``"relative_l2"`` (default:
+            ``||sparse - dense|| / ||dense||`` of the first output tensor), ``"kl"`` (mean KL of
+            next-token distributions, for logits, in nats) or a callable
+            ``metric(dense_output, sparse_output) -> float`` (`sparsify.search.metrics`).
+        max_error: optional cap on the relative L2 error of each site's output against dense,
+            in [0, 1). Given alone (no ``max_output_error``) it is the per-site budget of
+            earlier versions: each site spends it, no model-level budget. ``0`` keeps every
+            head dense.
         target_density: optional global target of kept attention work over dense work, (0, 1].
         target_speedup: optional global target of estimated attention speedup, >= 1.
         target_overrides_max_error: with a target, let sites exceed ``max_error`` to reach it
@@ -60,7 +79,7 @@ class CompileOptions:
         holdout_fraction: share of calibration batches held out to score candidates.
         seed: seed for every random choice (sampled rows).
         adaptive: also score input-adaptive candidates (masks estimated per input on the device,
-            `sparsify.adaptive_patterns`); ``False`` keeps every pattern static (needed for ONNX export).
+            `sparsify.patterns.adaptive`); ``False`` keeps every pattern static (needed for ONNX export).
         profile_rows_per_block: query rows per block sampled for the block-mass profile
             (``None``: all rows).
         score_rows_per_block: query rows per block whose output error is measured on the
@@ -77,7 +96,11 @@ class CompileOptions:
     """
 
     backend: str = _option("auto", "kernel backend: 'auto' or a backend name")
-    max_error: float = _option(0.05, "per-site output error budget in [0, 1)")
+    max_output_error: float | None = _option(
+        None, f"model-level output error budget (default {DEFAULT_MAX_OUTPUT_ERROR} unless --max-error is given alone)")
+    output_metric: str | Callable[..., float] = _option(
+        "relative_l2", "model output metric: relative_l2 or kl (next-token KL of logits)")
+    max_error: float | None = _option(None, "per-site output error cap in [0, 1) (alone: a per-site budget)")
     target_density: float | None = _option(None, "global density target in (0, 1]")
     target_speedup: float | None = _option(None, "global attention speedup target (>= 1)")
     target_overrides_max_error: bool = _option(
@@ -102,7 +125,15 @@ class CompileOptions:
         if not isinstance(self.backend, str) or (self.backend != "auto" and self.backend not in backend_names()):
             raise SparsifyError(f"backend: unknown backend {self.backend!r}; known: auto, "
                                 f"{', '.join(backend_names())}")
-        _check_fraction("max_error", self.max_error, low_open=False, high_open=True)
+        if self.max_error is not None:
+            _check_fraction("max_error", self.max_error, low_open=False, high_open=True)
+        if self.max_output_error is not None and not (_is_number(self.max_output_error)
+                                                      and 0 <= self.max_output_error < math.inf):
+            raise SparsifyError(f"max_output_error: must be a finite number >= 0 (in the unit of output_metric="
+                                f"{self.output_metric!r}), got {self.max_output_error!r}")
+        from sparsify.search.metrics import output_metric
+
+        output_metric(self.output_metric)  # unknown names fail now, listing the known ones
         if self.target_density is not None:
             _check_fraction("target_density", self.target_density, low_open=True, high_open=False)
         if self.target_speedup is not None:
@@ -172,6 +203,23 @@ class CompileOptions:
         return dataclasses.replace(base or cls(), **keywords)
 
     @property
+    def output_budget(self) -> float | None:
+        """The model-level budget the search meets, or ``None`` when ``max_error`` alone is a per-site budget.
+
+        Example:
+            >>> CompileOptions(max_output_error=0.02, max_error=0.2).output_budget
+            0.02
+        """
+        if self.max_output_error is not None:
+            return self.max_output_error
+        return None if self.max_error is not None else DEFAULT_MAX_OUTPUT_ERROR
+
+    @property
+    def keeps_every_head_dense(self) -> bool:
+        """A zero budget (model-level or per-site) without a target: nothing may be sparsified."""
+        return not self.has_target and (self.output_budget == 0 or self.max_error == 0)
+
+    @property
     def has_target(self) -> bool:
         """A global density or speedup target was given."""
         return self.target_density is not None or self.target_speedup is not None
@@ -184,6 +232,8 @@ class CompileOptions:
             value = getattr(self, field.name)
             if field.name in skipped or value is None or value == ():
                 continue
+            if callable(value):
+                value = f"callable:{getattr(value, '__qualname__', type(value).__name__)}"
             values[field.name] = list(value) if isinstance(value, tuple) else value
         return values
 
@@ -192,8 +242,8 @@ class CompileOptions:
         """The help text of option ``name``, with its default (for the CLI).
 
         Example:
-            >>> CompileOptions.help_of("max_error")
-            'per-site output error budget in [0, 1) (default 0.05)'
+            >>> CompileOptions.help_of("output_metric")
+            'model output metric: relative_l2 or kl (next-token KL of logits) (default relative_l2)'
         """
         field = next(f for f in dataclasses.fields(CompileOptions) if f.name == name)
         default = field.default

@@ -16,14 +16,16 @@ from sparsify.errors import SparsifyError
 from sparsify.io import write_bytes_atomically, write_text_atomically
 from sparsify.patterns import Pattern
 from sparsify.strategy import Strategy
-from sparsify.tables import blocks_for
+from sparsify.runtime.block_mask import blocks_for
 
 __all__ = [
     "PROFILE_FORMAT_VERSION",
     "head_densities",
     "load_profile_maps",
     "page_paths",
+    "quality_points",
     "render_png",
+    "render_quality_png",
     "report_figures",
     "save_profile_maps",
     "strategy_table",
@@ -49,6 +51,8 @@ def strategy_table(strategy: Strategy) -> str:
     """
     fingerprints = {entry["name"]: entry for entry in strategy.fingerprint}
     site_errors = strategy.metadata.get("site_errors") or {}
+    budget = strategy.metadata.get("output_budget") if isinstance(strategy.metadata.get("output_budget"), dict) else {}
+    sensitivities = budget.get("sensitivities") or {}
     rows = []
     for name, site_strategy in strategy.sites.items():
         entry = fingerprints.get(name, {})
@@ -65,16 +69,20 @@ def strategy_table(strategy: Strategy) -> str:
             "causal" if entry.get("causal") else entry.get("kind", "?"),
             "; ".join(f"{n}× {p}" for p, n in counts.items()), density,
             "-" if worst is None else f"{worst:.4f}",
-            f"{site_errors[name]:.4f}" if name in site_errors else "-", _site_speedup(metrics),
+            f"{site_errors[name]:.4f}" if name in site_errors else "-",
+            *([f"{sensitivities[name]:.3g}" if name in sensitivities else "-"] if sensitivities else []),
+            _site_speedup(metrics),
         ])
-    table = tabulate(rows, headers=["site", "heads (q/kv)", "kind", "patterns", "density", "worst head error",
-                                    "site error", "est. speedup"], tablefmt="simple")
+    headers = ["site", "heads (q/kv)", "kind", "patterns", "density", "worst head error", "site error",
+               *(["sensitivity"] if sensitivities else []), "est. speedup"]
+    table = tabulate(rows, headers=headers, tablefmt="simple")
     summary = strategy.summary()
     footer = [f"mean density {summary['mean_density']:.3f}" if summary["mean_density"] is not None else None,
               f"estimated attention speedup {summary['estimated_speedup']:.2f}x" if summary.get("estimated_speedup") else None,
               f"end-to-end output error {summary['end_to_end_error']:.2e}" if summary.get("end_to_end_error") is not None else None]
     lines = ["; ".join(part for part in footer if part)] if any(footer) else []
     lines += _target_lines(strategy.metadata)
+    lines += _output_budget_lines(budget)
     return table + "".join("\n" + line for line in lines)
 
 
@@ -111,6 +119,22 @@ def _site_speedup(metrics: Sequence[dict[str, Any]]) -> str:
     if sparse <= 0:
         return "all skipped"  # nothing is computed: no finite speedup to state
     return f"{dense / sparse:.2f}x"
+
+
+def _output_budget_lines(record: dict[str, Any]) -> list[str]:
+    """The model-level budget: promised vs measured on held-out batches, and how the verification went."""
+    if not record or "measured" not in record:
+        return []
+    verdict = "within" if record.get("within_budget", True) else "OVER"
+    lines = [f"model-level {record.get('metric')}: budget {record.get('budget'):g}, promised {record['promised']:.3e}, "
+             f"measured {record['measured']:.3e} on held-out batches ({verdict} budget)"]
+    trail = record.get("verifications") or []
+    if len(trail) > 1:
+        steps = ", ".join(f"scale {entry['scale']:.3g} → {entry['measured']:.2e}" for entry in trail)
+        lines.append(f"verified {len(trail)} allocations: {steps}")
+    lines.append("sensitivity: model-level error (squared relative L2, or KL) per squared site error, measured by "
+                 "injecting each site's error alone")
+    return lines
 
 
 def _target_lines(metadata: dict[str, Any]) -> list[str]:
@@ -256,6 +280,70 @@ def report_figures(strategy: Strategy, profile_maps: dict[str, torch.Tensor] | N
         FigureCanvasAgg(figure)
         figures.append(figure)
     return figures
+
+
+def quality_points(strategy: Strategy) -> list[tuple[float, float]]:
+    """(mean density, measured model-level error) of every allocation the search verified, by density.
+
+    The model-level budget's search verifies a few whole-model allocations on held-out batches
+    (``output_budget.verifications`` in the metadata): together they trace the model's quality
+    against its density. Empty when the strategy records none (a per-site budget, an old file).
+
+    Example:
+        >>> from sparsify import AttentionSite
+        >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=64, q_len=256, k_len=256)
+        >>> quality_points(Strategy.dense([site]))
+        []
+    """
+    record = strategy.metadata.get("output_budget")
+    if not isinstance(record, dict):
+        return []
+    points = {(float(entry["density"]), float(entry["measured"])) for entry in record.get("verifications") or []
+              if isinstance(entry, dict) and "density" in entry and "measured" in entry}
+    return sorted(points)
+
+
+def render_quality_png(series: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, *,
+                       ylabel: str = "model-level error", title: str = "quality against density",
+                       reference: float | None = None, dpi: int = 100) -> pathlib.Path:
+    """One line per series of ``(density, value)`` points — e.g. the perplexity ratio of several methods, or a
+    search's verified allocations (`quality_points`) — drawn to ``path`` (atomically).
+
+    ``reference`` draws a dashed horizontal line (the budget, or a ratio of 1).
+
+    Example:
+        >>> render_quality_png({"ours": [(0.3, 1.01), (0.5, 1.004)]}, "pareto.png", ylabel="ppl ratio")  # doctest: +SKIP
+        PosixPath('pareto.png')
+    """
+    if not series or not any(series.values()):
+        raise SparsifyError("nothing to draw: no (density, value) points (the quality plot needs a strategy searched "
+                            "under a model-level budget, or measured rows)")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SparsifyError("the picture needs matplotlib: pip install 'sparsify-attention[report]'") from None
+    figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
+    markers = "os^vDP*X"
+    for index, (name, points) in enumerate(series.items()):
+        ordered = sorted(points)
+        if ordered:
+            axis.plot([p[0] for p in ordered], [p[1] for p in ordered], marker=markers[index % len(markers)],
+                      label=name)
+    if reference is not None:
+        axis.axhline(reference, color="grey", linestyle="--", linewidth=1)
+    axis.set_xlabel("mean density (kept work / causal-visible work)", fontsize=_FONT + 1)
+    axis.set_ylabel(ylabel, fontsize=_FONT + 1)
+    axis.set_title(title, fontsize=_FONT + 2)
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=_FONT)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    path = pathlib.Path(path)
+    write_bytes_atomically(path, buffer.getvalue())
+    return path
 
 
 def _draw_page(figure_class, strategy: Strategy, names: list[str], profile_maps, page: int, pages: int, total: int):

@@ -24,27 +24,32 @@ from sparsify.limits import (
     int_range_problem,
     shown,
 )
-from sparsify.patterns import Dense, Pattern, causal_block_mask, dense, pattern_from_dict
+from sparsify.patterns import Pattern, dense, pattern_from_dict
 from sparsify.site import AttentionSite
-from sparsify.tables import blocks_for
+from sparsify.runtime.block_mask import block_geometry, blocks_for
 
 __all__ = [
     "FORMAT_VERSION",
     "SUPPORTED_FORMAT_VERSIONS",
     "SiteStrategy",
     "Strategy",
-    "fusion_groups_of",
     "site_fingerprint",
 ]
 
-FORMAT_VERSION = 1
-"""Version written by `Strategy.save`."""
+FORMAT_VERSION = 2
+"""Version written by `Strategy.save`.
 
-SUPPORTED_FORMAT_VERSIONS = (1,)
-"""Versions `Strategy.load` understands."""
+Version 2 (issue 18) dropped per-site ``fusion_groups`` (computed, saved and read by nothing: all
+sparse heads of a site run in one launch) and records the model-level budget in the metadata
+(``output_budget``: metric, budget, sensitivities, promised vs measured error).
+"""
+
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+"""Versions `Strategy.load` understands (a version-1 file's ``fusion_groups`` are checked for shape and dropped)."""
 
 _TOP_LEVEL_KEYS = ("format_version", "block_size", "fingerprint", "sites", "metadata")
-_SITE_KEYS = ("heads", "fusion_groups", "head_metrics", "dense_steps")
+_SITE_KEYS = ("heads", "head_metrics", "dense_steps")
+_VERSION_1_SITE_KEYS = ("fusion_groups",)  # read (and dropped) from version-1 files only
 # Fingerprint entries may carry more keys (carried as they are); these are checked.
 _FINGERPRINT_TYPES: dict[str, type] = {
     "name": str,
@@ -87,21 +92,6 @@ def site_fingerprint(site: AttentionSite) -> dict[str, Any]:
     return {**site.fingerprint(), "q_len": site.q_len, "k_len": site.k_len}
 
 
-def fusion_groups_of(heads: Sequence[Pattern]) -> list[list[int]]:
-    """Group head indices whose patterns are identical, in order of each group's first head.
-
-    Example:
-        >>> from sparsify.patterns import dense, sliding_window
-        >>> fusion_groups_of([dense(), sliding_window(64), dense()])
-        [[0, 2], [1]]
-    """
-    groups: dict[str, list[int]] = {}
-    for index, pattern in enumerate(heads):
-        key = json.dumps(pattern.to_dict(), sort_keys=True)
-        groups.setdefault(key, []).append(index)
-    return list(groups.values())
-
-
 @dataclasses.dataclass(frozen=True)
 class SiteStrategy:
     """The patterns chosen for one attention site, one per query head.
@@ -111,21 +101,18 @@ class SiteStrategy:
         heads: one `Pattern` per query head.
         head_metrics: per head, optional measured numbers (recall, error, cost...) as a JSON
             object; carried, not interpreted. ``None`` when nothing was measured.
-        fusion_groups: head indices that run together (identical patterns); a partition of the
-            heads. Computed with `fusion_groups_of` when ``None``.
         dense_steps: leading steps (e.g. diffusion timesteps) that run dense.
 
     Example:
         >>> from sparsify.patterns import dense, sliding_window
         >>> site = SiteStrategy("attn", [dense(), sliding_window(64), sliding_window(64)])
-        >>> site.fusion_groups, site.sparse_heads
-        ([[0], [1, 2]], [1, 2])
+        >>> site.sparse_heads
+        [1, 2]
     """
 
     name: str
     heads: list[Pattern]
     head_metrics: list[dict[str, Any]] | None = None
-    fusion_groups: list[list[int]] | None = None
     dense_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -139,7 +126,7 @@ class SiteStrategy:
                 raise StrategyError(
                     f"{where}.heads[{index}]: expected a Pattern, got {type(pattern).__name__}"
                 )
-        # A tuple: heads change through `Strategy.with_heads`, which recomputes fusion groups.
+        # A tuple: heads change through `Strategy.with_heads`.
         object.__setattr__(self, "heads", tuple(self.heads))
         num_heads = len(self.heads)
 
@@ -163,48 +150,9 @@ class SiteStrategy:
                         _check_number(metrics[key], low, high, f"{where}.head_metrics[{index}].{key}")
             object.__setattr__(self, "head_metrics", [dict(m) for m in self.head_metrics])
 
-        if self.fusion_groups is None:
-            object.__setattr__(self, "fusion_groups", fusion_groups_of(self.heads))
-        else:
-            self._check_fusion_groups(where)
-            object.__setattr__(self, "fusion_groups", [list(g) for g in self.fusion_groups])
-
         problem = int_range_problem(self.dense_steps, 0, MAX_STEPS, "MAX_STEPS")
         if problem is not None:
             raise StrategyError(f"{where}.dense_steps: {problem}")
-
-    def _check_fusion_groups(self, where: str) -> None:
-        groups = self.fusion_groups
-        num_heads = len(self.heads)
-        if not isinstance(groups, (list, tuple)):
-            raise StrategyError(f"{where}.fusion_groups: must be a list of lists of head indices")
-        seen: dict[int, int] = {}
-        for group_index, group in enumerate(groups):
-            location = f"{where}.fusion_groups[{group_index}]"
-            if not isinstance(group, (list, tuple)) or not group:
-                raise StrategyError(f"{location}: must be a non-empty list of head indices")
-            for head in group:
-                if isinstance(head, bool) or not isinstance(head, int):
-                    raise StrategyError(f"{location}: head index {head!r} is not an int")
-                if not 0 <= head < num_heads:
-                    raise StrategyError(
-                        f"{location}: head {head} is out of range for {num_heads} heads"
-                    )
-                if head in seen:
-                    raise StrategyError(
-                        f"{location}: head {head} is already in fusion_groups[{seen[head]}]"
-                    )
-                seen[head] = group_index
-            first = self.heads[group[0]]
-            for head in group[1:]:
-                if self.heads[head] != first:
-                    raise StrategyError(
-                        f"{location}: heads {group[0]} ({first}) and {head} "
-                        f"({self.heads[head]}) have different patterns and cannot be fused"
-                    )
-        missing = [head for head in range(num_heads) if head not in seen]
-        if missing:
-            raise StrategyError(f"{where}.fusion_groups: heads {missing} are in no group")
 
     @property
     def num_heads(self) -> int:
@@ -219,7 +167,7 @@ class SiteStrategy:
             >>> SiteStrategy("attn", [dense(), sliding_window(64)]).is_dense(1)
             False
         """
-        return isinstance(self.heads[head], Dense)
+        return self.heads[head].is_dense
 
     @property
     def dense_heads(self) -> list[int]:
@@ -240,7 +188,6 @@ class SiteStrategy:
         """
         return {
             "heads": [pattern.to_dict() for pattern in self.heads],
-            "fusion_groups": [list(group) for group in self.fusion_groups or []],
             "head_metrics": (
                 None if self.head_metrics is None else [dict(m) for m in self.head_metrics]
             ),
@@ -342,8 +289,8 @@ class Strategy:
             >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=64,
             ...                      q_len=256, k_len=256)
             >>> from sparsify.patterns import sliding_window
-            >>> Strategy.uniform([site], sliding_window(64)).sites["attn"].fusion_groups
-            [[0, 1]]
+            >>> Strategy.uniform([site], sliding_window(64)).sites["attn"].sparse_heads
+            [0, 1]
         """
         if not isinstance(pattern, Pattern):
             raise StrategyError(f"uniform: expected a Pattern, got {type(pattern).__name__}")
@@ -401,10 +348,10 @@ class Strategy:
         """Validate and rebuild a strategy; errors name ``source`` and the JSON location.
 
         Example:
-            >>> Strategy.from_dict({"format_version": 2}, source="s.json")  # doctest: +ELLIPSIS
+            >>> Strategy.from_dict({"format_version": 3}, source="s.json")  # doctest: +ELLIPSIS
             Traceback (most recent call last):
             ...
-            sparsify.errors.StrategyError: s.json: format_version 2 is not understood ...
+            sparsify.errors.StrategyError: s.json: format_version 3 is not understood ...
         """
 
         def fail(message: str) -> StrategyError:
@@ -440,7 +387,7 @@ class Strategy:
 
         sites: dict[str, SiteStrategy] = {}
         for name, site_data in data["sites"].items():
-            sites[name] = _site_from_dict(name, site_data, fail)
+            sites[name] = _site_from_dict(name, site_data, fail, version)
         try:
             return cls(
                 block_size=data["block_size"],
@@ -452,7 +399,7 @@ class Strategy:
             raise fail(str(error)) from error
 
     def with_heads(self, site_name: str, heads: Sequence[Pattern], **changes: Any) -> "Strategy":
-        """A copy with new per-head patterns for one site (fusion groups recomputed).
+        """A copy with new per-head patterns for one site.
 
         ``changes`` may set other `SiteStrategy` fields (``head_metrics``, ``dense_steps``).
 
@@ -472,7 +419,7 @@ class Strategy:
             raise StrategyError(f"sites[{site_name!r}]: {old.num_heads} heads, got {len(heads)} patterns")
         fields = {"head_metrics": old.head_metrics, "dense_steps": old.dense_steps, **changes}
         sites = dict(self.sites)
-        sites[site_name] = SiteStrategy(site_name, list(heads), fusion_groups=None, **fields)
+        sites[site_name] = SiteStrategy(site_name, list(heads), **fields)
         return dataclasses.replace(self, sites=sites)
 
     def shard_heads(self, rank: int, world_size: int) -> "Strategy":
@@ -481,8 +428,8 @@ class Strategy:
         Rank ``rank`` of ``world_size`` holds query heads ``[rank * H / W, (rank + 1) * H / W)``
         of every site and the key/value heads they read: ``Hkv / W`` of them when the
         key/value heads split evenly, or one (replicated over ``W / Hkv`` ranks, as tensor
-        parallel frameworks do when there are fewer key/value heads than ranks). Patterns,
-        metrics and fusion groups are those of the shard's heads; the fingerprint describes the
+        parallel frameworks do when there are fewer key/value heads than ranks). Patterns
+        and metrics are those of the shard's heads; the fingerprint describes the
         shard, so the result applies to a model whose attention modules hold those heads.
         Refuses (listing every site) when the heads or key/value heads do not split.
 
@@ -519,37 +466,26 @@ class Strategy:
             site = self.sites[entry["name"]]
             per_shard = entry["num_heads"] // world_size
             start, stop = rank * per_shard, (rank + 1) * per_shard
-            groups = [[head - start for head in group if start <= head < stop] for group in site.fusion_groups or []]
             sites[site.name] = SiteStrategy(
                 site.name, list(site.heads[start:stop]),
                 head_metrics=None if site.head_metrics is None else site.head_metrics[start:stop],
-                fusion_groups=sorted((group for group in groups if group), key=min), dense_steps=site.dense_steps)
+                dense_steps=site.dense_steps)
             fingerprint.append({**entry, "num_heads": per_shard,
                                 "num_kv_heads": max(1, entry["num_kv_heads"] // world_size)})
         shards = [*self.metadata.get("head_shards", []), {"rank": rank, "world_size": world_size}]
         return dataclasses.replace(self, sites=sites, fingerprint=fingerprint,
                                    metadata={**self.metadata, "head_shards": shards})
 
-    def save(self, path: str | os.PathLike[str], *, main_rank_only: bool | None = None) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write the strategy as indented JSON (stable key order, so diffs stay small).
 
         The write is atomic (`sparsify.io`): if it fails midway (full disk, file-size limit),
-        the file that was at ``path`` before is left intact.
-
-        Under an initialised ``torch.distributed`` group, only rank 0 writes a strategy that
-        every rank holds (``main_rank_only=None`` decides: yes for a whole-model strategy, no
-        for a `shard_heads` result, which differs per rank); ``True``/``False`` force it.
+        the file that was at ``path`` before is left intact. Under ``torch.distributed`` the
+        caller decides which rank writes (``if sparsify.distributed.is_main_process(): ...``).
 
         Example:
             >>> strategy.save("strategy.json")                     # doctest: +SKIP
         """
-        if main_rank_only is None:
-            main_rank_only = "head_shards" not in self.metadata
-        if main_rank_only:
-            from sparsify.distributed import is_main_process
-
-            if not is_main_process():
-                return
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
         write_text_atomically(path, text + "\n")
 
@@ -642,8 +578,9 @@ class Strategy:
     def summary(self) -> dict[str, Any]:
         """Counts, the mean density at the recorded lengths (``None`` when not recorded), and the search's results.
 
-        ``estimated_speedup``, ``end_to_end_error`` and ``target_reached`` are ``None`` when the
-        strategy does not record them; ``sites_over_budget`` lists the sites a global target
+        ``estimated_speedup``, ``end_to_end_error``, ``target_reached`` and ``output_error`` (the
+        model-level budget: metric, budget, promised and measured error on held-out batches) are
+        ``None`` when the strategy does not record them; ``sites_over_budget`` lists the sites a global target
         pushed past ``max_error`` (only with ``target_overrides_max_error``).
 
         ``mean_density`` is all heads' kept blocks over the blocks dense attention computes
@@ -664,7 +601,6 @@ class Strategy:
             "num_heads": heads,
             "dense_heads": dense_heads,
             "sparse_heads": heads - dense_heads,
-            "fusion_groups": sum(len(site.fusion_groups or []) for site in self.sites.values()),
             "block_size": self.block_size,
             "mean_density": self._mean_density(),
             "estimated_speedup": self.metadata.get("estimated_attention_speedup"),
@@ -672,8 +608,16 @@ class Strategy:
             # With a global target: whether it was reached, and the sites it pushed past max_error.
             "target_reached": (self.metadata.get("target") or {}).get("reached"),
             "sites_over_budget": list((self.metadata.get("target") or {}).get("sites_over_budget", [])),
+            "output_error": self._output_error(),
             **self._adaptive_summary(),
         }
+
+    def _output_error(self) -> dict[str, Any] | None:
+        """The model-level budget's metric, budget, and promised vs measured error on held-out data (or ``None``)."""
+        record = self.metadata.get("output_budget")
+        if not isinstance(record, dict):
+            return None
+        return {key: record.get(key) for key in ("metric", "budget", "promised", "measured")}
 
     def _adaptive_summary(self) -> dict[str, Any]:
         """How many heads are input-adaptive, and the mean / spread (over held-out inputs) of their realised density."""
@@ -700,29 +644,22 @@ class Strategy:
             q_len, k_len, causal = entry["q_len"], entry["k_len"], entry["causal"]
             q_blocks = blocks_for(q_len, self.block_size)
             k_blocks = blocks_for(k_len, self.block_size)
-            dense_blocks = (
-                int(causal_block_mask(q_blocks, k_blocks).sum()) if causal else q_blocks * k_blocks
-            )
+            dense_blocks = int(block_geometry(q_len, k_len, self.block_size, causal)[0].sum())
             site = self.sites[entry["name"]]
             work_per_block = entry.get("head_dim", 1)  # each head's blocks weighted by its work
-            for group in site.fusion_groups or []:
-                pattern = site.heads[group[0]]
+            computed_blocks: dict[Pattern, int] = {}  # heads share patterns: each distinct one is counted once
+            for head, pattern in enumerate(site.heads):
                 if getattr(pattern, "is_adaptive", False):
                     # Estimated per input: what its masks kept on the held-out inputs (every block if not recorded).
-                    for head in group:
-                        metric = site.head_metrics[head] if site.head_metrics else {}
-                        kept += float(metric.get("work", 1.0)) * dense_blocks * work_per_block
-                        computed += dense_blocks * work_per_block
-                    continue
-                if getattr(pattern, "is_skip", False):
-                    kept_blocks = 0
-                else:
-                    kept_blocks = int(pattern.block_mask(
-                        q_blocks, k_blocks, block_size=self.block_size, causal=causal,
-                        q_len=q_len, k_len=k_len,
-                    ).sum())
-                kept += kept_blocks * len(group) * work_per_block
-                computed += dense_blocks * len(group) * work_per_block
+                    metric = site.head_metrics[head] if site.head_metrics else {}
+                    kept += float(metric.get("work", 1.0)) * dense_blocks * work_per_block
+                elif not getattr(pattern, "is_skip", False):
+                    if pattern not in computed_blocks:
+                        computed_blocks[pattern] = int(pattern.block_mask(
+                            q_blocks, k_blocks, block_size=self.block_size, causal=causal, q_len=q_len, k_len=k_len,
+                        ).sum())
+                    kept += computed_blocks[pattern] * work_per_block
+                computed += dense_blocks * work_per_block
         return kept / computed
 
     def __repr__(self) -> str:
@@ -737,13 +674,14 @@ class Strategy:
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _site_from_dict(name: str, data: Any, fail: Any) -> SiteStrategy:
+def _site_from_dict(name: str, data: Any, fail: Any, version: int = FORMAT_VERSION) -> SiteStrategy:
     where = f"sites[{name!r}]"
     if not name:
         raise fail("sites: site names must be non-empty strings")
     if not isinstance(data, dict):
         raise fail(f"{where}: must be a JSON object, got {_json_type(data)}")
-    unknown = [key for key in data if key not in _SITE_KEYS]
+    known = _SITE_KEYS + (_VERSION_1_SITE_KEYS if version == 1 else ())
+    unknown = [key for key in data if key not in known]
     if unknown:
         raise fail(f"{where}: unknown key(s) {_quoted(unknown)}; expected: {', '.join(_SITE_KEYS)}")
     if "heads" not in data:
@@ -758,9 +696,8 @@ def _site_from_dict(name: str, data: Any, fail: Any) -> SiteStrategy:
     head_metrics = data.get("head_metrics")
     if head_metrics is not None:
         _expect_type(head_metrics, list, f"{where}.head_metrics", fail)
-    fusion_groups = data.get("fusion_groups")
-    if fusion_groups is not None:
-        _expect_type(fusion_groups, list, f"{where}.fusion_groups", fail)
+    if "fusion_groups" in data:  # version 1 only (`_VERSION_1_SITE_KEYS`): checked for shape, then dropped
+        _expect_type(data["fusion_groups"], list, f"{where}.fusion_groups", fail)
     dense_steps = data.get("dense_steps", 0)
     _expect_type(dense_steps, int, f"{where}.dense_steps", fail)
     try:
@@ -768,7 +705,6 @@ def _site_from_dict(name: str, data: Any, fail: Any) -> SiteStrategy:
             name=name,
             heads=heads,
             head_metrics=head_metrics,
-            fusion_groups=fusion_groups,
             dense_steps=dense_steps,
         )
     except StrategyError as error:

@@ -56,7 +56,9 @@ def test_demo_runs_on_the_builtin_example(tmp_path, capsys):
 def test_search_on_the_builtin_example_then_report_and_apply(tmp_path, capsys):
     out = tmp_path / "strategy.json"
     picture = tmp_path / "report.png"
-    assert main(["search", "--out", str(out), "--png", str(picture), "--no-progress"]) == 0
+    # A per-site budget (--max-error alone): every site keeps its structure (the default model-level budget lets this
+    # model, whose attention barely reaches its output, drop heads instead).
+    assert main(["search", "--max-error", "0.05", "--out", str(out), "--png", str(picture), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "built-in example" in printed and "multi_diagonal" in printed and "est. speedup" in printed
     strategy = Strategy.load(out)
@@ -67,6 +69,29 @@ def test_search_on_the_builtin_example_then_report_and_apply(tmp_path, capsys):
     assert "site error" in capsys.readouterr().out and picture.exists()
     assert main(["apply", "--strategy", str(out)]) == 0
     assert "4 of 4 sites run sparse" in capsys.readouterr().out
+
+
+def test_search_with_a_model_level_budget_then_the_quality_picture(tmp_path, capsys):
+    out = tmp_path / "strategy.json"
+    assert main(["search", *MANUAL, "--max-output-error", "0.02", "--output-metric", "relative_l2", "--block-size", "16",
+                 "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "model-level relative_l2: budget 0.02" in printed and "sensitivity" in printed
+    strategy = Strategy.load(out)
+    record = strategy.metadata["output_budget"]
+    assert record["budget"] == 0.02 and record["measured"] <= 0.02 and record["sensitivities"]
+    assert strategy.metadata["search"]["max_output_error"] == 0.02
+    picture = tmp_path / "quality.png"
+    assert main(["report", str(out), "--quality-png", str(picture)]) == 0
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "picture written to" in capsys.readouterr().out
+    # A per-site budget records no verified allocations: the picture is refused with what to do.
+    per_site = tmp_path / "per_site.json"
+    assert main(["search", *MANUAL, "--max-error", "0.05", "--out", str(per_site), "--no-progress"]) == 0
+    with pytest.raises(SystemExit, match="--max-output-error"):
+        main(["report", str(per_site), "--quality-png", str(tmp_path / "none.png")])
+    with pytest.raises(SystemExit):
+        main(["search", *MANUAL, "--output-metric", "relative_l3", "--out", str(tmp_path / "x.json")])
 
 
 def test_search_with_bad_budget_exits_2(tmp_path, capsys):
@@ -88,15 +113,21 @@ def test_calibrate_writes_a_profile(tmp_path, capsys):
 MANUAL = ["--model", "sparsify.examples:manual_attention_block", "--calib", "sparsify.examples:manual_attention_batches"]
 
 
-def test_search_with_an_unavailable_backend_fails_before_the_search(tmp_path, capfd):
-    from sparsify.backends import get_backend
+def unavailable_backend() -> str | None:
+    """A registered backend that cannot run in this process (on a CPU machine: fa4, flex, ...), or None."""
+    from sparsify.backends import backend_names, get_backend
 
-    if get_backend("triton").is_available():
-        pytest.skip("triton can run here: nothing to refuse")
+    return next((name for name in backend_names() if get_backend(name).availability() is not None), None)
+
+
+def test_search_with_an_unavailable_backend_fails_before_the_search(tmp_path, capfd):
+    backend = unavailable_backend()
+    if backend is None:
+        pytest.skip("every registered backend can run here: nothing to refuse")
     out = tmp_path / "s.json"
-    assert main(["search", *MANUAL, "--backend", "triton", "--out", str(out)]) == 2
+    assert main(["search", *MANUAL, "--backend", backend, "--out", str(out)]) == 2
     captured = capfd.readouterr()
-    assert "backend 'triton' is not available" in captured.err and "profiling" not in captured.err
+    assert f"backend '{backend}' is not available" in captured.err and "profiling" not in captured.err
     assert not out.exists()
 
 

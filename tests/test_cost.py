@@ -134,5 +134,38 @@ def test_chosen_hardware_profiles_come_first(tmp_path, caplog):
 
 
 def test_shipped_profiles_load():
-    for profile in shipped_profiles():
+    profiles = shipped_profiles()
+    assert {(p.backend, p.device_name.split()[1]) for p in profiles} >= {("fa4", "H200"), ("triton", "H100")}
+    site = AttentionSite("attn", 0, num_heads=16, num_kv_heads=16, head_dim=128, q_len=16384, k_len=16384, causal=True)
+    for profile in profiles:
         assert profile.device_type == "cuda" and profile.backend in ("fa4", "triton", "flex", "torch")
+        costs = profile.costs
+        # Measured numbers of a Hopper GPU in bf16: a multiply-add of dense attention at 20-2000 TFLOP/s
+        # (2 flops each), a launch between 1 us and 1 ms, and a fit that explains its own samples.
+        assert 1e-15 <= costs.dense_per_element <= 1e-13 and 1e-15 <= costs.per_block_element <= 1e-13
+        assert 1e-6 <= costs.dense_launch <= 1e-3 and 0 <= costs.launch <= 1e-3
+        assert profile.fit["mean_relative_error"] < 0.2 and profile.fit.get("density_growth", 1.05) >= 1.05
+        model = CostModel.priced_for(profile)
+        dense = model.dense_latency(site, backend=profile.backend, device="cuda")
+        blocks = 128 * 129 // 2  # the causal blocks of one head at block 128
+        sparse = [model.sparse_latency(site, [density * blocks] * 16, backend=profile.backend, device="cuda",
+                                       block_size=128) for density in (0.1, 0.3, 0.6)]
+        assert sparse[0] < sparse[1] < sparse[2]                     # more kept blocks, more time
+        assert sparse[0] < dense                                      # at 16K tokens a 10% mask pays
+
+
+@pytest.mark.gpu
+def test_default_cuda_constants_say_where_they_were_measured(caplog):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from sparsify.cost import DEFAULT_CUDA_COSTS_MEASURED_ON, _same_device
+
+    model = CostModel(match_device_name=True)   # no shipped profiles: the defaults
+    with caplog.at_level("WARNING", logger="sparsify.cost"):
+        model.costs("triton", "cuda")
+        model.costs("triton", "cuda")
+    warned = [record for record in caplog.records if "no hardware profile for backend 'triton'" in record.message]
+    expected = 0 if _same_device(DEFAULT_CUDA_COSTS_MEASURED_ON, "cuda") else 1
+    assert len(warned) == expected    # once per backend, and only away from the card the defaults were measured on

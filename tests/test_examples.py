@@ -76,7 +76,8 @@ def test_dense_strategy_has_perplexity_ratio_one():
 def test_searched_strategy_is_read_back_per_family_and_within_budget():
     model = tiny_llama()
     calibration = [{"input_ids": torch.randint(0, 96, (1, 256))} for _ in range(4)]
-    compiled = sparsify.compile(model, calibration, max_error=0.1, block_size=16, progress=False)
+    compiled = sparsify.compile(model, calibration, max_error=0.1, block_size=16, progress=False,
+                                cost_model=smollm2_perplexity.work_only_cost_model())
     totals, per_site = example_tools.family_counts(compiled.strategy)
     assert sum(totals.values()) == 2 * 4
     assert sorted(per_site) == sorted(compiled.strategy.sites)
@@ -89,7 +90,8 @@ def test_searched_strategy_is_read_back_per_family_and_within_budget():
     windows = [torch.randint(0, 96, (1, 256)) for _ in range(2)]
     ratio = (smollm2_perplexity.perplexity(smollm2_perplexity.window_losses(compiled, windows)) /
              smollm2_perplexity.perplexity(smollm2_perplexity.window_losses(model, windows)))
-    assert math.isfinite(ratio) and ratio > 0
+    assert compiled.strategy.summary()["sparse_heads"] > 0
+    assert abs(math.log(ratio)) <= 0.05          # sites within 10% move the perplexity of fresh windows little
 
 
 def compiled_with(model, window, head_patterns, *, sites_changed=None):
@@ -184,7 +186,12 @@ def test_token_windows_are_consecutive_and_refuse_short_texts():
 
 
 def test_text_sources():
-    assert len(smollm2_perplexity.python_docs_text()) > 100_000  # in every CPython
+    from pydoc_data import topics
+
+    text = smollm2_perplexity.python_docs_text()
+    # Every topic page, in name order, each once (pydoc_data ships with every CPython).
+    assert text.index(topics.topics["assert"]) < text.index(topics.topics["while"])
+    assert text.count(topics.topics["while"]) == 1
 
 
 def test_vim_manual_reads_the_manual_chapters_only(tmp_path):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from sparsify.decode_patterns import query_aware_decode
+from sparsify.patterns import query_aware_decode
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 if EXAMPLES not in sys.path:

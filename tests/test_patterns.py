@@ -370,9 +370,15 @@ def test_is_dense_is_a_property_not_a_name():
         assert pattern.is_dense == torch.equal(kept, causal_block_mask(5, 7, block_size=16))
 
 
-def test_old_import_paths_still_work():
-    import sparsify.adaptive_patterns as old
+def test_old_import_path_warns_and_still_works():
+    import importlib
+    import sys
+
     from sparsify.patterns import adaptive
+
+    sys.modules.pop("sparsify.adaptive_patterns", None)
+    with pytest.warns(DeprecationWarning, match="sparsify.patterns"):
+        old = importlib.import_module("sparsify.adaptive_patterns")
 
     assert old.PooledCoverage is adaptive.PooledCoverage and old.pooled_coverage(0.9) == adaptive.pooled_coverage(0.9)
 

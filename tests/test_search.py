@@ -13,7 +13,8 @@ import sparsify
 from sparsify import SparsifyError, patterns
 from sparsify.cost import BackendCosts, CostModel, HardwareProfile
 from sparsify.examples import StructuredVideoTransformer
-from sparsify.search import HeadOptions, SearchConfig, choose_with_multiplier, collect_batches
+from sparsify.options import CompileOptions
+from sparsify.search import HeadOptions, choose_with_multiplier, collect_batches
 
 
 # At the tiny lengths tests can afford, real CPU overheads make dense the right answer (that is
@@ -99,7 +100,7 @@ def test_max_error_zero_is_all_dense_and_exact():
 
 def test_target_density_is_met():
     model, batches = small_video(layers=1)
-    compiled = sparsify.compile(model, batches, target_density=0.3, block_size=16, progress=False, cost_model=WORK_ONLY)
+    compiled = sparsify.compile(model, batches, target_density=0.3, max_error=0.05, block_size=16, progress=False, cost_model=WORK_ONLY)
     assert compiled.strategy.summary()["mean_density"] <= 0.3 + 0.02
 
 
@@ -107,20 +108,27 @@ def test_short_sequences_stay_dense_with_real_overheads():
     # At 256 tokens the default CPU constants price every sparse pattern above dense (launch and
     # per-row overheads): the search keeps every head dense instead of "finding" a slowdown.
     model, batches = small_video(layers=1)
-    compiled = sparsify.compile(model, batches, block_size=16, progress=False)  # default CPU constants
+    compiled = sparsify.compile(model, batches, max_error=0.05, block_size=16, progress=False)  # default CPU constants
     summary = compiled.strategy.summary()
     assert summary["sparse_heads"] == 0 and summary["dense_heads"] == 4
     assert summary["estimated_speedup"] == 1.0
     assert torch.equal(call(compiled, (batches[0],)), call(model, (batches[0],)))
+    # Under the default model-level budget a head may only be dropped (skip costs nothing), never run sparse slower.
+    compiled = sparsify.compile(model, batches, block_size=16, progress=False)
+    kept = [p for site in compiled.strategy.sites.values() for p in site.heads if not isinstance(p, patterns.Dense)]
+    assert all(p.is_skip for p in kept)
 
 
 def test_no_sparse_pattern_where_the_cost_model_says_dense_is_faster():
     model, batches = small_video(layers=1)
     slow_sparse = HardwareProfile("torch", "cpu", "any", BackendCosts(1.0, 1.0, 1.0, 0.0, 1e-12))
-    compiled = sparsify.compile(model, batches, block_size=16, progress=False,
-                                cost_model=CostModel([slow_sparse], match_device_name=False))
-    assert compiled.strategy.summary()["sparse_heads"] == 0 or all(
-        p.is_skip for site in compiled.strategy.sites.values() for p in site.heads if not isinstance(p, patterns.Dense))
+    slow = CostModel([slow_sparse], match_device_name=False)
+    compiled = sparsify.compile(model, batches, max_error=0.05, block_size=16, progress=False, cost_model=slow)
+    assert compiled.strategy.summary()["sparse_heads"] == 0      # skip would break the per-site budget
+    # Under a model-level budget a head may be dropped where the output allows it, but never run a slower pattern.
+    compiled = sparsify.compile(model, batches, block_size=16, progress=False, cost_model=slow)
+    chosen = [p for site in compiled.strategy.sites.values() for p in site.heads if not isinstance(p, patterns.Dense)]
+    assert all(p.is_skip for p in chosen)
 
 
 def test_forward_loop_calibration():
@@ -130,8 +138,16 @@ def test_forward_loop_calibration():
         for batch in batches:
             module(batch)
 
-    compiled = sparsify.compile(model, forward_loop, block_size=16, progress=False)
-    assert compiled.strategy.summary()["num_sites"] == 1
+    looped = sparsify.compile(model, forward_loop, block_size=16, progress=False, cost_model=WORK_ONLY)
+    iterated = sparsify.compile(model, batches, block_size=16, progress=False, cost_model=WORK_ONLY)
+    # The loop's calls are the calibration batches: the same strategy, and the same outputs on a fresh input.
+    assert looped.strategy.summary()["sparse_heads"] > 0
+    assert {name: site.heads for name, site in looped.strategy.sites.items()} == {
+        name: site.heads for name, site in iterated.strategy.sites.items()}
+    assert looped.strategy.metadata["site_errors"] == iterated.strategy.metadata["site_errors"]
+    fresh = model.example_tokens(seed=99)
+    assert torch.equal(call(looped, (fresh,)), call(iterated, (fresh,)))
+    assert max_relative_error(call(looped, (fresh,)), call(model, (fresh,))) <= 1.5 * 0.05
 
 
 def test_gpt2_search_keeps_the_model_close():
@@ -175,9 +191,9 @@ def test_nan_in_calibration_names_the_site():
 
 def test_config_validation_lists_the_problem():
     with pytest.raises(SparsifyError, match="not both"):
-        SearchConfig(target_density=0.5, target_speedup=2.0)
+        CompileOptions(target_density=0.5, target_speedup=2.0)
     with pytest.raises(SparsifyError, match="power of two"):
-        SearchConfig(block_size=48)
+        CompileOptions(block_size=48)
 
 
 def test_dense_steps_keep_early_calls_dense():
@@ -255,7 +271,7 @@ def test_target_allocation_keeps_every_site_within_budget_and_matches_brute_forc
 def test_unreachable_target_stays_within_max_error_and_says_so(caplog):
     model, batches = small_video(layers=1)
     with caplog.at_level("WARNING", logger="sparsify.search"):
-        compiled = sparsify.compile(model, batches, target_density=0.05, block_size=16, progress=False,
+        compiled = sparsify.compile(model, batches, target_density=0.05, max_error=0.05, block_size=16, progress=False,
                                     cost_model=WORK_ONLY)
     strategy = compiled.strategy
     assert all(error <= 0.05 for error in strategy.metadata["site_errors"].values())
@@ -269,7 +285,7 @@ def test_unreachable_target_stays_within_max_error_and_says_so(caplog):
 def test_target_that_overrides_the_budget_names_the_sites_over_it(caplog):
     model, batches = small_video(layers=1)
     with caplog.at_level("WARNING", logger="sparsify.search"):
-        compiled = sparsify.compile(model, batches, target_density=0.05, target_overrides_max_error=True,
+        compiled = sparsify.compile(model, batches, target_density=0.05, max_error=0.05, target_overrides_max_error=True,
                                     block_size=16, progress=False, cost_model=WORK_ONLY)
     strategy = compiled.strategy
     assert strategy.summary()["mean_density"] <= 0.05 + 1e-6
@@ -291,7 +307,7 @@ def test_no_site_drops_every_head_even_when_the_target_overrides_the_budget():
 def test_global_target_respects_the_budget_where_it_was_silently_exceeded():
     # The issue: target_density=0.3 with max_error=0.05 picked skip() for all heads of a layer (site error 1.0).
     model, batches = small_video(layers=2)
-    compiled = sparsify.compile(model, batches, target_density=0.3, block_size=16, progress=False,
+    compiled = sparsify.compile(model, batches, target_density=0.3, max_error=0.05, block_size=16, progress=False,
                                 cost_model=WORK_ONLY)
     errors = compiled.strategy.metadata["site_errors"]
     assert errors and all(error <= 0.05 for error in errors.values())
@@ -363,8 +379,8 @@ def test_price_for_prices_the_search_as_another_machine(tmp_path):
     target = HardwareProfile("fa4", "cuda", "NVIDIA H200", BackendCosts(0.0, 0.0, 1e-11, 0.0, 1e-11))
     path = tmp_path / "h200.json"
     target.save(path)
-    here = sparsify.compile(model, batches, block_size=16, progress=False)
-    there = sparsify.compile(model, batches, block_size=16, progress=False, price_for=str(path))
+    here = sparsify.compile(model, batches, max_error=0.05, block_size=16, progress=False)
+    there = sparsify.compile(model, batches, max_error=0.05, block_size=16, progress=False, price_for=str(path))
     assert here.strategy.summary()["sparse_heads"] == 0
     assert there.strategy.summary()["sparse_heads"] > 0
     assert there.strategy.metadata["backend"] == "fa4" and there.strategy.metadata["priced_for"] == "NVIDIA H200"

@@ -14,7 +14,6 @@ from sparsify.strategy import (
     FORMAT_VERSION,
     SiteStrategy,
     Strategy,
-    fusion_groups_of,
     site_fingerprint,
 )
 
@@ -42,7 +41,6 @@ def mixed_strategy(sites: list[AttentionSite]) -> Strategy:
         "h.0.attn": SiteStrategy(
             "h.0.attn",
             [window, window, window, dense()],
-            fusion_groups=[[0], [1, 2], [3]],  # identical heads may be split (e.g. balance)
             dense_steps=3,
         ),
         "cross": SiteStrategy("cross", [dense(), sinks]),
@@ -76,7 +74,7 @@ def test_save_load_round_trip(tmp_path, sites, kind):
     assert loaded == strategy
     assert list(loaded.sites) == ["h.1.attn", "h.0.attn", "cross"]
     data = json.loads(path.read_text())
-    assert data["format_version"] == FORMAT_VERSION == 1
+    assert data["format_version"] == FORMAT_VERSION == 2
     assert list(data["sites"]) == ["h.1.attn", "h.0.attn", "cross"]
     # Saving again gives the same bytes (stable diffs).
     second = tmp_path / "again.json"
@@ -93,7 +91,7 @@ def test_document_layout(sites):
     }
     site = data["sites"]["h.1.attn"]
     assert site["heads"][3] == {"pattern": "sliding_window", "window": 64}
-    assert site["fusion_groups"] == [[0, 2], [1], [3]]
+    assert "fusion_groups" not in site     # format 2: nothing read them
     assert data["sites"]["h.0.attn"]["dense_steps"] == 3
     assert json.loads(json.dumps(data)) == data
 
@@ -102,42 +100,43 @@ def test_from_dict_defaults_optional_keys(sites):
     data = Strategy.dense(sites).to_dict()
     del data["metadata"]
     for site in data["sites"].values():
-        del site["fusion_groups"], site["head_metrics"], site["dense_steps"]
+        del site["head_metrics"], site["dense_steps"]
     strategy = Strategy.from_dict(data)
     assert strategy == Strategy.dense(sites)
 
 
-# --- fusion groups and head queries ---------------------------------------------------------
+# --- head queries, and version-1 files -------------------------------------------------------
 
 
-def test_fusion_groups_are_computed_from_equal_patterns():
+def test_head_queries():
     window = sliding_window(64)
-    heads = [window, dense(), sliding_window(64), window | attention_sinks(4), dense()]
-    assert fusion_groups_of(heads) == [[0, 2], [1, 4], [3]]
-    site = SiteStrategy("attn", heads)
-    assert site.fusion_groups == [[0, 2], [1, 4], [3]]
+    site = SiteStrategy("attn", [window, dense(), sliding_window(64), window | attention_sinks(4), dense()])
     assert site.dense_heads == [1, 4]
     assert site.sparse_heads == [0, 2, 3]
     assert site.is_dense(1) and not site.is_dense(0)
 
 
-@pytest.mark.parametrize(
-    ("groups", "expected"),
-    [
-        ([[0, 1]], "heads [2] are in no group"),
-        ([[0, 1], [1], [2]], "fusion_groups[1]: head 1 is already in fusion_groups[0]"),
-        ([[0, 1], [2, 5]], "head 5 is out of range for 3 heads"),
-        ([[0, 2], [1]], "heads 0 (sliding_window(64)) and 2 (dense()) have different patterns"),
-        ([[0, 1], []], "fusion_groups[1]: must be a non-empty list"),
-        ([[0, "1"], [2]], "head index '1' is not an int"),
-    ],
-)
-def test_bad_fusion_groups(groups, expected):
-    heads = [sliding_window(64), sliding_window(64), dense()]
-    with pytest.raises(StrategyError) as caught:
-        SiteStrategy("attn", heads, fusion_groups=groups)
-    assert expected in str(caught.value)
-    assert str(caught.value).startswith("sites['attn'].fusion_groups")
+def test_a_version_1_file_still_loads_and_its_fusion_groups_are_dropped(tmp_path, sites):
+    strategy = mixed_strategy(sites)
+    old = strategy.to_dict()
+    old["format_version"] = 1
+    old["sites"]["h.1.attn"]["fusion_groups"] = [[0, 2], [1], [3]]    # as version 1 wrote them
+    old["sites"]["h.0.attn"]["fusion_groups"] = [[0], [1, 2], [3]]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    loaded = Strategy.load(path)
+    assert loaded == strategy and loaded.summary() == strategy.summary()
+    again = tmp_path / "again.json"
+    loaded.save(again)
+    assert json.loads(again.read_text())["format_version"] == 2
+    # Version 2 has no fusion groups: a document that says 2 and has them is refused, naming the key.
+    newer = dict(old, format_version=2)
+    with pytest.raises(StrategyError, match=r"sites\['h.1.attn'\]: unknown key\(s\) 'fusion_groups'"):
+        Strategy.from_dict(newer)
+    broken = json.loads(json.dumps(old))
+    broken["sites"]["cross"]["fusion_groups"] = "all"
+    with pytest.raises(StrategyError, match=r"fusion_groups: must be a JSON array"):
+        Strategy.from_dict(broken)
 
 
 # --- malformed documents ----------------------------------------------------------------------
@@ -166,9 +165,9 @@ SITE = ["sites", "h.0.attn"]
 # case: (edit of a valid document, substrings the error message must contain)
 MALFORMED = {
     "unknown version": (
-        _set(["format_version"], 2), ["format_version 2", "understood versions: 1"]
+        _set(["format_version"], 3), ["format_version 3", "understood versions: 1, 2"]
     ),
-    "version as string": (_set(["format_version"], "1"), ["format_version: must be an int"]),
+    "version as string": (_set(["format_version"], "2"), ["format_version: must be an int"]),
     "missing version": (_delete(["format_version"]), ["missing key 'format_version'"]),
     "missing sites": (_delete(["sites"]), ["missing key 'sites'"]),
     "missing block size": (_delete(["block_size"]), ["missing key 'block_size'"]),
@@ -210,17 +209,13 @@ MALFORMED = {
     ),
     "head count vs fingerprint": (
         lambda data: data["sites"]["h.0.attn"].update(
-            heads=[{"pattern": "dense"}] * 3, fusion_groups=None
+            heads=[{"pattern": "dense"}] * 3
         ),
         ["sites['h.0.attn'].heads: has 3 patterns", "fingerprint[1] says the site has 4 heads"],
     ),
-    "fusion group gap": (
-        _set([*SITE, "fusion_groups"], [[0, 1, 2]]),
-        ["sites['h.0.attn'].fusion_groups: heads [3] are in no group"],
-    ),
-    "fusion groups not list": (
-        _set([*SITE, "fusion_groups"], "all"),
-        ["sites['h.0.attn'].fusion_groups: must be a JSON array"],
+    "fusion groups in version 2": (
+        _set([*SITE, "fusion_groups"], [[0, 1, 2, 3]]),
+        ["sites['h.0.attn']: unknown key(s) 'fusion_groups'"],
     ),
     "metrics length": (
         _set([*SITE, "head_metrics"], [{}]),
@@ -507,7 +502,7 @@ def test_summary_counts_and_density(sites):
             ("num_sites", "num_heads", "dense_heads", "sparse_heads", "block_size")} == {
         "num_sites": 3, "num_heads": 10, "dense_heads": 3, "sparse_heads": 7, "block_size": 32,
     }
-    assert summary["fusion_groups"] == 3 + 3 + 2
+    assert "fusion_groups" not in summary
     assert 0 < summary["mean_density"] < 1
     assert Strategy.dense(sites).summary()["mean_density"] == 1.0
 

@@ -35,7 +35,7 @@ def attach(model: torch.nn.Module, strategy: Strategy | str | os.PathLike, *, ba
       ="sparsify"``, set on the copy only); prefill runs the strategy's masks, decode steps run
       dense (``decode="dense"``), the pattern's rows at their query offset (``decode="sparse"``), or
       the cache pages a decode pattern picks per step from the query
-      (``decode=sparsify.decode_patterns.query_aware_decode(0.1)``).
+      (``decode=sparsify.patterns.query_aware_decode(0.1)``).
     * a diffusers model (``ModelMixin``, e.g. ``pipe.transformer``): attention modules named by
       the strategy get a diffusers attention processor that wraps their own and runs their
       scaled-dot-product attention on the site's kernels, so a pipeline runs as usual (CFG

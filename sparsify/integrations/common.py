@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from sparsify.errors import StrategyError, UnsupportedError
-from sparsify.runtime.sparse_attention import SparseAttention, is_dense_pattern
+from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 from sparsify.strategy import Strategy
 
@@ -194,7 +194,7 @@ def build_runtime(strategy: Strategy, name: str, index: int, *, backend: str, st
                   cost_model: Any = None) -> SparseAttention | None:
     """The `SparseAttention` of one site, or ``None`` when every head is dense (the framework's own attention runs)."""
     site_strategy = strategy.sites[name]
-    if all(is_dense_pattern(pattern) for pattern in site_strategy.heads):
+    if all(pattern.is_dense for pattern in site_strategy.heads):
         return None
     site = site_from_fingerprint(strategy, name, index)
     return SparseAttention(site, site_strategy.heads, block_size=strategy.block_size, backend=backend,

@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 import torch
 
-from sparsify.decode_patterns import QueryAwareDecode
+from sparsify.patterns import QueryAwareDecode
 from sparsify.errors import StrategyError, UnsupportedError
 from sparsify.integrations.common import (
     RUNTIME_ATTRIBUTE,
@@ -254,7 +254,7 @@ def attach_transformers(model: torch.nn.Module, strategy: Strategy | str, *, bac
                                    f"not: {wrong}")
     elif not isinstance(decode, QueryAwareDecode) and decode not in DECODE_MODES:
         raise UnsupportedError(f"decode must be one of {', '.join(DECODE_MODES)}, a decode pattern "
-                               f"(sparsify.decode_patterns.query_aware_decode(...)) or a mapping of site names to "
+                               f"(sparsify.patterns.query_aware_decode(...)) or a mapping of site names to "
                                f"decode patterns, got {decode!r}")
     if not type(model)._can_set_attn_implementation():
         raise UnsupportedError(

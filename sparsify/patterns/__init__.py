@@ -2,7 +2,8 @@
 
 The package, by part: `base` (the registry, block grids, `Pattern`), `families` (the static
 families and their factories), `profile_table` (`block_top_k`, chosen from a block-mass
-profile), `composites` (``|`` and ``&``), `adaptive` (patterns estimated per input) and
+profile), `composites` (``|`` and ``&``), `adaptive` (patterns estimated per input), `decode` (the
+query-aware decode pattern) and
 `loading` (`pattern_from_dict`). Import from here: ``from sparsify.patterns import sliding_window``.
 """
 
@@ -23,6 +24,7 @@ from sparsify.patterns.base import (
     register_pattern,
 )
 from sparsify.patterns.composites import Intersection, Union
+from sparsify.patterns.decode import QueryAwareDecode, query_aware_decode
 from sparsify.patterns.families import (
     AShape,
     AttentionSinks,
@@ -54,6 +56,8 @@ from sparsify.patterns.loading import pattern_from_dict
 from sparsify.patterns.profile_table import BlockTopK, block_top_k
 
 __all__ = [
+    "QueryAwareDecode",
+    "query_aware_decode",
     "DEFAULT_MAX_TRACED_LEN",
     "BlockGrid",
     "TracedBlockGrid",

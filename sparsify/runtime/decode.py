@@ -6,7 +6,7 @@ incrementally: a prefill (or a prefill chunk) summarises the pages its keys fall
 step the page(s) of its new token(s) — never the whole cache.
 
 `QueryAwareDecoder` is the module that owns those summaries for one attention layer and runs a
-decode step under a `sparsify.decode_patterns.QueryAwareDecode` pattern: per key/value head it
+decode step under a `sparsify.patterns.QueryAwareDecode` pattern: per key/value head it
 bounds every page's best score ``Σ_d max(q_d · min_d, q_d · max_d)`` (largest over the query
 heads of the group and the step's query rows), keeps the sink pages, the recent window and the
 top pages by that bound (a fixed count: ``pattern.selected_pages``), gathers their keys and values
@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from sparsify.decode_patterns import QueryAwareDecode
+from sparsify.patterns import QueryAwareDecode
 
 __all__ = ["KeyPageSummaries", "QueryAwareDecoder", "page_bounds", "read_fraction", "select_pages", "visible_key_end"]
 
@@ -166,7 +166,7 @@ class QueryAwareDecoder(torch.nn.Module):
     slot 0 starts a new sequence.
 
     Example:
-        >>> from sparsify.decode_patterns import query_aware_decode
+        >>> from sparsify.patterns import query_aware_decode
         >>> decoder = QueryAwareDecoder(query_aware_decode(1.0, page_size=4), num_heads=2, num_kv_heads=1)
         >>> keys, values = torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 8)
         >>> decoder.observe_prefill(keys[:, :, :15], 0, 15)
@@ -246,7 +246,7 @@ def read_fraction(pattern: QueryAwareDecode, context: int) -> float:
     """Fraction of a ``context``-token cache one step reads (pages actually selected over pages present).
 
     Example:
-        >>> from sparsify.decode_patterns import query_aware_decode
+        >>> from sparsify.patterns import query_aware_decode
         >>> round(read_fraction(query_aware_decode(0.05, page_size=32), 131072), 3)
         0.051
     """

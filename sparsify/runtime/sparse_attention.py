@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SparseAttention", "StepCounter", "TraceTimeCalls", "MASK_CACHE_SIZE", "PLAN_CACHE_SIZE", "is_dense_pattern"]
+__all__ = ["SparseAttention", "StepCounter", "TraceTimeCalls", "MASK_CACHE_SIZE", "PLAN_CACHE_SIZE"]
 
 #: Runtime masks a site keeps (one per query length, key length, query offset and device).
 MASK_CACHE_SIZE = 16
@@ -94,11 +94,6 @@ def _advance_outside_graph(counter: StepCounter) -> int:
     return counter.advance()
 
 
-def is_dense_pattern(pattern: "Pattern") -> bool:
-    """Whether ``pattern`` keeps every block (the head runs dense attention)."""
-    return pattern.to_dict().get("pattern") == "dense"
-
-
 class SparseAttention(torch.nn.Module):
     """Attention of one site with per-head patterns: dense heads via SDPA (or the site's backend), sparse heads via a backend, skipped heads as zeros.
 
@@ -142,11 +137,11 @@ class SparseAttention(torch.nn.Module):
         if dense_steps and step_counter is not None and hasattr(step_counter, "register"):
             step_counter.register(dense_steps)
         self.cost_model = cost_model
-        dense = [h for h, p in enumerate(head_patterns) if is_dense_pattern(p)]
+        dense = [h for h, p in enumerate(head_patterns) if p.is_dense]
         skipped = [h for h, p in enumerate(head_patterns) if getattr(p, "is_skip", False)]
         adaptive = [h for h, p in enumerate(head_patterns) if getattr(p, "is_adaptive", False)]
         sparse = [h for h, p in enumerate(head_patterns)
-                  if not is_dense_pattern(p) and h not in skipped and h not in adaptive]
+                  if not p.is_dense and h not in skipped and h not in adaptive]
         group = site.gqa_group_size
         self.register_buffer("dense_heads", torch.tensor(dense, dtype=torch.long), persistent=False)
         self.register_buffer("sparse_heads", torch.tensor(sparse, dtype=torch.long), persistent=False)

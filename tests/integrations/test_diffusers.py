@@ -230,7 +230,6 @@ def test_a_strategy_for_other_modules_is_refused_with_their_names():
     document["fingerprint"] = [dict(entry, num_heads=4) if entry["name"] == "blocks.1.attn1" else entry
                                for entry in document["fingerprint"]]
     document["sites"]["blocks.1.attn1"]["heads"] *= 2
-    document["sites"]["blocks.1.attn1"]["fusion_groups"] = [[0, 1, 2, 3]]
     with pytest.raises(StrategyError, match=r"'blocks\.1\.attn1'.*num_heads is 2 in the model but 4"):
         sparsify.attach(model, sparsify.Strategy.from_dict(document))
 

@@ -248,7 +248,7 @@ def test_chunked_prefill_of_adaptive_heads_estimates_per_chunk_from_what_the_chu
 def test_query_aware_decode_reading_every_page_generates_the_dense_tokens():
     model, inputs = model_zoo.llama(seq=64, batch=2)
     sites = sparsify.find_attention(model, inputs)
-    every_page = sparsify.decode_patterns.query_aware_decode(1.0, page_size=8)
+    every_page = sparsify.patterns.query_aware_decode(1.0, page_size=8)
     attached = sparsify.attach(model, sparsify.Strategy.dense(sites, block_size=16), decode=every_page)
     ids = inputs["input_ids"]
     mask = torch.ones_like(ids)
@@ -261,7 +261,7 @@ def test_query_aware_decode_reading_every_page_generates_the_dense_tokens():
 def test_query_aware_decode_reads_its_budget_of_pages_and_stays_close_to_dense():
     model, inputs = model_zoo.llama(seq=96, batch=1)
     sites = sparsify.find_attention(model, inputs)
-    pattern = sparsify.decode_patterns.query_aware_decode(0.1, page_size=8, sink_pages=1, window_pages=1, min_pages=1)
+    pattern = sparsify.patterns.query_aware_decode(0.1, page_size=8, sink_pages=1, window_pages=1, min_pages=1)
     strategy = sparsify.Strategy.dense(sites, block_size=16)
     attached = sparsify.attach(model, strategy, decode=pattern)
     ids = torch.randint(0, model_zoo.VOCAB, (1, 96), generator=torch.Generator().manual_seed(13))
@@ -287,7 +287,7 @@ def test_query_aware_decode_compiles_once_for_every_step_of_a_static_cache():
 
     model, inputs = model_zoo.llama(seq=64, batch=1)
     sites = sparsify.find_attention(model, inputs)
-    pattern = sparsify.decode_patterns.query_aware_decode(0.25, page_size=8, min_pages=1)
+    pattern = sparsify.patterns.query_aware_decode(0.25, page_size=8, min_pages=1)
     attached = sparsify.attach(model, sparsify.Strategy.uniform(sites, WINDOW, block_size=16), decode=pattern)
     ids = torch.randint(0, model_zoo.VOCAB, (1, 72), generator=torch.Generator().manual_seed(14))
     reference = sparsify.attach(model, sparsify.Strategy.uniform(sites, WINDOW, block_size=16), decode=pattern)
@@ -330,7 +330,7 @@ def test_sites_read_off_the_modules_are_the_sites_capture_finds():
 def test_query_aware_decode_on_named_sites_only_and_unknown_names_refused():
     model, inputs = model_zoo.llama(seq=48, batch=1)
     sites = sparsify.find_attention(model, inputs)
-    pattern = sparsify.decode_patterns.query_aware_decode(0.1, page_size=8)
+    pattern = sparsify.patterns.query_aware_decode(0.1, page_size=8)
     attached = sparsify.attach(model, sparsify.Strategy.uniform(sites, WINDOW, block_size=16),
                                decode={sites[1].name: pattern})
     layers = attached.model.layers

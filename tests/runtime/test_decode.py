@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sparsify.decode_patterns import query_aware_decode
+from sparsify.patterns import query_aware_decode
 from sparsify.errors import PatternError
 from sparsify.patterns import pattern_from_dict
 from sparsify.runtime.decode import KeyPageSummaries, QueryAwareDecoder, page_bounds, select_pages, visible_key_end

@@ -23,7 +23,7 @@ import torch
 
 from sparsify.errors import PatternError
 from sparsify.limits import MAX_GRID_BLOCKS
-from sparsify.patterns import BlockGrid, Pattern, register_pattern
+from sparsify.patterns.base import BlockGrid, Pattern, register_pattern
 
 __all__ = ["QueryAwareDecode", "query_aware_decode", "MAX_PAGE_SIZE"]
 

@@ -1,0 +1,235 @@
+"""The model-level budget: each site's sensitivity, the whole sparsified model's measured error, and the tightening loop.
+
+Sites are not alike: an early layer's error is carried through every later layer, a late one's
+may vanish in the next norm. `measure_sensitivities` injects one site's error at a time into the
+captured graph on held-out batches — the real error direction of candidates the search would pick
+there (their runtime masked output against dense), scaled to a known site error — and measures
+the model's output with the metric. For small errors the model-level error (in the metric's
+additive form ``value ** power``) grows with the square of the site error, so one pass per site
+and batch gives the site's sensitivity ``κ_s = model error / site error²``, and the predicted
+model-level error of a whole allocation is ``Σ_s κ_s · e_s²``.
+
+`OutputVerifier` runs the graph with every site's sparse heads on the runtime's own path
+(`SparseAttention`) and measures the model-level error; `tighten_until_within` bisects the
+budget's scale until the measured error is within the budget (the prediction ignores how site
+errors interact; the measurement does not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+from sparsify.distributed import CalibrationGroup
+from sparsify.ops import dense_attention
+from sparsify.patterns import Pattern
+from sparsify.runtime.sparse_attention import SparseAttention, StepCounter
+from sparsify.search.metrics import OutputMetric, first_output_tensor
+from sparsify.site import AttentionSite
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MAX_VERIFICATIONS", "OutputVerifier", "PROBE_SITE_ERROR", "measure_sensitivities",
+           "tighten_until_within"]
+
+#: Site relative error the sensitivity probe injects (small enough to stay in the linear regime).
+PROBE_SITE_ERROR = 0.05
+
+#: Most verifications (held-out passes of the whole sparsified model) the tightening loop runs.
+MAX_VERIFICATIONS = 6
+
+
+class OutputVerifier:
+    """Runs held-out batches through the captured graph with some sites replaced, and measures the model's output.
+
+    The dense outputs are computed once (`dense_outputs`); `measure` returns the mean over
+    batches of the metric's additive form (``value ** power``) summed over every rank.
+
+    Example:
+        >>> verifier = OutputVerifier(graph_module, batches, metric, group)         # doctest: +SKIP
+        >>> verifier.measure({"layers.0.attn": sparse_module})                     # doctest: +SKIP
+    """
+
+    def __init__(self, graph_module: torch.fx.GraphModule, batches: Sequence[tuple[tuple, dict]], metric: OutputMetric,
+                 group: CalibrationGroup, *, steps: Sequence[int] | None = None,
+                 padding: Sequence[torch.Tensor | None] | None = None, step_counter: StepCounter | None = None):
+        self.graph_module = graph_module
+        self.batches = list(batches)
+        self.metric = metric
+        self.group = group
+        self.steps = list(steps or [])
+        self.padding = list(padding or [])
+        self.step_counter = step_counter
+        self.passes = 0  # forward passes run (for the logs: what the budget cost)
+        self._dense: list[torch.Tensor] | None = None
+
+    def dense_outputs(self) -> list[torch.Tensor]:
+        """The captured graph's first output tensor per batch, every site dense (computed once)."""
+        if self._dense is None:
+            self._dense = [self._run(index, lambda *_: None) for index in range(len(self.batches))]
+        return self._dense
+
+    def measure(self, replacements: dict[str, Callable[..., torch.Tensor]]) -> float:
+        """Mean additive model-level error over the held-out batches (every rank's) with ``replacements``.
+
+        ``replacements[site]`` takes the canonical op's arguments ``(q, k, v, attn_mask,
+        is_causal, scale, softcap, sinks)`` and returns the site's output; other sites run dense.
+        """
+        dense = self.dense_outputs()
+        total = 0.0
+        for index in range(len(self.batches)):
+
+            def observer(site, q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
+                replacement = replacements.get(site.name)
+                return None if replacement is None else replacement(q, k, v, attn_mask, is_causal, scale, softcap, sinks)
+
+            output = self._run(index, observer)
+            reference, output = self._without_padding(index, dense[index], output)
+            total += self.metric(reference, output) ** self.metric.power
+        total, count = self.group.sum_floats([total, float(len(self.batches))], "summing model-level errors")
+        return total / max(count, 1.0)
+
+    def _run(self, index: int, observer: Callable) -> torch.Tensor:
+        from sparsify.passes.observe import ObservingInterpreter
+
+        if self.step_counter is not None and self.steps:
+            self.step_counter.step = self.steps[index]
+        args, kwargs = self.batches[index]
+        self.passes += 1
+        return first_output_tensor(ObservingInterpreter(self.graph_module, observer, index).run_batch(args, kwargs))
+
+    def _without_padding(self, index: int, reference: torch.Tensor, output: torch.Tensor):
+        """Padded positions (bool ``[batch, seq]``) carry no meaning: zero them in both outputs."""
+        ignored = self.padding[index] if index < len(self.padding) else None
+        if ignored is None or reference.dim() < 2 or tuple(reference.shape[:2]) != tuple(ignored.shape):
+            return reference, output
+        keep = (~ignored.to(reference.device)).reshape(*ignored.shape, *[1] * (reference.dim() - 2))
+        return reference * keep, output * keep
+
+
+def sparse_replacement(site: AttentionSite, heads: Sequence[Pattern], block_size: int, *, backend: str = "auto",
+                       cost_model: Any = None, dense_steps: int = 0,
+                       step_counter: StepCounter | None = None) -> Callable[..., torch.Tensor] | None:
+    """The site's runtime module for ``heads`` as a replacement for `OutputVerifier.measure` (None when all dense)."""
+    if all(pattern.is_dense for pattern in heads):
+        return None
+    return SparseAttention(site, list(heads), block_size=block_size, backend=backend, dense_steps=dense_steps,
+                           step_counter=step_counter, cost_model=cost_model)
+
+
+def measure_sensitivities(verifier: OutputVerifier, sites: Sequence[AttentionSite],
+                          probes: dict[str, Callable[..., torch.Tensor]],
+                          probe_error: float = PROBE_SITE_ERROR) -> dict[str, float]:
+    """Per site: model-level error (additive form) per unit of squared site relative error.
+
+    ``probes[site]`` computes a sparse output of the site (the runtime output of candidates the
+    search would pick there); its difference from the dense output, scaled per batch so that the
+    site's relative L2 error is ``probe_error``, is injected alone and the model's output measured.
+    A site without a probe (nothing but dense to choose from) gets sensitivity 0.
+
+    Example:
+        >>> measure_sensitivities(verifier, sites, {"attn": sparse_module})   # doctest: +SKIP
+        {'attn': 0.42}
+    """
+    sensitivities: dict[str, float] = {}
+    for site in sites:
+        probe = probes.get(site.name)
+        if probe is None:
+            sensitivities[site.name] = 0.0
+            continue
+
+        def injected(q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None, probe=probe):
+            dense = dense_attention(q, k, v, attn_mask, is_causal, scale, softcap, sinks)
+            difference = probe(q, k, v, attn_mask, is_causal, scale, softcap, sinks).double() - dense.double()
+            size = float(difference.pow(2).sum().sqrt())
+            if size == 0.0:
+                return dense
+            factor = probe_error * float(dense.double().pow(2).sum().sqrt()) / size
+            return (dense.double() + factor * difference).to(dense.dtype)
+
+        measured = verifier.measure({site.name: injected})
+        sensitivities[site.name] = measured / probe_error**2
+    logger.info("sensitivities (model-level error per squared site error): %s",
+                ", ".join(f"{name} {value:.3g}" for name, value in sensitivities.items()))
+    return sensitivities
+
+
+@dataclasses.dataclass
+class Verification:
+    """One verified allocation: its budget scale, promised (predicted) and measured model-level error (additive form)."""
+
+    scale: float
+    promised: float
+    measured: float
+    density: float | None = None
+
+    def to_json(self, metric: OutputMetric) -> dict[str, Any]:
+        unit = 1.0 / metric.power
+        return {"scale": round(self.scale, 6), "promised": round(self.promised**unit, 8),
+                "measured": round(self.measured**unit, 8),
+                **({"density": round(self.density, 6)} if self.density is not None else {})}
+
+
+def tighten_until_within(allocate: Callable[[float], Any], measure: Callable[[Any], tuple[float, float | None]],
+                         budget: float, rounds: int = MAX_VERIFICATIONS) -> tuple[Any, list[Verification], int]:
+    """Bisect the budget's scale until the measured model-level error is within ``budget``; returns
+    ``(allocation, verifications, index of the chosen verification)``.
+
+    ``allocate(scale)`` returns an object with ``predicted`` and ``key()`` (an `Allocation`);
+    ``measure(allocation)`` returns ``(measured, density)``. Scale 1 comes first; a measured error
+    above the budget tightens (proportionally, then by bisection between the best scale within and
+    the least scale over); one well below it loosens (up to 4× per step), so the prediction's bias
+    either way is corrected. When no scale is within, ``allocate(0.0)`` (every head dense, error 0) is
+    returned. Allocations already measured are not measured again.
+
+    Example:
+        >>> class Choice:
+        ...     def __init__(self, scale): self.scale, self.predicted = scale, scale
+        ...     def key(self): return round(self.scale, 9)
+        >>> choice, trail, best = tighten_until_within(Choice, lambda c: (2 * c.predicted, None), budget=1.0)
+        >>> 0.4 < trail[best].measured <= 1.0
+        True
+    """
+    trail: list[Verification] = []
+    measured_of: dict[Any, tuple[float, float | None]] = {}
+    best: tuple[int, Any] | None = None
+    within = over = None
+    scale = 1.0
+    for _ in range(rounds):
+        allocation = allocate(scale)
+        key = allocation.key()
+        repeated = key in measured_of
+        if not repeated:
+            measured_of[key] = measure(allocation)
+        measured, density = measured_of[key]
+        if repeated and over is None:
+            break  # loosening changes nothing more: every candidate worth taking is taken
+        if not repeated:
+            trail.append(Verification(scale, float(allocation.predicted or 0.0), measured, density))
+        if measured <= budget:
+            if not repeated and (best is None or scale > trail[best[0]].scale):
+                best = (len(trail) - 1, allocation)
+            within = scale if within is None else max(within, scale)
+        else:
+            over = scale if over is None else min(over, scale)
+        if over is None:
+            if measured >= 0.8 * budget or measured == 0:
+                break  # close to the budget (or nothing left to spend it on)
+            scale *= min(4.0, 0.9 * budget / measured)
+        elif within is None:
+            scale *= max(0.05, 0.9 * budget / measured)
+        else:
+            if over / within < 1.15:
+                break
+            scale = math.sqrt(within * over)
+    if best is None:
+        allocation = allocate(0.0)
+        key = allocation.key()
+        measured, density = measured_of[key] if key in measured_of else measure(allocation)
+        trail.append(Verification(0.0, float(allocation.predicted or 0.0), measured, density))
+        best = (len(trail) - 1, allocation)
+    return best[1], trail, best[0]
