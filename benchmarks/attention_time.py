@@ -205,7 +205,9 @@ def measure_attention_time(step: Callable[[], Any], device: torch.device | str, 
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize(device)
-    with torch.profiler.profile(activities=activities) as profiler:
+    # acc_events: keep every event of the block (without it torch warns, once per process, that a
+    # profiler "clears events at the end of each cycle" when a second profile is taken).
+    with torch.profiler.profile(activities=activities, acc_events=True) as profiler:
         begin = time.perf_counter()
         for _ in range(steps):
             step()

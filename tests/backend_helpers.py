@@ -85,7 +85,7 @@ def mask_reference(q, k, v, mask: RuntimeBlockMask, attn_mask=None, scale=None, 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``‖out - ref‖ / ‖ref‖`` in float64 (0 when both vanish)."""
-    ref = ref.double()
+    ref = ref.double().to(out.device)   # a CPU reference for a GPU output is compared where the output is
     return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
