@@ -50,11 +50,10 @@ from wan_bench import (  # noqa: E402
     WAN_TINY,
     attention_sites,
     make_inputs,
-    relative_error,
     self_attention_strategy,
-    time_ms,
     window_for_density,
 )
+from timing import median_ms, relative_error  # noqa: E402
 
 #: Wan2.1-T2V-14B (its transformer config): 40 heads, so N = 8 divides them.
 WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
@@ -171,7 +170,7 @@ def measure(model, strategy, inputs, n: int, group, device: torch.device, args: 
         dist.barrier(group=group)
         reset_peak(device)
         outputs[label] = step(module)
-        milliseconds = time_ms(lambda: step(module), args.repeats, args.warmup, device)
+        milliseconds = median_ms(lambda: step(module), device, args.repeats, args.warmup)
         row[f"{label}_ms"] = round(slowest(milliseconds, group, device), 2)
         row[f"{label}_peak_gib"] = round(slowest(peak_gib(device), group, device), 2)
     row["speedup"] = round(row["dense_ms"] / row["sparse_ms"], 3)
