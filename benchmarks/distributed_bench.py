@@ -47,7 +47,7 @@ from bench_rows import RowLog  # noqa: E402
 from sparsify.api import search_model  # noqa: E402
 from sparsify.cost import device_name  # noqa: E402
 from sparsify.distributed import contiguous_shard  # noqa: E402
-from sparsify.examples import StructuredVideoTransformer  # noqa: E402
+from sparsify.toy_models import StructuredVideoTransformer  # noqa: E402
 from sparsify.options import CompileOptions  # noqa: E402
 
 TIMEOUT = datetime.timedelta(minutes=3)  # collectives wait only for the slowest rank

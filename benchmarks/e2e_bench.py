@@ -1,6 +1,6 @@
 """End to end on the GPU: an attention-bound video-diffusion-like stack compiled by sparsify vs dense SDPA.
 
-The model is `sparsify.examples.StructuredVideoTransformer` (heads with window, frame-periodic,
+The model is `sparsify.toy_models.StructuredVideoTransformer` (heads with window, frame-periodic,
 in-frame and sink structure) at 16K-32K tokens in bf16. sparsify.compile searches the strategy on
 a few calibration batches, rewrites the graph to the chosen backend, and the script times the
 compiled model against the same model with dense `F.scaled_dot_product_attention` (the default
@@ -31,7 +31,7 @@ import torch
 import sparsify
 from attention_time import attention_density, fraction_of_ideal, ideal_step_ms, measure_attention_time
 from bench_rows import RowLog
-from sparsify.examples import StructuredVideoTransformer
+from sparsify.toy_models import StructuredVideoTransformer
 from timing import device_description, error_text, median_ms, relative_error
 
 MODES = ("eager", "compiled", "reduce-overhead")

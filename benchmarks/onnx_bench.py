@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
             for target in args.densities:
                 bench_case(SingleAttention().eval(), qkv, seq, target, args, workdir, "attention", log)
             if args.end_to_end:
-                model = sparsify.examples.VideoTransformer(256, 4, 4).eval().to(dtype)
+                model = sparsify.toy_models.VideoTransformer(256, 4, 4).eval().to(dtype)
                 tokens = (torch.randn(1, seq, 256).to(dtype),)
                 for target in args.densities:
                     bench_case(model, tokens, seq, target, args, workdir, "video_transformer", log)

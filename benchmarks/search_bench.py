@@ -32,7 +32,7 @@ import torch
 import sparsify
 from sparsify.api import search_model
 from sparsify.cost import device_name
-from sparsify.examples import StructuredVideoTransformer
+from sparsify.toy_models import StructuredVideoTransformer
 from sparsify.options import CompileOptions
 
 from bench_rows import RowLog

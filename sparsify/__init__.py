@@ -1,7 +1,7 @@
 """sparsify: a compiler for attention sparsity in PyTorch."""
 
 from sparsify import ops  # noqa: F401  (registers torch.ops.sparsify.attention)
-from sparsify import examples, patterns
+from sparsify import patterns, toy_models
 from sparsify.api import SparsifiedModule, compile, find_attention
 from sparsify.errors import (
     CaptureError,

@@ -25,8 +25,8 @@ from tabulate import tabulate
 
 from sparsify.options import CompileOptions
 
-DEFAULT_EXAMPLE = "sparsify.examples:structured_video_transformer"
-DEFAULT_EXAMPLE_CALIBRATION = "sparsify.examples:structured_video_batches"
+DEFAULT_EXAMPLE = "sparsify.toy_models:structured_video_transformer"
+DEFAULT_EXAMPLE_CALIBRATION = "sparsify.toy_models:structured_video_batches"
 
 
 def _resolve(spec: str, option: str, kind: str = "function") -> Callable[..., Any]:
@@ -47,7 +47,7 @@ def load_factory(spec: str) -> tuple[torch.nn.Module, Any]:
     """Call ``package.module:factory`` and return its ``(model, example_inputs)``.
 
     Example:
-        >>> model, inputs = load_factory("sparsify.examples:manual_attention_block")
+        >>> model, inputs = load_factory("sparsify.toy_models:manual_attention_block")
         >>> type(model).__name__
         'ManualAttentionBlock'
     """
@@ -422,7 +422,7 @@ def command_demo(args: argparse.Namespace) -> int:
     from sparsify.cost import time_call
 
     _check_output_path(args.out, "--out")
-    model, (tokens,) = sparsify.examples.video_transformer(seq_frames=args.frames)
+    model, (tokens,) = sparsify.toy_models.video_transformer(seq_frames=args.frames)
     print(f"model: VideoTransformer, {tokens.shape[1]} tokens, random weights\n")
     sites = sparsify.find_attention(model, (tokens,))
     print(_sites_table(sites), "\n")

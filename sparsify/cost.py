@@ -29,7 +29,7 @@ from sparsify.runtime.block_mask import blocks_for
 
 logger = logging.getLogger(__name__)
 
-PROFILE_FORMAT_VERSION = 1
+HARDWARE_PROFILE_FORMAT_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +111,7 @@ class HardwareProfile:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format_version": PROFILE_FORMAT_VERSION,
+            "format_version": HARDWARE_PROFILE_FORMAT_VERSION,
             "backend": self.backend,
             "device_type": self.device_type,
             "device_name": self.device_name,
@@ -124,9 +124,9 @@ class HardwareProfile:
         if not isinstance(data, dict):
             raise SparsifyError(f"{source}: a hardware profile is a JSON object")
         version = data.get("format_version")
-        if version != PROFILE_FORMAT_VERSION:
+        if version != HARDWARE_PROFILE_FORMAT_VERSION:
             raise SparsifyError(f"{source}: hardware profile format_version {version!r} is not understood; "
-                                f"understood: {PROFILE_FORMAT_VERSION}")
+                                f"understood: {HARDWARE_PROFILE_FORMAT_VERSION}")
         try:
             costs = BackendCosts(**data["costs"])
             return cls(str(data["backend"]), str(data["device_type"]), str(data["device_name"]), costs,

@@ -19,7 +19,7 @@ from sparsify.strategy import Strategy
 from sparsify.runtime.block_mask import blocks_for
 
 __all__ = [
-    "PROFILE_FORMAT_VERSION",
+    "BLOCK_MASS_PROFILE_FORMAT_VERSION",
     "head_densities",
     "load_profile_maps",
     "page_paths",
@@ -31,7 +31,7 @@ __all__ = [
     "strategy_table",
 ]
 
-PROFILE_FORMAT_VERSION = 1
+BLOCK_MASS_PROFILE_FORMAT_VERSION = 1
 # Profile maps are stored downsampled; a file asking for more rows or columns is not ours.
 MAX_PROFILE_RESOLUTION = 256
 
@@ -168,7 +168,7 @@ def save_profile_maps(maps: dict[str, torch.Tensor], path: str | os.PathLike, *,
     Example:
         >>> save_profile_maps({"attn": torch.rand(2, 8, 8)}, "strategy.profile.json")   # doctest: +SKIP
     """
-    document: dict[str, Any] = {"format_version": PROFILE_FORMAT_VERSION, "sites": {}}
+    document: dict[str, Any] = {"format_version": BLOCK_MASS_PROFILE_FORMAT_VERSION, "sites": {}}
     for name, mass in maps.items():
         heads, q_blocks, k_blocks = mass.shape
         small = torch.nn.functional.adaptive_avg_pool2d(mass.float().unsqueeze(0), (min(q_blocks, resolution),
@@ -191,10 +191,10 @@ def load_profile_maps(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             document = json.load(file)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as error:
         raise SparsifyError(f"cannot read profile maps {source!r}: {error}") from None
-    if not isinstance(document, dict) or document.get("format_version") != PROFILE_FORMAT_VERSION:
+    if not isinstance(document, dict) or document.get("format_version") != BLOCK_MASS_PROFILE_FORMAT_VERSION:
         version = document.get("format_version") if isinstance(document, dict) else None
         raise SparsifyError(f"{source}: profile format_version {version!r} is not understood; understood: "
-                            f"{PROFILE_FORMAT_VERSION}")
+                            f"{BLOCK_MASS_PROFILE_FORMAT_VERSION}")
     sites = document.get("sites")
     if not isinstance(sites, dict):
         raise SparsifyError(f"{source}: 'sites' must be a JSON object of site name -> maps")

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from sparsify.examples import ManualAttentionBlock, VideoTransformer
+from sparsify.toy_models import ManualAttentionBlock, VideoTransformer
 
 VOCAB = 128
 

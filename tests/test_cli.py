@@ -8,11 +8,11 @@ import pytest
 
 from sparsify import Strategy, find_attention, patterns
 from sparsify.cli import main
-from sparsify.examples import manual_attention_block
+from sparsify.toy_models import manual_attention_block
 
 
 def test_sites_prints_a_table(capsys):
-    assert main(["sites", "--model", "sparsify.examples:manual_attention_block"]) == 0
+    assert main(["sites", "--model", "sparsify.toy_models:manual_attention_block"]) == 0
     out = capsys.readouterr().out
     assert "attention" in out and "manual" in out and "causal" in out
 
@@ -34,7 +34,7 @@ def test_apply_reports_error(tmp_path, capsys):
     model, inputs = manual_attention_block()
     path = tmp_path / "strategy.json"
     Strategy.uniform(find_attention(model, inputs), patterns.sliding_window(64), block_size=32).save(path)
-    assert main(["apply", "--model", "sparsify.examples:manual_attention_block", "--strategy", str(path)]) == 0
+    assert main(["apply", "--model", "sparsify.toy_models:manual_attention_block", "--strategy", str(path)]) == 0
     out = capsys.readouterr().out
     assert "1 of 1 sites run sparse" in out and "relative L2 error" in out
 
@@ -42,7 +42,7 @@ def test_apply_reports_error(tmp_path, capsys):
 def test_apply_with_wrong_strategy_exits_2(tmp_path, capsys):
     path = tmp_path / "strategy.json"
     path.write_text("{not json")
-    assert main(["apply", "--model", "sparsify.examples:manual_attention_block", "--strategy", str(path)]) == 2
+    assert main(["apply", "--model", "sparsify.toy_models:manual_attention_block", "--strategy", str(path)]) == 2
     assert "strategy.json" in capsys.readouterr().err
 
 
@@ -95,7 +95,7 @@ def test_search_with_a_model_level_budget_then_the_quality_picture(tmp_path, cap
 
 
 def test_search_with_bad_budget_exits_2(tmp_path, capsys):
-    code = main(["search", "--model", "sparsify.examples:manual_attention_block", "--max-error", "1.5",
+    code = main(["search", "--model", "sparsify.toy_models:manual_attention_block", "--max-error", "1.5",
                  "--out", str(tmp_path / "s.json"), "--no-progress"])
     assert code == 2 and "max_error" in capsys.readouterr().err
 
@@ -110,7 +110,7 @@ def test_calibrate_writes_a_profile(tmp_path, capsys):
 
 # -- early checks, quiet runs, the picture (issue 11) ----------------------------------------------
 
-MANUAL = ["--model", "sparsify.examples:manual_attention_block", "--calib", "sparsify.examples:manual_attention_batches"]
+MANUAL = ["--model", "sparsify.toy_models:manual_attention_block", "--calib", "sparsify.toy_models:manual_attention_batches"]
 
 
 def unavailable_backend() -> str | None:
@@ -179,7 +179,7 @@ def test_export_is_a_cli_command_and_export_py_knows_no_cli(tmp_path, capfd):
     strategy = tmp_path / "s.json"
     Strategy.uniform(find_attention(model, inputs), patterns.sliding_window(64), block_size=32).save(strategy)
     onnx_file = tmp_path / "m.onnx"
-    assert main(["export", "--model", "sparsify.examples:manual_attention_block", "--strategy", str(strategy),
+    assert main(["export", "--model", "sparsify.toy_models:manual_attention_block", "--strategy", str(strategy),
                  "--out", str(onnx_file), "--check"]) == 0
     captured = capfd.readouterr()
     assert onnx_file.exists() and "max relative error" in captured.out
@@ -189,7 +189,7 @@ def test_export_is_a_cli_command_and_export_py_knows_no_cli(tmp_path, capfd):
 
 def test_export_lengths_that_are_not_lengths_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="--lengths: '2y' is not a length"):
-        main(["export", "--model", "sparsify.examples:manual_attention_block", "--strategy", str(tmp_path / "s.json"),
+        main(["export", "--model", "sparsify.toy_models:manual_attention_block", "--strategy", str(tmp_path / "s.json"),
               "--out", str(tmp_path / "m.onnx"), "--lengths", "512,2y"])
 
 
@@ -220,7 +220,7 @@ def test_an_export_that_fails_midway_keeps_the_previous_file(tmp_path, monkeypat
 
     monkeypatch.setattr(onnx.checker, "check_model", refuse)
     with pytest.raises(onnx.checker.ValidationError):
-        main(["export", "--model", "sparsify.examples:manual_attention_block", "--strategy", str(strategy),
+        main(["export", "--model", "sparsify.toy_models:manual_attention_block", "--strategy", str(strategy),
               "--out", str(onnx_file)])
     assert onnx_file.read_bytes() == b"the previous, working model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "s.json"]

@@ -20,11 +20,11 @@ def _row(output: str) -> dict[str, str]:
 
 
 def test_bench_times_the_graph_door(tmp_path, capsys):
-    model, inputs = sparsify.examples.manual_attention_block()
+    model, inputs = sparsify.toy_models.manual_attention_block()
     sites = sparsify.find_attention(model, inputs)
     path = tmp_path / "strategy.json"
     sparsify.Strategy.uniform(sites, patterns.sliding_window(64), block_size=32).save(path)
-    assert main(["bench", "--model", "sparsify.examples:manual_attention_block", "--strategy", str(path),
+    assert main(["bench", "--model", "sparsify.toy_models:manual_attention_block", "--strategy", str(path),
                  "--device", "cpu", "--repeats", "2", "--warmup", "1", "--threads", "1"]) == 0
     output = capsys.readouterr().out
     row = _row(output)

@@ -29,7 +29,7 @@ from sparsify.distributed import (
     is_main_process,
 )
 from sparsify.errors import SparsifyError, StrategyError
-from sparsify.examples import StructuredVideoTransformer
+from sparsify.toy_models import StructuredVideoTransformer
 from sparsify.options import CompileOptions
 from sparsify.site import AttentionSite
 from sparsify.strategy import Strategy

@@ -189,7 +189,8 @@ def library() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
 
 
 # Old module paths kept one release for users' imports; each warns, naming where its contents went.
-DEPRECATED_MODULES = {"sparsify.adaptive_patterns": "sparsify.patterns", "sparsify.passes.profile": "sparsify.passes.observe"}
+DEPRECATED_MODULES = {"sparsify.adaptive_patterns": "sparsify.patterns", "sparsify.passes.profile": "sparsify.passes.observe",
+                      "sparsify.examples": "sparsify.toy_models"}
 
 
 def test_every_module_imports():

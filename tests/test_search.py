@@ -12,7 +12,7 @@ from helpers import call, max_relative_error
 import sparsify
 from sparsify import SparsifyError, patterns
 from sparsify.cost import BackendCosts, CostModel, HardwareProfile
-from sparsify.examples import StructuredVideoTransformer
+from sparsify.toy_models import StructuredVideoTransformer
 from sparsify.options import CompileOptions
 from sparsify.search import HeadOptions, choose_with_multiplier, collect_batches
 
