@@ -398,11 +398,16 @@ def test_candidates_are_priced_by_the_cost_model_on_their_runtime_masks():
 
     site = sparsify.AttentionSite("attn", 0, num_heads=1, num_kv_heads=1, head_dim=32, q_len=200, k_len=200, causal=True)
     masks = SiteMasks(block_size=32, causal=True)
-    # One representation: the grid the scoring reads is the runtime mask's, which is the pattern's own block mask.
+    # One mask: the grid the scoring reads is the pattern's block mask, and the priced runtime mask is the pattern's.
     for pattern in candidate_patterns(site, 32, None)[0]:
         grid = pattern.block_mask(7, 7, block_size=32, causal=True, q_len=200, k_len=200)
         assert torch.equal(masks.of(pattern, 200, 200), grid)
-        assert masks.runtime(pattern, 200, 200).kept_blocks_per_head() == [float(grid.sum())]
+        runtime = masks.runtime(pattern, 200, 200)
+        assert runtime.kept_blocks_per_head() == [float(grid.sum())]
+        if not pattern.is_skip:
+            built = pattern.runtime_mask(200, 200, block_size=32, causal=True)
+            assert torch.equal(runtime.full_block_masks(), built.full_block_masks())
+            assert torch.equal(runtime.partial_block_masks(), built.partial_block_masks())
     scores = torch.rand(7, 7, generator=torch.Generator().manual_seed(0))
     table = patterns.block_top_k.from_block_scores(scores, density=0.3, causal=True)
     adaptive = patterns.pooled_coverage(0.9)

@@ -105,14 +105,16 @@ def _profile_candidates(mass: torch.Tensor, block_size: int, site: AttentionSite
 
 
 class SiteMasks:
-    """Runtime block masks of one site's candidates, built once per (pattern, lengths) and shared by the prefilter,
-    the scoring and the costing (heads share most candidates).
+    """Block masks of one site's candidates, built once per (pattern, lengths) and shared by the prefilter, the
+    scoring and the costing (heads share most candidates).
 
-    Each candidate has one mask: its `RuntimeBlockMask` (`runtime`), the one the kernels run and
-    the cost model prices (`CostModel.head_latency`); `of` is the same mask's kept blocks as a
-    bool grid (what the profile's recall and the scoring's masked attention read). `skip`
-    computes nothing and has no runtime mask of its own: its entry holds its block mask (the
-    row fallback), which only the prefilter compares; the search prices skipped heads at 0.
+    Each candidate has one mask, seen two ways: `of` is its kept blocks as a bool grid (the
+    pattern's `block_mask`, what the profile's recall and the scoring's masked attention read),
+    and `runtime` is the `RuntimeBlockMask` compressed from that same grid — what
+    `Pattern.runtime_mask` builds, the kernels run and the cost model prices
+    (`CostModel.head_latency`). It is built only for candidates that get priced (the prefilter
+    drops many). `skip` computes nothing: its grid is the row-fallback placeholder, which only
+    the prefilter compares; the search prices skipped heads at 0.
 
     Example:
         >>> masks = SiteMasks(block_size=64, causal=True)
@@ -125,28 +127,26 @@ class SiteMasks:
     def __init__(self, block_size: int, causal: bool):
         self.block_size = block_size
         self.causal = causal
-        self._masks: dict[tuple[str, int, int], RuntimeBlockMask] = {}
-        self._grids: dict[tuple[str, int, int], torch.Tensor] = {}  # views of _masks, expanded once
-
-    def runtime(self, pattern: Pattern, q_len: int, k_len: int) -> RuntimeBlockMask:
-        """The candidate's runtime mask (one head, on CPU) at these lengths."""
-        key = (repr(pattern.to_dict()), q_len, k_len)
-        if key not in self._masks:
-            if is_skip(pattern):
-                kept = pattern.block_mask(blocks_for(q_len, self.block_size), blocks_for(k_len, self.block_size),
-                                          block_size=self.block_size, causal=self.causal, q_len=q_len, k_len=k_len)
-                self._masks[key] = RuntimeBlockMask.from_block_masks(kept.unsqueeze(0), block_size=self.block_size,
-                                                                     q_len=q_len, k_len=k_len, causal=self.causal)
-            else:
-                self._masks[key] = pattern.runtime_mask(q_len, k_len, block_size=self.block_size, causal=self.causal)
-        return self._masks[key]
+        self._grids: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._masks: dict[tuple[str, int, int], RuntimeBlockMask] = {}  # compressed from _grids
 
     def of(self, pattern: Pattern, q_len: int, k_len: int) -> torch.Tensor:
-        """``bool [q_blocks, k_blocks]``: the kept blocks of the candidate's runtime mask (`runtime`)."""
+        """``bool [q_blocks, k_blocks]``: the candidate's kept blocks at these lengths."""
         key = (repr(pattern.to_dict()), q_len, k_len)
         if key not in self._grids:
-            self._grids[key] = self.runtime(pattern, q_len, k_len).to_block_masks()[0, 0]
+            self._grids[key] = pattern.block_mask(blocks_for(q_len, self.block_size), blocks_for(k_len, self.block_size),
+                                                  block_size=self.block_size, causal=self.causal,
+                                                  q_len=q_len, k_len=k_len)
         return self._grids[key]
+
+    def runtime(self, pattern: Pattern, q_len: int, k_len: int) -> RuntimeBlockMask:
+        """The candidate's runtime mask (one head, on CPU) at these lengths: `of`'s grid, compressed."""
+        key = (repr(pattern.to_dict()), q_len, k_len)
+        if key not in self._masks:
+            self._masks[key] = RuntimeBlockMask.from_block_masks(self.of(pattern, q_len, k_len).unsqueeze(0),
+                                                                 block_size=self.block_size, q_len=q_len, k_len=k_len,
+                                                                 causal=self.causal)
+        return self._masks[key]
 
 
 def prefilter_candidates(candidates: Sequence[Pattern], profile: BlockMassProfile, head: int, masks: SiteMasks,
