@@ -1,4 +1,4 @@
-"""Cost model: estimated latency of a site's attention, sparse per backend and dense, per device.
+"""Cost model: estimated latency of a site's attention from its runtime block mask, per backend and device.
 
 The model is analytic — launch overhead, a per-row cost, and a cost per kept block proportional
 to ``block_size² × head_dim`` multiply-adds — with constants per (backend, device). Defaults are
@@ -25,7 +25,7 @@ import torch
 from sparsify.errors import SparsifyError
 from sparsify.io import write_text_atomically
 from sparsify.site import AttentionSite
-from sparsify.runtime.block_mask import blocks_for
+from sparsify.runtime.block_mask import RuntimeBlockMask, blocks_for
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +179,9 @@ class CostModel:
     Example:
         >>> model = CostModel()
         >>> site = AttentionSite("attn", 0, num_heads=8, num_kv_heads=8, head_dim=64, q_len=4096, k_len=4096)
-        >>> dense = model.dense_latency(site, backend="torch", device="cpu")
-        >>> sparse = model.sparse_latency(site, [8] * 8, backend="torch", device="cpu", block_size=64)
-        >>> sparse < dense
+        >>> from sparsify.patterns import sliding_window
+        >>> mask = sliding_window(64).runtime_mask(4096, 4096, block_size=64).select_heads([0] * 8)
+        >>> model.latency(site, mask, "torch", "cpu") < model.dense_latency(site, backend="torch", device="cpu")
         True
     """
 
@@ -255,20 +255,39 @@ class CostModel:
         raise SparsifyError(f"no cost constants for backend {backend!r} on {device_type}; "
                             f"known: {sorted(DEFAULT_COSTS)} — run `sparsify-cli calibrate --backend {backend}`")
 
-    def dense_head_latency(self, site: AttentionSite, *, backend: str, device, batch: int = 1,
-                           q_len: int | None = None, k_len: int | None = None) -> float:
-        """Marginal latency of one dense head."""
-        costs = self.costs(backend, device)
-        q_len, k_len = q_len or site.q_len, k_len or site.k_len
-        work = q_len * k_len * site.head_dim * (0.5 if site.causal else 1.0)
-        return batch * work * costs.dense_per_element
+    def head_latency(self, site: AttentionSite, mask: RuntimeBlockMask | None, head: int = 0, *, backend: str, device,
+                     batch: int = 1, kept_blocks: float | None = None) -> float:
+        """Marginal latency of head ``head`` of ``mask`` (a `RuntimeBlockMask`); ``mask=None``: a dense head (SDPA).
 
-    def sparse_head_latency(self, site: AttentionSite, kept_blocks: float, *, backend: str, device, block_size: int,
-                            batch: int = 1, q_len: int | None = None) -> float:
-        """Marginal latency of one sparse head keeping ``kept_blocks`` blocks in all."""
+        The one price of a head: `latency` (a site), the search (each candidate's runtime mask) and
+        the runtime's backend choice are sums of it. A sparse head costs a row per query block of
+        the mask plus ``block_size² × head_dim`` multiply-adds per kept block — the mask's own
+        kept blocks of that head, averaged over its batch. ``kept_blocks`` replaces that count
+        for a head whose mask is estimated per input: the search prices an input-adaptive
+        candidate with the mean blocks its masks kept on held-out inputs, on the geometry
+        (query blocks, block size) of ``mask``. A dense head costs ``q_len × k_len × head_dim``
+        multiply-adds at the site's lengths (half of them at a causal site).
+
+        Example:
+            >>> from sparsify.patterns import sliding_window
+            >>> site = AttentionSite("attn", 0, num_heads=8, num_kv_heads=8, head_dim=64, q_len=4096, k_len=4096)
+            >>> mask = sliding_window(128).runtime_mask(4096, 4096, block_size=64)
+            >>> model = CostModel()
+            >>> model.head_latency(site, mask, backend="torch", device="cpu") < model.head_latency(
+            ...     site, None, backend="torch", device="cpu")
+            True
+        """
         costs = self.costs(backend, device)
-        q_blocks = blocks_for(q_len or site.q_len, block_size)
-        return batch * (q_blocks * costs.per_row_block + kept_blocks * block_size**2 * site.head_dim * costs.per_block_element)
+        if mask is None:
+            work = site.q_len * site.k_len * site.head_dim * (0.5 if site.causal else 1.0)
+            return batch * work * costs.dense_per_element
+        if kept_blocks is None:
+            if not 0 <= head < mask.num_heads:
+                raise SparsifyError(f"site {site.name!r}: cannot price head {head} of a mask of {mask.num_heads} "
+                                    f"head(s); give a head index below {mask.num_heads}")
+            kept_blocks = mask.kept_blocks_per_head()[head]
+        return batch * (mask.q_blocks * costs.per_row_block
+                        + kept_blocks * mask.block_size**2 * site.head_dim * costs.per_block_element)
 
     def estimation_latency(self, site: AttentionSite, pattern, *, backend: str, device, block_size: int,
                            batch: int = 1, q_len: int | None = None, k_len: int | None = None) -> float:
@@ -287,29 +306,42 @@ class CostModel:
         return batch * work * 2 * costs.dense_per_element + launches * 0.25 * costs.launch
 
     def dense_latency(self, site: AttentionSite, *, backend: str, device, batch: int = 1) -> float:
-        """Latency of the whole site run dense (SDPA)."""
-        costs = self.costs(backend, device)
-        return costs.dense_launch + site.num_heads * self.dense_head_latency(site, backend=backend, device=device, batch=batch)
+        """Latency of the whole site run dense (SDPA): `latency` without a mask."""
+        return self.latency(site, None, backend, device, batch=batch)
 
-    def sparse_latency(self, site: AttentionSite, kept_blocks_per_head: Sequence[float | None], *, backend: str, device,
-                       block_size: int, batch: int = 1) -> float:
-        """Latency of a site whose head ``h`` keeps ``kept_blocks_per_head[h]`` blocks (``None``: dense head)."""
+    def latency(self, site: AttentionSite, mask: RuntimeBlockMask | None, backend: str, device, *, batch: int = 1,
+                dense_heads: int | None = None) -> float:
+        """Latency of a site whose sparse heads keep the blocks of ``mask`` and whose other heads run dense (SDPA).
+
+        One launch of the sparse kernel for the mask's heads and one of SDPA for the
+        ``dense_heads`` (default: the site's heads the mask does not hold; ``mask=None``: every
+        head dense), each head priced by `head_latency`. ``dense_heads=0`` prices the sparse
+        heads alone (e.g. to compare backends that would all leave the dense heads to SDPA).
+
+        Example:
+            >>> from sparsify.patterns import sliding_window
+            >>> site = AttentionSite("attn", 0, num_heads=8, num_kv_heads=8, head_dim=64, q_len=4096, k_len=4096)
+            >>> mask = sliding_window(128).runtime_mask(4096, 4096, block_size=64)
+            >>> model = CostModel()
+            >>> model.latency(site, mask, "torch", "cpu") < model.latency(site, None, "torch", "cpu")
+            True
+        """
         costs = self.costs(backend, device)
+        sparse_heads = 0 if mask is None else mask.num_heads
+        if dense_heads is None:
+            dense_heads = site.num_heads - sparse_heads
+        if dense_heads < 0:
+            raise SparsifyError(f"site {site.name!r} has {site.num_heads} heads but its mask holds {sparse_heads}; "
+                                f"a site's mask holds at most one row per head")
         total = 0.0
-        dense_heads = [k for k in kept_blocks_per_head if k is None]
-        sparse_heads = [k for k in kept_blocks_per_head if k is not None]
         if dense_heads:
-            total += costs.dense_launch + len(dense_heads) * self.dense_head_latency(site, backend=backend, device=device, batch=batch)
+            total += costs.dense_launch + dense_heads * self.head_latency(site, None, backend=backend, device=device,
+                                                                          batch=batch)
         if sparse_heads:
-            total += costs.launch + sum(self.sparse_head_latency(site, k, backend=backend, device=device,
-                                                                 block_size=block_size, batch=batch) for k in sparse_heads)
+            kept = mask.kept_blocks_per_head()
+            total += costs.launch + sum(self.head_latency(site, mask, head, backend=backend, device=device, batch=batch,
+                                                          kept_blocks=kept[head]) for head in range(sparse_heads))
         return total
-
-    def latency(self, site: AttentionSite, mask, backend: str, device) -> float:
-        """Latency of a site whose sparse heads keep the blocks of ``mask`` (a `RuntimeBlockMask`; dense heads: the rest)."""
-        kept = mask.kept_blocks_per_head()
-        kept_per_head: list[float | None] = kept + [None] * (site.num_heads - len(kept))
-        return self.sparse_latency(site, kept_per_head, backend=backend, device=device, block_size=mask.block_size)
 
 
 def _same_device(profile_device_name: str, device) -> bool:
@@ -420,7 +452,6 @@ def _measure_and_fit(implementation, backend: str, device: torch.device, dtype: 
                      densities: Sequence[float], heads: int, head_dim: int, block_size: int, repeats: int,
                      progress: Callable[[str], None] | None, timer: Timer) -> HardwareProfile:
     from sparsify.ops import dense_attention
-    from sparsify.runtime.block_mask import RuntimeBlockMask
 
     generator = torch.Generator().manual_seed(0)
     sparse_rows: list[list[float]] = []

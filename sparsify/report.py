@@ -98,15 +98,19 @@ def head_densities(strategy: Strategy, site_name: str) -> list[float] | None:
     entry = next(e for e in strategy.fingerprint if e["name"] == site_name)
     if "q_len" not in entry or "k_len" not in entry:
         return None
-    q_blocks = blocks_for(entry["q_len"], strategy.block_size)
-    k_blocks = blocks_for(entry["k_len"], strategy.block_size)
+    q_len, k_len, causal = entry["q_len"], entry["k_len"], entry.get("causal", False)
     computed: dict[Pattern, float] = {}  # heads share patterns: each distinct one is counted once
     values = []
     for pattern in strategy.sites[site_name].heads:
         if pattern not in computed:
-            computed[pattern] = pattern.density(q_blocks, k_blocks, block_size=strategy.block_size,
-                                                causal=entry.get("causal", False), q_len=entry["q_len"],
-                                                k_len=entry["k_len"])
+            if pattern.is_skip or pattern.is_adaptive:  # no static runtime mask: the pattern's own definition
+                computed[pattern] = pattern.density(blocks_for(q_len, strategy.block_size),
+                                                    blocks_for(k_len, strategy.block_size),
+                                                    block_size=strategy.block_size, causal=causal, q_len=q_len,
+                                                    k_len=k_len)
+            else:  # the blocks its runtime mask keeps (what the kernels run and the cost model prices)
+                computed[pattern] = pattern.runtime_mask(q_len, k_len, block_size=strategy.block_size,
+                                                         causal=causal).density()
         values.append(computed[pattern])
     return values
 

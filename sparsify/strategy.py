@@ -642,8 +642,6 @@ class Strategy:
             if "q_len" not in entry or "k_len" not in entry:
                 return None
             q_len, k_len, causal = entry["q_len"], entry["k_len"], entry["causal"]
-            q_blocks = blocks_for(q_len, self.block_size)
-            k_blocks = blocks_for(k_len, self.block_size)
             dense_blocks = int(block_geometry(q_len, k_len, self.block_size, causal)[0].sum())
             site = self.sites[entry["name"]]
             work_per_block = entry.get("head_dim", 1)  # each head's blocks weighted by its work
@@ -654,10 +652,9 @@ class Strategy:
                     metric = site.head_metrics[head] if site.head_metrics else {}
                     kept += float(metric.get("work", 1.0)) * dense_blocks * work_per_block
                 elif not getattr(pattern, "is_skip", False):
-                    if pattern not in computed_blocks:
-                        computed_blocks[pattern] = int(pattern.block_mask(
-                            q_blocks, k_blocks, block_size=self.block_size, causal=causal, q_len=q_len, k_len=k_len,
-                        ).sum())
+                    if pattern not in computed_blocks:  # the blocks its runtime mask keeps (what the kernels run)
+                        computed_blocks[pattern] = int(pattern.runtime_mask(
+                            q_len, k_len, block_size=self.block_size, causal=causal).kept_counts().sum())
                     kept += computed_blocks[pattern] * work_per_block
                 computed += dense_blocks * work_per_block
         return kept / computed

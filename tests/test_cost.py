@@ -6,26 +6,62 @@ import json
 import math
 
 import pytest
+import torch
 
 from sparsify import AttentionSite, SparsifyError
 from sparsify.cost import DEFAULT_COSTS, BackendCosts, CostModel, HardwareProfile, calibrate, shipped_profiles
+from sparsify.runtime.block_mask import RuntimeBlockMask
 
 SITE = AttentionSite("attn", 0, num_heads=8, num_kv_heads=8, head_dim=64, q_len=4096, k_len=4096)
 
 
+def _random_mask(heads: int, density: float, *, length: int = 4096, block_size: int = 64, causal: bool = False,
+                 seed: int = 0) -> RuntimeBlockMask:
+    blocks = length // block_size
+    generator = torch.Generator().manual_seed(seed)
+    kept = torch.rand(heads, blocks, blocks, generator=generator) < density
+    return RuntimeBlockMask.from_block_masks(kept, block_size=block_size, q_len=length, k_len=length, causal=causal)
+
+
 def test_sparse_is_cheaper_at_low_density_and_costlier_near_dense():
     model = CostModel()
-    blocks = 64 * 64
-    dense = model.dense_head_latency(SITE, backend="torch", device="cpu")
-    assert model.sparse_head_latency(SITE, 0.1 * blocks, backend="torch", device="cpu", block_size=64) < dense
-    assert model.sparse_head_latency(SITE, 1.0 * blocks, backend="torch", device="cpu", block_size=64) > dense
+    dense = model.head_latency(SITE, None, backend="torch", device="cpu")
+    assert model.head_latency(SITE, _random_mask(1, 0.1), backend="torch", device="cpu") < dense
+    assert model.head_latency(SITE, _random_mask(1, 1.0), backend="torch", device="cpu") > dense
+
+
+def test_head_latency_prices_the_masks_own_kept_blocks():
+    model = CostModel()
+    costs = model.costs("torch", "cpu")
+    mask = _random_mask(3, 0.3, causal=True, seed=1)
+    for head in range(3):
+        kept = int(mask.to_block_masks()[0, head].sum())       # counted from the expanded bool grid, independently
+        expected = 64 * costs.per_row_block + kept * 64**2 * SITE.head_dim * costs.per_block_element
+        assert model.head_latency(SITE, mask, head, backend="torch", device="cpu") == pytest.approx(expected, rel=1e-12)
+        assert model.head_latency(SITE, mask, head, backend="torch", device="cpu", batch=2) == pytest.approx(2 * expected)
+    # An input-adaptive head: the measured kept blocks replace the mask's own count (its geometry stays).
+    override = model.head_latency(SITE, mask, backend="torch", device="cpu", kept_blocks=10.0)
+    assert override == pytest.approx(64 * costs.per_row_block + 10 * 64**2 * SITE.head_dim * costs.per_block_element)
+    dense = model.head_latency(SITE, None, backend="torch", device="cpu")
+    assert dense == pytest.approx(4096 * 4096 * SITE.head_dim * costs.dense_per_element)
+    with pytest.raises(SparsifyError, match="head 3 of a mask of 3"):
+        model.head_latency(SITE, mask, 3, backend="torch", device="cpu")
 
 
 def test_site_latency_mixes_dense_and_sparse_heads():
     model = CostModel()
-    mixed = model.sparse_latency(SITE, [None] * 4 + [400.0] * 4, backend="torch", device="cpu", block_size=64)
+    costs = model.costs("torch", "cpu")
+    mask = _random_mask(4, 0.1, seed=2)
+    mixed = model.latency(SITE, mask, "torch", "cpu")
     dense = model.dense_latency(SITE, backend="torch", device="cpu")
+    assert dense == model.latency(SITE, None, "torch", "cpu")
     assert 0.5 * dense < mixed < dense
+    heads = sum(model.head_latency(SITE, mask, head, backend="torch", device="cpu") for head in range(4))
+    dense_head = model.head_latency(SITE, None, backend="torch", device="cpu")
+    assert mixed == pytest.approx(costs.launch + heads + costs.dense_launch + 4 * dense_head)
+    assert model.latency(SITE, mask, "torch", "cpu", dense_heads=0) == pytest.approx(costs.launch + heads)
+    with pytest.raises(SparsifyError, match="has 8 heads but its mask holds 9"):
+        model.latency(SITE, _random_mask(9, 0.1), "torch", "cpu")
 
 
 def test_profile_overrides_defaults(tmp_path):
@@ -147,17 +183,14 @@ def test_shipped_profiles_load():
         assert profile.fit["mean_relative_error"] < 0.2 and profile.fit.get("density_growth", 1.05) >= 1.05
         model = CostModel.priced_for(profile)
         dense = model.dense_latency(site, backend=profile.backend, device="cuda")
-        blocks = 128 * 129 // 2  # the causal blocks of one head at block 128
-        sparse = [model.sparse_latency(site, [density * blocks] * 16, backend=profile.backend, device="cuda",
-                                       block_size=128) for density in (0.1, 0.3, 0.6)]
+        sparse = [model.latency(site, _random_mask(16, density, length=16384, block_size=128, causal=True), profile.backend,
+                                "cuda") for density in (0.1, 0.3, 0.6)]
         assert sparse[0] < sparse[1] < sparse[2]                     # more kept blocks, more time
         assert sparse[0] < dense                                      # at 16K tokens a 10% mask pays
 
 
 @pytest.mark.gpu
 def test_default_cuda_constants_say_where_they_were_measured(caplog):
-    import torch
-
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from sparsify.cost import DEFAULT_CUDA_COSTS_MEASURED_ON, _same_device

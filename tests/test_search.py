@@ -389,3 +389,46 @@ def test_price_for_prices_the_search_as_another_machine(tmp_path):
         sparsify.compile(model, batches, price_for=str(tmp_path / "missing.json"))
     with pytest.raises(SparsifyError, match="either cost_model or price_for"):
         sparsify.compile(model, batches, price_for=str(path), cost_model=WORK_ONLY)
+
+
+def test_candidates_are_priced_by_the_cost_model_on_their_runtime_masks():
+    from sparsify.profile import CandidateErrors
+    from sparsify.search.candidates import SiteMasks, candidate_patterns
+    from sparsify.search.scoring import STATIC_TABLE_COST_FACTOR, head_options
+
+    site = sparsify.AttentionSite("attn", 0, num_heads=1, num_kv_heads=1, head_dim=32, q_len=200, k_len=200, causal=True)
+    masks = SiteMasks(block_size=32, causal=True)
+    # One mask: the grid the scoring reads is the pattern's block mask, and the priced runtime mask is the pattern's.
+    for pattern in candidate_patterns(site, 32, None)[0]:
+        grid = pattern.block_mask(7, 7, block_size=32, causal=True, q_len=200, k_len=200)
+        assert torch.equal(masks.of(pattern, 200, 200), grid)
+        runtime = masks.runtime(pattern, 200, 200)
+        assert runtime.kept_blocks_per_head() == [float(grid.sum())]
+        if not pattern.is_skip:
+            built = pattern.runtime_mask(200, 200, block_size=32, causal=True)
+            assert torch.equal(runtime.full_block_masks(), built.full_block_masks())
+            assert torch.equal(runtime.partial_block_masks(), built.partial_block_masks())
+    scores = torch.rand(7, 7, generator=torch.Generator().manual_seed(0))
+    table = patterns.block_top_k.from_block_scores(scores, density=0.3, causal=True)
+    adaptive = patterns.pooled_coverage(0.9)
+    candidates = [patterns.dense(), patterns.sliding_window(40), patterns.skip(), table, adaptive]
+    errors = CandidateErrors.empty([len(candidates)])
+    errors.output_norm += 1.0
+    errors.total_mass += 1.0
+    errors.work_sum[0][4] = 0.75          # the adaptive candidate kept 3/8 of the work on each of 2 inputs
+    errors.work_count += 2.0
+    model = CostModel()
+    option, = head_options(site, [candidates], errors, masks, model, "torch", torch.device("cpu"), CompileOptions(),
+                           static_counts=[4])
+    # Reference: the analytic formula on blocks counted from the patterns' block masks, not from the runtime masks.
+    costs = model.costs("torch", "cpu")
+    visible = 7 * 8 // 2
+    def price(kept):
+        return 7 * costs.per_row_block + kept * 32**2 * 32 * costs.per_block_element
+    window = float(patterns.sliding_window(40).block_mask(7, 7, block_size=32, causal=True, q_len=200, k_len=200).sum())
+    table_kept = float(table.block_mask(7, 7, block_size=32, causal=True, q_len=200, k_len=200).sum())
+    estimation = model.estimation_latency(site, adaptive, backend="torch", device="cpu", block_size=32)
+    expected = [200 * 200 * 32 * 0.5 * costs.dense_per_element, price(window), 0.0,
+                price(table_kept) * STATIC_TABLE_COST_FACTOR, price(0.375 * visible) + estimation]
+    assert option.cost.tolist() == pytest.approx(expected, rel=1e-12)
+    assert option.work.tolist() == pytest.approx([1.0, window / visible, 0.0, table_kept / visible, 0.375], rel=1e-12)

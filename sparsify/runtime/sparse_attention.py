@@ -339,12 +339,11 @@ class SparseAttention(torch.nn.Module):
 
         site = self.site
         cost_model = self.cost_model or CostModel.default()
-        kept = self.runtime_mask(site.q_len, site.k_len, torch.device("cpu")).kept_blocks_per_head()
+        mask = self.runtime_mask(site.q_len, site.k_len, torch.device("cpu"))
         estimates = {}
         for backend in candidates:
-            try:
-                estimates[backend.name] = cost_model.sparse_latency(site, kept, backend=backend.cost_key, device=device,
-                                                                    block_size=self.block_size)
+            try:  # the sparse heads only: whichever backend serves them, the dense heads run SDPA
+                estimates[backend.name] = cost_model.latency(site, mask, backend.cost_key, device, dense_heads=0)
             except Exception:  # noqa: BLE001 - a backend without cost constants is priced last
                 estimates[backend.name] = float("inf")
         logger.debug("site %s: backend estimates %s", site.name, estimates)
@@ -388,11 +387,10 @@ class SparseAttention(torch.nn.Module):
         cost_model = self.cost_model or CostModel.default()
         site = self.site
         full = RuntimeBlockMask.dense(1, block_size=self.block_size, q_len=site.q_len, k_len=site.k_len,
-                                      causal=site.causal).kept_blocks_per_head()[0]
+                                      causal=site.causal)
         try:
-            ours = cost_model.sparse_head_latency(site, full, backend=backend.cost_key, device=device,
-                                                  block_size=self.block_size)
-            sdpa = cost_model.dense_head_latency(site, backend=backend.cost_key, device=device)
+            ours = cost_model.head_latency(site, full, backend=backend.cost_key, device=device)
+            sdpa = cost_model.head_latency(site, None, backend=backend.cost_key, device=device)
         except Exception:  # noqa: BLE001 - no cost constants: keep SDPA
             return False
         return ours < sdpa

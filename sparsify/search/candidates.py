@@ -1,5 +1,5 @@
 """Candidates of the search: per head the patterns to score (static families, profile-read tables, input-adaptive
-estimators), their block masks, and the profile prefilter.
+estimators), their runtime masks, and the profile prefilter.
 
 Input-adaptive candidates are scored like static ones — by the real output error on held-out
 batches — but with the masks each candidate produces on *those* inputs (estimated exactly as the
@@ -17,10 +17,9 @@ import torch
 from sparsify import patterns as pattern_library
 from sparsify.patterns import Pattern
 from sparsify.profile import BlockMassProfile
-from sparsify.runtime.block_mask import block_geometry
+from sparsify.runtime.block_mask import RuntimeBlockMask, block_geometry, blocks_for
 from sparsify.runtime.mask_source import AdaptiveMaskSource
 from sparsify.site import AttentionSite
-from sparsify.runtime.block_mask import blocks_for
 
 __all__ = ["AdaptiveCandidateMasks", "MIN_QUERY_BLOCKS", "SiteMasks", "adaptive_candidates", "candidate_patterns",
            "is_skip", "prefilter_candidates"]
@@ -106,26 +105,47 @@ def _profile_candidates(mass: torch.Tensor, block_size: int, site: AttentionSite
 
 
 class SiteMasks:
-    """Block masks of one site's candidates, computed once per (pattern, lengths) and shared by the
-    prefilter, the scoring and the costing (heads share most candidates).
+    """Block masks of one site's candidates, built once per (pattern, lengths) and shared by the prefilter, the
+    scoring and the costing (heads share most candidates).
+
+    Each candidate has one mask, seen two ways: `of` is its kept blocks as a bool grid (the
+    pattern's `block_mask`, what the profile's recall and the scoring's masked attention read),
+    and `runtime` is the `RuntimeBlockMask` compressed from that same grid — what
+    `Pattern.runtime_mask` builds, the kernels run and the cost model prices
+    (`CostModel.head_latency`). It is built only for candidates that get priced (the prefilter
+    drops many). `skip` computes nothing: its grid is the row-fallback placeholder, which only
+    the prefilter compares; the search prices skipped heads at 0.
 
     Example:
         >>> masks = SiteMasks(block_size=64, causal=True)
         >>> masks.of(pattern_library.sliding_window(64), 256, 256).shape
         torch.Size([4, 4])
+        >>> masks.runtime(pattern_library.sliding_window(64), 256, 256).kept_blocks_per_head()
+        [7.0]
     """
 
     def __init__(self, block_size: int, causal: bool):
         self.block_size = block_size
         self.causal = causal
-        self._masks: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._grids: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._masks: dict[tuple[str, int, int], RuntimeBlockMask] = {}  # compressed from _grids
 
     def of(self, pattern: Pattern, q_len: int, k_len: int) -> torch.Tensor:
+        """``bool [q_blocks, k_blocks]``: the candidate's kept blocks at these lengths."""
         key = (repr(pattern.to_dict()), q_len, k_len)
-        if key not in self._masks:
-            self._masks[key] = pattern.block_mask(blocks_for(q_len, self.block_size), blocks_for(k_len, self.block_size),
+        if key not in self._grids:
+            self._grids[key] = pattern.block_mask(blocks_for(q_len, self.block_size), blocks_for(k_len, self.block_size),
                                                   block_size=self.block_size, causal=self.causal,
                                                   q_len=q_len, k_len=k_len)
+        return self._grids[key]
+
+    def runtime(self, pattern: Pattern, q_len: int, k_len: int) -> RuntimeBlockMask:
+        """The candidate's runtime mask (one head, on CPU) at these lengths: `of`'s grid, compressed."""
+        key = (repr(pattern.to_dict()), q_len, k_len)
+        if key not in self._masks:
+            self._masks[key] = RuntimeBlockMask.from_block_masks(self.of(pattern, q_len, k_len).unsqueeze(0),
+                                                                 block_size=self.block_size, q_len=q_len, k_len=k_len,
+                                                                 causal=self.causal)
         return self._masks[key]
 
 

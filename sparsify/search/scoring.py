@@ -72,9 +72,9 @@ def candidate_masks(per_head: list[list[Pattern]], q_len: int, k_len: int, site_
 def head_options(site: AttentionSite, candidates: list[list[Pattern]], scores: CandidateErrors, site_masks: SiteMasks,
                   cost_model: CostModel, backend: str, device: torch.device, config: CompileOptions,
                   static_counts: list[int] | None = None) -> list[HeadOptions]:
-    block_size = site_masks.block_size
-    dense_blocks = float(site_masks.of(pattern_library.dense(), site.q_len, site.k_len).sum())
-    dense_cost = cost_model.dense_head_latency(site, backend=backend, device=device)
+    dense_mask = site_masks.runtime(pattern_library.dense(), site.q_len, site.k_len)
+    dense_blocks = dense_mask.kept_blocks_per_head()[0]
+    dense_cost = cost_model.head_latency(site, None, backend=backend, device=device)
     options = []
     for head, head_candidates in enumerate(candidates):
         costs, work = [], []
@@ -89,20 +89,22 @@ def head_options(site: AttentionSite, candidates: list[list[Pattern]], scores: C
                 costs.append(0.0)
                 work.append(0.0)
                 continue
-            if index >= static_count:  # input-adaptive: the work its masks kept on held-out inputs, plus estimating them
+            if index >= static_count:
+                # Input-adaptive: no mask without an input. Priced as the runtime mask of every block keeping the
+                # blocks its masks kept on held-out inputs (their mean), plus estimating them.
                 kept = float(mean_work[index]) * dense_blocks
-                cost = (cost_model.sparse_head_latency(site, kept, backend=backend, device=device, block_size=block_size)
+                cost = (cost_model.head_latency(site, dense_mask, backend=backend, device=device, kept_blocks=kept)
                         + cost_model.estimation_latency(site, pattern, backend=backend, device=device,
-                                                        block_size=block_size))
+                                                        block_size=site_masks.block_size))
                 costs.append(cost)
                 work.append(float(mean_work[index]))
                 continue
-            kept = float(site_masks.of(pattern, site.q_len, site.k_len).sum())
-            cost = cost_model.sparse_head_latency(site, kept, backend=backend, device=device, block_size=block_size)
+            mask = site_masks.runtime(pattern, site.q_len, site.k_len)
+            cost = cost_model.head_latency(site, mask, backend=backend, device=device)
             if isinstance(pattern, pattern_library.BlockTopK):
                 cost *= STATIC_TABLE_COST_FACTOR
             costs.append(cost)
-            work.append(kept / dense_blocks)
+            work.append(mask.kept_blocks_per_head()[0] / dense_blocks)
         cost = torch.tensor(costs, dtype=torch.float64)
         relative_error = scores.relative_error(head)
         recall = scores.recall(head)
