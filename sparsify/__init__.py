@@ -18,7 +18,7 @@ from sparsify.integrations import attach
 from sparsify.options import CompileOptions
 from sparsify.strategy import Strategy
 
-__version__ = "0.1.0"
+from sparsify.version import VERSION as __version__  # noqa: E402
 
 __all__ = [
     "AttentionSite",

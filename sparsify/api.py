@@ -21,7 +21,7 @@ from sparsify.passes.infra import SITE_META_KEY, PassManager, PassResult, attent
 from sparsify.passes.rewrite import RewriteAttention, StepCounter
 from sparsify.site import AttentionSite
 from sparsify.search import SearchResult, collect_batches, search
-from sparsify.search.metrics import first_output_tensor
+from sparsify.output_metrics import first_output_tensor
 from sparsify.strategy import Strategy
 
 logger = logging.getLogger(__name__)

@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     search_parser.add_argument("--calib", default=None, help="package.module:function returning an iterable of batches")
     search_parser.add_argument("--out", default="strategy.json", help="where to write the strategy (default strategy.json)")
     _add_option(search_parser, "max_output_error", float)
-    from sparsify.search.metrics import OUTPUT_METRICS
+    from sparsify.output_metrics import OUTPUT_METRICS
 
     _add_option(search_parser, "output_metric", str, choices=sorted(OUTPUT_METRICS))
     for name, kind in (("max_error", float), ("target_density", float), ("target_speedup", float),

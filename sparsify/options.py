@@ -60,7 +60,7 @@ class CompileOptions:
         output_metric: how the model's output error is measured: ``"relative_l2"`` (default:
             ``||sparse - dense|| / ||dense||`` of the first output tensor), ``"kl"`` (mean KL of
             next-token distributions, for logits, in nats) or a callable
-            ``metric(dense_output, sparse_output) -> float`` (`sparsify.search.metrics`).
+            ``metric(dense_output, sparse_output) -> float`` (`sparsify.output_metrics`).
         max_error: optional cap on the relative L2 error of each site's output against dense,
             in [0, 1). Given alone (no ``max_output_error``) it is the per-site budget of
             earlier versions: each site spends it, no model-level budget. ``0`` keeps every
@@ -131,7 +131,7 @@ class CompileOptions:
                                                       and 0 <= self.max_output_error < math.inf):
             raise SparsifyError(f"max_output_error: must be a finite number >= 0 (in the unit of output_metric="
                                 f"{self.output_metric!r}), got {self.max_output_error!r}")
-        from sparsify.search.metrics import output_metric
+        from sparsify.output_metrics import output_metric
 
         output_metric(self.output_metric)  # unknown names fail now, listing the known ones
         if self.target_density is not None:

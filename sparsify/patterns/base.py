@@ -11,8 +11,7 @@ import torch
 
 from sparsify.errors import PatternError
 from sparsify.limits import MAX_LINES, MAX_TOKENS, int_range_problem, shown
-from sparsify.runtime.block_mask import RuntimeBlockMask, block_geometry, block_token_bounds
-from sparsify.runtime.mask_source import pattern_block_masks
+from sparsify.runtime.block_mask import RuntimeBlockMask, block_geometry, block_token_bounds, pattern_block_masks
 
 __all__ = [
     "BlockGrid",
@@ -92,7 +91,7 @@ class _BlockTokenBounds:
     """Token coordinates of a block grid's blocks (`block_token_bounds`), for grids with ``q_len``/``k_len``/``block_size``.
 
     Patterns see the whole query range (query offset 0); a query chunk at an offset reads the
-    rows of the full-length grid (`sparsify.runtime.mask_source.pattern_block_masks`).
+    rows of the full-length grid (`sparsify.runtime.block_mask.pattern_block_masks`).
     """
 
     def _bounds(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -475,18 +474,16 @@ class Pattern(abc.ABC):
     # --- composition and display ----------------------------------------------------------------
 
     def __or__(self, other: Pattern) -> Pattern:
-        from sparsify.patterns.composites import Union  # composites build on this module
-
         if not isinstance(other, Pattern):
             return NotImplemented
-        return Union(_flatten(Union, (self, other)))
+        union = _REGISTRY["union"]  # `sparsify.patterns.composites` registers it (it builds on this module)
+        return union(_flatten(union, (self, other)))
 
     def __and__(self, other: Pattern) -> Pattern:
-        from sparsify.patterns.composites import Intersection  # composites build on this module
-
         if not isinstance(other, Pattern):
             return NotImplemented
-        return Intersection(_flatten(Intersection, (self, other)))
+        intersection = _REGISTRY["intersection"]  # registered by `sparsify.patterns.composites`, as union
+        return intersection(_flatten(intersection, (self, other)))
 
     def __str__(self) -> str:
         fields = dataclasses.fields(self)

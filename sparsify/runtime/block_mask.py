@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-__all__ = ["RuntimeBlockMask", "block_geometry", "block_token_bounds", "blocks_for", "causal_boundary_blocks",
+__all__ = ["pattern_block_masks", "RuntimeBlockMask", "block_geometry", "block_token_bounds", "blocks_for", "causal_boundary_blocks",
            "causal_element_mask"]
 
 
@@ -456,3 +456,33 @@ def _expand(counts: torch.Tensor, indices: torch.Tensor, k_blocks: int) -> torch
     masks = torch.zeros(*indices.shape[:-1], k_blocks + 1, dtype=torch.bool, device=indices.device)
     masks.scatter_(-1, target, True)
     return masks[..., :k_blocks]
+
+
+def pattern_block_masks(patterns: Sequence[Any], *, block_size: int, q_len: int, k_len: int, causal: bool,
+                        q_offset: int = 0) -> torch.Tensor:
+    """``bool [len(patterns), q_blocks, k_blocks]`` (CPU): each pattern's kept blocks for a query chunk at ``q_offset``.
+
+    With ``q_offset = 0`` this is ``pattern.block_mask`` itself. Otherwise the pattern is laid
+    over the whole query range ``[0, q_offset + q_len)`` and each query block of the chunk keeps
+    what the (at most two) pattern rows it overlaps keep — so a decode step or a prefill chunk
+    sees the rows of the full-length pattern at its position. When the chunk starts inside a
+    block, a query block that straddles two pattern rows keeps their union: never less than the
+    full-length call keeps for those queries.
+
+    Example:
+        >>> from sparsify import patterns
+        >>> pattern_block_masks([patterns.sliding_window(16)], block_size=16, q_len=16, k_len=64,
+        ...                     causal=True, q_offset=48).int().tolist()
+        [[[0, 0, 1, 1]]]
+    """
+    q_blocks, k_blocks = blocks_for(q_len, block_size), blocks_for(k_len, block_size)
+    if not patterns:
+        return torch.zeros(0, q_blocks, k_blocks, dtype=torch.bool)
+    if q_offset == 0:
+        return torch.stack([p.block_mask(q_blocks, k_blocks, block_size=block_size, causal=causal, q_len=q_len,
+                                         k_len=k_len) for p in patterns])
+    total = q_offset + q_len
+    rows = torch.stack([p.block_mask(blocks_for(total, block_size), k_blocks, block_size=block_size, causal=causal,
+                                     q_len=total, k_len=k_len) for p in patterns])
+    query_first, query_last, _, _ = block_token_bounds(q_len, k_len, block_size, q_offset)
+    return rows[:, query_first.flatten() // block_size] | rows[:, query_last.flatten() // block_size]

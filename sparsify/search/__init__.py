@@ -7,7 +7,7 @@ The package splits the search by job:
   tables, input-adaptive estimators), their masks, the profile prefilter;
 * `sparsify.search.scoring` — each candidate's cost (cost model) and measured output error;
 * `sparsify.search.allocation` — the knapsacks: per-site budget, model-level budget, targets;
-* `sparsify.search.output_budget` / `sparsify.search.metrics` — sensitivities, verification and
+* `sparsify.search.output_budget` / `sparsify.output_metrics` — sensitivities, verification and
   tightening of the model-level budget, and the output metrics;
 * `sparsify.search.assembly` — the strategy with what was measured.
 
@@ -63,7 +63,7 @@ from sparsify.search.candidates import (
     candidate_patterns,
     prefilter_candidates,
 )
-from sparsify.search.metrics import OUTPUT_METRICS, OutputMetric, output_metric, register_output_metric
+from sparsify.output_metrics import OUTPUT_METRICS, OutputMetric, output_metric, register_output_metric
 from sparsify.search.output_budget import (
     OutputVerifier,
     measure_sensitivities,

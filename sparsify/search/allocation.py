@@ -185,7 +185,7 @@ def choose(sites: Sequence[AttentionSite], options: dict[str, list[HeadOptions]]
                 chosen[site.name] = choose_with_multiplier(site_options, lambda o: o.cost, lambda o: o.squared_error,
                                                            budget)
             return Allocation(_keep_one_head_per_site(sites, options, chosen, lambda o: o.cost))
-        from sparsify.search.metrics import output_metric
+        from sparsify.output_metrics import output_metric
 
         budget = budget_scale * float(config.output_budget) ** output_metric(config.output_metric).power
         everything = [o for site in sites for o in options[site.name]]

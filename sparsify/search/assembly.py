@@ -13,6 +13,7 @@ from sparsify.profile import BlockMassProfile
 from sparsify.search.allocation import TargetOutcome, site_error
 from sparsify.search.scoring import HeadOptions
 from sparsify.site import AttentionSite
+from sparsify.version import sparsify_version
 from sparsify.strategy import SiteStrategy, Strategy
 
 __all__ = ["SearchResult", "build_strategy", "with_metadata"]
@@ -78,11 +79,10 @@ def build_strategy(sites, options, chosen, block_size, config: CompileOptions, c
 
 def with_metadata(strategy: Strategy, config: CompileOptions, extra: dict[str, Any]) -> Strategy:
     """``strategy`` with the library version, the search's options and ``extra`` in its metadata."""
-    from sparsify import __version__
 
     metadata = dict(strategy.metadata)
     metadata.update({
-        "sparsify_version": __version__,
+        "sparsify_version": sparsify_version(),
         "search": config.to_json(),
         **extra,
     })

@@ -28,7 +28,7 @@ from sparsify.distributed import CalibrationGroup
 from sparsify.ops import dense_attention
 from sparsify.patterns import Pattern
 from sparsify.runtime.sparse_attention import SparseAttention, StepCounter
-from sparsify.search.metrics import OutputMetric, first_output_tensor
+from sparsify.output_metrics import OutputMetric, first_output_tensor
 from sparsify.site import AttentionSite
 
 logger = logging.getLogger(__name__)
