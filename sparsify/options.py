@@ -7,7 +7,7 @@ arguments, the search reads the same object, and the CLI builds its flags from t
 Example:
     >>> options = CompileOptions(block_size=32)
     >>> options.output_budget, options.max_error, options.backend   # the default: a model-level budget, no site cap
-    (0.05, None, 'auto')
+    (0.02, None, 'auto')
     >>> CompileOptions(max_error=0.1).output_budget is None           # max_error alone: a per-site budget, as before
     True
     >>> CompileOptions(max_eror=0.1)                                # doctest: +ELLIPSIS
@@ -33,8 +33,12 @@ from sparsify.limits import MAX_BLOCK_SIZE, MAX_STEPS, MIN_BLOCK_SIZE
 
 __all__ = ["CompileOptions", "DEFAULT_MAX_OUTPUT_ERROR", "DEFAULT_OPTIONS"]
 
-DEFAULT_MAX_OUTPUT_ERROR = 0.05
-"""The model-level budget when neither ``max_output_error`` nor ``max_error`` is given (in the metric's unit)."""
+DEFAULT_MAX_OUTPUT_ERROR = 0.02
+"""The model-level budget when neither ``max_output_error`` nor ``max_error`` is given (in the metric's unit).
+
+2% relative L2 of the model's output. Measured on SmolLM2-135M (2048-token held-out windows,
+logits): 0.02 gives perplexity x1.010 at 0.52 mean causal density; 0.05 gave x1.073 at 0.31.
+"""
 
 
 def _option(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - argparse's word
@@ -54,7 +58,7 @@ class CompileOptions:
             batches, measured by ``output_metric``. The search measures each site's sensitivity,
             allocates error over all sites and heads with one global multiplier, verifies the
             whole sparsified model and tightens until the measured error is within it.
-            ``None``: ``DEFAULT_MAX_OUTPUT_ERROR`` (0.05) unless ``max_error`` is given alone.
+            ``None``: ``DEFAULT_MAX_OUTPUT_ERROR`` (0.02) unless ``max_error`` is given alone.
             This is the default budget: users judge a model by its output, and sites differ in
             how much of their error reaches it. ``0`` keeps every head dense.
         output_metric: how the model's output error is measured: ``"relative_l2"`` (default:

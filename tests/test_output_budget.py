@@ -174,7 +174,7 @@ def test_bad_budget_options_are_refused(keywords, message):
 
 
 def test_which_budget_the_options_state():
-    assert CompileOptions().output_budget == 0.05 and CompileOptions().max_error is None
+    assert CompileOptions().output_budget == sparsify.options.DEFAULT_MAX_OUTPUT_ERROR == 0.02 and CompileOptions().max_error is None
     assert CompileOptions(max_error=0.1).output_budget is None            # per-site budget, as before
     assert CompileOptions(max_error=0.1, max_output_error=0.02).output_budget == 0.02
     assert CompileOptions(max_error=0.0).keeps_every_head_dense
