@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import difflib
 import logging
 import os
@@ -240,3 +242,40 @@ def _short(names: list[str]) -> str:
     shown = ", ".join(repr(name) for name in names[:_MAX_LISTED])
     more = len(names) - _MAX_LISTED
     return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
+
+
+class WrappingProcessor:
+    """Base of the processors that wrap a diffusers attention processor (``self.inner``) to route its attention call.
+
+    Attributes diffusers reads off a processor (``_attention_backend``, ...) are the inner one's.
+    Subclasses are made per inner class by `processor_class_for`, so ``__call__`` declares the
+    inner ``__call__``'s parameters (diffusers passes a processor only the keywords it declares).
+
+    Example:
+        >>> class Inner:
+        ...     flag = 1
+        ...     def __call__(self, attn, hidden_states, encoder_hidden_states=None): ...
+        >>> class Wrapper(WrappingProcessor):
+        ...     def __init__(self, inner): self.inner = inner
+        ...     def _run(self, attn, *args, **kwargs): return self.inner(attn, *args, **kwargs)
+        >>> wrapped = processor_class_for(Wrapper, Inner, "Wrapped")(Inner())
+        >>> type(wrapped).__name__, wrapped.flag
+        ('WrappedInner', 1)
+    """
+
+    def __getattr__(self, name: str) -> Any:  # processor attributes diffusers reads (_attention_backend, ...)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+@functools.cache
+def processor_class_for(base: type, inner_class: type, prefix: str) -> type:
+    """The subclass of ``base`` (a `WrappingProcessor`) whose ``__call__`` declares ``inner_class.__call__``'s parameters."""
+
+    def __call__(self, attn, *args, **kwargs):
+        return self._run(attn, *args, **kwargs)
+
+    __call__.__signature__ = inspect.signature(inner_class.__call__)
+    name = f"{prefix}{inner_class.__name__}"
+    return type(name, (base,), {"__call__": __call__, "__module__": base.__module__, "__qualname__": name})

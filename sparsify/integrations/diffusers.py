@@ -21,7 +21,6 @@ Calibration through a pipeline: `pipeline_forward_loop` turns pipeline calls int
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 from typing import Any, Callable, Mapping
@@ -32,6 +31,8 @@ from torch.overrides import TorchFunctionMode
 
 from sparsify.errors import UnsupportedError
 from sparsify.integrations.common import (
+    WrappingProcessor,
+    processor_class_for,
     RUNTIME_ATTRIBUTE,
     build_runtime,
     check_call_shapes,
@@ -96,7 +97,7 @@ class _RouteAttention(TorchFunctionMode):
         return runtime.attend(query, key, value, call["attn_mask"], call["scale"], is_causal=bool(call["is_causal"]))
 
 
-class SparseAttentionProcessor:
+class SparseAttentionProcessor(WrappingProcessor):
     """A diffusers attention processor: the module's own processor, its attention on the module's sparse site.
 
     Construct it with `processor_for`, which gives the wrapper the call signature of the
@@ -113,7 +114,7 @@ class SparseAttentionProcessor:
     @classmethod
     def processor_for(cls, inner: Any) -> "SparseAttentionProcessor":
         """A wrapper of ``inner`` whose ``__call__`` has ``inner.__call__``'s signature."""
-        return _wrapper_class(type(inner))(inner)
+        return processor_class_for(SparseAttentionProcessor, type(inner), "Sparse")(inner)
 
     def __reduce__(self):
         return (SparseAttentionProcessor.processor_for, (self.inner,))
@@ -135,23 +136,6 @@ class SparseAttentionProcessor:
                 f"set_attention_backend, or context parallelism is on), so the strategy cannot run there; use the "
                 f"native backend (model.reset_attention_backend())")
         return output
-
-    def __getattr__(self, name: str) -> Any:  # processor attributes diffusers reads (_attention_backend, ...)
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
-@functools.cache
-def _wrapper_class(inner_class: type) -> type:
-    """The `SparseAttentionProcessor` subclass whose ``__call__`` declares ``inner_class.__call__``'s parameters."""
-
-    def __call__(self, attn, *args, **kwargs):
-        return self._run(attn, *args, **kwargs)
-
-    __call__.__signature__ = inspect.signature(inner_class.__call__)
-    return type(f"Sparse{inner_class.__name__}", (SparseAttentionProcessor,),
-                {"__call__": __call__, "__module__": __name__, "__qualname__": f"Sparse{inner_class.__name__}"})
 
 
 class DenoisingStepTracker:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import inspect
 import logging
 from typing import Any, Mapping
@@ -43,7 +42,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from sparsify.errors import UnsupportedError
-from sparsify.integrations.common import RUNTIME_ATTRIBUTE, attached_sites, shared_weight_copy
+from sparsify.integrations.common import (RUNTIME_ATTRIBUTE, WrappingProcessor, attached_sites,
+                                          processor_class_for, shared_weight_copy)
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class _UlyssesRoute(TorchFunctionMode):
         return self.processor.attend(self.module, call)
 
 
-class UlyssesAttentionProcessor:
+class UlyssesAttentionProcessor(WrappingProcessor):
     """A diffusers attention processor: the module's own processor, its attention over all tokens of a head shard.
 
     ``cross_attention`` says where the keys come from: ``False``, the sharded token sequence
@@ -160,7 +160,8 @@ class UlyssesAttentionProcessor:
     def processor_for(cls, inner: Any, *, cross_attention: bool,
                       process_group: Any = None) -> "UlyssesAttentionProcessor":
         """A wrapper of ``inner`` whose ``__call__`` has ``inner.__call__``'s signature."""
-        return _wrapper_class(type(inner))(inner, cross_attention=cross_attention, process_group=process_group)
+        wrapper = processor_class_for(UlyssesAttentionProcessor, type(inner), "Ulysses")
+        return wrapper(inner, cross_attention=cross_attention, process_group=process_group)
 
     def __deepcopy__(self, memo: dict) -> "UlyssesAttentionProcessor":
         # A process group cannot be copied (nor pickled): copies of the model share it.
@@ -215,23 +216,6 @@ class UlyssesAttentionProcessor:
                                                 is_causal=call["is_causal"], scale=call["scale"],
                                                 enable_gqa=call["enable_gqa"])
         return heads_to_sequence(output, self.process_group)
-
-    def __getattr__(self, name: str) -> Any:  # processor attributes diffusers reads (_attention_backend, ...)
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
-@functools.cache
-def _wrapper_class(inner_class: type) -> type:
-    """The `UlyssesAttentionProcessor` subclass whose ``__call__`` declares ``inner_class.__call__``'s parameters."""
-
-    def __call__(self, attn, *args, **kwargs):
-        return self._run(attn, *args, **kwargs)
-
-    __call__.__signature__ = inspect.signature(inner_class.__call__)
-    return type(f"Ulysses{inner_class.__name__}", (UlyssesAttentionProcessor,),
-                {"__call__": __call__, "__module__": __name__, "__qualname__": f"Ulysses{inner_class.__name__}"})
 
 
 # -- where the tokens are split and gathered ------------------------------------------------------
