@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from sparsify.runtime.block_mask import block_geometry, blocks_for
+from sparsify.runtime.block_mask import block_geometry, block_token_bounds, blocks_for
 
 __all__ = [
     "antidiagonal_block_mass",
@@ -189,11 +189,9 @@ def self_blocks(q_len: int, k_len: int, block_size: int, q_offset: int, device) 
         >>> self_blocks(32, 32, 16, 0, "cpu").int().tolist()
         [[1, 0], [0, 1]]
     """
-    q_blocks, k_blocks = blocks_for(q_len, block_size), blocks_for(k_len, block_size)
-    first = (q_offset + torch.arange(q_blocks, device=device) * block_size) // block_size
-    last = (q_offset + torch.clamp((torch.arange(q_blocks, device=device) + 1) * block_size, max=q_len) - 1) // block_size
-    key = torch.arange(k_blocks, device=device).unsqueeze(0)
-    return (key >= first.unsqueeze(1)) & (key <= last.unsqueeze(1))
+    query_first, query_last, _, _ = block_token_bounds(q_len, k_len, block_size, q_offset, device)
+    key = torch.arange(blocks_for(k_len, block_size), device=device).unsqueeze(0)
+    return (key >= query_first // block_size) & (key <= query_last // block_size)
 
 
 def vertical_slash_line_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
@@ -291,8 +289,8 @@ def vertical_slash_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: i
     vertical_keep = _top_fraction(column_mass, vertical, heads)
     slash_keep = _top_fraction(diagonal_mass, slash, heads)
     # Block (I, J) lies on block diagonal (absolute query block of I) - J.
-    query_block = (q_offset + torch.arange(q_blocks, device=device) * block_size) // block_size
-    diagonal_of = query_block.unsqueeze(1) - torch.arange(k_blocks, device=device).unsqueeze(0)
+    query_first = block_token_bounds(q_len, k_len, block_size, q_offset, device)[0]
+    diagonal_of = query_first // block_size - torch.arange(k_blocks, device=device).unsqueeze(0)
     diagonal_index = (diagonal_of + (k_blocks - 1)).clamp(0, diagonal_mass.shape[-1] - 1)      # [Qb, Kb]
     on_slash = slash_keep.gather(2, diagonal_index.reshape(1, 1, -1).expand(batch, heads, -1))
     return vertical_keep.unsqueeze(2) | on_slash.view(batch, heads, q_blocks, k_blocks)
