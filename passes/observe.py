@@ -77,11 +77,15 @@ class AttentionInterpreter(torch.fx.Interpreter):
             return dense_attention(*arguments)
         return super().run_node(node)
 
-    def run_batch(self, args: tuple, kwargs: dict) -> Any:
-        """Run one batch through the graph (no grad); errors keep sparsify's message without the node dump."""
+    def run_batch(self, args: tuple, kwargs: dict, initial_env: dict | None = None) -> Any:
+        """Run one batch through the graph (no grad); errors keep sparsify's message without the node dump.
+
+        ``initial_env`` (node -> value) resumes a run: nodes it holds are not run again (a copy is used).
+        """
         with torch.no_grad():
             try:
-                return self.run(*flat_graph_inputs(self.module, args, kwargs))
+                environment = dict(initial_env) if initial_env is not None else None
+                return self.run(*flat_graph_inputs(self.module, args, kwargs), initial_env=environment)
             except SparsifyError as error:
                 # torch.fx.Interpreter appends its node dump ("While executing ..., Original traceback ...,
                 # tlparse") to every error's message; ours already says what went wrong and where.

@@ -241,3 +241,34 @@ def test_tightening_ends_within_the_budget_whatever_the_prediction_bias(bias):
     assert trail[best].measured <= 1.0 and trail[best].measured == bias * choice.scale
     assert len(trail) == len(set(measured)) <= 7
     assert trail[best].measured >= 0.5          # not tightened far past the budget
+
+
+def test_sensitivities_resumed_at_each_site_equal_whole_runs():
+    # measure_each_alone resumes every site's pass from the dense run's values at that site: the
+    # errors must be the ones whole passes measure (same arithmetic), site by site.
+    from sparsify.api import capture_attention
+    from sparsify.distributed import calibration_group
+    from sparsify.search.output_budget import OutputVerifier, _mutates_in_place
+
+    model = LoudAndQuiet().eval()
+    batches = [((tokens(seed),), {}) for seed in (7, 8)]
+    captured, sites = capture_attention(model, batches[0][0])
+    assert len(sites) == 2 and not _mutates_in_place(captured.graph_module)
+    generator = torch.Generator().manual_seed(3)
+    noise = {site.name: torch.randn(1, 4, 256, 8, generator=generator) for site in sites}
+
+    def perturbed(name):
+        def replacement(q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale) + 0.01 * noise[name]
+        return replacement
+
+    replacements = {site.name: perturbed(site.name) for site in sites}
+    verifier = OutputVerifier(captured.graph_module, batches, output_metric("relative_l2"), calibration_group(False))
+    alone = verifier.measure_each_alone(replacements)
+    whole = {name: verifier.measure({name: replacement}) for name, replacement in replacements.items()}
+    assert alone.keys() == whole.keys()
+    for name in whole:
+        assert whole[name] > 0 and math.isclose(alone[name], whole[name], rel_tol=1e-9), (name, alone, whole)
+    # The loud (first) site reaches the output more than the quiet one.
+    first, second = (site.name for site in sites)
+    assert alone[first] > 10 * alone[second]

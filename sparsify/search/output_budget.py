@@ -93,14 +93,77 @@ class OutputVerifier:
         total, count = self.group.sum_floats([total, float(len(self.batches))], "summing model-level errors")
         return total / max(count, 1.0)
 
-    def _run(self, index: int, observer: Callable) -> torch.Tensor:
-        from sparsify.passes.observe import ObservingInterpreter
+    def measure_each_alone(self, replacements: dict[str, Callable[..., torch.Tensor]]) -> dict[str, float]:
+        """Per site of ``replacements``: the mean additive model-level error with that site alone replaced.
 
-        if self.step_counter is not None and self.steps:
-            self.step_counter.step = self.steps[index]
+        Equal to ``{name: self.measure({name: r}) for name, r in replacements.items()}``, but each
+        held-out batch runs dense once more, keeping what the graph holds at every site's node
+        (the live values: hidden states, not the layers' intermediates); each site's pass then
+        resumes there, so the layers before it are not run again — about half the work at many sites.
+
+        Example:
+            >>> verifier.measure_each_alone({"layers.0.attn": probe, "layers.1.attn": probe})  # doctest: +SKIP
+            {'layers.0.attn': 0.0031, 'layers.1.attn': 0.0002}
+        """
+        if _mutates_in_place(self.graph_module):
+            # A resumed run could write into a value another site's snapshot holds: run each site whole.
+            return {name: self.measure({name: replacement}) for name, replacement in replacements.items()}
+        dense = self.dense_outputs()
+        totals = dict.fromkeys(replacements, 0.0)
+        for index in range(len(self.batches)):
+            snapshots = self._snapshots_at_sites(index, set(replacements))
+            for name, replacement in replacements.items():
+
+                def observer(site, *arguments, name=name, replacement=replacement):
+                    return replacement(*arguments) if site.name == name else None
+
+                output = self._run(index, observer, initial_env=snapshots.get(name))
+                reference, output = self._without_padding(index, dense[index], output)
+                totals[name] += self.metric(reference, output) ** self.metric.power
+        names = list(totals)
+        summed = self.group.sum_floats([totals[name] for name in names] + [float(len(self.batches))],
+                                       "summing model-level errors")
+        count = max(summed[-1], 1.0)
+        return {name: value / count for name, value in zip(names, summed[:-1])}
+
+    def _snapshots_at_sites(self, index: int, names: set[str]) -> dict[str, dict]:
+        """Per site in ``names``: the interpreter's environment just before the site's first node (dense run).
+
+        Nodes before it whose values are no longer used map to None: the resumed run skips every
+        node it finds in the environment and never reads a dead one.
+        """
+        from sparsify.passes.infra import SITE_META_KEY
+        from sparsify.passes.observe import AttentionInterpreter
+
+        nodes = list(self.graph_module.graph.nodes)
+        position = {node: place for place, node in enumerate(nodes)}
+        snapshots: dict[str, dict] = {}
+
+        class Snapshotting(AttentionInterpreter):
+            def on_attention(self, node, arguments):
+                site = node.meta.get(SITE_META_KEY)
+                if site is not None and site.name in names and site.name not in snapshots:
+                    snapshots[site.name] = {before: self.env.get(before) for before in nodes[:position[node]]}
+                return None
+
+        self._prepare_step(index)
         args, kwargs = self.batches[index]
         self.passes += 1
-        return first_output_tensor(ObservingInterpreter(self.graph_module, observer, index).run_batch(args, kwargs))
+        Snapshotting(self.graph_module, index).run_batch(args, kwargs)
+        return snapshots
+
+    def _prepare_step(self, index: int) -> None:
+        if self.step_counter is not None and self.steps:
+            self.step_counter.step = self.steps[index]
+
+    def _run(self, index: int, observer: Callable, initial_env: dict | None = None) -> torch.Tensor:
+        from sparsify.passes.observe import ObservingInterpreter
+
+        self._prepare_step(index)
+        args, kwargs = self.batches[index]
+        self.passes += 1
+        interpreter = ObservingInterpreter(self.graph_module, observer, index)
+        return first_output_tensor(interpreter.run_batch(args, kwargs, initial_env=initial_env))
 
     def _without_padding(self, index: int, reference: torch.Tensor, output: torch.Tensor):
         """Padded positions (bool ``[batch, seq]``) carry no meaning: zero them in both outputs."""
@@ -109,6 +172,23 @@ class OutputVerifier:
             return reference, output
         keep = (~ignored.to(reference.device)).reshape(*ignored.shape, *[1] * (reference.dim() - 2))
         return reference * keep, output * keep
+
+
+def _mutates_in_place(graph_module: torch.fx.GraphModule) -> bool:
+    """Whether any node of the graph may write into its inputs (in-place ops, ``inplace=True`` modules)."""
+    import operator
+
+    in_place_operators = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function":
+            schema = getattr(node.target, "_schema", None)
+            if node.target in in_place_operators or (schema is not None and schema.is_mutable):
+                return True
+        elif node.op == "call_method" and str(node.target).endswith("_"):
+            return True
+        elif node.op == "call_module" and getattr(graph_module.get_submodule(node.target), "inplace", False):
+            return True
+    return False
 
 
 def sparse_replacement(site: AttentionSite, heads: Sequence[Pattern], block_size: int, *, backend: str = "auto",
@@ -135,14 +215,8 @@ def measure_sensitivities(verifier: OutputVerifier, sites: Sequence[AttentionSit
         >>> measure_sensitivities(verifier, sites, {"attn": sparse_module})   # doctest: +SKIP
         {'attn': 0.42}
     """
-    sensitivities: dict[str, float] = {}
-    for site in sites:
-        probe = probes.get(site.name)
-        if probe is None:
-            sensitivities[site.name] = 0.0
-            continue
-
-        def injected(q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None, probe=probe):
+    def injected(probe):
+        def replacement(q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
             dense = dense_attention(q, k, v, attn_mask, is_causal, scale, softcap, sinks)
             difference = probe(q, k, v, attn_mask, is_causal, scale, softcap, sinks).double() - dense.double()
             size = float(difference.pow(2).sum().sqrt())
@@ -151,8 +225,11 @@ def measure_sensitivities(verifier: OutputVerifier, sites: Sequence[AttentionSit
             factor = probe_error * float(dense.double().pow(2).sum().sqrt()) / size
             return (dense.double() + factor * difference).to(dense.dtype)
 
-        measured = verifier.measure({site.name: injected})
-        sensitivities[site.name] = measured / probe_error**2
+        return replacement
+
+    probed = {site.name: injected(probes[site.name]) for site in sites if probes.get(site.name) is not None}
+    measured = verifier.measure_each_alone(probed) if probed else {}
+    sensitivities = {site.name: measured.get(site.name, 0.0) / probe_error**2 for site in sites}
     logger.info("sensitivities (model-level error per squared site error): %s",
                 ", ".join(f"{name} {value:.3g}" for name, value in sensitivities.items()))
     return sensitivities
