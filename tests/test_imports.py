@@ -290,3 +290,14 @@ def test_checker_counts_the_packages_an_import_runs():
     assert top_level["lib.p.base"] == {"lib.r.mask", "lib.r"}
     assert top_level["lib.r.source"] == {"lib.p.base", "lib.p"}
     assert find_cycles(top_level) == [["lib.p", "lib.p.base", "lib.r", "lib.r.source", "lib.p"]]
+
+
+def test_every_package_is_installed_by_pyproject():
+    # An editable install finds any folder; a wheel holds only what pyproject lists.
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"sparsify." + "." .join(path.parent.relative_to(root / "sparsify").parts)
+               for path in (root / "sparsify").rglob("__init__.py") if path.parent != root / "sparsify"}
+    assert folders | {"sparsify", "sparsify.passes", "sparsify.backends"} == listed
