@@ -149,6 +149,9 @@ class SparseAttention(torch.nn.Module):
         self.register_buffer("dense_kv_heads", torch.tensor([h // group for h in dense], dtype=torch.long),
                              persistent=False)
         self.register_buffer("adaptive_heads", torch.tensor(adaptive, dtype=torch.long), persistent=False)
+        #: Whether one group (all sparse, or all adaptive) holds every head: its kernel then takes the
+        #: query as it is and its output is the site's, with no head gather or scatter.
+        self.one_group = len(sparse) == site.num_heads or len(adaptive) == site.num_heads
         self.adaptive_source = None
         if adaptive:
             self.adaptive_source = AdaptiveMaskSource(
@@ -456,11 +459,13 @@ class SparseAttention(torch.nn.Module):
     def _kernel(self, mask_slot: str, backend: str, heads: torch.Tensor, mask: RuntimeBlockMask, q, k, v, head_mask,
                 scale, softcap, sinks) -> torch.Tensor:
         """One call of the kernel op for the query heads ``heads`` of the site under ``mask``."""
+        if not self.one_group:  # (one group: every head, in order)
+            q = q.index_select(1, heads)
+            sinks = sinks.index_select(0, heads) if sinks is not None else None
         return torch.ops.sparsify.block_sparse_attention(
-            q.index_select(1, heads), k, v, head_mask, mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
+            q, k, v, head_mask, mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
             mask.full_kv_indices, mask.kv_head_index, mask.block_size, mask.q_len, mask.k_len, mask.causal,
-            mask.q_offset, mask.per_input, scale, softcap, sinks.index_select(0, heads) if sinks is not None else None,
-            backend, self._site_handle, mask_slot)
+            mask.q_offset, mask.per_input, scale, softcap, sinks, backend, self._site_handle, mask_slot)
 
     def _cached_mask(self, slot: str, q: torch.Tensor, k: torch.Tensor, q_offset: int) -> RuntimeBlockMask:
         """The site's static mask of ``slot`` for this call's lengths; a dict read dynamo guards on under compile."""
@@ -506,6 +511,8 @@ class SparseAttention(torch.nn.Module):
             return _dense(q, k, v, attn_mask, is_causal, scale, q_offset, softcap, sinks)
         attn_mask = self.checked_call(q, k, attn_mask, is_causal)
         calls = self._trace_time_calls
+        if self.one_group:
+            return self._one_group_attend(q, k, v, attn_mask, scale, q_offset, softcap, sinks)
         output = q.new_empty((*q.shape[:-1], v.shape[-1]))
         if self.skipped_heads.numel():
             output.index_fill_(1, self.skipped_heads, 0)  # a skipped head contributes nothing
@@ -536,6 +543,16 @@ class SparseAttention(torch.nn.Module):
             output.index_copy_(1, heads, self._kernel("", backend, heads, mask, q, k, v, head_mask, scale, softcap,
                                                       sinks).to(output.dtype))
         return output
+
+    def _one_group_attend(self, q, k, v, attn_mask, scale, q_offset, softcap, sinks) -> torch.Tensor:
+        """`attend` when every head is sparse, or every head adaptive: one kernel call on the whole query."""
+        backend = self._trace_time_calls.backend_name(q.dtype, q.device, _mask_layout(attn_mask))
+        if self.sparse_heads.numel():
+            heads, slot, mask = self.sparse_heads, "sparse", self._cached_mask("sparse", q, k, q_offset)
+        else:
+            heads, slot = self.adaptive_heads, ""
+            mask = estimate_adaptive_mask(self, q, k, attn_mask, q_offset, scale)
+        return self._kernel(slot, backend, heads, mask, q, k, v, attn_mask, scale, softcap, sinks).to(q.dtype)
 
     def checked_call(self, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None,
                      is_causal: bool) -> torch.Tensor | None:
