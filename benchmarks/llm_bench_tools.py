@@ -11,12 +11,12 @@ Shapes (random weights, no download):
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import torch
 
 import sparsify
+from timing import median_ms
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-1b": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
@@ -60,24 +60,8 @@ def synchronize() -> None:
 
 
 def time_ms(function: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median milliseconds of ``function`` (CUDA events on a GPU, wall clock on CPU), after ``warmup`` calls."""
-    for _ in range(warmup):
-        function()
-    synchronize()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            function()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start_time = time.perf_counter()
-            function()
-            times.append((time.perf_counter() - start_time) * 1e3)
-    return sorted(times)[len(times) // 2]
+    """Median milliseconds of ``function`` on this process's device (`timing.median_ms`), after ``warmup`` calls."""
+    return median_ms(function, "cuda" if torch.cuda.is_available() else "cpu", repeats, warmup)
 
 
 def machine() -> str:
