@@ -3,11 +3,12 @@
 # the whole team). Run from the repository root; results go to $OUT (default benchmarks/results/gpu).
 #
 #   bash benchmarks/gpu_session.sh 1   # ~3-4 min: install, the whole `pytest -m gpu tests` WITHOUT FA4; counts + card
-#   bash benchmarks/gpu_session.sh 2   # ~8-9 min: FA4 install, the whole GPU suite again WITH FA4,
-#                                      #   e2e_bench --compile at 16K and 32K (eager / compiled / reduce-overhead)
+#   bash benchmarks/gpu_session.sh 2   # ~8-9 min: FA4 install, the whole GPU suite again WITH FA4 (FA4 compiles
+#                                      #   each new shape: tens of seconds each)
 #   bash benchmarks/gpu_session.sh 3   # ~6-7 min: kernel_bench host time (1K tokens: SDPA, backends' run, a sparse
 #                                      #   site eager and under torch.compile) + a short wan_bench --compile (32760 tokens)
 #   bash benchmarks/gpu_session.sh 4   # the LLM benches (llm_prefill_bench.py, llm_decode_bench.py) where they exist
+#   bash benchmarks/gpu_session.sh 5   # ~5-6 min: e2e_bench --compile at 16K and 32K (eager / compiled / reduce-overhead)
 #
 # Every step has its own time limit (`timeout`), so a slow or failing step costs at most its limit and the next one
 # still runs. Benchmarks write their JSON row by row, so a step cut by its limit keeps the rows it measured.
@@ -87,11 +88,16 @@ case "$PART" in
   export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site2
   install_sparsify
   card
-  gpu_suite tests_gpu_with_fa4 "${LIMIT_TESTS:-150}"
+  gpu_suite tests_gpu_with_fa4 "${LIMIT_TESTS:-480}";;
+5)
+  install_fa4
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site2
+  install_sparsify
+  card
   step e2e "${LIMIT_E2E:-330}" python3 benchmarks/e2e_bench.py --frames 64 128 --layers 4 --backend auto --compile \
     --out "$WORK/json/e2e_cuda.json"
   show "$WORK/json/e2e_cuda.json" tokens mode dense_ms sparsify_ms speedup attention_ms ideal_ms fraction_of_ideal \
-    output_rel_error cudagraph_skips;;
+    max_output_error mean_density output_rel_error cudagraph_skips;;
 3)
   install_fa4
   export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site2
@@ -122,7 +128,7 @@ case "$PART" in
     fi
   done;;
 *)
-  echo "unknown part '$PART': 1, 2, 3 or 4 (see the head of $0)" >&2; exit 2;;
+  echo "unknown part '$PART': 1, 2, 3, 4 or 5 (see the head of $0)" >&2; exit 2;;
 esac
 pack
 say "part $PART done in $SECONDS s; files: $OUT/part$PART.tar.gz, $SUMMARY"
