@@ -14,24 +14,90 @@ and runs SDPA over them, the group's query heads as rows of one call (no GQA exp
 is device work only — the new token's position comes from the attention mask as a tensor when a
 static cache hides its unused slots — so it compiles into one graph that serves every step.
 
-Why gather + SDPA: a decode query is one row per head, so a block-sparse prefill kernel (built
-for 64-128-row query tiles) would run almost empty tiles; gathering the selected pages costs one
-extra read and write of the selected keys and values (``selected / all`` of dense traffic) and then
-runs the framework's fastest dense kernel on a short, contiguous sequence.
+Two implementations of the step, chosen per call (``kernels=``): on CUDA with Triton installed,
+the Triton kernels of `sparsify.backends.triton_decode` (``torch.ops.sparsify.query_aware_decode``:
+summary update, page scores, ``topk``, a split-K flash decode that reads only the selected pages
+straight from the cache with the group's query heads sharing each key/value load, and a combine —
+five launches, no gather copy); elsewhere (CPU, no Triton, other dtypes) the plain torch reference
+(bounds by matmul, ``topk``, gather of the selected pages and SDPA over them). Both select the same
+pages from the same summaries and attend over them alike.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import torch
 
 from sparsify.patterns import QueryAwareDecode
 
-__all__ = ["KeyPageSummaries", "QueryAwareDecoder", "page_bounds", "read_fraction", "select_pages", "visible_key_end"]
+__all__ = ["DECODE_KERNELS", "KeyPageSummaries", "QueryAwareDecoder", "page_bounds", "query_aware_decode_step",
+           "read_fraction", "select_pages", "triton_decode_available", "visible_key_end"]
 
 #: Pages a summary tensor grows by at least when a growing cache outruns it.
 _GROWTH_PAGES = 64
+#: Implementations of a decode step: ``auto`` (Triton on CUDA when it imports, else torch), ``triton``, ``torch``.
+DECODE_KERNELS = ("auto", "triton", "torch")
+#: Dtypes and largest head dim the Triton kernels take (others run the torch path).
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_MAX_HEAD_DIM = 256
+
+
+def triton_decode_available(device: torch.device, dtype: torch.dtype = torch.float16) -> tuple[bool, str]:
+    """``(available, reason)``: whether the Triton decode kernels can run on ``device`` in ``dtype``.
+
+    On CUDA when Triton imports; on CPU only through Triton's interpreter (``TRITON_INTERPRET=1``,
+    for tests), which computes bfloat16 wrongly and so is refused it.
+
+    Example:
+        >>> import os
+        >>> triton_decode_available(torch.device("cpu"))[0] == (os.environ.get("TRITON_INTERPRET") == "1"
+        ...                                                      and importlib.util.find_spec("triton") is not None)
+        True
+    """
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install triton)"
+    if dtype not in _TRITON_DTYPES:
+        return False, f"the Triton kernels take float16, bfloat16 or float32, not {dtype}"
+    if device.type == "cuda":
+        return True, ""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False, f"the Triton kernels run on CUDA tensors (on CPU only with TRITON_INTERPRET=1), not on {device.type}"
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return False, "Triton's CPU interpreter computes bfloat16 wrongly (it runs on CUDA)"
+    return device.type == "cpu", "" if device.type == "cpu" else f"Triton does not run on {device.type}"
+
+
+@torch.library.custom_op("sparsify::query_aware_decode", mutates_args=("minimum", "maximum"))
+def query_aware_decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, minimum: torch.Tensor,
+                            maximum: torch.Tensor, end: torch.Tensor, attention_mask: torch.Tensor | None,
+                            scale: float, page_size: int, sink_pages: int, window_pages: int,
+                            selected: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query-aware decode step on the Triton kernels (an opaque op): ``(output, chosen pages)``; updates the summaries.
+
+    ``query`` ``[B, H, rows, D]`` against the cache ``key`` / ``value`` ``[B, Hkv, S, D]`` ending
+    at slot ``end`` (0-dim device tensor); ``minimum`` / ``maximum`` are the layer's page summaries
+    (`KeyPageSummaries`), re-summarised in place for the step's new slots. Returns the output
+    ``[B, H, rows, Dv]`` and the pages read, ``int64 [B, Hkv, selected]``.
+
+    Example:
+        >>> out, chosen = torch.ops.sparsify.query_aware_decode(q, keys, values, low, high, end, None,
+        ...                                                     0.125, 32, 1, 2, 106)   # doctest: +SKIP
+    """
+    from sparsify.backends import triton_decode
+
+    return triton_decode.decode_step(query, key, value, minimum, maximum, end, attention_mask, scale, page_size,
+                                     sink_pages, window_pages, selected)
+
+
+@query_aware_decode_step.register_fake
+def _query_aware_decode_step_fake(query, key, value, minimum, maximum, end, attention_mask, scale, page_size,
+                                  sink_pages, window_pages, selected):
+    batch, heads, rows, _ = query.shape
+    output = query.new_empty(batch, heads, rows, value.shape[-1])
+    return output, torch.empty(batch, key.shape[1], selected, dtype=torch.long, device=query.device)
 
 
 class KeyPageSummaries:
@@ -57,7 +123,7 @@ class KeyPageSummaries:
     def pages_capacity(self) -> int:
         return 0 if self.minimum is None else self.minimum.shape[2]
 
-    def _ensure(self, keys: torch.Tensor, pages: int) -> None:
+    def reserve(self, keys: torch.Tensor, pages: int) -> None:
         """Allocate (or grow) the summaries for ``pages`` pages of ``keys``' batch, heads, size, dtype and device."""
         batch, heads, _, dim = keys.shape
         fits = (self.minimum is not None and self.minimum.shape[:2] == (batch, heads)
@@ -80,9 +146,9 @@ class KeyPageSummaries:
         """
         page = self.page_size
         if start == 0 or self.minimum is None:
-            self._ensure(keys, -(-keys.shape[2] // page))
+            self.reserve(keys, -(-keys.shape[2] // page))
         first, last = start // page, -(-end // page)
-        self._ensure(keys, last)
+        self.reserve(keys, last)
         span = keys[:, :, first * page:end]
         padding = (last - first) * page - span.shape[2]
         low = torch.nn.functional.pad(span, (0, 0, 0, padding), value=float("inf"))
@@ -97,7 +163,7 @@ class KeyPageSummaries:
         Device work only, a fixed number of pages per call: it compiles into the step's graph.
         """
         page = self.page_size
-        self._ensure(keys, -(-keys.shape[2] // page))
+        self.reserve(keys, -(-keys.shape[2] // page))
         touched = (new_tokens - 1 + page - 1) // page + 1             # pages the new tokens can span
         first_page = torch.div(end - new_tokens, page, rounding_mode="floor")
         last_page = torch.div(end - 1, page, rounding_mode="floor")
@@ -174,25 +240,46 @@ class QueryAwareDecoder(torch.nn.Module):
         torch.Size([1, 2, 1, 8])
     """
 
-    def __init__(self, pattern: QueryAwareDecode, *, num_heads: int, num_kv_heads: int, block_size: int = 128):
+    def __init__(self, pattern: QueryAwareDecode, *, num_heads: int, num_kv_heads: int, block_size: int = 128,
+                 kernels: str = "auto"):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} query heads do not split into {num_kv_heads} key/value head groups")
+        if kernels not in DECODE_KERNELS:
+            raise ValueError(f"unknown decode kernels {kernels!r}; known: {', '.join(DECODE_KERNELS)}")
         self.pattern = pattern
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         #: Calls with fewer query rows than this against a longer cache are decode steps (the strategy's block size).
         self.block_size = block_size
+        #: Which implementation runs a step: ``auto`` (Triton on CUDA when it imports), ``triton`` or ``torch``.
+        self.kernels = kernels
         self.summaries = KeyPageSummaries(pattern.page_size)
         #: Set to a list to collect, per step, the fraction of the visible cache read (device tensors).
         self.read_log: list | None = None
 
     def extra_repr(self) -> str:
-        return f"{self.pattern}, heads={self.num_heads}, kv_heads={self.num_kv_heads}"
+        return f"{self.pattern}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, kernels={self.kernels}"
 
     def observe_prefill(self, keys: torch.Tensor, start: int, end: int) -> None:
         """Summarise the cache slots ``[start, end)`` a prefill (chunk) wrote (host ints)."""
         self.summaries.summarise(keys, start, end)
+
+    def uses_triton(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """Whether a step on these tensors runs the Triton kernels (``kernels="triton"`` refuses what they cannot run)."""
+        if self.kernels == "torch":
+            return False
+        available, reason = triton_decode_available(query.device, query.dtype)
+        if available and not (query.dtype == key.dtype == value.dtype):
+            available, reason = False, f"the Triton kernels take one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        if available and max(query.shape[-1], value.shape[-1]) > _TRITON_MAX_HEAD_DIM:
+            available, reason = False, f"the Triton kernels take head dims up to {_TRITON_MAX_HEAD_DIM}"
+        if self.kernels == "triton":
+            if not available:
+                raise RuntimeError(f"query-aware decode with kernels='triton': {reason}; use kernels='auto' to fall "
+                                   f"back to the torch path")
+            return True
+        return available and query.device.type == "cuda"
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
@@ -201,9 +288,8 @@ class QueryAwareDecoder(torch.nn.Module):
         Without a mask the cache ends at ``S`` (a growing cache); with one, at the last slot the
         last query row sees (a static cache). Returns ``[B, H, Lq, Dv]``.
         """
-        batch, heads, rows, dim = query.shape
-        kv_heads, k_len = key.shape[1], key.shape[2]
-        group = heads // kv_heads
+        rows, dim = query.shape[2], query.shape[3]
+        k_len = key.shape[2]
         page = self.pattern.page_size
         if attention_mask is None:
             end = torch.full((), k_len, dtype=torch.long, device=key.device)
@@ -212,6 +298,28 @@ class QueryAwareDecoder(torch.nn.Module):
         if self.summaries.minimum is None:
             raise RuntimeError("query-aware decode needs the prefill's key summaries: run the prompt through the "
                                "attached model with use_cache=True before decoding")
+        pages = -(-k_len // page)
+        if self.uses_triton(query, key, value):
+            self.summaries.reserve(key, pages)
+            output, chosen = torch.ops.sparsify.query_aware_decode(
+                query, key, value, self.summaries.minimum, self.summaries.maximum, end, attention_mask,
+                dim ** -0.5 if scale is None else scale, page, self.pattern.sink_pages, self.pattern.window_pages,
+                self.pattern.selected_pages(pages))
+        else:
+            output, chosen = self._torch_step(query, key, value, attention_mask, scale, end)
+        if self.read_log is not None:
+            slots_read = (end - chosen * page).clamp(min=0, max=page).sum(-1)
+            self.read_log.append(slots_read.float().mean() / end.clamp(min=1))
+        return output
+
+    def _torch_step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scale: float | None,
+                    end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference step in plain torch: bounds, selection, gather of the selected pages and SDPA; ``(output, chosen)``."""
+        batch, heads, rows, dim = query.shape
+        kv_heads, k_len = key.shape[1], key.shape[2]
+        group = heads // kv_heads
+        page = self.pattern.page_size
         self.summaries.update(key, end, rows)
         pages = -(-k_len // page)
         grouped = query.reshape(batch, kv_heads, group * rows, dim)
@@ -235,11 +343,9 @@ class QueryAwareDecoder(torch.nn.Module):
             visible = visible & picked.view(batch, rows, kv_heads, -1).transpose(1, 2)
         visible = visible.unsqueeze(2).expand(batch, kv_heads, group, rows, -1).reshape(batch, kv_heads,
                                                                                        group * rows, -1)
-        if self.read_log is not None:
-            self.read_log.append((slots < end).sum(-1).float().mean() / end.clamp(min=1))
         output = torch.nn.functional.scaled_dot_product_attention(grouped, selected_keys, selected_values,
                                                                   attn_mask=visible, scale=scale)
-        return output.reshape(batch, heads, rows, -1)
+        return output.reshape(batch, heads, rows, -1), chosen
 
 
 def read_fraction(pattern: QueryAwareDecode, context: int) -> float:
