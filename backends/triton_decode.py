@@ -283,13 +283,15 @@ def _multiprocessors(device_index: int) -> int:
 def split_count(programs: int, selected_slots: int, device: torch.device) -> tuple[int, int]:
     """``(splits, slots_per_split)``: how the selected slots of each of ``programs`` key/value heads split over programs.
 
-    Enough splits to give every multiprocessor a few programs, each a whole number of tiles.
+    Enough splits to give every multiprocessor four programs, each a whole number of tiles. Off
+    CUDA (Triton's interpreter, tests) the device counts as four multiprocessors, so small cases
+    still split and exercise the combine.
 
     Example:
         >>> split_count(8, 6720, torch.device("cpu"))
-        (1, 6720)
+        (2, 3392)
     """
-    target = 4 * _multiprocessors(device.index or 0) if device.type == "cuda" else 1
+    target = 4 * (_multiprocessors(device.index or 0) if device.type == "cuda" else 4)
     tiles = triton.cdiv(max(selected_slots, 1), BLOCK_N)
     splits = max(1, min(tiles, triton.cdiv(target, programs)))
     tiles_per_split = triton.cdiv(tiles, splits)
