@@ -348,7 +348,7 @@ def combine_splits(partial: torch.Tensor, max_score: torch.Tensor, total: torch.
     batch, dim_v = out.shape[0], out.shape[-1]
     _combine_splits_kernel[(batch * kv_heads, group * rows)](
         partial, max_score, total, out, *out.stride(), kv_heads, group, rows, splits, HEAD_DV=dim_v,
-        BLOCK_DV=partial.shape[-1], BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
+        BLOCK_DV=partial.shape[-1], BLOCK_R=block_r, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
 
 
