@@ -31,10 +31,11 @@ import os
 
 import torch
 
+from sparsify.errors import UnsupportedError
 from sparsify.patterns import QueryAwareDecode
 
-__all__ = ["DECODE_KERNELS", "KeyPageSummaries", "QueryAwareDecoder", "page_bounds", "query_aware_decode_step",
-           "read_fraction", "select_pages", "triton_decode_available", "visible_key_end"]
+__all__ = ["DECODE_KERNELS", "KeyPageSummaries", "QueryAwareDecoder", "page_bounds", "pattern_rows_decode",
+           "query_aware_decode_step", "read_fraction", "select_pages", "triton_decode_available", "visible_key_end"]
 
 #: Pages a summary tensor grows by at least when a growing cache outruns it.
 _GROWTH_PAGES = 64
@@ -346,6 +347,68 @@ class QueryAwareDecoder(torch.nn.Module):
         output = torch.nn.functional.scaled_dot_product_attention(grouped, selected_keys, selected_values,
                                                                   attn_mask=visible, scale=scale)
         return output.reshape(batch, heads, rows, -1), chosen
+
+
+def _kept_key_blocks(counts: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, k_blocks: int) -> torch.Tensor:
+    """``bool [B, H, len(rows), k_blocks]``: the kept key blocks of query blocks ``rows`` (device) of compressed rows."""
+    counts, indices = counts.index_select(2, rows), indices.index_select(2, rows)
+    valid = torch.arange(indices.shape[-1], device=indices.device) < counts.unsqueeze(-1)
+    target = torch.where(valid, indices.long(), k_blocks)                  # padding scatters into a dropped column
+    kept = torch.zeros(*indices.shape[:-1], k_blocks + 1, dtype=torch.bool, device=indices.device)
+    return kept.scatter_(-1, target, True)[..., :k_blocks]
+
+
+def pattern_rows_decode(runtime: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """A decode step of a site's static patterns when the cache's length is on the device only (a ``StaticCache``).
+
+    ``runtime`` is the site's `SparseAttention`. A static cache hands attention its whole capacity
+    ``S`` and hides the unused slots with ``attention_mask``; the step's rows sit at the slots
+    before the last one the mask shows (`visible_key_end`, a device tensor), so the rows of the
+    pattern they read are picked on the device from the site's mask for the full ``S × S`` grid
+    (built once per capacity): no host read, one graph for every step. Each head then attends
+    over the whole capacity with its row's blocks, causality and the user's mask as an element
+    mask — exact, at the cost of a dense step (decode steps are cheap; a decode pattern such as
+    ``query_aware_decode`` is the fast path). Returns ``[B, H, rows, Dv]``.
+
+    Example:
+        >>> from sparsify import patterns
+        >>> from sparsify.runtime.sparse_attention import SparseAttention
+        >>> from sparsify.site import AttentionSite
+        >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=1, head_dim=8, q_len=64, k_len=64, causal=True)
+        >>> layer = SparseAttention(site, [patterns.dense(), patterns.sliding_window(16)], block_size=16)
+        >>> keys, mask = torch.randn(1, 1, 64, 8), torch.arange(64).view(1, 1, 1, 64) < 40   # 40 slots filled
+        >>> pattern_rows_decode(layer, torch.randn(1, 2, 1, 8), keys, keys, mask, None).shape
+        torch.Size([1, 2, 1, 8])
+    """
+    batch, heads, rows, _ = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    if runtime.adaptive_heads.numel():
+        raise UnsupportedError(f"site {runtime.site.name!r}: decode='sparse' through a static cache cannot place the "
+                               f"rows of its input-adaptive heads (the cache's length is on the device only); attach "
+                               f"with decode='dense' or a decode pattern (sparsify.patterns.query_aware_decode)")
+    end = visible_key_end(attention_mask, k_len)
+    positions = end - rows + torch.arange(rows, device=key.device)                        # [rows]
+    slots = torch.arange(k_len, device=key.device)
+    visible = slots.view(1, 1, 1, k_len) <= positions.view(1, 1, rows, 1)                # causal, [1, 1, rows, S]
+    user = attention_mask[..., -rows:, :]
+    user = user if user.dtype == torch.bool else user > torch.finfo(user.dtype).min / 2
+    visible = visible & user.reshape(-1, user.shape[-3] if user.dim() == 4 else 1, rows, k_len)
+    allowed = visible.expand(batch, heads, rows, k_len).clone()
+    if runtime.sparse_heads.numel():
+        mask = runtime._cached_mask("sparse", key, key, 0)                  # the full-capacity grid, cached per length
+        block_rows = torch.div(positions, mask.block_size, rounding_mode="floor")
+        kept = (_kept_key_blocks(mask.full_kv_num_blocks, mask.full_kv_indices, block_rows, mask.k_blocks)
+                | _kept_key_blocks(mask.kv_num_blocks, mask.kv_indices, block_rows, mask.k_blocks))
+        kept = kept.repeat_interleave(mask.block_size, -1)[..., :k_len]          # [1 or B, sparse heads, rows, S]
+        heads_index = runtime.sparse_heads
+        allowed[:, heads_index] = allowed[:, heads_index] & kept
+    group = heads // kv_heads
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), attn_mask=allowed, scale=scale)
+    if runtime.skipped_heads.numel():
+        output = output.index_fill(1, runtime.skipped_heads, 0)             # a skipped head contributes nothing
+    return output
 
 
 def read_fraction(pattern: QueryAwareDecode, context: int) -> float:
