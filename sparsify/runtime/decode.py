@@ -9,8 +9,8 @@ step the page(s) of its new token(s) — never the whole cache.
 decode step under a `sparsify.patterns.QueryAwareDecode` pattern: per key/value head it
 bounds every page's best score ``Σ_d max(q_d · min_d, q_d · max_d)`` (largest over the query
 heads of the group and the step's query rows), keeps the sink pages, the recent window and the
-top pages by that bound (a fixed count: ``pattern.selected_pages``), gathers their keys and values
-and runs SDPA over them, the group's query heads as rows of one call (no GQA expansion). A step
+top pages by that bound (a fixed count: ``pattern.selected_pages``) and attends over them, the
+group's query heads as rows of one call (no GQA expansion). A step
 is device work only — the new token's position comes from the attention mask as a tensor when a
 static cache hides its unused slots — so it compiles into one graph that serves every step.
 
@@ -229,8 +229,11 @@ class QueryAwareDecoder(torch.nn.Module):
     """One attention layer's query-aware decode: owns its cache's page summaries and runs decode steps over selected pages.
 
     Call `observe_prefill` for every prefill (chunk) that writes the cache, and `forward` for each
-    decode step (a call of fewer than ``block_size`` query rows against a longer cache). The summaries follow the one cache this layer is decoding: a prefill starting at
-    slot 0 starts a new sequence.
+    decode step (a call of fewer than ``block_size`` query rows against a longer cache). The
+    summaries follow the one cache this layer is decoding: a prefill starting at slot 0 starts a
+    new sequence. ``kernels`` picks the step's implementation: ``"auto"`` runs the Triton kernels
+    on CUDA when Triton imports and the torch reference elsewhere; ``"triton"`` insists (and says
+    why it cannot); ``"torch"`` always runs the reference.
 
     Example:
         >>> from sparsify.patterns import query_aware_decode
