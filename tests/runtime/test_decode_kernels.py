@@ -213,9 +213,20 @@ def test_unknown_or_impossible_kernels_are_refused_with_what_to_do():
     assert not auto.uses_triton(torch.randn(1, 2, 1, 16), keys.float(), keys.float()) or HAS_CUDA
 
 
+def _gpu_mask(kind, batch, length, dtype):
+    if kind == "none":
+        return None
+    keep = torch.ones(batch, 1, 1, length, dtype=torch.bool, device="cuda")
+    keep[-1, ..., :100] = False                                            # left padding of the last sequence
+    if kind == "bool":
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype, device="cuda").masked_fill(~keep, torch.finfo(dtype).min)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 128), (torch.float16, 64), (torch.bfloat16, 64)])
-def test_gpu_kernels_equal_the_restricted_reference_and_replay_in_a_cuda_graph(dtype, dim):
+@pytest.mark.parametrize("dtype,dim,mask_kind", [(torch.bfloat16, 128, "none"), (torch.float16, 64, "bool"),
+                                                 (torch.bfloat16, 64, "additive"), (torch.float32, 64, "none")])
+def test_gpu_kernels_equal_the_restricted_reference_and_replay_in_a_cuda_graph(dtype, dim, mask_kind):
     batch, heads, kv_heads, length, page = 8, 32, 8, 16384, 32
     keys, values = _cache(9, batch, kv_heads, length, dim, dtype, device="cuda")
     pattern = query_aware_decode(0.05, page_size=page)
@@ -223,23 +234,26 @@ def test_gpu_kernels_equal_the_restricted_reference_and_replay_in_a_cuda_graph(d
     assert decoder.uses_triton(keys, keys, values)
     decoder.observe_prefill(keys, 0, length - 1)
     q = torch.randn(batch, heads, 1, dim, device="cuda", dtype=dtype)
+    attention_mask = _gpu_mask(mask_kind, batch, length, dtype)
     end = torch.tensor(length, device="cuda")
-    arguments = (q, keys, values, decoder.summaries.minimum, decoder.summaries.maximum, end, None, dim ** -0.5, page,
-                 1, 2, pattern.selected_pages(length // page))
+    arguments = (q, keys, values, decoder.summaries.minimum, decoder.summaries.maximum, end, attention_mask,
+                 dim ** -0.5, page, 1, 2, pattern.selected_pages(length // page))
     out, chosen = torch.ops.sparsify.query_aware_decode(*arguments)
-    assert rel_err(out.cpu(), _restricted_reference(q, keys, values, chosen.cpu(), length, page)) < TOLERANCE[dtype]
-    reference = QueryAwareDecoder(pattern, num_heads=heads, num_kv_heads=kv_heads, kernels="torch")
-    reference.observe_prefill(keys, 0, length - 1)
-    assert rel_err(decoder(q, keys, values, None, None), reference(q, keys, values, None, None)) < 5e-2
-    graph = torch.cuda.CUDAGraph()
-    static_out = None
+    expected = _restricted_reference(q, keys, values, chosen.cpu(), length, page, attention_mask)
+    assert rel_err(out.cpu(), expected) < TOLERANCE[dtype]
+    if dtype == torch.float32:                                             # the same pages as the torch path
+        reference = QueryAwareDecoder(pattern, num_heads=heads, num_kv_heads=kv_heads, kernels="torch")
+        reference.observe_prefill(keys, 0, length - 1)
+        assert rel_err(decoder(q, keys, values, attention_mask, None),
+                       reference(q, keys, values, attention_mask, None)) < 1e-4
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        decoder(q, keys, values, None, None)                                 # warm-up: compiled kernels, summaries
+        decoder(q, keys, values, attention_mask, None)                     # warm-up: compiled kernels, summaries
     torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = decoder(q, keys, values, None, None)
+        static_out = decoder(q, keys, values, attention_mask, None)
     q.copy_(torch.randn_like(q))
     graph.replay()
-    assert rel_err(static_out, decoder(q, keys, values, None, None)) < 1e-3
+    assert rel_err(static_out, decoder(q, keys, values, attention_mask, None)) < 1e-3
