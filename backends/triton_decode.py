@@ -17,7 +17,7 @@ with no host read and no copy of the cache:
 5. `combine_splits` — the log-sum-exp merge of the partial outputs into the step's output.
 
 Precision: bf16/fp16 multiply on the tensor cores with float32 accumulation; float32 in full
-(IEEE) precision. Head dims up to 256 (padded to a power of two, at least 16). Pages of any size.
+(IEEE) precision, not TF32 (so the pages chosen match the torch path's). Head dims up to 256 (padded to a power of two, at least 16). Pages of any size.
 With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests).
 """
 
@@ -43,10 +43,6 @@ _NO_MASK, _BOOL_MASK, _FLOAT_MASK = 0, 1, 2
 
 def _padded(size: int) -> int:
     return max(16, triton.next_power_of_2(size))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -87,8 +83,7 @@ def _page_scores_kernel(Q, MIN, MAX, END, SCORES,
                         stride_qb, stride_qh, stride_qm, stride_qd,
                         stride_sb, stride_sh, stride_sp, stride_sd,
                         num_kv_heads, group, rows, pages, page_size, sink_pages, window_pages,
-                        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
     """Program (b·Hkv + h, page tile): float32 scores of ``BLOCK_P`` pages of one key/value head."""
     pid_bh = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -111,8 +106,8 @@ def _page_scores_kernel(Q, MIN, MAX, END, SCORES,
     high = tl.load(MAX + s_ptr, mask=s_mask, other=0.0)
     positive = tl.where(q > 0, q, 0.0).to(MIN.dtype.element_ty)
     negative = tl.where(q < 0, q, 0.0).to(MIN.dtype.element_ty)
-    bound = tl.dot(positive, tl.trans(high), input_precision=DOT_PRECISION)
-    bound = tl.dot(negative, tl.trans(low), bound, input_precision=DOT_PRECISION)
+    bound = tl.dot(positive, tl.trans(high), input_precision="ieee")
+    bound = tl.dot(negative, tl.trans(low), bound, input_precision="ieee")
     best = tl.max(tl.where(real_row[:, None], bound, float("-inf")), 0)                    # [BLOCK_P]
     last_page = (end - 1) // page_size
     forced = (offs_p < sink_pages) | ((offs_p <= last_page) & (offs_p > last_page - window_pages))
@@ -132,7 +127,7 @@ def _selected_pages_attention_kernel(Q, K, V, CHOSEN, END, MASK, ACC, MAX_SCORE,
                                      slots_per_split, qk_scale, mask_threshold,
                                      HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
                                      BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                                     MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                     MASK_KIND: tl.constexpr):
     """Program (b·Hkv + h, split): online softmax of the group's rows over one share of the head's selected slots.
 
     The head's selected slots are numbered ``n = j · page_size + i`` (slot ``i`` of its ``j``-th
@@ -181,7 +176,7 @@ def _selected_pages_attention_kernel(Q, K, V, CHOSEN, END, MASK, ACC, MAX_SCORE,
                 visible = visible & (user != 0)
             else:
                 visible = visible & (user.to(tl.float32) > mask_threshold)
-        qk = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(keys), input_precision="ieee") * qk_scale
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -189,7 +184,7 @@ def _selected_pages_attention_kernel(Q, K, V, CHOSEN, END, MASK, ACC, MAX_SCORE,
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(values.dtype), values, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(values.dtype), values, acc, input_precision="ieee")
         m_i = m_new
     part = (pid_bh * splits + split).to(tl.int64) * BLOCK_R
     tl.store(ACC + (part + offs_r)[:, None] * BLOCK_DV + offs_dv[None, :], acc)
@@ -267,11 +262,11 @@ def page_scores(query: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tenso
     kv_heads = minimum.shape[1]
     group = heads // kv_heads
     scores = torch.empty(batch, kv_heads, pages, dtype=torch.float32, device=query.device)
-    block_p = 64
+    block_p = 64 if dim <= 64 else 32                                  # two [pages, D] tiles in registers
     _page_scores_kernel[(batch * kv_heads, triton.cdiv(pages, block_p))](
         query, minimum, maximum, end, scores, *query.stride(), *minimum.stride(), kv_heads, group, rows, pages,
         page_size, sink_pages, window_pages, HEAD_D=dim, BLOCK_D=_padded(dim), BLOCK_R=_padded(group * rows),
-        BLOCK_P=block_p, DOT_PRECISION=_precision(minimum.dtype), num_warps=4)
+        BLOCK_P=block_p, num_warps=4)
     return scores
 
 
@@ -337,7 +332,7 @@ def selected_pages_attention(query: torch.Tensor, key: torch.Tensor, value: torc
         *query.stride(), *key.stride(), *value.stride(), *mask_strides,
         kv_heads, group, rows, k_len, selected, page_size, splits, slots_per_split, scale * LOG2E, threshold,
         HEAD_D=dim, HEAD_DV=dim_v, BLOCK_D=_padded(dim), BLOCK_DV=block_dv, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
-        MASK_KIND=mask_kind, DOT_PRECISION=_precision(key.dtype), num_warps=4)
+        MASK_KIND=mask_kind, num_warps=4)
     return combine_splits(partial, max_score, total, query.new_empty(batch, heads, rows, dim_v), kv_heads, group,
                           rows, splits, block_r)
 
