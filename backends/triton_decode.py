@@ -101,7 +101,8 @@ def _page_scores_kernel(Q, MIN, MAX, END, SCORES,
     q = tl.load(q_ptr, mask=real_row[:, None] & (offs_d[None, :] < HEAD_D), other=0.0).to(MIN.dtype.element_ty)
     s_base = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
     s_ptr = s_base + offs_p.to(tl.int64)[:, None] * stride_sp + offs_d[None, :] * stride_sd
-    s_mask = (offs_p[:, None] < pages) & (offs_d[None, :] < HEAD_D)
+    present = (offs_p < pages) & (offs_p.to(tl.int64) * page_size < end)      # pages past the end: never summarised
+    s_mask = present[:, None] & (offs_d[None, :] < HEAD_D)
     low = tl.load(MIN + s_ptr, mask=s_mask, other=0.0)
     high = tl.load(MAX + s_ptr, mask=s_mask, other=0.0)
     positive = tl.where(q > 0, q, 0.0).to(MIN.dtype.element_ty)

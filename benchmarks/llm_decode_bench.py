@@ -160,11 +160,8 @@ def main(argv=None) -> None:
             if arguments.model_step:
                 model = build_model(shape, layers=arguments.layers, max_tokens=max(arguments.lengths) + 16,
                                     device=device, dtype=dtype)
-            config = _attention_config(shape)
-            scaling = config.head_dim ** -0.5
-            attention = torch.nn.Module()              # what sdpa_attention_forward reads of the attention module
-            attention.is_causal, attention.num_key_value_groups = True, (config.num_attention_heads
-                                                                         // config.num_key_value_heads)
+            config, attention = _attention_layer(shape)
+            scaling = attention.scaling
             attached = None
             if model is not None:
                 strategy = sparsify.Strategy.dense(attention_sites(model), block_size=128)
@@ -212,16 +209,19 @@ def main(argv=None) -> None:
     print(log.table(), file=sys.stdout)
 
 
-def _attention_config(shape: str):
-    """The attention geometry of ``shape`` as a small config object (no model is built for the attention rows)."""
-    import types
+def _attention_layer(shape: str):
+    """``(config, attention module)`` of ``shape``: one Llama attention layer on the meta device (what SDPA's
+    transformers wrapper reads of it: GQA groups, causality, scale), without building the model."""
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaAttention
 
     if shape not in SHAPES:
         raise SystemExit(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-    settings = SHAPES[shape]
-    return types.SimpleNamespace(num_attention_heads=settings["num_attention_heads"],
-                                 num_key_value_heads=settings["num_key_value_heads"], head_dim=settings["head_dim"],
-                                 hidden_size=settings["hidden_size"])
+    settings = dict(SHAPES[shape])
+    settings.pop("rope_theta")
+    config = transformers.LlamaConfig(**settings, attn_implementation="sdpa")
+    with torch.device("meta"):
+        return config, LlamaAttention(config, layer_idx=0)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def _greedy(prefill_model, step_model, ids, cache):
         token = out.logits[:, -1:].argmax(-1)
         for position in range(ids.shape[1], ids.shape[1] + STEPS):
             step = step_model(token, cache=cache, use_cache=True,
-                              position_ids=torch.full((ids.shape[0], 1), position))
+                              position_ids=torch.full((ids.shape[0], 1), position, device=ids.device))
             logits.append(step.logits[:, -1])
             token = step.logits[:, -1:].argmax(-1)
             tokens.append(token)
@@ -59,6 +59,9 @@ def test_compiled_static_cache_decode_gives_the_eager_tokens_without_recompiling
     model, _ = model_zoo.llama(seq=PROMPT, batch=2)
     sites = sparsify.find_attention(model, {"input_ids": torch.zeros(2, PROMPT, dtype=torch.long)})
     strategy = sparsify.Strategy.uniform(sites, WINDOW, block_size=16)
+    # The Triton kernels run compiled on CUDA, interpreted on CPU tensors where there is none.
+    device = "cuda" if HAS_CUDA and decode == "query_aware_triton" else "cpu"
+    model = model.to(device)
     mode = "sparse" if decode == "sparse" else patterns.query_aware_decode(0.3, page_size=8, min_pages=1)
     attached = sparsify.attach(model, strategy, decode=mode)
     reference = sparsify.attach(model, strategy, decode=mode)
@@ -66,7 +69,7 @@ def test_compiled_static_cache_decode_gives_the_eager_tokens_without_recompiling
         for module in attached.modules():
             if hasattr(module, "sparse_decoder"):
                 module.sparse_decoder.kernels = "triton"
-    ids = torch.randint(2, model_zoo.VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(21))
+    ids = torch.randint(2, model_zoo.VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(21)).to(device)
 
     # decode="sparse" reads the rows at the step's position whatever the cache; a decode pattern picks a share of the
     # cache's pages, and a static cache's page count is its capacity: its eager reference is the same static cache.
@@ -83,7 +86,7 @@ def test_compiled_static_cache_decode_gives_the_eager_tokens_without_recompiling
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert torch.equal(tokens, expected_tokens)
-    assert rel_err(logits, expected_logits) < 1e-4
+    assert rel_err(logits, expected_logits) < (1e-4 if device == "cpu" else 1e-3)
     if decode == "sparse":                                                    # the window really cuts the context
         dense_logits = _greedy(model, model, ids, transformers.DynamicCache(config=model.config))[1]
         assert rel_err(logits, dense_logits) > 1e-3
