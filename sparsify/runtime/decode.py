@@ -15,7 +15,7 @@ is device work only — the new token's position comes from the attention mask a
 static cache hides its unused slots — so it compiles into one graph that serves every step.
 
 Two implementations of the step, chosen per call (``kernels=``): on CUDA with Triton installed,
-the Triton kernels of `sparsify.backends.triton_decode` (``torch.ops.sparsify.query_aware_decode``:
+the Triton kernels of `sparsify.backends.triton_decode` (``torch.ops.sparsify.query_aware_decode_step``:
 summary update, page scores, ``topk``, a split-K flash decode that reads only the selected pages
 straight from the cache with the group's query heads sharing each key/value load, and a combine —
 five launches, no gather copy); elsewhere (CPU, no Triton, other dtypes) the plain torch reference
@@ -64,14 +64,14 @@ def triton_decode_available(device: torch.device, dtype: torch.dtype = torch.flo
         return False, f"the Triton kernels take float16, bfloat16 or float32, not {dtype}"
     if device.type == "cuda":
         return True, ""
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET", "0") != "1":
         return False, f"the Triton kernels run on CUDA tensors (on CPU only with TRITON_INTERPRET=1), not on {device.type}"
-    if device.type == "cpu" and dtype == torch.bfloat16:
+    if dtype == torch.bfloat16:
         return False, "Triton's CPU interpreter computes bfloat16 wrongly (it runs on CUDA)"
-    return device.type == "cpu", "" if device.type == "cpu" else f"Triton does not run on {device.type}"
+    return True, ""
 
 
-@torch.library.custom_op("sparsify::query_aware_decode", mutates_args=("minimum", "maximum"))
+@torch.library.custom_op("sparsify::query_aware_decode_step", mutates_args=("minimum", "maximum"))
 def query_aware_decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, minimum: torch.Tensor,
                             maximum: torch.Tensor, end: torch.Tensor, attention_mask: torch.Tensor | None,
                             scale: float, page_size: int, sink_pages: int, window_pages: int,
@@ -84,7 +84,7 @@ def query_aware_decode_step(query: torch.Tensor, key: torch.Tensor, value: torch
     ``[B, H, rows, Dv]`` and the pages read, ``int64 [B, Hkv, selected]``.
 
     Example:
-        >>> out, chosen = torch.ops.sparsify.query_aware_decode(q, keys, values, low, high, end, None,
+        >>> out, chosen = torch.ops.sparsify.query_aware_decode_step(q, keys, values, low, high, end, None,
         ...                                                     0.125, 32, 1, 2, 106)   # doctest: +SKIP
     """
     from sparsify.backends import triton_decode
@@ -305,7 +305,7 @@ class QueryAwareDecoder(torch.nn.Module):
         pages = -(-k_len // page)
         if self.uses_triton(query, key, value):
             self.summaries.reserve(key, pages)
-            output, chosen = torch.ops.sparsify.query_aware_decode(
+            output, chosen = torch.ops.sparsify.query_aware_decode_step(
                 query, key, value, self.summaries.minimum, self.summaries.maximum, end, attention_mask,
                 dim ** -0.5 if scale is None else scale, page, self.pattern.sink_pages, self.pattern.window_pages,
                 self.pattern.selected_pages(pages))

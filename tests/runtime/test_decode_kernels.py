@@ -191,7 +191,7 @@ def test_triton_step_returns_the_pages_it_read_and_attends_over_exactly_those():
                                 num_kv_heads=kv_heads, kernels="triton")
     decoder.observe_prefill(keys, 0, length - 1)
     q = torch.randn(batch, heads, 1, dim, generator=torch.Generator().manual_seed(8)).to(DEVICE, torch.float16)
-    out, chosen = torch.ops.sparsify.query_aware_decode(
+    out, chosen = torch.ops.sparsify.query_aware_decode_step(
         q, keys, values, decoder.summaries.minimum, decoder.summaries.maximum, torch.tensor(length, device=DEVICE),
         None, dim ** -0.5, page, 1, 2, decoder.pattern.selected_pages(math.ceil(length / page)))
     assert chosen.shape == (1, 1, 5) and len(set(chosen.flatten().tolist())) == 5
@@ -238,7 +238,7 @@ def test_gpu_kernels_equal_the_restricted_reference_and_replay_in_a_cuda_graph(d
     end = torch.tensor(length, device="cuda")
     arguments = (q, keys, values, decoder.summaries.minimum, decoder.summaries.maximum, end, attention_mask,
                  dim ** -0.5, page, 1, 2, pattern.selected_pages(length // page))
-    out, chosen = torch.ops.sparsify.query_aware_decode(*arguments)
+    out, chosen = torch.ops.sparsify.query_aware_decode_step(*arguments)
     expected = _restricted_reference(q, keys, values, chosen.cpu(), length, page, attention_mask)
     assert rel_err(out.cpu(), expected) < TOLERANCE[dtype]
     if dtype == torch.float32:                                             # the same pages as the torch path
