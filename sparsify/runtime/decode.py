@@ -138,6 +138,9 @@ class KeyPageSummaries:
         if fits:                                                 # a growing cache keeps what it summarised
             minimum[:, :, :self.pages_capacity] = self.minimum
             maximum[:, :, :self.pages_capacity] = self.maximum
+        for summary in (minimum, maximum):
+            # Fixed addresses for torch.compile: CUDA graphs (mode="reduce-overhead") may then update them in place.
+            torch._dynamo.mark_static_address(summary)
         self.minimum, self.maximum = minimum, maximum
 
     def summarise(self, keys: torch.Tensor, start: int, end: int) -> None:
