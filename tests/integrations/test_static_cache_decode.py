@@ -103,3 +103,30 @@ def test_sparse_decode_through_a_static_cache_reads_the_pattern_rows_at_the_step
     static = _greedy(attached, attached, ids, transformers.StaticCache(config=model.config, max_cache_len=CAPACITY))[1]
     longer = _greedy(attached, attached, ids, transformers.StaticCache(config=model.config, max_cache_len=144))[1]
     assert rel_err(static, growing) < 1e-5 and rel_err(longer, growing) < 1e-5   # the capacity does not matter
+
+
+@pytest.mark.gpu
+def test_query_aware_decode_replays_as_cuda_graphs_under_reduce_overhead():
+    import transformers
+
+    model, _ = model_zoo.llama(seq=PROMPT, batch=2)
+    sites = sparsify.find_attention(model, {"input_ids": torch.zeros(2, PROMPT, dtype=torch.long)})
+    model = model.to("cuda")
+    pattern = patterns.query_aware_decode(0.3, page_size=8, min_pages=1)
+    strategy = sparsify.Strategy.uniform(sites, WINDOW, block_size=16)
+    attached = sparsify.attach(model, strategy, decode=pattern)
+    reference = sparsify.attach(model, strategy, decode=pattern)
+    ids = torch.randint(2, model_zoo.VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(23)).to("cuda")
+    expected_tokens, expected_logits = _greedy(
+        reference, reference, ids, transformers.StaticCache(config=model.config, max_cache_len=CAPACITY))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(attached, mode="reduce-overhead")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        tokens, logits = _greedy(attached, compiled, ids,
+                                 transformers.StaticCache(config=model.config, max_cache_len=CAPACITY))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])     # really replayed as graphs
+    assert torch.equal(tokens, expected_tokens)
+    assert rel_err(logits, expected_logits) < 1e-3
