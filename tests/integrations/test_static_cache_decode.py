@@ -43,7 +43,7 @@ def _greedy(prefill_model, step_model, ids, cache):
         for position in range(ids.shape[1], ids.shape[1] + STEPS):
             step = step_model(token, cache=cache, use_cache=True,
                               position_ids=torch.full((ids.shape[0], 1), position, device=ids.device))
-            logits.append(step.logits[:, -1])
+            logits.append(step.logits[:, -1].clone())                      # CUDA graph outputs are overwritten
             token = step.logits[:, -1:].argmax(-1)
             tokens.append(token)
     return torch.cat(tokens, 1), torch.stack(logits, 1)
