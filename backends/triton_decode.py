@@ -198,24 +198,37 @@ def _combine_splits_kernel(ACC, MAX_SCORE, SUM, O,
                            stride_ob, stride_oh, stride_om, stride_od,
                            num_kv_heads, group, rows, splits,
                            HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr,
-                           BLOCK_S: tl.constexpr):
-    """Program (b·Hkv + h, tile row): the log-sum-exp merge of the splits' partial outputs of one query row."""
+                           CHUNK: tl.constexpr):
+    """Program (b·Hkv + h, tile row): the log-sum-exp merge of the splits' partial outputs of one query row.
+
+    Two passes over the splits, ``CHUNK`` at a time: their largest running max, then the weighted sums.
+    """
     pid_bh = tl.program_id(0)
     row = tl.program_id(1)
     b = pid_bh // num_kv_heads
     h = pid_bh % num_kv_heads
-    offs_s = tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, CHUNK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    part = (pid_bh * splits + offs_s).to(tl.int64) * BLOCK_R + row
-    real = offs_s < splits
-    m = tl.load(MAX_SCORE + part, mask=real, other=float("-inf"))
-    s = tl.load(SUM + part, mask=real, other=0.0)
-    m_max = tl.max(m, 0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    weight = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_safe))
-    acc = tl.load(ACC + part[:, None] * BLOCK_DV + offs_dv[None, :], mask=real[:, None], other=0.0)
-    total = tl.sum(weight * s, 0)
-    out = tl.sum(weight[:, None] * acc, 0) / tl.where(total == 0.0, 1.0, total)    # no visible key: 0
+    first = (pid_bh * splits).to(tl.int64)
+    m_max = tl.full([CHUNK], float("-inf"), tl.float32)
+    for start in range(0, splits, CHUNK):
+        real = start + offs_c < splits
+        m = tl.load(MAX_SCORE + (first + start + offs_c) * BLOCK_R + row, mask=real, other=float("-inf"))
+        m_max = tl.maximum(m_max, m)
+    top = tl.max(m_max, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros([CHUNK], tl.float32)
+    out = tl.zeros([BLOCK_DV], tl.float32)
+    for start in range(0, splits, CHUNK):
+        real = start + offs_c < splits
+        part = (first + start + offs_c) * BLOCK_R + row
+        m = tl.load(MAX_SCORE + part, mask=real, other=float("-inf"))
+        weight = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - top))
+        total += weight * tl.load(SUM + part, mask=real, other=0.0)
+        acc = tl.load(ACC + part[:, None] * BLOCK_DV + offs_dv[None, :], mask=real[:, None], other=0.0)
+        out += tl.sum(weight[:, None] * acc, 0)
+    denominator = tl.sum(total, 0)
+    out = out / tl.where(denominator == 0.0, 1.0, denominator)                         # no visible key: 0
     q_head = h * group + row // rows
     o_ptr = (O + b.to(tl.int64) * stride_ob + q_head.to(tl.int64) * stride_oh + (row % rows) * stride_om
              + offs_dv * stride_od)
@@ -280,18 +293,23 @@ def split_count(programs: int, selected_slots: int, device: torch.device) -> tup
     """``(splits, slots_per_split)``: how the selected slots of each of ``programs`` key/value heads split over programs.
 
     Enough splits to give every multiprocessor four programs, each a whole number of tiles. Off
-    CUDA (Triton's interpreter, tests) the device counts as four multiprocessors, so small cases
+    CUDA (Triton's interpreter, tests) the device counts as eight multiprocessors, so small cases
     still split and exercise the combine.
 
     Example:
         >>> split_count(8, 6720, torch.device("cpu"))
-        (2, 3392)
+        (4, 1728)
     """
-    target = 4 * (_multiprocessors(device.index or 0) if device.type == "cuda" else 4)
+    target = 4 * (_multiprocessors(device.index or 0) if device.type == "cuda" else 8)
     tiles = triton.cdiv(max(selected_slots, 1), BLOCK_N)
     splits = max(1, min(tiles, triton.cdiv(target, programs)))
     tiles_per_split = triton.cdiv(tiles, splits)
     return triton.cdiv(tiles, tiles_per_split), tiles_per_split * BLOCK_N
+
+
+def _attention_warps(head_dim: int, dtype: torch.dtype) -> int:
+    """Warps of the attention kernel: 8 where 4 would spill registers (ptxas on sm_90: head dims over 64, float32)."""
+    return 4 if _padded(head_dim) <= 64 and dtype != torch.float32 else 8
 
 
 def _user_mask(attention_mask: torch.Tensor | None, batch: int, rows: int, k_len: int):
@@ -333,7 +351,7 @@ def selected_pages_attention(query: torch.Tensor, key: torch.Tensor, value: torc
         *query.stride(), *key.stride(), *value.stride(), *mask_strides,
         kv_heads, group, rows, k_len, selected, page_size, splits, slots_per_split, scale * LOG2E, threshold,
         HEAD_D=dim, HEAD_DV=dim_v, BLOCK_D=_padded(dim), BLOCK_DV=block_dv, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
-        MASK_KIND=mask_kind, num_warps=4)
+        MASK_KIND=mask_kind, num_warps=_attention_warps(max(dim, dim_v), key.dtype))
     return combine_splits(partial, max_score, total, query.new_empty(batch, heads, rows, dim_v), kv_heads, group,
                           rows, splits, block_r)
 
@@ -344,7 +362,7 @@ def combine_splits(partial: torch.Tensor, max_score: torch.Tensor, total: torch.
     batch, dim_v = out.shape[0], out.shape[-1]
     _combine_splits_kernel[(batch * kv_heads, group * rows)](
         partial, max_score, total, out, *out.stride(), kv_heads, group, rows, splits, HEAD_DV=dim_v,
-        BLOCK_DV=partial.shape[-1], BLOCK_R=block_r, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+        BLOCK_DV=partial.shape[-1], BLOCK_R=block_r, CHUNK=16, num_warps=4)
     return out
 
 

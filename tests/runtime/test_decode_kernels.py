@@ -158,6 +158,17 @@ def test_attention_over_the_chosen_pages_equals_dense_attention_restricted_to_th
     assert rel_err(out.cpu(), expected) < TOLERANCE[dtype]
 
 
+def test_many_splits_merge_into_the_attention_over_every_chosen_page():
+    keys, values = _cache(11, 1, 1, 2304, 64, torch.float32)
+    chosen = torch.randperm(72, generator=torch.Generator().manual_seed(12))[:70].view(1, 1, 70)
+    splits, _ = triton_decode.split_count(1, 70 * 32, torch.device(DEVICE))
+    assert HAS_CUDA or splits > 16                                         # the combine walks its splits in chunks
+    q = torch.randn(1, 4, 1, 64, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    out = triton_decode.selected_pages_attention(q, keys, values, chosen.to(DEVICE),
+                                                 torch.tensor(2304, device=DEVICE), None, 0.125, 32)
+    assert rel_err(out.cpu(), _restricted_reference(q, keys, values, chosen, 2304, 32, scale=0.125)) < 1e-5
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_triton_decoder_selects_the_torch_pages_and_equals_the_restricted_reference_step_after_step(masked):
     batch, heads, kv_heads, capacity, dim, page = 2, 8, 2, 192, 64, 8
