@@ -1,20 +1,24 @@
-"""Decode at long context: one decode step's attention, dense vs query-aware (Quest-like) page selection.
+"""Decode at long context: one decode step's attention, dense vs query-aware (Quest-like) page selection, eager and as a CUDA graph.
 
 Per context length and batch size the script times, on one layer of the model's attention
 geometry (``llama-1b`` by default: 32 query / 8 key-value heads of 64, bf16):
 
 * ``dense`` — transformers' SDPA attention of one new token over the whole cache;
-* ``quest`` — `sparsify.runtime.decode.QueryAwareDecoder`: the new token's page summary update,
-  the page bounds and top-k selection, the gather of the selected pages and SDPA over them
-  (the whole step, as the transformers door runs it).
+* ``quest`` — `sparsify.runtime.decode.QueryAwareDecoder` on its fast path (CUDA: the Triton
+  kernels — summary update, page scores, top-k, split-K attention reading only the selected pages
+  in place, combine): the whole step, as the transformers door runs it;
+* ``quest_torch`` — the same step on the torch reference path (gather + SDPA), for comparison.
 
-``read`` is the fraction of the cache one step reads (sink, window and budget pages);
-``speedup`` dense / quest per token. ``--model-step`` also times a whole decode step of the model
-(every layer, MLPs included) with a cache filled with random keys, dense vs attached with
-``decode=query_aware_decode(...)``. ``--compile`` times the quest step under ``torch.compile``
-too (one graph for every step).
+Each is timed eagerly (``*_us``) and replayed as a captured CUDA graph (``*_graph_us``: one decode
+step captured with ``torch.cuda.CUDAGraph``, as ``torch.compile(mode="reduce-overhead")`` runs
+decode), in microseconds per layer step, the L2 cache flushed before every timed call (a real
+decode step reads each layer's cache cold; ``--warm-l2`` skips the flush). ``read`` is the
+fraction of the cache's pages one step reads (sink, window and budget pages); ``speedup`` /
+``speedup_graph`` are dense / quest per token. ``--model-step`` also times a whole decode step of
+the model (every layer, MLPs included) with a cache filled with random keys, dense vs attached with
+``decode=query_aware_decode(...)``. ``--compile`` times the quest step under ``torch.compile`` too.
 
-    python benchmarks/llm_decode_bench.py                                   # 32K/64K/128K, batch 1 and 8 (~1 min on an H100)
+    python benchmarks/llm_decode_bench.py                                   # 32K/64K/128K, batch 1 and 8 (~1-2 min on an H100)
     python benchmarks/llm_decode_bench.py --budget 0.05 --page-size 16 --model-step
     python benchmarks/llm_decode_bench.py --device cpu --shapes tiny --lengths 4096 --batches 1   # CPU smoke
 """
@@ -23,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
 
 import sparsify
 from bench_rows import RowLog
-from llm_bench_tools import attention_sites, build_model, machine, time_ms
+from llm_bench_tools import SHAPES, attention_sites, build_model, machine, time_ms
 from sparsify.patterns import query_aware_decode
 from sparsify.runtime.decode import QueryAwareDecoder, read_fraction
 
@@ -48,7 +53,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=None, help="layers of the model for --model-step")
     parser.add_argument("--model-step", action="store_true", help="also time a whole decode step of the model")
     parser.add_argument("--compile", action="store_true", help="also time the quest step under torch.compile")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warm-l2", action="store_true", help="do not flush the L2 cache before each timed call")
+    parser.add_argument("--no-torch-path", action="store_true", help="skip the torch reference path")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
@@ -92,6 +99,49 @@ def model_step_ms(model, attached, batch: int, tokens: int, device: str, dtype: 
     return times
 
 
+class StepTimer:
+    """Median microseconds of one call, eagerly or as a replayed CUDA graph, with the L2 cache flushed before each."""
+
+    def __init__(self, device: str, repeats: int, flush_l2: bool):
+        self.device, self.repeats = torch.device(device), repeats
+        self.flush = (torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=device)
+                      if flush_l2 and self.device.type == "cuda" else None)
+
+    def eager_us(self, function) -> float:
+        if self.device.type != "cuda":
+            return time_ms(function, self.repeats, 3) * 1e3
+        for _ in range(3):
+            function()
+        times = []
+        for _ in range(self.repeats):
+            if self.flush is not None:
+                self.flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            function()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        return statistics.median(times)
+
+    def graph_us(self, function) -> float | None:
+        """Capture one call of ``function`` as a CUDA graph (after a warm-up on a side stream) and time its replay."""
+        if self.device.type != "cuda":
+            return None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                function()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            function()
+        replay = self.eager_us(graph.replay)
+        del graph
+        return replay
+
+
 def main(argv=None) -> None:
     arguments = parse_arguments(argv)
     device = arguments.device
@@ -99,45 +149,79 @@ def main(argv=None) -> None:
     pattern = query_aware_decode(arguments.budget, page_size=arguments.page_size, sink_pages=arguments.sink_pages,
                                  window_pages=arguments.window_pages)
     out = arguments.out or os.path.join(RESULTS, f"llm_decode_{'gpu' if device != 'cpu' else 'cpu'}.json")
-    meta = {"device": machine(), "torch": torch.__version__, "dtype": str(dtype), "pattern": pattern.to_dict()}
+    timer = StepTimer(device, arguments.repeats, flush_l2=not arguments.warm_l2)
+    meta = {"device": machine(), "torch": torch.__version__, "dtype": str(dtype), "pattern": pattern.to_dict(),
+            "l2_flushed": timer.flush is not None, "unit": "microseconds per layer decode step"}
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     with RowLog(out, meta=meta) as log, torch.no_grad():
         for shape in arguments.shapes:
-            model = build_model(shape, layers=arguments.layers, max_tokens=max(arguments.lengths) + 16, device=device,
-                                dtype=dtype)
-            config = model.config
-            module = model.model.layers[0].self_attn
-            attached = None
+            model = None
             if arguments.model_step:
+                model = build_model(shape, layers=arguments.layers, max_tokens=max(arguments.lengths) + 16,
+                                    device=device, dtype=dtype)
+            config, attention = _attention_layer(shape)
+            scaling = attention.scaling
+            attached = None
+            if model is not None:
                 strategy = sparsify.Strategy.dense(attention_sites(model), block_size=128)
                 attached = sparsify.attach(model, strategy, decode=pattern)
             for tokens in arguments.lengths:
                 for batch in arguments.batches:
                     query, keys, values = random_cache(config, batch, tokens, device, dtype, seed=tokens + batch)
-                    dense = time_ms(lambda: sdpa_attention_forward(module, query, keys, values, None,
-                                                                   scaling=module.scaling), arguments.repeats, 3)
-                    decoder = QueryAwareDecoder(pattern, num_heads=config.num_attention_heads,
-                                                num_kv_heads=config.num_key_value_heads).to(device)
-                    decoder.observe_prefill(keys, 0, tokens - 1)
-                    quest = time_ms(lambda: decoder(query, keys, values, None, module.scaling), arguments.repeats, 3)
+
+                    def dense():
+                        return sdpa_attention_forward(attention, query, keys, values, None, scaling=scaling)
+
+                    decoders = {}
+                    for name, kernels in (("quest", "auto"), ("quest_torch", "torch")):
+                        if name == "quest_torch" and arguments.no_torch_path:
+                            continue
+                        decoder = QueryAwareDecoder(pattern, num_heads=config.num_attention_heads,
+                                                    num_kv_heads=config.num_key_value_heads, kernels=kernels)
+                        decoder.observe_prefill(keys, 0, tokens - 1)
+                        decoders[name] = decoder
                     row = dict(shape=shape, tokens=tokens, batch=batch, read=read_fraction(pattern, tokens),
-                               dense_us=dense * 1e3, quest_us=quest * 1e3, speedup=dense / quest)
+                               kernels="triton" if decoders["quest"].uses_triton(query, keys, values) else "torch")
+                    row["dense_us"] = timer.eager_us(dense)
+                    for name, decoder in decoders.items():
+                        row[f"{name}_us"] = timer.eager_us(lambda: decoder(query, keys, values, None, scaling))
+                    row["speedup"] = row["dense_us"] / row["quest_us"]
+                    if timer.device.type == "cuda":
+                        row["dense_graph_us"] = timer.graph_us(dense)
+                        for name, decoder in decoders.items():
+                            row[f"{name}_graph_us"] = timer.graph_us(lambda: decoder(query, keys, values, None,
+                                                                                     scaling))
+                        row["speedup_graph"] = row["dense_graph_us"] / row["quest_graph_us"]
                     if arguments.compile:
-                        compiled = torch.compile(decoder, fullgraph=True)
-                        row["quest_compiled_us"] = time_ms(lambda: compiled(query, keys, values, None, module.scaling),
-                                                           arguments.repeats, 3) * 1e3
-                        row["speedup_compiled"] = dense * 1e3 / row["quest_compiled_us"]
+                        compiled = torch.compile(decoders["quest"], fullgraph=True)
+                        row["quest_compiled_us"] = timer.eager_us(lambda: compiled(query, keys, values, None, scaling))
+                        row["speedup_compiled"] = row["dense_us"] / row["quest_compiled_us"]
                     if attached is not None:
                         step = model_step_ms(model, attached, batch, tokens, device, dtype, max(5, arguments.repeats // 4))
                         row.update(model_dense_ms=step["dense"], model_quest_ms=step["quest"],
                                    model_speedup=step["dense"] / step["quest"])
                     log.add(**row)
-                    del query, keys, values, decoder
+                    del query, keys, values, decoders
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
             del model, attached
     print(log.table(), file=sys.stdout)
+
+
+def _attention_layer(shape: str):
+    """``(config, attention module)`` of ``shape``: one Llama attention layer on the meta device (what SDPA's
+    transformers wrapper reads of it: GQA groups, causality, scale), without building the model."""
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    if shape not in SHAPES:
+        raise SystemExit(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    settings = dict(SHAPES[shape])
+    settings.pop("rope_theta")
+    config = transformers.LlamaConfig(**settings, attn_implementation="sdpa")
+    with torch.device("meta"):
+        return config, LlamaAttention(config, layer_idx=0)
 
 
 if __name__ == "__main__":

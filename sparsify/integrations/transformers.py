@@ -18,7 +18,8 @@ The registered function runs per call:
   transformers' mask (padding, sliding windows) applies on top;
 * a decode step (a query shorter than one block against a longer cache) runs dense SDPA
   (``decode="dense"``, the default: one query row costs little and is exact), the
-  pattern's rows at that offset (``decode="sparse"``), or — with a decode pattern such as
+  pattern's rows at that offset (``decode="sparse"``; with a mask — a static cache, padding — the
+  rows at the step's slot read from the mask on the device, `pattern_rows_decode`), or — with a decode pattern such as
   ``decode=query_aware_decode(0.1)`` — the cache pages that pattern selects per step and head
   from the query (`sparsify.runtime.decode`, Quest's idea). The decoder is a child module of each
   causal self-attention module of the copy (``sparse_decoder``), dense sites included; it owns the
@@ -53,7 +54,7 @@ from sparsify.integrations.common import (
     shared_weight_copy,
 )
 from sparsify.runtime.block_mask import causal_element_mask
-from sparsify.runtime.decode import QueryAwareDecoder, visible_key_end
+from sparsify.runtime.decode import QueryAwareDecoder, pattern_rows_decode, visible_key_end
 from sparsify.site import AttentionSite
 from sparsify.strategy import Strategy
 
@@ -112,6 +113,10 @@ def sparsify_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         if _decode_mode(module) == "dense":
             return sdpa_attention_forward(module, query, key, value, _chunk_mask(module, query, key, attention_mask),
                                           dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        if attention_mask is not None:
+            # A static cache (or padding): the step's slot is on the device only, so are the pattern rows it reads.
+            output = pattern_rows_decode(runtime, query, key, value, attention_mask, scaling)
+            return output.transpose(1, 2).contiguous(), None
     elif causal and k_len > q_len and attention_mask is not None:
         # A prefill chunk through a cache, with a mask (padding, or a static cache): the filled slots end at the
         # last slot the last query row sees (a static cache's capacity is longer; a dynamic cache ends there).

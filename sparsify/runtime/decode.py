@@ -9,29 +9,96 @@ step the page(s) of its new token(s) — never the whole cache.
 decode step under a `sparsify.patterns.QueryAwareDecode` pattern: per key/value head it
 bounds every page's best score ``Σ_d max(q_d · min_d, q_d · max_d)`` (largest over the query
 heads of the group and the step's query rows), keeps the sink pages, the recent window and the
-top pages by that bound (a fixed count: ``pattern.selected_pages``), gathers their keys and values
-and runs SDPA over them, the group's query heads as rows of one call (no GQA expansion). A step
+top pages by that bound (a fixed count: ``pattern.selected_pages``) and attends over them, the
+group's query heads as rows of one call (no GQA expansion). A step
 is device work only — the new token's position comes from the attention mask as a tensor when a
 static cache hides its unused slots — so it compiles into one graph that serves every step.
 
-Why gather + SDPA: a decode query is one row per head, so a block-sparse prefill kernel (built
-for 64-128-row query tiles) would run almost empty tiles; gathering the selected pages costs one
-extra read and write of the selected keys and values (``selected / all`` of dense traffic) and then
-runs the framework's fastest dense kernel on a short, contiguous sequence.
+Two implementations of the step, chosen per call (``kernels=``): on CUDA with Triton installed,
+the Triton kernels of `sparsify.backends.triton_decode` (``torch.ops.sparsify.query_aware_decode_step``:
+summary update, page scores, ``topk``, a split-K flash decode that reads only the selected pages
+straight from the cache with the group's query heads sharing each key/value load, and a combine —
+five launches, no gather copy); elsewhere (CPU, no Triton, other dtypes) the plain torch reference
+(bounds by matmul, ``topk``, gather of the selected pages and SDPA over them). Both select the same
+pages from the same summaries and attend over them alike.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import torch
 
+from sparsify.errors import UnsupportedError
 from sparsify.patterns import QueryAwareDecode
 
-__all__ = ["KeyPageSummaries", "QueryAwareDecoder", "page_bounds", "read_fraction", "select_pages", "visible_key_end"]
+__all__ = ["DECODE_KERNELS", "KeyPageSummaries", "QueryAwareDecoder", "page_bounds", "pattern_rows_decode",
+           "query_aware_decode_step", "read_fraction", "select_pages", "triton_decode_available", "visible_key_end"]
 
 #: Pages a summary tensor grows by at least when a growing cache outruns it.
 _GROWTH_PAGES = 64
+#: Implementations of a decode step: ``auto`` (Triton on CUDA when it imports, else torch), ``triton``, ``torch``.
+DECODE_KERNELS = ("auto", "triton", "torch")
+#: Dtypes and largest head dim the Triton kernels take (others run the torch path).
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_MAX_HEAD_DIM = 256
+
+
+def triton_decode_available(device: torch.device, dtype: torch.dtype = torch.float16) -> tuple[bool, str]:
+    """``(available, reason)``: whether the Triton decode kernels can run on ``device`` in ``dtype``.
+
+    On CUDA when Triton imports; on CPU only through Triton's interpreter (``TRITON_INTERPRET=1``,
+    for tests), which computes bfloat16 wrongly and so is refused it.
+
+    Example:
+        >>> import os
+        >>> triton_decode_available(torch.device("cpu"))[0] == (os.environ.get("TRITON_INTERPRET") == "1"
+        ...                                                      and importlib.util.find_spec("triton") is not None)
+        True
+    """
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install triton)"
+    if dtype not in _TRITON_DTYPES:
+        return False, f"the Triton kernels take float16, bfloat16 or float32, not {dtype}"
+    if device.type == "cuda":
+        return True, ""
+    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False, f"the Triton kernels run on CUDA tensors (on CPU only with TRITON_INTERPRET=1), not on {device.type}"
+    if dtype == torch.bfloat16:
+        return False, "Triton's CPU interpreter computes bfloat16 wrongly (it runs on CUDA)"
+    return True, ""
+
+
+@torch.library.custom_op("sparsify::query_aware_decode_step", mutates_args=("minimum", "maximum"))
+def query_aware_decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, minimum: torch.Tensor,
+                            maximum: torch.Tensor, end: torch.Tensor, attention_mask: torch.Tensor | None,
+                            scale: float, page_size: int, sink_pages: int, window_pages: int,
+                            selected: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query-aware decode step on the Triton kernels (an opaque op): ``(output, chosen pages)``; updates the summaries.
+
+    ``query`` ``[B, H, rows, D]`` against the cache ``key`` / ``value`` ``[B, Hkv, S, D]`` ending
+    at slot ``end`` (0-dim device tensor); ``minimum`` / ``maximum`` are the layer's page summaries
+    (`KeyPageSummaries`), re-summarised in place for the step's new slots. Returns the output
+    ``[B, H, rows, Dv]`` and the pages read, ``int64 [B, Hkv, selected]``.
+
+    Example:
+        >>> out, chosen = torch.ops.sparsify.query_aware_decode_step(q, keys, values, low, high, end, None,
+        ...                                                     0.125, 32, 1, 2, 106)   # doctest: +SKIP
+    """
+    from sparsify.backends import triton_decode
+
+    return triton_decode.decode_step(query, key, value, minimum, maximum, end, attention_mask, scale, page_size,
+                                     sink_pages, window_pages, selected)
+
+
+@query_aware_decode_step.register_fake
+def _query_aware_decode_step_fake(query, key, value, minimum, maximum, end, attention_mask, scale, page_size,
+                                  sink_pages, window_pages, selected):
+    batch, heads, rows, _ = query.shape
+    output = query.new_empty(batch, heads, rows, value.shape[-1])
+    return output, torch.empty(batch, key.shape[1], selected, dtype=torch.long, device=query.device)
 
 
 class KeyPageSummaries:
@@ -57,7 +124,7 @@ class KeyPageSummaries:
     def pages_capacity(self) -> int:
         return 0 if self.minimum is None else self.minimum.shape[2]
 
-    def _ensure(self, keys: torch.Tensor, pages: int) -> None:
+    def reserve(self, keys: torch.Tensor, pages: int) -> None:
         """Allocate (or grow) the summaries for ``pages`` pages of ``keys``' batch, heads, size, dtype and device."""
         batch, heads, _, dim = keys.shape
         fits = (self.minimum is not None and self.minimum.shape[:2] == (batch, heads)
@@ -71,6 +138,9 @@ class KeyPageSummaries:
         if fits:                                                 # a growing cache keeps what it summarised
             minimum[:, :, :self.pages_capacity] = self.minimum
             maximum[:, :, :self.pages_capacity] = self.maximum
+        for summary in (minimum, maximum):
+            # Fixed addresses for torch.compile: CUDA graphs (mode="reduce-overhead") may then update them in place.
+            torch._dynamo.mark_static_address(summary)
         self.minimum, self.maximum = minimum, maximum
 
     def summarise(self, keys: torch.Tensor, start: int, end: int) -> None:
@@ -80,9 +150,9 @@ class KeyPageSummaries:
         """
         page = self.page_size
         if start == 0 or self.minimum is None:
-            self._ensure(keys, -(-keys.shape[2] // page))
+            self.reserve(keys, -(-keys.shape[2] // page))
         first, last = start // page, -(-end // page)
-        self._ensure(keys, last)
+        self.reserve(keys, last)
         span = keys[:, :, first * page:end]
         padding = (last - first) * page - span.shape[2]
         low = torch.nn.functional.pad(span, (0, 0, 0, padding), value=float("inf"))
@@ -97,7 +167,7 @@ class KeyPageSummaries:
         Device work only, a fixed number of pages per call: it compiles into the step's graph.
         """
         page = self.page_size
-        self._ensure(keys, -(-keys.shape[2] // page))
+        self.reserve(keys, -(-keys.shape[2] // page))
         touched = (new_tokens - 1 + page - 1) // page + 1             # pages the new tokens can span
         first_page = torch.div(end - new_tokens, page, rounding_mode="floor")
         last_page = torch.div(end - 1, page, rounding_mode="floor")
@@ -162,8 +232,11 @@ class QueryAwareDecoder(torch.nn.Module):
     """One attention layer's query-aware decode: owns its cache's page summaries and runs decode steps over selected pages.
 
     Call `observe_prefill` for every prefill (chunk) that writes the cache, and `forward` for each
-    decode step (a call of fewer than ``block_size`` query rows against a longer cache). The summaries follow the one cache this layer is decoding: a prefill starting at
-    slot 0 starts a new sequence.
+    decode step (a call of fewer than ``block_size`` query rows against a longer cache). The
+    summaries follow the one cache this layer is decoding: a prefill starting at slot 0 starts a
+    new sequence. ``kernels`` picks the step's implementation: ``"auto"`` runs the Triton kernels
+    on CUDA when Triton imports and the torch reference elsewhere; ``"triton"`` insists (and says
+    why it cannot); ``"torch"`` always runs the reference.
 
     Example:
         >>> from sparsify.patterns import query_aware_decode
@@ -174,25 +247,46 @@ class QueryAwareDecoder(torch.nn.Module):
         torch.Size([1, 2, 1, 8])
     """
 
-    def __init__(self, pattern: QueryAwareDecode, *, num_heads: int, num_kv_heads: int, block_size: int = 128):
+    def __init__(self, pattern: QueryAwareDecode, *, num_heads: int, num_kv_heads: int, block_size: int = 128,
+                 kernels: str = "auto"):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} query heads do not split into {num_kv_heads} key/value head groups")
+        if kernels not in DECODE_KERNELS:
+            raise ValueError(f"unknown decode kernels {kernels!r}; known: {', '.join(DECODE_KERNELS)}")
         self.pattern = pattern
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         #: Calls with fewer query rows than this against a longer cache are decode steps (the strategy's block size).
         self.block_size = block_size
+        #: Which implementation runs a step: ``auto`` (Triton on CUDA when it imports), ``triton`` or ``torch``.
+        self.kernels = kernels
         self.summaries = KeyPageSummaries(pattern.page_size)
         #: Set to a list to collect, per step, the fraction of the visible cache read (device tensors).
         self.read_log: list | None = None
 
     def extra_repr(self) -> str:
-        return f"{self.pattern}, heads={self.num_heads}, kv_heads={self.num_kv_heads}"
+        return f"{self.pattern}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, kernels={self.kernels}"
 
     def observe_prefill(self, keys: torch.Tensor, start: int, end: int) -> None:
         """Summarise the cache slots ``[start, end)`` a prefill (chunk) wrote (host ints)."""
         self.summaries.summarise(keys, start, end)
+
+    def uses_triton(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """Whether a step on these tensors runs the Triton kernels (``kernels="triton"`` refuses what they cannot run)."""
+        if self.kernels == "torch":
+            return False
+        available, reason = triton_decode_available(query.device, query.dtype)
+        if available and not (query.dtype == key.dtype == value.dtype):
+            available, reason = False, f"the Triton kernels take one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        if available and max(query.shape[-1], value.shape[-1]) > _TRITON_MAX_HEAD_DIM:
+            available, reason = False, f"the Triton kernels take head dims up to {_TRITON_MAX_HEAD_DIM}"
+        if self.kernels == "triton":
+            if not available:
+                raise RuntimeError(f"query-aware decode with kernels='triton': {reason}; use kernels='auto' to fall "
+                                   f"back to the torch path")
+            return True
+        return available and query.device.type == "cuda"
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
@@ -201,9 +295,8 @@ class QueryAwareDecoder(torch.nn.Module):
         Without a mask the cache ends at ``S`` (a growing cache); with one, at the last slot the
         last query row sees (a static cache). Returns ``[B, H, Lq, Dv]``.
         """
-        batch, heads, rows, dim = query.shape
-        kv_heads, k_len = key.shape[1], key.shape[2]
-        group = heads // kv_heads
+        rows, dim = query.shape[2], query.shape[3]
+        k_len = key.shape[2]
         page = self.pattern.page_size
         if attention_mask is None:
             end = torch.full((), k_len, dtype=torch.long, device=key.device)
@@ -212,6 +305,28 @@ class QueryAwareDecoder(torch.nn.Module):
         if self.summaries.minimum is None:
             raise RuntimeError("query-aware decode needs the prefill's key summaries: run the prompt through the "
                                "attached model with use_cache=True before decoding")
+        pages = -(-k_len // page)
+        if self.uses_triton(query, key, value):
+            self.summaries.reserve(key, pages)
+            output, chosen = torch.ops.sparsify.query_aware_decode_step(
+                query, key, value, self.summaries.minimum, self.summaries.maximum, end, attention_mask,
+                dim ** -0.5 if scale is None else scale, page, self.pattern.sink_pages, self.pattern.window_pages,
+                self.pattern.selected_pages(pages))
+        else:
+            output, chosen = self._torch_step(query, key, value, attention_mask, scale, end)
+        if self.read_log is not None:
+            slots_read = (end - chosen * page).clamp(min=0, max=page).sum(-1)
+            self.read_log.append(slots_read.float().mean() / end.clamp(min=1))
+        return output
+
+    def _torch_step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scale: float | None,
+                    end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference step in plain torch: bounds, selection, gather of the selected pages and SDPA; ``(output, chosen)``."""
+        batch, heads, rows, dim = query.shape
+        kv_heads, k_len = key.shape[1], key.shape[2]
+        group = heads // kv_heads
+        page = self.pattern.page_size
         self.summaries.update(key, end, rows)
         pages = -(-k_len // page)
         grouped = query.reshape(batch, kv_heads, group * rows, dim)
@@ -235,11 +350,71 @@ class QueryAwareDecoder(torch.nn.Module):
             visible = visible & picked.view(batch, rows, kv_heads, -1).transpose(1, 2)
         visible = visible.unsqueeze(2).expand(batch, kv_heads, group, rows, -1).reshape(batch, kv_heads,
                                                                                        group * rows, -1)
-        if self.read_log is not None:
-            self.read_log.append((slots < end).sum(-1).float().mean() / end.clamp(min=1))
         output = torch.nn.functional.scaled_dot_product_attention(grouped, selected_keys, selected_values,
                                                                   attn_mask=visible, scale=scale)
-        return output.reshape(batch, heads, rows, -1)
+        return output.reshape(batch, heads, rows, -1), chosen
+
+
+def _kept_key_blocks(counts: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, k_blocks: int) -> torch.Tensor:
+    """``bool [B, H, len(rows), k_blocks]``: the kept key blocks of query blocks ``rows`` (device) of compressed rows."""
+    counts, indices = counts.index_select(2, rows), indices.index_select(2, rows)
+    valid = torch.arange(indices.shape[-1], device=indices.device) < counts.unsqueeze(-1)
+    target = torch.where(valid, indices.long(), k_blocks)                  # padding scatters into a dropped column
+    kept = torch.zeros(*indices.shape[:-1], k_blocks + 1, dtype=torch.bool, device=indices.device)
+    return kept.scatter_(-1, target, True)[..., :k_blocks]
+
+
+def pattern_rows_decode(runtime: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """A decode step of a site's static patterns when the cache's length is on the device only (a ``StaticCache``).
+
+    ``runtime`` is the site's `SparseAttention`. A static cache hands attention its whole capacity
+    ``S`` and hides the unused slots with ``attention_mask``; the step's rows sit at the slots
+    before the last one the mask shows (`visible_key_end`, a device tensor), so the rows of the
+    pattern they read are picked on the device from the site's mask for the full ``S × S`` grid
+    (built once per capacity): no host read, one graph for every step. Each head then attends
+    over the whole capacity with its row's blocks, causality and the user's mask as an element
+    mask — exact, at the cost of a dense step (decode steps are cheap; a decode pattern such as
+    ``query_aware_decode`` is the fast path). Returns ``[B, H, rows, Dv]``.
+
+    Example:
+        >>> from sparsify import patterns
+        >>> from sparsify.runtime.sparse_attention import SparseAttention
+        >>> from sparsify.site import AttentionSite
+        >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=1, head_dim=8, q_len=64, k_len=64, causal=True)
+        >>> layer = SparseAttention(site, [patterns.dense(), patterns.sliding_window(16)], block_size=16)
+        >>> keys, mask = torch.randn(1, 1, 64, 8), torch.arange(64).view(1, 1, 1, 64) < 40   # 40 slots filled
+        >>> pattern_rows_decode(layer, torch.randn(1, 2, 1, 8), keys, keys, mask, None).shape
+        torch.Size([1, 2, 1, 8])
+    """
+    batch, heads, rows, _ = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    if runtime.adaptive_heads.numel():
+        raise UnsupportedError(f"site {runtime.site.name!r}: decode='sparse' through a static cache cannot place the "
+                               f"rows of its input-adaptive heads (the cache's length is on the device only); attach "
+                               f"with decode='dense' or a decode pattern (sparsify.patterns.query_aware_decode)")
+    end = visible_key_end(attention_mask, k_len)
+    positions = end - rows + torch.arange(rows, device=key.device)                        # [rows]
+    slots = torch.arange(k_len, device=key.device)
+    visible = slots.view(1, 1, 1, k_len) <= positions.view(1, 1, rows, 1)                # causal, [1, 1, rows, S]
+    user = attention_mask[..., -rows:, :]
+    user = user if user.dtype == torch.bool else user > torch.finfo(user.dtype).min / 2
+    visible = visible & user.reshape(-1, user.shape[-3] if user.dim() == 4 else 1, rows, k_len)
+    allowed = visible.expand(batch, heads, rows, k_len).clone()
+    if runtime.sparse_heads.numel():
+        mask = runtime._cached_mask("sparse", key, key, 0)                  # the full-capacity grid, cached per length
+        block_rows = torch.div(positions, mask.block_size, rounding_mode="floor")
+        kept = (_kept_key_blocks(mask.full_kv_num_blocks, mask.full_kv_indices, block_rows, mask.k_blocks)
+                | _kept_key_blocks(mask.kv_num_blocks, mask.kv_indices, block_rows, mask.k_blocks))
+        kept = kept.repeat_interleave(mask.block_size, -1)[..., :k_len]          # [1 or B, sparse heads, rows, S]
+        heads_index = runtime.sparse_heads
+        allowed[:, heads_index] = allowed[:, heads_index] & kept
+    group = heads // kv_heads
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), attn_mask=allowed, scale=scale)
+    if runtime.skipped_heads.numel():
+        output = output.index_fill(1, runtime.skipped_heads, 0)             # a skipped head contributes nothing
+    return output
 
 
 def read_fraction(pattern: QueryAwareDecode, context: int) -> float:

@@ -176,3 +176,34 @@ def test_decode_on_the_gpu_in_bfloat16_equals_dense_with_every_page_and_compiles
         got = compiled(q, keys, values, mask, None)
     assert rel_err(got, eager) < 1e-2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("rows,end", [(1, 75), (1, 96), (2, 83)])
+def test_pattern_rows_of_a_static_cache_equal_the_site_attending_over_the_filled_slots(rows, end):
+    from sparsify import patterns
+    from sparsify.runtime.sparse_attention import SparseAttention
+    from sparsify.site import AttentionSite
+
+    capacity, block = 128, 16
+    site = AttentionSite("attn", 0, num_heads=4, num_kv_heads=2, head_dim=16, q_len=capacity, k_len=capacity,
+                         causal=True)
+    heads = [patterns.dense(), patterns.sliding_window(32) | patterns.attention_sinks(16), patterns.skip(),
+             patterns.sliding_window(16)]
+    layer = SparseAttention(site, heads, block_size=block)
+    gen = torch.Generator().manual_seed(end)
+    keys, values = torch.randn(2, 2, capacity, 16, generator=gen), torch.randn(2, 2, capacity, 16, generator=gen)
+    q = torch.randn(2, 4, rows, 16, generator=gen)
+    mask = torch.zeros(2, 1, rows, capacity, dtype=torch.bool)
+    for r in range(rows):
+        mask[:, :, r, :end - rows + r + 1] = True                    # a static cache: row r sees the slots up to its own
+    mask[1, :, :, :5] = False                                        # and left padding on the second sequence
+    from sparsify.runtime.decode import pattern_rows_decode
+
+    got = pattern_rows_decode(layer, q, keys, values, mask, None)
+    # Reference: the site over the filled slots only, at the step's offset (what a growing cache runs).
+    expected = layer.attend(q, keys[:, :, :end], values[:, :, :end], mask[..., :end], None, is_causal=True,
+                            q_offset=end - rows)
+    assert rel_err(got, expected) < 1e-5
+    assert bool((got[:, 2] == 0).all())                              # the skipped head
+    dense_rows = _dense_decode(q, keys, values, end)
+    assert rel_err(got[:, 3], dense_rows[:, 3]) > 1e-3               # the window really cuts

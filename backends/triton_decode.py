@@ -1,0 +1,386 @@
+"""Triton kernels of one query-aware decode step: page summary update, page scores, split-K attention over the selected pages, combine.
+
+`sparsify.runtime.decode.QueryAwareDecoder` runs a decode step as five launches on the device,
+with no host read and no copy of the cache:
+
+1. `update_summaries` — the element-wise minimum / maximum of the keys of the page(s) the step's
+   new tokens fall in (one program per key/value head and touched page);
+2. `page_scores` — per key/value head, every page's bound ``Σ_d max(q_d · min_d, q_d · max_d)``
+   (largest over the group's query heads and the step's rows), reading the summaries only; pages
+   past the cache's end score ``-inf``, the sink and window pages ``+inf`` (so they are always
+   chosen). One launch covers every head of every batch entry;
+3. ``torch.topk`` of those scores: the selected pages (one launch);
+4. `selected_pages_attention` — split-K flash decode: each program walks a share of one key/value
+   head's selected pages, loading every key/value tile straight from the cache by page index
+   (no gather copy) once for all the group's query heads and rows (they are the rows of one tile);
+   it writes a partial output and its running max / sum;
+5. `combine_splits` — the log-sum-exp merge of the partial outputs into the step's output.
+
+Precision: bf16/fp16 multiply on the tensor cores with float32 accumulation; float32 in full
+(IEEE) precision, not TF32 (so the pages chosen match the torch path's). Head dims up to 256 (padded to a power of two, at least 16). Pages of any size.
+With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["combine_splits", "decode_step", "page_scores", "selected_pages_attention", "split_count",
+           "update_summaries"]
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Key slots per tile of the attention kernel.
+BLOCK_N = 64
+# Mask kinds (constexpr MASK_KIND): none, bool (read as bytes), additive (visible above a threshold).
+_NO_MASK, _BOOL_MASK, _FLOAT_MASK = 0, 1, 2
+
+
+def _padded(size: int) -> int:
+    return max(16, triton.next_power_of_2(size))
+
+
+@triton.jit
+def _update_summaries_kernel(K, MIN, MAX, END,
+                             stride_kb, stride_kh, stride_kn, stride_kd,
+                             stride_sb, stride_sh, stride_sp, stride_sd,
+                             num_kv_heads, k_len, new_tokens, page_size,
+                             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+    """Program (b·Hkv + h, t): min / max of the keys before ``END`` of the t-th page the new tokens touch."""
+    pid_bh = tl.program_id(0)
+    touched = tl.program_id(1)
+    b = pid_bh // num_kv_heads
+    h = pid_bh % num_kv_heads
+    end = tl.load(END).to(tl.int64)
+    first_page = (end - new_tokens) // page_size
+    last_page = (end - 1) // page_size
+    page = tl.minimum(first_page + touched, last_page)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, CHUNK)
+    base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    low = tl.full([BLOCK_D], float("inf"), tl.float32)
+    high = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    for start in range(0, page_size, CHUNK):
+        slot = page * page_size + start + offs_n
+        valid = (start + offs_n < page_size) & (slot < end) & (slot < k_len)
+        load_mask = valid[:, None] & (offs_d[None, :] < HEAD_D)
+        keys = tl.load(base + slot[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=load_mask,
+                       other=0.0).to(tl.float32)
+        low = tl.minimum(low, tl.min(tl.where(valid[:, None], keys, float("inf")), 0))
+        high = tl.maximum(high, tl.max(tl.where(valid[:, None], keys, float("-inf")), 0))
+    out = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + page * stride_sp + offs_d * stride_sd
+    tl.store(MIN + out, low.to(MIN.dtype.element_ty), mask=offs_d < HEAD_D)
+    tl.store(MAX + out, high.to(MAX.dtype.element_ty), mask=offs_d < HEAD_D)
+
+
+@triton.jit
+def _page_scores_kernel(Q, MIN, MAX, END, SCORES,
+                        stride_qb, stride_qh, stride_qm, stride_qd,
+                        stride_sb, stride_sh, stride_sp, stride_sd,
+                        num_kv_heads, group, rows, pages, page_size, sink_pages, window_pages,
+                        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (b·Hkv + h, page tile): float32 scores of ``BLOCK_P`` pages of one key/value head."""
+    pid_bh = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    b = pid_bh // num_kv_heads
+    h = pid_bh % num_kv_heads
+    end = tl.load(END).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    # Row i of the tile is query head h·group + i // rows, step row i % rows.
+    real_row = offs_r < group * rows
+    q_head = h * group + offs_r // rows
+    q_ptr = (Q + b.to(tl.int64) * stride_qb + q_head.to(tl.int64)[:, None] * stride_qh
+             + (offs_r % rows)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptr, mask=real_row[:, None] & (offs_d[None, :] < HEAD_D), other=0.0).to(MIN.dtype.element_ty)
+    s_base = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+    s_ptr = s_base + offs_p.to(tl.int64)[:, None] * stride_sp + offs_d[None, :] * stride_sd
+    present = (offs_p < pages) & (offs_p.to(tl.int64) * page_size < end)      # pages past the end: never summarised
+    s_mask = present[:, None] & (offs_d[None, :] < HEAD_D)
+    low = tl.load(MIN + s_ptr, mask=s_mask, other=0.0)
+    high = tl.load(MAX + s_ptr, mask=s_mask, other=0.0)
+    positive = tl.where(q > 0, q, 0.0).to(MIN.dtype.element_ty)
+    negative = tl.where(q < 0, q, 0.0).to(MIN.dtype.element_ty)
+    bound = tl.dot(positive, tl.trans(high), input_precision="ieee")
+    bound = tl.dot(negative, tl.trans(low), bound, input_precision="ieee")
+    best = tl.max(tl.where(real_row[:, None], bound, float("-inf")), 0)                    # [BLOCK_P]
+    last_page = (end - 1) // page_size
+    forced = (offs_p < sink_pages) | ((offs_p <= last_page) & (offs_p > last_page - window_pages))
+    best = tl.where(forced, float("inf"), best)
+    best = tl.where(offs_p.to(tl.int64) * page_size >= end, float("-inf"), best)
+    out = SCORES + pid_bh.to(tl.int64) * pages + offs_p
+    tl.store(out, best, mask=offs_p < pages)
+
+
+@triton.jit
+def _selected_pages_attention_kernel(Q, K, V, CHOSEN, END, MASK, ACC, MAX_SCORE, SUM,
+                                     stride_qb, stride_qh, stride_qm, stride_qd,
+                                     stride_kb, stride_kh, stride_kn, stride_kd,
+                                     stride_vb, stride_vh, stride_vn, stride_vd,
+                                     stride_mb, stride_mr, stride_mn,
+                                     num_kv_heads, group, rows, k_len, selected, page_size, splits,
+                                     slots_per_split, qk_scale, mask_threshold,
+                                     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                                     BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                                     MASK_KIND: tl.constexpr):
+    """Program (b·Hkv + h, split): online softmax of the group's rows over one share of the head's selected slots.
+
+    The head's selected slots are numbered ``n = j · page_size + i`` (slot ``i`` of its ``j``-th
+    selected page); a split covers ``[split · slots_per_split, (split + 1) · slots_per_split)``.
+    """
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // num_kv_heads
+    h = pid_bh % num_kv_heads
+    end = tl.load(END).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    real_row = offs_r < group * rows
+    step_row = offs_r % rows
+    q_head = h * group + offs_r // rows
+    q_ptr = (Q + b.to(tl.int64) * stride_qb + q_head.to(tl.int64)[:, None] * stride_qh
+             + step_row[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptr, mask=real_row[:, None] & (offs_d[None, :] < HEAD_D), other=0.0).to(K.dtype.element_ty)
+    # Row r of the step sits at slot end - rows + r and sees the slots up to it.
+    row_slot = end - rows + step_row
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    chosen_base = CHOSEN + pid_bh.to(tl.int64) * selected
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    first = split * slots_per_split
+    last = tl.minimum(first + slots_per_split, selected * page_size)
+    for start in range(first, last, BLOCK_N):
+        n = start + offs_n
+        in_split = n < last
+        page = tl.load(chosen_base + n // page_size, mask=in_split, other=0)
+        slot = page * page_size + n % page_size
+        present = in_split & (slot < end) & (slot < k_len)
+        keys = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       mask=present[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+        values = tl.load(v_base + slot[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                         mask=present[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        visible = present[None, :] & (slot[None, :] <= row_slot[:, None]) & real_row[:, None]
+        if MASK_KIND != 0:
+            m_ptr = MASK + b.to(tl.int64) * stride_mb + step_row[:, None] * stride_mr + slot[None, :] * stride_mn
+            user = tl.load(m_ptr, mask=visible, other=0)
+            if MASK_KIND == 1:
+                visible = visible & (user != 0)
+            else:
+                visible = visible & (user.to(tl.float32) > mask_threshold)
+        qk = tl.dot(q, tl.trans(keys), input_precision="ieee") * qk_scale
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(values.dtype), values, acc, input_precision="ieee")
+        m_i = m_new
+    part = (pid_bh * splits + split).to(tl.int64) * BLOCK_R
+    tl.store(ACC + (part + offs_r)[:, None] * BLOCK_DV + offs_dv[None, :], acc)
+    tl.store(MAX_SCORE + part + offs_r, m_i)
+    tl.store(SUM + part + offs_r, l_i)
+
+
+@triton.jit
+def _combine_splits_kernel(ACC, MAX_SCORE, SUM, O,
+                           stride_ob, stride_oh, stride_om, stride_od,
+                           num_kv_heads, group, rows, splits,
+                           HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr,
+                           CHUNK: tl.constexpr):
+    """Program (b·Hkv + h, tile row): the log-sum-exp merge of the splits' partial outputs of one query row.
+
+    Two passes over the splits, ``CHUNK`` at a time: their largest running max, then the weighted sums.
+    """
+    pid_bh = tl.program_id(0)
+    row = tl.program_id(1)
+    b = pid_bh // num_kv_heads
+    h = pid_bh % num_kv_heads
+    offs_c = tl.arange(0, CHUNK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    first = (pid_bh * splits).to(tl.int64)
+    m_max = tl.full([CHUNK], float("-inf"), tl.float32)
+    for start in range(0, splits, CHUNK):
+        real = start + offs_c < splits
+        m = tl.load(MAX_SCORE + (first + start + offs_c) * BLOCK_R + row, mask=real, other=float("-inf"))
+        m_max = tl.maximum(m_max, m)
+    top = tl.max(m_max, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros([CHUNK], tl.float32)
+    out = tl.zeros([BLOCK_DV], tl.float32)
+    for start in range(0, splits, CHUNK):
+        real = start + offs_c < splits
+        part = (first + start + offs_c) * BLOCK_R + row
+        m = tl.load(MAX_SCORE + part, mask=real, other=float("-inf"))
+        weight = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - top))
+        total += weight * tl.load(SUM + part, mask=real, other=0.0)
+        acc = tl.load(ACC + part[:, None] * BLOCK_DV + offs_dv[None, :], mask=real[:, None], other=0.0)
+        out += tl.sum(weight[:, None] * acc, 0)
+    denominator = tl.sum(total, 0)
+    out = out / tl.where(denominator == 0.0, 1.0, denominator)                         # no visible key: 0
+    q_head = h * group + row // rows
+    o_ptr = (O + b.to(tl.int64) * stride_ob + q_head.to(tl.int64) * stride_oh + (row % rows) * stride_om
+             + offs_dv * stride_od)
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=offs_dv < HEAD_DV)
+
+
+def _check(tensors: dict[str, torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"query-aware decode kernels take float16, bfloat16 or float32; {name} is {tensor.dtype}")
+        if tensor.shape[-1] > MAX_HEAD_DIM:
+            raise ValueError(f"query-aware decode kernels take head dims up to {MAX_HEAD_DIM}; {name} has "
+                             f"{tensor.shape[-1]}")
+
+
+def update_summaries(key: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor, end: torch.Tensor,
+                     new_tokens: int, page_size: int) -> None:
+    """Re-summarise, in place, the pages of the last ``new_tokens`` cache slots before ``end`` (0-dim device tensor).
+
+    ``key`` is the cache ``[B, Hkv, S, D]``; ``minimum`` / ``maximum`` ``[B, Hkv, pages, D]`` hold
+    at least the pages up to slot ``S``. One launch.
+
+    Example:
+        >>> keys = torch.randn(1, 1, 40, 16)
+        >>> low, high = torch.zeros(1, 1, 2, 16), torch.zeros(1, 1, 2, 16)
+        >>> update_summaries(keys, low, high, torch.tensor(40), 1, 32)         # doctest: +SKIP
+    """
+    batch, kv_heads, k_len, dim = key.shape
+    touched = (new_tokens - 1 + page_size - 1) // page_size + 1
+    _update_summaries_kernel[(batch * kv_heads, touched)](
+        key, minimum, maximum, end, *key.stride(), *minimum.stride(), kv_heads, k_len, new_tokens, page_size,
+        HEAD_D=dim, BLOCK_D=_padded(dim), CHUNK=min(64, _padded(page_size)))
+
+
+def page_scores(query: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor, end: torch.Tensor, pages: int,
+                page_size: int, sink_pages: int, window_pages: int) -> torch.Tensor:
+    """float32 ``[B, Hkv, pages]``: each page's bound for the group's query heads and rows; past ``end`` -inf, sinks and window +inf.
+
+    ``query`` is ``[B, H, rows, D]``; ``minimum`` / ``maximum`` ``[B, Hkv, ≥ pages, D]``. One launch.
+
+    Example:
+        >>> scores = page_scores(q, low, high, end, 64, 32, 1, 2)             # doctest: +SKIP
+    """
+    batch, heads, rows, dim = query.shape
+    kv_heads = minimum.shape[1]
+    group = heads // kv_heads
+    scores = torch.empty(batch, kv_heads, pages, dtype=torch.float32, device=query.device)
+    block_p = 64 if dim <= 64 else 32                                  # two [pages, D] tiles in registers
+    _page_scores_kernel[(batch * kv_heads, triton.cdiv(pages, block_p))](
+        query, minimum, maximum, end, scores, *query.stride(), *minimum.stride(), kv_heads, group, rows, pages,
+        page_size, sink_pages, window_pages, HEAD_D=dim, BLOCK_D=_padded(dim), BLOCK_R=_padded(group * rows),
+        BLOCK_P=block_p, num_warps=4)
+    return scores
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_count(programs: int, selected_slots: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, slots_per_split)``: how the selected slots of each of ``programs`` key/value heads split over programs.
+
+    Enough splits to give every multiprocessor four programs, each a whole number of tiles. Off
+    CUDA (Triton's interpreter, tests) the device counts as eight multiprocessors, so small cases
+    still split and exercise the combine.
+
+    Example:
+        >>> split_count(8, 6720, torch.device("cpu"))
+        (4, 1728)
+    """
+    target = 4 * (_multiprocessors(device.index or 0) if device.type == "cuda" else 8)
+    tiles = triton.cdiv(max(selected_slots, 1), BLOCK_N)
+    splits = max(1, min(tiles, triton.cdiv(target, programs)))
+    tiles_per_split = triton.cdiv(tiles, splits)
+    return triton.cdiv(tiles, tiles_per_split), tiles_per_split * BLOCK_N
+
+
+def _attention_warps(head_dim: int, dtype: torch.dtype) -> int:
+    """Warps of the attention kernel: 8 where 4 would spill registers (ptxas on sm_90: head dims over 64, float32)."""
+    return 4 if _padded(head_dim) <= 64 and dtype != torch.float32 else 8
+
+
+def _user_mask(attention_mask: torch.Tensor | None, batch: int, rows: int, k_len: int):
+    """``(tensor, kind, strides, threshold)`` of the mask's last ``rows`` rows, as the torch path reads it (head 0)."""
+    if attention_mask is None:
+        return None, _NO_MASK, (0, 0, 0), 0.0
+    user = attention_mask[:, 0] if attention_mask.dim() == 4 else attention_mask
+    user = user[..., -rows:, :].expand(batch, rows, k_len)
+    if user.dtype == torch.bool:
+        return user.view(torch.uint8), _BOOL_MASK, user.stride(), 0.0
+    return user, _FLOAT_MASK, user.stride(), torch.finfo(user.dtype).min / 2
+
+
+def selected_pages_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chosen: torch.Tensor,
+                             end: torch.Tensor, attention_mask: torch.Tensor | None, scale: float,
+                             page_size: int) -> torch.Tensor:
+    """``[B, H, rows, Dv]``: attention of the step's rows over the ``chosen`` pages ``[B, Hkv, count]`` of the cache.
+
+    Reads the pages in place (no gather); row ``r`` sees the slots before ``end - rows + r + 1``
+    that ``attention_mask`` (bool, or additive: visible above half the dtype's minimum) shows. Two
+    launches: the split-K pass and the combine.
+
+    Example:
+        >>> out = selected_pages_attention(q, keys, values, chosen, end, None, 0.125, 32)   # doctest: +SKIP
+    """
+    batch, heads, rows, dim = query.shape
+    kv_heads, k_len, dim_v = key.shape[1], key.shape[2], value.shape[-1]
+    group = heads // kv_heads
+    selected = chosen.shape[-1]
+    block_r, block_dv = _padded(group * rows), _padded(dim_v)
+    splits, slots_per_split = split_count(batch * kv_heads, selected * page_size, query.device)
+    partial = torch.empty(batch * kv_heads * splits * block_r, block_dv, dtype=torch.float32, device=query.device)
+    max_score = torch.empty(batch * kv_heads * splits * block_r, dtype=torch.float32, device=query.device)
+    total = torch.empty_like(max_score)
+    mask, mask_kind, mask_strides, threshold = _user_mask(attention_mask, batch, rows, k_len)
+    chosen = chosen.contiguous()
+    _selected_pages_attention_kernel[(batch * kv_heads, splits)](
+        query, key, value, chosen, end, mask if mask is not None else query, partial, max_score, total,
+        *query.stride(), *key.stride(), *value.stride(), *mask_strides,
+        kv_heads, group, rows, k_len, selected, page_size, splits, slots_per_split, scale * LOG2E, threshold,
+        HEAD_D=dim, HEAD_DV=dim_v, BLOCK_D=_padded(dim), BLOCK_DV=block_dv, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
+        MASK_KIND=mask_kind, num_warps=_attention_warps(max(dim, dim_v), key.dtype))
+    return combine_splits(partial, max_score, total, query.new_empty(batch, heads, rows, dim_v), kv_heads, group,
+                          rows, splits, block_r)
+
+
+def combine_splits(partial: torch.Tensor, max_score: torch.Tensor, total: torch.Tensor, out: torch.Tensor,
+                   kv_heads: int, group: int, rows: int, splits: int, block_r: int) -> torch.Tensor:
+    """Merge the splits' partial outputs (base-2 running max and sum per row) into ``out`` ``[B, H, rows, Dv]``; one launch."""
+    batch, dim_v = out.shape[0], out.shape[-1]
+    _combine_splits_kernel[(batch * kv_heads, group * rows)](
+        partial, max_score, total, out, *out.stride(), kv_heads, group, rows, splits, HEAD_DV=dim_v,
+        BLOCK_DV=partial.shape[-1], BLOCK_R=block_r, CHUNK=16, num_warps=4)
+    return out
+
+
+def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, minimum: torch.Tensor,
+                maximum: torch.Tensor, end: torch.Tensor, attention_mask: torch.Tensor | None, scale: float,
+                page_size: int, sink_pages: int, window_pages: int, selected: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(output [B, H, rows, Dv], chosen pages int64 [B, Hkv, selected])`` of one decode step; updates the summaries.
+
+    ``minimum`` / ``maximum`` are the layer's page summaries (capacity at least the cache's pages);
+    the step's ``rows`` new tokens end at slot ``end`` (0-dim device tensor). Five launches, no host sync.
+
+    Example:
+        >>> out, chosen = decode_step(q, keys, values, low, high, end, None, 0.125, 32, 1, 2, 106)  # doctest: +SKIP
+    """
+    _check({"query": query, "key": key, "value": value})
+    rows, k_len = query.shape[2], key.shape[2]
+    pages = triton.cdiv(k_len, page_size)
+    update_summaries(key, minimum, maximum, end, rows, page_size)
+    scores = page_scores(query, minimum, maximum, end, pages, page_size, sink_pages, window_pages)
+    chosen = scores.topk(selected, dim=-1, sorted=False).indices
+    return selected_pages_attention(query, key, value, chosen, end, attention_mask, scale, page_size), chosen
