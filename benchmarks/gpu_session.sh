@@ -15,7 +15,8 @@
 # What comes back (at most 8 files, no deeper than 2 folders): $OUT/part<N>.tar.gz (every JSON, JUnit XML and step
 # log of the part, re-packed after each step, so it is current even if the call is cut) and $OUT/part<N>.txt (the
 # summary printed to stdout: card, pass/fail counts, key rows). Limits can be changed: LIMIT_TESTS=300 bash ... 1;
-# SKIP_INSTALL=1 skips `pip install -e .` (already installed).
+# SKIP_INSTALL=1 skips `pip install -e .` (already installed); TESTS="tests/a.py tests/b.py" runs only those
+# GPU tests in parts 1 and 2 (a re-check of what changed; the whole suite is the default).
 set -uo pipefail
 PART=${1:-1}
 OUT=${OUT:-benchmarks/results/gpu}
@@ -73,7 +74,7 @@ card() {
 }
 gpu_suite() {  # gpu_suite NAME SECONDS: the whole GPU-marked suite, counts to the summary
   TAIL=15 step "$1" "$2" python3 -m pytest -q -p no:cacheprovider -m gpu --tb=line -rf \
-    --junitxml="$WORK/json/$1.xml" tests
+    --junitxml="$WORK/json/$1.xml" ${TESTS:-tests}
   counts "$1"
 }
 
