@@ -18,6 +18,7 @@ are read from CPU tensors, so the list widths are known on the host without a de
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -250,7 +251,8 @@ def self_blocks(q_len: int, k_len: int, block_size: int, q_offset: int, device) 
 
 def vertical_slash_line_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
                              probe_rows: int, scale: float | None = None, causal: bool = False, q_offset: int = 0,
-                             key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             key_valid: torch.Tensor | None = None,
+                             kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``(column_mass [B, H, Kb], diagonal_mass [B, H, Kb + total_blocks])`` of the last ``probe_rows`` queries.
 
     The probe queries attend to every key they may see; ``column_mass[J]`` is their probability mass
@@ -258,17 +260,67 @@ def vertical_slash_line_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: in
     ``o`` = (absolute query block) - (key block), ``o`` from ``-(Kb - 1)`` to ``total_blocks``, which
     holds the token offsets ``query - key`` in ``[(o - 1) * block, (o + 1) * block)`` (slash lines).
 
-    Cost: one ``probe x Sk x D`` matmul in the inputs' dtype (grouped query heads share their key
-    head: no GQA copy of the keys), one softmax, and one pass over the probabilities that splits each
-    (probe rows x key block) tile by offset class with a small matmul — no per-element scatter.
+    Both come from one ``[B, H, Kb, classes]`` tensor: each key block's mass split by offset class
+    (`_probe_split_torch`). ``kernel``: ``"triton"`` computes it with the fused kernel of
+    `sparsify.runtime.adaptive_kernels` (scores recomputed tile by tile in float32, no ``probe x Sk``
+    tensor), ``"torch"`` with one ``probe x Sk x D`` matmul in the inputs' dtype, a softmax and
+    a small matmul per tile; ``"auto"`` takes Triton for CUDA inputs it supports.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     batch, heads, q_len, dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
+    k_len = k.shape[2]
     device = q.device
     k_blocks = blocks_for(k_len, block_size)
     total_blocks = blocks_for(q_offset + q_len, block_size)
     probe_rows = max(1, min(probe_rows, q_len))
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
+    if kernel == "auto":
+        kernel = "triton" if _triton_serves(q, block_size) else "torch"
+    arguments = dict(block_size=block_size, kv_head_index=kv_head_index, probe_rows=probe_rows, scale=scale,
+                     causal=causal, q_offset=q_offset, key_valid=key_valid)
+    if kernel == "triton":
+        from sparsify.runtime.adaptive_kernels import probe_block_split
+
+        split = probe_block_split(q, k, **arguments)
+    else:
+        split = _probe_split_torch(q, k, **arguments)
+    column_mass = split.sum(-1)
+    # Class t of key block J is offset tile m - J + (t - 1) (m: the first probe row's block), stored at
+    # m - J + t - 1 + Kb: for each class, the key blocks in reverse land on consecutive tiles (no scatter).
+    first_block = (q_offset + q_len - probe_rows) // block_size
+    tiles = torch.zeros(batch, heads, k_blocks + total_blocks + 1, device=device, dtype=torch.float32)
+    reversed_split = split.flip(2)
+    for offset_class in range(split.shape[-1]):
+        start = first_block + offset_class
+        tiles[..., start:start + k_blocks] += reversed_split[..., offset_class]
+    diagonals = torch.arange(-(k_blocks - 1), total_blocks + 1, device=device)
+    diagonal_mass = tiles[..., diagonals - 1 + k_blocks] + tiles[..., diagonals + k_blocks]
+    return column_mass, diagonal_mass
+
+
+def _triton_serves(q: torch.Tensor, block_size: int) -> bool:
+    """Whether the fused probe kernel takes these inputs (CUDA, Triton installed, a block size it supports)."""
+    if q.device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return False
+    from sparsify.runtime.adaptive_kernels import supports
+
+    return supports(block_size, q.shape[-1], q.dtype)
+
+
+def _probe_split_torch(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                       probe_rows: int, scale: float, causal: bool, q_offset: int,
+                       key_valid: torch.Tensor | None) -> torch.Tensor:
+    """``float32 [B, H, Kb, classes]``: each key block's probe mass split by offset class, in plain torch.
+
+    Cost: one ``probe x Sk x D`` matmul in the inputs' dtype (grouped query heads share their key
+    head: no GQA copy of the keys), one softmax, and one pass over the probabilities that splits each
+    (probe rows x key block) tile by offset class with a small matmul — no per-element scatter.
+    """
+    batch, heads, q_len, dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    device = q.device
+    k_blocks = blocks_for(k_len, block_size)
     probe = q[:, :, q_len - probe_rows:] * scale
     group = heads // kv_heads if heads % kv_heads == 0 else 0
     regular = (kv_head_index.device.type == "cpu" and group > 0
@@ -306,15 +358,7 @@ def vertical_slash_line_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: in
         rest = tail.shape[-1]
         parts.append((tail @ weights[:, :rest].unsqueeze(0).unsqueeze(0)).float().sum(2))
     split = torch.cat(parts, 2)                                                            # [B, H, Kb, classes]
-    column_mass = split.sum(-1)
-    # Tile index (offset tile + Kb, as offsets run from -Kb * block): m - J + (class - 1) + Kb.
-    tile_index = (first_block + k_blocks - 1 - torch.arange(k_blocks, device=device).view(-1, 1)
-                  + torch.arange(classes, device=device).view(1, -1))                       # [Kb, classes]
-    tiles = torch.zeros(batch, heads, k_blocks + total_blocks + 1, device=device, dtype=torch.float32)
-    tiles.scatter_add_(2, tile_index.reshape(1, 1, -1).expand(batch, heads, -1), split.reshape(batch, heads, -1))
-    diagonals = torch.arange(-(k_blocks - 1), total_blocks + 1, device=device)
-    diagonal_mass = tiles[..., diagonals - 1 + k_blocks] + tiles[..., diagonals + k_blocks]
-    return column_mass, diagonal_mass
+    return split
 
 
 def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -184,6 +185,28 @@ def test_a_site_whose_sparse_heads_are_all_adaptive_prices_its_backends_without_
     assert rel_err(out, mask_reference(q, k, v, mask)) < 1e-6
 
 
+def _line_mass_by_loop(q, k, valid, kv, block, scale, probe_rows, causal, q_offset):
+    """(column, diagonal) masses of the probe rows from a loop over every probe row and key, in float64."""
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    k_blocks, total = blocks_for(k_len, block), blocks_for(q_offset + q_len, block)
+    columns = torch.zeros(batch, heads, k_blocks, dtype=torch.float64)
+    tiles = torch.zeros(batch, heads, k_blocks + total + 1, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            for r in range(q_len - probe_rows, q_len):
+                position = q_offset + r
+                seen = [j for j in range(k_len) if valid[b, j] and (not causal or j <= position)]
+                if not seen:
+                    continue
+                scores = torch.stack([q[b, h, r].double() @ k[b, kv[h], j].double() * scale for j in seen])
+                for j, p in zip(seen, torch.softmax(scores, 0)):
+                    columns[b, h, j // block] += p
+                    tiles[b, h, (position - j) // block + k_blocks] += p
+    offsets = torch.arange(-(k_blocks - 1), total + 1)
+    return columns, tiles[..., offsets - 1 + k_blocks] + tiles[..., offsets + k_blocks]
+
+
 @pytest.mark.parametrize("q_len, k_len, q_offset, probe_rows, causal, kv", [
     (70, 70, 0, 16, True, [0, 0, 1, 1]),          # partial blocks, probe not block-aligned, GQA (a grouped matmul)
     (40, 100, 60, 32, True, [1, 0, 1, 0]),        # a chunk at an offset, irregular head-to-key map
@@ -199,23 +222,39 @@ def test_line_masses_equal_a_loop_over_every_probe_row_and_key(q_len, k_len, q_o
     valid = torch.ones(2, k_len, dtype=torch.bool)
     valid[1, :3] = False
     block, scale = 16, 0.4
-    kv_index = torch.tensor(kv)
-    columns, diagonals = vertical_slash_line_mass(q, k, block_size=block, kv_head_index=kv_index,
+    columns, diagonals = vertical_slash_line_mass(q, k, block_size=block, kv_head_index=torch.tensor(kv),
                                                   probe_rows=probe_rows, scale=scale, causal=causal,
-                                                  q_offset=q_offset, key_valid=valid)
-    k_blocks, total = blocks_for(k_len, block), blocks_for(q_offset + q_len, block)
-    expected_columns = torch.zeros(2, 4, k_blocks, dtype=torch.float64)
-    tiles = torch.zeros(2, 4, k_blocks + total + 1, dtype=torch.float64)
-    for b in range(2):
-        for h in range(4):
-            for r in range(q_len - probe_rows, q_len):
-                position = q_offset + r
-                seen = [j for j in range(k_len) if valid[b, j] and (not causal or j <= position)]
-                scores = torch.stack([q[b, h, r].double() @ k[b, kv[h], j].double() * scale for j in seen])
-                for j, p in zip(seen, torch.softmax(scores, 0)):
-                    expected_columns[b, h, j // block] += p
-                    tiles[b, h, (position - j) // block + k_blocks] += p
-    offsets = torch.arange(-(k_blocks - 1), total + 1)
-    expected_diagonals = tiles[..., offsets - 1 + k_blocks] + tiles[..., offsets + k_blocks]
+                                                  q_offset=q_offset, key_valid=valid, kernel="torch")
+    expected_columns, expected_diagonals = _line_mass_by_loop(q, k, valid, kv, block, scale, probe_rows, causal,
+                                                              q_offset)
     assert torch.allclose(columns.double(), expected_columns, atol=1e-5)
     assert torch.allclose(diagonals.double(), expected_diagonals, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("q_len, k_len, q_offset, probe_rows, causal, padded", [
+    (40, 40, 0, 32, True, True),          # probe rows over two blocks, a cut last block, a row that sees nothing
+    (20, 70, 50, 16, True, False),        # a chunk at an offset, probe not aligned to blocks
+    (24, 50, 0, 16, False, False),        # not causal
+])
+def test_the_probe_kernel_equals_a_loop_over_every_probe_row_and_key(q_len, k_len, q_offset, probe_rows, causal,
+                                                                     padded):
+    # On CPU the Triton kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+    from sparsify.runtime.adaptive import vertical_slash_line_mass
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(q_len * k_len + probe_rows)
+    q = torch.randn(1, 3, q_len, 16, generator=gen)
+    k = torch.randn(1, 2, k_len, 16, generator=gen)
+    valid = torch.ones(1, k_len, dtype=torch.bool)
+    if padded:
+        valid[0, :12] = False                           # the first probe rows see no key at all
+    kv, block, scale = [1, 0, 1], 16, 0.5
+    columns, diagonals = vertical_slash_line_mass(
+        q.to(device), k.to(device), block_size=block, kv_head_index=torch.tensor(kv), probe_rows=probe_rows,
+        scale=scale, causal=causal, q_offset=q_offset, key_valid=valid.to(device) if padded else None,
+        kernel="triton")
+    expected_columns, expected_diagonals = _line_mass_by_loop(q, k, valid, kv, block, scale, probe_rows, causal,
+                                                              q_offset)
+    assert torch.allclose(columns.cpu().double(), expected_columns, atol=1e-5)
+    assert torch.allclose(diagonals.cpu().double(), expected_diagonals, atol=1e-5)

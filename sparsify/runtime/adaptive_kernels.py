@@ -1,0 +1,155 @@
+"""Triton kernels of the input-adaptive estimators: the vertical-slash probe's block masses, without a probe x keys tensor.
+
+The probe (the last ``probe_rows`` queries) attends to every key; `vertical_slash_line_mass`
+needs, per key block ``J``, its probability mass split by offset class (which block diagonal
+each (row, key) pair lies on). In plain torch that is a ``[B, H, probe_rows, k_len]`` score
+tensor written, softmaxed and read again (gigabytes at 128K tokens). Here two launches of one
+kernel, one program per (key block, batch x head), recompute the scores tile by tile:
+
+1. each program writes its key block's per-row log-sum-exp (base 2) of the probe rows; torch
+   combines the ``k_blocks`` partial values per row (a ``[B, H, k_blocks, probe_rows]`` tensor);
+2. each program turns its scores into probabilities with the rows' totals and sums them per
+   offset class into ``split [B, H, k_blocks, classes]``, held in registers and stored once.
+
+No atomics: every output element has one writer, so results are deterministic. Scores
+accumulate in float32 (float32 inputs are multiplied in IEEE float32, not TF32). Block sizes
+must be powers of two from 16 to 256 (`supports`); other cases take the torch path.
+The interpreter (``TRITON_INTERPRET=1``) runs the kernel on CPU tensors (tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["probe_block_split", "supports"]
+
+LOG2E = 1.4426950408889634
+
+
+def supports(block_size: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel takes this block size, head dim and dtype (else the caller uses the torch path).
+
+    Example:
+        >>> supports(128, 64, torch.bfloat16), supports(96, 64, torch.bfloat16)
+        (True, False)
+    """
+    return (16 <= block_size <= 256 and block_size & (block_size - 1) == 0 and head_dim <= 256
+            and dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+@triton.jit
+def _probe_kernel(Q, K, KV_INDEX, VALID, ROW_TOTAL, OUT,
+                  stride_qb, stride_qh, stride_qs, stride_qd,
+                  stride_kb, stride_kh, stride_ks, stride_kd, stride_valid,
+                  heads, q_len, k_len, probe_rows, base, shift, qk_scale,
+                  CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, TOTALS: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  D_PAD: tl.constexpr, CLASSES: tl.constexpr, CLASSES_PAD: tl.constexpr):
+    key_block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    k_blocks = tl.num_programs(0)
+    batch = (batch_head // heads).to(tl.int64)
+    head = batch_head % heads
+    kv = tl.load(KV_INDEX + head)
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < HEAD_DIM
+    row_offsets = tl.arange(0, BLOCK_M)
+    column_offsets = tl.arange(0, BLOCK_N)
+    q_rows = Q + batch * stride_qb + head.to(tl.int64) * stride_qh + (q_len - probe_rows) * stride_qs
+    k_rows = K + batch * stride_kb + kv * stride_kh
+    split = tl.zeros([CLASSES_PAD], dtype=tl.float32)
+    class_index = tl.arange(0, CLASSES_PAD)
+    for row_start in range(0, probe_rows, BLOCK_M):
+        rows = row_start + row_offsets
+        row_ok = rows < probe_rows
+        q = tl.load(q_rows + rows[:, None] * stride_qs + dims[None, :] * stride_qd,
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        if TOTALS:
+            row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        else:
+            total = tl.load(ROW_TOTAL + batch_head * probe_rows + rows, mask=row_ok, other=float("inf"))
+        for column_start in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
+            keys = key_block * BLOCK_SIZE + column_start + column_offsets
+            key_ok = keys < k_len
+            k = tl.load(k_rows + keys[:, None] * stride_ks + dims[None, :] * stride_kd,
+                        mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            else:
+                scores = tl.dot(q, tl.trans(k)) * qk_scale
+            visible = row_ok[:, None] & key_ok[None, :]
+            if CAUSAL:
+                visible = visible & (keys[None, :] <= (base + rows)[:, None])
+            if HAS_VALID:
+                valid = tl.load(VALID + batch * stride_valid + keys, mask=key_ok, other=0)
+                visible = visible & (valid != 0)[None, :]
+            scores = tl.where(visible, scores, float("-inf"))
+            if TOTALS:
+                new_max = tl.maximum(row_max, tl.max(scores, 1))
+                safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+                row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(scores - safe_max[:, None]), 1)
+                row_max = new_max
+            else:
+                probabilities = tl.exp2(scores - total[:, None])   # hidden pairs, and rows that see nothing: 0
+                # Offset class of (row r, key c of the block): floor((shift + r - c) / block) + 1, here >= 0.
+                offset_class = (shift + rows[:, None] - (column_start + column_offsets)[None, :] + BLOCK_SIZE) \
+                    // BLOCK_SIZE
+                lowest = (shift + row_start - (column_start + BLOCK_N - 1) + BLOCK_SIZE) // BLOCK_SIZE
+                for step in tl.static_range(3):     # a tile of at most block x block pairs spans 3 classes
+                    part = tl.sum(tl.sum(tl.where(offset_class == lowest + step, probabilities, 0.0), 1), 0)
+                    split += tl.where(class_index == lowest + step, part, 0.0)
+        if TOTALS:
+            partial = tl.where(row_sum > 0, row_max + tl.log2(tl.where(row_sum > 0, row_sum, 1.0)), float("-inf"))
+            tl.store(ROW_TOTAL + (batch_head * k_blocks + key_block) * probe_rows + rows, partial, mask=row_ok)
+    if not TOTALS:
+        tl.store(OUT + (batch_head * k_blocks + key_block) * CLASSES + class_index, split,
+                 mask=class_index < CLASSES)
+
+
+def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                      probe_rows: int, scale: float, causal: bool, q_offset: int,
+                      key_valid: torch.Tensor | None) -> torch.Tensor:
+    """``float32 [B, H, k_blocks, classes]``: the probe rows' softmax mass in each key block, split by offset class.
+
+    Row ``r`` of the probe is query ``q_len - probe_rows + r``, at absolute position ``base + r``
+    (``base = q_offset + q_len - probe_rows``); the pair (row ``r``, key ``J * block + c``) falls in
+    class ``floor((base % block + r - c) / block) + 1`` of key block ``J``, and
+    ``classes = (base % block + probe_rows - 1) // block + 2``. What `sparsify.runtime.adaptive`'s
+    torch path computes, with float32 scores instead of the inputs' dtype.
+
+    Example:
+        >>> q = torch.randn(1, 2, 64, 16, device="cuda")                                   # doctest: +SKIP
+        >>> probe_block_split(q, q[:, :1], block_size=16, kv_head_index=torch.tensor([0, 0]),  # doctest: +SKIP
+        ...                   probe_rows=16, scale=0.25, causal=True, q_offset=0, key_valid=None).shape
+        torch.Size([1, 2, 4, 2])
+    """
+    batch, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    device = q.device
+    k_blocks = -(-k_len // block_size)
+    base = q_offset + q_len - probe_rows
+    shift = base % block_size
+    classes = (shift + probe_rows - 1) // block_size + 2
+    kv_index = kv_head_index.to(device, torch.int64, non_blocking=True)
+    valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else kv_index
+    block_n = min(block_size, 64)
+    block_m = max(16, min(64, block_size, triton.next_power_of_2(probe_rows)))   # <= block: 3 classes a tile
+    common = dict(CAUSAL=bool(causal), HAS_VALID=key_valid is not None, IEEE=q.dtype == torch.float32,
+                  BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
+                  D_PAD=max(16, triton.next_power_of_2(head_dim)), CLASSES=classes,
+                  CLASSES_PAD=max(2, triton.next_power_of_2(classes)), num_warps=4)
+    arguments = (*q.stride(), *k.stride(), valid.stride(0) if key_valid is not None else 0,
+                 heads, q_len, k_len, probe_rows, base, shift, scale * LOG2E)
+    grid = (k_blocks, batch * heads)
+    partial_totals = torch.empty(batch, heads, k_blocks, probe_rows, device=device, dtype=torch.float32)
+    _probe_kernel[grid](q, k, kv_index, valid, partial_totals, partial_totals, *arguments, TOTALS=True, **common)
+    totals = torch.logsumexp(partial_totals * math.log(2.0), dim=2) / math.log(2.0)    # [B, H, P], base 2
+    totals = torch.where(totals == float("-inf"), float("inf"), totals).contiguous()   # rows that see nothing
+    split = torch.empty(batch, heads, k_blocks, classes, device=device, dtype=torch.float32)
+    _probe_kernel[grid](q, k, kv_index, valid, totals, split, *arguments, TOTALS=False, **common)
+    return split
