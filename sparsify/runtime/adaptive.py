@@ -107,10 +107,15 @@ def pooled_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
     query_means, _ = _blocked_mean(q, block_size)
     key_means, key_counts = _blocked_mean(k, block_size, key_valid)
     key_means = key_means.index_select(1, _on(kv_head_index, k.device))
-    logits = ((query_means @ key_means.transpose(-1, -2)) * scale * temperature
-              + key_counts.clamp_min(1e-30).log().unsqueeze(2))
-    logits = _hide(logits, key_counts, q.shape[2], k.shape[2], block_size, causal, q_offset)
-    return _softmax_rows(logits)
+    # [B, H, Qb, Kb] tensors are the cost here: the scale goes into the (small) query means, and the key
+    # counts' log (-inf for blocks of no valid key) and the causal mask are applied in place.
+    logits = (query_means * (scale * temperature)) @ key_means.transpose(-1, -2)
+    logits += key_counts.log().unsqueeze(2)                               # log 0 = -inf: no valid key
+    if causal:
+        visible, _ = block_geometry(q.shape[2], k.shape[2], block_size, causal, q_offset, logits.device)
+        logits.masked_fill_(~visible, _NEG_INF)
+    mass = torch.softmax(logits, dim=-1)
+    return mass.nan_to_num_(0.0) if key_valid is not None else mass     # rows that see no valid key: zeros
 
 
 def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
@@ -158,12 +163,6 @@ def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int
     per_block = block_size // stride
     mass = probabilities.view(batch, heads, q_blocks, per_block, k_blocks, per_block).sum((3, 5))
     return mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
-
-
-def _hide(logits, key_counts, q_len, k_len, block_size, causal, q_offset):
-    visible, _ = block_geometry(q_len, k_len, block_size, causal, q_offset, logits.device)
-    logits = logits.masked_fill(~visible, _NEG_INF)
-    return logits.masked_fill((key_counts == 0).unsqueeze(2), _NEG_INF)
 
 
 def _softmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -226,14 +225,16 @@ def block_lists_to_masks(lists: torch.Tensor, k_blocks: int) -> torch.Tensor:
 
 
 def _top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """``int64 [..., count]``: indices of the ``count`` largest of ``scores [..., n]`` (non-negative), largest first.
+    """``int64 [..., count]``: indices of the ``count`` largest of ``scores [..., n]``, largest first.
+
+    ``scores`` are non-negative, with no ``-0.0`` or NaN (probabilities and sums of them).
 
     Equal scores come in ascending index order (what a stable descending sort gives): the
     top-k runs on one int64 key per entry, the score's float32 bits above the reversed index.
     """
     n = scores.shape[-1]
-    bits = torch.where(scores > 0, scores, 0).to(torch.float32).view(torch.int32).long()
-    key = (bits << 32) | (n - 1 - torch.arange(n, device=scores.device))
+    bits = scores.to(torch.float32).contiguous().view(torch.int32).long()   # ordered like the scores (>= +0)
+    key = torch.add(n - 1 - torch.arange(n, device=scores.device), bits, alpha=1 << 32)
     return (n - 1) - key.topk(count, dim=-1).values.bitwise_and(0xFFFFFFFF)
 
 
