@@ -256,8 +256,10 @@ class RuntimeBlockMask:
         if kv_head_index is None:
             kv_head_index = torch.arange(blocks.shape[1])
         host = tuple(kv_head_index.tolist()) if kv_head_index.device.type == "cpu" else None
-        return cls(counts, indices, full_counts, full_indices, kv_head_index.to(device=device, dtype=torch.int64),
-                   block_size, q_len, k_len, bool(causal), int(q_offset), bool(per_input), host)
+        # A per-call mask: the head map goes to the device without waiting for it (no stream sync).
+        kv_head_index = kv_head_index.to(device=device, dtype=torch.int64, non_blocking=True)
+        return cls(counts, indices, full_counts, full_indices, kv_head_index, block_size, q_len, k_len, bool(causal),
+                   int(q_offset), bool(per_input), host)
 
     @classmethod
     def dense(cls, heads: int, *, block_size: int, q_len: int, k_len: int, causal: bool, q_offset: int = 0,

@@ -86,7 +86,9 @@ class AdaptiveMaskSource:
         self.block_size = block_size
         self.causal = causal
         self.self_attention = self_attention
-        self.kv_head_index = kv_head_index.to(torch.int64)
+        self.kv_head_index = kv_head_index.to(torch.int64).cpu()
+        #: ``kv_head_index`` as host ints (what backends read instead of the device tensor).
+        self.kv_heads = tuple(self.kv_head_index.tolist())
         self._static: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
         self._head_index: dict[tuple, torch.Tensor] = {}               # (group key, device) -> its heads there
         # Adaptive leaves grouped by family: key -> (class, settings, [(head, leaf)]).
