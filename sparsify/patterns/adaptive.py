@@ -129,14 +129,15 @@ class EstimatedVerticalSlash(AdaptivePattern):
     @classmethod
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):
         from sparsify.runtime.adaptive import sink_block_lists, vertical_slash_block_lists
+        from sparsify.runtime.block_mask import blocks_for
 
         probe_rows = int(max(parameters["probe_blocks"].tolist())) * block_size  # a CPU tensor: no device read
         lists = vertical_slash_block_lists(q, k, block_size=block_size, kv_head_index=kv_head_index,
                                            vertical=parameters["vertical"], slash=parameters["slash"],
                                            probe_rows=probe_rows, scale=scale, causal=causal, q_offset=q_offset,
                                            key_valid=key_valid)
-        return torch.cat([lists, sink_block_lists(parameters["sink_blocks"].long(), lists, -(-k.shape[2] // block_size))],
-                         -1)
+        sinks = sink_block_lists(parameters["sink_blocks"].long(), lists, blocks_for(k.shape[2], block_size))
+        return torch.cat([lists, sinks], -1)
 
 
 @register_pattern("pooled_coverage")
