@@ -198,20 +198,22 @@ class PooledCoverage(AdaptivePattern):
 
     @classmethod
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):
-        from sparsify.runtime.adaptive import (antidiagonal_block_mass, coverage_block_lists, pooled_block_mass,
-                                               sink_block_lists)
+        from sparsify.runtime.adaptive import (antidiagonal_block_mass, coverage_block_lists,
+                                               pooled_coverage_block_lists, sink_block_lists)
+        from sparsify.runtime.block_mask import blocks_for
 
         scale = (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
         temperature = parameters["temperature"].to(q.device, torch.float32, non_blocking=True).view(1, -1, 1, 1)
         common = dict(block_size=block_size, kv_head_index=kv_head_index, scale=scale, causal=causal,
                       q_offset=q_offset, key_valid=key_valid, temperature=temperature)
+        k_blocks = blocks_for(k.shape[2], block_size)
+        max_blocks = torch.ceil(parameters["max_fraction"] * k_blocks).clamp(min=1).long()
+        bounds = dict(coverage=parameters["coverage"], min_blocks=parameters["min_blocks"].long(), max_blocks=max_blocks)
         if settings["scoring"] == "antidiagonal":
             mass = antidiagonal_block_mass(q, k, stride=min(settings["stride"], block_size), **common)
+            lists = coverage_block_lists(mass, **bounds)
         else:
-            mass = pooled_block_mass(q, k, **common)
-        k_blocks = mass.shape[-1]
-        max_blocks = torch.ceil(parameters["max_fraction"] * k_blocks).clamp(min=1).long()
-        lists = coverage_block_lists(mass, parameters["coverage"], parameters["min_blocks"].long(), max_blocks)
+            lists = pooled_coverage_block_lists(q, k, **common, **bounds)
         return torch.cat([lists, sink_block_lists(parameters["sink_blocks"].long(), lists, k_blocks)], -1)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "coverage_block_mask",
     "key_validity",
     "pooled_block_mass",
+    "pooled_coverage_block_lists",
     "self_blocks",
     "sink_block_lists",
     "vertical_slash_block_lists",
@@ -103,19 +104,73 @@ def pooled_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
         >>> mass.shape, bool(torch.allclose(mass.sum(-1), torch.ones(1, 2, 4)))
         (torch.Size([1, 2, 4, 4]), True)
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    query_means, _ = _blocked_mean(q, block_size)
-    key_means, key_counts = _blocked_mean(k, block_size, key_valid)
-    key_means = key_means.index_select(1, _on(kv_head_index, k.device))
-    # [B, H, Qb, Kb] tensors are the cost here: the scale goes into the (small) query means, and the key
-    # counts' log (-inf for blocks of no valid key) and the causal mask are applied in place.
-    logits = (query_means * (scale * temperature)) @ key_means.transpose(-1, -2)
-    logits += key_counts.log().unsqueeze(2)                               # log 0 = -inf: no valid key
+    logits, key_bias = _pooled_scores(q, k, block_size=block_size, kv_head_index=kv_head_index, scale=scale,
+                                      key_valid=key_valid, temperature=temperature)
+    # [B, H, Qb, Kb] tensors are the cost here: the key bias and the causal mask are applied in place.
+    logits += key_bias.view(key_bias.shape[0], 1, 1, -1)
     if causal:
         visible, _ = block_geometry(q.shape[2], k.shape[2], block_size, causal, q_offset, logits.device)
         logits.masked_fill_(~visible, _NEG_INF)
     mass = torch.softmax(logits, dim=-1)
     return mass.nan_to_num_(0.0) if key_valid is not None else mass     # rows that see no valid key: zeros
+
+
+def _pooled_scores(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                   scale: float | None, key_valid: torch.Tensor | None,
+                   temperature: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores float32 [B, H, Qb, Kb], key_bias float32 [B, Kb])``: pooled dot products (scale and temperature in),
+    and per key block the log of its valid keys (``-inf``: none); the logits are their sum."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    query_means, _ = _blocked_mean(q, block_size)
+    key_means, key_counts = _blocked_mean(k, block_size, key_valid)
+    key_means = key_means.index_select(1, _on(kv_head_index, k.device))
+    # The scale goes into the (small) query means, not into the [B, H, Qb, Kb] scores.
+    scores = (query_means * (scale * temperature)) @ key_means.transpose(-1, -2)
+    return scores, key_counts.view(key_counts.shape[0], -1).log()       # log 0 = -inf: no valid key
+
+
+def pooled_coverage_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                                coverage: torch.Tensor, min_blocks: torch.Tensor, max_blocks: torch.Tensor,
+                                scale: float | None = None, causal: bool = False, q_offset: int = 0,
+                                key_valid: torch.Tensor | None = None, temperature: torch.Tensor | float = 1.0,
+                                kernel: str = "auto") -> torch.Tensor:
+    """`coverage_block_lists` of `pooled_block_mass`: block lists ``int64 [B, H, Qb, max(max_blocks)]``.
+
+    ``kernel``: ``"triton"`` runs softmax, ranking and coverage in one fused kernel over the pooled
+    scores (`sparsify.runtime.adaptive_kernels`: each row read once, no ``[B, H, Qb, Kb]`` probability
+    or sort-key tensor); ``"torch"`` composes `pooled_block_mass` and `coverage_block_lists`;
+    ``"auto"`` takes Triton for CUDA inputs it supports. ``max_blocks`` is a CPU tensor.
+
+    Example:
+        >>> q = torch.randn(1, 2, 64, 8)
+        >>> one = torch.ones(2, dtype=torch.long)
+        >>> pooled_coverage_block_lists(q, q[:, :1], block_size=16, kv_head_index=torch.tensor([0, 0]),
+        ...                             coverage=torch.tensor([0.9, 0.9]), min_blocks=one, max_blocks=2 * one,
+        ...                             causal=True).shape
+        torch.Size([1, 2, 4, 2])
+    """
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
+    k_blocks = blocks_for(k.shape[2], block_size)
+    if kernel == "auto":
+        kernel = "torch"
+        if q.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            from sparsify.runtime.adaptive_kernels import supports_coverage
+
+            kernel = "triton" if supports_coverage(k_blocks) else "torch"
+    common = dict(block_size=block_size, kv_head_index=kv_head_index, scale=scale, key_valid=key_valid,
+                  temperature=temperature)
+    if kernel == "torch":
+        mass = pooled_block_mass(q, k, causal=causal, q_offset=q_offset, **common)
+        return coverage_block_lists(mass, coverage, min_blocks, max_blocks)
+    from sparsify.runtime.adaptive_kernels import coverage_lists_of_scores
+
+    scores, key_bias = _pooled_scores(q, k, **common)
+    limit = max(1, min(int(max_blocks.max()), k_blocks))
+    return coverage_lists_of_scores(scores, key_bias, coverage=_on(coverage, q.device),
+                                    min_blocks=_on(min_blocks, q.device), max_blocks=_on(max_blocks, q.device),
+                                    limit=limit, block_size=block_size, q_len=q.shape[2], causal=causal,
+                                    q_offset=q_offset)
 
 
 def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,

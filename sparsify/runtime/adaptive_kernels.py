@@ -1,4 +1,4 @@
-"""Triton kernels of the input-adaptive estimators: the vertical-slash probe's block masses, without a probe x keys tensor.
+"""Triton kernels of the input-adaptive estimators: the vertical-slash probe's block masses, and pooled coverage lists.
 
 The probe (the last ``probe_rows`` queries) attends to every key; `vertical_slash_line_mass`
 needs, per key block ``J``, its probability mass split by offset class (which block diagonal
@@ -14,7 +14,14 @@ kernel, one program per (key block, batch x head), recompute the scores tile by 
 No atomics: every output element has one writer, so results are deterministic. Scores
 accumulate in float32 (float32 inputs are multiplied in IEEE float32, not TF32). Block sizes
 must be powers of two from 16 to 256 (`supports`); other cases take the torch path.
-The interpreter (``TRITON_INTERPRET=1``) runs the kernel on CPU tensors (tests).
+
+Pooled coverage (`coverage_lists_of_scores`): one program per few query blocks reads their rows of
+pooled scores once, adds the key bias, hides causal blocks, takes the softmax in registers and
+picks the best blocks one by one (largest mass first, ties to the lower block) until the
+coverage is reached: the block lists come out directly, with no ``[B, H, Qb, Kb]`` probability or
+sort-key tensor and no sort. Rows of up to `MAX_COVERAGE_BLOCKS` key blocks (`supports_coverage`).
+
+The interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors (tests).
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["probe_block_split", "supports"]
+__all__ = ["coverage_lists_of_scores", "probe_block_split", "supports", "supports_coverage"]
 
 LOG2E = 1.4426950408889634
+#: Key blocks a row of the coverage kernel holds in registers (2048 blocks: 256K tokens at block 128).
+MAX_COVERAGE_BLOCKS = 2048
 
 
 def supports(block_size: int, head_dim: int, dtype: torch.dtype) -> bool:
@@ -153,3 +162,84 @@ def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
     split = torch.empty(batch, heads, k_blocks, classes, device=device, dtype=torch.float32)
     _probe_kernel[grid](q, k, kv_index, valid, totals, split, *arguments, TOTALS=False, **common)
     return split
+
+
+def supports_coverage(k_blocks: int) -> bool:
+    """Whether the coverage kernel takes rows of ``k_blocks`` key blocks (else the caller uses the torch path).
+
+    Example:
+        >>> supports_coverage(1024), supports_coverage(4096)
+        (True, False)
+    """
+    return 1 <= k_blocks <= MAX_COVERAGE_BLOCKS
+
+
+@triton.jit
+def _coverage_kernel(SCORES, KEY_BIAS, COVERAGE, MIN_BLOCKS, MAX_BLOCKS, LISTS,
+                     heads, q_blocks, k_blocks, q_len, q_offset, limit,
+                     CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, K_PAD: tl.constexpr):
+    row_tile = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // heads
+    head = batch_head % heads
+    rows = row_tile * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < q_blocks
+    columns = tl.arange(0, K_PAD)
+    column_ok = columns < k_blocks
+    offsets = (batch_head.to(tl.int64) * q_blocks + rows[:, None]) * k_blocks + columns[None, :]
+    logits = tl.load(SCORES + offsets, mask=row_ok[:, None] & column_ok[None, :], other=float("-inf"))
+    logits += tl.load(KEY_BIAS + batch * k_blocks + columns, mask=column_ok, other=float("-inf"))[None, :]
+    if CAUSAL:   # a key block is visible when its first key is at or before the block's last query
+        query_last = tl.minimum(rows * BLOCK_SIZE + BLOCK_SIZE - 1, q_len - 1) + q_offset
+        logits = tl.where(columns[None, :] * BLOCK_SIZE <= query_last[:, None], logits, float("-inf"))
+    row_max = tl.max(logits, 1)
+    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    weights = tl.exp(logits - safe_max[:, None])
+    total = tl.sum(weights, 1)
+    mass = weights / tl.where(total > 0, total, 1.0)[:, None]           # rows that see nothing: zeros
+    mass = tl.where(column_ok[None, :], mass, -1.0)                      # padding: never picked
+    coverage = tl.load(COVERAGE + head)
+    min_blocks = tl.load(MIN_BLOCKS + head)
+    max_blocks = tl.load(MAX_BLOCKS + head)
+    covered = tl.zeros([ROWS], dtype=tl.float32)
+    out = LISTS + (batch_head.to(tl.int64) * q_blocks + rows) * limit
+    for rank in range(0, limit):
+        best = tl.argmax(mass, 1, tie_break_left=True)                   # the lowest block among equals
+        value = tl.max(mass, 1)
+        covered += value
+        before = covered - value                                         # mass of the better blocks
+        keep = ((before < coverage) & (value > 0)) | (rank < min_blocks)
+        keep = keep & (rank < max_blocks)
+        tl.store(out + rank, tl.where(keep, best, -1).to(tl.int64), mask=row_ok)
+        mass = tl.where(columns[None, :] == best[:, None], -1.0, mass)
+
+
+def coverage_lists_of_scores(scores: torch.Tensor, key_bias: torch.Tensor, *, coverage: torch.Tensor,
+                             min_blocks: torch.Tensor, max_blocks: torch.Tensor, limit: int, block_size: int,
+                             q_len: int, causal: bool, q_offset: int) -> torch.Tensor:
+    """Block lists ``int64 [B, H, Qb, limit]`` of pooled coverage from pooled scores ``float32 [B, H, Qb, Kb]``.
+
+    The logits are ``scores + key_bias[b]`` (``key_bias [B, Kb]``: log of each key block's valid
+    keys, ``-inf`` for none), with causal blocks hidden; per row the softmax mass is ranked and
+    kept as `sparsify.runtime.adaptive.coverage_block_lists` keeps it (``coverage``, ``min_blocks``,
+    ``max_blocks``: per-head tensors on the scores' device; ``limit`` >= every ``max_blocks``).
+
+    Example:
+        >>> scores = torch.randn(1, 1, 4, 4, device="cuda")                                   # doctest: +SKIP
+        >>> one = torch.ones(1, dtype=torch.int64, device="cuda")                             # doctest: +SKIP
+        >>> coverage_lists_of_scores(scores, torch.zeros(1, 4, device="cuda"), coverage=torch.tensor([0.9]).cuda(),
+        ...                          min_blocks=one, max_blocks=2 * one, limit=2, block_size=16, q_len=64,
+        ...                          causal=True, q_offset=0).shape                              # doctest: +SKIP
+        torch.Size([1, 1, 4, 2])
+    """
+    batch, heads, q_blocks, k_blocks = scores.shape
+    lists = torch.empty(batch, heads, q_blocks, limit, device=scores.device, dtype=torch.int64)
+    pad = triton.next_power_of_2(k_blocks)
+    rows = max(1, min(4, 4096 // pad))                                   # about 4K logits per program
+    grid = (triton.cdiv(q_blocks, rows), batch * heads)
+    _coverage_kernel[grid](scores.contiguous(), key_bias.to(torch.float32).contiguous(),
+                           coverage.to(torch.float32).contiguous(), min_blocks.to(torch.int32).contiguous(),
+                           max_blocks.to(torch.int32).contiguous(), lists, heads, q_blocks, k_blocks, q_len,
+                           q_offset, limit, CAUSAL=bool(causal), BLOCK_SIZE=block_size, ROWS=rows, K_PAD=pad,
+                           num_warps=4 if pad <= 1024 else 8)
+    return lists

@@ -260,6 +260,36 @@ def test_the_probe_kernel_equals_a_loop_over_every_probe_row_and_key(q_len, k_le
     assert torch.allclose(diagonals.cpu().double(), expected_diagonals, atol=1e-5)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("q_len, k_len, q_offset, causal, padded", [
+    (100, 100, 0, True, True),          # a cut last block, padding (a row of blocks that sees no valid key)
+    (40, 170, 130, True, False),        # a chunk at the end of a longer cache
+    (96, 120, 0, False, False),         # not causal
+    (1, 97, 96, True, False),           # a decode step
+])
+def test_the_coverage_kernel_equals_the_torch_path(q_len, k_len, q_offset, causal, padded):
+    # On CPU the Triton kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+    from sparsify.runtime.adaptive import pooled_coverage_block_lists
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(q_len + k_len)
+    q = torch.randn(2, 4, q_len, 8, generator=gen)
+    k = torch.randn(2, 2, k_len, 8, generator=gen)
+    valid = None
+    if padded:
+        valid = torch.ones(2, k_len, dtype=torch.bool)
+        valid[1, :20] = False
+    k_blocks = blocks_for(k_len, 16)
+    arguments = dict(block_size=16, kv_head_index=torch.tensor([0, 0, 1, 1]),
+                     coverage=torch.tensor([0.9, 0.5, 0.99, 0.7]), min_blocks=torch.tensor([1, 3, 1, 2]),
+                     max_blocks=torch.tensor([k_blocks, k_blocks, max(1, k_blocks // 5), k_blocks // 2]), scale=0.3,
+                     causal=causal, q_offset=q_offset, temperature=torch.tensor([1.0, 1.0, 0.5, 2.0]).view(1, -1, 1, 1))
+    expected = pooled_coverage_block_lists(q, k, key_valid=valid, kernel="torch", **arguments)
+    fused = pooled_coverage_block_lists(q.to(device), k.to(device), key_valid=None if valid is None else valid.to(device),
+                                        kernel="triton", **{**arguments, "temperature": arguments["temperature"].to(device)})
+    assert torch.equal(fused.cpu(), expected)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -282,3 +312,21 @@ def test_the_probe_kernel_on_the_gpu_matches_the_torch_path_and_the_masks_agree(
     on_gpu = source.mask(q, k).to_block_masks().cpu()
     on_cpu = source.mask(q.float().cpu(), k.float().cpu()).to_block_masks()
     assert (on_gpu == on_cpu).float().mean() > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_the_coverage_kernel_on_the_gpu_agrees_with_the_torch_path():
+    from sparsify.runtime.adaptive import pooled_coverage_block_lists
+
+    gen = torch.Generator().manual_seed(20)
+    q = torch.randn(1, 32, 16384, 64, generator=gen).cuda().bfloat16()
+    k = torch.randn(1, 8, 16384, 64, generator=gen).cuda().bfloat16()
+    heads = torch.ones(32)
+    arguments = dict(block_size=128, kv_head_index=torch.arange(32) // 4, coverage=0.9 * heads,
+                     min_blocks=heads.long(), max_blocks=6 * heads.long(), causal=True)
+    fused = pooled_coverage_block_lists(q, k, kernel="triton", **arguments)
+    reference = pooled_coverage_block_lists(q, k, kernel="torch", **arguments)
+    assert fused.shape == reference.shape == (1, 32, 128, 6)
+    assert (fused == reference).float().mean() > 0.999
