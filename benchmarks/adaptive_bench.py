@@ -14,8 +14,9 @@ of the sparse attention time at >= 32K"), for the patterns of `llm_prefill_bench
 ``--density`` of the causal blocks: ``attention_ms`` (the site's whole attend), ``estimate_ms``
 (the mask source alone), ``kernel_ms`` (the backend's run on that mask, plan prepared),
 ``prepare_ms`` (the backend's plan of a per-call mask), ``glue_ms`` (attend - kernel - estimate),
-``estimate_share`` (estimate / attend) and, for vertical-slash heads, the probe alone with the
-fused Triton kernel (``probe_triton_ms``) and with the torch path (``probe_torch_ms``).
+``estimate_share`` (estimate / attend) and the estimator's main step alone with the fused Triton
+kernel and with the torch path: the vertical-slash probe (``probe_triton_ms``, ``probe_torch_ms``),
+pooled scoring and coverage (``coverage_triton_ms``, ``coverage_torch_ms``).
 ``--shape llama-1b`` is Llama-3.2-1B's attention (32 query / 8 key-value heads of 64, block 128).
 
     python benchmarks/adaptive_bench.py                         # CUDA: 16K and 32K
@@ -154,7 +155,7 @@ def split_patterns(density: float) -> dict:
 
 def run_split(args, device: torch.device, dtype: torch.dtype, log: RowLog) -> None:
     """One row per length and adaptive pattern: the site's attend, split into estimation, kernel and glue."""
-    from sparsify.runtime.adaptive import vertical_slash_line_mass
+    from sparsify.runtime.adaptive import pooled_coverage_block_lists, vertical_slash_line_mass
 
     group = args.heads // args.kv_heads
     kv_head_index = torch.arange(args.heads) // group
@@ -178,19 +179,28 @@ def run_split(args, device: torch.device, dtype: torch.dtype, log: RowLog) -> No
                 prepare_ms = timed(lambda: backend.prepare(mask, **shapes), device, args.repeats)
                 plan = backend.prepare(mask, **shapes)
                 kernel_ms = timed(lambda: backend.run(plan, q, k, v, attn_mask=None, scale=scale), device, args.repeats)
-                probes = {}
-                if name == "vertical_slash":
-                    kernels = ["torch"] + (["triton"] if device.type == "cuda" else [])
-                    for kernel in kernels:
-                        probes[f"probe_{kernel}_ms"] = round(timed(lambda: vertical_slash_line_mass(
+                parts = {}   # the estimator's main step with each implementation
+                for kernel in ["torch"] + (["triton"] if device.type == "cuda" else []):
+                    if name == "vertical_slash":
+                        step = lambda: vertical_slash_line_mass(  # noqa: E731
                             q, k, block_size=args.block, kv_head_index=kv_head_index, probe_rows=args.block,
-                            scale=scale, causal=True, kernel=kernel), device, args.repeats), 4)
+                            scale=scale, causal=True, kernel=kernel)
+                        parts[f"probe_{kernel}_ms"] = round(timed(step, device, args.repeats), 4)
+                    else:
+                        blocks = math.ceil(length / args.block)
+                        heads = torch.ones(args.heads)
+                        step = lambda: pooled_coverage_block_lists(  # noqa: E731
+                            q, k, block_size=args.block, kv_head_index=kv_head_index, coverage=0.9 * heads,
+                            min_blocks=heads.long(), max_blocks=torch.full((args.heads,), max(1, math.ceil(
+                                pattern.max_fraction * blocks)), dtype=torch.long), scale=scale, causal=True,
+                            kernel=kernel)
+                        parts[f"coverage_{kernel}_ms"] = round(timed(step, device, args.repeats), 4)
             blocks = math.ceil(length / args.block)
             density = float(mask.kept_counts().sum()) / (mask.num_heads * blocks * (blocks + 1) / 2)
             log.add(seq=length, pattern=name, backend=backend.name, attention_ms=round(attention_ms, 4),
                     estimate_ms=round(estimate_ms, 4), kernel_ms=round(kernel_ms, 4), prepare_ms=round(prepare_ms, 4),
                     glue_ms=round(attention_ms - kernel_ms - estimate_ms, 4),
-                    estimate_share=round(estimate_ms / attention_ms, 4), **probes,
+                    estimate_share=round(estimate_ms / attention_ms, 4), **parts,
                     widths=f"{mask.full_width}/{mask.partial_width}", causal_density=round(density, 4),
                     dense_ms=round(dense_ms, 4), attention_speedup=round(dense_ms / attention_ms, 3),
                     attention_of_ideal=round(density * dense_ms / attention_ms, 3))
