@@ -203,15 +203,20 @@ def _coverage_kernel(SCORES, KEY_BIAS, COVERAGE, MIN_BLOCKS, MAX_BLOCKS, LISTS,
     max_blocks = tl.load(MAX_BLOCKS + head)
     covered = tl.zeros([ROWS], dtype=tl.float32)
     out = LISTS + (batch_head.to(tl.int64) * q_blocks + rows) * limit
-    for rank in range(0, limit):
-        best = tl.argmax(mass, 1, tie_break_left=True)                   # the lowest block among equals
-        value = tl.max(mass, 1)
+    # A row keeps its ranks up to the first one it does not keep (the mass before a rank only grows, the
+    # rank's own mass only shrinks): the loop ends when no row of the tile keeps its rank (the lists hold -1).
+    rank = 0
+    going = limit > 0
+    while going:
+        value, best = tl.max(mass, 1, return_indices=True, return_indices_tie_break_left=True)  # lowest of equals
         covered += value
         before = covered - value                                         # mass of the better blocks
         keep = ((before < coverage) & (value > 0)) | (rank < min_blocks)
-        keep = keep & (rank < max_blocks)
-        tl.store(out + rank, tl.where(keep, best, -1).to(tl.int64), mask=row_ok)
+        keep = keep & (rank < max_blocks) & row_ok
+        tl.store(out + rank, best.to(tl.int64), mask=keep)
         mass = tl.where(columns[None, :] == best[:, None], -1.0, mass)
+        rank += 1
+        going = (rank < limit) & (tl.max(keep.to(tl.int32), 0) > 0)
 
 
 def coverage_lists_of_scores(scores: torch.Tensor, key_bias: torch.Tensor, *, coverage: torch.Tensor,
@@ -233,7 +238,7 @@ def coverage_lists_of_scores(scores: torch.Tensor, key_bias: torch.Tensor, *, co
         torch.Size([1, 1, 4, 2])
     """
     batch, heads, q_blocks, k_blocks = scores.shape
-    lists = torch.empty(batch, heads, q_blocks, limit, device=scores.device, dtype=torch.int64)
+    lists = torch.full((batch, heads, q_blocks, limit), -1, device=scores.device, dtype=torch.int64)
     pad = triton.next_power_of_2(k_blocks)
     rows = max(1, min(4, 4096 // pad))                                   # about 4K logits per program
     grid = (triton.cdiv(q_blocks, rows), batch * heads)
