@@ -330,3 +330,22 @@ def test_the_coverage_kernel_on_the_gpu_agrees_with_the_torch_path():
     reference = pooled_coverage_block_lists(q, k, kernel="torch", **arguments)
     assert fused.shape == reference.shape == (1, 32, 128, 6)
     assert (fused == reference).float().mean() > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pattern", [patterns.estimated_vertical_slash(0.05, 0.05, sink_blocks=1),
+                                     patterns.pooled_coverage(0.9, max_fraction=0.1, sink_blocks=1)])
+def test_a_site_of_adaptive_heads_on_the_gpu_equals_dense_math_under_its_estimated_mask(pattern):
+    # The whole path on the GPU, bf16: estimators (Triton), per-call block lists, the backend `auto` picks.
+    site = AttentionSite("model.layers.0.self_attn", 0, num_heads=8, num_kv_heads=2, head_dim=64, q_len=4096,
+                         k_len=4096, causal=True)
+    layer = SparseAttention(site, [pattern] * 8, block_size=128).cuda()
+    gen = torch.Generator().manual_seed(21)
+    q = torch.randn(1, 8, 4096, 64, generator=gen).cuda().bfloat16()
+    k, v = (torch.randn(1, 2, 4096, 64, generator=gen).cuda().bfloat16() for _ in range(2))
+    with torch.no_grad():
+        out = layer(q, k, v, None, True, None)
+    mask = layer.adaptive_source.mask(q, k)
+    assert mask.full_width < mask.k_blocks and mask.density() < 0.5
+    assert rel_err(out.float(), mask_reference(q.float(), k.float(), v.float(), mask).float()) < 2e-2
