@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any, Sequence
 
 import torch
@@ -237,22 +238,29 @@ class RuntimeBlockMask:
         device = blocks.device
         if blocks.shape[-1] == 0:
             blocks = torch.full((*blocks.shape[:3], 1), -1, dtype=blocks.dtype, device=device)
-        blocks = blocks.long()
-        query_first, query_last, _, _ = block_token_bounds(q_len, k_len, block_size, q_offset, device)
-        key_first = blocks * block_size
-        complete = key_first + block_size <= k_len
-        kept = (blocks >= 0) & (blocks < k_blocks)
-        if causal:
-            kept = kept & (key_first <= query_last)
-            full = complete & (key_first + (block_size - 1) <= query_first)
-        else:
-            full = complete
         slots = blocks.shape[-1]
         full_width = max(1, min(slots, k_blocks))
         # Partial blocks of a row: the last key block when it is cut, and at most two crossing the causal boundary.
         partial_width = max(1, min(slots, k_blocks, 3 if causal else 1))
-        full_counts, full_indices = _compress_lists(blocks, kept & full, k_blocks, full_width)
-        counts, indices = _compress_lists(blocks, kept & ~full, k_blocks, partial_width)
+        if _fused_compress_serves(blocks):      # the same, in one Triton launch (sparsify.runtime.adaptive_kernels)
+            from sparsify.runtime.adaptive_kernels import compress_block_lists
+
+            full_counts, full_indices, counts, indices = compress_block_lists(
+                blocks, block_size=block_size, q_len=q_len, k_len=k_len, causal=causal, q_offset=q_offset,
+                full_width=full_width, partial_width=partial_width)
+        else:
+            blocks = blocks.long()
+            query_first, query_last, _, _ = block_token_bounds(q_len, k_len, block_size, q_offset, device)
+            key_first = blocks * block_size
+            complete = key_first + block_size <= k_len
+            kept = (blocks >= 0) & (blocks < k_blocks)
+            if causal:
+                kept = kept & (key_first <= query_last)
+                full = complete & (key_first + (block_size - 1) <= query_first)
+            else:
+                full = complete
+            full_counts, full_indices = _compress_lists(blocks, kept & full, k_blocks, full_width)
+            counts, indices = _compress_lists(blocks, kept & ~full, k_blocks, partial_width)
         if kv_head_index is None:
             kv_head_index = torch.arange(blocks.shape[1])
         host = tuple(kv_head_index.tolist()) if kv_head_index.device.type == "cpu" else None
@@ -511,6 +519,15 @@ def _compress(kept: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tenso
     if indices.shape[-1] < width:                                # k_blocks < width: pad the slots
         indices = torch.cat([indices, indices[..., -1:].expand(*indices.shape[:-1], width - indices.shape[-1])], -1)
     return counts.to(torch.int32).contiguous(), indices.to(torch.int32).contiguous()
+
+
+def _fused_compress_serves(blocks: torch.Tensor) -> bool:
+    """Whether `from_block_lists` compresses ``blocks`` with the Triton kernel (CUDA, Triton installed, few slots)."""
+    if blocks.device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return False
+    from sparsify.runtime.adaptive_kernels import MAX_LIST_SLOTS
+
+    return blocks.shape[-1] <= MAX_LIST_SLOTS
 
 
 def _compress_lists(blocks: torch.Tensor, kept: torch.Tensor, k_blocks: int, width: int) -> tuple[torch.Tensor,

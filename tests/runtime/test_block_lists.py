@@ -3,6 +3,7 @@ each against the boolean-mask path they replace (kept here as the reference) on 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -46,6 +47,30 @@ def test_block_lists_compress_like_the_masks_they_name(seed, block, q_len, k_len
                                                   width=k_blocks, per_input=True)
     _assert_same_mask(mask, reference)
     assert mask.full_width <= max(1, slots) and mask.partial_width <= (3 if causal else 1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("seed", range(4))
+def test_the_compress_kernel_equals_the_torch_path(seed):
+    # On CPU the Triton kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); on a GPU
+    # machine it runs compiled (it is what from_block_lists uses for CUDA lists).
+    from sparsify.runtime.adaptive_kernels import compress_block_lists
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(seed)
+    block = (4, 8, 16)[seed % 3]
+    q_len, k_len, q_offset = (int(v) for v in torch.randint(1, 70, (3,), generator=gen))
+    causal = seed % 2 == 0
+    k_blocks = blocks_for(k_len, block)
+    lists = torch.randint(-2, k_blocks + 2, (2, 3, blocks_for(q_len, block), 1 + seed), generator=gen)
+    reference = RuntimeBlockMask.from_block_lists(lists, block_size=block, q_len=q_len, k_len=k_len, causal=causal,
+                                                  q_offset=q_offset)
+    fused = compress_block_lists(lists.to(device), block_size=block, q_len=q_len, k_len=k_len, causal=causal,
+                                 q_offset=q_offset, full_width=reference.full_width,
+                                 partial_width=reference.partial_width)
+    expected = (reference.full_kv_num_blocks, reference.full_kv_indices, reference.kv_num_blocks, reference.kv_indices)
+    for mine, theirs in zip(fused, expected):
+        assert torch.equal(mine.cpu(), theirs)
 
 
 def test_block_lists_refuse_what_is_not_lists():
