@@ -350,9 +350,8 @@ def vertical_slash_line_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: in
     for offset_class in range(split.shape[-1]):
         start = first_block + offset_class
         tiles[..., start:start + k_blocks] += reversed_split[..., offset_class]
-    diagonals = torch.arange(-(k_blocks - 1), total_blocks + 1, device=device)
-    diagonal_mass = tiles[..., diagonals - 1 + k_blocks] + tiles[..., diagonals + k_blocks]
-    return column_mass, diagonal_mass
+    # Diagonal o (from -(Kb - 1) to total_blocks) holds offset tiles o - 1 and o, stored at o - 1 + Kb and o + Kb.
+    return column_mass, tiles[..., :-1] + tiles[..., 1:]
 
 
 def _triton_serves(q: torch.Tensor, block_size: int) -> bool:
