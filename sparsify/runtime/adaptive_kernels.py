@@ -322,11 +322,12 @@ def compress_block_lists(blocks: torch.Tensor, *, block_size: int, q_len: int, k
     counts = torch.empty_like(full_counts)
     full_indices = torch.empty(batch, heads, q_blocks, full_width, device=device, dtype=torch.int32)
     indices = torch.empty(batch, heads, q_blocks, partial_width, device=device, dtype=torch.int32)
+    slots_pad = max(16, triton.next_power_of_2(slots))
     if rows:
         _compress_kernel[(rows,)](blocks.contiguous(), full_counts, full_indices, counts, indices, q_blocks,
                                   -(-k_len // block_size), q_len, k_len, q_offset, slots, full_width, partial_width,
-                                  CAUSAL=bool(causal), BLOCK_SIZE=block_size,
-                                  SLOTS_PAD=max(16, triton.next_power_of_2(slots)),
+                                  CAUSAL=bool(causal), BLOCK_SIZE=block_size, SLOTS_PAD=slots_pad,
                                   FULL_PAD=max(16, triton.next_power_of_2(full_width)),
-                                  PARTIAL_PAD=max(16, triton.next_power_of_2(partial_width)), num_warps=4)
+                                  PARTIAL_PAD=max(16, triton.next_power_of_2(partial_width)),
+                                  num_warps=4 if slots_pad <= 64 else 8)   # slots x slots comparisons per row
     return full_counts, full_indices, counts, indices
