@@ -3,13 +3,10 @@
 The probe (the last ``probe_rows`` queries) attends to every key; `vertical_slash_line_mass`
 needs, per key block ``J``, its probability mass split by offset class (which block diagonal
 each (row, key) pair lies on). In plain torch that is a ``[B, H, probe_rows, k_len]`` score
-tensor written, softmaxed and read again (gigabytes at 128K tokens). Here two launches of one
-kernel, one program per (key block, batch x head), recompute the scores tile by tile:
-
-1. each program writes its key block's per-row log-sum-exp (base 2) of the probe rows; torch
-   combines the ``k_blocks`` partial values per row (a ``[B, H, k_blocks, probe_rows]`` tensor);
-2. each program turns its scores into probabilities with the rows' totals and sums them per
-   offset class into ``split [B, H, k_blocks, classes]``, held in registers and stored once.
+tensor written, softmaxed and read again (gigabytes at 128K tokens). Here one launch, one program
+per (key block, batch x head), computes the scores tile by tile and keeps, per probe row, their
+maximum and the sums of their exponentials per offset class (relative to that maximum); a few
+torch ops on those small tensors normalise them by each row's total and sum over the rows.
 
 No atomics: every output element has one writer, so results are deterministic. Scores
 accumulate in float32 (float32 inputs are multiplied in IEEE float32, not TF32). Block sizes
@@ -57,11 +54,11 @@ def supports(block_size: int, head_dim: int, dtype: torch.dtype) -> bool:
 
 
 @triton.jit
-def _probe_kernel(Q, K, KV_INDEX, VALID, ROW_TOTAL, OUT,
+def _probe_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, PARTS,
                   stride_qb, stride_qh, stride_qs, stride_qd,
                   stride_kb, stride_kh, stride_ks, stride_kd, stride_valid,
                   heads, q_len, k_len, probe_rows, base, shift, qk_scale,
-                  CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, TOTALS: tl.constexpr, IEEE: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                   D_PAD: tl.constexpr, CLASSES: tl.constexpr, CLASSES_PAD: tl.constexpr):
     key_block = tl.program_id(0)
@@ -74,20 +71,17 @@ def _probe_kernel(Q, K, KV_INDEX, VALID, ROW_TOTAL, OUT,
     dim_ok = dims < HEAD_DIM
     row_offsets = tl.arange(0, BLOCK_M)
     column_offsets = tl.arange(0, BLOCK_N)
+    class_index = tl.arange(0, CLASSES_PAD)
     q_rows = Q + batch * stride_qb + head.to(tl.int64) * stride_qh + (q_len - probe_rows) * stride_qs
     k_rows = K + batch * stride_kb + kv * stride_kh
-    split = tl.zeros([CLASSES_PAD], dtype=tl.float32)
-    class_index = tl.arange(0, CLASSES_PAD)
+    out_rows = (batch_head.to(tl.int64) * k_blocks + key_block) * probe_rows
     for row_start in range(0, probe_rows, BLOCK_M):
         rows = row_start + row_offsets
         row_ok = rows < probe_rows
         q = tl.load(q_rows + rows[:, None] * stride_qs + dims[None, :] * stride_qd,
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        if TOTALS:
-            row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        else:
-            total = tl.load(ROW_TOTAL + batch_head * probe_rows + rows, mask=row_ok, other=float("inf"))
+        row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        parts = tl.zeros([BLOCK_M, CLASSES_PAD], dtype=tl.float32)       # per row and class, relative to row_max
         for column_start in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
             keys = key_block * BLOCK_SIZE + column_start + column_offsets
             key_ok = keys < k_len
@@ -104,26 +98,21 @@ def _probe_kernel(Q, K, KV_INDEX, VALID, ROW_TOTAL, OUT,
                 valid = tl.load(VALID + batch * stride_valid + keys, mask=key_ok, other=0)
                 visible = visible & (valid != 0)[None, :]
             scores = tl.where(visible, scores, float("-inf"))
-            if TOTALS:
-                new_max = tl.maximum(row_max, tl.max(scores, 1))
-                safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-                row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(scores - safe_max[:, None]), 1)
-                row_max = new_max
-            else:
-                probabilities = tl.exp2(scores - total[:, None])   # hidden pairs, and rows that see nothing: 0
-                # Offset class of (row r, key c of the block): floor((shift + r - c) / block) + 1, here >= 0.
-                offset_class = (shift + rows[:, None] - (column_start + column_offsets)[None, :] + BLOCK_SIZE) \
-                    // BLOCK_SIZE
-                lowest = (shift + row_start - (column_start + BLOCK_N - 1) + BLOCK_SIZE) // BLOCK_SIZE
-                for step in tl.static_range(3):     # a tile of at most block x block pairs spans 3 classes
-                    part = tl.sum(tl.sum(tl.where(offset_class == lowest + step, probabilities, 0.0), 1), 0)
-                    split += tl.where(class_index == lowest + step, part, 0.0)
-        if TOTALS:
-            partial = tl.where(row_sum > 0, row_max + tl.log2(tl.where(row_sum > 0, row_sum, 1.0)), float("-inf"))
-            tl.store(ROW_TOTAL + (batch_head * k_blocks + key_block) * probe_rows + rows, partial, mask=row_ok)
-    if not TOTALS:
-        tl.store(OUT + (batch_head * k_blocks + key_block) * CLASSES + class_index, split,
-                 mask=class_index < CLASSES)
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            parts = parts * tl.exp2(row_max - safe_max)[:, None]
+            weights = tl.exp2(scores - safe_max[:, None])                 # hidden pairs: 0
+            # Offset class of (row r, key c of the block): floor((shift + r - c) / block) + 1, here >= 0.
+            offset_class = (shift + rows[:, None] - (column_start + column_offsets)[None, :] + BLOCK_SIZE) \
+                // BLOCK_SIZE
+            lowest = (shift + row_start - (column_start + BLOCK_N - 1) + BLOCK_SIZE) // BLOCK_SIZE
+            for step in tl.static_range(3):          # a tile of at most block x block pairs spans 3 classes
+                part = tl.sum(tl.where(offset_class == lowest + step, weights, 0.0), 1)
+                parts += tl.where(class_index[None, :] == lowest + step, part[:, None], 0.0)
+            row_max = new_max
+        tl.store(ROW_MAX + out_rows + rows, row_max, mask=row_ok)
+        tl.store(PARTS + (out_rows + rows[:, None]) * CLASSES + class_index[None, :], parts,
+                 mask=row_ok[:, None] & (class_index[None, :] < CLASSES))
 
 
 def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
@@ -136,6 +125,10 @@ def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
     class ``floor((base % block + r - c) / block) + 1`` of key block ``J``, and
     ``classes = (base % block + probe_rows - 1) // block + 2``. What `sparsify.runtime.adaptive`'s
     torch path computes, with float32 scores instead of the inputs' dtype.
+
+    One launch: each (key block, head) program writes, per probe row, its scores' maximum and the
+    sums of ``2^(score - maximum)`` per class (``[B, H, k_blocks, probe_rows, classes]``, small);
+    torch then normalises them with the rows' totals over every key block and sums over the rows.
 
     Example:
         >>> q = torch.randn(1, 2, 64, 16, device="cuda")                                   # doctest: +SKIP
@@ -154,20 +147,20 @@ def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
     valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else kv_index
     block_n = min(block_size, 64)
     block_m = max(16, min(64, block_size, triton.next_power_of_2(probe_rows)))   # <= block: 3 classes a tile
-    common = dict(CAUSAL=bool(causal), HAS_VALID=key_valid is not None, IEEE=q.dtype == torch.float32,
-                  BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
-                  D_PAD=max(16, triton.next_power_of_2(head_dim)), CLASSES=classes,
-                  CLASSES_PAD=max(2, triton.next_power_of_2(classes)), num_warps=4)
-    arguments = (*q.stride(), *k.stride(), valid.stride(0) if key_valid is not None else 0,
-                 heads, q_len, k_len, probe_rows, base, shift, scale * LOG2E)
-    grid = (k_blocks, batch * heads)
-    partial_totals = torch.empty(batch, heads, k_blocks, probe_rows, device=device, dtype=torch.float32)
-    _probe_kernel[grid](q, k, kv_index, valid, partial_totals, partial_totals, *arguments, TOTALS=True, **common)
-    totals = torch.logsumexp(partial_totals * math.log(2.0), dim=2) / math.log(2.0)    # [B, H, P], base 2
-    totals = torch.where(totals == float("-inf"), float("inf"), totals).contiguous()   # rows that see nothing
-    split = torch.empty(batch, heads, k_blocks, classes, device=device, dtype=torch.float32)
-    _probe_kernel[grid](q, k, kv_index, valid, totals, split, *arguments, TOTALS=False, **common)
-    return split
+    row_max = torch.empty(batch, heads, k_blocks, probe_rows, device=device, dtype=torch.float32)
+    parts = torch.empty(batch, heads, k_blocks, probe_rows, classes, device=device, dtype=torch.float32)
+    _probe_kernel[(k_blocks, batch * heads)](
+        q, k, kv_index, valid, row_max, parts, *q.stride(), *k.stride(),
+        valid.stride(0) if key_valid is not None else 0, heads, q_len, k_len, probe_rows, base, shift, scale * LOG2E,
+        CAUSAL=bool(causal), HAS_VALID=key_valid is not None, IEEE=q.dtype == torch.float32, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
+        CLASSES=classes, CLASSES_PAD=max(2, triton.next_power_of_2(classes)), num_warps=4)
+    # Row totals (base 2) over every key block: max + log2 of the block's sum, combined; -inf: the row sees nothing.
+    block_totals = row_max + parts.sum(-1).log2()
+    totals = torch.logsumexp(block_totals * math.log(2.0), dim=2, keepdim=True) / math.log(2.0)   # [B, H, 1, P]
+    totals = torch.where(totals == float("-inf"), float("inf"), totals)
+    weights = torch.exp2(row_max - totals)                                                      # [B, H, Kb, P]
+    return (weights.unsqueeze(-2) @ parts).squeeze(-2)                                          # [B, H, Kb, classes]
 
 
 def supports_coverage(k_blocks: int) -> bool:
