@@ -57,7 +57,7 @@ def supports(block_size: int, head_dim: int, dtype: torch.dtype) -> bool:
 def _probe_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, PARTS,
                   stride_qb, stride_qh, stride_qs, stride_qd,
                   stride_kb, stride_kh, stride_ks, stride_kd, stride_valid,
-                  heads, q_len, k_len, probe_rows, base, shift, qk_scale,
+                  heads, probe_offset, k_len, probe_rows, base, shift, qk_scale,
                   CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                   D_PAD: tl.constexpr, CLASSES: tl.constexpr, CLASSES_PAD: tl.constexpr):
@@ -72,7 +72,7 @@ def _probe_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, PARTS,
     row_offsets = tl.arange(0, BLOCK_M)
     column_offsets = tl.arange(0, BLOCK_N)
     class_index = tl.arange(0, CLASSES_PAD)
-    q_rows = Q + batch * stride_qb + head.to(tl.int64) * stride_qh + (q_len - probe_rows) * stride_qs
+    q_rows = Q + batch * stride_qb + head.to(tl.int64) * stride_qh + probe_offset   # the first probe row
     k_rows = K + batch * stride_kb + kv * stride_kh
     out_rows = (batch_head.to(tl.int64) * k_blocks + key_block) * probe_rows
     for row_start in range(0, probe_rows, BLOCK_M):
@@ -85,7 +85,7 @@ def _probe_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, PARTS,
         for column_start in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
             keys = key_block * BLOCK_SIZE + column_start + column_offsets
             key_ok = keys < k_len
-            k = tl.load(k_rows + keys[:, None] * stride_ks + dims[None, :] * stride_kd,
+            k = tl.load(k_rows + keys.to(tl.int64)[:, None] * stride_ks + dims[None, :] * stride_kd,
                         mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
             if IEEE:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
@@ -151,7 +151,8 @@ def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
     parts = torch.empty(batch, heads, k_blocks, probe_rows, classes, device=device, dtype=torch.float32)
     _probe_kernel[(k_blocks, batch * heads)](
         q, k, kv_index, valid, row_max, parts, *q.stride(), *k.stride(),
-        valid.stride(0) if key_valid is not None else 0, heads, q_len, k_len, probe_rows, base, shift, scale * LOG2E,
+        valid.stride(0) if key_valid is not None else 0, heads, (q_len - probe_rows) * q.stride(2), k_len, probe_rows,
+        base, shift, scale * LOG2E,
         CAUSAL=bool(causal), HAS_VALID=key_valid is not None, IEEE=q.dtype == torch.float32, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
         CLASSES=classes, CLASSES_PAD=max(2, triton.next_power_of_2(classes)), num_warps=4)
