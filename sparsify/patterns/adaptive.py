@@ -81,7 +81,11 @@ class AdaptivePattern(Pattern):
     def estimate(cls, q: torch.Tensor, k: torch.Tensor, *, parameters: dict[str, torch.Tensor], settings: dict,
                  block_size: int, kv_head_index: torch.Tensor, scale: float | None, causal: bool, q_offset: int,
                  key_valid: torch.Tensor | None) -> torch.Tensor:
-        """``bool [B, H, Qb, Kb]`` for the heads of ``q`` (parameters ``[H]`` each; ``settings``: non-numeric ones)."""
+        """Block lists ``int64 [B, H, Qb, slots]`` for the heads of ``q`` (``-1``: no block; see `sparsify.runtime.adaptive`).
+
+        ``parameters``: CPU tensors ``[H]`` each (the list widths are read from them on the host);
+        ``settings``: the non-numeric ones.
+        """
         raise NotImplementedError
 
 
@@ -124,14 +128,16 @@ class EstimatedVerticalSlash(AdaptivePattern):
 
     @classmethod
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):
-        from sparsify.runtime.adaptive import vertical_slash_block_mask
+        from sparsify.runtime.adaptive import sink_block_lists, vertical_slash_block_lists
+        from sparsify.runtime.block_mask import blocks_for
 
         probe_rows = int(max(parameters["probe_blocks"].tolist())) * block_size  # a CPU tensor: no device read
-        mask = vertical_slash_block_mask(q, k, block_size=block_size, kv_head_index=kv_head_index,
-                                         vertical=parameters["vertical"], slash=parameters["slash"],
-                                         probe_rows=probe_rows, scale=scale, causal=causal, q_offset=q_offset,
-                                         key_valid=key_valid)
-        return mask | _sink_columns(parameters["sink_blocks"], mask)
+        lists = vertical_slash_block_lists(q, k, block_size=block_size, kv_head_index=kv_head_index,
+                                           vertical=parameters["vertical"], slash=parameters["slash"],
+                                           probe_rows=probe_rows, scale=scale, causal=causal, q_offset=q_offset,
+                                           key_valid=key_valid)
+        sinks = sink_block_lists(parameters["sink_blocks"].long(), lists, blocks_for(k.shape[2], block_size))
+        return torch.cat([lists, sinks], -1)
 
 
 @register_pattern("pooled_coverage")
@@ -192,27 +198,23 @@ class PooledCoverage(AdaptivePattern):
 
     @classmethod
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):
-        from sparsify.runtime.adaptive import antidiagonal_block_mass, coverage_block_mask, pooled_block_mass
+        from sparsify.runtime.adaptive import (antidiagonal_block_mass, coverage_block_lists,
+                                               pooled_coverage_block_lists, sink_block_lists)
+        from sparsify.runtime.block_mask import blocks_for
 
         scale = (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-        temperature = parameters["temperature"].to(q.device, torch.float32).view(1, -1, 1, 1)
+        temperature = parameters["temperature"].to(q.device, torch.float32, non_blocking=True).view(1, -1, 1, 1)
         common = dict(block_size=block_size, kv_head_index=kv_head_index, scale=scale, causal=causal,
                       q_offset=q_offset, key_valid=key_valid, temperature=temperature)
+        k_blocks = blocks_for(k.shape[2], block_size)
+        max_blocks = torch.ceil(parameters["max_fraction"] * k_blocks).clamp(min=1).long()
+        bounds = dict(coverage=parameters["coverage"], min_blocks=parameters["min_blocks"].long(), max_blocks=max_blocks)
         if settings["scoring"] == "antidiagonal":
             mass = antidiagonal_block_mass(q, k, stride=min(settings["stride"], block_size), **common)
+            lists = coverage_block_lists(mass, **bounds)
         else:
-            mass = pooled_block_mass(q, k, **common)
-        k_blocks = mass.shape[-1]
-        max_blocks = torch.ceil(parameters["max_fraction"] * k_blocks).clamp(min=1).long()
-        mask = coverage_block_mask(mass, parameters["coverage"], parameters["min_blocks"].long(), max_blocks)
-        return mask | _sink_columns(parameters["sink_blocks"], mask)
-
-
-def _sink_columns(sink_blocks: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``bool`` like ``like [B, H, Qb, Kb]``: the first ``sink_blocks[h]`` key blocks of every row."""
-    heads, k_blocks = like.shape[1], like.shape[-1]
-    columns = torch.arange(k_blocks, device=like.device).view(1, 1, 1, k_blocks)
-    return columns < sink_blocks.to(like.device).view(1, heads, 1, 1)
+            lists = pooled_coverage_block_lists(q, k, **common, **bounds)
+        return torch.cat([lists, sink_block_lists(parameters["sink_blocks"].long(), lists, k_blocks)], -1)
 
 
 def estimated_vertical_slash(vertical: float = 0.05, slash: float = 0.05, probe_blocks: int = 1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any, Sequence
 
 import torch
@@ -90,7 +91,8 @@ class RuntimeBlockMask:
       backend's host work never reads it back from the device.
 
     Block classification happens here, once, on the mask's device; no backend re-derives it.
-    Build one with `from_block_masks` (from boolean kept-block masks, e.g. a pattern's).
+    Build one with `from_block_masks` (from boolean kept-block masks, e.g. a pattern's) or
+    `from_block_lists` (from lists of kept key blocks per query block, e.g. an estimator's).
 
     Example:
         >>> kept = torch.ones(1, 3, 3, dtype=torch.bool)
@@ -196,6 +198,76 @@ class RuntimeBlockMask:
         host = tuple(kv_head_index.tolist()) if kv_head_index.device.type == "cpu" else None
         return cls(counts, indices, full_counts, full_indices, kv_head_index.to(device=device, dtype=torch.int64),
                    block_size, q_len, k_len, bool(causal), int(q_offset), bool(per_input), host)
+
+    @classmethod
+    def from_block_lists(
+        cls,
+        blocks: torch.Tensor,
+        *,
+        block_size: int,
+        q_len: int,
+        k_len: int,
+        causal: bool,
+        kv_head_index: torch.Tensor | None = None,
+        q_offset: int = 0,
+        per_input: bool = False,
+    ) -> "RuntimeBlockMask":
+        """Classify and compress lists of kept key blocks ``int [B, H, q_blocks, slots]`` (no ``[q_blocks, k_blocks]`` tensor).
+
+        Each row lists the key blocks its query block keeps, in any order, repeats allowed;
+        entries outside ``[0, k_blocks)`` (e.g. ``-1``) stand for nothing. Hidden blocks are
+        dropped and the rest split into full and partial blocks as `from_block_masks` does, with
+        one sort of ``slots`` entries per row. The widths come from the shape alone (full:
+        ``slots``; partial: at most 3 causal blocks, 1 otherwise), so nothing waits for the
+        device: the form for masks estimated per call. The same blocks as `from_block_masks` of
+        the scattered lists.
+
+        Example:
+            >>> lists = torch.tensor([[[[0, -1], [1, 0]]]])
+            >>> mask = RuntimeBlockMask.from_block_lists(lists, block_size=16, q_len=32, k_len=20, causal=False)
+            >>> mask.full_kv_num_blocks.tolist(), mask.kv_num_blocks.tolist(), mask.kv_indices.tolist()
+            ([[[1, 1]]], [[[0, 1]]], [[[[0], [1]]]])
+        """
+        if blocks.dim() != 4 or blocks.dtype.is_floating_point or blocks.dtype == torch.bool:
+            raise ValueError(f"kept-block lists must be integer [batch, heads, q_blocks, slots], got {blocks.dtype} "
+                             f"{tuple(blocks.shape)}")
+        q_blocks, k_blocks = blocks_for(q_len, block_size), blocks_for(k_len, block_size)
+        if blocks.shape[2] != q_blocks:
+            raise ValueError(f"kept-block lists of shape {tuple(blocks.shape)} do not cover q_len={q_len} at "
+                             f"block_size={block_size} ({q_blocks} query blocks)")
+        device = blocks.device
+        if blocks.shape[-1] == 0:
+            blocks = torch.full((*blocks.shape[:3], 1), -1, dtype=blocks.dtype, device=device)
+        slots = blocks.shape[-1]
+        full_width = max(1, min(slots, k_blocks))
+        # Partial blocks of a row: the last key block when it is cut, and at most two crossing the causal boundary.
+        partial_width = max(1, min(slots, k_blocks, 3 if causal else 1))
+        if _fused_compress_serves(blocks):      # the same, in one Triton launch (sparsify.runtime.adaptive_kernels)
+            from sparsify.runtime.adaptive_kernels import compress_block_lists
+
+            full_counts, full_indices, counts, indices = compress_block_lists(
+                blocks, block_size=block_size, q_len=q_len, k_len=k_len, causal=causal, q_offset=q_offset,
+                full_width=full_width, partial_width=partial_width)
+        else:
+            blocks = blocks.long()
+            query_first, query_last, _, _ = block_token_bounds(q_len, k_len, block_size, q_offset, device)
+            key_first = blocks * block_size
+            complete = key_first + block_size <= k_len
+            kept = (blocks >= 0) & (blocks < k_blocks)
+            if causal:
+                kept = kept & (key_first <= query_last)
+                full = complete & (key_first + (block_size - 1) <= query_first)
+            else:
+                full = complete
+            full_counts, full_indices = _compress_lists(blocks, kept & full, k_blocks, full_width)
+            counts, indices = _compress_lists(blocks, kept & ~full, k_blocks, partial_width)
+        if kv_head_index is None:
+            kv_head_index = torch.arange(blocks.shape[1])
+        host = tuple(kv_head_index.tolist()) if kv_head_index.device.type == "cpu" else None
+        # A per-call mask: the head map goes to the device without waiting for it (no stream sync).
+        kv_head_index = kv_head_index.to(device=device, dtype=torch.int64, non_blocking=True)
+        return cls(counts, indices, full_counts, full_indices, kv_head_index, block_size, q_len, k_len, bool(causal),
+                   int(q_offset), bool(per_input), host)
 
     @classmethod
     def dense(cls, heads: int, *, block_size: int, q_len: int, k_len: int, causal: bool, q_offset: int = 0,
@@ -446,6 +518,29 @@ def _compress(kept: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tenso
     indices = torch.where(slot < counts.unsqueeze(-1), order, torch.where(counts.unsqueeze(-1) > 0, last, 0))
     if indices.shape[-1] < width:                                # k_blocks < width: pad the slots
         indices = torch.cat([indices, indices[..., -1:].expand(*indices.shape[:-1], width - indices.shape[-1])], -1)
+    return counts.to(torch.int32).contiguous(), indices.to(torch.int32).contiguous()
+
+
+def _fused_compress_serves(blocks: torch.Tensor) -> bool:
+    """Whether `from_block_lists` compresses ``blocks`` with the Triton kernel (CUDA, Triton installed, few slots)."""
+    if blocks.device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return False
+    from sparsify.runtime.adaptive_kernels import MAX_LIST_SLOTS
+
+    return blocks.shape[-1] <= MAX_LIST_SLOTS
+
+
+def _compress_lists(blocks: torch.Tensor, kept: torch.Tensor, k_blocks: int, width: int) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """`_compress` of block lists: ``(counts, indices)`` of the distinct ``blocks [..., slots]`` where ``kept``, ascending."""
+    ordered = torch.where(kept, blocks, k_blocks).sort(-1).values          # kept ascending, then the k_blocks filler
+    distinct = ordered < k_blocks
+    distinct[..., 1:] &= ordered[..., 1:] != ordered[..., :-1]
+    ordered = torch.where(distinct, ordered, k_blocks).sort(-1).values[..., :width]
+    counts = distinct.sum(-1).clamp(max=width)
+    slot = torch.arange(width, device=blocks.device)
+    last = ordered.gather(-1, (counts - 1).clamp(min=0).unsqueeze(-1))
+    indices = torch.where(slot < counts.unsqueeze(-1), ordered, torch.where(counts.unsqueeze(-1) > 0, last, 0))
     return counts.to(torch.int32).contiguous(), indices.to(torch.int32).contiguous()
 
 

@@ -57,8 +57,12 @@ class AdaptiveMaskSource:
     patterns (``sliding_window(256) | pooled_coverage(0.9)``). Heads whose adaptive parts belong
     to one family (and share its group settings) are estimated in one vectorised call; static
     parts come from their block masks, kept per length in a small bounded cache. The result is a
-    per-input `RuntimeBlockMask` (``batch`` = the call's batch, fixed width: no host read), in
+    per-input `RuntimeBlockMask` (``batch`` = the call's batch, fixed widths: no host read), in
     which self attention always keeps the blocks holding the queries' own positions.
+
+    Masks travel as block lists (per query block the kept key blocks, `sparsify.runtime.adaptive`)
+    from the estimators to `RuntimeBlockMask.from_block_lists`: a union is a concatenation, and
+    nothing of size ``[heads, q_blocks, k_blocks]`` is built (an intersection aside).
 
     Example:
         >>> from sparsify import patterns
@@ -82,8 +86,11 @@ class AdaptiveMaskSource:
         self.block_size = block_size
         self.causal = causal
         self.self_attention = self_attention
-        self.kv_head_index = kv_head_index.to(torch.int64)
+        self.kv_head_index = kv_head_index.to(torch.int64).cpu()
+        #: ``kv_head_index`` as host ints (what backends read instead of the device tensor).
+        self.kv_heads = tuple(self.kv_head_index.tolist())
         self._static: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+        self._head_index: dict[tuple, torch.Tensor] = {}               # (group key, device) -> its heads there
         # Adaptive leaves grouped by family: key -> (class, settings, [(head, leaf)]).
         self.groups: dict[tuple, tuple[type, dict, list[tuple[int, AdaptivePattern]]]] = {}
         for head, pattern in enumerate(self.patterns):
@@ -93,10 +100,14 @@ class AdaptiveMaskSource:
                 members.append((head, leaf))
         if not self.groups:
             raise ValueError("AdaptiveMaskSource needs at least one input-adaptive pattern")
+        # Per-head parameters stay on the CPU: estimators read list widths from them on the host.
         self._parameters = {key: {name: torch.tensor([leaf.head_parameters()[name] for _, leaf in members],
                                                       dtype=torch.float32)
                                   for name in members[0][1].head_parameters()}
                             for key, (_, _, members) in self.groups.items()}
+        #: Every head is a bare adaptive pattern: the groups' lists are the heads' lists (no per-head work).
+        self.bare = all(len(leaves) == 1 and leaves[0] is pattern
+                        for pattern, leaves in ((p, _adaptive_leaves(p)) for p in self.patterns))
 
     @property
     def num_heads(self) -> int:
@@ -105,58 +116,100 @@ class AdaptiveMaskSource:
     def mask(self, q: torch.Tensor, k: torch.Tensor, *, attn_mask: torch.Tensor | None = None, q_offset: int = 0,
              scale: float | None = None) -> RuntimeBlockMask:
         """The mask of this call: ``q`` ``[B, H, Sq, D]`` (this source's heads), ``k`` ``[B, Hkv, Sk, D]``."""
-        from sparsify.runtime.adaptive import key_validity, self_blocks
+        from sparsify.runtime.adaptive import key_validity
 
         batch, heads, q_len, _ = q.shape
         k_len = k.shape[2]
         device = q.device
         key_valid = key_validity(attn_mask, batch, k_len)
-        estimates: dict[int, torch.Tensor] = {}                       # id(leaf object in a head) -> [B, Qb, Kb]
+        group_lists = []
         for key, (cls, settings, members) in self.groups.items():
-            head_index = torch.tensor([head for head, _ in members], device=device)
-            parameters = self._parameters[key]
-            if device.type != "cpu":
-                parameters = {name: (value.to(device) if name != "probe_blocks" else value)
-                              for name, value in parameters.items()}
-            estimate = cls.estimate(q.index_select(1, head_index), k, parameters=parameters, settings=settings,
-                                    block_size=self.block_size, kv_head_index=self.kv_head_index[
-                                        [head for head, _ in members]], scale=scale, causal=self.causal,
-                                    q_offset=q_offset, key_valid=key_valid)
-            for position, (head, leaf) in enumerate(members):
-                estimates[(head, id(leaf))] = estimate[:, position]
-        per_head = [self._evaluate(pattern, head, estimates, q_len, k_len, q_offset, device)
-                    for head, pattern in enumerate(self.patterns)]
-        kept = torch.stack(per_head, 1)                                 # [B, H, Qb, Kb]
-        if self.self_attention:
-            kept = kept | self_blocks(q_len, k_len, self.block_size, q_offset, device)
-        return RuntimeBlockMask.from_block_masks(kept, block_size=self.block_size, q_len=q_len, k_len=k_len,
+            group_heads = [head for head, _ in members]
+            selected = q if group_heads == list(range(heads)) else q.index_select(1, self._heads_on(key, device))
+            lists = cls.estimate(selected, k, parameters=self._parameters[key], settings=settings,
+                                 block_size=self.block_size, kv_head_index=self.kv_head_index[group_heads],
+                                 scale=scale, causal=self.causal, q_offset=q_offset, key_valid=key_valid)
+            group_lists.append((members, lists))                     # lists [B, len(members), Qb, slots]
+        if self.bare:
+            lists = self._bare_lists(group_lists, heads, device)
+        else:
+            estimates = {(head, id(leaf)): lists[:, position] for members, lists in group_lists
+                         for position, (head, leaf) in enumerate(members)}
+            per_head = [self._evaluate(pattern, head, estimates, q_len, k_len, q_offset, device)
+                        for head, pattern in enumerate(self.patterns)]
+            lists = _stack_lists([row.expand(batch, *row.shape[1:]) for row in per_head], 1)
+        if self.self_attention:   # the key blocks holding the first and the last query of each query block
+            query_first, query_last, _, _ = block_token_bounds(q_len, k_len, self.block_size, q_offset, device)
+            own = torch.cat([query_first, query_last], 1) // self.block_size              # [Qb, 2]
+            lists = torch.cat([lists, own.expand(batch, heads, -1, -1)], -1)
+        return RuntimeBlockMask.from_block_lists(lists, block_size=self.block_size, q_len=q_len, k_len=k_len,
                                                  causal=self.causal, kv_head_index=self.kv_head_index,
-                                                 q_offset=q_offset, width=blocks_for(k_len, self.block_size),
-                                                 per_input=True)
+                                                 q_offset=q_offset, per_input=True)
+
+    def _heads_on(self, key: tuple, device: torch.device) -> torch.Tensor:
+        """The query heads of group ``key`` as an index tensor on ``device`` (made once per device)."""
+        index = self._head_index.get((key, str(device)))
+        if index is None:
+            index = torch.tensor([head for head, _ in self.groups[key][2]], device=device)
+            self._head_index[(key, str(device))] = index
+        return index
+
+    def _bare_lists(self, group_lists, heads, device) -> torch.Tensor:
+        """The lists of every head when each is one adaptive pattern: the group's, or the groups' in head order."""
+        if len(group_lists) == 1:
+            return group_lists[0][1]
+        lists = _stack_lists([lists for _, lists in group_lists], 1, concatenate=True)
+        order = [head for members, _ in group_lists for head, _ in members]
+        position = torch.empty(heads, dtype=torch.long)
+        position[torch.tensor(order)] = torch.arange(heads)
+        return lists.index_select(1, position.to(device, non_blocking=True))
 
     def _evaluate(self, pattern, head, estimates, q_len, k_len, q_offset, device) -> torch.Tensor:
+        """The block lists ``[B|1, Qb, slots]`` of one head's pattern (a union concatenates its parts' lists)."""
         from sparsify.patterns.composites import Intersection, Union
+        from sparsify.runtime.adaptive import block_lists_to_masks
 
         if pattern.is_adaptive and not isinstance(pattern, (Union, Intersection)):
             return estimates[(head, id(pattern))]
         if isinstance(pattern, (Union, Intersection)):
             parts = [self._evaluate(part, head, estimates, q_len, k_len, q_offset, device) for part in pattern.parts]
+            batch = max(part.shape[0] for part in parts)
+            parts = [part.expand(batch, *part.shape[1:]) for part in parts]
+            if isinstance(pattern, Union):
+                return torch.cat(parts, -1)
+            k_blocks = blocks_for(k_len, self.block_size)
             combined = parts[0]
-            for part in parts[1:]:
-                combined = (combined | part) if isinstance(pattern, Union) else (combined & part)
+            for part in parts[1:]:   # keep the entries of the first lists that the others name too
+                member = block_lists_to_masks(part, k_blocks)
+                found = member.gather(-1, combined.clamp(0, k_blocks - 1)) & (combined >= 0) & (combined < k_blocks)
+                combined = torch.where(found, combined, -1)
             return combined
-        return self._static_mask(pattern, q_len, k_len, q_offset, device).unsqueeze(0)
+        return self._static_lists(pattern, q_len, k_len, q_offset, device).unsqueeze(0)
 
-    def _static_mask(self, pattern, q_len, k_len, q_offset, device) -> torch.Tensor:
+    def _static_lists(self, pattern, q_len, k_len, q_offset, device) -> torch.Tensor:
+        """A static pattern's block lists ``[Qb, widest row]`` (``-1`` past a row's blocks), cached per lengths."""
         key = (repr(pattern.to_dict()), q_len, k_len, q_offset, str(device))
-        mask = self._static.get(key)
-        if mask is None:
+        lists = self._static.get(key)
+        if lists is None:
             mask = pattern_block_masks([pattern], block_size=self.block_size, q_len=q_len, k_len=k_len,
-                                       causal=self.causal, q_offset=q_offset)[0].to(device)
+                                       causal=self.causal, q_offset=q_offset)[0]
+            k_blocks = mask.shape[-1]
+            width = max(1, int(mask.sum(-1).max()))                    # a CPU mask: no device read
+            column = torch.arange(k_blocks)
+            ordered = torch.where(mask, column, column + k_blocks).sort(-1).values[:, :width]
+            lists = torch.where(ordered < k_blocks, ordered, -1).to(device)
             if len(self._static) >= self.STATIC_CACHE_SIZE:
                 self._static.popitem(last=False)
-            self._static[key] = mask
-        return mask
+            self._static[key] = lists
+        return lists
+
+
+def _stack_lists(lists: list[torch.Tensor], dim: int, concatenate: bool = False) -> torch.Tensor:
+    """Stack (or concatenate) block lists of different widths along ``dim``, padding each with ``-1`` slots."""
+    width = max(part.shape[-1] for part in lists)
+    padded = [torch.nn.functional.pad(part, (0, width - part.shape[-1]), value=-1) if part.shape[-1] < width
+              else part for part in lists]
+    return torch.cat(padded, dim) if concatenate else torch.stack(padded, dim)
 
 
 def _adaptive_leaves(pattern) -> list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import weakref
 from typing import TYPE_CHECKING, Any, Sequence
@@ -452,6 +453,8 @@ class SparseAttention(torch.nn.Module):
             mask = self._masks.get(mask_key, mask)  # the cached object: it knows its heads on the host
             plan = self.plan_for(mask_key, mask, kernel, q, k, v)
         else:
+            if mask.kv_heads is None and self.adaptive_source is not None:  # the op passed tensors only: give the
+                mask = dataclasses.replace(mask, kv_heads=self.adaptive_source.kv_heads)  # head map without a device read
             plan = kernel.prepare(mask, q_shape=tuple(q.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape),
                                   dtype=q.dtype, device=q.device)
         return kernel.run(plan, q, k, v, attn_mask=attn_mask, scale=scale, softcap=softcap, sinks=sinks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -184,6 +185,28 @@ def test_a_site_whose_sparse_heads_are_all_adaptive_prices_its_backends_without_
     assert rel_err(out, mask_reference(q, k, v, mask)) < 1e-6
 
 
+def _line_mass_by_loop(q, k, valid, kv, block, scale, probe_rows, causal, q_offset):
+    """(column, diagonal) masses of the probe rows from a loop over every probe row and key, in float64."""
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    k_blocks, total = blocks_for(k_len, block), blocks_for(q_offset + q_len, block)
+    columns = torch.zeros(batch, heads, k_blocks, dtype=torch.float64)
+    tiles = torch.zeros(batch, heads, k_blocks + total + 1, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            for r in range(q_len - probe_rows, q_len):
+                position = q_offset + r
+                seen = [j for j in range(k_len) if valid[b, j] and (not causal or j <= position)]
+                if not seen:
+                    continue
+                scores = torch.stack([q[b, h, r].double() @ k[b, kv[h], j].double() * scale for j in seen])
+                for j, p in zip(seen, torch.softmax(scores, 0)):
+                    columns[b, h, j // block] += p
+                    tiles[b, h, (position - j) // block + k_blocks] += p
+    offsets = torch.arange(-(k_blocks - 1), total + 1)
+    return columns, tiles[..., offsets - 1 + k_blocks] + tiles[..., offsets + k_blocks]
+
+
 @pytest.mark.parametrize("q_len, k_len, q_offset, probe_rows, causal, kv", [
     (70, 70, 0, 16, True, [0, 0, 1, 1]),          # partial blocks, probe not block-aligned, GQA (a grouped matmul)
     (40, 100, 60, 32, True, [1, 0, 1, 0]),        # a chunk at an offset, irregular head-to-key map
@@ -199,23 +222,130 @@ def test_line_masses_equal_a_loop_over_every_probe_row_and_key(q_len, k_len, q_o
     valid = torch.ones(2, k_len, dtype=torch.bool)
     valid[1, :3] = False
     block, scale = 16, 0.4
-    kv_index = torch.tensor(kv)
-    columns, diagonals = vertical_slash_line_mass(q, k, block_size=block, kv_head_index=kv_index,
+    columns, diagonals = vertical_slash_line_mass(q, k, block_size=block, kv_head_index=torch.tensor(kv),
                                                   probe_rows=probe_rows, scale=scale, causal=causal,
-                                                  q_offset=q_offset, key_valid=valid)
-    k_blocks, total = blocks_for(k_len, block), blocks_for(q_offset + q_len, block)
-    expected_columns = torch.zeros(2, 4, k_blocks, dtype=torch.float64)
-    tiles = torch.zeros(2, 4, k_blocks + total + 1, dtype=torch.float64)
-    for b in range(2):
-        for h in range(4):
-            for r in range(q_len - probe_rows, q_len):
-                position = q_offset + r
-                seen = [j for j in range(k_len) if valid[b, j] and (not causal or j <= position)]
-                scores = torch.stack([q[b, h, r].double() @ k[b, kv[h], j].double() * scale for j in seen])
-                for j, p in zip(seen, torch.softmax(scores, 0)):
-                    expected_columns[b, h, j // block] += p
-                    tiles[b, h, (position - j) // block + k_blocks] += p
-    offsets = torch.arange(-(k_blocks - 1), total + 1)
-    expected_diagonals = tiles[..., offsets - 1 + k_blocks] + tiles[..., offsets + k_blocks]
+                                                  q_offset=q_offset, key_valid=valid, kernel="torch")
+    expected_columns, expected_diagonals = _line_mass_by_loop(q, k, valid, kv, block, scale, probe_rows, causal,
+                                                              q_offset)
     assert torch.allclose(columns.double(), expected_columns, atol=1e-5)
     assert torch.allclose(diagonals.double(), expected_diagonals, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("q_len, k_len, q_offset, probe_rows, causal, padded", [
+    (40, 40, 0, 32, True, True),          # probe rows over two blocks, a cut last block, a row that sees nothing
+    (20, 70, 50, 16, True, False),        # a chunk at an offset, probe not aligned to blocks
+    (24, 50, 0, 16, False, False),        # not causal
+])
+def test_the_probe_kernel_equals_a_loop_over_every_probe_row_and_key(q_len, k_len, q_offset, probe_rows, causal,
+                                                                     padded):
+    # On CPU the Triton kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+    from sparsify.runtime.adaptive import vertical_slash_line_mass
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(q_len * k_len + probe_rows)
+    q = torch.randn(1, 3, q_len, 16, generator=gen)
+    k = torch.randn(1, 2, k_len, 16, generator=gen)
+    valid = torch.ones(1, k_len, dtype=torch.bool)
+    if padded:
+        valid[0, :12] = False                           # the first probe rows see no key at all
+    kv, block, scale = [1, 0, 1], 16, 0.5
+    columns, diagonals = vertical_slash_line_mass(
+        q.to(device), k.to(device), block_size=block, kv_head_index=torch.tensor(kv), probe_rows=probe_rows,
+        scale=scale, causal=causal, q_offset=q_offset, key_valid=valid.to(device) if padded else None,
+        kernel="triton")
+    expected_columns, expected_diagonals = _line_mass_by_loop(q, k, valid, kv, block, scale, probe_rows, causal,
+                                                              q_offset)
+    assert torch.allclose(columns.cpu().double(), expected_columns, atol=1e-5)
+    assert torch.allclose(diagonals.cpu().double(), expected_diagonals, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("q_len, k_len, q_offset, causal, padded", [
+    (100, 100, 0, True, True),          # a cut last block, padding (a row of blocks that sees no valid key)
+    (40, 170, 130, True, False),        # a chunk at the end of a longer cache
+    (96, 120, 0, False, False),         # not causal
+    (1, 97, 96, True, False),           # a decode step
+])
+def test_the_coverage_kernel_equals_the_torch_path(q_len, k_len, q_offset, causal, padded):
+    # On CPU the Triton kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+    from sparsify.runtime.adaptive import pooled_coverage_block_lists
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(q_len + k_len)
+    q = torch.randn(2, 4, q_len, 8, generator=gen)
+    k = torch.randn(2, 2, k_len, 8, generator=gen)
+    valid = None
+    if padded:
+        valid = torch.ones(2, k_len, dtype=torch.bool)
+        valid[1, :20] = False
+    k_blocks = blocks_for(k_len, 16)
+    arguments = dict(block_size=16, kv_head_index=torch.tensor([0, 0, 1, 1]),
+                     coverage=torch.tensor([0.9, 0.5, 0.99, 0.7]), min_blocks=torch.tensor([1, 3, 1, 2]),
+                     max_blocks=torch.tensor([k_blocks, k_blocks, max(1, k_blocks // 5), k_blocks // 2]), scale=0.3,
+                     causal=causal, q_offset=q_offset, temperature=torch.tensor([1.0, 1.0, 0.5, 2.0]).view(1, -1, 1, 1))
+    expected = pooled_coverage_block_lists(q, k, key_valid=valid, kernel="torch", **arguments)
+    fused = pooled_coverage_block_lists(q.to(device), k.to(device), key_valid=None if valid is None else valid.to(device),
+                                        kernel="triton", **{**arguments, "temperature": arguments["temperature"].to(device)})
+    assert torch.equal(fused.cpu(), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_the_probe_kernel_on_the_gpu_matches_the_torch_path_and_the_masks_agree():
+    # The Llama-3.2-1B geometry at 8K tokens, bf16: the kernel's float32 scores against the torch path on the same
+    # values in float32; the masks the site estimates with each agree block for block (ties aside).
+    from sparsify.runtime.adaptive import vertical_slash_line_mass
+
+    gen = torch.Generator().manual_seed(19)
+    q = torch.randn(1, 32, 8192, 64, generator=gen).cuda().bfloat16()
+    k = torch.randn(1, 8, 8192, 64, generator=gen).cuda().bfloat16()
+    k[:, :, 1000] *= 6
+    arguments = dict(block_size=128, kv_head_index=torch.arange(32) // 4, probe_rows=128, scale=0.125, causal=True)
+    fused = vertical_slash_line_mass(q, k, kernel="triton", **arguments)
+    reference = vertical_slash_line_mass(q.float(), k.float(), kernel="torch", **arguments)
+    for mine, theirs in zip(fused, reference):
+        assert torch.allclose(mine, theirs, atol=1e-4, rtol=1e-3)
+    source = AdaptiveMaskSource([patterns.estimated_vertical_slash(0.02, 0.02, sink_blocks=1)] * 32, block_size=128,
+                                causal=True, kv_head_index=torch.arange(32) // 4)
+    on_gpu = source.mask(q, k).to_block_masks().cpu()
+    on_cpu = source.mask(q.float().cpu(), k.float().cpu()).to_block_masks()
+    assert (on_gpu == on_cpu).float().mean() > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_the_coverage_kernel_on_the_gpu_agrees_with_the_torch_path():
+    from sparsify.runtime.adaptive import pooled_coverage_block_lists
+
+    gen = torch.Generator().manual_seed(20)
+    q = torch.randn(1, 32, 16384, 64, generator=gen).cuda().bfloat16()
+    k = torch.randn(1, 8, 16384, 64, generator=gen).cuda().bfloat16()
+    heads = torch.ones(32)
+    arguments = dict(block_size=128, kv_head_index=torch.arange(32) // 4, coverage=0.9 * heads,
+                     min_blocks=heads.long(), max_blocks=6 * heads.long(), causal=True)
+    fused = pooled_coverage_block_lists(q, k, kernel="triton", **arguments)
+    reference = pooled_coverage_block_lists(q, k, kernel="torch", **arguments)
+    assert fused.shape == reference.shape == (1, 32, 128, 6)
+    assert (fused == reference).float().mean() > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pattern", [patterns.estimated_vertical_slash(0.05, 0.05, sink_blocks=1),
+                                     patterns.pooled_coverage(0.9, max_fraction=0.1, sink_blocks=1)])
+def test_a_site_of_adaptive_heads_on_the_gpu_equals_dense_math_under_its_estimated_mask(pattern):
+    # The whole path on the GPU, bf16: estimators (Triton), per-call block lists, the backend `auto` picks.
+    site = AttentionSite("model.layers.0.self_attn", 0, num_heads=8, num_kv_heads=2, head_dim=64, q_len=4096,
+                         k_len=4096, causal=True)
+    layer = SparseAttention(site, [pattern] * 8, block_size=128).cuda()
+    gen = torch.Generator().manual_seed(21)
+    q = torch.randn(1, 8, 4096, 64, generator=gen).cuda().bfloat16()
+    k, v = (torch.randn(1, 2, 4096, 64, generator=gen).cuda().bfloat16() for _ in range(2))
+    with torch.no_grad():
+        out = layer(q, k, v, None, True, None)
+    mask = layer.adaptive_source.mask(q, k)
+    assert mask.full_width < mask.k_blocks and mask.density() < 0.5
+    assert rel_err(out.float(), mask_reference(q.float(), k.float(), v.float(), mask).float()) < 2e-2
