@@ -44,6 +44,9 @@ DECODE_KERNELS = ("auto", "triton", "torch")
 #: Dtypes and largest head dim the Triton kernels take (others run the torch path).
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
+#: Whether Triton is installed, asked once at import: a fact of the environment, and `importlib`'s
+#: finder cannot run inside a graph that torch.compile traces (it is marked as skipped: a graph break).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_decode_available(device: torch.device, dtype: torch.dtype = torch.float16) -> tuple[bool, str]:
@@ -58,7 +61,7 @@ def triton_decode_available(device: torch.device, dtype: torch.dtype = torch.flo
         ...                                                      and importlib.util.find_spec("triton") is not None)
         True
     """
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return False, "triton is not installed (pip install triton)"
     if dtype not in _TRITON_DTYPES:
         return False, f"the Triton kernels take float16, bfloat16 or float32, not {dtype}"
@@ -176,7 +179,7 @@ class KeyPageSummaries:
         valid = (slots < end).view(1, 1, touched, page, 1)
         gathered = keys.index_select(2, slots.flatten().clamp(max=keys.shape[2] - 1))
         gathered = gathered.view(*keys.shape[:2], touched, page, keys.shape[3])
-        inf = torch.tensor(float("inf"), dtype=keys.dtype, device=keys.device)
+        inf = keys.new_full((), float("inf"))                   # made on the device: CUDA graphs capture it
         self.minimum.index_copy_(2, pages, torch.where(valid, gathered, inf).amin(3))
         self.maximum.index_copy_(2, pages, torch.where(valid, gathered, -inf).amax(3))
 
