@@ -113,6 +113,12 @@ class SparseAttention(torch.nn.Module):
     replaces it in a rewritten graph); `attend` is the general entry, with a query offset for
     decode steps and prefill chunks.
 
+    ``cost_model`` (a `sparsify.cost.CostModel`) prices what ``backend="auto"`` picks and whether
+    dense heads run on the site's backend rather than SDPA. Whoever builds the site hands it in
+    (the rewrite pass, the framework doors and the search do, with the default cost model when the
+    user gave none): the cost model stands above the runtime, which imports none. Without one,
+    ``auto`` takes the most preferred backend that serves the site and dense heads run SDPA.
+
     Example:
         >>> from sparsify import patterns
         >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=16, q_len=128, k_len=128)
@@ -338,10 +344,11 @@ class SparseAttention(torch.nn.Module):
                 or backend.block_size_problem(self.block_size, head_dim, device))
 
     def _cheapest(self, candidates: list["Backend"], device: torch.device) -> "Backend":
-        from sparsify.cost import CostModel
-
+        """The candidate the cost model prices lowest for the sparse heads; without one, the most preferred."""
+        if self.cost_model is None:
+            return candidates[0]
         site = self.site
-        cost_model = self.cost_model or CostModel.default()
+        cost_model = self.cost_model
         mask = self.runtime_mask(site.q_len, site.k_len, torch.device("cpu"))
         estimates = {}
         for backend in candidates:
@@ -383,11 +390,10 @@ class SparseAttention(torch.nn.Module):
         return backend.name
 
     def _dense_pays(self, backend: "Backend", device: torch.device) -> bool:
-        if backend.name == "torch" or backend.block_size_problem(self.block_size, self.site.head_dim, device):
+        if (self.cost_model is None or backend.name == "torch"
+                or backend.block_size_problem(self.block_size, self.site.head_dim, device)):
             return False
-        from sparsify.cost import CostModel
-
-        cost_model = self.cost_model or CostModel.default()
+        cost_model = self.cost_model
         site = self.site
         full = RuntimeBlockMask.dense(1, block_size=self.block_size, q_len=site.q_len, k_len=site.k_len,
                                       causal=site.causal)
