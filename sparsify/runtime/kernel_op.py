@@ -34,7 +34,7 @@ from typing import Protocol
 
 import torch
 
-from sparsify.runtime.block_mask import RuntimeBlockMask
+from sparsify.block_mask import RuntimeBlockMask
 
 logger = logging.getLogger(__name__)
 

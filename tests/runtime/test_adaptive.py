@@ -10,7 +10,7 @@ import torch
 from sparsify import patterns
 from sparsify.errors import PatternError
 from sparsify.patterns import pattern_from_dict
-from sparsify.runtime import blocks_for
+from sparsify.block_mask import blocks_for
 from sparsify.runtime.adaptive import (antidiagonal_block_mass, coverage_block_mask, key_validity,
                                        pooled_block_mass, self_blocks, vertical_slash_block_mask)
 from sparsify.runtime.mask_source import AdaptiveMaskSource
