@@ -230,6 +230,18 @@ def test_every_module_imports():
             importlib.import_module(module)
 
 
+def test_the_runtime_packages_old_block_mask_names_warn_and_are_the_same_objects():
+    import sparsify.block_mask
+    import sparsify.runtime
+
+    for name in ("RuntimeBlockMask", "blocks_for", "causal_element_mask", "pattern_block_masks"):
+        with pytest.warns(DeprecationWarning, match=f"sparsify.runtime.{name} is deprecated: import it from "
+                                                    f"sparsify.block_mask"):
+            assert getattr(sparsify.runtime, name) is getattr(sparsify.block_mask, name)
+    with pytest.raises(AttributeError, match="no attribute 'mask_sources'"):
+        sparsify.runtime.mask_sources
+
+
 def test_no_cycles_of_top_level_imports(library):
     top_level, _ = library
     cycles = find_cycles(top_level)
