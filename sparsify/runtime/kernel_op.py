@@ -15,6 +15,20 @@ process-wide state is the table of *weak* references from handle to site: it kee
 alive and holds no kernel. A call without a handle (0; ``torch.library.opcheck``, one-off
 calls) prepares a fresh backend instance per call.
 
+Why a table and not the module itself as an argument: a custom op takes schema types only
+(tensors, numbers, strings, lists of them), and a site's plans are not tensors alone (FA4's
+compiled CuTe kernels and Triton's launch settings live on the backend instance), so the op must
+reach a Python object. Handing the tensors and a backend *name* instead would need a
+process-global cache of compiled kernels by name (what this design removed); a graph break
+around the kernel would break ``fullgraph`` compiles. The one way to pass a Python object to a
+custom op is torch's opaque reference type (``torch._library.opaque_object.register_opaque_type(...,
+typ="reference")``, a private API). torch 2.13 takes such an argument through dynamo, Inductor
+and CUDA graphs; torch 2.11 compiles it but refuses CUDA graphs for any graph with an opaque
+input ("non-Tensor inputs", pytorch/pytorch#176615, fixed after the 2.11 branch cut by #179793),
+so ``mode="reduce-overhead"`` would silently run without CUDA graphs there. While torch 2.11 is
+supported, the int handle stays; once the oldest supported torch takes opaque inputs under CUDA
+graphs, `SparseAttention` can pass itself (a `KernelOwner`) and this table goes.
+
 Under CUDA graphs (``torch.compile(mode="reduce-overhead")``) the op's implementation runs once
 in the warm-up (the plan is prepared then) and once while the graph is captured (the cached plan
 runs: no host work, no host sync); replays run the recorded kernels only.
