@@ -130,13 +130,13 @@ def block_sparse_attention(
     softcap: float | None,
     sinks: torch.Tensor | None,
     backend: str,
-    site: int = 0,
+    site_handle: int = 0,
     mask_slot: str = "",
 ) -> torch.Tensor:
     """Block-sparse attention of the heads a runtime mask describes, on backend ``backend`` (an opaque op).
 
     The runtime mask travels as its tensors and fields (`RuntimeBlockMask`); the result is what
-    ``backend.run`` returns: ``[batch, mask heads, q_len, value_head_dim]``. ``site`` is the
+    ``backend.run`` returns: ``[batch, mask heads, q_len, value_head_dim]``. ``site_handle`` is the
     handle of the module that owns the plans (`SiteHandles`; 0: none, prepare per call) and
     ``mask_slot`` names the site's cached mask (``""``: a mask for this call only).
 
@@ -150,9 +150,9 @@ def block_sparse_attention(
     """
     mask = _mask_from_tensors(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, kv_head_index,
                               block_size, q_len, k_len, causal, q_offset, per_input)
-    if site:
-        output = SITE_HANDLES.owner(site).run_kernel(mask_slot, mask, backend, q, k, v, attn_mask, scale, softcap,
-                                                     sinks)
+    if site_handle:
+        output = SITE_HANDLES.owner(site_handle).run_kernel(mask_slot, mask, backend, q, k, v, attn_mask, scale,
+                                                            softcap, sinks)
     else:
         from sparsify.backends.base import get_backend
 
@@ -168,7 +168,7 @@ def block_sparse_attention(
 @block_sparse_attention.register_fake
 def _block_sparse_attention_fake(q, k, v, attn_mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                                  kv_head_index, block_size, q_len, k_len, causal, q_offset, per_input, scale, softcap,
-                                 sinks, backend, site=0, mask_slot=""):
+                                 sinks, backend, site_handle=0, mask_slot=""):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
