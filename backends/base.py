@@ -10,7 +10,7 @@ from typing import Any, Callable, ClassVar, TypeVar
 import torch
 
 from sparsify.errors import UnsupportedError
-from sparsify.runtime.block_mask import RuntimeBlockMask
+from sparsify.block_mask import RuntimeBlockMask
 from sparsify.site import AttentionSite
 
 __all__ = [

@@ -32,7 +32,7 @@ import torch
 
 from sparsify.backends.base import Backend, BackendFeatures, BackendPlan, register_backend
 from sparsify.errors import UnsupportedError
-from sparsify.runtime.block_mask import RuntimeBlockMask
+from sparsify.block_mask import RuntimeBlockMask
 
 __all__ = ["FlexBackend", "FlexPlan", "COMPILED_CALLABLES", "RECOMPILE_LIMIT"]
 

@@ -19,7 +19,7 @@ import torch
 
 from sparsify.backends.base import Backend, BackendFeatures, BackendPlan, register_backend
 from sparsify.errors import UnsupportedError
-from sparsify.runtime.block_mask import RuntimeBlockMask
+from sparsify.block_mask import RuntimeBlockMask
 from sparsify.site import AttentionSite
 
 __all__ = ["TritonBackend", "TritonPlan"]

@@ -42,7 +42,7 @@ except ImportError:  # Triton older than 3.4: pointer loads only
     TensorDescriptor = None
 
 from sparsify.errors import UnsupportedError
-from sparsify.runtime.block_mask import RuntimeBlockMask
+from sparsify.block_mask import RuntimeBlockMask
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from bench_rows import RowLog
 from sparsify import patterns
+from sparsify.cost import CostModel
 from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 from timing import device_description, median_ms
@@ -125,7 +126,8 @@ def run(args, device: torch.device, dtype: torch.dtype, log: RowLog) -> None:
         for name, pattern in candidates.items():
             site = AttentionSite("bench", 0, num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
                                  q_len=length, k_len=length, causal=True)
-            layer = SparseAttention(site, [pattern] * args.heads, block_size=args.block, backend=args.backend).to(device)
+            layer = SparseAttention(site, [pattern] * args.heads, block_size=args.block, backend=args.backend,
+                                    cost_model=CostModel.default()).to(device)
             with torch.no_grad():
                 call = lambda: layer(q, k, v, None, True, None)  # noqa: E731
                 out = call()

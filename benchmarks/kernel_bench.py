@@ -110,7 +110,7 @@ def make_inputs(seq, heads, dim, dtype, gen_seed=0):
 
 def mask_for(pattern, seq, heads, density, block, causal, seed=0, device="cuda"):
     """A runtime mask on ``device`` and its density (of the causal area when causal)."""
-    from sparsify.runtime import RuntimeBlockMask
+    from sparsify.block_mask import RuntimeBlockMask
 
     gen = torch.Generator().manual_seed(seed)
     blocks = -(-seq // block)

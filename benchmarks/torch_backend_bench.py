@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 from bench_rows import RowLog
 from sparsify.backends.torch import TorchBackend
-from sparsify.runtime import RuntimeBlockMask
+from sparsify.block_mask import RuntimeBlockMask
 from sparsify.cost import device_name
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "torch_backend_cpu.json"

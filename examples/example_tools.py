@@ -16,7 +16,7 @@ import torch
 
 import sparsify
 from sparsify.patterns import causal_block_mask
-from sparsify.runtime.block_mask import blocks_for
+from sparsify.block_mask import blocks_for
 
 
 def compile_options(adaptive: bool | None, compile_function: Callable[..., Any] = sparsify.compile) -> tuple[dict[str, Any], str]:

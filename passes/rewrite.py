@@ -9,6 +9,7 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from sparsify.cost import CostModel
 from sparsify.passes.infra import SITE_META_KEY, GraphPass, attention_nodes
 from sparsify.runtime.sparse_attention import SparseAttention, StepCounter
 from sparsify.site import AttentionSite
@@ -41,7 +42,8 @@ class RewriteAttention(GraphPass):
     def __init__(self, strategy: "Strategy", *, backend: str = "auto", source: str = "strategy",
                  step_counter: StepCounter | None = None, cost_model=None):
         self.strategy = strategy
-        self.cost_model = cost_model  # prices backend="auto" per site (None: defaults and shipped profiles)
+        # Prices backend="auto" per site (None: analytic defaults and the shipped hardware profiles).
+        self.cost_model = cost_model if cost_model is not None else CostModel.default()
         self.step_counter = step_counter
         self.backend = backend
         self.source = source

@@ -25,7 +25,7 @@ import torch
 from sparsify.errors import SparsifyError
 from sparsify.io import write_text_atomically
 from sparsify.site import AttentionSite
-from sparsify.runtime.block_mask import RuntimeBlockMask, blocks_for
+from sparsify.block_mask import RuntimeBlockMask, blocks_for
 
 logger = logging.getLogger(__name__)
 

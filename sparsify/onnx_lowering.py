@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from sparsify.errors import SparsifyError, UnsupportedError
 from sparsify.patterns import DEFAULT_MAX_TRACED_LEN, Pattern, TracedBlockGrid
-from sparsify.runtime.block_mask import RuntimeBlockMask, causal_boundary_blocks
+from sparsify.block_mask import RuntimeBlockMask, causal_boundary_blocks
 
 __all__ = [
     "BlockGatherAttention",

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from sparsify.runtime.block_mask import blocks_for
+from sparsify.block_mask import blocks_for
 
 # Scores of one chunk are kept under this many bytes (the chunk holds rows × keys per head).
 CHUNK_BYTES = 64 * 2**20

@@ -16,7 +16,7 @@ from sparsify.errors import SparsifyError
 from sparsify.io import write_bytes_atomically, write_text_atomically
 from sparsify.patterns import Pattern
 from sparsify.strategy import Strategy
-from sparsify.runtime.block_mask import blocks_for
+from sparsify.block_mask import blocks_for
 
 __all__ = [
     "BLOCK_MASS_PROFILE_FORMAT_VERSION",

@@ -26,7 +26,7 @@ from sparsify.limits import (
 )
 from sparsify.patterns import Pattern, dense, pattern_from_dict
 from sparsify.site import AttentionSite
-from sparsify.runtime.block_mask import block_geometry, blocks_for
+from sparsify.block_mask import block_geometry, blocks_for
 
 __all__ = [
     "FORMAT_VERSION",

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from sparsify.runtime import RuntimeBlockMask, blocks_for
+from sparsify.block_mask import RuntimeBlockMask, blocks_for
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None

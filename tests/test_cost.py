@@ -10,7 +10,7 @@ import torch
 
 from sparsify import AttentionSite, SparsifyError
 from sparsify.cost import DEFAULT_COSTS, BackendCosts, CostModel, HardwareProfile, calibrate, shipped_profiles
-from sparsify.runtime.block_mask import RuntimeBlockMask
+from sparsify.block_mask import RuntimeBlockMask
 
 SITE = AttentionSite("attn", 0, num_heads=8, num_kv_heads=8, head_dim=64, q_len=4096, k_len=4096)
 

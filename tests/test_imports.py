@@ -14,20 +14,26 @@ import sparsify
 import sparsify.backends
 import sparsify.passes
 
-# The pipeline's layers, top first: at load time a module imports its own layer and those below
-# it, never one above (a library module never imports the CLI). A module belongs to the layer of
-# its longest listed prefix; the runtime block mask is the currency every layer reads, so it sits
-# below the backends that consume it. Modules not named here are unconstrained.
-LAYERS = (
+# The house's floors, top first (issue 17: CLI -> api -> search -> strategy/cost -> patterns/runtime ->
+# backends -> ops). A module imports only modules of its own floor or below — at load time, inside a
+# function, or for type checking alike: a deferred or type-only import still runs back up. A module
+# stands on the floor of its longest listed name (a dotted prefix; the root package, the face that
+# hands the front doors' names on, by its exact name only), and every module must stand on one.
+FLOORS = (
     ("sparsify.cli",),
+    ("sparsify",),
+    ("sparsify.export",),
     ("sparsify.api",),
-    ("sparsify.search", "sparsify.adaptive_search"),
-    ("sparsify.strategy", "sparsify.cost"),
-    ("sparsify.patterns", "sparsify.runtime"),
+    ("sparsify.search",),
+    ("sparsify.options", "sparsify.passes", "sparsify.integrations", "sparsify.distributed", "sparsify.report"),
+    ("sparsify.strategy", "sparsify.cost", "sparsify.onnx_lowering", "sparsify.profile"),
+    ("sparsify.patterns", "sparsify.runtime", "sparsify.adaptive_patterns"),
     ("sparsify.backends",),
-    ("sparsify.runtime.block_mask",),
-    ("sparsify.ops",),
+    ("sparsify.block_mask", "sparsify.block_list_kernels"),
+    ("sparsify.ops", "sparsify.site", "sparsify.capture", "sparsify.output_metrics", "sparsify.errors",
+     "sparsify.io", "sparsify.limits", "sparsify.version", "sparsify.toy_models", "sparsify.examples"),
 )
+ROOT_PACKAGE = "sparsify"
 
 
 def library_sources() -> tuple[dict[str, str], set[str]]:
@@ -53,18 +59,20 @@ def _is_type_checking_block(node: ast.AST) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def imported_names(tree: ast.Module, module: str, is_package: bool) -> tuple[set[str], set[str]]:
+def imported_names(tree: ast.Module, module: str, is_package: bool, *,
+                   type_checking: bool = False) -> tuple[set[str], set[str]]:
     """``(top_level, function_level)``: dotted names a module imports when it loads / when a function runs.
 
-    ``if TYPE_CHECKING:`` blocks import nothing at run time and are left out. ``from a import b``
-    names ``a.b`` (which may be a module or an attribute of ``a``; see `import_edges`).
+    ``if TYPE_CHECKING:`` blocks import nothing at run time and are left out, unless ``type_checking``
+    (then they count as top-level). ``from a import b`` names ``a.b`` (which may be a module or an
+    attribute of ``a``; see `import_edges`).
     """
     top_level: set[str] = set()
     function_level: set[str] = set()
     package = module if is_package else module.rpartition(".")[0]
 
     def visit(node: ast.AST, inside_function: bool) -> None:
-        if _is_type_checking_block(node):
+        if _is_type_checking_block(node) and not type_checking:
             return
         target = function_level if inside_function else top_level
         if isinstance(node, ast.Import):
@@ -83,7 +91,8 @@ def imported_names(tree: ast.Module, module: str, is_package: bool) -> tuple[set
     return top_level, function_level
 
 
-def import_edges(sources: dict[str, str], packages: set[str]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+def import_edges(sources: dict[str, str], packages: set[str], *,
+                 type_checking: bool = False) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """``(top_level, function_level)`` edges between the modules of ``sources``: ``module -> {modules it imports}``.
 
     Importing ``a.b.c`` runs ``a.b``'s ``__init__`` first, so the edge goes to every package on
@@ -93,7 +102,8 @@ def import_edges(sources: dict[str, str], packages: set[str]) -> tuple[dict[str,
     top_level: dict[str, set[str]] = {}
     function_level: dict[str, set[str]] = {}
     for module, text in sources.items():
-        names = imported_names(ast.parse(text, filename=module), module, module in packages)
+        names = imported_names(ast.parse(text, filename=module), module, module in packages,
+                               type_checking=type_checking)
         own_packages = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
         for kind, edges in zip(names, (top_level, function_level)):
             targets = set()
@@ -172,14 +182,28 @@ def find_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
-def layer_of(module: str) -> int | None:
-    """The index in `LAYERS` of the module's longest listed prefix (``None``: unconstrained)."""
+def floor_of(module: str, floors: tuple[tuple[str, ...], ...] = FLOORS, root: str = ROOT_PACKAGE) -> int | None:
+    """The index in ``floors`` (0: the top) of the module's longest listed name; ``None``: on no floor."""
     best, best_length = None, -1
-    for depth, names in enumerate(LAYERS):
+    for depth, names in enumerate(floors):
         for name in names:
-            if (module == name or module.startswith(name + ".")) and len(name) > best_length:
+            matches = module == name or (name != root and module.startswith(name + "."))
+            if matches and len(name) > best_length:
                 best, best_length = depth, len(name)
     return best
+
+
+def imports_running_up(edges: dict[str, set[str]], floors: tuple[tuple[str, ...], ...] = FLOORS,
+                       root: str = ROOT_PACKAGE) -> list[str]:
+    """``"a -> b (floor i -> floor j)"`` for every import of a module from a floor above its own (a smaller index)."""
+    found = []
+    for module, targets in sorted(edges.items()):
+        source = floor_of(module, floors, root)
+        for target in sorted(targets):
+            floor = floor_of(target, floors, root)
+            if source is not None and floor is not None and floor < source:
+                found.append(f"{module} -> {target} (floor {source} -> floor {floor})")
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +219,7 @@ DEPRECATED_MODULES = {"sparsify.adaptive_patterns": "sparsify.patterns", "sparsi
 
 def test_every_module_imports():
     sources, _ = library_sources()
-    assert {"sparsify.patterns.base", "sparsify.runtime.block_mask", "sparsify.passes.find_attention",
+    assert {"sparsify.patterns.base", "sparsify.block_mask", "sparsify.passes.find_attention",
             "sparsify.backends", "sparsify.integrations.transformers"} <= set(sources)
     for module in sources:
         if module in DEPRECATED_MODULES:                      # they warn on import, by design
@@ -204,6 +228,18 @@ def test_every_module_imports():
                 importlib.import_module(module)
         else:
             importlib.import_module(module)
+
+
+def test_the_runtime_packages_old_block_mask_names_warn_and_are_the_same_objects():
+    import sparsify.block_mask
+    import sparsify.runtime
+
+    for name in ("RuntimeBlockMask", "blocks_for", "causal_element_mask", "pattern_block_masks"):
+        with pytest.warns(DeprecationWarning, match=f"sparsify.runtime.{name} is deprecated: import it from "
+                                                    f"sparsify.block_mask"):
+            assert getattr(sparsify.runtime, name) is getattr(sparsify.block_mask, name)
+    with pytest.raises(AttributeError, match="no attribute 'mask_sources'"):
+        sparsify.runtime.mask_sources
 
 
 def test_no_cycles_of_top_level_imports(library):
@@ -221,19 +257,19 @@ def test_no_cycles_even_through_imports_inside_functions(library):
     assert not cycles, "import cycles (any imports):\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
 
 
-def test_layers_import_only_downwards():
+def test_every_module_stands_on_a_floor():
+    sources, _ = library_sources()
+    homeless = sorted(module for module in sources if floor_of(module) is None)
+    assert not homeless, f"modules on no floor of FLOORS (add each to the floor it belongs on): {homeless}"
+
+
+def test_no_import_runs_back_up_the_floors():
     sources, packages = library_sources()
-    upward = []
-    for module, text in sorted(sources.items()):
-        top_level, _ = imported_names(ast.parse(text), module, module in packages)
-        for name in sorted(top_level):
-            while name and name not in sources:                # "from a import b": b is an attribute of a
-                name = name.rpartition(".")[0]
-            source_layer, target_layer = layer_of(module), layer_of(name)
-            if source_layer is not None and target_layer is not None and target_layer < source_layer:
-                upward.append(f"{module} -> {name}")
-    assert not upward, ("top-level imports running up the layers "
-                        + " -> ".join("/".join(names) for names in LAYERS) + ":\n" + "\n".join(upward))
+    top_level, function_level = import_edges(sources, packages, type_checking=True)
+    edges = {module: top_level.get(module, set()) | function_level.get(module, set()) for module in sources}
+    upward = imports_running_up(edges)
+    floors = "\n".join(f"  {depth}: {', '.join(names)}" for depth, names in enumerate(FLOORS))
+    assert not upward, ("imports running back up the floors (top first):\n" + floors + "\n" + "\n".join(upward))
 
 
 def test_no_library_module_imports_the_cli(library):
@@ -290,6 +326,20 @@ def test_checker_counts_the_packages_an_import_runs():
     assert top_level["lib.p.base"] == {"lib.r.mask", "lib.r"}
     assert top_level["lib.r.source"] == {"lib.p.base", "lib.p"}
     assert find_cycles(top_level) == [["lib.p", "lib.p.base", "lib.r", "lib.r.source", "lib.p"]]
+
+
+def test_checker_places_modules_on_floors_and_finds_imports_running_up():
+    floors = (("lib.front",), ("lib",), ("lib.model", "lib.model.io"), ("lib.core",))
+    assert floor_of("lib.front.cli", floors, "lib") == 0
+    assert floor_of("lib", floors, "lib") == 1
+    assert floor_of("lib.other", floors, "lib") is None              # the root matches itself only
+    assert floor_of("lib.model.io.disk", floors, "lib") == 2
+    edges = {"lib.front.cli": {"lib.core"}, "lib.core": {"lib.model.io"}, "lib.model": {"lib.model.io"}}
+    assert imports_running_up(edges, floors, "lib") == ["lib.core -> lib.model.io (floor 3 -> floor 2)"]
+    type_only = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from lib.front import App\n"
+    assert import_edges({"lib": "", "lib.core": type_only, "lib.front": ""}, {"lib"})[0]["lib.core"] == set()
+    assert import_edges({"lib": "", "lib.core": type_only, "lib.front": ""}, {"lib"},
+                        type_checking=True)[0]["lib.core"] == {"lib.front"}
 
 
 def test_every_package_is_installed_by_pyproject():

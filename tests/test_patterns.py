@@ -998,7 +998,7 @@ def test_agrees_with_flex_attention_create_block_mask(q_len, k_len, block_size, 
 @pytest.mark.parametrize("causal, q_len, k_len, q_offset", [(True, 100, 100, 0), (False, 70, 130, 0),
                                                             (True, 40, 130, 90), (True, 1, 97, 96)])
 def test_runtime_mask_is_the_block_mask_classified(pattern, causal, q_len, k_len, q_offset):
-    from sparsify.runtime import causal_element_mask
+    from sparsify.block_mask import causal_element_mask
     from sparsify.runtime.mask_source import StaticMaskSource
 
     block = 16

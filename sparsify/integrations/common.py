@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from sparsify.cost import CostModel
 from sparsify.errors import StrategyError, UnsupportedError
 from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
@@ -194,13 +195,17 @@ def check_fingerprints(strategy: Strategy, mapping: Mapping[str, str], readouts:
 
 def build_runtime(strategy: Strategy, name: str, index: int, *, backend: str, step_counter: Any = None,
                   cost_model: Any = None) -> SparseAttention | None:
-    """The `SparseAttention` of one site, or ``None`` when every head is dense (the framework's own attention runs)."""
+    """The `SparseAttention` of one site, or ``None`` when every head is dense (the framework's own attention runs).
+
+    ``cost_model`` prices ``backend="auto"`` (``None``: the default `CostModel`, shipped hardware profiles included).
+    """
     site_strategy = strategy.sites[name]
     if all(pattern.is_dense for pattern in site_strategy.heads):
         return None
     site = site_from_fingerprint(strategy, name, index)
     return SparseAttention(site, site_strategy.heads, block_size=strategy.block_size, backend=backend,
-                           dense_steps=site_strategy.dense_steps, step_counter=step_counter, cost_model=cost_model)
+                           dense_steps=site_strategy.dense_steps, step_counter=step_counter,
+                           cost_model=cost_model if cost_model is not None else CostModel.default())
 
 
 def install_runtime(module: torch.nn.Module, runtime: SparseAttention) -> None:

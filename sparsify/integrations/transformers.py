@@ -53,7 +53,7 @@ from sparsify.integrations.common import (
     read_attribute,
     shared_weight_copy,
 )
-from sparsify.runtime.block_mask import causal_element_mask
+from sparsify.block_mask import causal_element_mask
 from sparsify.runtime.decode import QueryAwareDecoder, pattern_rows_decode, visible_key_end
 from sparsify.site import AttentionSite
 from sparsify.strategy import Strategy

@@ -129,7 +129,7 @@ class EstimatedVerticalSlash(AdaptivePattern):
     @classmethod
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):
         from sparsify.runtime.adaptive import sink_block_lists, vertical_slash_block_lists
-        from sparsify.runtime.block_mask import blocks_for
+        from sparsify.block_mask import blocks_for
 
         probe_rows = int(max(parameters["probe_blocks"].tolist())) * block_size  # a CPU tensor: no device read
         lists = vertical_slash_block_lists(q, k, block_size=block_size, kv_head_index=kv_head_index,
@@ -200,7 +200,7 @@ class PooledCoverage(AdaptivePattern):
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):
         from sparsify.runtime.adaptive import (antidiagonal_block_mass, coverage_block_lists,
                                                pooled_coverage_block_lists, sink_block_lists)
-        from sparsify.runtime.block_mask import blocks_for
+        from sparsify.block_mask import blocks_for
 
         scale = (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
         temperature = parameters["temperature"].to(q.device, torch.float32, non_blocking=True).view(1, -1, 1, 1)

@@ -11,7 +11,7 @@ import torch
 
 from sparsify.errors import PatternError
 from sparsify.limits import MAX_LINES, MAX_TOKENS, int_range_problem, shown
-from sparsify.runtime.block_mask import RuntimeBlockMask, block_geometry, block_token_bounds, pattern_block_masks
+from sparsify.block_mask import RuntimeBlockMask, block_geometry, block_token_bounds, pattern_block_masks
 
 __all__ = [
     "BlockGrid",
@@ -69,7 +69,7 @@ def causal_block_mask(q_blocks: int, k_blocks: int, *, block_size: int = 64, q_l
                       k_len: int | None = None, q_offset: int = 0) -> torch.Tensor:
     """Causally visible blocks ``bool [q_blocks, k_blocks]``: those holding a (query, key) pair with ``key <= query``.
 
-    `sparsify.runtime.block_mask.block_geometry`'s classification (the runtime mask's), with
+    `sparsify.block_mask.block_geometry`'s classification (the runtime mask's), with
     query ``i`` at absolute position ``q_offset + i``. Lengths default to full blocks; at
     ``q_offset = 0`` this is the lower block triangle (key block ``j <= i``) whatever the lengths.
 
@@ -91,7 +91,7 @@ class _BlockTokenBounds:
     """Token coordinates of a block grid's blocks (`block_token_bounds`), for grids with ``q_len``/``k_len``/``block_size``.
 
     Patterns see the whole query range (query offset 0); a query chunk at an offset reads the
-    rows of the full-length grid (`sparsify.runtime.block_mask.pattern_block_masks`).
+    rows of the full-length grid (`sparsify.block_mask.pattern_block_masks`).
     """
 
     def _bounds(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

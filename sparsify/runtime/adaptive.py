@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from sparsify.runtime.block_mask import block_geometry, block_token_bounds, blocks_for
+from sparsify.block_mask import block_geometry, block_token_bounds, blocks_for
 
 __all__ = [
     "antidiagonal_block_mass",

@@ -18,10 +18,6 @@ picks the best blocks one by one (largest mass first, ties to the lower block) u
 coverage is reached: the block lists come out directly, with no ``[B, H, Qb, Kb]`` probability or
 sort-key tensor and no sort. Rows of up to `MAX_COVERAGE_BLOCKS` key blocks (`supports_coverage`).
 
-Block lists to a runtime mask's index form (`compress_block_lists`): one program per row
-classifies, de-duplicates and orders its slots by pairwise comparison, in one launch instead of
-the few dozen small torch ops (two sorts among them) of `RuntimeBlockMask.from_block_lists`.
-
 The interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors (tests).
 """
 
@@ -33,13 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["compress_block_lists", "coverage_lists_of_scores", "probe_block_split", "supports", "supports_coverage"]
+__all__ = ["coverage_lists_of_scores", "probe_block_split", "supports", "supports_coverage"]
 
 LOG2E = 1.4426950408889634
 #: Key blocks a row of the coverage kernel holds in registers (2048 blocks: 256K tokens at block 128).
 MAX_COVERAGE_BLOCKS = 2048
-#: Slots of a block-list row the compress kernel compares pairwise (its work grows with their square).
-MAX_LIST_SLOTS = 256
 
 
 def supports(block_size: int, head_dim: int, dtype: torch.dtype) -> bool:
@@ -248,80 +242,3 @@ def coverage_lists_of_scores(scores: torch.Tensor, key_bias: torch.Tensor, *, co
                            q_offset, limit, CAUSAL=bool(causal), BLOCK_SIZE=block_size, ROWS=rows, K_PAD=pad,
                            num_warps=4 if pad <= 1024 else 8)
     return lists
-
-
-@triton.jit
-def _compress_kernel(BLOCKS, FULL_COUNTS, FULL_INDICES, COUNTS, INDICES,
-                     q_blocks, k_blocks, q_len, k_len, q_offset, slots, full_width, partial_width,
-                     CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr, SLOTS_PAD: tl.constexpr,
-                     FULL_PAD: tl.constexpr, PARTIAL_PAD: tl.constexpr):
-    row = tl.program_id(0)
-    query_block = row % q_blocks
-    slot = tl.arange(0, SLOTS_PAD)
-    in_row = slot < slots
-    blocks = tl.load(BLOCKS + row.to(tl.int64) * slots + slot, mask=in_row, other=-1).to(tl.int32)
-    kept = in_row & (blocks >= 0) & (blocks < k_blocks)
-    key_first = blocks * BLOCK_SIZE
-    full = key_first + BLOCK_SIZE <= k_len                               # inside k_len
-    if CAUSAL:
-        query_first = query_block * BLOCK_SIZE + q_offset
-        query_last = tl.minimum(query_block * BLOCK_SIZE + BLOCK_SIZE - 1, q_len - 1) + q_offset
-        kept = kept & (key_first <= query_last)
-        full = full & (key_first + BLOCK_SIZE - 1 <= query_first)
-    # A repeat: the same block in an earlier slot. Ranks: kept blocks of the same kind with a lower index.
-    same = (blocks[:, None] == blocks[None, :]) & kept[None, :] & (slot[None, :] < slot[:, None])
-    kept = kept & (tl.max(same.to(tl.int32), 1) == 0)
-    kept_full = kept & full
-    kept_partial = kept & (full == 0)
-    lower = blocks[None, :] < blocks[:, None]
-    full_rank = tl.sum((lower & kept_full[None, :]).to(tl.int32), 1)
-    partial_rank = tl.sum((lower & kept_partial[None, :]).to(tl.int32), 1)
-    full_count = tl.minimum(tl.sum(kept_full.to(tl.int32), 0), full_width)
-    partial_count = tl.minimum(tl.sum(kept_partial.to(tl.int32), 0), partial_width)
-    full_out = FULL_INDICES + row.to(tl.int64) * full_width
-    partial_out = INDICES + row.to(tl.int64) * partial_width
-    tl.store(full_out + full_rank, blocks, mask=kept_full & (full_rank < full_width))
-    tl.store(partial_out + partial_rank, blocks, mask=kept_partial & (partial_rank < partial_width))
-    # Slots past a row's count repeat its last (largest) index, 0 for an empty row.
-    full_last = tl.where(full_count > 0, tl.max(tl.where(kept_full, blocks, -1), 0), 0)
-    partial_last = tl.where(partial_count > 0, tl.max(tl.where(kept_partial, blocks, -1), 0), 0)
-    full_slot = tl.arange(0, FULL_PAD)
-    partial_slot = tl.arange(0, PARTIAL_PAD)
-    tl.store(full_out + full_slot, tl.zeros([FULL_PAD], dtype=tl.int32) + full_last,
-             mask=(full_slot >= full_count) & (full_slot < full_width))
-    tl.store(partial_out + partial_slot, tl.zeros([PARTIAL_PAD], dtype=tl.int32) + partial_last,
-             mask=(partial_slot >= partial_count) & (partial_slot < partial_width))
-    tl.store(FULL_COUNTS + row, full_count)
-    tl.store(COUNTS + row, partial_count)
-
-
-def compress_block_lists(blocks: torch.Tensor, *, block_size: int, q_len: int, k_len: int, causal: bool,
-                         q_offset: int, full_width: int, partial_width: int) -> tuple[torch.Tensor, ...]:
-    """``(full_counts, full_indices, counts, indices)`` (int32) of block lists ``[B, H, Qb, slots]``, in one launch.
-
-    What `RuntimeBlockMask.from_block_lists` computes with a chain of torch ops (classification,
-    repeats dropped, ascending order, padding slots repeating the last index): one program per
-    row compares its ``slots`` entries pairwise (no sort). Rows of up to `MAX_LIST_SLOTS` slots.
-
-    Example:
-        >>> lists = torch.tensor([[[[0, -1], [1, 0]]]], device="cuda")                       # doctest: +SKIP
-        >>> compress_block_lists(lists, block_size=16, q_len=32, k_len=20, causal=False, q_offset=0,
-        ...                      full_width=2, partial_width=1)[0].tolist()                   # doctest: +SKIP
-        [[[1, 1]]]
-    """
-    batch, heads, q_blocks, slots = blocks.shape
-    rows = batch * heads * q_blocks
-    device = blocks.device
-    full_counts = torch.empty(batch, heads, q_blocks, device=device, dtype=torch.int32)
-    counts = torch.empty_like(full_counts)
-    full_indices = torch.empty(batch, heads, q_blocks, full_width, device=device, dtype=torch.int32)
-    indices = torch.empty(batch, heads, q_blocks, partial_width, device=device, dtype=torch.int32)
-    slots_pad = max(16, triton.next_power_of_2(slots))
-    if rows:
-        _compress_kernel[(rows,)](blocks.contiguous(), full_counts, full_indices, counts, indices, q_blocks,
-                                  -(-k_len // block_size), q_len, k_len, q_offset, slots, full_width, partial_width,
-                                  CAUSAL=bool(causal), BLOCK_SIZE=block_size, SLOTS_PAD=slots_pad,
-                                  FULL_PAD=max(16, triton.next_power_of_2(full_width)),
-                                  PARTIAL_PAD=max(16, triton.next_power_of_2(partial_width)),
-                                  num_warps=4 if slots_pad <= 64 else 8)   # slots x slots comparisons per row
-    return full_counts, full_indices, counts, indices

@@ -15,6 +15,20 @@ process-wide state is the table of *weak* references from handle to site: it kee
 alive and holds no kernel. A call without a handle (0; ``torch.library.opcheck``, one-off
 calls) prepares a fresh backend instance per call.
 
+Why a table and not the module itself as an argument: a custom op takes schema types only
+(tensors, numbers, strings, lists of them), and a site's plans are not tensors alone (FA4's
+compiled CuTe kernels and Triton's launch settings live on the backend instance), so the op must
+reach a Python object. Handing the tensors and a backend *name* instead would need a
+process-global cache of compiled kernels by name (what this design removed); a graph break
+around the kernel would break ``fullgraph`` compiles. The one way to pass a Python object to a
+custom op is torch's opaque reference type (``torch._library.opaque_object.register_opaque_type(...,
+typ="reference")``, a private API). torch 2.13 takes such an argument through dynamo, Inductor
+and CUDA graphs; torch 2.11 compiles it but refuses CUDA graphs for any graph with an opaque
+input ("non-Tensor inputs", pytorch/pytorch#176615, fixed after the 2.11 branch cut by #179793),
+so ``mode="reduce-overhead"`` would silently run without CUDA graphs there. While torch 2.11 is
+supported, the int handle stays; once the oldest supported torch takes opaque inputs under CUDA
+graphs, `SparseAttention` can pass itself (a `KernelOwner`) and this table goes.
+
 Under CUDA graphs (``torch.compile(mode="reduce-overhead")``) the op's implementation runs once
 in the warm-up (the plan is prepared then) and once while the graph is captured (the cached plan
 runs: no host work, no host sync); replays run the recorded kernels only.
@@ -34,7 +48,7 @@ from typing import Protocol
 
 import torch
 
-from sparsify.runtime.block_mask import RuntimeBlockMask
+from sparsify.block_mask import RuntimeBlockMask
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +130,13 @@ def block_sparse_attention(
     softcap: float | None,
     sinks: torch.Tensor | None,
     backend: str,
-    site: int = 0,
+    site_handle: int = 0,
     mask_slot: str = "",
 ) -> torch.Tensor:
     """Block-sparse attention of the heads a runtime mask describes, on backend ``backend`` (an opaque op).
 
     The runtime mask travels as its tensors and fields (`RuntimeBlockMask`); the result is what
-    ``backend.run`` returns: ``[batch, mask heads, q_len, value_head_dim]``. ``site`` is the
+    ``backend.run`` returns: ``[batch, mask heads, q_len, value_head_dim]``. ``site_handle`` is the
     handle of the module that owns the plans (`SiteHandles`; 0: none, prepare per call) and
     ``mask_slot`` names the site's cached mask (``""``: a mask for this call only).
 
@@ -136,9 +150,9 @@ def block_sparse_attention(
     """
     mask = _mask_from_tensors(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, kv_head_index,
                               block_size, q_len, k_len, causal, q_offset, per_input)
-    if site:
-        output = SITE_HANDLES.owner(site).run_kernel(mask_slot, mask, backend, q, k, v, attn_mask, scale, softcap,
-                                                     sinks)
+    if site_handle:
+        output = SITE_HANDLES.owner(site_handle).run_kernel(mask_slot, mask, backend, q, k, v, attn_mask, scale,
+                                                            softcap, sinks)
     else:
         from sparsify.backends.base import get_backend
 
@@ -154,7 +168,7 @@ def block_sparse_attention(
 @block_sparse_attention.register_fake
 def _block_sparse_attention_fake(q, k, v, attn_mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                                  kv_head_index, block_size, q_len, k_len, causal, q_offset, per_input, scale, softcap,
-                                 sinks, backend, site=0, mask_slot=""):
+                                 sinks, backend, site_handle=0, mask_slot=""):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from sparsify.runtime.block_mask import RuntimeBlockMask, block_token_bounds, blocks_for, pattern_block_masks
+from sparsify.block_mask import RuntimeBlockMask, block_token_bounds, blocks_for, pattern_block_masks
 
 if TYPE_CHECKING:
     from sparsify.patterns import Pattern

@@ -6,31 +6,40 @@ import collections
 import dataclasses
 import logging
 import weakref
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from sparsify.errors import StrategyError, UnsupportedError
 from sparsify.ops import dense_attention
-from sparsify.runtime.block_mask import RuntimeBlockMask, causal_element_mask
+from sparsify.block_mask import RuntimeBlockMask, causal_element_mask
 from sparsify.runtime.kernel_op import SITE_HANDLES
 from sparsify.runtime.mask_source import AdaptiveMaskSource, StaticMaskSource
 from sparsify.site import AttentionSite
 
 if TYPE_CHECKING:
     from sparsify.backends.base import Backend, BackendPlan
-    from sparsify.cost import CostModel
     from sparsify.patterns import Pattern
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SparseAttention", "StepCounter", "TraceTimeCalls", "MASK_CACHE_SIZE", "PLAN_CACHE_SIZE"]
+__all__ = ["SparseAttention", "Pricing", "StepCounter", "TraceTimeCalls", "MASK_CACHE_SIZE", "PLAN_CACHE_SIZE"]
 
 #: Runtime masks a site keeps (one per query length, key length, query offset and device).
 MASK_CACHE_SIZE = 16
 #: Backend plans a site keeps (one per mask, backend and call shape).
 PLAN_CACHE_SIZE = 32
+
+
+class Pricing(Protocol):
+    """What a site asks of the cost model it is handed (`sparsify.cost.CostModel` has it; the runtime imports none)."""
+
+    def latency(self, site: AttentionSite, mask: RuntimeBlockMask | None, backend: str, device, *, batch: int = 1,
+                dense_heads: int | None = None) -> float: ...
+
+    def head_latency(self, site: AttentionSite, mask: RuntimeBlockMask | None, head: int = 0, *, backend: str,
+                     device, batch: int = 1, kept_blocks: float | None = None) -> float: ...
 
 
 class StepCounter:
@@ -114,6 +123,12 @@ class SparseAttention(torch.nn.Module):
     replaces it in a rewritten graph); `attend` is the general entry, with a query offset for
     decode steps and prefill chunks.
 
+    ``cost_model`` (`Pricing`: a `sparsify.cost.CostModel`) prices what ``backend="auto"`` picks and whether
+    dense heads run on the site's backend rather than SDPA. Whoever builds the site hands it in
+    (the rewrite pass, the framework doors and the search do, with the default cost model when the
+    user gave none): the cost model stands above the runtime, which imports none. Without one,
+    ``auto`` takes the most preferred backend that serves the site and dense heads run SDPA.
+
     Example:
         >>> from sparsify import patterns
         >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=16, q_len=128, k_len=128)
@@ -125,7 +140,7 @@ class SparseAttention(torch.nn.Module):
 
     def __init__(self, site: AttentionSite, head_patterns: Sequence["Pattern"], *, block_size: int,
                  backend: str = "auto", dense_steps: int = 0, step_counter: StepCounter | None = None,
-                 cost_model: "CostModel | None" = None):
+                 cost_model: Pricing | None = None):
         super().__init__()
         if len(head_patterns) != site.num_heads:
             raise StrategyError(f"site {site.name!r} has {site.num_heads} heads, got {len(head_patterns)} patterns")
@@ -339,10 +354,11 @@ class SparseAttention(torch.nn.Module):
                 or backend.block_size_problem(self.block_size, head_dim, device))
 
     def _cheapest(self, candidates: list["Backend"], device: torch.device) -> "Backend":
-        from sparsify.cost import CostModel
-
+        """The candidate the cost model prices lowest for the sparse heads; without one, the most preferred."""
+        if self.cost_model is None:
+            return candidates[0]
         site = self.site
-        cost_model = self.cost_model or CostModel.default()
+        cost_model = self.cost_model
         mask = self.runtime_mask(site.q_len, site.k_len, torch.device("cpu"))
         estimates = {}
         for backend in candidates:
@@ -384,11 +400,10 @@ class SparseAttention(torch.nn.Module):
         return backend.name
 
     def _dense_pays(self, backend: "Backend", device: torch.device) -> bool:
-        if backend.name == "torch" or backend.block_size_problem(self.block_size, self.site.head_dim, device):
+        if (self.cost_model is None or backend.name == "torch"
+                or backend.block_size_problem(self.block_size, self.site.head_dim, device)):
             return False
-        from sparsify.cost import CostModel
-
-        cost_model = self.cost_model or CostModel.default()
+        cost_model = self.cost_model
         site = self.site
         full = RuntimeBlockMask.dense(1, block_size=self.block_size, q_len=site.q_len, k_len=site.k_len,
                                       causal=site.causal)

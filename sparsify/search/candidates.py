@@ -17,7 +17,7 @@ import torch
 from sparsify import patterns as pattern_library
 from sparsify.patterns import Pattern
 from sparsify.profile import BlockMassProfile
-from sparsify.runtime.block_mask import RuntimeBlockMask, block_geometry, blocks_for
+from sparsify.block_mask import RuntimeBlockMask, block_geometry, blocks_for
 from sparsify.runtime.mask_source import AdaptiveMaskSource
 from sparsify.site import AttentionSite
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sparsify.backends import backend_class, backend_names, get_backend
-from sparsify.runtime import RuntimeBlockMask
+from sparsify.block_mask import RuntimeBlockMask
 
 from backend_helpers import (HAS_CUDA, load_triton_kernels, mask_reference, random_attn_mask,
                              random_runtime_mask, rel_err)

@@ -10,7 +10,7 @@ from torch.nn.attention.flex_attention import flex_attention
 import sparsify.backends.flex  # noqa: F401  (registers "flex")
 from sparsify.backends import get_backend
 from sparsify.backends.flex import build_plan, flex_arguments
-from sparsify.runtime import RuntimeBlockMask
+from sparsify.block_mask import RuntimeBlockMask
 from sparsify.site import AttentionSite
 from backend_helpers import mask_reference, random_attn_mask, random_runtime_mask, rel_err
 

@@ -22,7 +22,7 @@ from sparsify.backends import get_backend
 from sparsify.backends import torch as torch_backend
 from sparsify.backends.torch import TorchBackend, _tiled_mask
 from sparsify.errors import UnsupportedError
-from sparsify.runtime import RuntimeBlockMask
+from sparsify.block_mask import RuntimeBlockMask
 from sparsify.site import AttentionSite
 
 from backend_helpers import assert_close, mask_reference

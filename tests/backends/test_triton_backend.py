@@ -20,7 +20,7 @@ from backend_helpers import HAS_CUDA, load_triton_kernels, mask_reference, rel_e
 from sparsify.backends import get_backend  # noqa: E402
 from sparsify.backends.triton import TritonBackend  # noqa: E402
 from sparsify.errors import UnsupportedError  # noqa: E402
-from sparsify.runtime import RuntimeBlockMask  # noqa: E402
+from sparsify.block_mask import RuntimeBlockMask  # noqa: E402
 from sparsify.site import AttentionSite  # noqa: E402
 
 triton_kernels = load_triton_kernels()  # interpreted on CPU without CUDA

@@ -96,6 +96,26 @@ def test_sparse_strategy_matches_masked_dense_reference(name):
     assert max_relative_error(output, call(model, inputs)) > 1e-4
 
 
+def test_rewritten_sites_are_handed_the_cost_model_that_prices_their_backends():
+    # The runtime stands below the cost model and imports none: the pass hands every site the one given, or
+    # the default (analytic constants and the shipped hardware profiles) when none was.
+    from sparsify.cost import CostModel
+
+    model, inputs = model_zoo.manual()
+    sites = capture_attention(model, inputs)[1]
+    given = CostModel(match_device_name=False)
+    for cost_model in (given, None):
+        captured, _ = capture_attention(model, inputs)
+        PassManager([RewriteAttention(mixed_strategy(sites), cost_model=cost_model)]).run(captured.graph_module)
+        handed = [module.cost_model for module in captured.graph_module.modules() if isinstance(module, SparseAttention)]
+        assert len(handed) == len(sites)
+        if cost_model is given:
+            assert all(handed_model is given for handed_model in handed)
+        else:
+            assert all(isinstance(handed_model, CostModel) for handed_model in handed)
+            assert {p.device_name for p in handed[0].profiles} == {p.device_name for p in CostModel.default().profiles}
+
+
 def test_all_dense_sites_keep_the_canonical_op():
     model, inputs = model_zoo.bert()
     sites = capture_attention(model, inputs)[1]

@@ -11,7 +11,7 @@ import torch
 from sparsify import patterns
 from sparsify.errors import PatternError
 from sparsify.patterns import pattern_from_dict
-from sparsify.runtime import blocks_for
+from sparsify.block_mask import blocks_for
 from sparsify.runtime.adaptive import (antidiagonal_block_mass, coverage_block_mask, key_validity,
                                        pooled_block_mass, self_blocks, vertical_slash_block_mask)
 from sparsify.runtime.mask_source import AdaptiveMaskSource
@@ -101,15 +101,24 @@ def test_key_validity_and_self_blocks():
                                      patterns.estimated_vertical_slash(0.1, 0.1),
                                      patterns.sliding_window(32) | patterns.pooled_coverage(0.5, max_fraction=0.3)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_estimated_masks_keep_the_own_block_and_never_an_empty_row(pattern, causal):
+def test_estimated_masks_keep_the_own_block_and_never_an_empty_row(pattern, causal, request):
+    if causal and pattern.pattern_name == "estimated_vertical_slash":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "on a causal site the vertical-slash estimate alone can leave the first query blocks without a key "
+            "block (its columns and diagonals come from the last rows); self attention gets the own block from "
+            "the mask source, a causal cross-attention site would not")))
     q, k = _qk(2, kv_heads=3, q_len=100, k_len=100)
     source = AdaptiveMaskSource([pattern] * 3, block_size=16, causal=causal, kv_head_index=torch.arange(3),
                                 self_attention=True)
     mask = source.mask(q, k)
     kept = mask.to_block_masks()
+    # The estimate alone (cross attention: no own block to add) keeps a block in every row ...
+    estimated = AdaptiveMaskSource([pattern] * 3, block_size=16, causal=causal, kv_head_index=torch.arange(3),
+                                   self_attention=False).mask(q, k)
+    assert bool((estimated.kept_counts() > 0).all())
+    # ... and self attention adds each query block's own key block to it, and changes nothing else.
     assert mask.batch == 2 and mask.per_input and kept.shape == (2, 3, 7, 7)
-    assert bool(kept[..., torch.arange(7), torch.arange(7)].all())          # the diagonal block
-    assert bool((mask.kept_counts() > 0).all())
+    assert torch.equal(kept, estimated.to_block_masks() | torch.eye(7, dtype=torch.bool))
 
 
 def test_each_input_gets_its_own_mask_and_batch_elements_do_not_mix():

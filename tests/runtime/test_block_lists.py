@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from sparsify import patterns
 from sparsify.patterns.composites import Intersection, Union
-from sparsify.runtime import RuntimeBlockMask, blocks_for, pattern_block_masks
+from sparsify.block_mask import RuntimeBlockMask, blocks_for, pattern_block_masks
 from sparsify.runtime.adaptive import (antidiagonal_block_mass, block_lists_to_masks, coverage_block_lists,
                                        key_validity, pooled_block_mass, self_blocks, vertical_slash_line_mass)
-from sparsify.runtime.block_mask import block_token_bounds
+from sparsify.block_mask import block_token_bounds
 from sparsify.runtime.mask_source import AdaptiveMaskSource
 
 
@@ -54,7 +54,7 @@ def test_block_lists_compress_like_the_masks_they_name(seed, block, q_len, k_len
 def test_the_compress_kernel_equals_the_torch_path(seed):
     # On CPU the Triton kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); on a GPU
     # machine it runs compiled (it is what from_block_lists uses for CUDA lists).
-    from sparsify.runtime.adaptive_kernels import compress_block_lists
+    from sparsify.block_list_kernels import compress_block_lists
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(seed)

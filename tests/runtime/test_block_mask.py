@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparsify import patterns
-from sparsify.runtime import RuntimeBlockMask, blocks_for, causal_element_mask, pattern_block_masks
-from sparsify.runtime.block_mask import block_geometry, block_token_bounds, causal_boundary_blocks
+from sparsify.block_mask import RuntimeBlockMask, blocks_for, causal_element_mask, pattern_block_masks
+from sparsify.block_mask import block_geometry, block_token_bounds, causal_boundary_blocks
 
 
 def brute_force(kept: torch.Tensor, block: int, q_len: int, k_len: int, causal: bool, q_offset: int):

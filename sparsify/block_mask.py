@@ -8,6 +8,9 @@ from typing import Any, Sequence
 
 import torch
 
+#: Whether Triton is installed (asked once: importlib's finder is a graph break inside torch.compile).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
 __all__ = ["pattern_block_masks", "RuntimeBlockMask", "block_geometry", "block_token_bounds", "blocks_for", "causal_boundary_blocks",
            "causal_element_mask"]
 
@@ -242,8 +245,8 @@ class RuntimeBlockMask:
         full_width = max(1, min(slots, k_blocks))
         # Partial blocks of a row: the last key block when it is cut, and at most two crossing the causal boundary.
         partial_width = max(1, min(slots, k_blocks, 3 if causal else 1))
-        if _fused_compress_serves(blocks):      # the same, in one Triton launch (sparsify.runtime.adaptive_kernels)
-            from sparsify.runtime.adaptive_kernels import compress_block_lists
+        if _fused_compress_serves(blocks):      # the same, in one Triton launch (sparsify.block_list_kernels)
+            from sparsify.block_list_kernels import compress_block_lists
 
             full_counts, full_indices, counts, indices = compress_block_lists(
                 blocks, block_size=block_size, q_len=q_len, k_len=k_len, causal=causal, q_offset=q_offset,
@@ -523,9 +526,9 @@ def _compress(kept: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tenso
 
 def _fused_compress_serves(blocks: torch.Tensor) -> bool:
     """Whether `from_block_lists` compresses ``blocks`` with the Triton kernel (CUDA, Triton installed, few slots)."""
-    if blocks.device.type != "cuda" or importlib.util.find_spec("triton") is None:
+    if blocks.device.type != "cuda" or not _TRITON_INSTALLED:
         return False
-    from sparsify.runtime.adaptive_kernels import MAX_LIST_SLOTS
+    from sparsify.block_list_kernels import MAX_LIST_SLOTS
 
     return blocks.shape[-1] <= MAX_LIST_SLOTS
 
