@@ -157,7 +157,7 @@ def split_patterns(density: float) -> dict:
 
 def run_split(args, device: torch.device, dtype: torch.dtype, log: RowLog) -> None:
     """One row per length and adaptive pattern: the site's attend, split into estimation, kernel and glue."""
-    from sparsify.runtime.adaptive import pooled_coverage_block_lists, vertical_slash_line_mass
+    from sparsify.estimators import pooled_coverage_block_lists, vertical_slash_line_mass
 
     group = args.heads // args.kv_heads
     kv_head_index = torch.arange(args.heads) // group

@@ -29,6 +29,7 @@ FLOORS = (
     ("sparsify.strategy", "sparsify.cost", "sparsify.onnx_lowering", "sparsify.profile"),
     ("sparsify.patterns", "sparsify.runtime", "sparsify.adaptive_patterns"),
     ("sparsify.backends",),
+    ("sparsify.estimators", "sparsify.estimator_kernels"),
     ("sparsify.block_mask", "sparsify.block_list_kernels"),
     ("sparsify.ops", "sparsify.site", "sparsify.capture", "sparsify.output_metrics", "sparsify.errors",
      "sparsify.io", "sparsify.limits", "sparsify.version", "sparsify.toy_models", "sparsify.examples"),
@@ -214,7 +215,8 @@ def library() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
 
 # Old module paths kept one release for users' imports; each warns, naming where its contents went.
 DEPRECATED_MODULES = {"sparsify.adaptive_patterns": "sparsify.patterns", "sparsify.passes.profile": "sparsify.passes.observe",
-                      "sparsify.examples": "sparsify.toy_models"}
+                      "sparsify.examples": "sparsify.toy_models",
+                      "sparsify.runtime.adaptive": "sparsify.estimators"}
 
 
 def test_every_module_imports():

@@ -1,4 +1,4 @@
-"""Input-adaptive patterns: named patterns whose block mask is estimated per input, on the device (`sparsify.runtime.adaptive`).
+"""Input-adaptive patterns: named patterns whose block mask is estimated per input, on the device (`sparsify.estimators`).
 
 They sit in the pattern registry beside the static ones (JSON round trip, validation,
 composition with ``|`` / ``&``), and the search scores them like the static ones — on held-out
@@ -81,7 +81,7 @@ class AdaptivePattern(Pattern):
     def estimate(cls, q: torch.Tensor, k: torch.Tensor, *, parameters: dict[str, torch.Tensor], settings: dict,
                  block_size: int, kv_head_index: torch.Tensor, scale: float | None, causal: bool, q_offset: int,
                  key_valid: torch.Tensor | None) -> torch.Tensor:
-        """Block lists ``int64 [B, H, Qb, slots]`` for the heads of ``q`` (``-1``: no block; see `sparsify.runtime.adaptive`).
+        """Block lists ``int64 [B, H, Qb, slots]`` for the heads of ``q`` (``-1``: no block; see `sparsify.estimators`).
 
         ``parameters``: CPU tensors ``[H]`` each (the list widths are read from them on the host);
         ``settings``: the non-numeric ones.
@@ -128,7 +128,7 @@ class EstimatedVerticalSlash(AdaptivePattern):
 
     @classmethod
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):
-        from sparsify.runtime.adaptive import sink_block_lists, vertical_slash_block_lists
+        from sparsify.estimators import sink_block_lists, vertical_slash_block_lists
         from sparsify.block_mask import blocks_for
 
         probe_rows = int(max(parameters["probe_blocks"].tolist())) * block_size  # a CPU tensor: no device read
@@ -198,7 +198,7 @@ class PooledCoverage(AdaptivePattern):
 
     @classmethod
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):
-        from sparsify.runtime.adaptive import (antidiagonal_block_mass, coverage_block_lists,
+        from sparsify.estimators import (antidiagonal_block_mass, coverage_block_lists,
                                                pooled_coverage_block_lists, sink_block_lists)
         from sparsify.block_mask import blocks_for
 

@@ -60,7 +60,7 @@ class AdaptiveMaskSource:
     per-input `RuntimeBlockMask` (``batch`` = the call's batch, fixed widths: no host read), in
     which self attention always keeps the blocks holding the queries' own positions.
 
-    Masks travel as block lists (per query block the kept key blocks, `sparsify.runtime.adaptive`)
+    Masks travel as block lists (per query block the kept key blocks, `sparsify.estimators`)
     from the estimators to `RuntimeBlockMask.from_block_lists`: a union is a concatenation, and
     nothing of size ``[heads, q_blocks, k_blocks]`` is built (an intersection aside).
 
@@ -116,7 +116,7 @@ class AdaptiveMaskSource:
     def mask(self, q: torch.Tensor, k: torch.Tensor, *, attn_mask: torch.Tensor | None = None, q_offset: int = 0,
              scale: float | None = None) -> RuntimeBlockMask:
         """The mask of this call: ``q`` ``[B, H, Sq, D]`` (this source's heads), ``k`` ``[B, Hkv, Sk, D]``."""
-        from sparsify.runtime.adaptive import key_validity
+        from sparsify.estimators import key_validity
 
         batch, heads, q_len, _ = q.shape
         k_len = k.shape[2]
@@ -167,7 +167,7 @@ class AdaptiveMaskSource:
     def _evaluate(self, pattern, head, estimates, q_len, k_len, q_offset, device) -> torch.Tensor:
         """The block lists ``[B|1, Qb, slots]`` of one head's pattern (a union concatenates its parts' lists)."""
         from sparsify.patterns.composites import Intersection, Union
-        from sparsify.runtime.adaptive import block_lists_to_masks
+        from sparsify.estimators import block_lists_to_masks
 
         if pattern.is_adaptive and not isinstance(pattern, (Union, Intersection)):
             return estimates[(head, id(pattern))]

@@ -12,7 +12,7 @@ from sparsify import patterns
 from sparsify.errors import PatternError
 from sparsify.patterns import pattern_from_dict
 from sparsify.block_mask import blocks_for
-from sparsify.runtime.adaptive import (antidiagonal_block_mass, coverage_block_mask, key_validity,
+from sparsify.estimators import (antidiagonal_block_mass, coverage_block_mask, key_validity,
                                        pooled_block_mass, self_blocks, vertical_slash_block_mask)
 from sparsify.runtime.mask_source import AdaptiveMaskSource
 from sparsify.runtime.sparse_attention import SparseAttention
@@ -223,7 +223,7 @@ def _line_mass_by_loop(q, k, valid, kv, block, scale, probe_rows, causal, q_offs
     (5, 77, 72, 5, True, [0, 0, 1, 1]),           # a few rows at the end of a long cache
 ])
 def test_line_masses_equal_a_loop_over_every_probe_row_and_key(q_len, k_len, q_offset, probe_rows, causal, kv):
-    from sparsify.runtime.adaptive import vertical_slash_line_mass
+    from sparsify.estimators import vertical_slash_line_mass
 
     gen = torch.Generator().manual_seed(q_len + k_len)
     q = torch.randn(2, 4, q_len, 8, generator=gen)
@@ -249,7 +249,7 @@ def test_line_masses_equal_a_loop_over_every_probe_row_and_key(q_len, k_len, q_o
 def test_the_probe_kernel_equals_a_loop_over_every_probe_row_and_key(q_len, k_len, q_offset, probe_rows, causal,
                                                                      padded):
     # On CPU the Triton kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
-    from sparsify.runtime.adaptive import vertical_slash_line_mass
+    from sparsify.estimators import vertical_slash_line_mass
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(q_len * k_len + probe_rows)
@@ -278,7 +278,7 @@ def test_the_probe_kernel_equals_a_loop_over_every_probe_row_and_key(q_len, k_le
 ])
 def test_the_coverage_kernel_equals_the_torch_path(q_len, k_len, q_offset, causal, padded):
     # On CPU the Triton kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
-    from sparsify.runtime.adaptive import pooled_coverage_block_lists
+    from sparsify.estimators import pooled_coverage_block_lists
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(q_len + k_len)
@@ -305,7 +305,7 @@ def test_the_coverage_kernel_equals_the_torch_path(q_len, k_len, q_offset, causa
 def test_the_probe_kernel_on_the_gpu_matches_the_torch_path_and_the_masks_agree():
     # The Llama-3.2-1B geometry at 8K tokens, bf16: the kernel's float32 scores against the torch path on the same
     # values in float32; the masks the site estimates with each agree block for block (ties aside).
-    from sparsify.runtime.adaptive import vertical_slash_line_mass
+    from sparsify.estimators import vertical_slash_line_mass
 
     gen = torch.Generator().manual_seed(19)
     q = torch.randn(1, 32, 8192, 64, generator=gen).cuda().bfloat16()
@@ -327,7 +327,7 @@ def test_the_probe_kernel_on_the_gpu_matches_the_torch_path_and_the_masks_agree(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_the_coverage_kernel_on_the_gpu_agrees_with_the_torch_path():
-    from sparsify.runtime.adaptive import pooled_coverage_block_lists
+    from sparsify.estimators import pooled_coverage_block_lists
 
     gen = torch.Generator().manual_seed(20)
     q = torch.randn(1, 32, 16384, 64, generator=gen).cuda().bfloat16()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from sparsify import patterns
 from sparsify.patterns.composites import Intersection, Union
 from sparsify.block_mask import RuntimeBlockMask, blocks_for, pattern_block_masks
-from sparsify.runtime.adaptive import (antidiagonal_block_mass, block_lists_to_masks, coverage_block_lists,
+from sparsify.estimators import (antidiagonal_block_mass, block_lists_to_masks, coverage_block_lists,
                                        key_validity, pooled_block_mass, self_blocks, vertical_slash_line_mass)
 from sparsify.block_mask import block_token_bounds
 from sparsify.runtime.mask_source import AdaptiveMaskSource

@@ -117,7 +117,7 @@ def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
     Row ``r`` of the probe is query ``q_len - probe_rows + r``, at absolute position ``base + r``
     (``base = q_offset + q_len - probe_rows``); the pair (row ``r``, key ``J * block + c``) falls in
     class ``floor((base % block + r - c) / block) + 1`` of key block ``J``, and
-    ``classes = (base % block + probe_rows - 1) // block + 2``. What `sparsify.runtime.adaptive`'s
+    ``classes = (base % block + probe_rows - 1) // block + 2``. What `sparsify.estimators`'s
     torch path computes, with float32 scores instead of the inputs' dtype.
 
     One launch: each (key block, head) program writes, per probe row, its scores' maximum and the
@@ -220,7 +220,7 @@ def coverage_lists_of_scores(scores: torch.Tensor, key_bias: torch.Tensor, *, co
 
     The logits are ``scores + key_bias[b]`` (``key_bias [B, Kb]``: log of each key block's valid
     keys, ``-inf`` for none), with causal blocks hidden; per row the softmax mass is ranked and
-    kept as `sparsify.runtime.adaptive.coverage_block_lists` keeps it (``coverage``, ``min_blocks``,
+    kept as `sparsify.estimators.coverage_block_lists` keeps it (``coverage``, ``min_blocks``,
     ``max_blocks``: per-head tensors on the scores' device; ``limit`` >= every ``max_blocks``).
 
     Example:

@@ -1,0 +1,504 @@
+"""Input-adaptive block masks estimated on the device, per call: pooled block scores and estimated vertical-slash lines.
+
+Every function here works on a batch of heads at once, keeps everything on the inputs' device and
+never reads a device value on the host, so a compiled model can estimate its masks per input
+without a synchronisation. Heads may carry different parameters (one value per head in a
+tensor). Shapes: ``q`` ``[B, H, Sq, D]``; ``k`` ``[B, Hkv, Sk, D]`` with query head ``h`` reading
+key head ``kv_head_index[h]``. The runtime takes masks as *block lists*, ``int64 [B, H, q_blocks,
+slots]``: per query block the key blocks it keeps (``-1``: none, repeats allowed), which
+`RuntimeBlockMask.from_block_lists` compresses without a ``[q_blocks, k_blocks]`` tensor; the
+``*_block_mask`` functions give the same masks as ``bool [B, H, q_blocks, k_blocks]`` (pictures, tests).
+
+Nothing of size ``Sq x Sk`` is built: pooled scoring costs ``q_blocks x k_blocks x D`` per head
+(about ``1 / block²`` of dense attention), antidiagonal scoring ``1 / stride`` of it, and the
+vertical-slash probe ``probe_rows x Sk x D``. Selections are top-k of a few entries per row (ties
+go to the lower block index), never a sort of whole rows. Per-head counts (kept lines, blocks)
+are read from CPU tensors, so the list widths are known on the host without a device read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+from sparsify.block_mask import block_geometry, block_token_bounds, blocks_for
+
+#: Whether Triton is installed (asked once: importlib's finder is a graph break inside torch.compile).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+__all__ = [
+    "antidiagonal_block_mass",
+    "block_lists_to_masks",
+    "coverage_block_lists",
+    "coverage_block_mask",
+    "key_validity",
+    "pooled_block_mass",
+    "pooled_coverage_block_lists",
+    "self_blocks",
+    "sink_block_lists",
+    "vertical_slash_block_lists",
+    "vertical_slash_block_mask",
+    "vertical_slash_line_mass",
+]
+
+_NEG_INF = float("-inf")
+
+
+def key_validity(attn_mask: torch.Tensor | None, batch: int, k_len: int) -> torch.Tensor | None:
+    """``bool [B, Sk]``: keys some query may see, read off a user mask (``None``: every key).
+
+    A bool mask counts a key as valid when any query row of any head may see it; an additive
+    mask when any entry is finite and above the dtype's minimum (HF's padding value).
+
+    Example:
+        >>> padding = torch.tensor([[True, True, False]]).view(1, 1, 1, 3)
+        >>> key_validity(padding, 1, 3).tolist()
+        [[True, True, False]]
+    """
+    if attn_mask is None:
+        return None
+    mask = attn_mask
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.dtype == torch.bool:
+        keep = mask
+    else:
+        keep = torch.isfinite(mask) & (mask > torch.finfo(mask.dtype).min / 2)
+    keep = keep.any(dim=(1, 2))                                    # [B|1, Sk]
+    return keep.expand(batch, k_len)
+
+
+def _blocked_mean(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``x [B, H, S, D]`` over each block of rows (valid rows only) and the valid-row count ``[B, H|1, n]``.
+
+    Sums accumulate in float32 straight from ``x`` (no float32 copy of it); only the cut last block is padded.
+    """
+    batch, heads, length, dim = x.shape
+    blocks = blocks_for(length, block_size)
+    whole = length // block_size
+    if valid is not None:
+        x = x * valid.to(x.dtype).view(batch, 1, length, 1)           # zeros and ones: exact in any dtype
+        weights = valid.to(torch.float32)
+    else:
+        weights = torch.ones(batch, length, device=x.device, dtype=torch.float32)
+    sums = x[:, :, :whole * block_size].reshape(batch, heads, whole, block_size, dim).sum(3, dtype=torch.float32)
+    if whole < blocks:                                                   # the cut last block
+        sums = torch.cat([sums, x[:, :, whole * block_size:].sum(2, keepdim=True, dtype=torch.float32)], 2)
+    weights = torch.nn.functional.pad(weights, (0, blocks * block_size - length))
+    counts = weights.view(batch, 1, blocks, block_size).sum(3)
+    return sums / counts.clamp_min(1.0).unsqueeze(-1), counts
+
+
+def pooled_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                      scale: float | None = None, causal: bool = False, q_offset: int = 0,
+                      key_valid: torch.Tensor | None = None, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Estimated attention mass ``float32 [B, H, q_blocks, k_blocks]`` (rows sum to 1) from block-mean queries and keys.
+
+    The score of block pair ``(I, J)`` is ``mean(q_I) · mean(k_J) * scale + log(keys in J)``
+    (a block of more valid keys holds proportionally more mass), the dot product times
+    ``temperature`` (per head ``[1, H, 1, 1]`` or a number); blocks hidden by the causal mask or
+    holding no valid key get none.
+
+    Example:
+        >>> q = torch.randn(1, 2, 64, 8)
+        >>> mass = pooled_block_mass(q, q[:, :1], block_size=16, kv_head_index=torch.tensor([0, 0]))
+        >>> mass.shape, bool(torch.allclose(mass.sum(-1), torch.ones(1, 2, 4)))
+        (torch.Size([1, 2, 4, 4]), True)
+    """
+    logits, key_bias = _pooled_scores(q, k, block_size=block_size, kv_head_index=kv_head_index, scale=scale,
+                                      key_valid=key_valid, temperature=temperature)
+    # [B, H, Qb, Kb] tensors are the cost here: the key bias and the causal mask are applied in place.
+    logits += key_bias.view(key_bias.shape[0], 1, 1, -1)
+    if causal:
+        visible, _ = block_geometry(q.shape[2], k.shape[2], block_size, causal, q_offset, logits.device)
+        logits.masked_fill_(~visible, _NEG_INF)
+    mass = torch.softmax(logits, dim=-1)
+    return mass.nan_to_num_(0.0) if key_valid is not None else mass     # rows that see no valid key: zeros
+
+
+def _pooled_scores(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                   scale: float | None, key_valid: torch.Tensor | None,
+                   temperature: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores float32 [B, H, Qb, Kb], key_bias float32 [B, Kb])``: pooled dot products (scale and temperature in),
+    and per key block the log of its valid keys (``-inf``: none); the logits are their sum."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    query_means, _ = _blocked_mean(q, block_size)
+    key_means, key_counts = _blocked_mean(k, block_size, key_valid)
+    key_means = key_means.index_select(1, _on(kv_head_index, k.device))
+    # The scale goes into the (small) query means, not into the [B, H, Qb, Kb] scores.
+    scores = (query_means * (scale * temperature)) @ key_means.transpose(-1, -2)
+    return scores, key_counts.view(key_counts.shape[0], -1).log()       # log 0 = -inf: no valid key
+
+
+def pooled_coverage_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                                coverage: torch.Tensor, min_blocks: torch.Tensor, max_blocks: torch.Tensor,
+                                scale: float | None = None, causal: bool = False, q_offset: int = 0,
+                                key_valid: torch.Tensor | None = None, temperature: torch.Tensor | float = 1.0,
+                                kernel: str = "auto") -> torch.Tensor:
+    """`coverage_block_lists` of `pooled_block_mass`: block lists ``int64 [B, H, Qb, max(max_blocks)]``.
+
+    ``kernel``: ``"triton"`` runs softmax, ranking and coverage in one fused kernel over the pooled
+    scores (`sparsify.estimator_kernels`: each row read once, no ``[B, H, Qb, Kb]`` probability
+    or sort-key tensor); ``"torch"`` composes `pooled_block_mass` and `coverage_block_lists`;
+    ``"auto"`` takes Triton for CUDA inputs it supports. ``max_blocks`` is a CPU tensor.
+
+    Example:
+        >>> q = torch.randn(1, 2, 64, 8)
+        >>> one = torch.ones(2, dtype=torch.long)
+        >>> pooled_coverage_block_lists(q, q[:, :1], block_size=16, kv_head_index=torch.tensor([0, 0]),
+        ...                             coverage=torch.tensor([0.9, 0.9]), min_blocks=one, max_blocks=2 * one,
+        ...                             causal=True).shape
+        torch.Size([1, 2, 4, 2])
+    """
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
+    k_blocks = blocks_for(k.shape[2], block_size)
+    if kernel == "auto":
+        kernel = "torch"
+        if q.device.type == "cuda" and _TRITON_INSTALLED:
+            from sparsify.estimator_kernels import supports_coverage
+
+            kernel = "triton" if supports_coverage(k_blocks) else "torch"
+    common = dict(block_size=block_size, kv_head_index=kv_head_index, scale=scale, key_valid=key_valid,
+                  temperature=temperature)
+    if kernel == "torch":
+        mass = pooled_block_mass(q, k, causal=causal, q_offset=q_offset, **common)
+        return coverage_block_lists(mass, coverage, min_blocks, max_blocks)
+    from sparsify.estimator_kernels import coverage_lists_of_scores
+
+    scores, key_bias = _pooled_scores(q, k, **common)
+    limit = max(1, min(int(max_blocks.max()), k_blocks))
+    return coverage_lists_of_scores(scores, key_bias, coverage=_on(coverage, q.device),
+                                    min_blocks=_on(min_blocks, q.device), max_blocks=_on(max_blocks, q.device),
+                                    limit=limit, block_size=block_size, q_len=q.shape[2], causal=causal,
+                                    q_offset=q_offset)
+
+
+def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                            stride: int = 8, scale: float | None = None, causal: bool = False, q_offset: int = 0,
+                            key_valid: torch.Tensor | None = None,
+                            temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Estimated attention mass ``float32 [B, H, q_blocks, k_blocks]`` from strided antidiagonal sums (XAttention's idea).
+
+    Inside every ``stride x stride`` tile the scores along its antidiagonal are summed (one
+    matmul of queries and reversed keys regrouped by ``stride``), softmax-normalised per row of
+    tiles and pooled into blocks. Costs ``1 / stride`` of dense attention; ``block_size`` must be
+    a multiple of ``stride``.
+
+    Example:
+        >>> q = torch.randn(1, 1, 64, 8)
+        >>> antidiagonal_block_mass(q, q, block_size=16, kv_head_index=torch.tensor([0]), stride=4).shape
+        torch.Size([1, 1, 4, 4])
+    """
+    if block_size % stride:
+        raise ValueError(f"block_size {block_size} must be a multiple of the antidiagonal stride {stride}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    batch, heads, q_len, dim = q.shape
+    k_len = k.shape[2]
+    q_blocks, k_blocks = blocks_for(q_len, block_size), blocks_for(k_len, block_size)
+    q_pad, k_pad = q_blocks * block_size, k_blocks * block_size
+    qs = torch.nn.functional.pad(q.float(), (0, 0, 0, q_pad - q_len))
+    ks = torch.nn.functional.pad(k.float(), (0, 0, 0, k_pad - k_len)).index_select(1, _on(kv_head_index, k.device))
+    # Tile rows: queries t = 0..stride-1 of a tile against keys stride-1-t (the antidiagonal).
+    q_tiles = qs.view(batch, heads, q_pad // stride, stride * dim)
+    k_tiles = ks.view(batch, heads, k_pad // stride, stride, dim).flip(3).reshape(batch, heads, k_pad // stride,
+                                                                                  stride * dim)
+    tile_scores = (q_tiles @ k_tiles.transpose(-1, -2)) * (scale / stride) * temperature  # antidiagonal mean
+    valid = torch.arange(k_pad, device=k.device) < k_len
+    if key_valid is not None:
+        valid = valid & torch.nn.functional.pad(key_valid, (0, k_pad - k_len))
+    else:
+        valid = valid.expand(batch, k_pad)
+    tile_valid = valid.view(batch, k_pad // stride, stride).any(-1)            # [B, key tiles]
+    tile_scores = tile_scores.masked_fill(~tile_valid.view(batch, 1, 1, -1), _NEG_INF)
+    if causal:
+        query_tile = q_offset + torch.arange(q_pad // stride, device=q.device).unsqueeze(1) * stride + stride - 1
+        key_tile = torch.arange(k_pad // stride, device=k.device).unsqueeze(0) * stride
+        tile_scores = tile_scores.masked_fill(key_tile > query_tile, _NEG_INF)
+    probabilities = _softmax_rows(tile_scores)                                   # [B, H, q tiles, k tiles]
+    per_block = block_size // stride
+    mass = probabilities.view(batch, heads, q_blocks, per_block, k_blocks, per_block).sum((3, 5))
+    return mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def _softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim; rows that are all ``-inf`` give zeros (not NaN)."""
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def coverage_block_lists(mass: torch.Tensor, coverage: torch.Tensor, min_blocks: torch.Tensor,
+                         max_blocks: torch.Tensor) -> torch.Tensor:
+    """Block lists ``int64 [B, H, Qb, max(max_blocks)]``: per row the fewest blocks (largest mass first) reaching ``coverage``.
+
+    ``coverage``, ``min_blocks`` and ``max_blocks`` are per-head tensors ``[H]`` (``max_blocks``
+    on the CPU: it fixes the width); the count is held between them (blocks with no mass are
+    never kept beyond ``min_blocks``). Only the ``max_blocks`` best blocks of a row are ranked (a
+    top-k; ties go to the lower block index), never the whole row. ``-1`` marks empty slots.
+
+    Example:
+        >>> mass = torch.tensor([[[[0.6, 0.3, 0.1]]]])
+        >>> one = torch.ones(1, dtype=torch.long)
+        >>> coverage_block_lists(mass, torch.tensor([0.8]), one, 3 * one).tolist()
+        [[[[0, 1, -1]]]]
+    """
+    heads, k_blocks = mass.shape[1], mass.shape[-1]
+    limit = max(1, min(int(max_blocks.max()), k_blocks))
+    order = _top_indices(mass, limit)                                          # [B, H, Qb, limit]
+    ordered = mass.gather(-1, order)
+    before = ordered.cumsum(-1) - ordered                                       # mass of the better blocks
+    rank = torch.arange(limit, device=mass.device)
+    view = (1, heads, 1, 1)
+    keep = before < _on(coverage, mass.device).to(mass.dtype).view(view)
+    keep = keep & (ordered > 0)
+    keep = keep | (rank < _on(min_blocks, mass.device).view(view))
+    keep = keep & (rank < _on(max_blocks, mass.device).view(view))
+    return torch.where(keep, order, -1)
+
+
+def coverage_block_mask(mass: torch.Tensor, coverage: torch.Tensor, min_blocks: torch.Tensor,
+                        max_blocks: torch.Tensor) -> torch.Tensor:
+    """``bool [B, H, Qb, Kb]``: `coverage_block_lists` as a mask.
+
+    Example:
+        >>> mass = torch.tensor([[[[0.6, 0.3, 0.1]]]])
+        >>> one = torch.ones(1, dtype=torch.long)
+        >>> coverage_block_mask(mass, torch.tensor([0.8]), one, 3 * one).int().tolist()
+        [[[[1, 1, 0]]]]
+    """
+    return block_lists_to_masks(coverage_block_lists(mass, coverage, min_blocks, max_blocks), mass.shape[-1])
+
+
+def block_lists_to_masks(lists: torch.Tensor, k_blocks: int) -> torch.Tensor:
+    """``bool [..., k_blocks]``: the blocks named by block lists ``[..., slots]`` (entries outside ``[0, k_blocks)``: none).
+
+    Example:
+        >>> block_lists_to_masks(torch.tensor([[2, -1, 0]]), 3).int().tolist()
+        [[1, 0, 1]]
+    """
+    target = torch.where((lists >= 0) & (lists < k_blocks), lists, k_blocks).long()
+    masks = torch.zeros(*lists.shape[:-1], k_blocks + 1, dtype=torch.bool, device=lists.device)
+    return masks.scatter_(-1, target, True)[..., :k_blocks]
+
+
+def _top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """``int64 [..., count]``: indices of the ``count`` largest of ``scores [..., n]``, largest first.
+
+    ``scores`` are non-negative, with no ``-0.0`` or NaN (probabilities and sums of them).
+
+    Equal scores come in ascending index order (what a stable descending sort gives): the
+    top-k runs on one int64 key per entry, the score's float32 bits above the reversed index.
+    """
+    n = scores.shape[-1]
+    bits = scores.to(torch.float32).contiguous().view(torch.int32).long()   # ordered like the scores (>= +0)
+    key = torch.add(n - 1 - torch.arange(n, device=scores.device), bits, alpha=1 << 32)
+    return (n - 1) - key.topk(count, dim=-1).values.bitwise_and(0xFFFFFFFF)
+
+
+def self_blocks(q_len: int, k_len: int, block_size: int, q_offset: int, device) -> torch.Tensor:
+    """``bool [q_blocks, k_blocks]``: the key blocks holding the queries' own positions (self attention).
+
+    Example:
+        >>> self_blocks(32, 32, 16, 0, "cpu").int().tolist()
+        [[1, 0], [0, 1]]
+    """
+    query_first, query_last, _, _ = block_token_bounds(q_len, k_len, block_size, q_offset, device)
+    key = torch.arange(blocks_for(k_len, block_size), device=device).unsqueeze(0)
+    return (key >= query_first // block_size) & (key <= query_last // block_size)
+
+
+def vertical_slash_line_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                             probe_rows: int, scale: float | None = None, causal: bool = False, q_offset: int = 0,
+                             key_valid: torch.Tensor | None = None,
+                             kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(column_mass [B, H, Kb], diagonal_mass [B, H, Kb + total_blocks])`` of the last ``probe_rows`` queries.
+
+    The probe queries attend to every key they may see; ``column_mass[J]`` is their probability mass
+    in key block ``J`` (vertical lines), ``diagonal_mass[o + Kb - 1]`` the mass on block diagonal
+    ``o`` = (absolute query block) - (key block), ``o`` from ``-(Kb - 1)`` to ``total_blocks``, which
+    holds the token offsets ``query - key`` in ``[(o - 1) * block, (o + 1) * block)`` (slash lines).
+
+    Both come from one ``[B, H, Kb, classes]`` tensor: each key block's mass split by offset class
+    (`_probe_split_torch`). ``kernel``: ``"triton"`` computes it with the fused kernel of
+    `sparsify.estimator_kernels` (scores recomputed tile by tile in float32, no ``probe x Sk``
+    tensor), ``"torch"`` with one ``probe x Sk x D`` matmul in the inputs' dtype, a softmax and
+    a small matmul per tile; ``"auto"`` takes Triton for CUDA inputs it supports.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    batch, heads, q_len, dim = q.shape
+    k_len = k.shape[2]
+    device = q.device
+    k_blocks = blocks_for(k_len, block_size)
+    total_blocks = blocks_for(q_offset + q_len, block_size)
+    probe_rows = max(1, min(probe_rows, q_len))
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
+    if kernel == "auto":
+        kernel = "triton" if _triton_serves(q, block_size) else "torch"
+    arguments = dict(block_size=block_size, kv_head_index=kv_head_index, probe_rows=probe_rows, scale=scale,
+                     causal=causal, q_offset=q_offset, key_valid=key_valid)
+    if kernel == "triton":
+        from sparsify.estimator_kernels import probe_block_split
+
+        split = probe_block_split(q, k, **arguments)
+    else:
+        split = _probe_split_torch(q, k, **arguments)
+    column_mass = split.sum(-1)
+    # Class t of key block J is offset tile m - J + (t - 1) (m: the first probe row's block), stored at
+    # m - J + t - 1 + Kb: for each class, the key blocks in reverse land on consecutive tiles (no scatter).
+    first_block = (q_offset + q_len - probe_rows) // block_size
+    tiles = torch.zeros(batch, heads, k_blocks + total_blocks + 1, device=device, dtype=torch.float32)
+    reversed_split = split.flip(2)
+    for offset_class in range(split.shape[-1]):
+        start = first_block + offset_class
+        tiles[..., start:start + k_blocks] += reversed_split[..., offset_class]
+    # Diagonal o (from -(Kb - 1) to total_blocks) holds offset tiles o - 1 and o, stored at o - 1 + Kb and o + Kb.
+    return column_mass, tiles[..., :-1] + tiles[..., 1:]
+
+
+def _triton_serves(q: torch.Tensor, block_size: int) -> bool:
+    """Whether the fused probe kernel takes these inputs (CUDA, Triton installed, a block size it supports)."""
+    if q.device.type != "cuda" or not _TRITON_INSTALLED:
+        return False
+    from sparsify.estimator_kernels import supports
+
+    return supports(block_size, q.shape[-1], q.dtype)
+
+
+def _probe_split_torch(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                       probe_rows: int, scale: float, causal: bool, q_offset: int,
+                       key_valid: torch.Tensor | None) -> torch.Tensor:
+    """``float32 [B, H, Kb, classes]``: each key block's probe mass split by offset class, in plain torch.
+
+    Cost: one ``probe x Sk x D`` matmul in the inputs' dtype (grouped query heads share their key
+    head: no GQA copy of the keys), one softmax, and one pass over the probabilities that splits each
+    (probe rows x key block) tile by offset class with a small matmul — no per-element scatter.
+    """
+    batch, heads, q_len, dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    device = q.device
+    k_blocks = blocks_for(k_len, block_size)
+    probe = q[:, :, q_len - probe_rows:] * scale
+    group = heads // kv_heads if heads % kv_heads == 0 else 0
+    regular = (kv_head_index.device.type == "cpu" and group > 0
+               and torch.equal(kv_head_index.long(), torch.arange(kv_heads).repeat_interleave(group)))
+    if regular:   # query head h reads key head h // group: the group's probe rows are rows of one matmul
+        scores = (probe.reshape(batch, kv_heads, group * probe_rows, dim) @ k.transpose(-1, -2)).view(
+            batch, heads, probe_rows, k_len)
+    else:
+        scores = probe @ k.index_select(1, _on(kv_head_index, k.device)).transpose(-1, -2)     # [B, H, P, Sk]
+    base = q_offset + q_len - probe_rows                                   # absolute position of the first probe row
+    if causal and base + 1 < k_len:                                        # keys after a row's own position
+        width = k_len - base - 1
+        later = torch.arange(width, device=device).unsqueeze(0) >= torch.arange(probe_rows, device=device).unsqueeze(1)
+        scores[..., base + 1:].masked_fill_(later, _NEG_INF)
+    if key_valid is not None:
+        scores.masked_fill_(~key_valid.view(batch, 1, 1, k_len), _NEG_INF)
+    probabilities = torch.softmax(scores, dim=-1)
+    if key_valid is not None:                    # a probe row sees key 0 unless padding hides it
+        probabilities.nan_to_num_(0.0)           # rows that see nothing: zeros
+    # Row r, key J * block + c lies at token offset d = base + r - J * block - c; with base = m * block + shift,
+    # its offset tile floor(d / block) is m - J + e, e = floor((shift + r - c) / block): a few classes per tile.
+    first_block, shift = divmod(base, block_size)
+    rows = torch.arange(probe_rows, device=device).view(-1, 1)
+    columns = torch.arange(block_size, device=device).view(1, -1)
+    offset_class = torch.div(shift + rows - columns, block_size, rounding_mode="floor") + 1   # >= 0
+    classes = (shift + probe_rows - 1) // block_size + 2
+    weights = torch.nn.functional.one_hot(offset_class, classes).to(probabilities.dtype)    # [P, block, classes]
+    full = k_len // block_size
+    parts = []
+    if full:
+        tiles = probabilities[..., :full * block_size].view(batch, heads, probe_rows, full, block_size)
+        parts.append((tiles @ weights.unsqueeze(0).unsqueeze(0)).float().sum(2))            # [B, H, full, classes]
+    if full < k_blocks:                                                                    # the partial last block
+        tail = probabilities[..., full * block_size:].unsqueeze(3)                         # [B, H, P, 1, rest]
+        rest = tail.shape[-1]
+        parts.append((tail @ weights[:, :rest].unsqueeze(0).unsqueeze(0)).float().sum(2))
+    split = torch.cat(parts, 2)                                                            # [B, H, Kb, classes]
+    return split
+
+
+def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                               vertical: torch.Tensor, slash: torch.Tensor, probe_rows: int,
+                               scale: float | None = None, causal: bool = False, q_offset: int = 0,
+                               key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Block lists ``int64 [B, H, Qb, slots]`` of MInference's vertical-slash lines, estimated from the last ``probe_rows`` queries.
+
+    The probe queries attend to every key (`vertical_slash_line_mass`); per head the top
+    ``ceil(vertical[h] * k_blocks)`` key blocks and ``ceil(slash[h] * diagonals)`` block diagonals
+    are kept (at least one of each). A vertical-slash mask is a union of columns and diagonals,
+    so query block ``I`` (absolute block ``a``) keeps the top key blocks and ``a - o`` for every
+    top diagonal ``o``: slots = top columns + top diagonals. ``vertical`` and ``slash`` are
+    per-head CPU tensors (the counts fix the widths on the host).
+
+    Example:
+        >>> q = torch.randn(1, 1, 64, 8)
+        >>> lists = vertical_slash_block_lists(q, q, block_size=16, kv_head_index=torch.tensor([0]),
+        ...                                    vertical=torch.tensor([0.25]), slash=torch.tensor([0.25]),
+        ...                                    probe_rows=16, causal=True)
+        >>> lists.shape                                  # 1 column + 2 of the 8 diagonals per query block
+        torch.Size([1, 1, 4, 3])
+    """
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    q_blocks, k_blocks = blocks_for(q_len, block_size), blocks_for(k_len, block_size)
+    device = q.device
+    column_mass, diagonal_mass = vertical_slash_line_mass(
+        q, k, block_size=block_size, kv_head_index=kv_head_index, probe_rows=probe_rows, scale=scale, causal=causal,
+        q_offset=q_offset, key_valid=key_valid)
+    columns = _top_lines(column_mass, vertical)                                   # [B, H, V] key blocks
+    diagonals = _top_lines(diagonal_mass, slash)                                  # [B, H, S] diagonal slots
+    # Block (I, J) lies on block diagonal (absolute query block of I) - J; slot o + Kb - 1 holds diagonal o.
+    query_block = block_token_bounds(q_len, k_len, block_size, q_offset, device)[0] // block_size    # [Qb, 1]
+    diagonals = diagonals.unsqueeze(2)
+    on_slash = torch.where(diagonals >= 0, query_block.view(1, 1, q_blocks, 1) + (k_blocks - 1) - diagonals, -1)
+    return torch.cat([columns.unsqueeze(2).expand(batch, heads, q_blocks, -1), on_slash], -1)
+
+
+def sink_block_lists(sink_blocks: torch.Tensor, like: torch.Tensor, k_blocks: int) -> torch.Tensor:
+    """Block lists ``int64`` shaped like ``like [B, H, Qb, *]``: the first ``sink_blocks[h]`` (a CPU tensor) key blocks of every row.
+
+    Example:
+        >>> sink_block_lists(torch.tensor([1, 2]), torch.zeros(1, 2, 1, 0), 8).tolist()
+        [[[[0, -1]], [[0, 1]]]]
+    """
+    batch, heads, q_blocks = like.shape[:3]
+    most = max(0, min(int(sink_blocks.max()), k_blocks))
+    columns = torch.arange(most, device=like.device)
+    columns = torch.where(columns < _on(sink_blocks, like.device).view(heads, 1), columns, -1)
+    return columns.view(1, heads, 1, most).expand(batch, heads, q_blocks, most)
+
+
+def _on(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small per-head tensor on ``device``: copied from the CPU without waiting for the device (no stream sync)."""
+    return values.to(device, non_blocking=True)
+
+
+def vertical_slash_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                              vertical: torch.Tensor, slash: torch.Tensor, probe_rows: int,
+                              scale: float | None = None, causal: bool = False, q_offset: int = 0,
+                              key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``bool [B, H, Qb, Kb]``: `vertical_slash_block_lists` as a mask.
+
+    Example:
+        >>> q = torch.randn(1, 1, 64, 8)
+        >>> mask = vertical_slash_block_mask(q, q, block_size=16, kv_head_index=torch.tensor([0]),
+        ...                                  vertical=torch.tensor([0.25]), slash=torch.tensor([0.25]),
+        ...                                  probe_rows=16, causal=True)
+        >>> mask.shape
+        torch.Size([1, 1, 4, 4])
+    """
+    lists = vertical_slash_block_lists(q, k, block_size=block_size, kv_head_index=kv_head_index, vertical=vertical,
+                                       slash=slash, probe_rows=probe_rows, scale=scale, causal=causal,
+                                       q_offset=q_offset, key_valid=key_valid)
+    return block_lists_to_masks(lists, blocks_for(k.shape[2], block_size))
+
+
+def _top_lines(scores: torch.Tensor, fraction: torch.Tensor) -> torch.Tensor:
+    """``int64 [B, H, max count]``: per head the ``ceil(fraction[h] * n)`` best of ``scores [B, H, n]`` (at least one), ``-1`` past it."""
+    count = torch.ceil(fraction.cpu().to(torch.float32) * scores.shape[-1]).clamp(min=1).long()
+    limit = min(int(count.max()), scores.shape[-1])
+    top = _top_indices(scores, limit)
+    rank = torch.arange(limit, device=scores.device)
+    return torch.where(rank < _on(count, scores.device).view(1, -1, 1), top, -1)
