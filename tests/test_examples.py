@@ -188,10 +188,28 @@ def test_token_windows_are_consecutive_and_refuse_short_texts():
 def test_text_sources():
     from pydoc_data import topics
 
-    text = smollm2_perplexity.python_docs_text()
-    # Every topic page, in name order, each once (pydoc_data ships with every CPython).
-    assert text.index(topics.topics["assert"]) < text.index(topics.topics["while"])
-    assert text.count(topics.topics["while"]) == 1
+    names = sorted(topics.topics)
+    first, held_out = names[: len(names) // 2], names[len(names) // 2:]
+    text, other = smollm2_perplexity.python_docs_text(), smollm2_perplexity.python_docs_held_out_text()
+    # The two halves of the topic pages, in name order, each page once and in one half only.
+    assert text.index(topics.topics[first[0]]) < text.index(topics.topics[first[-1]])
+    assert all(text.count(topics.topics[name]) == 1 for name in (first[0], first[-1]))
+    assert all(topics.topics[name] in other and topics.topics[name] not in text for name in (held_out[0], held_out[-1]))
+
+
+def test_missing_evaluation_source_falls_back_to_held_out_python_docs(monkeypatch, capsys):
+    def missing():
+        raise smollm2_perplexity.TextUnavailable("no license texts in /nowhere")
+
+    monkeypatch.setitem(smollm2_perplexity.TEXT_SOURCES, "licenses", missing)
+    monkeypatch.setitem(smollm2_perplexity.TEXT_SOURCES, "vim-manual", lambda: "a manual")
+    texts, used, substitutions = smollm2_perplexity.load_texts("python-docs", ["licenses", "vim-manual"])
+    assert used == ["vim-manual", "python-docs-held-out"]
+    assert substitutions == {"licenses": "no license texts in /nowhere"}
+    assert texts["python-docs-held-out"] == smollm2_perplexity.python_docs_held_out_text()
+    assert "evaluating on python-docs-held-out instead" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="calibration source licenses"):
+        smollm2_perplexity.load_texts("licenses", ["vim-manual"])
 
 
 def test_vim_manual_reads_the_manual_chapters_only(tmp_path):
@@ -199,7 +217,7 @@ def test_vim_manual_reads_the_manual_chapters_only(tmp_path):
     (tmp_path / "usr_01.txt").write_text("first chapter")
     (tmp_path / "options.txt").write_text("reference, not the manual")
     assert smollm2_perplexity.vim_manual_text(str(tmp_path)) == "first chapter\n\nsecond chapter"
-    with pytest.raises(SystemExit, match="no Vim user manual"):
+    with pytest.raises(smollm2_perplexity.TextUnavailable, match="no Vim user manual"):
         smollm2_perplexity.vim_manual_text(str(tmp_path / "missing"))
 
 
@@ -208,7 +226,7 @@ def test_licenses_text_reads_each_file_once(tmp_path):
     (tmp_path / "B").write_text("second license")
     os.symlink(tmp_path / "A", tmp_path / "A-link")
     assert smollm2_perplexity.licenses_text(str(tmp_path)) == "first license\n\nsecond license"
-    with pytest.raises(SystemExit, match="no license texts"):
+    with pytest.raises(smollm2_perplexity.TextUnavailable, match="no license texts"):
         smollm2_perplexity.licenses_text(str(tmp_path / "missing"))
 
 
