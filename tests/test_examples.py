@@ -73,6 +73,24 @@ def test_dense_strategy_has_perplexity_ratio_one():
     assert sparse / dense == pytest.approx(1.0, abs=1e-5)
 
 
+def test_paired_evaluation_measures_the_model_level_error_against_dense():
+    model = tiny_llama()
+    windows = [torch.randint(0, 96, (1, 128)) for _ in range(2)]
+    sites = sparsify.find_attention(model, {"input_ids": windows[0]})
+    compiled = sparsify.compile(model, strategy=sparsify.Strategy.uniform(sites, patterns.sliding_window(16), 16),
+                                example_inputs={"input_ids": windows[0]})
+    dense, sparse, error = smollm2_perplexity.paired_evaluation(model, compiled, windows)
+    with torch.no_grad():
+        pairs = [(model(input_ids=w).logits.double(), compiled(input_ids=w).logits.double()) for w in windows]
+    squared = [float((s - d).norm() ** 2 / d.norm() ** 2) for d, s in pairs]
+    divergence = [float((d.softmax(-1) * (d.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()) for d, s in pairs]
+    assert error["relative_l2"] == pytest.approx(math.sqrt(sum(squared) / 2), rel=1e-6) and error["relative_l2"] > 0
+    assert error["kl"] == pytest.approx(sum(divergence) / 2, rel=1e-6, abs=1e-12)
+    assert dense == smollm2_perplexity.window_losses(model, windows)
+    reference = smollm2_perplexity.window_losses(compiled, windows)
+    assert [loss for loss, _ in sparse] == pytest.approx([loss for loss, _ in reference], rel=1e-6)
+
+
 def test_searched_strategy_is_read_back_per_family_and_within_budget():
     model = tiny_llama()
     calibration = [{"input_ids": torch.randint(0, 96, (1, 256))} for _ in range(4)]
