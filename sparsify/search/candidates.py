@@ -105,7 +105,7 @@ def _profile_candidates(mass: torch.Tensor, block_size: int, site: AttentionSite
 
 
 #: Densities (kept share of the visible blocks) of the static tables read off each head's profile.
-PROFILE_TABLE_DENSITIES = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+PROFILE_TABLE_DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 #: How a profile table spends its blocks: ``row_share`` keeps the same share of every query block's visible keys;
 #: ``coverage`` keeps, in every query block, the fewest keys that hold one common share of the row's mass (rows

@@ -65,7 +65,7 @@ def test_profile_tables_are_candidates_at_many_densities():
     profile.add(q, q, q, None, True, None)
     tables = [p for p in candidate_patterns(site, 64, profile)[0] if p.pattern_name == "block_top_k"]
     densities = sorted({round(float(_kept(t, 16, True).sum()) / 136, 2) for t in tables})
-    assert len(densities) >= 8 and densities[-1] >= 0.85
+    assert len(densities) >= 6 and densities[-1] >= 0.75
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.5, math.nan])
