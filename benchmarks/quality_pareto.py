@@ -26,7 +26,7 @@ draws the same from the JSON). Target: ours <= each anchor at every density. The
 those of ``examples/smollm2_perplexity.py`` (calibrate on ``python-docs``, evaluate on
 ``licenses`` and ``vim-manual``, or on ``python-docs-held-out`` where those are missing).
 
-    python benchmarks/quality_pareto.py --tokens 1024 --calibration 2 --evaluation 1   # CPU: ~15 min on 2 cores
+    python benchmarks/quality_pareto.py --tokens 1024 --calibration 2 --evaluation 1   # CPU: ~1 h on 2 shared cores
     python benchmarks/quality_pareto.py --device cuda --dtype bfloat16                 # 2048 tokens on a GPU
 """
 
