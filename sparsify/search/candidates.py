@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from sparsify import patterns as pattern_library
+from sparsify.errors import PatternError
 from sparsify.patterns import Pattern, causal_block_mask
 from sparsify.profile import BlockMassProfile
 from sparsify.runtime.block_mask import RuntimeBlockMask, block_geometry, blocks_for
@@ -130,9 +131,9 @@ def profile_top_k(mass: torch.Tensor, density: float, site: AttentionSite, kind:
         True
     """
     if kind not in PROFILE_TABLE_KINDS:
-        raise ValueError(f"profile_top_k: unknown kind {kind!r}; known: {', '.join(PROFILE_TABLE_KINDS)}")
+        raise PatternError(f"profile_top_k: unknown kind {kind!r}; known: {', '.join(PROFILE_TABLE_KINDS)}")
     if not 0 < density <= 1:
-        raise ValueError(f"profile_top_k: density must lie in (0, 1], got {density!r}")
+        raise PatternError(f"profile_top_k: density must lie in (0, 1], got {density!r}")
     mass = mass.detach().to("cpu", torch.float64)
     q_blocks, k_blocks = mass.shape
     visible = causal_block_mask(q_blocks, k_blocks) if site.causal else torch.ones(q_blocks, k_blocks, dtype=torch.bool)

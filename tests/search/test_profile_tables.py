@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sparsify.errors import PatternError
 from sparsify.patterns import causal_block_mask
 from sparsify.profile import BlockMassProfile
 from sparsify.search.candidates import PROFILE_TABLE_KINDS, candidate_patterns, profile_top_k
@@ -70,7 +71,7 @@ def test_profile_tables_are_candidates_at_many_densities():
 
 @pytest.mark.parametrize("bad", [0.0, 1.5, math.nan])
 def test_bad_density_or_kind_is_refused(bad):
-    with pytest.raises(ValueError, match="density"):
+    with pytest.raises(PatternError, match="density"):
         profile_top_k(torch.ones(4, 4), bad, _site(), "coverage")
-    with pytest.raises(ValueError, match="known: row_share, coverage"):
+    with pytest.raises(PatternError, match="known: row_share, coverage"):
         profile_top_k(torch.ones(4, 4), 0.5, _site(), "global")
