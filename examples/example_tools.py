@@ -118,10 +118,15 @@ class RealisedDensity:
         >>> density.result()["mean_density"]                 # doctest: +SKIP
     """
 
-    def __init__(self, compiled: torch.nn.Module):
-        self.strategy = compiled.strategy
+    def __init__(self, compiled: torch.nn.Module | None = None, *, strategy: sparsify.Strategy | None = None,
+                 modules: Any = ()):
+        # A compiled module, or a strategy and the runtime site modules that run it (e.g. an interpreter's replacements).
+        self.strategy = compiled.strategy if compiled is not None else strategy
+        if self.strategy is None:
+            raise ValueError("RealisedDensity needs a compiled module, or strategy= and modules=")
+        found = compiled.modules() if compiled is not None else modules
         # Runtime sites with adaptive heads, by site name (sites left dense are not rewritten at all).
-        self.adaptive_sites = {module.site.name: module for module in compiled.modules()
+        self.adaptive_sites = {module.site.name: module for module in found
                                if getattr(module, "adaptive_heads", None) is not None and module.adaptive_heads.numel()}
         self.logs: dict[str, list[torch.Tensor]] = {}
 

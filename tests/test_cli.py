@@ -71,6 +71,23 @@ def test_search_on_the_builtin_example_then_report_and_apply(tmp_path, capsys):
     assert "4 of 4 sites run sparse" in capsys.readouterr().out
 
 
+def test_report_draws_a_pareto_rows_document(tmp_path, capsys):
+    import json
+
+    rows = tmp_path / "pareto.json"
+    rows.write_text(json.dumps({"meta": {"tokens": 1024}, "complete": True, "rows": [
+        {"method": "ours", "target_density": 0.3, "density": 0.3, "ppl_ratio": 1.02},
+        {"method": "ours", "target_density": 0.5, "density": 0.49, "ppl_ratio": 1.005},
+        {"method": "streaming_llm", "target_density": 0.3, "density": 0.31, "ppl_ratio": 1.2}]}))
+    picture = tmp_path / "pareto.png"
+    assert main(["report", str(rows), "--quality-png", str(picture)]) == 0
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "0.490 -> 1.0050" in printed and "streaming_llm" in printed
+    with pytest.raises(SystemExit, match="use --quality-png"):
+        main(["report", str(rows), "--png", str(tmp_path / "masks.png")])
+
+
 def test_search_with_a_model_level_budget_then_the_quality_picture(tmp_path, capsys):
     out = tmp_path / "strategy.json"
     assert main(["search", *MANUAL, "--max-output-error", "0.02", "--output-metric", "relative_l2", "--block-size", "16",

@@ -73,6 +73,24 @@ def test_dense_strategy_has_perplexity_ratio_one():
     assert sparse / dense == pytest.approx(1.0, abs=1e-5)
 
 
+def test_paired_evaluation_measures_the_model_level_error_against_dense():
+    model = tiny_llama()
+    windows = [torch.randint(0, 96, (1, 128)) for _ in range(2)]
+    sites = sparsify.find_attention(model, {"input_ids": windows[0]})
+    compiled = sparsify.compile(model, strategy=sparsify.Strategy.uniform(sites, patterns.sliding_window(16), 16),
+                                example_inputs={"input_ids": windows[0]})
+    dense, sparse, error = smollm2_perplexity.paired_evaluation(model, compiled, windows)
+    with torch.no_grad():
+        pairs = [(model(input_ids=w).logits.double(), compiled(input_ids=w).logits.double()) for w in windows]
+    squared = [float((s - d).norm() ** 2 / d.norm() ** 2) for d, s in pairs]
+    divergence = [float((d.softmax(-1) * (d.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()) for d, s in pairs]
+    assert error["relative_l2"] == pytest.approx(math.sqrt(sum(squared) / 2), rel=1e-6) and error["relative_l2"] > 0
+    assert error["kl"] == pytest.approx(sum(divergence) / 2, rel=1e-6, abs=1e-12)
+    assert dense == smollm2_perplexity.window_losses(model, windows)
+    reference = smollm2_perplexity.window_losses(compiled, windows)
+    assert [loss for loss, _ in sparse] == pytest.approx([loss for loss, _ in reference], rel=1e-6)
+
+
 def test_searched_strategy_is_read_back_per_family_and_within_budget():
     model = tiny_llama()
     calibration = [{"input_ids": torch.randint(0, 96, (1, 256))} for _ in range(4)]
@@ -195,10 +213,28 @@ def test_token_windows_are_consecutive_and_refuse_short_texts():
 def test_text_sources():
     from pydoc_data import topics
 
-    text = smollm2_perplexity.python_docs_text()
-    # Every topic page, in name order, each once (pydoc_data ships with every CPython).
-    assert text.index(topics.topics["assert"]) < text.index(topics.topics["while"])
-    assert text.count(topics.topics["while"]) == 1
+    names = sorted(topics.topics)
+    first, held_out = names[: len(names) // 2], names[len(names) // 2:]
+    text, other = smollm2_perplexity.python_docs_text(), smollm2_perplexity.python_docs_held_out_text()
+    # The two halves of the topic pages, in name order, each page once and in one half only.
+    assert text.index(topics.topics[first[0]]) < text.index(topics.topics[first[-1]])
+    assert all(text.count(topics.topics[name]) == 1 for name in (first[0], first[-1]))
+    assert all(topics.topics[name] in other and topics.topics[name] not in text for name in (held_out[0], held_out[-1]))
+
+
+def test_missing_evaluation_source_falls_back_to_held_out_python_docs(monkeypatch, capsys):
+    def missing():
+        raise smollm2_perplexity.TextUnavailable("no license texts in /nowhere")
+
+    monkeypatch.setitem(smollm2_perplexity.TEXT_SOURCES, "licenses", missing)
+    monkeypatch.setitem(smollm2_perplexity.TEXT_SOURCES, "vim-manual", lambda: "a manual")
+    texts, used, substitutions = smollm2_perplexity.load_texts("python-docs", ["licenses", "vim-manual"])
+    assert used == ["vim-manual", "python-docs-held-out"]
+    assert substitutions == {"licenses": "no license texts in /nowhere"}
+    assert texts["python-docs-held-out"] == smollm2_perplexity.python_docs_held_out_text()
+    assert "evaluating on python-docs-held-out instead" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="calibration source licenses"):
+        smollm2_perplexity.load_texts("licenses", ["vim-manual"])
 
 
 def test_vim_manual_reads_the_manual_chapters_only(tmp_path):
@@ -206,7 +242,7 @@ def test_vim_manual_reads_the_manual_chapters_only(tmp_path):
     (tmp_path / "usr_01.txt").write_text("first chapter")
     (tmp_path / "options.txt").write_text("reference, not the manual")
     assert smollm2_perplexity.vim_manual_text(str(tmp_path)) == "first chapter\n\nsecond chapter"
-    with pytest.raises(SystemExit, match="no Vim user manual"):
+    with pytest.raises(smollm2_perplexity.TextUnavailable, match="no Vim user manual"):
         smollm2_perplexity.vim_manual_text(str(tmp_path / "missing"))
 
 
@@ -215,7 +251,7 @@ def test_licenses_text_reads_each_file_once(tmp_path):
     (tmp_path / "B").write_text("second license")
     os.symlink(tmp_path / "A", tmp_path / "A-link")
     assert smollm2_perplexity.licenses_text(str(tmp_path)) == "first license\n\nsecond license"
-    with pytest.raises(SystemExit, match="no license texts"):
+    with pytest.raises(smollm2_perplexity.TextUnavailable, match="no license texts"):
         smollm2_perplexity.licenses_text(str(tmp_path / "missing"))
 
 

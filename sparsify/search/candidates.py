@@ -15,14 +15,15 @@ from typing import Sequence
 import torch
 
 from sparsify import patterns as pattern_library
-from sparsify.patterns import Pattern
+from sparsify.errors import PatternError
+from sparsify.patterns import Pattern, causal_block_mask
 from sparsify.profile import BlockMassProfile
 from sparsify.block_mask import RuntimeBlockMask, block_geometry, blocks_for
 from sparsify.runtime.mask_source import AdaptiveMaskSource
 from sparsify.site import AttentionSite
 
-__all__ = ["AdaptiveCandidateMasks", "MIN_QUERY_BLOCKS", "SiteMasks", "adaptive_candidates", "candidate_patterns",
-           "is_skip", "prefilter_candidates"]
+__all__ = ["AdaptiveCandidateMasks", "MIN_QUERY_BLOCKS", "PROFILE_TABLE_DENSITIES", "PROFILE_TABLE_KINDS", "SiteMasks",
+           "adaptive_candidates", "candidate_patterns", "is_skip", "prefilter_candidates", "profile_top_k"]
 
 
 def _geometric(low: int, high: int, factor: float = 2.0) -> list[int]:
@@ -38,7 +39,8 @@ def candidate_patterns(site: AttentionSite, block_size: int, profile: BlockMassP
 
     Families: sliding window, A-shape (sinks + window), multi-diagonal with periods read off the
     profile's strongest off-diagonal offsets, vertical-slash from the profile's strongest
-    columns and diagonals, static block top-k from the profile, strided, radial, power-of-two,
+    columns and diagonals, static block tables read off the profile (`profile_top_k` at
+    `PROFILE_TABLE_DENSITIES`), strided, radial, power-of-two,
     and skip.
     """
     length = max(site.q_len, site.k_len)
@@ -96,12 +98,80 @@ def _profile_candidates(mass: torch.Tensor, block_size: int, site: AttentionSite
     slash = sorted({int(o) * block_size for o in per_offset.topk(min(4, per_offset.numel())).indices.tolist()})
     if vertical or slash:
         found.append(pattern_library.vertical_slash(vertical, slash, block_size) | pattern_library.attention_sinks(block_size))
-    # Static block top-k at several densities.
-    for density in (0.05, 0.1, 0.2, 0.3, 0.5):
-        found.append(pattern_library.block_top_k.from_block_scores(
-            mass, density=density, causal=site.causal,
-            relative_to="diagonal" if site.is_self_attention else "start"))
+    # Static block tables read off the profile at a grid of densities, two ways of spending the blocks.
+    for density in PROFILE_TABLE_DENSITIES:
+        for kind in PROFILE_TABLE_KINDS:
+            found.append(profile_top_k(mass, density, site, kind))
     return found
+
+
+#: Densities (kept share of the visible blocks) of the static tables read off each head's profile.
+PROFILE_TABLE_DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+#: How a profile table spends its blocks: ``row_share`` keeps the same share of every query block's visible keys;
+#: ``coverage`` keeps, in every query block, the fewest keys that hold one common share of the row's mass (rows
+#: with spread attention get more blocks, peaked rows fewer), the share chosen so the head meets the density.
+PROFILE_TABLE_KINDS = ("row_share", "coverage")
+
+
+def profile_top_k(mass: torch.Tensor, density: float, site: AttentionSite, kind: str = "row_share") -> Pattern:
+    """A static block table read off one head's block attention mass, keeping about ``density`` of the visible blocks.
+
+    Every query block of a self-attention site keeps its diagonal block and the first key block
+    (the local context and the attention sink: a row without its diagonal block loses its own
+    tokens, the largest error a table can make) before the blocks with the most mass. ``kind`` is
+    one of `PROFILE_TABLE_KINDS`. The table is relative to the diagonal at self-attention sites
+    (so a local band keeps its width at other lengths), to the start at cross-attention sites.
+
+    Example:
+        >>> site = AttentionSite("attn", 0, num_heads=1, num_kv_heads=1, head_dim=8, q_len=256, k_len=256, causal=True)
+        >>> mass = torch.rand(4, 4).tril()
+        >>> table = profile_top_k(mass, 0.5, site, "coverage")
+        >>> all(row[0] == 0 and row[-1] == index for index, row in enumerate(table.table))
+        True
+    """
+    if kind not in PROFILE_TABLE_KINDS:
+        raise PatternError(f"profile_top_k: unknown kind {kind!r}; known: {', '.join(PROFILE_TABLE_KINDS)}")
+    if not 0 < density <= 1:
+        raise PatternError(f"profile_top_k: density must lie in (0, 1], got {density!r}")
+    mass = mass.detach().to("cpu", torch.float64)
+    q_blocks, k_blocks = mass.shape
+    visible = causal_block_mask(q_blocks, k_blocks) if site.causal else torch.ones(q_blocks, k_blocks, dtype=torch.bool)
+    forced = torch.zeros_like(visible)
+    if site.is_self_attention:
+        rows = torch.arange(q_blocks)
+        diagonal = rows if site.causal else (rows * k_blocks) // q_blocks  # causal grids are top-left aligned
+        forced[rows, diagonal.clamp(0, k_blocks - 1)] = True
+        forced[:, 0] = True
+        forced &= visible
+    # Each row's mass as a distribution over its visible keys (a row the profile never saw: uniform).
+    row_mass = mass.clamp_min(0).masked_fill(~visible, 0.0)
+    totals = row_mass.sum(1, keepdim=True)
+    share = torch.where(totals > 0, row_mass / totals.clamp_min(1e-300), visible.double() / visible.sum(1, keepdim=True))
+    # Order: forced blocks first, then by mass; invisible blocks last.
+    order = torch.sort(torch.where(visible, share + 2.0 * forced, -1.0), dim=1, descending=True, stable=True).indices
+    seen = visible.sum(1)
+    least = forced.sum(1).clamp_min(1)
+    if kind == "row_share":
+        count = torch.maximum(least, torch.ceil(density * seen - 1e-9).long()).minimum(seen)
+    else:
+        covered = share.gather(1, order).cumsum(1)            # mass held by the first n blocks of each row, n = 1..
+
+        def count_for(level: float) -> torch.Tensor:
+            return torch.maximum(least, (covered < level - 1e-12).sum(1) + 1).minimum(seen)
+
+        budget = density * float(seen.sum())
+        low, high = 0.0, 1.0
+        for _ in range(40):  # the largest common coverage whose table keeps at most the budget
+            middle = (low + high) / 2
+            if float(count_for(middle).sum()) <= budget:
+                low = middle
+            else:
+                high = middle
+        count = count_for(low)
+    table = [sorted(order[row, :int(count[row])].tolist()) for row in range(q_blocks)]
+    return pattern_library.block_top_k(table, q_blocks, k_blocks,
+                                       relative_to="diagonal" if site.is_self_attention else "start")
 
 
 class SiteMasks:
