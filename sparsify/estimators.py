@@ -437,8 +437,8 @@ def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: 
         >>> lists = vertical_slash_block_lists(q, q, block_size=16, kv_head_index=torch.tensor([0]),
         ...                                    vertical=torch.tensor([0.25]), slash=torch.tensor([0.25]),
         ...                                    probe_rows=16, causal=True)
-        >>> lists.shape                                  # 1 column + 2 of the 8 diagonals per query block
-        torch.Size([1, 1, 4, 3])
+        >>> lists.shape                                  # 1 column + 2 of the 8 diagonals + the own block
+        torch.Size([1, 1, 4, 4])
     """
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
@@ -453,7 +453,13 @@ def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: 
     query_block = block_token_bounds(q_len, k_len, block_size, q_offset, device)[0] // block_size    # [Qb, 1]
     diagonals = diagonals.unsqueeze(2)
     on_slash = torch.where(diagonals >= 0, query_block.view(1, 1, q_blocks, 1) + (k_blocks - 1) - diagonals, -1)
-    return torch.cat([columns.unsqueeze(2).expand(batch, heads, q_blocks, -1), on_slash], -1)
+    lists = [columns.unsqueeze(2).expand(batch, heads, q_blocks, -1), on_slash]
+    if causal:
+        # The probe rows are the last ones: their top lines can miss everything the first query blocks may see
+        # (a row of the causal triangle sees only the blocks up to its own). Every row keeps its own diagonal
+        # block, so none is left empty (for self attention the mask source adds it anyway).
+        lists.append(query_block.view(1, 1, q_blocks, 1).expand(batch, heads, q_blocks, 1))
+    return torch.cat(lists, -1)
 
 
 def sink_block_lists(sink_blocks: torch.Tensor, like: torch.Tensor, k_blocks: int) -> torch.Tensor:

@@ -101,12 +101,7 @@ def test_key_validity_and_self_blocks():
                                      patterns.estimated_vertical_slash(0.1, 0.1),
                                      patterns.sliding_window(32) | patterns.pooled_coverage(0.5, max_fraction=0.3)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_estimated_masks_keep_the_own_block_and_never_an_empty_row(pattern, causal, request):
-    if causal and pattern.pattern_name == "estimated_vertical_slash":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "on a causal site the vertical-slash estimate alone can leave the first query blocks without a key "
-            "block (its columns and diagonals come from the last rows); self attention gets the own block from "
-            "the mask source, a causal cross-attention site would not")))
+def test_estimated_masks_keep_the_own_block_and_never_an_empty_row(pattern, causal):
     q, k = _qk(2, kv_heads=3, q_len=100, k_len=100)
     source = AdaptiveMaskSource([pattern] * 3, block_size=16, causal=causal, kv_head_index=torch.arange(3),
                                 self_attention=True)
