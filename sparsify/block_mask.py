@@ -195,12 +195,21 @@ class RuntimeBlockMask:
             full_width = partial_width = max(1, min(int(width), k_blocks))
         full_counts, full_indices = _compress(full_kept, full_width)
         counts, indices = _compress(partial_kept, partial_width)
-        heads = kept.shape[1]
+        return cls._assemble(counts, indices, full_counts, full_indices, kv_head_index, kept.shape[1], block_size,
+                             q_len, k_len, causal, q_offset, per_input)
+
+    @classmethod
+    def _assemble(cls, counts, indices, full_counts, full_indices, kv_head_index: torch.Tensor | None, heads: int,
+                  block_size: int, q_len: int, k_len: int, causal: bool, q_offset: int,
+                  per_input: bool) -> "RuntimeBlockMask":
+        """The mask of compressed index tensors; ``kv_head_index`` defaults to one key/value head per query head."""
         if kv_head_index is None:
             kv_head_index = torch.arange(heads)
         host = tuple(kv_head_index.tolist()) if kv_head_index.device.type == "cpu" else None
-        return cls(counts, indices, full_counts, full_indices, kv_head_index.to(device=device, dtype=torch.int64),
-                   block_size, q_len, k_len, bool(causal), int(q_offset), bool(per_input), host)
+        # The head map goes to the device without waiting for it (no stream sync: masks are built per call too).
+        kv_head_index = kv_head_index.to(device=counts.device, dtype=torch.int64, non_blocking=True)
+        return cls(counts, indices, full_counts, full_indices, kv_head_index, block_size, q_len, k_len, bool(causal),
+                   int(q_offset), bool(per_input), host)
 
     @classmethod
     def from_block_lists(
@@ -253,24 +262,16 @@ class RuntimeBlockMask:
                 full_width=full_width, partial_width=partial_width)
         else:
             blocks = blocks.long()
-            query_first, query_last, _, _ = block_token_bounds(q_len, k_len, block_size, q_offset, device)
-            key_first = blocks * block_size
-            complete = key_first + block_size <= k_len
-            kept = (blocks >= 0) & (blocks < k_blocks)
-            if causal:
-                kept = kept & (key_first <= query_last)
-                full = complete & (key_first + (block_size - 1) <= query_first)
-            else:
-                full = complete
+            # Each listed block's class, read off the one causal classification (`block_geometry`).
+            visible, full = block_geometry(q_len, k_len, block_size, causal, q_offset, device)
+            listed = blocks.clamp(0, k_blocks - 1)
+            grid = (*blocks.shape[:2], q_blocks, k_blocks)
+            kept = (blocks >= 0) & (blocks < k_blocks) & visible.expand(grid).gather(-1, listed)
+            full = full.expand(grid).gather(-1, listed)
             full_counts, full_indices = _compress_lists(blocks, kept & full, k_blocks, full_width)
             counts, indices = _compress_lists(blocks, kept & ~full, k_blocks, partial_width)
-        if kv_head_index is None:
-            kv_head_index = torch.arange(blocks.shape[1])
-        host = tuple(kv_head_index.tolist()) if kv_head_index.device.type == "cpu" else None
-        # A per-call mask: the head map goes to the device without waiting for it (no stream sync).
-        kv_head_index = kv_head_index.to(device=device, dtype=torch.int64, non_blocking=True)
-        return cls(counts, indices, full_counts, full_indices, kv_head_index, block_size, q_len, k_len, bool(causal),
-                   int(q_offset), bool(per_input), host)
+        return cls._assemble(counts, indices, full_counts, full_indices, kv_head_index, blocks.shape[1], block_size,
+                             q_len, k_len, causal, q_offset, per_input)
 
     @classmethod
     def dense(cls, heads: int, *, block_size: int, q_len: int, k_len: int, causal: bool, q_offset: int = 0,
