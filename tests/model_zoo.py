@@ -29,12 +29,12 @@ def gpt2(seq: int = 96, batch: int = 2, seed: int = 0):
     return transformers.GPT2LMHeadModel(config).eval(), _ids(batch, seq, torch.Generator().manual_seed(seed))
 
 
-def llama(seq: int = 96, batch: int = 2, seed: int = 0):
+def llama(seq: int = 96, batch: int = 2, seed: int = 0, *, layers: int = 2, vocab: int = VOCAB):
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
-                                      intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=512,
+    config = transformers.LlamaConfig(num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      hidden_size=64, intermediate_size=128, vocab_size=vocab, max_position_embeddings=512,
                                       bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_implementation="sdpa")
     return transformers.LlamaForCausalLM(config).eval(), _ids(batch, seq, torch.Generator().manual_seed(seed))
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import model_zoo
 import sparsify
 from sparsify import patterns
 
@@ -23,14 +24,6 @@ import minilm_embeddings  # noqa: E402
 import smollm2_perplexity  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
-
-
-def tiny_llama(vocab: int = 96) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
-                                      intermediate_size=128, vocab_size=vocab, max_position_embeddings=512,
-                                      bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_implementation="sdpa")
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 class WordTokenizer:
@@ -52,7 +45,7 @@ def test_next_token_loss_matches_a_per_position_reference():
 
 
 def test_window_losses_match_transformers_own_loss():
-    model = tiny_llama()
+    model = model_zoo.llama(vocab=96)[0]
     windows = [torch.randint(0, 96, (1, 48)) for _ in range(3)]
     losses = smollm2_perplexity.window_losses(model, windows)
     with torch.no_grad():
@@ -63,7 +56,7 @@ def test_window_losses_match_transformers_own_loss():
 
 
 def test_dense_strategy_has_perplexity_ratio_one():
-    model = tiny_llama()
+    model = model_zoo.llama(vocab=96)[0]
     windows = [torch.randint(0, 96, (1, 128)) for _ in range(2)]
     sites = sparsify.find_attention(model, {"input_ids": windows[0]})
     compiled = sparsify.compile(model, strategy=sparsify.Strategy.dense(sites, block_size=16),
@@ -74,7 +67,7 @@ def test_dense_strategy_has_perplexity_ratio_one():
 
 
 def test_paired_evaluation_measures_the_model_level_error_against_dense():
-    model = tiny_llama()
+    model = model_zoo.llama(vocab=96)[0]
     windows = [torch.randint(0, 96, (1, 128)) for _ in range(2)]
     sites = sparsify.find_attention(model, {"input_ids": windows[0]})
     compiled = sparsify.compile(model, strategy=sparsify.Strategy.uniform(sites, patterns.sliding_window(16), 16),
@@ -92,7 +85,7 @@ def test_paired_evaluation_measures_the_model_level_error_against_dense():
 
 
 def test_searched_strategy_is_read_back_per_family_and_within_budget():
-    model = tiny_llama()
+    model = model_zoo.llama(vocab=96)[0]
     calibration = [{"input_ids": torch.randint(0, 96, (1, 256))} for _ in range(4)]
     compiled = sparsify.compile(model, calibration, max_error=0.1, block_size=16, progress=False,
                                 cost_model=smollm2_perplexity.work_only_cost_model())
@@ -129,7 +122,7 @@ def compiled_with(model, window, head_patterns, *, sites_changed=None):
 
 
 def test_realised_density_of_static_heads_is_the_summary_density():
-    model = tiny_llama()
+    model = model_zoo.llama(vocab=96)[0]
     window = torch.randint(0, 96, (1, 128))
     compiled = compiled_with(model, window, [patterns.sliding_window(32), patterns.dense(), patterns.skip(),
                                              patterns.a_shape(16, 16)])
@@ -147,7 +140,7 @@ def test_realised_density_of_static_heads_is_the_summary_density():
 
 
 def test_realised_density_counts_adaptive_heads_by_what_they_keep():
-    model = tiny_llama()
+    model = model_zoo.llama(vocab=96)[0]
     window = torch.randint(0, 96, (1, 128))
     window_blocks = 128 // 16
     static = patterns.sliding_window(16)
@@ -177,7 +170,7 @@ def test_realised_density_counts_adaptive_heads_by_what_they_keep():
 
 
 def test_searched_density_reads_the_recorded_work():
-    model = tiny_llama()
+    model = model_zoo.llama(vocab=96)[0]
     calibration = [{"input_ids": torch.randint(0, 96, (1, 256))} for _ in range(4)]
     compiled = sparsify.compile(model, calibration, max_error=0.1, block_size=16, progress=False, adaptive=False)
     assert example_tools.searched_density(compiled.strategy) == pytest.approx(

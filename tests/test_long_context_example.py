@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+import model_zoo
+
 from sparsify.patterns import query_aware_decode
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -19,16 +21,8 @@ import long_context  # noqa: E402
 transformers = pytest.importorskip("transformers")
 
 
-def _tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
-                                      intermediate_size=128, vocab_size=96, max_position_embeddings=512,
-                                      bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_implementation="sdpa")
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def test_decode_check_reading_every_page_agrees_with_dense_and_a_small_budget_reads_less():
-    model = _tiny_llama()
+    model = model_zoo.llama(layers=3, vocab=96)[0]
     prompt = torch.randint(0, 96, (1, 96), generator=torch.Generator().manual_seed(1))
     every_page = long_context.decode_check(model, prompt, 6, query_aware_decode(1.0, page_size=8), dense_layers=1)
     assert every_page["agreement"] == 1.0 and every_page["free_run_prefix"] == 6
@@ -41,7 +35,7 @@ def test_decode_check_reading_every_page_agrees_with_dense_and_a_small_budget_re
 def test_chunked_check_static_pattern_gives_the_one_call_logits():
     from sparsify import patterns
 
-    model = _tiny_llama()
+    model = model_zoo.llama(layers=3, vocab=96)[0]
     ids = torch.randint(0, 96, (1, 128), generator=torch.Generator().manual_seed(2))
     row = long_context.chunked_check(model, ids, 32, 16, patterns.estimated_vertical_slash(0.2, 0.2, sink_blocks=1))
     assert row["static_difference"] < 1e-5 and row["static_error"] > 1e-3

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import model_zoo
 import sparsify
 from sparsify import patterns
 
@@ -20,16 +21,8 @@ transformers = pytest.importorskip("transformers")
 quality_pareto = pytest.importorskip("quality_pareto")
 
 
-def tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
-                                      intermediate_size=128, vocab_size=96, max_position_embeddings=512,
-                                      bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_implementation="sdpa")
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def test_runner_gives_the_compiled_modules_logits_and_density():
-    model = tiny_llama()
+    model = model_zoo.llama(vocab=96)[0]
     windows = [torch.randint(0, 96, (1, 128)) for _ in range(2)]
     captured, sites = sparsify.api.capture_attention(model, {"input_ids": windows[0]})
     runner = quality_pareto.StrategyRunner(captured, sites, block_size=16)
@@ -49,7 +42,7 @@ def test_runner_gives_the_compiled_modules_logits_and_density():
 
 
 def test_streaming_window_meets_the_density():
-    model = tiny_llama()
+    model = model_zoo.llama(vocab=96)[0]
     window = torch.randint(0, 96, (1, 256))
     sites = sparsify.find_attention(model, {"input_ids": window})
     def density(size: int) -> float:
