@@ -26,13 +26,6 @@ from sparsify.site import AttentionSite  # noqa: E402
 triton_kernels = load_triton_kernels()  # interpreted on CPU without CUDA
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_on_cpu(monkeypatch):
-    if not HAS_CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    yield
-
-
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

@@ -27,13 +27,6 @@ WINDOW = patterns.sliding_window(32) | patterns.attention_sinks(16)
 PROMPT, STEPS, CAPACITY = 80, 8, 112
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_on_cpu(monkeypatch):
-    if not HAS_CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    yield
-
-
 def _greedy(prefill_model, step_model, ids, cache):
     """``(tokens [B, STEPS], logits [B, STEPS, V])`` of greedy decode after prefilling ``ids`` through ``cache``."""
     tokens, logits = [], []

@@ -23,13 +23,6 @@ from sparsify.patterns import query_aware_decode  # noqa: E402
 from sparsify.runtime.decode import QueryAwareDecoder, page_bounds, select_pages  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_on_cpu(monkeypatch):
-    if not HAS_CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    yield
-
-
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
