@@ -97,9 +97,10 @@ class StrategyRunner:
         modules = {}
         if strategy is not None:
             for site in self.sites:
-                module = sparse_replacement(site, strategy.sites[site.name].heads, self.block_size, backend=self.backend)
+                module = sparse_replacement(site, strategy.sites[site.name].heads, self.block_size, backend=self.backend,
+                                            device=windows[0].device)
                 if module is not None:
-                    modules[site.name] = module.to(windows[0].device)
+                    modules[site.name] = module
 
         def observer(site, q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
             module = modules.get(site.name)

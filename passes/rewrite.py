@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import TYPE_CHECKING
 
@@ -20,13 +21,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _device_of(graph_module: torch.nn.Module) -> torch.device:
-    """Where the captured model's weights live (runtime modules go there too)."""
-    for tensor in list(graph_module.parameters()) + list(graph_module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 class RewriteAttention(GraphPass):
     """Replace each canonical attention node with a `SparseAttention` submodule per the strategy.
 
@@ -40,8 +34,10 @@ class RewriteAttention(GraphPass):
     name = "rewrite_attention"
 
     def __init__(self, strategy: "Strategy", *, backend: str = "auto", source: str = "strategy",
-                 step_counter: StepCounter | None = None, cost_model=None):
+                 step_counter: StepCounter | None = None, cost_model=None, device: torch.device | str | None = None):
         self.strategy = strategy
+        # Where the runtime modules go: the model's device (`Captured.device`); None: the graph's weights', else CPU.
+        self.device = device
         # Prices backend="auto" per site (None: analytic defaults and the shipped hardware profiles).
         self.cost_model = cost_model if cost_model is not None else CostModel.default()
         self.step_counter = step_counter
@@ -57,6 +53,12 @@ class RewriteAttention(GraphPass):
 
             get_backend(self.backend)  # unknown names fail here, listing the known ones
 
+    def _device(self, graph_module: torch.fx.GraphModule) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        weights = itertools.chain(graph_module.parameters(), graph_module.buffers())
+        return next((tensor.device for tensor in weights), torch.device("cpu"))
+
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         self.rewritten = 0
         for node in attention_nodes(graph_module):
@@ -68,7 +70,7 @@ class RewriteAttention(GraphPass):
                                      dense_steps=site_strategy.dense_steps, step_counter=self.step_counter,
                                      cost_model=self.cost_model)
             target = f"sparse_attention_{site.index}"
-            graph_module.add_submodule(target, module.to(_device_of(graph_module)))
+            graph_module.add_submodule(target, module.to(self._device(graph_module)))
             with graph_module.graph.inserting_before(node):
                 replacement = graph_module.graph.call_module(target, node.args, node.kwargs)
             replacement.meta.update(node.meta)

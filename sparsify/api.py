@@ -286,7 +286,7 @@ def _search_model(model: torch.nn.Module, calib_loader: Any, options: CompileOpt
                     process_group=group)
     counter = StepCounter(options.steps_per_generation)
     rewrite = RewriteAttention(result.strategy, backend=options.backend, source="search", step_counter=counter,
-                               cost_model=cost_model)
+                               cost_model=cost_model, device=captured.device)
     rewritten = PassManager([rewrite]).run(captured.graph_module).graph_module
     compiled = SparsifiedModule(rewritten, result.strategy, sites, captured.fixed_kwargs, rewrite.rewritten, counter,
                                 training_differs=training_differs,
@@ -525,7 +525,8 @@ def _apply_strategy(model, strategy, calib_loader, example_inputs, options: Comp
     captured, _ = capture_attention(model, example_inputs, dynamic=options.dynamic)
     counter = StepCounter(options.steps_per_generation or strategy.metadata.get("steps_per_generation"))
     rewrite = RewriteAttention(strategy, backend=options.backend, source=source, step_counter=counter,
-                               cost_model=_cost_model_for(options, None) if options.hardware_profiles else None)
+                               cost_model=_cost_model_for(options, None) if options.hardware_profiles else None,
+                               device=captured.device)
 
     def check_backend(graph_module: torch.fx.GraphModule) -> PassResult:
         check_backend_serves(options.backend, graph_module)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import linecache
 import logging
 import os
@@ -51,6 +52,19 @@ class Captured:
     fixed_kwargs: dict[str, Any]
     dynamic: bool
     static_inputs: tuple[str, ...] = ()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs: its weights' device, else (a model without weights) its example inputs', else CPU.
+
+        Example:
+            >>> capture(torch.nn.Linear(4, 4), (torch.randn(2, 4),)).device
+            device(type='cpu')
+        """
+        for tensor in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers()):
+            return tensor.device
+        leaves = torch.utils._pytree.tree_leaves((self.args, self.kwargs))
+        return next((leaf.device for leaf in leaves if isinstance(leaf, torch.Tensor)), torch.device("cpu"))
 
     def copy(self) -> "Captured":
         """The same capture with its own graph (weights shared), so a pass may edit it freely.

@@ -272,3 +272,20 @@ def test_sensitivities_resumed_at_each_site_equal_whole_runs():
     # The loud (first) site reaches the output more than the quiet one.
     first, second = (site.name for site in sites)
     assert alone[first] > 10 * alone[second]
+
+
+@pytest.mark.gpu
+def test_the_model_level_search_runs_on_a_cuda_model():
+    # The sensitivity probes and the verification build runtime modules for the model's device: a model on the GPU
+    # searched under the default (model-level) budget must not meet CPU sites (it did once: every GPU search failed).
+    model = LoudAndQuiet().eval().cuda()
+    batches = [tokens(seed).cuda() for seed in range(1, 4)]
+    work_only = CostModel([HardwareProfile(backend, "cuda", "any", BackendCosts(0.0, 0.0, 1e-11, 0.0, 1e-11))
+                           for backend in ("torch", "triton", "flex", "fa4")], match_device_name=False)
+    compiled = sparsify.compile(model, batches, max_output_error=0.05, block_size=16, progress=False,
+                                cost_model=work_only, adaptive=False)
+    record = compiled.strategy.metadata["output_budget"]
+    assert record["within_budget"] and record["measured"] <= 0.05
+    assert compiled.strategy.summary()["mean_density"] < 1.0
+    x = tokens(101).cuda()
+    assert relative_error(call(compiled, (x,)), call(model, (x,))) <= 1.5 * 0.05

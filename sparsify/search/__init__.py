@@ -109,7 +109,7 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
     if not sites:
         raise SparsifyError("search needs at least one attention site")
     progress = config.progress if progress is None else progress
-    device = device or _weights_device(captured.graph_module)
+    device = device or captured.device
     block_size = config.block_size or (128 if device.type == "cuda" else 64)
     cost_model, backend = pricing(config, device, cost_model)
     # Indices are global: batch i of this rank is batch shard.offset + i of the union of the ranks' batches.
@@ -223,7 +223,7 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
     else:
         allocation, budget_record = _allocate_for_output(
             captured, sites, options, config, [batches[i] for i in holdout_indices], held_out_steps, held_out_padding,
-            block_size, backend, cost_model, group, clock)
+            block_size, backend, cost_model, group, clock, device)
     strategy = build_strategy(sites, options, allocation.chosen, block_size, config, cost_model, backend, device,
                               allocation.target, budget_record)
     if group.is_distributed:
@@ -239,7 +239,8 @@ def _search(captured: Captured, sites: Sequence[AttentionSite], batches: Sequenc
 def _allocate_for_output(captured: Captured, sites: Sequence[AttentionSite], options: dict[str, list[HeadOptions]],
                          config: CompileOptions, held_out: list[tuple[tuple, dict]], steps: list[int],
                          padding: list[torch.Tensor | None], block_size: int, backend: str, cost_model: CostModel,
-                         group: CalibrationGroup, clock: "_PhaseClock") -> tuple[Allocation, dict[str, Any]]:
+                         group: CalibrationGroup, clock: "_PhaseClock",
+                         device: torch.device) -> tuple[Allocation, dict[str, Any]]:
     """The model-level budget: sensitivities, one global allocation, verification and tightening (module docstring).
 
     Returns the allocation and what the strategy records of it (``output_budget`` metadata).
@@ -254,7 +255,7 @@ def _allocate_for_output(captured: Captured, sites: Sequence[AttentionSite], opt
 
     def runtime(site: AttentionSite, heads: Sequence[Pattern], dense_steps: int = 0):
         return sparse_replacement(site, heads, block_size, backend=config.backend, cost_model=cost_model,
-                                  dense_steps=dense_steps, step_counter=counter)
+                                  dense_steps=dense_steps, step_counter=counter, device=device)
 
     # Probes: per site, the candidates a per-site budget at the probe error would pick (their real error direction).
     probe_options = dataclasses.replace(config, max_output_error=None, max_error=PROBE_SITE_ERROR,
@@ -346,10 +347,3 @@ def _least_error_sparse(option: HeadOptions) -> int:
     errors[0] = float("inf")
     index = int(torch.argmin(errors))
     return index if bool(torch.isfinite(errors[index])) else 0
-
-
-def _weights_device(graph_module: torch.nn.Module) -> torch.device:
-    """Where the captured model's weights live (the search profiles there)."""
-    for tensor in list(graph_module.parameters()) + list(graph_module.buffers()):
-        return tensor.device
-    return torch.device("cpu")

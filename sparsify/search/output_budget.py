@@ -193,12 +193,16 @@ def _mutates_in_place(graph_module: torch.fx.GraphModule) -> bool:
 
 def sparse_replacement(site: AttentionSite, heads: Sequence[Pattern], block_size: int, *, backend: str = "auto",
                        cost_model: Any = None, dense_steps: int = 0,
-                       step_counter: StepCounter | None = None) -> Callable[..., torch.Tensor] | None:
-    """The site's runtime module for ``heads`` as a replacement for `OutputVerifier.measure` (None when all dense)."""
+                       step_counter: StepCounter | None = None,
+                       device: torch.device | str = "cpu") -> Callable[..., torch.Tensor] | None:
+    """The site's runtime module for ``heads`` on ``device`` (the model's), as a replacement for `OutputVerifier.measure`.
+
+    ``None`` when every head is dense.
+    """
     if all(pattern.is_dense for pattern in heads):
         return None
     return SparseAttention(site, list(heads), block_size=block_size, backend=backend, dense_steps=dense_steps,
-                           step_counter=step_counter, cost_model=cost_model)
+                           step_counter=step_counter, cost_model=cost_model).to(device)
 
 
 def measure_sensitivities(verifier: OutputVerifier, sites: Sequence[AttentionSite],

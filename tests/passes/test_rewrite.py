@@ -7,6 +7,7 @@ import torch
 
 import model_zoo
 from helpers import call, masked_attention_reference, max_relative_error
+import sparsify
 from sparsify import Strategy, StrategyError, patterns
 from sparsify.api import capture_attention
 from sparsify.passes.infra import PassManager, attention_nodes
@@ -114,6 +115,36 @@ def test_rewritten_sites_are_handed_the_cost_model_that_prices_their_backends():
         else:
             assert all(isinstance(handed_model, CostModel) for handed_model in handed)
             assert {p.device_name for p in handed[0].profiles} == {p.device_name for p in CostModel.default().profiles}
+
+
+class WeightlessAttention(torch.nn.Module):
+    """Attention of given q, k, v: no weights to say where the model runs."""
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_runtime_modules_go_to_the_models_device_and_a_weightless_model_runs_where_its_inputs_are():
+    model, inputs = model_zoo.manual()
+    sites = capture_attention(model, inputs)[1]
+    captured, _ = capture_attention(model, inputs)
+    assert captured.device == torch.device("cpu")
+    PassManager([RewriteAttention(mixed_strategy(sites), device="meta")]).run(captured.graph_module)
+    placed = [module for module in captured.graph_module.modules() if isinstance(module, SparseAttention)]
+    assert placed and all(module.sparse_heads.device.type == "meta" for module in placed)
+    q = torch.randn(1, 2, 64, 16, device="meta")
+    assert capture_attention(WeightlessAttention(), (q, q, q))[0].device.type == "meta"
+
+
+@pytest.mark.gpu
+def test_a_weightless_model_compiled_with_cuda_inputs_runs_on_cuda():
+    q, k, v = (torch.randn(1, 2, 512, 64, device="cuda") for _ in range(3))
+    sites = sparsify.find_attention(WeightlessAttention(), (q, k, v))
+    strategy = Strategy.uniform(sites, patterns.sliding_window(128) | patterns.attention_sinks(64), block_size=64)
+    sparse = sparsify.compile(WeightlessAttention(), strategy=strategy, example_inputs=(q, k, v), backend="torch")
+    keep = element_keep_mask(strategy.sites[sites[0].name].heads[0], 512, 512, 64, causal=True)
+    reference = masked_attention_reference(q, k, v, keep)
+    assert max_relative_error(sparse(q, k, v), reference) < 1e-4
 
 
 def test_all_dense_sites_keep_the_canonical_op():
