@@ -442,20 +442,31 @@ class SparseAttention(torch.nn.Module):
 
     # --- plans and the kernel op ----------------------------------------------------------------
 
-    def plan_for(self, mask_key: tuple, mask: RuntimeBlockMask, backend: "Backend", q: torch.Tensor, k: torch.Tensor,
-                 v: torch.Tensor) -> "BackendPlan":
+    def plan_for(self, mask_key: tuple, mask: RuntimeBlockMask, backend: "Backend", q_shape: tuple, k_shape: tuple,
+                 v_shape: tuple, dtype: torch.dtype, device: torch.device) -> "BackendPlan":
         """The backend's plan for this mask and call shape (prepared once, then cached; bounded)."""
-        key = (mask_key, backend.name, id(backend), tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype)
+        key = (mask_key, backend.name, id(backend), q_shape, k_shape, v_shape, dtype)
         entry = self._plans.get(key)
         if entry is not None and entry[0] is backend:
             self._plans.move_to_end(key)
             return entry[1]
-        plan = backend.prepare(mask, q_shape=tuple(q.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape),
-                               dtype=q.dtype, device=q.device)
+        plan = backend.prepare(mask, q_shape=q_shape, k_shape=k_shape, v_shape=v_shape, dtype=dtype, device=device)
         if len(self._plans) >= PLAN_CACHE_SIZE:
             self._plans.popitem(last=False)
         self._plans[key] = (backend, plan)
         return plan
+
+    def ensure_plan(self, mask_slot: str, backend: str, q_shape: tuple, k_shape: tuple, v_shape: tuple,
+                    dtype: torch.dtype, q_offset: int, device: str) -> None:
+        """Prepare the plan the kernel op will ask for (a static mask of ``mask_slot`` and these shapes) unless cached.
+
+        Under ``torch.compile`` this runs while dynamo traces (`TraceTimeCalls`): a plan prepared on
+        the op's first call would be allocated inside a CUDA-graph pool during ``reduce-overhead``'s
+        warm-up and outlive it untracked (cudagraph trees refuse that).
+        """
+        mask_key = _mask_key(mask_slot, q_shape[2], k_shape[2], q_offset, device)
+        self.plan_for(mask_key, self._masks[mask_key], self._backend_named(backend), q_shape, k_shape, v_shape, dtype,
+                      torch.device(device))
 
     def run_kernel(self, mask_slot: str, mask: RuntimeBlockMask, backend: str, q: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float | None, softcap: float | None,
@@ -466,7 +477,8 @@ class SparseAttention(torch.nn.Module):
         if mask_slot:
             mask_key = _mask_key(mask_slot, mask.q_len, mask.k_len, mask.q_offset, str(q.device))
             mask = self._masks.get(mask_key, mask)  # the cached object: it knows its heads on the host
-            plan = self.plan_for(mask_key, mask, kernel, q, k, v)
+            plan = self.plan_for(mask_key, mask, kernel, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype,
+                                 q.device)
         else:
             if mask.kv_heads is None and self.adaptive_source is not None:  # the op passed tensors only: give the
                 mask = dataclasses.replace(mask, kv_heads=self.adaptive_source.kv_heads)  # head map without a device read
@@ -480,6 +492,9 @@ class SparseAttention(torch.nn.Module):
         if not self.one_group:  # (one group: every head, in order)
             q = q.index_select(1, heads)
             sinks = sinks.index_select(0, heads) if sinks is not None else None
+        if mask_slot and torch.compiler.is_compiling():   # the plan, prepared while tracing (`ensure_plan`); its
+            sizes = (guard_scalar(size) for t in (q, k, v) for size in t.shape)  # shapes specialise, as the lengths do
+            self._trace_time_calls.ensure_plan(mask_slot, backend, q.dtype, mask.q_offset, str(q.device), *sizes)
         return torch.ops.sparsify.block_sparse_attention(
             q, k, v, head_mask, mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
             mask.full_kv_indices, mask.kv_head_index, mask.block_size, mask.q_len, mask.k_len, mask.causal,
@@ -614,6 +629,14 @@ class TraceTimeCalls:
             return True
 
         @torch.compiler.assume_constant_result
+        def ensure_plan(slot: str, backend: str, dtype: torch.dtype, q_offset: int, device: str,
+                        q0: int, q1: int, q2: int, q3: int, k0: int, k1: int, k2: int, k3: int,
+                        v0: int, v1: int, v2: int, v3: int) -> bool:   # shapes as ints: dynamo takes no tuples here
+            owner().ensure_plan(slot, backend, (q0, q1, q2, q3), (k0, k1, k2, k3), (v0, v1, v2, v3), dtype,
+                                q_offset, device)
+            return True
+
+        @torch.compiler.assume_constant_result
         def backend_name(dtype: torch.dtype, device: torch.device, mask_layout: tuple | None) -> str:
             return owner().backend_name(dtype, device, mask_layout)
 
@@ -623,6 +646,7 @@ class TraceTimeCalls:
             return owner().dense_backend_name(dtype, device, is_causal, mask_layout)
 
         self.ensure_mask = ensure_mask
+        self.ensure_plan = ensure_plan
         self.backend_name = backend_name
         self.dense_backend_name = dense_backend_name
 

@@ -139,6 +139,33 @@ def test_plans_are_prepared_once_per_mask_and_shape_under_compile():
     assert prepared == [(128, (2, 2, 128, 16)), (96, (2, 2, 96, 16))]     # once per (mask, shapes), not per call
 
 
+def test_plans_are_prepared_while_dynamo_traces_not_on_the_first_compiled_call():
+    # reduce-overhead's warm-up runs the first call inside a CUDA-graph pool: a plan prepared then would outlive it
+    # untracked. The plan is prepared while dynamo traces, before any compiled backend runs the graph.
+    gen = torch.Generator().manual_seed(9)
+    layer = _layer(backend="torch")
+    backend = layer.backend_for(torch.float32, "cpu")
+    prepared, seen_by_the_compiler = [], []
+    prepare = backend.prepare
+
+    def counting_prepare(mask, **shapes):
+        prepared.append(shapes["q_shape"])
+        return prepare(mask, **shapes)
+
+    def recording_backend(graph_module, example_inputs):
+        seen_by_the_compiler.append(list(prepared))
+        return graph_module.forward
+
+    backend.prepare = counting_prepare
+    function = torch.compile(lambda q, k, v: layer.attend(q, k, v, is_causal=True), backend=recording_backend,
+                             fullgraph=True)
+    q, k, v = _qkv(gen, q_len=64)
+    with torch.no_grad():
+        output = function(q, k, v)
+    assert seen_by_the_compiler == [[(2, 2, 64, 16)]] and prepared == [(2, 2, 64, 16)]
+    assert rel_err(output, layer.attend(q, k, v, is_causal=True)) < 1e-6
+
+
 def test_compiled_training_matches_eager_gradients():
     gen = torch.Generator().manual_seed(3)
     layer = _layer(backend="torch")
