@@ -109,7 +109,7 @@ case "$PART" in
   show "$WORK/json/kernel_host.json" call host_us gpu_us wall_us host_bound
   # Wan 1.3B config at 32760 tokens: eager, then torch.compile (two compilations of the 30-layer model); the
   # self-attention-skipped column is left out (a third compilation), the graph-break count runs last.
-  step wan "${LIMIT_WAN:-330}" python3 benchmarks/wan_bench.py --compile --no-skipped --backend auto --density 0.15 \
+  step wan "${LIMIT_WAN:-420}" python3 benchmarks/wan_bench.py --compile --no-skipped --backend auto --density 0.15 \
     --repeats 5 --warmup 2 --out "$WORK/json/wan_cuda.json"
   show "$WORK/json/wan_cuda.json" mode dense_ms sparse_ms speedup attention_ms ideal_ms fraction_of_ideal \
     output_rel_error;;
