@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["coverage_lists_of_scores", "probe_block_split", "supports", "supports_coverage"]
+__all__ = ["coverage_lists_of_scores", "probe_block_split", "supports", "supports_coverage", "supports_lines",
+           "top_lines_of_split"]
 
 LOG2E = 1.4426950408889634
 #: Key blocks a row of the coverage kernel holds in registers (2048 blocks: 256K tokens at block 128).
@@ -48,70 +49,138 @@ def supports(block_size: int, head_dim: int, dtype: torch.dtype) -> bool:
 
 
 @triton.jit
-def _probe_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, PARTS,
-                  stride_qb, stride_qh, stride_qs, stride_qd,
-                  stride_kb, stride_kh, stride_ks, stride_kd, stride_valid,
-                  heads, probe_offset, k_len, probe_rows, base, shift, qk_scale,
-                  CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  D_PAD: tl.constexpr, CLASSES: tl.constexpr, CLASSES_PAD: tl.constexpr):
-    key_block = tl.program_id(0)
+def _probe_scores(q, K, k_rows, VALID, batch, stride_ks, stride_kd, stride_valid, keys, dims, dim_ok, rows, row_ok,
+                  k_len, base, qk_scale, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr):
+    """Scores (base 2) of a tile of probe rows against a tile of keys; hidden pairs are -inf."""
+    key_ok = keys < k_len
+    k = tl.load(k_rows + keys.to(tl.int64)[:, None] * stride_ks + dims[None, :] * stride_kd,
+                mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    else:
+        scores = tl.dot(q, tl.trans(k)) * qk_scale
+    visible = row_ok[:, None] & key_ok[None, :]
+    if CAUSAL:
+        visible = visible & (keys[None, :] <= (base + rows)[:, None])
+    if HAS_VALID:
+        valid = tl.load(VALID + batch * stride_valid + keys, mask=key_ok, other=0)
+        visible = visible & (valid != 0)[None, :]
+    return tl.where(visible, scores, float("-inf"))
+
+
+@triton.jit
+def _probe_stats_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, ROW_SUM,
+                        stride_qb, stride_qh, stride_qs, stride_qd,
+                        stride_kb, stride_kh, stride_ks, stride_kd, stride_valid,
+                        heads, probe_offset, k_len, probe_rows, base, qk_scale,
+                        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
+                        CHUNK_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    # Pass 1: per probe row, the maximum and the sum of 2^(score - maximum) over this program's chunk of keys.
+    chunk = tl.program_id(0)
     batch_head = tl.program_id(1)
-    k_blocks = tl.num_programs(0)
+    chunks = tl.num_programs(0)
     batch = (batch_head // heads).to(tl.int64)
     head = batch_head % heads
     kv = tl.load(KV_INDEX + head)
     dims = tl.arange(0, D_PAD)
     dim_ok = dims < HEAD_DIM
-    row_offsets = tl.arange(0, BLOCK_M)
-    column_offsets = tl.arange(0, BLOCK_N)
-    class_index = tl.arange(0, CLASSES_PAD)
-    q_rows = Q + batch * stride_qb + head.to(tl.int64) * stride_qh + probe_offset   # the first probe row
+    q_rows = Q + batch * stride_qb + head.to(tl.int64) * stride_qh + probe_offset
     k_rows = K + batch * stride_kb + kv * stride_kh
-    out_rows = (batch_head.to(tl.int64) * k_blocks + key_block) * probe_rows
+    out_rows = (batch_head.to(tl.int64) * chunks + chunk) * probe_rows
     for row_start in range(0, probe_rows, BLOCK_M):
-        rows = row_start + row_offsets
+        rows = row_start + tl.arange(0, BLOCK_M)
         row_ok = rows < probe_rows
         q = tl.load(q_rows + rows[:, None] * stride_qs + dims[None, :] * stride_qd,
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        parts = tl.zeros([BLOCK_M, CLASSES_PAD], dtype=tl.float32)       # per row and class, relative to row_max
-        for column_start in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
-            keys = key_block * BLOCK_SIZE + column_start + column_offsets
-            key_ok = keys < k_len
-            k = tl.load(k_rows + keys.to(tl.int64)[:, None] * stride_ks + dims[None, :] * stride_kd,
-                        mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            else:
-                scores = tl.dot(q, tl.trans(k)) * qk_scale
-            visible = row_ok[:, None] & key_ok[None, :]
-            if CAUSAL:
-                visible = visible & (keys[None, :] <= (base + rows)[:, None])
-            if HAS_VALID:
-                valid = tl.load(VALID + batch * stride_valid + keys, mask=key_ok, other=0)
-                visible = visible & (valid != 0)[None, :]
-            scores = tl.where(visible, scores, float("-inf"))
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for column_start in tl.static_range(0, CHUNK_KEYS, BLOCK_N):
+            keys = chunk * CHUNK_KEYS + column_start + tl.arange(0, BLOCK_N)
+            scores = _probe_scores(q, K, k_rows, VALID, batch, stride_ks, stride_kd, stride_valid, keys, dims, dim_ok,
+                                   rows, row_ok, k_len, base, qk_scale, CAUSAL, HAS_VALID, IEEE)
             new_max = tl.maximum(row_max, tl.max(scores, 1))
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            parts = parts * tl.exp2(row_max - safe_max)[:, None]
-            weights = tl.exp2(scores - safe_max[:, None])                 # hidden pairs: 0
-            # Offset class of (row r, key c of the block): floor((shift + r - c) / block) + 1, here >= 0.
-            offset_class = (shift + rows[:, None] - (column_start + column_offsets)[None, :] + BLOCK_SIZE) \
-                // BLOCK_SIZE
-            lowest = (shift + row_start - (column_start + BLOCK_N - 1) + BLOCK_SIZE) // BLOCK_SIZE
-            for step in tl.static_range(3):          # a tile of at most block x block pairs spans 3 classes
-                part = tl.sum(tl.where(offset_class == lowest + step, weights, 0.0), 1)
-                parts += tl.where(class_index[None, :] == lowest + step, part[:, None], 0.0)
+            row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(scores - safe_max[:, None]), 1)
             row_max = new_max
         tl.store(ROW_MAX + out_rows + rows, row_max, mask=row_ok)
-        tl.store(PARTS + (out_rows + rows[:, None]) * CLASSES + class_index[None, :], parts,
-                 mask=row_ok[:, None] & (class_index[None, :] < CLASSES))
+        tl.store(ROW_SUM + out_rows + rows, row_sum, mask=row_ok)
+
+
+@triton.jit
+def _probe_split_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, ROW_SUM, SPLIT,
+                        stride_qb, stride_qh, stride_qs, stride_qd,
+                        stride_kb, stride_kh, stride_ks, stride_kd, stride_valid,
+                        heads, probe_offset, k_len, k_blocks, probe_rows, base, shift, qk_scale,
+                        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                        CLASSES: tl.constexpr, CLASSES_PAD: tl.constexpr):
+    # Pass 2: each row's total over every chunk (pass 1's partials), then the probabilities of this chunk's keys
+    # summed over the probe rows per key block and offset class: the split itself, one writer per element.
+    chunk = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    chunks = tl.num_programs(0)
+    batch = (batch_head // heads).to(tl.int64)
+    head = batch_head % heads
+    kv = tl.load(KV_INDEX + head)
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < HEAD_DIM
+    q_rows = Q + batch * stride_qb + head.to(tl.int64) * stride_qh + probe_offset
+    k_rows = K + batch * stride_kb + kv * stride_kh
+    stats = batch_head.to(tl.int64) * chunks * probe_rows
+    block_index = tl.arange(0, CHUNK_BLOCKS)
+    class_index = tl.arange(0, CLASSES_PAD)
+    column_offsets = tl.arange(0, BLOCK_N)
+    split = tl.zeros([CHUNK_BLOCKS, CLASSES_PAD], dtype=tl.float32)
+    for row_start in range(0, probe_rows, BLOCK_M):
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < probe_rows
+        total_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        total_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for other in range(0, chunks):
+            part_max = tl.load(ROW_MAX + stats + other * probe_rows + rows, mask=row_ok, other=float("-inf"))
+            part_sum = tl.load(ROW_SUM + stats + other * probe_rows + rows, mask=row_ok, other=0.0)
+            new_max = tl.maximum(total_max, part_max)
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            total_sum = total_sum * tl.exp2(total_max - safe_max) + part_sum * tl.exp2(part_max - safe_max)
+            total_max = new_max
+        # log2 of each row's total; a row that sees nothing gets +inf (its probabilities are 0).
+        seen = total_sum > 0
+        total = tl.where(seen, total_max + tl.log2(tl.where(seen, total_sum, 1.0)), float("inf"))
+        q = tl.load(q_rows + rows[:, None] * stride_qs + dims[None, :] * stride_qd,
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        for block in tl.static_range(CHUNK_BLOCKS):
+            key_block = chunk * CHUNK_BLOCKS + block
+            for column_start in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
+                keys = key_block * BLOCK_SIZE + column_start + column_offsets
+                scores = _probe_scores(q, K, k_rows, VALID, batch, stride_ks, stride_kd, stride_valid, keys, dims,
+                                       dim_ok, rows, row_ok, k_len, base, qk_scale, CAUSAL, HAS_VALID, IEEE)
+                probabilities = tl.exp2(scores - total[:, None])               # hidden pairs, blind rows: 0
+                # Offset class of (row r, key c of the block): floor((shift + r - c) / block) + 1, here >= 0.
+                offset_class = (shift + rows[:, None] - (column_start + column_offsets)[None, :] + BLOCK_SIZE) \
+                    // BLOCK_SIZE
+                lowest = (shift + row_start - (column_start + BLOCK_N - 1) + BLOCK_SIZE) // BLOCK_SIZE
+                for step in tl.static_range(3):      # a tile of at most block x block pairs spans 3 classes
+                    mass = tl.sum(tl.sum(tl.where(offset_class == lowest + step, probabilities, 0.0), 1), 0)
+                    split += tl.where((block_index[:, None] == block) & (class_index[None, :] == lowest + step),
+                                      mass, 0.0)
+    blocks = chunk * CHUNK_BLOCKS + block_index
+    tl.store(SPLIT + (batch_head.to(tl.int64) * k_blocks + blocks[:, None]) * CLASSES + class_index[None, :], split,
+             mask=(blocks < k_blocks)[:, None] & (class_index[None, :] < CLASSES))
+
+
+def _chunk_blocks(k_blocks: int, programs_per_chunk: int) -> int:
+    """Key blocks per program of the probe: a power of two up to 16, fewer while the grid would drop below ~2K programs."""
+    chunk = 1
+    while chunk < 16 and (k_blocks // (2 * chunk)) * programs_per_chunk >= 2048:
+        chunk *= 2
+    return chunk
 
 
 def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
                       probe_rows: int, scale: float, causal: bool, q_offset: int,
-                      key_valid: torch.Tensor | None) -> torch.Tensor:
+                      key_valid: torch.Tensor | None, chunk_blocks: int | None = None) -> torch.Tensor:
     """``float32 [B, H, k_blocks, classes]``: the probe rows' softmax mass in each key block, split by offset class.
 
     Row ``r`` of the probe is query ``q_len - probe_rows + r``, at absolute position ``base + r``
@@ -120,9 +189,11 @@ def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
     ``classes = (base % block + probe_rows - 1) // block + 2``. What `sparsify.estimators`'s
     torch path computes, with float32 scores instead of the inputs' dtype.
 
-    One launch: each (key block, head) program writes, per probe row, its scores' maximum and the
-    sums of ``2^(score - maximum)`` per class (``[B, H, k_blocks, probe_rows, classes]``, small);
-    torch then normalises them with the rows' totals over every key block and sums over the rows.
+    Two launches over a grid of (chunk of key blocks, batch x head): the first writes, per probe
+    row and chunk, the scores' maximum and sum of exponentials; the second combines them into each
+    row's total, recomputes the chunk's scores and writes the split itself (no per-row tensor of
+    key-block size, no torch ops after). ``chunk_blocks`` (a power of two; default: by the grid's
+    size) sets the key blocks per program.
 
     Example:
         >>> q = torch.randn(1, 2, 64, 16, device="cuda")                                   # doctest: +SKIP
@@ -141,21 +212,99 @@ def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
     valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else kv_index
     block_n = min(block_size, 64)
     block_m = max(16, min(64, block_size, triton.next_power_of_2(probe_rows)))   # <= block: 3 classes a tile
-    row_max = torch.empty(batch, heads, k_blocks, probe_rows, device=device, dtype=torch.float32)
-    parts = torch.empty(batch, heads, k_blocks, probe_rows, classes, device=device, dtype=torch.float32)
-    _probe_kernel[(k_blocks, batch * heads)](
-        q, k, kv_index, valid, row_max, parts, *q.stride(), *k.stride(),
-        valid.stride(0) if key_valid is not None else 0, heads, (q_len - probe_rows) * q.stride(2), k_len, probe_rows,
-        base, shift, scale * LOG2E,
-        CAUSAL=bool(causal), HAS_VALID=key_valid is not None, IEEE=q.dtype == torch.float32, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
-        CLASSES=classes, CLASSES_PAD=max(2, triton.next_power_of_2(classes)), num_warps=4)
-    # Row totals (base 2) over every key block: max + log2 of the block's sum, combined; -inf: the row sees nothing.
-    block_totals = row_max + parts.sum(-1).log2()
-    totals = torch.logsumexp(block_totals * math.log(2.0), dim=2, keepdim=True) / math.log(2.0)   # [B, H, 1, P]
-    totals = torch.where(totals == float("-inf"), float("inf"), totals)
-    weights = torch.exp2(row_max - totals)                                                      # [B, H, Kb, P]
-    return (weights.unsqueeze(-2) @ parts).squeeze(-2)                                          # [B, H, Kb, classes]
+    chunk_blocks = chunk_blocks or _chunk_blocks(k_blocks, batch * heads)
+    chunks = -(-k_blocks // chunk_blocks)
+    row_max = torch.empty(batch * heads, chunks, probe_rows, device=device, dtype=torch.float32)
+    row_sum = torch.empty_like(row_max)
+    split = torch.empty(batch, heads, k_blocks, classes, device=device, dtype=torch.float32)
+    common = (*q.stride(), *k.stride(), valid.stride(0) if key_valid is not None else 0, heads,
+              (q_len - probe_rows) * q.stride(2), k_len)
+    flags = dict(CAUSAL=bool(causal), HAS_VALID=key_valid is not None, IEEE=q.dtype == torch.float32,
+                 BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)))
+    grid = (chunks, batch * heads)
+    _probe_stats_kernel[grid](q, k, kv_index, valid, row_max, row_sum, *common, probe_rows, base, scale * LOG2E,
+                              CHUNK_KEYS=chunk_blocks * block_size, num_warps=4, **flags)
+    _probe_split_kernel[grid](q, k, kv_index, valid, row_max, row_sum, split, *common, k_blocks, probe_rows, base,
+                              shift, scale * LOG2E, BLOCK_SIZE=block_size, CHUNK_BLOCKS=chunk_blocks, CLASSES=classes,
+                              CLASSES_PAD=max(2, triton.next_power_of_2(classes)), num_warps=4, **flags)
+    return split
+
+
+#: Lines (key blocks + block diagonals) the top-lines kernel sorts in registers (256K tokens at block 128).
+MAX_LINES = 4096
+
+
+def supports_lines(k_blocks: int, total_blocks: int) -> bool:
+    """Whether the top-lines kernel takes ``k_blocks`` key blocks and ``k_blocks + total_blocks`` diagonals.
+
+    Example:
+        >>> supports_lines(1024, 1024), supports_lines(4096, 4096)
+        (True, False)
+    """
+    return 1 <= k_blocks and k_blocks + total_blocks <= MAX_LINES
+
+
+@triton.jit
+def _top_of(mass, index, count, n, OUT, LIMIT, PAD: tl.constexpr):
+    """Store the indices of the ``count`` largest of ``mass[:n]`` (ties: lower index first), -1 up to ``LIMIT``."""
+    bits = tl.where(index < n, mass, 0.0).to(tl.int32, bitcast=True).to(tl.int64)       # masses >= 0: ordered
+    key = tl.where(index < n, (bits << 32) + (n - 1 - index), -1)
+    ordered = tl.sort(key, descending=True)
+    top = (n - 1) - (ordered & 0xFFFFFFFF)
+    tl.store(OUT + index, tl.where(index < count, top, -1), mask=index < LIMIT)
+
+
+@triton.jit
+def _top_lines_kernel(SPLIT, COLUMN_COUNT, SLASH_COUNT, COLUMNS, DIAGONALS,
+                      heads, k_blocks, diagonals, first_block, column_limit, slash_limit,
+                      CLASSES: tl.constexpr, PAD: tl.constexpr):
+    batch_head = tl.program_id(0)
+    head = batch_head % heads
+    index = tl.arange(0, PAD)
+    rows = SPLIT + batch_head.to(tl.int64) * k_blocks * CLASSES
+    column_mass = tl.zeros([PAD], dtype=tl.float32)
+    tile = tl.zeros([PAD], dtype=tl.float32)        # offset tile d: the split's class c of key block Kb-1+m+c-d
+    next_tile = tl.zeros([PAD], dtype=tl.float32)   # offset tile d + 1
+    for offset_class in tl.static_range(CLASSES):
+        column_mass += tl.load(rows + index * CLASSES + offset_class, mask=index < k_blocks, other=0.0)
+        block = k_blocks - 1 + first_block + offset_class - index
+        tile += tl.load(rows + block * CLASSES + offset_class, mask=(block >= 0) & (block < k_blocks), other=0.0)
+        block = block - 1
+        next_tile += tl.load(rows + block * CLASSES + offset_class, mask=(block >= 0) & (block < k_blocks), other=0.0)
+    out = batch_head.to(tl.int64)
+    _top_of(column_mass, index, tl.load(COLUMN_COUNT + head), k_blocks, COLUMNS + out * column_limit, column_limit,
+            PAD)
+    _top_of(tile + next_tile, index, tl.load(SLASH_COUNT + head), diagonals, DIAGONALS + out * slash_limit,
+            slash_limit, PAD)
+
+
+def top_lines_of_split(split: torch.Tensor, *, first_block: int, total_blocks: int, column_count: torch.Tensor,
+                       slash_count: torch.Tensor, column_limit: int, slash_limit: int) -> tuple[torch.Tensor, ...]:
+    """``(columns [B, H, column_limit], diagonals [B, H, slash_limit])`` (int64, ``-1`` past a head's count) of a probe split.
+
+    From `probe_block_split`'s ``[B, H, Kb, classes]``: each key block's mass (vertical lines) and
+    each block diagonal's (slash lines, slots as `sparsify.estimators.vertical_slash_line_mass`
+    lays them out), then per head the ``column_count[h]`` / ``slash_count[h]`` best of each (int32
+    tensors on the split's device; ties to the lower index) — what `sparsify.estimators`' masses and
+    top-k compute in some twenty torch ops, here one launch of one program per (batch, head) that
+    sorts in registers. Up to `MAX_LINES` lines (`supports_lines`).
+
+    Example:
+        >>> split = torch.rand(1, 1, 4, 2, device="cuda")                                      # doctest: +SKIP
+        >>> one = torch.ones(1, dtype=torch.int32, device="cuda")                              # doctest: +SKIP
+        >>> top_lines_of_split(split, first_block=3, total_blocks=4, column_count=one, slash_count=one,
+        ...                    column_limit=1, slash_limit=1)[0].shape                          # doctest: +SKIP
+        torch.Size([1, 1, 1])
+    """
+    batch, heads, k_blocks, classes = split.shape
+    diagonals = k_blocks + total_blocks
+    columns = torch.empty(batch, heads, column_limit, device=split.device, dtype=torch.int64)
+    slashes = torch.empty(batch, heads, slash_limit, device=split.device, dtype=torch.int64)
+    pad = triton.next_power_of_2(max(diagonals, column_limit, slash_limit, 16))
+    _top_lines_kernel[(batch * heads,)](split.contiguous(), column_count, slash_count, columns, slashes, heads,
+                                        k_blocks, diagonals, first_block, column_limit, slash_limit, CLASSES=classes,
+                                        PAD=pad, num_warps=4 if pad <= 1024 else 8)
+    return columns, slashes
 
 
 def supports_coverage(k_blocks: int) -> bool:

@@ -326,10 +326,7 @@ def vertical_slash_line_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: in
     a small matmul per tile; ``"auto"`` takes Triton for CUDA inputs it supports.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    batch, heads, q_len, dim = q.shape
-    k_len = k.shape[2]
-    device = q.device
-    k_blocks = blocks_for(k_len, block_size)
+    q_len = q.shape[2]
     total_blocks = blocks_for(q_offset + q_len, block_size)
     probe_rows = max(1, min(probe_rows, q_len))
     if kernel not in ("auto", "torch", "triton"):
@@ -338,17 +335,27 @@ def vertical_slash_line_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: in
         kernel = "triton" if _triton_serves(q, block_size) else "torch"
     arguments = dict(block_size=block_size, kv_head_index=kv_head_index, probe_rows=probe_rows, scale=scale,
                      causal=causal, q_offset=q_offset, key_valid=key_valid)
+    split = _probe_split(q, k, kernel, **arguments)
+    first_block = (q_offset + q_len - probe_rows) // block_size
+    return _line_mass_of_split(split, first_block, total_blocks)
+
+
+def _probe_split(q: torch.Tensor, k: torch.Tensor, kernel: str, **arguments) -> torch.Tensor:
+    """The probe's ``[B, H, Kb, classes]`` split, by the fused kernel (``"triton"``) or in plain torch."""
     if kernel == "triton":
         from sparsify.estimator_kernels import probe_block_split
 
-        split = probe_block_split(q, k, **arguments)
-    else:
-        split = _probe_split_torch(q, k, **arguments)
+        return probe_block_split(q, k, **arguments)
+    return _probe_split_torch(q, k, **arguments)
+
+
+def _line_mass_of_split(split: torch.Tensor, first_block: int, total_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(column_mass, diagonal_mass)`` of a probe split whose first probe row lies in (absolute) block ``first_block``."""
+    batch, heads, k_blocks, _ = split.shape
     column_mass = split.sum(-1)
     # Class t of key block J is offset tile m - J + (t - 1) (m: the first probe row's block), stored at
     # m - J + t - 1 + Kb: for each class, the key blocks in reverse land on consecutive tiles (no scatter).
-    first_block = (q_offset + q_len - probe_rows) // block_size
-    tiles = torch.zeros(batch, heads, k_blocks + total_blocks + 1, device=device, dtype=torch.float32)
+    tiles = torch.zeros(batch, heads, k_blocks + total_blocks + 1, device=split.device, dtype=torch.float32)
     reversed_split = split.flip(2)
     for offset_class in range(split.shape[-1]):
         start = first_block + offset_class
@@ -422,7 +429,7 @@ def _probe_split_torch(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_
 def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
                                vertical: torch.Tensor, slash: torch.Tensor, probe_rows: int,
                                scale: float | None = None, causal: bool = False, q_offset: int = 0,
-                               key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                               key_valid: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
     """Block lists ``int64 [B, H, Qb, slots]`` of MInference's vertical-slash lines, estimated from the last ``probe_rows`` queries.
 
     The probe queries attend to every key (`vertical_slash_line_mass`); per head the top
@@ -430,7 +437,9 @@ def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: 
     are kept (at least one of each). A vertical-slash mask is a union of columns and diagonals,
     so query block ``I`` (absolute block ``a``) keeps the top key blocks and ``a - o`` for every
     top diagonal ``o``: slots = top columns + top diagonals. ``vertical`` and ``slash`` are
-    per-head CPU tensors (the counts fix the widths on the host).
+    per-head CPU tensors (the counts fix the widths on the host). ``kernel``: ``"triton"`` runs
+    the probe and the choice of lines as three Triton launches (`sparsify.estimator_kernels`),
+    ``"torch"`` in plain torch, ``"auto"`` Triton for CUDA inputs it supports.
 
     Example:
         >>> q = torch.randn(1, 1, 64, 8)
@@ -444,11 +453,31 @@ def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: 
     k_len = k.shape[2]
     q_blocks, k_blocks = blocks_for(q_len, block_size), blocks_for(k_len, block_size)
     device = q.device
-    column_mass, diagonal_mass = vertical_slash_line_mass(
-        q, k, block_size=block_size, kv_head_index=kv_head_index, probe_rows=probe_rows, scale=scale, causal=causal,
-        q_offset=q_offset, key_valid=key_valid)
-    columns = _top_lines(column_mass, vertical)                                   # [B, H, V] key blocks
-    diagonals = _top_lines(diagonal_mass, slash)                                  # [B, H, S] diagonal slots
+    total_blocks = blocks_for(q_offset + q_len, block_size)
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
+    if kernel == "auto":
+        kernel = "triton" if _triton_serves(q, block_size) and _lines_kernel_serves(k_blocks, total_blocks) else "torch"
+    if kernel == "triton":
+        # Two probe launches and one top-lines launch (sparsify.estimator_kernels): no torch ops between them.
+        from sparsify.estimator_kernels import top_lines_of_split
+
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        rows = max(1, min(probe_rows, q_len))
+        split = _probe_split(q, k, "triton", block_size=block_size, kv_head_index=kv_head_index, probe_rows=rows,
+                             scale=scale, causal=causal, q_offset=q_offset, key_valid=key_valid)
+        column_count, column_limit = _line_counts(vertical, k_blocks)
+        slash_count, slash_limit = _line_counts(slash, k_blocks + total_blocks)
+        columns, diagonals = top_lines_of_split(
+            split, first_block=(q_offset + q_len - rows) // block_size, total_blocks=total_blocks,
+            column_count=_on(column_count.to(torch.int32), device), slash_count=_on(slash_count.to(torch.int32), device),
+            column_limit=column_limit, slash_limit=slash_limit)
+    else:
+        column_mass, diagonal_mass = vertical_slash_line_mass(
+            q, k, block_size=block_size, kv_head_index=kv_head_index, probe_rows=probe_rows, scale=scale,
+            causal=causal, q_offset=q_offset, key_valid=key_valid, kernel="torch")
+        columns = _top_lines(column_mass, vertical)                               # [B, H, V] key blocks
+        diagonals = _top_lines(diagonal_mass, slash)                              # [B, H, S] diagonal slots
     # Block (I, J) lies on block diagonal (absolute query block of I) - J; slot o + Kb - 1 holds diagonal o.
     query_block = block_token_bounds(q_len, k_len, block_size, q_offset, device)[0] // block_size    # [Qb, 1]
     diagonals = diagonals.unsqueeze(2)
@@ -501,10 +530,21 @@ def vertical_slash_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: i
     return block_lists_to_masks(lists, blocks_for(k.shape[2], block_size))
 
 
+def _line_counts(fraction: torch.Tensor, lines: int) -> tuple[torch.Tensor, int]:
+    """Per head ``ceil(fraction[h] * lines)`` (at least one; a CPU tensor) and the widest, at most ``lines``."""
+    count = torch.ceil(fraction.cpu().to(torch.float32) * lines).clamp(min=1).long()
+    return count, min(int(count.max()), lines)
+
+
+def _lines_kernel_serves(k_blocks: int, total_blocks: int) -> bool:
+    from sparsify.estimator_kernels import supports_lines
+
+    return supports_lines(k_blocks, total_blocks)
+
+
 def _top_lines(scores: torch.Tensor, fraction: torch.Tensor) -> torch.Tensor:
     """``int64 [B, H, max count]``: per head the ``ceil(fraction[h] * n)`` best of ``scores [B, H, n]`` (at least one), ``-1`` past it."""
-    count = torch.ceil(fraction.cpu().to(torch.float32) * scores.shape[-1]).clamp(min=1).long()
-    limit = min(int(count.max()), scores.shape[-1])
+    count, limit = _line_counts(fraction, scores.shape[-1])
     top = _top_indices(scores, limit)
     rank = torch.arange(limit, device=scores.device)
     return torch.where(rank < _on(count, scores.device).view(1, -1, 1), top, -1)

@@ -265,6 +265,77 @@ def test_the_probe_kernel_equals_a_loop_over_every_probe_row_and_key(q_len, k_le
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("k_blocks, total_blocks, first_block, classes", [
+    (7, 7, 6, 2),          # self attention: the probe in the last block
+    (12, 5, 3, 3),         # a chunk (fewer query blocks than key blocks), probe over two blocks
+    (5, 9, 7, 2),          # more query positions than keys (a cross-attention-like offset)
+])
+def test_the_top_lines_kernel_picks_what_the_torch_masses_and_top_k_pick(k_blocks, total_blocks, first_block, classes):
+    # Same split in, same lines out (exactly: the kernel sums the classes in the torch path's order), ties included.
+    from sparsify.estimator_kernels import top_lines_of_split
+    from sparsify.estimators import _line_counts, _line_mass_of_split, _top_lines
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(k_blocks * 10 + total_blocks)
+    split = torch.rand(2, 3, k_blocks, classes, generator=gen)
+    split[0, 1] = 0.25                                   # every line ties: the lower indices win
+    split[1, 2, :, 1:] = 0.0
+    vertical, slash = torch.tensor([0.2, 0.5, 1.0]), torch.tensor([0.1, 0.3, 0.05])
+    column_mass, diagonal_mass = _line_mass_of_split(split, first_block, total_blocks)
+    column_count, column_limit = _line_counts(vertical, k_blocks)
+    slash_count, slash_limit = _line_counts(slash, k_blocks + total_blocks)
+    columns, diagonals = top_lines_of_split(
+        split.to(device), first_block=first_block, total_blocks=total_blocks,
+        column_count=column_count.int().to(device), slash_count=slash_count.int().to(device),
+        column_limit=column_limit, slash_limit=slash_limit)
+    assert torch.equal(columns.cpu(), _top_lines(column_mass, vertical))
+    assert torch.equal(diagonals.cpu(), _top_lines(diagonal_mass, slash))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("q_len, k_len, q_offset, causal", [(96, 96, 0, True), (40, 120, 80, True), (64, 80, 0, False)])
+def test_vertical_slash_lists_by_the_kernels_equal_the_torch_path(q_len, k_len, q_offset, causal):
+    # The whole Triton path (two probe launches, one top-lines launch) against plain torch: the same lists.
+    from sparsify.estimators import vertical_slash_block_lists
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(q_len + k_len)
+    q = torch.randn(2, 4, q_len, 16, generator=gen)
+    k = torch.randn(2, 2, k_len, 16, generator=gen)
+    k[:, :, 5] *= 4                                       # a strong column
+    arguments = dict(block_size=16, kv_head_index=torch.tensor([0, 0, 1, 1]), vertical=torch.tensor([0.2, 0.3, 0.1, 0.5]),
+                     slash=torch.tensor([0.1, 0.2, 0.3, 0.05]), probe_rows=24, scale=0.3, causal=causal,
+                     q_offset=q_offset)
+    expected = vertical_slash_block_lists(q, k, kernel="torch", **arguments)
+    fused = vertical_slash_block_lists(q.to(device), k.to(device), kernel="triton", **arguments)
+    assert torch.equal(fused.cpu(), expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("chunk_blocks, probe_rows, q_offset", [(4, 40, 0), (2, 16, 13), (8, 33, 0)])
+def test_the_probe_kernel_over_chunks_of_key_blocks_equals_the_torch_split(chunk_blocks, probe_rows, q_offset):
+    # Programs of several key blocks (the last chunk cut by k_len) and several tiles of probe rows: pass 1's
+    # per-chunk row statistics combine into the same split as the torch path's one softmax.
+    from sparsify.estimator_kernels import probe_block_split
+    from sparsify.estimators import _probe_split_torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(chunk_blocks * 100 + probe_rows)
+    q_len, k_len = 90, 90 + q_offset
+    q = torch.randn(1, 2, q_len, 16, generator=gen)
+    k = torch.randn(1, 1, k_len, 16, generator=gen)
+    valid = torch.ones(1, k_len, dtype=torch.bool)
+    valid[0, 20:30] = False
+    arguments = dict(block_size=16, kv_head_index=torch.tensor([0, 0]), probe_rows=probe_rows, scale=0.5,
+                     causal=True, q_offset=q_offset)
+    fused = probe_block_split(q.to(device), k.to(device), key_valid=valid.to(device), chunk_blocks=chunk_blocks,
+                              **arguments)
+    expected = _probe_split_torch(q, k, key_valid=valid, **arguments).double()
+    assert fused.shape == expected.shape
+    assert torch.allclose(fused.cpu().double(), expected, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("q_len, k_len, q_offset, causal, padded", [
     (100, 100, 0, True, True),          # a cut last block, padding (a row of blocks that sees no valid key)
     (40, 170, 130, True, False),        # a chunk at the end of a longer cache
