@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["coverage_lists_of_scores", "probe_block_split", "supports", "supports_coverage", "supports_lines",
-           "top_lines_of_split"]
+           "top_lines_of_split", "vertical_slash_lists_of_lines"]
 
 LOG2E = 1.4426950408889634
 #: Key blocks a row of the coverage kernel holds in registers (2048 blocks: 256K tokens at block 128).
@@ -305,6 +305,68 @@ def top_lines_of_split(split: torch.Tensor, *, first_block: int, total_blocks: i
                                         k_blocks, diagonals, first_block, column_limit, slash_limit, CLASSES=classes,
                                         PAD=pad, num_warps=4 if pad <= 1024 else 8)
     return columns, slashes
+
+
+@triton.jit
+def _vertical_slash_lists_kernel(COLUMNS, DIAGONALS, SINKS, LISTS, heads, q_blocks, k_blocks, q_offset, column_width,
+                                 slash_width, sink_width, slots, CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                                 ROWS: tl.constexpr, COLUMN_PAD: tl.constexpr, SLASH_PAD: tl.constexpr,
+                                 SINK_PAD: tl.constexpr):
+    row_tile = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    head = batch_head % heads
+    rows = row_tile * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < q_blocks
+    query_block = (rows * BLOCK_SIZE + q_offset) // BLOCK_SIZE             # each row's absolute block
+    row_start = LISTS + (batch_head.to(tl.int64) * q_blocks + rows) * slots
+    out = row_start[:, None]
+    column = tl.arange(0, COLUMN_PAD)
+    columns = tl.load(COLUMNS + batch_head.to(tl.int64) * column_width + column, mask=column < column_width, other=-1)
+    tl.store(out + column[None, :], tl.zeros([ROWS, COLUMN_PAD], dtype=tl.int64) + columns[None, :],
+             mask=row_ok[:, None] & (column < column_width)[None, :])
+    slash = tl.arange(0, SLASH_PAD)
+    diagonals = tl.load(DIAGONALS + batch_head.to(tl.int64) * slash_width + slash, mask=slash < slash_width, other=-1)
+    # Slot d holds block diagonal d - (Kb - 1): the key block a - (d - (Kb - 1)) of absolute query block a.
+    on_slash = tl.where(diagonals[None, :] >= 0, query_block[:, None] + (k_blocks - 1) - diagonals[None, :], -1)
+    tl.store(out + column_width + slash[None, :], on_slash, mask=row_ok[:, None] & (slash < slash_width)[None, :])
+    next_slot = column_width + slash_width
+    if CAUSAL:   # every row keeps its own diagonal block (the probe's top lines may miss the first rows' keys)
+        tl.store(row_start + next_slot, query_block.to(tl.int64), mask=row_ok)
+        next_slot += 1
+    sink = tl.arange(0, SINK_PAD)
+    sinks = tl.where(sink < tl.load(SINKS + head), sink, -1).to(tl.int64)
+    tl.store(out + next_slot + sink[None, :], tl.zeros([ROWS, SINK_PAD], dtype=tl.int64) + sinks[None, :],
+             mask=row_ok[:, None] & (sink < sink_width)[None, :])
+
+
+def vertical_slash_lists_of_lines(columns: torch.Tensor, diagonals: torch.Tensor, sink_count: torch.Tensor, *,
+                                  sink_width: int, q_blocks: int, k_blocks: int, q_offset: int, block_size: int,
+                                  causal: bool) -> torch.Tensor:
+    """Block lists ``int64 [B, H, Qb, slots]`` of vertical-slash lines: the columns, each diagonal's block, the own block, sinks.
+
+    Per row (query block ``i`` at absolute block ``a``): the ``columns [B, H, V]`` as they are,
+    ``a + Kb - 1 - d`` for each diagonal slot ``d`` of ``diagonals [B, H, S]`` (``-1`` stays
+    ``-1``), ``a`` itself when causal, then the first ``sink_count[h]`` key blocks (an int32 tensor
+    on the lists' device; ``sink_width`` slots). The slots of
+    `sparsify.estimators.vertical_slash_block_lists`' torch path, in one launch.
+
+    Example:
+        >>> one = torch.ones(1, 1, 1, dtype=torch.int64, device="cuda")                        # doctest: +SKIP
+        >>> vertical_slash_lists_of_lines(one, one, one[0, 0].int(), sink_width=1, q_blocks=2, k_blocks=2,
+        ...                               q_offset=0, block_size=16, causal=True).shape       # doctest: +SKIP
+        torch.Size([1, 1, 2, 4])
+    """
+    batch, heads, column_width = columns.shape
+    slash_width = diagonals.shape[-1]
+    slots = column_width + slash_width + int(causal) + sink_width
+    lists = torch.empty(batch, heads, q_blocks, slots, device=columns.device, dtype=torch.int64)
+    rows = 16
+    _vertical_slash_lists_kernel[(triton.cdiv(q_blocks, rows), batch * heads)](
+        columns.contiguous(), diagonals.contiguous(), sink_count, lists, heads, q_blocks, k_blocks, q_offset,
+        column_width, slash_width, sink_width, slots, CAUSAL=bool(causal), BLOCK_SIZE=block_size, ROWS=rows,
+        COLUMN_PAD=triton.next_power_of_2(max(column_width, 1)), SLASH_PAD=triton.next_power_of_2(max(slash_width, 1)),
+        SINK_PAD=triton.next_power_of_2(max(sink_width, 1)), num_warps=4)
+    return lists
 
 
 def supports_coverage(k_blocks: int) -> bool:

@@ -429,16 +429,18 @@ def _probe_split_torch(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_
 def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
                                vertical: torch.Tensor, slash: torch.Tensor, probe_rows: int,
                                scale: float | None = None, causal: bool = False, q_offset: int = 0,
-                               key_valid: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
+                               key_valid: torch.Tensor | None = None, sink_blocks: torch.Tensor | None = None,
+                               kernel: str = "auto") -> torch.Tensor:
     """Block lists ``int64 [B, H, Qb, slots]`` of MInference's vertical-slash lines, estimated from the last ``probe_rows`` queries.
 
     The probe queries attend to every key (`vertical_slash_line_mass`); per head the top
     ``ceil(vertical[h] * k_blocks)`` key blocks and ``ceil(slash[h] * diagonals)`` block diagonals
     are kept (at least one of each). A vertical-slash mask is a union of columns and diagonals,
     so query block ``I`` (absolute block ``a``) keeps the top key blocks and ``a - o`` for every
-    top diagonal ``o``: slots = top columns + top diagonals. ``vertical`` and ``slash`` are
-    per-head CPU tensors (the counts fix the widths on the host). ``kernel``: ``"triton"`` runs
-    the probe and the choice of lines as three Triton launches (`sparsify.estimator_kernels`),
+    top diagonal ``o``: slots = top columns + top diagonals (+ the own block when causal, + the
+    first ``sink_blocks[h]`` key blocks). ``vertical``, ``slash`` and ``sink_blocks`` are per-head
+    CPU tensors (the counts fix the widths on the host). ``kernel``: ``"triton"`` runs
+    the probe, the choice of lines and the lists as four Triton launches (`sparsify.estimator_kernels`),
     ``"torch"`` in plain torch, ``"auto"`` Triton for CUDA inputs it supports.
 
     Example:
@@ -459,8 +461,8 @@ def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: 
     if kernel == "auto":
         kernel = "triton" if _triton_serves(q, block_size) and _lines_kernel_serves(k_blocks, total_blocks) else "torch"
     if kernel == "triton":
-        # Two probe launches and one top-lines launch (sparsify.estimator_kernels): no torch ops between them.
-        from sparsify.estimator_kernels import top_lines_of_split
+        # Two probe launches, one top-lines launch, one list launch (sparsify.estimator_kernels): four in all.
+        from sparsify.estimator_kernels import top_lines_of_split, vertical_slash_lists_of_lines
 
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         rows = max(1, min(probe_rows, q_len))
@@ -472,12 +474,15 @@ def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: 
             split, first_block=(q_offset + q_len - rows) // block_size, total_blocks=total_blocks,
             column_count=_on(column_count.to(torch.int32), device), slash_count=_on(slash_count.to(torch.int32), device),
             column_limit=column_limit, slash_limit=slash_limit)
-    else:
-        column_mass, diagonal_mass = vertical_slash_line_mass(
-            q, k, block_size=block_size, kv_head_index=kv_head_index, probe_rows=probe_rows, scale=scale,
-            causal=causal, q_offset=q_offset, key_valid=key_valid, kernel="torch")
-        columns = _top_lines(column_mass, vertical)                               # [B, H, V] key blocks
-        diagonals = _top_lines(diagonal_mass, slash)                              # [B, H, S] diagonal slots
+        sinks = torch.zeros(heads, dtype=torch.int32) if sink_blocks is None else sink_blocks.cpu().to(torch.int32)
+        return vertical_slash_lists_of_lines(columns, diagonals, _on(sinks, device),
+                                             sink_width=max(0, min(int(sinks.max()), k_blocks)), q_blocks=q_blocks,
+                                             k_blocks=k_blocks, q_offset=q_offset, block_size=block_size, causal=causal)
+    column_mass, diagonal_mass = vertical_slash_line_mass(
+        q, k, block_size=block_size, kv_head_index=kv_head_index, probe_rows=probe_rows, scale=scale,
+        causal=causal, q_offset=q_offset, key_valid=key_valid, kernel="torch")
+    columns = _top_lines(column_mass, vertical)                                   # [B, H, V] key blocks
+    diagonals = _top_lines(diagonal_mass, slash)                                  # [B, H, S] diagonal slots
     # Block (I, J) lies on block diagonal (absolute query block of I) - J; slot o + Kb - 1 holds diagonal o.
     query_block = block_token_bounds(q_len, k_len, block_size, q_offset, device)[0] // block_size    # [Qb, 1]
     diagonals = diagonals.unsqueeze(2)
@@ -488,6 +493,8 @@ def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: 
         # (a row of the causal triangle sees only the blocks up to its own). Every row keeps its own diagonal
         # block, so none is left empty (for self attention the mask source adds it anyway).
         lists.append(query_block.view(1, 1, q_blocks, 1).expand(batch, heads, q_blocks, 1))
+    if sink_blocks is not None:
+        lists.append(sink_block_lists(sink_blocks.long(), lists[0], k_blocks))
     return torch.cat(lists, -1)
 
 

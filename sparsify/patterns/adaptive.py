@@ -123,21 +123,19 @@ class EstimatedVerticalSlash(AdaptivePattern):
 
     def estimation_work(self, q_len, k_len, head_dim, block_size):
         probe = min(q_len, self.probe_blocks * block_size)
-        # Probe scores and probabilities, per-key and per-offset pooling, two sorts.
-        return probe * k_len * (head_dim + 4) + 4 * (q_len + k_len), 14
+        # The probe's scores twice (two passes: row totals, then the split), per-key and per-offset pooling, the
+        # lines' sort; on the device four kernels and three small copies (`vertical_slash_block_lists`).
+        return probe * k_len * (2 * head_dim + 8) + 4 * (q_len + k_len), 7
 
     @classmethod
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):
-        from sparsify.estimators import sink_block_lists, vertical_slash_block_lists
-        from sparsify.block_mask import blocks_for
+        from sparsify.estimators import vertical_slash_block_lists
 
         probe_rows = int(max(parameters["probe_blocks"].tolist())) * block_size  # a CPU tensor: no device read
-        lists = vertical_slash_block_lists(q, k, block_size=block_size, kv_head_index=kv_head_index,
-                                           vertical=parameters["vertical"], slash=parameters["slash"],
-                                           probe_rows=probe_rows, scale=scale, causal=causal, q_offset=q_offset,
-                                           key_valid=key_valid)
-        sinks = sink_block_lists(parameters["sink_blocks"].long(), lists, blocks_for(k.shape[2], block_size))
-        return torch.cat([lists, sinks], -1)
+        return vertical_slash_block_lists(q, k, block_size=block_size, kv_head_index=kv_head_index,
+                                          vertical=parameters["vertical"], slash=parameters["slash"],
+                                          probe_rows=probe_rows, scale=scale, causal=causal, q_offset=q_offset,
+                                          key_valid=key_valid, sink_blocks=parameters["sink_blocks"].long())
 
 
 @register_pattern("pooled_coverage")

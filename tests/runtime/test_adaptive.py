@@ -295,7 +295,7 @@ def test_the_top_lines_kernel_picks_what_the_torch_masses_and_top_k_pick(k_block
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("q_len, k_len, q_offset, causal", [(96, 96, 0, True), (40, 120, 80, True), (64, 80, 0, False)])
 def test_vertical_slash_lists_by_the_kernels_equal_the_torch_path(q_len, k_len, q_offset, causal):
-    # The whole Triton path (two probe launches, one top-lines launch) against plain torch: the same lists.
+    # The whole Triton path (two probe launches, top lines, lists with sinks) against plain torch: the same lists.
     from sparsify.estimators import vertical_slash_block_lists
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -305,7 +305,7 @@ def test_vertical_slash_lists_by_the_kernels_equal_the_torch_path(q_len, k_len, 
     k[:, :, 5] *= 4                                       # a strong column
     arguments = dict(block_size=16, kv_head_index=torch.tensor([0, 0, 1, 1]), vertical=torch.tensor([0.2, 0.3, 0.1, 0.5]),
                      slash=torch.tensor([0.1, 0.2, 0.3, 0.05]), probe_rows=24, scale=0.3, causal=causal,
-                     q_offset=q_offset)
+                     q_offset=q_offset, sink_blocks=torch.tensor([0, 2, 1, 0]))
     expected = vertical_slash_block_lists(q, k, kernel="torch", **arguments)
     fused = vertical_slash_block_lists(q.to(device), k.to(device), kernel="triton", **arguments)
     assert torch.equal(fused.cpu(), expected)
