@@ -74,7 +74,7 @@ class AdaptiveMaskSource:
         (2, True)
     """
 
-    STATIC_CACHE_SIZE = 8
+    PER_LENGTHS_CACHE_SIZE = 16      # entries: a static part's lists or the own blocks, per lengths
 
     def __init__(self, patterns: Sequence["Pattern"], *, block_size: int, causal: bool, kv_head_index: torch.Tensor,
                  self_attention: bool = True):
@@ -89,7 +89,8 @@ class AdaptiveMaskSource:
         self.kv_head_index = kv_head_index.to(torch.int64).cpu()
         #: ``kv_head_index`` as host ints (what backends read instead of the device tensor).
         self.kv_heads = tuple(self.kv_head_index.tolist())
-        self._static: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+        # Per (lengths, offset, device): static parts' block lists and the own blocks of self attention (bounded).
+        self._per_lengths: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
         self._head_index: dict[tuple, torch.Tensor] = {}               # (group key, device) -> its heads there
         # Adaptive leaves grouped by family: key -> (class, settings, [(head, leaf)]).
         self.groups: dict[tuple, tuple[type, dict, list[tuple[int, AdaptivePattern]]]] = {}
@@ -139,12 +140,26 @@ class AdaptiveMaskSource:
                         for head, pattern in enumerate(self.patterns)]
             lists = _stack_lists([row.expand(batch, *row.shape[1:]) for row in per_head], 1)
         if self.self_attention:   # the key blocks holding the first and the last query of each query block
-            query_first, query_last, _, _ = block_token_bounds(q_len, k_len, self.block_size, q_offset, device)
-            own = torch.cat([query_first, query_last], 1) // self.block_size              # [Qb, 2]
-            lists = torch.cat([lists, own.expand(batch, heads, -1, -1)], -1)
+            lists = torch.cat([lists, self._own_blocks(q_len, k_len, q_offset, device).expand(batch, heads, -1, -1)], -1)
         return RuntimeBlockMask.from_block_lists(lists, block_size=self.block_size, q_len=q_len, k_len=k_len,
                                                  causal=self.causal, kv_head_index=self.kv_head_index,
                                                  q_offset=q_offset, per_input=True)
+
+    def _own_blocks(self, q_len: int, k_len: int, q_offset: int, device: torch.device) -> torch.Tensor:
+        """``int64 [Qb, 2]``: the key blocks of each query block's first and last query, cached per lengths (few launches)."""
+        key = ("own", q_len, k_len, q_offset, str(device))
+        own = self._per_lengths.get(key)
+        if own is None:
+            query_first, query_last, _, _ = block_token_bounds(q_len, k_len, self.block_size, q_offset, device)
+            own = torch.cat([query_first, query_last], 1) // self.block_size
+            self._remember(key, own)
+        return own
+
+    def _remember(self, key: tuple, value: torch.Tensor) -> None:
+        """Keep ``value`` in the bounded per-lengths cache (the oldest entry goes first)."""
+        if len(self._per_lengths) >= self.PER_LENGTHS_CACHE_SIZE:
+            self._per_lengths.popitem(last=False)
+        self._per_lengths[key] = value
 
     def _heads_on(self, key: tuple, device: torch.device) -> torch.Tensor:
         """The query heads of group ``key`` as an index tensor on ``device`` (made once per device)."""
@@ -189,7 +204,7 @@ class AdaptiveMaskSource:
     def _static_lists(self, pattern, q_len, k_len, q_offset, device) -> torch.Tensor:
         """A static pattern's block lists ``[Qb, widest row]`` (``-1`` past a row's blocks), cached per lengths."""
         key = (repr(pattern.to_dict()), q_len, k_len, q_offset, str(device))
-        lists = self._static.get(key)
+        lists = self._per_lengths.get(key)
         if lists is None:
             mask = pattern_block_masks([pattern], block_size=self.block_size, q_len=q_len, k_len=k_len,
                                        causal=self.causal, q_offset=q_offset)[0]
@@ -198,9 +213,7 @@ class AdaptiveMaskSource:
             column = torch.arange(k_blocks)
             ordered = torch.where(mask, column, column + k_blocks).sort(-1).values[:, :width]
             lists = torch.where(ordered < k_blocks, ordered, -1).to(device)
-            if len(self._static) >= self.STATIC_CACHE_SIZE:
-                self._static.popitem(last=False)
-            self._static[key] = lists
+            self._remember(key, lists)
         return lists
 
 
