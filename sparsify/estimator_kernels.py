@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["coverage_lists_of_scores", "probe_block_split", "supports", "supports_coverage", "supports_lines",
+__all__ = ["block_means", "coverage_lists_of_scores", "probe_block_split", "supports", "supports_coverage", "supports_lines",
            "top_lines_of_split", "vertical_slash_lists_of_lines"]
 
 LOG2E = 1.4426950408889634
@@ -367,6 +367,52 @@ def vertical_slash_lists_of_lines(columns: torch.Tensor, diagonals: torch.Tensor
         COLUMN_PAD=triton.next_power_of_2(max(column_width, 1)), SLASH_PAD=triton.next_power_of_2(max(slash_width, 1)),
         SINK_PAD=triton.next_power_of_2(max(sink_width, 1)), num_warps=4)
     return lists
+
+
+@triton.jit
+def _block_means_kernel(X, VALID, MEANS, COUNTS, heads, length, stride_b, stride_h, stride_s, stride_d, stride_valid,
+                        HAS_VALID: tl.constexpr, BLOCK_SIZE: tl.constexpr, DIM: tl.constexpr, D_PAD: tl.constexpr):
+    block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    blocks = tl.num_programs(0)
+    batch = (batch_head // heads).to(tl.int64)
+    head = (batch_head % heads).to(tl.int64)
+    rows = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    dims = tl.arange(0, D_PAD)
+    row_ok = rows < length
+    if HAS_VALID:
+        row_ok = row_ok & (tl.load(VALID + batch * stride_valid + rows, mask=rows < length, other=0) != 0)
+    x = tl.load(X + batch * stride_b + head * stride_h + rows.to(tl.int64)[:, None] * stride_s + dims[None, :] * stride_d,
+                mask=row_ok[:, None] & (dims < DIM)[None, :], other=0.0).to(tl.float32)
+    count = tl.sum(row_ok.to(tl.float32), 0)
+    tl.store(MEANS + (batch_head.to(tl.int64) * blocks + block) * DIM + dims, tl.sum(x, 0) / tl.maximum(count, 1.0),
+             mask=dims < DIM)
+    if head == 0:
+        tl.store(COUNTS + batch * blocks + block, count)
+
+
+def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(means float32 [B, H, blocks, D], counts float32 [B, 1, blocks])`` of ``x [B, H, S, D]``'s valid rows per block, one launch.
+
+    What `sparsify.estimators`' torch block mean computes (``valid [B, S]``: rows that count;
+    a block without one has mean 0), summed in float32 straight from ``x``.
+
+    Example:
+        >>> means, counts = block_means(torch.randn(1, 2, 40, 8, device="cuda"), 16)           # doctest: +SKIP
+        >>> means.shape, counts.flatten().tolist()                                            # doctest: +SKIP
+        (torch.Size([1, 2, 3, 8]), [16.0, 16.0, 8.0])
+    """
+    batch, heads, length, dim = x.shape
+    blocks = -(-length // block_size)
+    means = torch.empty(batch, heads, blocks, dim, device=x.device, dtype=torch.float32)
+    counts = torch.empty(batch, 1, blocks, device=x.device, dtype=torch.float32)
+    flags = valid.to(torch.uint8).contiguous() if valid is not None else counts
+    if blocks and heads:
+        _block_means_kernel[(blocks, batch * heads)](
+            x, flags, means, counts, heads, length, *x.stride(), flags.stride(0) if valid is not None else 0,
+            HAS_VALID=valid is not None, BLOCK_SIZE=block_size, DIM=dim, D_PAD=max(16, triton.next_power_of_2(dim)),
+            num_warps=4)
+    return means, counts
 
 
 def supports_coverage(k_blocks: int) -> bool:

@@ -74,7 +74,12 @@ def _blocked_mean(x: torch.Tensor, block_size: int, valid: torch.Tensor | None =
     """Mean of ``x [B, H, S, D]`` over each block of rows (valid rows only) and the valid-row count ``[B, H|1, n]``.
 
     Sums accumulate in float32 straight from ``x`` (no float32 copy of it); only the cut last block is padded.
+    CUDA inputs the Triton kernel takes run as one launch (`sparsify.estimator_kernels.block_means`).
     """
+    if _triton_serves(x, block_size):
+        from sparsify.estimator_kernels import block_means
+
+        return block_means(x, block_size, valid)
     batch, heads, length, dim = x.shape
     blocks = blocks_for(length, block_size)
     whole = length // block_size

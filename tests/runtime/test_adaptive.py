@@ -312,6 +312,26 @@ def test_vertical_slash_lists_by_the_kernels_equal_the_torch_path(q_len, k_len, 
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("length, padded, dtype", [(80, False, torch.float32), (70, True, torch.float32),
+                                                   (37, True, torch.bfloat16)])
+def test_the_block_mean_kernel_equals_the_torch_block_mean(length, padded, dtype):
+    from sparsify.estimator_kernels import block_means
+    from sparsify.estimators import _blocked_mean
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(length)
+    x = torch.randn(2, 3, length, 24, generator=gen).to(dtype)
+    valid = None
+    if padded:
+        valid = torch.ones(2, length, dtype=torch.bool)
+        valid[1, :20] = False                     # the first block of the second row: no valid key at all
+    means, counts = block_means(x.to(device), 16, None if valid is None else valid.to(device))
+    expected_means, expected_counts = _blocked_mean(x, 16, valid)       # the torch path (CPU)
+    assert torch.equal(counts.cpu(), expected_counts)
+    assert torch.allclose(means.cpu(), expected_means, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("chunk_blocks, probe_rows, q_offset", [(4, 40, 0), (2, 16, 13), (8, 33, 0)])
 def test_the_probe_kernel_over_chunks_of_key_blocks_equals_the_torch_split(chunk_blocks, probe_rows, q_offset):
     # Programs of several key blocks (the last chunk cut by k_len) and several tiles of probe rows: pass 1's
