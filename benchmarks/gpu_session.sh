@@ -6,8 +6,10 @@
 #   bash benchmarks/gpu_session.sh 2   # ~8-9 min: FA4 install, the whole GPU suite again WITH FA4 (FA4 compiles
 #                                      #   each new shape: tens of seconds each)
 #   bash benchmarks/gpu_session.sh 3   # ~6-7 min: kernel_bench host time (1K tokens: SDPA, backends' run, a sparse
-#                                      #   site eager and under torch.compile) + a short wan_bench --compile (32760 tokens)
-#   bash benchmarks/gpu_session.sh 4   # the LLM benches (llm_prefill_bench.py, llm_decode_bench.py) where they exist
+#                                      #   site eager and under torch.compile) + a short wan_bench --compile (32760 tokens;
+#                                      #   WAN=0 leaves it out: ~1 min)
+#   bash benchmarks/gpu_session.sh 4   # the adaptive split (estimation share, 32K / 128K) and the LLM benches
+#                                      #   (llm_prefill_bench.py, llm_decode_bench.py)
 #   bash benchmarks/gpu_session.sh 5   # ~5-6 min: e2e_bench --compile at 16K and 32K (eager / compiled / reduce-overhead)
 #
 # Every step has its own time limit (`timeout`), so a slow or failing step costs at most its limit and the next one
@@ -109,6 +111,7 @@ case "$PART" in
   show "$WORK/json/kernel_host.json" call host_us gpu_us wall_us host_bound
   # Wan 1.3B config at 32760 tokens: eager, then torch.compile (two compilations of the 30-layer model); the
   # self-attention-skipped column is left out (a third compilation), the graph-break count runs last.
+  [ "${WAN:-1}" = 0 ] && { say "== wan: skipped (WAN=0)"; pack; say "part $PART done in $SECONDS s"; exit 0; }
   step wan "${LIMIT_WAN:-420}" python3 benchmarks/wan_bench.py --compile --no-skipped --backend auto --density 0.15 \
     --repeats 5 --warmup 2 --out "$WORK/json/wan_cuda.json"
   show "$WORK/json/wan_cuda.json" mode dense_ms sparse_ms speedup attention_ms ideal_ms fraction_of_ideal \
@@ -118,6 +121,11 @@ case "$PART" in
   export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site2
   install_sparsify
   card
+  # One layer's adaptive site split into estimation / kernel / glue (issue 19's estimation share), then the LLM benches.
+  step adaptive_split "${LIMIT_SPLIT:-150}" python3 benchmarks/adaptive_bench.py --split --shape llama-1b \
+    --seq 32768 131072 --out "$WORK/json/adaptive_split_cuda.json"
+  show "$WORK/json/adaptive_split_cuda.json" seq pattern backend attention_ms estimate_ms kernel_ms glue_ms \
+    estimate_share causal_density
   for bench in llm_prefill llm_decode; do
     script=benchmarks/${bench}_bench.py
     if [ ! -f "$script" ]; then say "== $bench: $script does not exist here, skipped"; continue; fi
