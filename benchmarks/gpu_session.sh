@@ -11,6 +11,8 @@
 #   bash benchmarks/gpu_session.sh 4   # the adaptive split (estimation share, 32K / 128K) and the LLM benches
 #                                      #   (llm_prefill_bench.py, llm_decode_bench.py)
 #   bash benchmarks/gpu_session.sh 5   # ~5-6 min: e2e_bench --compile at 16K and 32K (eager / compiled / reduce-overhead)
+#   bash benchmarks/gpu_session.sh 6   # ~6-8 min: the search at real size (search_bench: Wan 1.3B at 32,760 tokens and a
+#                                      #   16-layer Llama-3.2-1B shape at 32K; phases, peak extra GPU memory)
 #
 # Every step has its own time limit (`timeout`), so a slow or failing step costs at most its limit and the next one
 # still runs. Benchmarks write their JSON row by row, so a step cut by its limit keeps the rows it measured.
@@ -136,8 +138,16 @@ case "$PART" in
       step "$bench" "${LIMIT_LLM:-270}" python3 "$script"
     fi
   done;;
+6)
+  install_fa4
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site2
+  install_sparsify
+  card
+  step search "${LIMIT_SEARCH:-480}" python3 benchmarks/search_bench.py --device cuda --model wan llama --batches 3 \
+    --out "$WORK/json/search_cuda.json"
+  show "$WORK/json/search_cuda.json";;
 *)
-  echo "unknown part '$PART': 1, 2, 3, 4 or 5 (see the head of $0)" >&2; exit 2;;
+  echo "unknown part '$PART': 1 to 6 (see the head of $0)" >&2; exit 2;;
 esac
 pack
 say "part $PART done in $SECONDS s; files: $OUT/part$PART.tar.gz, $SUMMARY"
