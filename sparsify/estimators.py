@@ -18,6 +18,7 @@ are read from CPU tensors, so the list widths are known on the host without a de
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import math
 
@@ -29,6 +30,7 @@ from sparsify.block_mask import block_geometry, block_token_bounds, blocks_for
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 __all__ = [
+    "DeviceCopies",
     "antidiagonal_block_mass",
     "block_lists_to_masks",
     "coverage_block_lists",
@@ -124,14 +126,14 @@ def pooled_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
 
 
 def _pooled_scores(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
-                   scale: float | None, key_valid: torch.Tensor | None,
-                   temperature: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+                   scale: float | None, key_valid: torch.Tensor | None, temperature: torch.Tensor | float,
+                   copies: "DeviceCopies | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores float32 [B, H, Qb, Kb], key_bias float32 [B, Kb])``: pooled dot products (scale and temperature in),
     and per key block the log of its valid keys (``-inf``: none); the logits are their sum."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     query_means, _ = _blocked_mean(q, block_size)
     key_means, key_counts = _blocked_mean(k, block_size, key_valid)
-    key_means = key_means.index_select(1, _on(kv_head_index, k.device))
+    key_means = key_means.index_select(1, _on(kv_head_index, k.device, copies))
     # The scale goes into the (small) query means, not into the [B, H, Qb, Kb] scores.
     scores = (query_means * (scale * temperature)) @ key_means.transpose(-1, -2)
     return scores, key_counts.view(key_counts.shape[0], -1).log()       # log 0 = -inf: no valid key
@@ -141,13 +143,14 @@ def pooled_coverage_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size:
                                 coverage: torch.Tensor, min_blocks: torch.Tensor, max_blocks: torch.Tensor,
                                 scale: float | None = None, causal: bool = False, q_offset: int = 0,
                                 key_valid: torch.Tensor | None = None, temperature: torch.Tensor | float = 1.0,
-                                kernel: str = "auto") -> torch.Tensor:
+                                kernel: str = "auto", copies: "DeviceCopies | None" = None) -> torch.Tensor:
     """`coverage_block_lists` of `pooled_block_mass`: block lists ``int64 [B, H, Qb, max(max_blocks)]``.
 
     ``kernel``: ``"triton"`` runs softmax, ranking and coverage in one fused kernel over the pooled
     scores (`sparsify.estimator_kernels`: each row read once, no ``[B, H, Qb, Kb]`` probability
     or sort-key tensor); ``"torch"`` composes `pooled_block_mass` and `coverage_block_lists`;
-    ``"auto"`` takes Triton for CUDA inputs it supports. ``max_blocks`` is a CPU tensor.
+    ``"auto"`` takes Triton for CUDA inputs it supports. ``max_blocks`` is a CPU tensor; ``copies``
+    (a `DeviceCopies`) keeps the per-head values' device copies across calls.
 
     Example:
         >>> q = torch.randn(1, 2, 64, 8)
@@ -173,10 +176,11 @@ def pooled_coverage_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size:
         return coverage_block_lists(mass, coverage, min_blocks, max_blocks)
     from sparsify.estimator_kernels import coverage_lists_of_scores
 
-    scores, key_bias = _pooled_scores(q, k, **common)
+    scores, key_bias = _pooled_scores(q, k, copies=copies, **common)
     limit = max(1, min(int(max_blocks.max()), k_blocks))
-    return coverage_lists_of_scores(scores, key_bias, coverage=_on(coverage, q.device),
-                                    min_blocks=_on(min_blocks, q.device), max_blocks=_on(max_blocks, q.device),
+    return coverage_lists_of_scores(scores, key_bias, coverage=_on(coverage, q.device, copies),
+                                    min_blocks=_on(min_blocks, q.device, copies),
+                                    max_blocks=_on(max_blocks, q.device, copies),
                                     limit=limit, block_size=block_size, q_len=q.shape[2], causal=causal,
                                     q_offset=q_offset)
 
@@ -435,7 +439,7 @@ def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: 
                                vertical: torch.Tensor, slash: torch.Tensor, probe_rows: int,
                                scale: float | None = None, causal: bool = False, q_offset: int = 0,
                                key_valid: torch.Tensor | None = None, sink_blocks: torch.Tensor | None = None,
-                               kernel: str = "auto") -> torch.Tensor:
+                               kernel: str = "auto", copies: "DeviceCopies | None" = None) -> torch.Tensor:
     """Block lists ``int64 [B, H, Qb, slots]`` of MInference's vertical-slash lines, estimated from the last ``probe_rows`` queries.
 
     The probe queries attend to every key (`vertical_slash_line_mass`); per head the top
@@ -446,7 +450,8 @@ def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: 
     first ``sink_blocks[h]`` key blocks). ``vertical``, ``slash`` and ``sink_blocks`` are per-head
     CPU tensors (the counts fix the widths on the host). ``kernel``: ``"triton"`` runs
     the probe, the choice of lines and the lists as four Triton launches (`sparsify.estimator_kernels`),
-    ``"torch"`` in plain torch, ``"auto"`` Triton for CUDA inputs it supports.
+    ``"torch"`` in plain torch, ``"auto"`` Triton for CUDA inputs it supports; ``copies`` (a
+    `DeviceCopies`) keeps the per-head counts' device copies across calls.
 
     Example:
         >>> q = torch.randn(1, 1, 64, 8)
@@ -471,16 +476,18 @@ def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: 
 
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         rows = max(1, min(probe_rows, q_len))
-        split = _probe_split(q, k, "triton", block_size=block_size, kv_head_index=kv_head_index, probe_rows=rows,
+        split = _probe_split(q, k, "triton", block_size=block_size, probe_rows=rows,
+                             kv_head_index=_on(kv_head_index.to(torch.int64), device, copies),
                              scale=scale, causal=causal, q_offset=q_offset, key_valid=key_valid)
         column_count, column_limit = _line_counts(vertical, k_blocks)
         slash_count, slash_limit = _line_counts(slash, k_blocks + total_blocks)
         columns, diagonals = top_lines_of_split(
             split, first_block=(q_offset + q_len - rows) // block_size, total_blocks=total_blocks,
-            column_count=_on(column_count.to(torch.int32), device), slash_count=_on(slash_count.to(torch.int32), device),
+            column_count=_on(column_count.to(torch.int32), device, copies),
+            slash_count=_on(slash_count.to(torch.int32), device, copies),
             column_limit=column_limit, slash_limit=slash_limit)
         sinks = torch.zeros(heads, dtype=torch.int32) if sink_blocks is None else sink_blocks.cpu().to(torch.int32)
-        return vertical_slash_lists_of_lines(columns, diagonals, _on(sinks, device),
+        return vertical_slash_lists_of_lines(columns, diagonals, _on(sinks, device, copies),
                                              sink_width=max(0, min(int(sinks.max()), k_blocks)), q_blocks=q_blocks,
                                              k_blocks=k_blocks, q_offset=q_offset, block_size=block_size, causal=causal)
     column_mass, diagonal_mass = vertical_slash_line_mass(
@@ -503,7 +510,8 @@ def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: 
     return torch.cat(lists, -1)
 
 
-def sink_block_lists(sink_blocks: torch.Tensor, like: torch.Tensor, k_blocks: int) -> torch.Tensor:
+def sink_block_lists(sink_blocks: torch.Tensor, like: torch.Tensor, k_blocks: int,
+                     copies: "DeviceCopies | None" = None) -> torch.Tensor:
     """Block lists ``int64`` shaped like ``like [B, H, Qb, *]``: the first ``sink_blocks[h]`` (a CPU tensor) key blocks of every row.
 
     Example:
@@ -513,12 +521,48 @@ def sink_block_lists(sink_blocks: torch.Tensor, like: torch.Tensor, k_blocks: in
     batch, heads, q_blocks = like.shape[:3]
     most = max(0, min(int(sink_blocks.max()), k_blocks))
     columns = torch.arange(most, device=like.device)
-    columns = torch.where(columns < _on(sink_blocks, like.device).view(heads, 1), columns, -1)
+    columns = torch.where(columns < _on(sink_blocks, like.device, copies).view(heads, 1), columns, -1)
     return columns.view(1, heads, 1, most).expand(batch, heads, q_blocks, most)
 
 
-def _on(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small per-head tensor on ``device``: copied from the CPU without waiting for the device (no stream sync)."""
+class DeviceCopies:
+    """Device copies of small host tensors (per-head parameters, line counts), made once per content and device.
+
+    An estimate per call would otherwise copy the same few per-head values to the device every
+    time (a host-to-device copy each, on the host's clock). The owner of the estimators' inputs
+    (`sparsify.runtime.mask_source.AdaptiveMaskSource`) keeps one and hands it to every estimate;
+    the cache is keyed by the values themselves, so a copy is never stale. Bounded (oldest first).
+
+    Example:
+        >>> copies = DeviceCopies()
+        >>> first = copies.of(torch.tensor([1, 2]), torch.device("cpu"))
+        >>> first is copies.of(torch.tensor([1, 2]), torch.device("cpu"))
+        True
+    """
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._copies: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+
+    def of(self, values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """``values`` (a small host tensor) on ``device``; a device tensor is moved as it is."""
+        device = torch.device(device)
+        if values.device.type != "cpu":
+            return values.to(device, non_blocking=True)
+        key = (values.dtype, tuple(values.shape), tuple(values.flatten().tolist()), str(device))
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = values.to(device, non_blocking=True)
+            if len(self._copies) >= self.size:
+                self._copies.popitem(last=False)
+            self._copies[key] = copy
+        return copy
+
+
+def _on(values: torch.Tensor, device: torch.device, copies: DeviceCopies | None = None) -> torch.Tensor:
+    """A small per-head tensor on ``device``: a cached copy (``copies``), else copied without waiting (no stream sync)."""
+    if copies is not None:
+        return copies.of(values, device)
     return values.to(device, non_blocking=True)
 
 

@@ -80,11 +80,12 @@ class AdaptivePattern(Pattern):
     @classmethod
     def estimate(cls, q: torch.Tensor, k: torch.Tensor, *, parameters: dict[str, torch.Tensor], settings: dict,
                  block_size: int, kv_head_index: torch.Tensor, scale: float | None, causal: bool, q_offset: int,
-                 key_valid: torch.Tensor | None) -> torch.Tensor:
+                 key_valid: torch.Tensor | None, copies=None) -> torch.Tensor:
         """Block lists ``int64 [B, H, Qb, slots]`` for the heads of ``q`` (``-1``: no block; see `sparsify.estimators`).
 
         ``parameters``: CPU tensors ``[H]`` each (the list widths are read from them on the host);
-        ``settings``: the non-numeric ones.
+        ``settings``: the non-numeric ones; ``copies``: the caller's `sparsify.estimators.DeviceCopies`
+        (their device copies, kept across calls), or ``None``.
         """
         raise NotImplementedError
 
@@ -128,14 +129,16 @@ class EstimatedVerticalSlash(AdaptivePattern):
         return probe * k_len * (2 * head_dim + 8) + 4 * (q_len + k_len), 7
 
     @classmethod
-    def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):
+    def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid,
+                 copies=None):
         from sparsify.estimators import vertical_slash_block_lists
 
         probe_rows = int(max(parameters["probe_blocks"].tolist())) * block_size  # a CPU tensor: no device read
         return vertical_slash_block_lists(q, k, block_size=block_size, kv_head_index=kv_head_index,
                                           vertical=parameters["vertical"], slash=parameters["slash"],
                                           probe_rows=probe_rows, scale=scale, causal=causal, q_offset=q_offset,
-                                          key_valid=key_valid, sink_blocks=parameters["sink_blocks"].long())
+                                          key_valid=key_valid, sink_blocks=parameters["sink_blocks"].long(),
+                                          copies=copies)
 
 
 @register_pattern("pooled_coverage")
@@ -195,13 +198,14 @@ class PooledCoverage(AdaptivePattern):
         return pooling + scores + 8 * q_blocks * k_blocks, 12
 
     @classmethod
-    def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid):
-        from sparsify.estimators import (antidiagonal_block_mass, coverage_block_lists,
-                                               pooled_coverage_block_lists, sink_block_lists)
+    def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid,
+                 copies=None):
+        from sparsify.estimators import (_on, antidiagonal_block_mass, coverage_block_lists,
+                                         pooled_coverage_block_lists, sink_block_lists)
         from sparsify.block_mask import blocks_for
 
         scale = (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-        temperature = parameters["temperature"].to(q.device, torch.float32, non_blocking=True).view(1, -1, 1, 1)
+        temperature = _on(parameters["temperature"].to(torch.float32), q.device, copies).view(1, -1, 1, 1)
         common = dict(block_size=block_size, kv_head_index=kv_head_index, scale=scale, causal=causal,
                       q_offset=q_offset, key_valid=key_valid, temperature=temperature)
         k_blocks = blocks_for(k.shape[2], block_size)
@@ -211,8 +215,8 @@ class PooledCoverage(AdaptivePattern):
             mass = antidiagonal_block_mass(q, k, stride=min(settings["stride"], block_size), **common)
             lists = coverage_block_lists(mass, **bounds)
         else:
-            lists = pooled_coverage_block_lists(q, k, **common, **bounds)
-        return torch.cat([lists, sink_block_lists(parameters["sink_blocks"].long(), lists, k_blocks)], -1)
+            lists = pooled_coverage_block_lists(q, k, copies=copies, **common, **bounds)
+        return torch.cat([lists, sink_block_lists(parameters["sink_blocks"].long(), lists, k_blocks, copies)], -1)
 
 
 def estimated_vertical_slash(vertical: float = 0.05, slash: float = 0.05, probe_blocks: int = 1,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from sparsify.block_mask import RuntimeBlockMask, block_token_bounds, blocks_for, pattern_block_masks
+from sparsify.estimators import DeviceCopies
 
 if TYPE_CHECKING:
     from sparsify.patterns import Pattern
@@ -92,6 +93,7 @@ class AdaptiveMaskSource:
         # Per (lengths, offset, device): static parts' block lists and the own blocks of self attention (bounded).
         self._per_lengths: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
         self._head_index: dict[tuple, torch.Tensor] = {}               # (group key, device) -> its heads there
+        self._copies = DeviceCopies()                                  # per-head values on the device, kept
         # Adaptive leaves grouped by family: key -> (class, settings, [(head, leaf)]).
         self.groups: dict[tuple, tuple[type, dict, list[tuple[int, AdaptivePattern]]]] = {}
         for head, pattern in enumerate(self.patterns):
@@ -129,7 +131,8 @@ class AdaptiveMaskSource:
             selected = q if group_heads == list(range(heads)) else q.index_select(1, self._heads_on(key, device))
             lists = cls.estimate(selected, k, parameters=self._parameters[key], settings=settings,
                                  block_size=self.block_size, kv_head_index=self.kv_head_index[group_heads],
-                                 scale=scale, causal=self.causal, q_offset=q_offset, key_valid=key_valid)
+                                 scale=scale, causal=self.causal, q_offset=q_offset, key_valid=key_valid,
+                                 copies=self._copies)
             group_lists.append((members, lists))                     # lists [B, len(members), Qb, slots]
         if self.bare:
             lists = self._bare_lists(group_lists, heads, device)
