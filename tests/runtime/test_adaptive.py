@@ -444,3 +444,23 @@ def test_a_site_of_adaptive_heads_on_the_gpu_equals_dense_math_under_its_estimat
     mask = layer.adaptive_source.mask(q, k)
     assert mask.full_width < mask.k_blocks and mask.density() < 0.5
     assert rel_err(out.float(), mask_reference(q.float(), k.float(), v.float(), mask).float()) < 2e-2
+
+
+def test_an_estimate_reuses_its_device_copies_of_the_per_head_values():
+    from sparsify.estimators import DeviceCopies
+
+    source = AdaptiveMaskSource([patterns.pooled_coverage(0.9, sink_blocks=1),
+                                 patterns.pooled_coverage(0.7, sink_blocks=2)], block_size=16, causal=True,
+                                kv_head_index=torch.tensor([0, 0]))
+    q = torch.randn(1, 2, 64, 8, generator=torch.Generator().manual_seed(3))
+    first = source.mask(q, q[:, :1]).to_block_masks()
+    made = dict(source._copies._copies)
+    assert made                                            # the per-head values went through the cache
+    second = source.mask(q, q[:, :1]).to_block_masks()
+    assert source._copies._copies.keys() == made.keys()    # and came from it the second time
+    assert all(source._copies._copies[key] is made[key] for key in made)
+    assert torch.equal(first, second)
+    copies = DeviceCopies(size=2)
+    for value in range(3):
+        copies.of(torch.tensor([value]), "cpu")
+    assert len(copies._copies) == 2                        # bounded: the oldest went first
