@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["block_means", "coverage_lists_of_scores", "probe_block_split", "supports", "supports_coverage", "supports_lines",
-           "top_lines_of_split", "vertical_slash_lists_of_lines"]
+__all__ = ["block_means", "coverage_lists_of_scores", "probe_block_split", "supports", "supports_coverage",
+           "supports_lines", "top_lines_of_split", "vertical_slash_lists_of_lines"]
 
 LOG2E = 1.4426950408889634
 #: Key blocks a row of the coverage kernel holds in registers (2048 blocks: 256K tokens at block 128).
@@ -382,8 +382,8 @@ def _block_means_kernel(X, VALID, MEANS, COUNTS, heads, length, stride_b, stride
     row_ok = rows < length
     if HAS_VALID:
         row_ok = row_ok & (tl.load(VALID + batch * stride_valid + rows, mask=rows < length, other=0) != 0)
-    x = tl.load(X + batch * stride_b + head * stride_h + rows.to(tl.int64)[:, None] * stride_s + dims[None, :] * stride_d,
-                mask=row_ok[:, None] & (dims < DIM)[None, :], other=0.0).to(tl.float32)
+    offsets = batch * stride_b + head * stride_h + rows.to(tl.int64)[:, None] * stride_s + dims[None, :] * stride_d
+    x = tl.load(X + offsets, mask=row_ok[:, None] & (dims < DIM)[None, :], other=0.0).to(tl.float32)
     count = tl.sum(row_ok.to(tl.float32), 0)
     tl.store(MEANS + (batch_head.to(tl.int64) * blocks + block) * DIM + dims, tl.sum(x, 0) / tl.maximum(count, 1.0),
              mask=dims < DIM)
@@ -426,9 +426,10 @@ def supports_coverage(k_blocks: int) -> bool:
 
 
 @triton.jit
-def _coverage_kernel(SCORES, KEY_BIAS, COVERAGE, MIN_BLOCKS, MAX_BLOCKS, LISTS,
-                     heads, q_blocks, k_blocks, q_len, q_offset, limit,
-                     CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, K_PAD: tl.constexpr):
+def _coverage_kernel(SCORES, KEY_BIAS, COVERAGE, MIN_BLOCKS, MAX_BLOCKS, SINKS, LISTS,
+                     heads, q_blocks, k_blocks, q_len, q_offset, limit, sink_width,
+                     CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, K_PAD: tl.constexpr,
+                     SINK_PAD: tl.constexpr):
     row_tile = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // heads
@@ -453,7 +454,15 @@ def _coverage_kernel(SCORES, KEY_BIAS, COVERAGE, MIN_BLOCKS, MAX_BLOCKS, LISTS,
     min_blocks = tl.load(MIN_BLOCKS + head)
     max_blocks = tl.load(MAX_BLOCKS + head)
     covered = tl.zeros([ROWS], dtype=tl.float32)
-    out = LISTS + (batch_head.to(tl.int64) * q_blocks + rows) * limit
+    slots = limit + sink_width
+    out = LISTS + (batch_head.to(tl.int64) * q_blocks + rows) * slots
+    # Every ranked slot starts empty (-1); after them, the head's first sink blocks.
+    tl.store(out[:, None] + columns[None, :], tl.full([ROWS, K_PAD], -1, tl.int64),
+             mask=row_ok[:, None] & (columns < limit)[None, :])
+    sink = tl.arange(0, SINK_PAD)
+    sinks = tl.where(sink < tl.load(SINKS + head), sink, -1).to(tl.int64)
+    tl.store(out[:, None] + limit + sink[None, :], tl.zeros([ROWS, SINK_PAD], dtype=tl.int64) + sinks[None, :],
+             mask=row_ok[:, None] & (sink < sink_width)[None, :])
     # A row keeps its ranks up to the first one it does not keep (the mass before a rank only grows, the
     # rank's own mass only shrinks): the loop ends when no row of the tile keeps its rank (the lists hold -1).
     rank = 0
@@ -472,13 +481,16 @@ def _coverage_kernel(SCORES, KEY_BIAS, COVERAGE, MIN_BLOCKS, MAX_BLOCKS, LISTS,
 
 def coverage_lists_of_scores(scores: torch.Tensor, key_bias: torch.Tensor, *, coverage: torch.Tensor,
                              min_blocks: torch.Tensor, max_blocks: torch.Tensor, limit: int, block_size: int,
-                             q_len: int, causal: bool, q_offset: int) -> torch.Tensor:
-    """Block lists ``int64 [B, H, Qb, limit]`` of pooled coverage from pooled scores ``float32 [B, H, Qb, Kb]``.
+                             q_len: int, causal: bool, q_offset: int, sink_count: torch.Tensor | None = None,
+                             sink_width: int = 0) -> torch.Tensor:
+    """Block lists ``int64 [B, H, Qb, limit + sink_width]`` of pooled coverage from pooled scores ``float32 [B, H, Qb, Kb]``.
 
     The logits are ``scores + key_bias[b]`` (``key_bias [B, Kb]``: log of each key block's valid
     keys, ``-inf`` for none), with causal blocks hidden; per row the softmax mass is ranked and
     kept as `sparsify.estimators.coverage_block_lists` keeps it (``coverage``, ``min_blocks``,
-    ``max_blocks``: per-head tensors on the scores' device; ``limit`` >= every ``max_blocks``).
+    ``max_blocks``: per-head tensors on the scores' device; ``limit`` >= every ``max_blocks``). The
+    last ``sink_width`` slots hold the first ``sink_count[h]`` key blocks (an int32 tensor on the
+    device), so the sinks need no list of their own.
 
     Example:
         >>> scores = torch.randn(1, 1, 4, 4, device="cuda")                                   # doctest: +SKIP
@@ -489,13 +501,16 @@ def coverage_lists_of_scores(scores: torch.Tensor, key_bias: torch.Tensor, *, co
         torch.Size([1, 1, 4, 2])
     """
     batch, heads, q_blocks, k_blocks = scores.shape
-    lists = torch.full((batch, heads, q_blocks, limit), -1, device=scores.device, dtype=torch.int64)
-    pad = triton.next_power_of_2(k_blocks)
+    lists = torch.empty(batch, heads, q_blocks, limit + sink_width, device=scores.device, dtype=torch.int64)
+    pad = triton.next_power_of_2(max(k_blocks, limit))
+    if sink_count is None:
+        sink_count, sink_width = min_blocks, 0                          # any int tensor: no sink slot is read
     rows = max(1, min(4, 4096 // pad))                                   # about 4K logits per program
     grid = (triton.cdiv(q_blocks, rows), batch * heads)
     _coverage_kernel[grid](scores.contiguous(), key_bias.to(torch.float32).contiguous(),
                            coverage.to(torch.float32).contiguous(), min_blocks.to(torch.int32).contiguous(),
-                           max_blocks.to(torch.int32).contiguous(), lists, heads, q_blocks, k_blocks, q_len,
-                           q_offset, limit, CAUSAL=bool(causal), BLOCK_SIZE=block_size, ROWS=rows, K_PAD=pad,
-                           num_warps=4 if pad <= 1024 else 8)
+                           max_blocks.to(torch.int32).contiguous(), sink_count.to(torch.int32).contiguous(), lists,
+                           heads, q_blocks, k_blocks, q_len, q_offset, limit, sink_width, CAUSAL=bool(causal),
+                           BLOCK_SIZE=block_size, ROWS=rows, K_PAD=pad,
+                           SINK_PAD=triton.next_power_of_2(max(sink_width, 1)), num_warps=4 if pad <= 1024 else 8)
     return lists

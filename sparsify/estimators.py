@@ -143,14 +143,16 @@ def pooled_coverage_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size:
                                 coverage: torch.Tensor, min_blocks: torch.Tensor, max_blocks: torch.Tensor,
                                 scale: float | None = None, causal: bool = False, q_offset: int = 0,
                                 key_valid: torch.Tensor | None = None, temperature: torch.Tensor | float = 1.0,
-                                kernel: str = "auto", copies: "DeviceCopies | None" = None) -> torch.Tensor:
-    """`coverage_block_lists` of `pooled_block_mass`: block lists ``int64 [B, H, Qb, max(max_blocks)]``.
+                                kernel: str = "auto", copies: "DeviceCopies | None" = None,
+                                sink_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """`coverage_block_lists` of `pooled_block_mass`: block lists ``int64 [B, H, Qb, max(max_blocks) (+ sinks)]``.
 
     ``kernel``: ``"triton"`` runs softmax, ranking and coverage in one fused kernel over the pooled
     scores (`sparsify.estimator_kernels`: each row read once, no ``[B, H, Qb, Kb]`` probability
     or sort-key tensor); ``"torch"`` composes `pooled_block_mass` and `coverage_block_lists`;
-    ``"auto"`` takes Triton for CUDA inputs it supports. ``max_blocks`` is a CPU tensor; ``copies``
-    (a `DeviceCopies`) keeps the per-head values' device copies across calls.
+    ``"auto"`` takes Triton for CUDA inputs it supports. ``max_blocks`` and ``sink_blocks`` (the
+    first key blocks every row of a head keeps, appended as `sink_block_lists`) are CPU tensors;
+    ``copies`` (a `DeviceCopies`) keeps the per-head values' device copies across calls.
 
     Example:
         >>> q = torch.randn(1, 2, 64, 8)
@@ -173,16 +175,22 @@ def pooled_coverage_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size:
                   temperature=temperature)
     if kernel == "torch":
         mass = pooled_block_mass(q, k, causal=causal, q_offset=q_offset, **common)
-        return coverage_block_lists(mass, coverage, min_blocks, max_blocks)
+        lists = coverage_block_lists(mass, coverage, min_blocks, max_blocks)
+        if sink_blocks is None:
+            return lists
+        return torch.cat([lists, sink_block_lists(sink_blocks, lists, k_blocks, copies)], -1)
     from sparsify.estimator_kernels import coverage_lists_of_scores
 
     scores, key_bias = _pooled_scores(q, k, copies=copies, **common)
     limit = max(1, min(int(max_blocks.max()), k_blocks))
+    sinks = torch.zeros(0, dtype=torch.int32) if sink_blocks is None else sink_blocks.cpu().to(torch.int32)
+    sink_width = max(0, min(int(sinks.max()), k_blocks)) if sinks.numel() else 0
     return coverage_lists_of_scores(scores, key_bias, coverage=_on(coverage, q.device, copies),
                                     min_blocks=_on(min_blocks, q.device, copies),
                                     max_blocks=_on(max_blocks, q.device, copies),
                                     limit=limit, block_size=block_size, q_len=q.shape[2], causal=causal,
-                                    q_offset=q_offset)
+                                    q_offset=q_offset, sink_count=_on(sinks, q.device, copies) if sink_width else None,
+                                    sink_width=sink_width)
 
 
 def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,

@@ -211,12 +211,12 @@ class PooledCoverage(AdaptivePattern):
         k_blocks = blocks_for(k.shape[2], block_size)
         max_blocks = torch.ceil(parameters["max_fraction"] * k_blocks).clamp(min=1).long()
         bounds = dict(coverage=parameters["coverage"], min_blocks=parameters["min_blocks"].long(), max_blocks=max_blocks)
-        if settings["scoring"] == "antidiagonal":
-            mass = antidiagonal_block_mass(q, k, stride=min(settings["stride"], block_size), **common)
-            lists = coverage_block_lists(mass, **bounds)
-        else:
-            lists = pooled_coverage_block_lists(q, k, copies=copies, **common, **bounds)
-        return torch.cat([lists, sink_block_lists(parameters["sink_blocks"].long(), lists, k_blocks, copies)], -1)
+        sinks = parameters["sink_blocks"].long()
+        if settings["scoring"] != "antidiagonal":
+            return pooled_coverage_block_lists(q, k, copies=copies, sink_blocks=sinks, **common, **bounds)
+        mass = antidiagonal_block_mass(q, k, stride=min(settings["stride"], block_size), **common)
+        lists = coverage_block_lists(mass, **bounds)
+        return torch.cat([lists, sink_block_lists(sinks, lists, k_blocks, copies)], -1)
 
 
 def estimated_vertical_slash(vertical: float = 0.05, slash: float = 0.05, probe_blocks: int = 1,

@@ -379,10 +379,12 @@ def test_the_coverage_kernel_equals_the_torch_path(q_len, k_len, q_offset, causa
                      coverage=torch.tensor([0.9, 0.5, 0.99, 0.7]), min_blocks=torch.tensor([1, 3, 1, 2]),
                      max_blocks=torch.tensor([k_blocks, k_blocks, max(1, k_blocks // 5), k_blocks // 2]), scale=0.3,
                      causal=causal, q_offset=q_offset, temperature=torch.tensor([1.0, 1.0, 0.5, 2.0]).view(1, -1, 1, 1))
-    expected = pooled_coverage_block_lists(q, k, key_valid=valid, kernel="torch", **arguments)
-    fused = pooled_coverage_block_lists(q.to(device), k.to(device), key_valid=None if valid is None else valid.to(device),
-                                        kernel="triton", **{**arguments, "temperature": arguments["temperature"].to(device)})
-    assert torch.equal(fused.cpu(), expected)
+    for sinks in (None, torch.tensor([0, 2, 1, 0])):                 # the sink slots come out of the kernel too
+        expected = pooled_coverage_block_lists(q, k, key_valid=valid, kernel="torch", sink_blocks=sinks, **arguments)
+        fused = pooled_coverage_block_lists(
+            q.to(device), k.to(device), key_valid=None if valid is None else valid.to(device), kernel="triton",
+            sink_blocks=sinks, **{**arguments, "temperature": arguments["temperature"].to(device)})
+        assert torch.equal(fused.cpu(), expected)
 
 
 @pytest.mark.gpu
