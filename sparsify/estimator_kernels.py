@@ -95,7 +95,7 @@ def _probe_stats_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, ROW_SUM,
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for column_start in tl.static_range(0, CHUNK_KEYS, BLOCK_N):
+        for column_start in range(0, CHUNK_KEYS, BLOCK_N):                # a loop, not unrolled: compile time
             keys = chunk * CHUNK_KEYS + column_start + tl.arange(0, BLOCK_N)
             scores = _probe_scores(q, K, k_rows, VALID, batch, stride_ks, stride_kd, stride_valid, keys, dims, dim_ok,
                                    rows, row_ok, k_len, base, qk_scale, CAUSAL, HAS_VALID, IEEE)
@@ -150,7 +150,7 @@ def _probe_split_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, ROW_SUM, SPLIT,
         total = tl.where(seen, total_max + tl.log2(tl.where(seen, total_sum, 1.0)), float("inf"))
         q = tl.load(q_rows + rows[:, None] * stride_qs + dims[None, :] * stride_qd,
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        for block in tl.static_range(CHUNK_BLOCKS):
+        for block in range(CHUNK_BLOCKS):                                   # a loop, not unrolled: compile time
             key_block = chunk * CHUNK_BLOCKS + block
             for column_start in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
                 keys = key_block * BLOCK_SIZE + column_start + column_offsets
@@ -250,7 +250,7 @@ def _top_of(mass, index, count, n, OUT, LIMIT, PAD: tl.constexpr):
     bits = tl.where(index < n, mass, 0.0).to(tl.int32, bitcast=True).to(tl.int64)       # masses >= 0: ordered
     key = tl.where(index < n, (bits << 32) + (n - 1 - index), -1)
     ordered = tl.sort(key, descending=True)
-    top = (n - 1) - (ordered & 0xFFFFFFFF)
+    top = (n - 1) - (ordered & tl.full([PAD], 0xFFFFFFFF, tl.int64))
     tl.store(OUT + index, tl.where(index < count, top, -1), mask=index < LIMIT)
 
 
@@ -411,7 +411,7 @@ def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = N
         _block_means_kernel[(blocks, batch * heads)](
             x, flags, means, counts, heads, length, *x.stride(), flags.stride(0) if valid is not None else 0,
             HAS_VALID=valid is not None, BLOCK_SIZE=block_size, DIM=dim, D_PAD=max(16, triton.next_power_of_2(dim)),
-            num_warps=4)
+            num_warps=8 if block_size * dim >= 8192 else 4)
     return means, counts
 
 
