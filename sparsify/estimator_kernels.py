@@ -1,24 +1,30 @@
-"""Triton kernels of the input-adaptive estimators: the vertical-slash probe's block masses, and pooled coverage lists.
+"""Triton kernels of the input-adaptive estimators: the vertical-slash probe, lines and lists; pooled block means and coverage.
 
 The probe (the last ``probe_rows`` queries) attends to every key; `vertical_slash_line_mass`
 needs, per key block ``J``, its probability mass split by offset class (which block diagonal
 each (row, key) pair lies on). In plain torch that is a ``[B, H, probe_rows, k_len]`` score
-tensor written, softmaxed and read again (gigabytes at 128K tokens). Here one launch, one program
-per (key block, batch x head), computes the scores tile by tile and keeps, per probe row, their
-maximum and the sums of their exponentials per offset class (relative to that maximum); a few
-torch ops on those small tensors normalise them by each row's total and sum over the rows.
+tensor written, softmaxed and read again (gigabytes at 128K tokens). Here (`probe_block_split`)
+two launches over (chunk of key blocks, batch x head): the first keeps each probe row's maximum
+and sum of exponentials per chunk, the second combines them into the rows' totals, recomputes the
+chunk's scores and writes the ``[B, H, Kb, classes]`` split itself. `top_lines_of_split` turns
+the split into the per-head top key blocks and block diagonals (an in-register sort per batch x
+head) and `vertical_slash_lists_of_lines` writes every query block's list: a vertical-slash
+estimate is four launches.
 
 No atomics: every output element has one writer, so results are deterministic. Scores
 accumulate in float32 (float32 inputs are multiplied in IEEE float32, not TF32). Block sizes
 must be powers of two from 16 to 256 (`supports`); other cases take the torch path.
 
-Pooled coverage (`coverage_lists_of_scores`): one program per few query blocks reads their rows of
-pooled scores once, adds the key bias, hides causal blocks, takes the softmax in registers and
-picks the best blocks one by one (largest mass first, ties to the lower block) until the
-coverage is reached: the block lists come out directly, with no ``[B, H, Qb, Kb]`` probability or
-sort-key tensor and no sort. Rows of up to `MAX_COVERAGE_BLOCKS` key blocks (`supports_coverage`).
+Pooled coverage: `block_means` pools queries and keys per block (one launch each);
+`coverage_lists_of_scores` — one program per few query blocks — reads their rows of pooled
+scores once, adds the key bias, hides causal blocks, takes the softmax in registers and picks
+the best blocks one by one (largest mass first, ties to the lower block) until the coverage is
+reached, then appends the sink blocks: the block lists come out directly, with no
+``[B, H, Qb, Kb]`` probability or sort-key tensor and no sort. Rows of up to
+`MAX_COVERAGE_BLOCKS` key blocks (`supports_coverage`).
 
-The interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors (tests).
+The interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors (tests);
+``tests/test_kernel_compile.py`` compiles them for sm_90 without a GPU.
 """
 
 from __future__ import annotations
