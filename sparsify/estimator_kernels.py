@@ -1,4 +1,4 @@
-"""Triton kernels of the input-adaptive estimators: the vertical-slash probe, lines and lists; pooled block means and coverage.
+"""Triton kernels of the input-adaptive estimators: vertical-slash probe, lines and lists; pooled means, coverage.
 
 The probe (the last ``probe_rows`` queries) attends to every key; `vertical_slash_line_mass`
 needs, per key block ``J``, its probability mass split by offset class (which block diagonal
