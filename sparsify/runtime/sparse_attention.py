@@ -168,6 +168,9 @@ class SparseAttention(torch.nn.Module):
         #: Whether one group (all sparse, or all adaptive) holds every head: its kernel then takes the
         #: query as it is and its output is the site's, with no head gather or scatter.
         self.one_group = len(sparse) == site.num_heads or len(adaptive) == site.num_heads
+        #: Only dense and static sparse heads, both kinds present: when the backend runs dense heads faster than
+        #: SDPA, every head goes in one launch under one mask (`_every_head_mask`).
+        self.dense_and_sparse_only = bool(dense) and bool(sparse) and not adaptive and not skipped
         self.adaptive_source = None
         if adaptive:
             self.adaptive_source = AdaptiveMaskSource(
@@ -274,19 +277,35 @@ class SparseAttention(torch.nn.Module):
             self._masks.move_to_end(key)
         return mask
 
+    def _every_head_mask(self, q_len: int, k_len: int, q_offset: int, device: torch.device) -> RuntimeBlockMask:
+        """Every head's mask (sparse heads their patterns, dense heads every block), for one launch over all heads."""
+        key = _mask_key("every", q_len, k_len, q_offset, str(device))
+        mask = self._masks.get(key)
+        if mask is None:
+            group = self.site.gqa_group_size
+            source = StaticMaskSource(self.head_patterns, block_size=self.block_size, causal=self.site.causal,
+                                      kv_head_index=torch.arange(self.site.num_heads) // group)
+            mask = source.mask(q_len=q_len, k_len=k_len, q_offset=q_offset, device=device)
+            self._remember_mask(key, mask)
+        else:
+            self._masks.move_to_end(key)
+        return mask
+
     def _remember_mask(self, key: tuple, mask: RuntimeBlockMask) -> None:
         if len(self._masks) >= MASK_CACHE_SIZE:
             self._masks.popitem(last=False)  # the least recently used lengths go first
         self._masks[key] = mask
 
     def ensure_mask(self, slot: str, q_len: int, k_len: int, q_offset: int, device: str) -> None:
-        """Build the cached mask of ``slot`` (``"sparse"`` or ``"dense"``) for these lengths unless it is there.
+        """Build the cached mask of ``slot`` (``"sparse"``, ``"dense"`` or ``"every"``) for these lengths unless it is there.
 
         Under ``torch.compile`` this runs while dynamo traces (`TraceTimeCalls`), so the dict read
         that follows finds the mask without a graph break.
         """
         if slot == "dense":
             self._full_mask(q_len, k_len, q_offset, torch.device(device))
+        elif slot == "every":
+            self._every_head_mask(q_len, k_len, q_offset, torch.device(device))
         else:
             self.runtime_mask(q_len, k_len, torch.device(device), q_offset)
 
@@ -488,8 +507,8 @@ class SparseAttention(torch.nn.Module):
 
     def _kernel(self, mask_slot: str, backend: str, heads: torch.Tensor, mask: RuntimeBlockMask, q, k, v, head_mask,
                 scale, softcap, sinks) -> torch.Tensor:
-        """One call of the kernel op for the query heads ``heads`` of the site under ``mask``."""
-        if not self.one_group:  # (one group: every head, in order)
+        """One call of the kernel op for the query heads ``heads`` of the site under ``mask`` (``None``: every head)."""
+        if heads is not None and not self.one_group:  # (one group: every head, in order)
             q = q.index_select(1, heads)
             sinks = sinks.index_select(0, heads) if sinks is not None else None
         if mask_slot and torch.compiler.is_compiling():   # the plan, prepared while tracing (`ensure_plan`); its
@@ -549,6 +568,13 @@ class SparseAttention(torch.nn.Module):
         output = q.new_empty((*q.shape[:-1], v.shape[-1]))
         if self.skipped_heads.numel():
             output.index_fill_(1, self.skipped_heads, 0)  # a skipped head contributes nothing
+        if self.dense_and_sparse_only:
+            # Dense heads that the site's backend runs faster than SDPA (by the cost model) join the sparse heads
+            # in one launch over every head: no head gather, no scatter of the output.
+            backend = calls.backend_name(q.dtype, q.device, _mask_layout(attn_mask))
+            if backend and calls.dense_backend_name(q.dtype, q.device, is_causal, _mask_layout(attn_mask)) == backend:
+                mask = self._cached_mask("every", q, k, q_offset)
+                return self._kernel("every", backend, None, mask, q, k, v, attn_mask, scale, softcap, sinks).to(q.dtype)
         if self.dense_heads.numel():
             heads = self.dense_heads
             dense_mask = _select_heads(attn_mask, heads)
@@ -666,8 +692,9 @@ def estimate_adaptive_mask(layer: SparseAttention, q: torch.Tensor, k: torch.Ten
 
 
 def _mask_key(slot: str, q_len: int, k_len: int, q_offset: int, device: str) -> tuple:
-    """The key of a cached static mask: sparse heads by lengths, dense heads' full mask prefixed with ``"dense"``."""
-    return ("dense", q_len, k_len, q_offset, device) if slot == "dense" else (q_len, k_len, q_offset, device)
+    """The key of a cached static mask: the sparse heads' by lengths; the dense heads' full mask (``"dense"``) and
+    every head's (``"every"``: sparse heads' patterns, dense heads full) prefixed with their slot."""
+    return (q_len, k_len, q_offset, device) if slot == "sparse" else (slot, q_len, k_len, q_offset, device)
 
 
 def _mask_layout(mask: torch.Tensor | None) -> tuple | None:

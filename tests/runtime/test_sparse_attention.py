@@ -89,6 +89,38 @@ def test_output_matches_the_reference_per_head():
     assert torch.equal(out[:, 2], torch.zeros_like(out[:, 2]))                  # the skipped head
 
 
+@pytest.mark.parametrize("causal, q_offset", [(True, 0), (False, 0), (True, 37)])
+def test_dense_heads_the_backend_runs_join_the_sparse_heads_in_one_launch(causal, q_offset):
+    # When the cost model says the backend runs dense heads faster than SDPA, a site of dense and sparse heads
+    # makes one kernel call over every head (sparse heads their masks, dense heads every block): the same
+    # output as the two groups apart, with no head gather or scatter.
+    site = AttentionSite("blocks.0.attn", 0, num_heads=4, num_kv_heads=2, head_dim=16, q_len=96, k_len=96,
+                         causal=causal)
+    head_patterns = [patterns.dense(), patterns.sliding_window(24), patterns.dense(),
+                     patterns.attention_sinks(16) | patterns.sliding_window(16)]
+    merged = SparseAttention(site, head_patterns, block_size=16, backend="torch")
+    apart = SparseAttention(site, head_patterns, block_size=16, backend="torch")
+    merged._dense_pays = lambda backend, device: True           # what a GPU backend's cost constants would say
+    assert merged.dense_and_sparse_only and not merged.one_group
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 96 - q_offset, 16, generator=gen)
+    k, v = torch.randn(2, 2, 96, 16, generator=gen), torch.randn(2, 2, 96, 16, generator=gen)
+    calls = []
+    kernel = merged._kernel
+    merged._kernel = lambda slot, *rest: calls.append(slot) or kernel(slot, *rest)
+    with torch.no_grad():
+        got = merged.attend(q, k, v, is_causal=causal, q_offset=q_offset)
+        expected = apart.attend(q, k, v, is_causal=causal, q_offset=q_offset)
+    assert calls == ["every"]                                   # one launch
+    assert rel_err(got, expected) < 1e-6
+    compiled = torch.compile(lambda q, k, v: merged.attend(q, k, v, is_causal=causal, q_offset=q_offset),
+                             backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert rel_err(compiled(q, k, v), expected) < 1e-6      # the same path traces without a break
+    every = merged._masks[("every", 96 - q_offset, 96, q_offset, "cpu")]
+    assert every.num_heads == 4 and every.to_block_masks()[0, 0].sum() >= every.to_block_masks()[0, 1].sum()
+
+
 def test_gradients_flow_through_sparse_heads_on_the_torch_backend():
     layer = _layer(causal=True, backend="torch")
     gen = torch.Generator().manual_seed(2)
