@@ -1,20 +1,20 @@
 """Triton kernels of one query-aware decode step: page summary update, page scores, split-K attention over the selected pages, combine.
 
-`sparsify.runtime.decode.QueryAwareDecoder` runs a decode step as five launches on the device,
+`sparsify.runtime.decode.QueryAwareDecoder` runs a decode step as four launches on the device,
 with no host read and no copy of the cache:
 
-1. `update_summaries` — the element-wise minimum / maximum of the keys of the page(s) the step's
-   new tokens fall in (one program per key/value head and touched page);
-2. `page_scores` — per key/value head, every page's bound ``Σ_d max(q_d · min_d, q_d · max_d)``
-   (largest over the group's query heads and the step's rows), reading the summaries only; pages
-   past the cache's end score ``-inf``, the sink and window pages ``+inf`` (so they are always
-   chosen). One launch covers every head of every batch entry;
-3. ``torch.topk`` of those scores: the selected pages (one launch);
-4. `selected_pages_attention` — split-K flash decode: each program walks a share of one key/value
+1. `page_scores` — first, in the programs whose page tile holds them, the element-wise minimum /
+   maximum of the keys of the page(s) the step's new tokens fall in (stored for later steps:
+   `update_summaries` does the same alone); then per key/value head every page's bound
+   ``Σ_d max(q_d · min_d, q_d · max_d)`` (largest over the group's query heads and the step's
+   rows), reading the summaries only; pages past the cache's end score ``-inf``, the sink and
+   window pages ``+inf`` (so they are always chosen). One launch covers every head of every batch entry;
+2. ``torch.topk`` of those scores: the selected pages (one launch);
+3. `selected_pages_attention` — split-K flash decode: each program walks a share of one key/value
    head's selected pages, loading every key/value tile straight from the cache by page index
    (no gather copy) once for all the group's query heads and rows (they are the rows of one tile);
    it writes a partial output and its running max / sum;
-5. `combine_splits` — the log-sum-exp merge of the partial outputs into the step's output.
+4. `combine_splits` — the log-sum-exp merge of the partial outputs into the step's output.
 
 Precision: bf16/fp16 multiply on the tensor cores with float32 accumulation; float32 in full
 (IEEE) precision, not TF32 (so the pages chosen match the torch path's). Head dims up to 256 (padded to a power of two, at least 16). Pages of any size.
@@ -46,6 +46,23 @@ def _padded(size: int) -> int:
 
 
 @triton.jit
+def _page_summary(base, page, end, k_len, page_size, stride_kn, stride_kd, offs_d, offs_n,
+                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+    """float32 ``(min, max)`` over the keys of ``page`` before ``end`` (``base``: the key/value head's first key)."""
+    low = tl.full([BLOCK_D], float("inf"), tl.float32)
+    high = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    for start in range(0, page_size, CHUNK):
+        slot = page * page_size + start + offs_n
+        valid = (start + offs_n < page_size) & (slot < end) & (slot < k_len)
+        load_mask = valid[:, None] & (offs_d[None, :] < HEAD_D)
+        keys = tl.load(base + slot[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=load_mask,
+                       other=0.0).to(tl.float32)
+        low = tl.minimum(low, tl.min(tl.where(valid[:, None], keys, float("inf")), 0))
+        high = tl.maximum(high, tl.max(tl.where(valid[:, None], keys, float("-inf")), 0))
+    return low, high
+
+
+@triton.jit
 def _update_summaries_kernel(K, MIN, MAX, END,
                              stride_kb, stride_kh, stride_kn, stride_kd,
                              stride_sb, stride_sh, stride_sp, stride_sd,
@@ -63,28 +80,27 @@ def _update_summaries_kernel(K, MIN, MAX, END,
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, CHUNK)
     base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    low = tl.full([BLOCK_D], float("inf"), tl.float32)
-    high = tl.full([BLOCK_D], float("-inf"), tl.float32)
-    for start in range(0, page_size, CHUNK):
-        slot = page * page_size + start + offs_n
-        valid = (start + offs_n < page_size) & (slot < end) & (slot < k_len)
-        load_mask = valid[:, None] & (offs_d[None, :] < HEAD_D)
-        keys = tl.load(base + slot[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=load_mask,
-                       other=0.0).to(tl.float32)
-        low = tl.minimum(low, tl.min(tl.where(valid[:, None], keys, float("inf")), 0))
-        high = tl.maximum(high, tl.max(tl.where(valid[:, None], keys, float("-inf")), 0))
+    low, high = _page_summary(base, page, end, k_len, page_size, stride_kn, stride_kd, offs_d, offs_n, HEAD_D,
+                              BLOCK_D, CHUNK)
     out = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + page * stride_sp + offs_d * stride_sd
     tl.store(MIN + out, low.to(MIN.dtype.element_ty), mask=offs_d < HEAD_D)
     tl.store(MAX + out, high.to(MAX.dtype.element_ty), mask=offs_d < HEAD_D)
 
 
 @triton.jit
-def _page_scores_kernel(Q, MIN, MAX, END, SCORES,
+def _page_scores_kernel(Q, MIN, MAX, END, SCORES, K,
                         stride_qb, stride_qh, stride_qm, stride_qd,
                         stride_sb, stride_sh, stride_sp, stride_sd,
-                        num_kv_heads, group, rows, pages, page_size, sink_pages, window_pages,
-                        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program (b·Hkv + h, page tile): float32 scores of ``BLOCK_P`` pages of one key/value head."""
+                        stride_kb, stride_kh, stride_kn, stride_kd,
+                        num_kv_heads, group, rows, pages, page_size, sink_pages, window_pages, k_len, new_tokens,
+                        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                        TOUCHED: tl.constexpr, CHUNK: tl.constexpr):
+    """Program (b·Hkv + h, page tile): float32 scores of ``BLOCK_P`` pages of one key/value head.
+
+    ``TOUCHED`` > 0: first re-summarise the (at most ``TOUCHED``) pages the step's ``new_tokens``
+    fall in that lie in this tile — stored for later steps and used for this one's scores — which
+    is what `update_summaries` does, without its launch.
+    """
     pid_bh = tl.program_id(0)
     pid_p = tl.program_id(1)
     b = pid_bh // num_kv_heads
@@ -105,6 +121,24 @@ def _page_scores_kernel(Q, MIN, MAX, END, SCORES,
     s_mask = present[:, None] & (offs_d[None, :] < HEAD_D)
     low = tl.load(MIN + s_ptr, mask=s_mask, other=0.0)
     high = tl.load(MAX + s_ptr, mask=s_mask, other=0.0)
+    if TOUCHED > 0:
+        first_page = (end - new_tokens) // page_size
+        last_touched = (end - 1) // page_size
+        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        offs_n = tl.arange(0, CHUNK)
+        for touched in tl.static_range(TOUCHED):
+            page = tl.minimum(first_page + touched, last_touched)
+            if (page >= pid_p * BLOCK_P) & (page < pid_p * BLOCK_P + BLOCK_P):
+                page_low, page_high = _page_summary(k_base, page, end, k_len, page_size, stride_kn, stride_kd,
+                                                    offs_d, offs_n, HEAD_D, BLOCK_D, CHUNK)
+                page_low = page_low.to(MIN.dtype.element_ty)
+                page_high = page_high.to(MAX.dtype.element_ty)
+                summary = s_base + page * stride_sp + offs_d * stride_sd
+                tl.store(MIN + summary, page_low, mask=offs_d < HEAD_D)
+                tl.store(MAX + summary, page_high, mask=offs_d < HEAD_D)
+                is_page = (offs_p == page)[:, None]
+                low = tl.where(is_page, page_low[None, :], low)
+                high = tl.where(is_page, page_high[None, :], high)
     positive = tl.where(q > 0, q, 0.0).to(MIN.dtype.element_ty)
     negative = tl.where(q < 0, q, 0.0).to(MIN.dtype.element_ty)
     bound = tl.dot(positive, tl.trans(high), input_precision="ieee")
@@ -257,17 +291,20 @@ def update_summaries(key: torch.Tensor, minimum: torch.Tensor, maximum: torch.Te
         >>> update_summaries(keys, low, high, torch.tensor(40), 1, 32)         # doctest: +SKIP
     """
     batch, kv_heads, k_len, dim = key.shape
-    touched = (new_tokens - 1 + page_size - 1) // page_size + 1
+    touched = _touched_pages(new_tokens, page_size)
     _update_summaries_kernel[(batch * kv_heads, touched)](
         key, minimum, maximum, end, *key.stride(), *minimum.stride(), kv_heads, k_len, new_tokens, page_size,
         HEAD_D=dim, BLOCK_D=_padded(dim), CHUNK=min(64, _padded(page_size)))
 
 
 def page_scores(query: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor, end: torch.Tensor, pages: int,
-                page_size: int, sink_pages: int, window_pages: int) -> torch.Tensor:
+                page_size: int, sink_pages: int, window_pages: int, key: torch.Tensor | None = None,
+                new_tokens: int = 0) -> torch.Tensor:
     """float32 ``[B, Hkv, pages]``: each page's bound for the group's query heads and rows; past ``end`` -inf, sinks and window +inf.
 
-    ``query`` is ``[B, H, rows, D]``; ``minimum`` / ``maximum`` ``[B, Hkv, ≥ pages, D]``. One launch.
+    ``query`` is ``[B, H, rows, D]``; ``minimum`` / ``maximum`` ``[B, Hkv, ≥ pages, D]``. With the
+    cache's ``key`` and ``new_tokens`` > 0, the pages those tokens fall in are re-summarised first
+    (as `update_summaries` would) in the same launch. One launch.
 
     Example:
         >>> scores = page_scores(q, low, high, end, 64, 32, 1, 2)             # doctest: +SKIP
@@ -277,11 +314,19 @@ def page_scores(query: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tenso
     group = heads // kv_heads
     scores = torch.empty(batch, kv_heads, pages, dtype=torch.float32, device=query.device)
     block_p = 64 if dim <= 64 else 32                                  # two [pages, D] tiles in registers
+    touched = _touched_pages(new_tokens, page_size) if key is not None and new_tokens > 0 else 0
+    key_strides = key.stride() if touched else (0, 0, 0, 0)
     _page_scores_kernel[(batch * kv_heads, triton.cdiv(pages, block_p))](
-        query, minimum, maximum, end, scores, *query.stride(), *minimum.stride(), kv_heads, group, rows, pages,
-        page_size, sink_pages, window_pages, HEAD_D=dim, BLOCK_D=_padded(dim), BLOCK_R=_padded(group * rows),
-        BLOCK_P=block_p, num_warps=4)
+        query, minimum, maximum, end, scores, key if touched else query, *query.stride(), *minimum.stride(),
+        *key_strides, kv_heads, group, rows, pages, page_size, sink_pages, window_pages,
+        key.shape[2] if touched else 0, new_tokens, HEAD_D=dim, BLOCK_D=_padded(dim), BLOCK_R=_padded(group * rows),
+        BLOCK_P=block_p, TOUCHED=touched, CHUNK=min(64, _padded(page_size)), num_warps=4)
     return scores
+
+
+def _touched_pages(new_tokens: int, page_size: int) -> int:
+    """The most pages ``new_tokens`` consecutive slots can fall in."""
+    return (new_tokens - 1 + page_size - 1) // page_size + 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -372,7 +417,8 @@ def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, min
     """``(output [B, H, rows, Dv], chosen pages int64 [B, Hkv, selected])`` of one decode step; updates the summaries.
 
     ``minimum`` / ``maximum`` are the layer's page summaries (capacity at least the cache's pages);
-    the step's ``rows`` new tokens end at slot ``end`` (0-dim device tensor). Five launches, no host sync.
+    the step's ``rows`` new tokens end at slot ``end`` (0-dim device tensor). Four launches (the summary
+    update runs inside the page scores' launch), no host sync.
 
     Example:
         >>> out, chosen = decode_step(q, keys, values, low, high, end, None, 0.125, 32, 1, 2, 106)  # doctest: +SKIP
@@ -380,7 +426,7 @@ def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, min
     _check({"query": query, "key": key, "value": value})
     rows, k_len = query.shape[2], key.shape[2]
     pages = triton.cdiv(k_len, page_size)
-    update_summaries(key, minimum, maximum, end, rows, page_size)
-    scores = page_scores(query, minimum, maximum, end, pages, page_size, sink_pages, window_pages)
+    scores = page_scores(query, minimum, maximum, end, pages, page_size, sink_pages, window_pages, key=key,
+                         new_tokens=rows)                             # the summary update happens in this launch
     chosen = scores.topk(selected, dim=-1, sorted=False).indices
     return selected_pages_attention(query, key, value, chosen, end, attention_mask, scale, page_size), chosen

@@ -16,9 +16,9 @@ static cache hides its unused slots — so it compiles into one graph that serve
 
 Two implementations of the step, chosen per call (``kernels=``): on CUDA with Triton installed,
 the Triton kernels of `sparsify.backends.triton_decode` (``torch.ops.sparsify.query_aware_decode_step``:
-summary update, page scores, ``topk``, a split-K flash decode that reads only the selected pages
-straight from the cache with the group's query heads sharing each key/value load, and a combine —
-five launches, no gather copy); elsewhere (CPU, no Triton, other dtypes) the plain torch reference
+summary update and page scores in one launch, ``topk``, a split-K flash decode that reads only the
+selected pages straight from the cache with the group's query heads sharing each key/value load, and
+a combine — four launches, no gather copy); elsewhere (CPU, no Triton, other dtypes) the plain torch reference
 (bounds by matmul, ``topk``, gather of the selected pages and SDPA over them). Both select the same
 pages from the same summaries and attend over them alike.
 """

@@ -112,6 +112,29 @@ def test_page_scores_are_the_bounds_with_sinks_and_window_forced_and_the_tail_ex
                                                                       expected.flatten(0, 1).tolist()]
 
 
+@pytest.mark.parametrize("end, new_tokens, page", [(170, 1, 8), (133, 5, 8), (96, 20, 12), (61, 1, 64),
+                                                   (170, 3, 2)])          # 100 pages: the touched ones in tile 2
+def test_page_scores_that_re_summarise_the_new_tokens_pages_equal_the_update_then_the_scores(end, new_tokens, page):
+    # The decode step's summary update runs inside the page scores' launch (the tile holding each touched page
+    # re-summarises it): the same stored summaries and the same scores as the two launches apart.
+    keys, _ = _cache(5, 2, 2, 200, 64, torch.float32)
+    pages = -(-200 // page)
+    low, high = _page_reference(keys.cpu(), page, 200)
+    stale_low, stale_high = low.float().to(DEVICE) - 1.0, high.float().to(DEVICE) + 1.0   # the touched pages' old summaries
+    q = torch.randn(2, 8, new_tokens, 64, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    end_tensor = torch.tensor(end, device=DEVICE)
+    apart_low, apart_high = stale_low.clone(), stale_high.clone()
+    triton_decode.update_summaries(keys, apart_low, apart_high, end_tensor, new_tokens, page)
+    apart = triton_decode.page_scores(q, apart_low, apart_high, end_tensor, pages, page, 1, 2)
+    fused_low, fused_high = stale_low.clone(), stale_high.clone()
+    fused = triton_decode.page_scores(q, fused_low, fused_high, end_tensor, pages, page, 1, 2, key=keys,
+                                      new_tokens=new_tokens)
+    assert torch.equal(fused_low, apart_low) and torch.equal(fused_high, apart_high)
+    assert torch.equal(fused, apart)
+    first, last = (end - new_tokens) // page, (end - 1) // page
+    assert not torch.equal(fused_low[:, :, first:last + 1], stale_low[:, :, first:last + 1])   # it did update
+
+
 MASKS = ("none", "bool_padding", "additive")
 
 
