@@ -137,6 +137,12 @@ case "$PART" in
     else
       step "$bench" "${LIMIT_LLM:-270}" python3 "$script"
     fi
+  done
+  # Decode at batch 1 is launch-bound (issue 19's 2x at 128K): the page size sets how many pages the bound scores.
+  for page in 32 64; do
+    step "llm_decode_page$page" "${LIMIT_PAGE:-90}" python3 benchmarks/llm_decode_bench.py --lengths 131072 \
+      --batches 1 --page-size "$page" --no-torch-path --out "$WORK/json/llm_decode_page${page}_cuda.json"
+    show "$WORK/json/llm_decode_page${page}_cuda.json"
   done;;
 6)
   install_fa4
