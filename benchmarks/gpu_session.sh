@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_session.sh 3   # ~6-7 min: kernel_bench host time (1K tokens: SDPA, backends' run, a sparse
 #                                      #   site eager and under torch.compile) + a short wan_bench --compile (32760 tokens;
 #                                      #   WAN=0 leaves it out: ~1 min)
-#   bash benchmarks/gpu_session.sh 4   # the adaptive split (estimation share, 32K / 128K) and the LLM benches
+#   bash benchmarks/gpu_session.sh 4   # the adaptive split (estimation share, 32K / 128K), the LLM benches and a decode
+#                                      #   page-size sweep (~14 min in all: STEPS="split prefill", then STEPS="decode pages")
 #                                      #   (llm_prefill_bench.py, llm_decode_bench.py)
 #   bash benchmarks/gpu_session.sh 5   # ~5-6 min: e2e_bench --compile at 16K and 32K (eager / compiled / reduce-overhead)
 #   bash benchmarks/gpu_session.sh 6   # ~6-8 min: the search at real size (search_bench: Wan 1.3B at 32,760 tokens and a
@@ -124,11 +125,15 @@ case "$PART" in
   install_sparsify
   card
   # One layer's adaptive site split into estimation / kernel / glue (issue 19's estimation share), then the LLM benches.
-  step adaptive_split "${LIMIT_SPLIT:-150}" python3 benchmarks/adaptive_bench.py --split --shape llama-1b \
+  # STEPS picks some (all four take ~14 min: two calls, e.g. STEPS="split prefill" then STEPS="decode pages").
+  STEPS=${STEPS:-split prefill decode pages}
+  has() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
+  has split && step adaptive_split "${LIMIT_SPLIT:-150}" python3 benchmarks/adaptive_bench.py --split --shape llama-1b \
     --seq 32768 131072 --out "$WORK/json/adaptive_split_cuda.json"
-  show "$WORK/json/adaptive_split_cuda.json" seq pattern backend attention_ms estimate_ms kernel_ms glue_ms \
-    estimate_share causal_density
+  has split && show "$WORK/json/adaptive_split_cuda.json" seq pattern backend attention_ms estimate_ms kernel_ms \
+    glue_ms estimate_share causal_density
   for bench in llm_prefill llm_decode; do
+    has "${bench#llm_}" || continue
     script=benchmarks/${bench}_bench.py
     if [ ! -f "$script" ]; then say "== $bench: $script does not exist here, skipped"; continue; fi
     if python3 "$script" --help 2>/dev/null | grep -q -- "--out"; then
@@ -139,7 +144,7 @@ case "$PART" in
     fi
   done
   # Decode at batch 1 is launch-bound (issue 19's 2x at 128K): the page size sets how many pages the bound scores.
-  for page in 32 64; do
+  has pages && for page in 32 64; do
     step "llm_decode_page$page" "${LIMIT_PAGE:-90}" python3 benchmarks/llm_decode_bench.py --lengths 131072 \
       --batches 1 --page-size "$page" --no-torch-path --out "$WORK/json/llm_decode_page${page}_cuda.json"
     show "$WORK/json/llm_decode_page${page}_cuda.json"
