@@ -10,7 +10,6 @@
 #                                      #   WAN=0 leaves it out: ~1 min)
 #   bash benchmarks/gpu_session.sh 4   # the adaptive split (estimation share, 32K / 128K), the LLM benches and a decode
 #                                      #   page-size sweep (~14 min in all: STEPS="split prefill", then STEPS="decode pages")
-#                                      #   (llm_prefill_bench.py, llm_decode_bench.py)
 #   bash benchmarks/gpu_session.sh 5   # ~5-6 min: e2e_bench --compile at 16K and 32K (eager / compiled / reduce-overhead)
 #   bash benchmarks/gpu_session.sh 6   # ~6-8 min: the search at real size (search_bench: Wan 1.3B at 32,760 tokens and a
 #                                      #   16-layer Llama-3.2-1B shape at 32K; phases, peak extra GPU memory)
