@@ -194,8 +194,9 @@ class PooledCoverage(AdaptivePattern):
             scores = q_len * k_len * head_dim / min(self.stride, block_size)
         else:
             scores = q_blocks * k_blocks * head_dim
-        # Scores, softmax, a sort and a cumulative sum per row of blocks.
-        return pooling + scores + 8 * q_blocks * k_blocks, 12
+        # Block means, pooled scores, then per row a softmax and the blocks picked best first; on the device (Triton
+        # path) two block-mean launches, a head gather, a matmul, a log and the coverage kernel.
+        return pooling + scores + 8 * q_blocks * k_blocks, 6
 
     @classmethod
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid,
