@@ -75,6 +75,26 @@ def _probe_scores(q, K, k_rows, VALID, batch, stride_ks, stride_kd, stride_valid
 
 
 @triton.jit
+def _probe_head(Q, K, KV_INDEX, batch_head, heads, stride_qb, stride_qh, stride_kb, stride_kh, probe_offset,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """``(batch, q_rows, k_rows, dims, dim_ok)`` of a probe program's (batch, head): its first probe row and key row."""
+    batch = (batch_head // heads).to(tl.int64)
+    head = batch_head % heads
+    kv = tl.load(KV_INDEX + head)
+    dims = tl.arange(0, D_PAD)
+    q_rows = Q + batch * stride_qb + head.to(tl.int64) * stride_qh + probe_offset
+    k_rows = K + batch * stride_kb + kv * stride_kh
+    return batch, q_rows, k_rows, dims, dims < HEAD_DIM
+
+
+@triton.jit
+def _probe_rows(q_rows, rows, row_ok, dims, dim_ok, stride_qs, stride_qd):
+    """A tile of probe queries (rows past the probe: zeros)."""
+    return tl.load(q_rows + rows[:, None] * stride_qs + dims[None, :] * stride_qd,
+                   mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _probe_stats_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, ROW_SUM,
                         stride_qb, stride_qh, stride_qs, stride_qd,
                         stride_kb, stride_kh, stride_ks, stride_kd, stride_valid,
@@ -86,19 +106,13 @@ def _probe_stats_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, ROW_SUM,
     chunk = tl.program_id(0)
     batch_head = tl.program_id(1)
     chunks = tl.num_programs(0)
-    batch = (batch_head // heads).to(tl.int64)
-    head = batch_head % heads
-    kv = tl.load(KV_INDEX + head)
-    dims = tl.arange(0, D_PAD)
-    dim_ok = dims < HEAD_DIM
-    q_rows = Q + batch * stride_qb + head.to(tl.int64) * stride_qh + probe_offset
-    k_rows = K + batch * stride_kb + kv * stride_kh
+    batch, q_rows, k_rows, dims, dim_ok = _probe_head(Q, K, KV_INDEX, batch_head, heads, stride_qb, stride_qh,
+                                                      stride_kb, stride_kh, probe_offset, HEAD_DIM, D_PAD)
     out_rows = (batch_head.to(tl.int64) * chunks + chunk) * probe_rows
     for row_start in range(0, probe_rows, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
         row_ok = rows < probe_rows
-        q = tl.load(q_rows + rows[:, None] * stride_qs + dims[None, :] * stride_qd,
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        q = _probe_rows(q_rows, rows, row_ok, dims, dim_ok, stride_qs, stride_qd)
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         for column_start in range(0, CHUNK_KEYS, BLOCK_N):                # a loop, not unrolled: compile time
@@ -127,13 +141,8 @@ def _probe_split_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, ROW_SUM, SPLIT,
     chunk = tl.program_id(0)
     batch_head = tl.program_id(1)
     chunks = tl.num_programs(0)
-    batch = (batch_head // heads).to(tl.int64)
-    head = batch_head % heads
-    kv = tl.load(KV_INDEX + head)
-    dims = tl.arange(0, D_PAD)
-    dim_ok = dims < HEAD_DIM
-    q_rows = Q + batch * stride_qb + head.to(tl.int64) * stride_qh + probe_offset
-    k_rows = K + batch * stride_kb + kv * stride_kh
+    batch, q_rows, k_rows, dims, dim_ok = _probe_head(Q, K, KV_INDEX, batch_head, heads, stride_qb, stride_qh,
+                                                      stride_kb, stride_kh, probe_offset, HEAD_DIM, D_PAD)
     stats = batch_head.to(tl.int64) * chunks * probe_rows
     block_index = tl.arange(0, CHUNK_BLOCKS)
     class_index = tl.arange(0, CLASSES_PAD)
@@ -154,8 +163,7 @@ def _probe_split_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, ROW_SUM, SPLIT,
         # log2 of each row's total; a row that sees nothing gets +inf (its probabilities are 0).
         seen = total_sum > 0
         total = tl.where(seen, total_max + tl.log2(tl.where(seen, total_sum, 1.0)), float("inf"))
-        q = tl.load(q_rows + rows[:, None] * stride_qs + dims[None, :] * stride_qd,
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        q = _probe_rows(q_rows, rows, row_ok, dims, dim_ok, stride_qs, stride_qd)
         for block in range(CHUNK_BLOCKS):                                   # a loop, not unrolled: compile time
             key_block = chunk * CHUNK_BLOCKS + block
             for column_start in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
@@ -314,6 +322,16 @@ def top_lines_of_split(split: torch.Tensor, *, first_block: int, total_blocks: i
 
 
 @triton.jit
+def _store_sink_slots(out, first_slot, row_ok, SINKS, head, sink_width, ROWS: tl.constexpr, SINK_PAD: tl.constexpr):
+    """From slot ``first_slot`` of every row (``out``: the rows' first slots), the head's first ``SINKS[head]`` key
+    blocks, ``-1`` up to ``sink_width`` slots."""
+    sink = tl.arange(0, SINK_PAD)
+    sinks = tl.where(sink < tl.load(SINKS + head), sink, -1).to(tl.int64)
+    tl.store(out[:, None] + first_slot + sink[None, :], tl.zeros([ROWS, SINK_PAD], dtype=tl.int64) + sinks[None, :],
+             mask=row_ok[:, None] & (sink < sink_width)[None, :])
+
+
+@triton.jit
 def _vertical_slash_lists_kernel(COLUMNS, DIAGONALS, SINKS, LISTS, heads, q_blocks, k_blocks, q_offset, column_width,
                                  slash_width, sink_width, slots, CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                                  ROWS: tl.constexpr, COLUMN_PAD: tl.constexpr, SLASH_PAD: tl.constexpr,
@@ -339,10 +357,7 @@ def _vertical_slash_lists_kernel(COLUMNS, DIAGONALS, SINKS, LISTS, heads, q_bloc
     if CAUSAL:   # every row keeps its own diagonal block (the probe's top lines may miss the first rows' keys)
         tl.store(row_start + next_slot, query_block.to(tl.int64), mask=row_ok)
         next_slot += 1
-    sink = tl.arange(0, SINK_PAD)
-    sinks = tl.where(sink < tl.load(SINKS + head), sink, -1).to(tl.int64)
-    tl.store(out + next_slot + sink[None, :], tl.zeros([ROWS, SINK_PAD], dtype=tl.int64) + sinks[None, :],
-             mask=row_ok[:, None] & (sink < sink_width)[None, :])
+    _store_sink_slots(row_start, next_slot, row_ok, SINKS, head, sink_width, ROWS, SINK_PAD)
 
 
 def vertical_slash_lists_of_lines(columns: torch.Tensor, diagonals: torch.Tensor, sink_count: torch.Tensor, *,
@@ -465,10 +480,7 @@ def _coverage_kernel(SCORES, KEY_BIAS, COVERAGE, MIN_BLOCKS, MAX_BLOCKS, SINKS, 
     # Every ranked slot starts empty (-1); after them, the head's first sink blocks.
     tl.store(out[:, None] + columns[None, :], tl.full([ROWS, K_PAD], -1, tl.int64),
              mask=row_ok[:, None] & (columns < limit)[None, :])
-    sink = tl.arange(0, SINK_PAD)
-    sinks = tl.where(sink < tl.load(SINKS + head), sink, -1).to(tl.int64)
-    tl.store(out[:, None] + limit + sink[None, :], tl.zeros([ROWS, SINK_PAD], dtype=tl.int64) + sinks[None, :],
-             mask=row_ok[:, None] & (sink < sink_width)[None, :])
+    _store_sink_slots(out, limit, row_ok, SINKS, head, sink_width, ROWS, SINK_PAD)
     # A row keeps its ranks up to the first one it does not keep (the mass before a rank only grows, the
     # rank's own mass only shrinks): the loop ends when no row of the tile keeps its rank (the lists hold -1).
     rank = 0
