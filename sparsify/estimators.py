@@ -162,15 +162,9 @@ def pooled_coverage_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size:
         ...                             causal=True).shape
         torch.Size([1, 2, 4, 2])
     """
-    if kernel not in ("auto", "torch", "triton"):
-        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
     k_blocks = blocks_for(k.shape[2], block_size)
-    if kernel == "auto":
-        kernel = "torch"
-        if q.device.type == "cuda" and _TRITON_INSTALLED:
-            from sparsify.estimator_kernels import supports_coverage
-
-            kernel = "triton" if supports_coverage(k_blocks) else "torch"
+    kernel = _chosen_kernel(kernel, lambda: q.device.type == "cuda" and _TRITON_INSTALLED
+                            and _coverage_kernel_serves(k_blocks))
     common = dict(block_size=block_size, kv_head_index=kv_head_index, scale=scale, key_valid=key_valid,
                   temperature=temperature)
     if kernel == "torch":
@@ -342,19 +336,10 @@ def vertical_slash_line_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: in
     tensor), ``"torch"`` with one ``probe x Sk x D`` matmul in the inputs' dtype, a softmax and
     a small matmul per tile; ``"auto"`` takes Triton for CUDA inputs it supports.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    q_len = q.shape[2]
-    total_blocks = blocks_for(q_offset + q_len, block_size)
-    probe_rows = max(1, min(probe_rows, q_len))
-    if kernel not in ("auto", "torch", "triton"):
-        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
-    if kernel == "auto":
-        kernel = "triton" if _triton_serves(q, block_size) else "torch"
-    arguments = dict(block_size=block_size, kv_head_index=kv_head_index, probe_rows=probe_rows, scale=scale,
-                     causal=causal, q_offset=q_offset, key_valid=key_valid)
-    split = _probe_split(q, k, kernel, **arguments)
-    first_block = (q_offset + q_len - probe_rows) // block_size
-    return _line_mass_of_split(split, first_block, total_blocks)
+    kernel = _chosen_kernel(kernel, lambda: _triton_serves(q, block_size))
+    return _line_mass_of_split(*_vertical_slash_probe(
+        q, k, kernel, block_size=block_size, kv_head_index=kv_head_index, probe_rows=probe_rows, scale=scale,
+        causal=causal, q_offset=q_offset, key_valid=key_valid))
 
 
 def _probe_split(q: torch.Tensor, k: torch.Tensor, kernel: str, **arguments) -> torch.Tensor:
@@ -388,6 +373,29 @@ def _triton_serves(q: torch.Tensor, block_size: int) -> bool:
     from sparsify.estimator_kernels import supports
 
     return supports(block_size, q.shape[-1], q.dtype)
+
+
+def _chosen_kernel(kernel: str, triton_serves) -> str:
+    """``kernel`` checked (``"auto"``, ``"torch"`` or ``"triton"``); ``"auto"`` is ``"triton"`` where ``triton_serves()``."""
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
+    if kernel == "auto":
+        return "triton" if triton_serves() else "torch"
+    return kernel
+
+
+def _vertical_slash_probe(q: torch.Tensor, k: torch.Tensor, kernel: str, *, block_size: int,
+                          kv_head_index: torch.Tensor, probe_rows: int, scale: float | None, causal: bool,
+                          q_offset: int, key_valid: torch.Tensor | None) -> tuple[torch.Tensor, int, int]:
+    """``(split, first_block, total_blocks)``: the probe's split (`_probe_split`) of the last ``probe_rows`` queries
+    (at least one, at most ``q_len``; ``scale`` defaults to ``1/sqrt(D)``), the absolute block of its first row and
+    the blocks up to the last query."""
+    q_len = q.shape[2]
+    probe_rows = max(1, min(probe_rows, q_len))
+    split = _probe_split(q, k, kernel, block_size=block_size, kv_head_index=kv_head_index, probe_rows=probe_rows,
+                         scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, causal=causal,
+                         q_offset=q_offset, key_valid=key_valid)
+    return split, (q_offset + q_len - probe_rows) // block_size, blocks_for(q_offset + q_len, block_size)
 
 
 def _probe_split_torch(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
@@ -474,23 +482,19 @@ def vertical_slash_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size: 
     q_blocks, k_blocks = blocks_for(q_len, block_size), blocks_for(k_len, block_size)
     device = q.device
     total_blocks = blocks_for(q_offset + q_len, block_size)
-    if kernel not in ("auto", "torch", "triton"):
-        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
-    if kernel == "auto":
-        kernel = "triton" if _triton_serves(q, block_size) and _lines_kernel_serves(k_blocks, total_blocks) else "torch"
+    kernel = _chosen_kernel(
+        kernel, lambda: _triton_serves(q, block_size) and _lines_kernel_serves(k_blocks, total_blocks))
     if kernel == "triton":
         # Two probe launches, one top-lines launch, one list launch (sparsify.estimator_kernels): four in all.
         from sparsify.estimator_kernels import top_lines_of_split, vertical_slash_lists_of_lines
 
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        rows = max(1, min(probe_rows, q_len))
-        split = _probe_split(q, k, "triton", block_size=block_size, probe_rows=rows,
-                             kv_head_index=_on(kv_head_index.to(torch.int64), device, copies),
-                             scale=scale, causal=causal, q_offset=q_offset, key_valid=key_valid)
+        split, first_block, _ = _vertical_slash_probe(
+            q, k, "triton", block_size=block_size, kv_head_index=_on(kv_head_index.to(torch.int64), device, copies),
+            probe_rows=probe_rows, scale=scale, causal=causal, q_offset=q_offset, key_valid=key_valid)
         column_count, column_limit = _line_counts(vertical, k_blocks)
         slash_count, slash_limit = _line_counts(slash, k_blocks + total_blocks)
         columns, diagonals = top_lines_of_split(
-            split, first_block=(q_offset + q_len - rows) // block_size, total_blocks=total_blocks,
+            split, first_block=first_block, total_blocks=total_blocks,
             column_count=_on(column_count.to(torch.int32), device, copies),
             slash_count=_on(slash_count.to(torch.int32), device, copies),
             column_limit=column_limit, slash_limit=slash_limit)
@@ -598,6 +602,12 @@ def _line_counts(fraction: torch.Tensor, lines: int) -> tuple[torch.Tensor, int]
     """Per head ``ceil(fraction[h] * lines)`` (at least one; a CPU tensor) and the widest, at most ``lines``."""
     count = torch.ceil(fraction.cpu().to(torch.float32) * lines).clamp(min=1).long()
     return count, min(int(count.max()), lines)
+
+
+def _coverage_kernel_serves(k_blocks: int) -> bool:
+    from sparsify.estimator_kernels import supports_coverage
+
+    return supports_coverage(k_blocks)
 
 
 def _lines_kernel_serves(k_blocks: int, total_blocks: int) -> bool:
