@@ -169,7 +169,7 @@ class SparseAttention(torch.nn.Module):
         #: query as it is and its output is the site's, with no head gather or scatter.
         self.one_group = len(sparse) == site.num_heads or len(adaptive) == site.num_heads
         #: Only dense and static sparse heads, both kinds present: when the backend runs dense heads faster than
-        #: SDPA, every head goes in one launch under one mask (`_every_head_mask`).
+        #: SDPA, every head goes in one launch under one mask (`_static_mask`'s "every").
         self.dense_and_sparse_only = bool(dense) and bool(sparse) and not adaptive and not skipped
         self.adaptive_source = None
         if adaptive:
@@ -254,47 +254,34 @@ class SparseAttention(torch.nn.Module):
             >>> layer.runtime_mask(256, 256, "cpu").num_heads          # doctest: +SKIP
             1
         """
-        device = torch.device(device)
-        key = (q_len, k_len, q_offset, str(device))
-        mask = self._masks.get(key)
-        if mask is None:
-            mask = self.mask_source.mask(q_len=q_len, k_len=k_len, q_offset=q_offset, device=device)
-            self._remember_mask(key, mask)
-        else:
-            self._masks.move_to_end(key)
-        return mask
+        return self._static_mask("sparse", q_len, k_len, q_offset, torch.device(device))
 
-    def _full_mask(self, q_len: int, k_len: int, q_offset: int, device: torch.device) -> RuntimeBlockMask:
-        """Every block, for dense heads run by the site's backend (cached beside the sparse masks)."""
-        key = _mask_key("dense", q_len, k_len, q_offset, str(device))
+    def _static_mask(self, slot: str, q_len: int, k_len: int, q_offset: int, device: torch.device) -> RuntimeBlockMask:
+        """The cached static mask of ``slot`` for these lengths, built on a miss; the least recently used goes first.
+
+        ``"sparse"``: the sparse heads' patterns; ``"dense"``: every block of the dense heads (run by the
+        site's backend); ``"every"``: every head, sparse heads their patterns and dense heads every block
+        (one launch over all heads).
+        """
+        key = _mask_key(slot, q_len, k_len, q_offset, str(device))
         mask = self._masks.get(key)
-        if mask is None:
+        if mask is not None:
+            self._masks.move_to_end(key)
+            return mask
+        if slot == "sparse":
+            mask = self.mask_source.mask(q_len=q_len, k_len=k_len, q_offset=q_offset, device=device)
+        elif slot == "dense":
             mask = RuntimeBlockMask.dense(self.dense_heads.numel(), block_size=self.block_size, q_len=q_len,
                                           k_len=k_len, causal=self.site.causal, q_offset=q_offset,
                                           kv_head_index=self.dense_kv_heads.cpu(), device=device)
-            self._remember_mask(key, mask)
         else:
-            self._masks.move_to_end(key)
-        return mask
-
-    def _every_head_mask(self, q_len: int, k_len: int, q_offset: int, device: torch.device) -> RuntimeBlockMask:
-        """Every head's mask (sparse heads their patterns, dense heads every block), for one launch over all heads."""
-        key = _mask_key("every", q_len, k_len, q_offset, str(device))
-        mask = self._masks.get(key)
-        if mask is None:
-            group = self.site.gqa_group_size
-            source = StaticMaskSource(self.head_patterns, block_size=self.block_size, causal=self.site.causal,
-                                      kv_head_index=torch.arange(self.site.num_heads) // group)
-            mask = source.mask(q_len=q_len, k_len=k_len, q_offset=q_offset, device=device)
-            self._remember_mask(key, mask)
-        else:
-            self._masks.move_to_end(key)
-        return mask
-
-    def _remember_mask(self, key: tuple, mask: RuntimeBlockMask) -> None:
+            every = StaticMaskSource(self.head_patterns, block_size=self.block_size, causal=self.site.causal,
+                                     kv_head_index=torch.arange(self.site.num_heads) // self.site.gqa_group_size)
+            mask = every.mask(q_len=q_len, k_len=k_len, q_offset=q_offset, device=device)
         if len(self._masks) >= MASK_CACHE_SIZE:
-            self._masks.popitem(last=False)  # the least recently used lengths go first
+            self._masks.popitem(last=False)
         self._masks[key] = mask
+        return mask
 
     def ensure_mask(self, slot: str, q_len: int, k_len: int, q_offset: int, device: str) -> None:
         """Build the cached mask of ``slot`` (``"sparse"``, ``"dense"`` or ``"every"``) for these lengths unless it is there.
@@ -302,12 +289,7 @@ class SparseAttention(torch.nn.Module):
         Under ``torch.compile`` this runs while dynamo traces (`TraceTimeCalls`), so the dict read
         that follows finds the mask without a graph break.
         """
-        if slot == "dense":
-            self._full_mask(q_len, k_len, q_offset, torch.device(device))
-        elif slot == "every":
-            self._every_head_mask(q_len, k_len, q_offset, torch.device(device))
-        else:
-            self.runtime_mask(q_len, k_len, torch.device(device), q_offset)
+        self._static_mask(slot, q_len, k_len, q_offset, torch.device(device))
 
     # --- backends -------------------------------------------------------------------------------
 
