@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import TYPE_CHECKING
 
@@ -10,6 +9,7 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from sparsify.capture import weights_device
 from sparsify.cost import CostModel
 from sparsify.passes.infra import SITE_META_KEY, GraphPass, attention_nodes
 from sparsify.runtime.sparse_attention import SparseAttention, StepCounter
@@ -56,8 +56,7 @@ class RewriteAttention(GraphPass):
     def _device(self, graph_module: torch.fx.GraphModule) -> torch.device:
         if self.device is not None:
             return torch.device(self.device)
-        weights = itertools.chain(graph_module.parameters(), graph_module.buffers())
-        return next((tensor.device for tensor in weights), torch.device("cpu"))
+        return weights_device(graph_module) or torch.device("cpu")
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         self.rewritten = 0

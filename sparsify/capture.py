@@ -61,8 +61,9 @@ class Captured:
             >>> capture(torch.nn.Linear(4, 4), (torch.randn(2, 4),)).device
             device(type='cpu')
         """
-        for tensor in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers()):
-            return tensor.device
+        device = weights_device(self.graph_module)
+        if device is not None:
+            return device
         leaves = torch.utils._pytree.tree_leaves((self.args, self.kwargs))
         return next((leaf.device for leaf in leaves if isinstance(leaf, torch.Tensor)), torch.device("cpu"))
 
@@ -76,6 +77,16 @@ class Captured:
         """
         return dataclasses.replace(self, graph_module=copy_graph_module(self.graph_module),
                                    kwargs=dict(self.kwargs), fixed_kwargs=dict(self.fixed_kwargs))
+
+
+def weights_device(module: torch.nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter or buffer; ``None`` for a module with neither.
+
+    Example:
+        >>> weights_device(torch.nn.Linear(2, 2)), weights_device(torch.nn.ReLU())
+        (device(type='cpu'), None)
+    """
+    return next((tensor.device for tensor in itertools.chain(module.parameters(), module.buffers())), None)
 
 
 def copy_graph_module(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from sparsify.capture import weights_device
 from sparsify.cost import CostModel
 from sparsify.errors import StrategyError, UnsupportedError
 from sparsify.runtime.sparse_attention import SparseAttention
@@ -210,8 +211,7 @@ def build_runtime(strategy: Strategy, name: str, index: int, *, backend: str, st
 
 def install_runtime(module: torch.nn.Module, runtime: SparseAttention) -> None:
     """Make ``runtime`` a child of an attention module of the attached copy (it moves with ``.to()``)."""
-    device = next((t.device for t in list(module.parameters()) + list(module.buffers())), torch.device("cpu"))
-    module.add_module(RUNTIME_ATTRIBUTE, runtime.to(device))
+    module.add_module(RUNTIME_ATTRIBUTE, runtime.to(weights_device(module) or torch.device("cpu")))
 
 
 def attached_sites(model: torch.nn.Module) -> dict[str, SparseAttention]:
