@@ -46,6 +46,16 @@ def _padded(size: int) -> int:
 
 
 @triton.jit
+def _cache_end(END, length, HAS_END: tl.constexpr):
+    """int64 one past the cache's last slot: ``END``'s value, or ``length`` (the cache's size) without one."""
+    if HAS_END:
+        end = tl.load(END).to(tl.int64)
+    else:
+        end = tl.zeros([], tl.int64) + length
+    return end
+
+
+@triton.jit
 def _page_summary(base, page, end, k_len, page_size, stride_kn, stride_kd, offs_d, offs_n,
                   HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
     """float32 ``(min, max)`` over the keys of ``page`` before ``end`` (``base``: the key/value head's first key)."""
@@ -67,13 +77,14 @@ def _update_summaries_kernel(K, MIN, MAX, END,
                              stride_kb, stride_kh, stride_kn, stride_kd,
                              stride_sb, stride_sh, stride_sp, stride_sd,
                              num_kv_heads, k_len, new_tokens, page_size,
-                             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+                             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                             HAS_END: tl.constexpr):
     """Program (b·Hkv + h, t): min / max of the keys before ``END`` of the t-th page the new tokens touch."""
     pid_bh = tl.program_id(0)
     touched = tl.program_id(1)
     b = pid_bh // num_kv_heads
     h = pid_bh % num_kv_heads
-    end = tl.load(END).to(tl.int64)
+    end = _cache_end(END, k_len, HAS_END)
     first_page = (end - new_tokens) // page_size
     last_page = (end - 1) // page_size
     page = tl.minimum(first_page + touched, last_page)
@@ -93,19 +104,20 @@ def _page_scores_kernel(Q, MIN, MAX, END, SCORES, K,
                         stride_sb, stride_sh, stride_sp, stride_sd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         num_kv_heads, group, rows, pages, page_size, sink_pages, window_pages, k_len, new_tokens,
+                        length,
                         HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                        TOUCHED: tl.constexpr, CHUNK: tl.constexpr):
+                        TOUCHED: tl.constexpr, CHUNK: tl.constexpr, HAS_END: tl.constexpr):
     """Program (b·Hkv + h, page tile): float32 scores of ``BLOCK_P`` pages of one key/value head.
 
     ``TOUCHED`` > 0: first re-summarise the (at most ``TOUCHED``) pages the step's ``new_tokens``
     fall in that lie in this tile — stored for later steps and used for this one's scores — which
-    is what `update_summaries` does, without its launch.
+    is what `update_summaries` does, without its launch. Without ``END`` the cache ends at ``length``.
     """
     pid_bh = tl.program_id(0)
     pid_p = tl.program_id(1)
     b = pid_bh // num_kv_heads
     h = pid_bh % num_kv_heads
-    end = tl.load(END).to(tl.int64)
+    end = _cache_end(END, length, HAS_END)
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -162,7 +174,7 @@ def _selected_pages_attention_kernel(Q, K, V, CHOSEN, END, MASK, ACC, MAX_SCORE,
                                      slots_per_split, qk_scale, mask_threshold,
                                      HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
                                      BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                                     MASK_KIND: tl.constexpr):
+                                     MASK_KIND: tl.constexpr, HAS_END: tl.constexpr):
     """Program (b·Hkv + h, split): online softmax of the group's rows over one share of the head's selected slots.
 
     The head's selected slots are numbered ``n = j · page_size + i`` (slot ``i`` of its ``j``-th
@@ -172,7 +184,7 @@ def _selected_pages_attention_kernel(Q, K, V, CHOSEN, END, MASK, ACC, MAX_SCORE,
     split = tl.program_id(1)
     b = pid_bh // num_kv_heads
     h = pid_bh % num_kv_heads
-    end = tl.load(END).to(tl.int64)
+    end = _cache_end(END, k_len, HAS_END)
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -278,9 +290,16 @@ def _check(tensors: dict[str, torch.Tensor]) -> None:
                              f"{tensor.shape[-1]}")
 
 
-def update_summaries(key: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor, end: torch.Tensor,
+def _end_argument(end: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(tensor the kernels read, whether they read it)``: ``end`` (0-dim device tensor), or ``None`` — the cache
+    ends at its size, a launch argument (no fill kernel for a growing cache's step)."""
+    return (like, False) if end is None else (end, True)
+
+
+def update_summaries(key: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor, end: torch.Tensor | None,
                      new_tokens: int, page_size: int) -> None:
-    """Re-summarise, in place, the pages of the last ``new_tokens`` cache slots before ``end`` (0-dim device tensor).
+    """Re-summarise, in place, the pages of the last ``new_tokens`` cache slots before ``end`` (0-dim device tensor;
+    ``None``: the cache's size).
 
     ``key`` is the cache ``[B, Hkv, S, D]``; ``minimum`` / ``maximum`` ``[B, Hkv, pages, D]`` hold
     at least the pages up to slot ``S``. One launch.
@@ -292,19 +311,21 @@ def update_summaries(key: torch.Tensor, minimum: torch.Tensor, maximum: torch.Te
     """
     batch, kv_heads, k_len, dim = key.shape
     touched = _touched_pages(new_tokens, page_size)
+    end, has_end = _end_argument(end, key)
     _update_summaries_kernel[(batch * kv_heads, touched)](
         key, minimum, maximum, end, *key.stride(), *minimum.stride(), kv_heads, k_len, new_tokens, page_size,
-        HEAD_D=dim, BLOCK_D=_padded(dim), CHUNK=min(64, _padded(page_size)))
+        HEAD_D=dim, BLOCK_D=_padded(dim), CHUNK=min(64, _padded(page_size)), HAS_END=has_end)
 
 
-def page_scores(query: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor, end: torch.Tensor, pages: int,
-                page_size: int, sink_pages: int, window_pages: int, key: torch.Tensor | None = None,
-                new_tokens: int = 0) -> torch.Tensor:
+def page_scores(query: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor, end: torch.Tensor | None,
+                pages: int, page_size: int, sink_pages: int, window_pages: int, key: torch.Tensor | None = None,
+                new_tokens: int = 0, length: int | None = None) -> torch.Tensor:
     """float32 ``[B, Hkv, pages]``: each page's bound for the group's query heads and rows; past ``end`` -inf, sinks and window +inf.
 
     ``query`` is ``[B, H, rows, D]``; ``minimum`` / ``maximum`` ``[B, Hkv, ≥ pages, D]``. With the
     cache's ``key`` and ``new_tokens`` > 0, the pages those tokens fall in are re-summarised first
-    (as `update_summaries` would) in the same launch. One launch.
+    (as `update_summaries` would) in the same launch. ``end`` ``None``: the cache ends at
+    ``length`` (default: ``key``'s size, else ``pages · page_size``). One launch.
 
     Example:
         >>> scores = page_scores(q, low, high, end, 64, 32, 1, 2)             # doctest: +SKIP
@@ -316,11 +337,15 @@ def page_scores(query: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tenso
     block_p = 64 if dim <= 64 else 32                                  # two [pages, D] tiles in registers
     touched = _touched_pages(new_tokens, page_size) if key is not None and new_tokens > 0 else 0
     key_strides = key.stride() if touched else (0, 0, 0, 0)
+    if length is None:
+        length = key.shape[2] if key is not None else pages * page_size
+    end, has_end = _end_argument(end, query)
     _page_scores_kernel[(batch * kv_heads, triton.cdiv(pages, block_p))](
         query, minimum, maximum, end, scores, key if touched else query, *query.stride(), *minimum.stride(),
         *key_strides, kv_heads, group, rows, pages, page_size, sink_pages, window_pages,
-        key.shape[2] if touched else 0, new_tokens, HEAD_D=dim, BLOCK_D=_padded(dim), BLOCK_R=_padded(group * rows),
-        BLOCK_P=block_p, TOUCHED=touched, CHUNK=min(64, _padded(page_size)), num_warps=4)
+        key.shape[2] if touched else 0, new_tokens, length, HEAD_D=dim, BLOCK_D=_padded(dim),
+        BLOCK_R=_padded(group * rows), BLOCK_P=block_p, TOUCHED=touched, CHUNK=min(64, _padded(page_size)),
+        HAS_END=has_end, num_warps=4)
     return scores
 
 
@@ -369,13 +394,13 @@ def _user_mask(attention_mask: torch.Tensor | None, batch: int, rows: int, k_len
 
 
 def selected_pages_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chosen: torch.Tensor,
-                             end: torch.Tensor, attention_mask: torch.Tensor | None, scale: float,
+                             end: torch.Tensor | None, attention_mask: torch.Tensor | None, scale: float,
                              page_size: int) -> torch.Tensor:
     """``[B, H, rows, Dv]``: attention of the step's rows over the ``chosen`` pages ``[B, Hkv, count]`` of the cache.
 
     Reads the pages in place (no gather); row ``r`` sees the slots before ``end - rows + r + 1``
-    that ``attention_mask`` (bool, or additive: visible above half the dtype's minimum) shows. Two
-    launches: the split-K pass and the combine.
+    (``end`` ``None``: the cache's size) that ``attention_mask`` (bool, or additive: visible above
+    half the dtype's minimum) shows. Two launches: the split-K pass and the combine.
 
     Example:
         >>> out = selected_pages_attention(q, keys, values, chosen, end, None, 0.125, 32)   # doctest: +SKIP
@@ -391,12 +416,13 @@ def selected_pages_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     total = torch.empty_like(max_score)
     mask, mask_kind, mask_strides, threshold = _user_mask(attention_mask, batch, rows, k_len)
     chosen = chosen.contiguous()
+    end, has_end = _end_argument(end, query)
     _selected_pages_attention_kernel[(batch * kv_heads, splits)](
         query, key, value, chosen, end, mask if mask is not None else query, partial, max_score, total,
         *query.stride(), *key.stride(), *value.stride(), *mask_strides,
         kv_heads, group, rows, k_len, selected, page_size, splits, slots_per_split, scale * LOG2E, threshold,
         HEAD_D=dim, HEAD_DV=dim_v, BLOCK_D=_padded(dim), BLOCK_DV=block_dv, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
-        MASK_KIND=mask_kind, num_warps=_attention_warps(max(dim, dim_v), key.dtype))
+        MASK_KIND=mask_kind, HAS_END=has_end, num_warps=_attention_warps(max(dim, dim_v), key.dtype))
     return combine_splits(partial, max_score, total, query.new_empty(batch, heads, rows, dim_v), kv_heads, group,
                           rows, splits, block_r)
 
@@ -412,13 +438,14 @@ def combine_splits(partial: torch.Tensor, max_score: torch.Tensor, total: torch.
 
 
 def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, minimum: torch.Tensor,
-                maximum: torch.Tensor, end: torch.Tensor, attention_mask: torch.Tensor | None, scale: float,
+                maximum: torch.Tensor, end: torch.Tensor | None, attention_mask: torch.Tensor | None, scale: float,
                 page_size: int, sink_pages: int, window_pages: int, selected: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(output [B, H, rows, Dv], chosen pages int64 [B, Hkv, selected])`` of one decode step; updates the summaries.
 
     ``minimum`` / ``maximum`` are the layer's page summaries (capacity at least the cache's pages);
-    the step's ``rows`` new tokens end at slot ``end`` (0-dim device tensor). Four launches (the summary
-    update runs inside the page scores' launch), no host sync.
+    the step's ``rows`` new tokens end at slot ``end`` (0-dim device tensor; ``None``: at the cache's
+    size, a growing cache). Four launches (the summary update runs inside the page scores' launch),
+    no host sync.
 
     Example:
         >>> out, chosen = decode_step(q, keys, values, low, high, end, None, 0.125, 32, 1, 2, 106)  # doctest: +SKIP

@@ -76,13 +76,14 @@ def triton_decode_available(device: torch.device, dtype: torch.dtype = torch.flo
 
 @torch.library.custom_op("sparsify::query_aware_decode_step", mutates_args=("minimum", "maximum"))
 def query_aware_decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, minimum: torch.Tensor,
-                            maximum: torch.Tensor, end: torch.Tensor, attention_mask: torch.Tensor | None,
+                            maximum: torch.Tensor, end: torch.Tensor | None, attention_mask: torch.Tensor | None,
                             scale: float, page_size: int, sink_pages: int, window_pages: int,
                             selected: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One query-aware decode step on the Triton kernels (an opaque op): ``(output, chosen pages)``; updates the summaries.
 
     ``query`` ``[B, H, rows, D]`` against the cache ``key`` / ``value`` ``[B, Hkv, S, D]`` ending
-    at slot ``end`` (0-dim device tensor); ``minimum`` / ``maximum`` are the layer's page summaries
+    at slot ``end`` (0-dim device tensor; ``None``: at ``S``, a growing cache — the kernels take the
+    length as a launch argument); ``minimum`` / ``maximum`` are the layer's page summaries
     (`KeyPageSummaries`), re-summarised in place for the step's new slots. Returns the output
     ``[B, H, rows, Dv]`` and the pages read, ``int64 [B, Hkv, selected]``.
 
@@ -301,10 +302,8 @@ class QueryAwareDecoder(torch.nn.Module):
         rows, dim = query.shape[2], query.shape[3]
         k_len = key.shape[2]
         page = self.pattern.page_size
-        if attention_mask is None:
-            end = torch.full((), k_len, dtype=torch.long, device=key.device)
-        else:
-            end = visible_key_end(attention_mask, k_len)
+        # A growing cache (no mask) ends at its size: the Triton step takes that as a launch argument (end None).
+        end = None if attention_mask is None else visible_key_end(attention_mask, k_len)
         if self.summaries.minimum is None:
             raise RuntimeError("query-aware decode needs the prefill's key summaries: run the prompt through the "
                                "attached model with use_cache=True before decoding")
@@ -316,8 +315,12 @@ class QueryAwareDecoder(torch.nn.Module):
                 dim ** -0.5 if scale is None else scale, page, self.pattern.sink_pages, self.pattern.window_pages,
                 self.pattern.selected_pages(pages))
         else:
+            if end is None:
+                end = torch.full((), k_len, dtype=torch.long, device=key.device)
             output, chosen = self._torch_step(query, key, value, attention_mask, scale, end)
         if self.read_log is not None:
+            if end is None:
+                end = torch.full((), k_len, dtype=torch.long, device=key.device)
             slots_read = (end - chosen * page).clamp(min=0, max=page).sum(-1)
             self.read_log.append(slots_read.float().mean() / end.clamp(min=1))
         return output

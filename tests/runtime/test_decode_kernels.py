@@ -135,6 +135,25 @@ def test_page_scores_that_re_summarise_the_new_tokens_pages_equal_the_update_the
     assert not torch.equal(fused_low[:, :, first:last + 1], stale_low[:, :, first:last + 1])   # it did update
 
 
+def test_a_growing_caches_step_without_an_end_tensor_equals_the_step_told_its_end():
+    # No mask: the cache ends at its size, which the kernels take as a launch argument (end None, no fill kernel).
+    keys, values = _cache(21, 2, 2, 181, 64, torch.float32)
+    page, pages = 16, -(-181 // 16)
+    low, high = _page_reference(keys.cpu(), page, 181)
+    q = torch.randn(2, 8, 2, 64, generator=torch.Generator().manual_seed(22)).to(DEVICE)
+    results = []
+    for end in (None, torch.tensor(181, device=DEVICE)):
+        step_low, step_high = low.float().to(DEVICE) - 1.0, high.float().to(DEVICE) + 1.0
+        apart_low, apart_high = step_low.clone(), step_high.clone()
+        triton_decode.update_summaries(keys, apart_low, apart_high, end, 2, page)
+        output, chosen = triton_decode.decode_step(q, keys, values, step_low, step_high, end, None, 0.125, page, 1, 2,
+                                                   5)
+        results.append((apart_low, apart_high, step_low, step_high, output, chosen.sort(-1).values))
+    for without, told in zip(*results):
+        assert torch.equal(without, told)
+    assert torch.equal(results[0][0], results[0][2])                      # the step's fused update = the update alone
+
+
 MASKS = ("none", "bool_padding", "additive")
 
 
