@@ -146,7 +146,7 @@ case "$PART" in
   # Decode at batch 1 is launch-bound (issue 19's 2x at 128K): the page size sets how many pages the bound scores.
   has pages && for page in 32 64; do
     step "llm_decode_page$page" "${LIMIT_PAGE:-90}" python3 benchmarks/llm_decode_bench.py --lengths 131072 \
-      --batches 1 --page-size "$page" --no-torch-path --out "$WORK/json/llm_decode_page${page}_cuda.json"
+      --batches 1 --page-size "$page" --no-torch-path --breakdown --out "$WORK/json/llm_decode_page${page}_cuda.json"
     show "$WORK/json/llm_decode_page${page}_cuda.json"
   done;;
 6)

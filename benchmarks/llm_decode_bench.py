@@ -17,6 +17,10 @@ fraction of the cache's pages one step reads (sink, window and budget pages); ``
 ``speedup_graph`` are dense / quest per token. ``--model-step`` also times a whole decode step of
 the model (every layer, MLPs included) with a cache filled with random keys, dense vs attached with
 ``decode=query_aware_decode(...)``. ``--compile`` times the quest step under ``torch.compile`` too.
+``--breakdown`` (CUDA) also times each launch of the Triton step alone as a CUDA graph (L2 flushed):
+``scores_graph_us`` (summary update + page bounds), ``topk_graph_us``, ``attention_graph_us``
+(split-K pass + combine) and ``combine_graph_us`` — where a batch-1 step's time goes; the pieces'
+sum against ``quest_graph_us`` is what running them in one graph saves or costs.
 
     python benchmarks/llm_decode_bench.py                                   # 32K/64K/128K, batch 1 and 8 (~1-2 min on an H100)
     python benchmarks/llm_decode_bench.py --budget 0.05 --page-size 16 --model-step
@@ -56,6 +60,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warm-l2", action="store_true", help="do not flush the L2 cache before each timed call")
     parser.add_argument("--no-torch-path", action="store_true", help="skip the torch reference path")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time each launch of the Triton step alone (CUDA graphs): scores, top-k, attention, "
+                             "combine")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
@@ -193,6 +200,8 @@ def main(argv=None) -> None:
                             row[f"{name}_graph_us"] = timer.graph_us(lambda: decoder(query, keys, values, None,
                                                                                      scaling))
                         row["speedup_graph"] = row["dense_graph_us"] / row["quest_graph_us"]
+                    if arguments.breakdown and row["kernels"] == "triton" and timer.device.type == "cuda":
+                        row.update(step_breakdown(timer, decoders["quest"], query, keys, values, scaling))
                     if arguments.compile:
                         compiled = torch.compile(decoders["quest"], fullgraph=True)
                         row["quest_compiled_us"] = timer.eager_us(lambda: compiled(query, keys, values, None, scaling))
@@ -207,6 +216,44 @@ def main(argv=None) -> None:
                         torch.cuda.empty_cache()
             del model, attached
     print(log.table(), file=sys.stdout)
+
+
+def step_breakdown(timer: StepTimer, decoder: QueryAwareDecoder, query, keys, values, scale: float) -> dict:
+    """Microseconds of each launch of the decoder's Triton step alone (CUDA graph replays), on its current summaries."""
+    from sparsify.backends import triton_decode
+
+    pattern, rows, k_len = decoder.pattern, query.shape[2], keys.shape[2]
+    page = pattern.page_size
+    pages = -(-k_len // page)
+    selected = pattern.selected_pages(pages)
+    summaries = decoder.summaries
+    summaries.reserve(keys, pages)
+
+    def scores():
+        return triton_decode.page_scores(query, summaries.minimum, summaries.maximum, None, pages, page,
+                                         pattern.sink_pages, pattern.window_pages, key=keys, new_tokens=rows)
+
+    bounds = scores()
+    chosen = bounds.topk(selected, dim=-1, sorted=False).indices
+    batch, heads = query.shape[:2]
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    block_r = triton_decode._padded(group * rows)
+    splits, _ = triton_decode.split_count(batch * kv_heads, selected * page, query.device)
+    partial = torch.randn(batch * kv_heads * splits * block_r, triton_decode._padded(values.shape[-1]),
+                          device=query.device)
+    max_score = torch.randn(batch * kv_heads * splits * block_r, device=query.device)
+    total = torch.rand_like(max_score) + 1.0
+    out = query.new_empty(batch, heads, rows, values.shape[-1])
+    return {
+        "splits": splits,
+        "scores_graph_us": timer.graph_us(scores),
+        "topk_graph_us": timer.graph_us(lambda: bounds.topk(selected, dim=-1, sorted=False)),
+        "attention_graph_us": timer.graph_us(lambda: triton_decode.selected_pages_attention(
+            query, keys, values, chosen, None, None, scale, page)),
+        "combine_graph_us": timer.graph_us(lambda: triton_decode.combine_splits(
+            partial, max_score, total, out, kv_heads, group, rows, splits, block_r)),
+    }
 
 
 def _attention_layer(shape: str):
