@@ -10,7 +10,13 @@ At each target density (default 0.3, 0.4, 0.5, 0.6, 0.7) the script measures the
   device), its budgets bisected until the density it realises on a calibration window is the target;
 * ``oracle_top_k`` — a static per-head oracle: each head's block top-k read off the search's
   profile at the uniform target density (`sparsify.search.candidates.profile_top_k`, ``row_share``:
-  every query block keeps the same share of its keys, its diagonal block and the sink first).
+  every query block keeps the same share of its keys, its diagonal block and the sink first);
+* ``exact_coverage`` — **a bound, not an anchor**: per input, head and query block, the fewest key
+  blocks whose *exact* attention mass (mean over the block's rows, from the full attention matrix)
+  reaches a coverage ``c`` shared by every head, plus the diagonal block (`ExactCoverage`). No
+  estimator can select better blocks per row (it would need the attention it is meant to skip), so
+  it shows how far the search's realisable patterns are from the block selection itself; ``c`` is
+  fitted so the density on a calibration window is the target.
 
 It is cheap: the model is captured once and searched once (profile, candidate scores and site
 sensitivities measured once); each density of ``ours`` is then one allocation of those
@@ -22,7 +28,8 @@ Each row (method, target, realised density, ppl ratio, model-level relative L2 a
 logits against dense on the evaluation windows, and for ``ours`` the error the search promised)
 is printed and written as it is measured (``RowLog``); at the end a table and a PNG (ppl ratio
 against density, one line per method; ``sparsify-cli report --quality-png X.png --rows Y.json``
-draws the same from the JSON). Target: ours <= each anchor at every density. The texts are
+draws the same from the JSON). Target: ours <= each anchor at every density (the bound is
+reported beside them, never counted as an anchor). The texts are
 those of ``examples/smollm2_perplexity.py`` (calibrate on ``python-docs``, evaluate on
 ``licenses`` and ``vim-manual``, or on ``python-docs-held-out`` where those are missing).
 
@@ -60,7 +67,122 @@ from sparsify.search.candidates import profile_top_k  # noqa: E402
 from sparsify.search.output_budget import sparse_replacement  # noqa: E402
 from sparsify.strategy import Strategy  # noqa: E402
 
-METHODS = ("ours", "streaming_llm", "minference", "oracle_top_k")
+METHODS = ("ours", "streaming_llm", "minference", "oracle_top_k", "exact_coverage")
+#: Methods that bound what block selection can do rather than compete with the search (not counted as anchors).
+BOUNDS = ("exact_coverage",)
+
+
+class ExactCoverage:
+    """Per input, head and query block: the fewest key blocks whose exact attention mass reaches ``coverage``, and the diagonal.
+
+    A site observer (`StrategyRunner.run`'s ``attention``) that replaces every causal
+    self-attention by attention over those blocks, computing the full attention matrix to choose
+    them: an unattainable bound for estimated block selection, not a method. A block's mass is the
+    mean over its rows of their attention to it; a query block keeps its blocks in decreasing mass
+    until the kept mass before the last one reaches ``coverage``. Counts kept and causal blocks
+    (`density`). `record` keeps the dense choices of a window so `coverage_for` fits ``coverage`` to a
+    density without re-running the model.
+
+    Example:
+        >>> oracle = ExactCoverage(block_size=64)                                   # doctest: +SKIP
+        >>> runner.run(None, windows, each, attention=oracle.record)                # dense; masses kept
+        >>> oracle.coverage = oracle.coverage_for(0.5)                              # doctest: +SKIP
+        >>> runner.run(None, windows, each, attention=oracle)                       # doctest: +SKIP
+        >>> oracle.density()                                                        # doctest: +SKIP
+    """
+
+    def __init__(self, block_size: int, coverage: float = 1.0):
+        self.block_size = block_size
+        self.coverage = coverage
+        self.kept = 0
+        self.total = 0
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor]] = []   # (exclusive cumulative mass, order) per call
+
+    def density(self) -> float:
+        """Kept blocks over causal blocks since the last `reset`."""
+        return self.kept / max(self.total, 1)
+
+    def reset(self) -> None:
+        self.kept = self.total = 0
+
+    def _scores(self, site: Any, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None,
+                is_causal: bool, scale: float | None, softcap: Any, sinks: Any) -> torch.Tensor:
+        """float32 ``[B, H, S, S]`` attention logits, causal and user masks applied (``-inf`` where hidden)."""
+        if softcap is not None or sinks is not None:
+            raise NotImplementedError(f"site {site.name!r}: the exact-coverage bound takes no softcap or sinks")
+        if q.shape[-2] != k.shape[-2]:
+            raise NotImplementedError(f"site {site.name!r}: the exact-coverage bound takes self-attention only "
+                                      f"(query {q.shape[-2]} rows, keys {k.shape[-2]})")
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        length = q.shape[-2]
+        if is_causal:
+            scores = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool, device=q.device).tril(),
+                                        float("-inf"))
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+                else scores + attn_mask.float()
+        return scores
+
+    def _block_masses(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """``[B, H, Qb, Kb]``: mean over each query block's rows of their attention mass on each key block."""
+        batch, heads, length, _ = probabilities.shape
+        blocks = -(-length // self.block_size)
+        padded = torch.nn.functional.pad(probabilities, (0, blocks * self.block_size - length,
+                                                         0, blocks * self.block_size - length))
+        summed = padded.view(batch, heads, blocks, self.block_size, blocks, self.block_size).sum((3, 5))
+        rows = (length - torch.arange(blocks, device=summed.device) * self.block_size).clamp(max=self.block_size)
+        return summed / rows.view(blocks, 1)
+
+    def _kept(self, before: torch.Tensor, order: torch.Tensor, coverage: float) -> torch.Tensor:
+        """bool ``[B, H, Qb, Kb]``: the causal blocks kept at ``coverage`` from the sorted masses' exclusive cumsum."""
+        blocks = before.shape[-1]
+        keep = torch.zeros_like(before, dtype=torch.bool).scatter(-1, order, before < coverage)
+        lower = torch.ones(blocks, blocks, dtype=torch.bool, device=before.device).tril()
+        return (keep | torch.eye(blocks, dtype=torch.bool, device=before.device)) & lower
+
+    def _choices(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mass before each block in decreasing order, that order)`` per query block, from the logits."""
+        masses = self._block_masses(scores.softmax(-1).nan_to_num(0.0))
+        ordered = masses.sort(-1, descending=True)
+        return ordered.values.cumsum(-1) - ordered.values, ordered.indices
+
+    def record(self, site: Any, q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None) -> None:
+        """Observer of a dense run: keep this call's sorted block masses for `coverage_for`; attention stays dense."""
+        before, order = self._choices(self._scores(site, q, k, attn_mask, is_causal, scale, softcap, sinks))
+        self.recorded.append((before, order))
+        return None
+
+    def coverage_for(self, target: float) -> float:
+        """The coverage whose choices on the recorded dense calls keep ``target`` of the causal blocks (bisection)."""
+        if not self.recorded:
+            raise RuntimeError("ExactCoverage.coverage_for needs a recorded dense run (attention=oracle.record)")
+
+        def density(coverage: float) -> float:
+            kept = total = 0
+            for before, order in self.recorded:
+                blocks = before.shape[-1]
+                kept += int(self._kept(before, order, coverage).sum())
+                total += before.shape[0] * before.shape[1] * blocks * (blocks + 1) // 2
+            return kept / total
+
+        low, high = 0.0, 1.0
+        for _ in range(30):
+            middle = (low + high) / 2
+            low, high = (middle, high) if density(middle) < target else (low, middle)
+        return high
+
+    def __call__(self, site: Any, q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None) -> torch.Tensor:
+        scores = self._scores(site, q, k, attn_mask, is_causal, scale, softcap, sinks)
+        before, order = self._choices(scores)
+        kept = self._kept(before, order, self.coverage)
+        blocks, length = kept.shape[-1], q.shape[-2]
+        self.kept += int(kept.sum())
+        self.total += kept.shape[0] * kept.shape[1] * blocks * (blocks + 1) // 2
+        visible = kept.repeat_interleave(self.block_size, 2).repeat_interleave(self.block_size, 3)[..., :length, :length]
+        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+        return (weights @ v.float()).to(q.dtype)
 
 
 def window_for_density(sites, block_size: int, target: float, sink_tokens: int) -> int:
@@ -92,8 +214,14 @@ class StrategyRunner:
         self.backend = backend
 
     def run(self, strategy: Strategy | None, windows: Sequence[torch.Tensor],
-            each: Callable[[int, torch.Tensor], None]) -> float | None:
-        """Calls ``each(index, logits)`` per window; returns the mean causal density the strategy realised (None: dense)."""
+            each: Callable[[int, torch.Tensor], None], attention: Callable[..., Any] | None = None) -> float | None:
+        """Calls ``each(index, logits)`` per window; returns the mean causal density the strategy realised (None: dense).
+
+        ``attention`` (without a strategy): a site observer called at every site instead — its
+        output replaces the site's, ``None`` leaves it dense (e.g. `ExactCoverage`).
+        """
+        if attention is not None and strategy is not None:
+            raise ValueError("StrategyRunner.run takes a strategy or an attention observer, not both")
         modules = {}
         if strategy is not None:
             for site in self.sites:
@@ -103,6 +231,8 @@ class StrategyRunner:
                     modules[site.name] = module
 
         def observer(site, q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
+            if attention is not None:
+                return attention(site, q, k, v, attn_mask, is_causal, scale, softcap, sinks)
             module = modules.get(site.name)
             return None if module is None else module(q, k, v, attn_mask, is_causal, scale, softcap, sinks)
 
@@ -184,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     dense_ppl = perplexity(dense_losses)
     print(f"dense perplexity {dense_ppl:.4f} on {len(evaluation)} evaluation windows of {args.tokens} tokens", flush=True)
 
-    def evaluate(method: str, target: float, strategy: Strategy, log: RowLog, **extra: Any) -> None:
+    def evaluate(method: str, target: float, strategy: Strategy | ExactCoverage, log: RowLog, **extra: Any) -> None:
         begun = time.perf_counter()
         losses, squared_l2, kl = [], [], []
 
@@ -193,7 +323,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             squared_l2.append(relative_l2(dense_logits[index], logits) ** 2)
             kl.append(next_token_kl(dense_logits[index], logits))
 
-        density = runner.run(strategy, evaluation, measure)
+        if isinstance(strategy, ExactCoverage):
+            strategy.reset()
+            runner.run(None, evaluation, measure, attention=strategy)
+            density = strategy.density()
+        else:
+            density = runner.run(strategy, evaluation, measure)
         log.add(method=method, target_density=target, density=round(density, 4),
                 ppl_ratio=round(perplexity(losses) / dense_ppl, 5),
                 relative_l2=round(math.sqrt(sum(squared_l2) / len(squared_l2)), 6), kl=round(sum(kl) / len(kl), 6),
@@ -232,8 +367,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                        for head in range(site.num_heads)])
         return strategy, {}
 
-    builders: dict[str, Callable[[float], tuple[Strategy, dict]]] = dict(
-        ours=ours, streaming_llm=streaming_llm, minference=minference, oracle_top_k=oracle_top_k)
+    exact = ExactCoverage(args.block_size)
+
+    def exact_coverage(target: float) -> tuple[ExactCoverage, dict]:
+        if not exact.recorded:  # one dense run of a calibration window: its sorted block masses fit every coverage
+            runner.run(None, calibration[:1], lambda index, logits: None, attention=exact.record)
+        exact.coverage = exact.coverage_for(target)
+        return exact, {"coverage": round(exact.coverage, 5), "bound": True}
+
+    builders: dict[str, Callable[[float], tuple[Strategy | ExactCoverage, dict]]] = dict(
+        ours=ours, streaming_llm=streaming_llm, minference=minference, oracle_top_k=oracle_top_k,
+        exact_coverage=exact_coverage)
     meta = {"model": f"SmolLM2-135M-Instruct ({gguf_file})", "tokens": args.tokens, "block_size": args.block_size,
             "dtype": args.dtype, "calibration": {"source": "python-docs", "windows": args.calibration},
             "evaluation": {"sources": evaluation_sources, "windows_per_source": args.evaluation,
@@ -256,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for target in args.densities:
         rows = {row["method"]: row["ppl_ratio"] for row in log.rows if row["target_density"] == target}
         if "ours" in rows:
-            beaten = [method for method, value in rows.items() if method != "ours" and value < rows["ours"]]
+            beaten = [method for method, value in rows.items()
+                      if method != "ours" and method not in BOUNDS and value < rows["ours"]]
             wins.append(not beaten)
             losing += [f"{target}: {method}" for method in beaten]
     ratios = [row["relative_l2"] / row["promised_relative_l2"] for row in log.rows
