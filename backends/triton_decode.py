@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["combine_splits", "decode_step", "page_scores", "selected_pages_attention", "split_count",
-           "update_summaries"]
+__all__ = ["MAX_SORTED_PAGES", "combine_splits", "decode_step", "page_scores", "selected_pages_attention",
+           "split_count", "top_pages", "update_summaries"]
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -279,6 +279,49 @@ def _combine_splits_kernel(ACC, MAX_SCORE, SUM, O,
     o_ptr = (O + b.to(tl.int64) * stride_ob + q_head.to(tl.int64) * stride_oh + (row % rows) * stride_om
              + offs_dv * stride_od)
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=offs_dv < HEAD_DV)
+
+
+#: Most pages `top_pages` sorts in one program's registers (128K tokens at pages of 32); beyond, torch's top-k.
+MAX_SORTED_PAGES = 4096
+
+
+@triton.jit
+def _top_pages_kernel(SCORES, CHOSEN, pages, selected, PAD: tl.constexpr):
+    """Program (b·Hkv + h): the indices of the ``selected`` largest scores of one head (ties: lower page first)."""
+    pid_bh = tl.program_id(0)
+    index = tl.arange(0, PAD)
+    scores = tl.load(SCORES + pid_bh.to(tl.int64) * pages + index, mask=index < pages, other=float("-inf"))
+    scores = tl.where(scores == 0.0, 0.0, scores)                      # -0.0 ties with +0.0, as in torch
+    bits = scores.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)                       # float order as signed integer order
+    key = (ordered.to(tl.int64) << 32) + (PAD - 1 - index)
+    key = tl.where(index < pages, key, -9223372036854775807 - 1)
+    top = tl.sort(key, descending=True)
+    page = (PAD - 1) - (top & 0xFFFFFFFF)
+    tl.store(CHOSEN + pid_bh.to(tl.int64) * selected + index, page, mask=index < selected)
+
+
+def top_pages(scores: torch.Tensor, selected: int) -> torch.Tensor:
+    """int64 ``[B, Hkv, selected]``: per head the pages of the ``selected`` largest ``scores`` ``[B, Hkv, pages]``.
+
+    The same set as ``scores.topk(selected).indices`` (ties: the lower page), in decreasing score
+    order: one launch of one program per (batch, head) that sorts the head's scores in registers,
+    up to `MAX_SORTED_PAGES` pages; more go to ``torch.topk``.
+
+    Example:
+        >>> top_pages(torch.tensor([[[0.5, 2.0, -1.0, 3.0]]], device="cuda"), 2).tolist()   # doctest: +SKIP
+        [[[3, 1]]]
+    """
+    batch, kv_heads, pages = scores.shape
+    if not 0 < selected <= pages:
+        raise ValueError(f"top_pages: selected must lie in [1, {pages}] (the pages scored), got {selected}")
+    if pages > MAX_SORTED_PAGES:
+        return scores.topk(selected, dim=-1, sorted=False).indices
+    chosen = torch.empty(batch, kv_heads, selected, dtype=torch.int64, device=scores.device)
+    pad = max(16, triton.next_power_of_2(pages))
+    _top_pages_kernel[(batch * kv_heads,)](scores.contiguous(), chosen, pages, selected, PAD=pad,
+                                           num_warps=4 if pad <= 1024 else 8)
+    return chosen
 
 
 def _check(tensors: dict[str, torch.Tensor]) -> None:

@@ -20,7 +20,9 @@ the model (every layer, MLPs included) with a cache filled with random keys, den
 ``--breakdown`` (CUDA) also times each launch of the Triton step alone as a CUDA graph (L2 flushed):
 ``scores_graph_us`` (summary update + page bounds), ``topk_graph_us``, ``attention_graph_us``
 (split-K pass + combine) and ``combine_graph_us`` — where a batch-1 step's time goes; the pieces'
-sum against ``quest_graph_us`` is what running them in one graph saves or costs.
+sum against ``quest_graph_us`` is what running them in one graph saves or costs. ``top_pages_graph_us``
+times the candidate replacement of torch's top-k, `triton_decode.top_pages` (one in-register sort
+per head; the step adopts it where it wins).
 
     python benchmarks/llm_decode_bench.py                                   # 32K/64K/128K, batch 1 and 8 (~1-2 min on an H100)
     python benchmarks/llm_decode_bench.py --budget 0.05 --page-size 16 --model-step
@@ -249,6 +251,8 @@ def step_breakdown(timer: StepTimer, decoder: QueryAwareDecoder, query, keys, va
         "splits": splits,
         "scores_graph_us": timer.graph_us(scores),
         "topk_graph_us": timer.graph_us(lambda: bounds.topk(selected, dim=-1, sorted=False)),
+        "top_pages_graph_us": (timer.graph_us(lambda: triton_decode.top_pages(bounds, selected))
+                               if pages <= triton_decode.MAX_SORTED_PAGES else None),
         "attention_graph_us": timer.graph_us(lambda: triton_decode.selected_pages_attention(
             query, keys, values, chosen, None, None, scale, page)),
         "combine_graph_us": timer.graph_us(lambda: triton_decode.combine_splits(

@@ -303,3 +303,27 @@ def test_gpu_kernels_equal_the_restricted_reference_and_replay_in_a_cuda_graph(d
     q.copy_(torch.randn_like(q))
     graph.replay()
     assert rel_err(static_out, decoder(q, keys, values, attention_mask, None)) < 1e-3
+
+
+@pytest.mark.parametrize("pages, selected", [(1, 1), (37, 5), (300, 300), (4096, 210)])
+def test_top_pages_are_torch_topks_pages_with_ties_to_the_lower_page(pages, selected):
+    gen = torch.Generator().manual_seed(pages)
+    scores = torch.randn(2, 3, pages, generator=gen)
+    scores[..., :1] = float("inf")                                        # sinks and window: forced
+    scores[..., -2:] = float("inf")
+    scores[0, 0, pages // 2:] = float("-inf")                            # past the cache's end
+    scores[1, 2] = scores[1, 2].round(decimals=0)                        # many ties
+    chosen = triton_decode.top_pages(scores.to(DEVICE), selected).cpu()
+    assert chosen.shape == (2, 3, selected) and chosen.dtype == torch.int64
+    # The reference: sort by (score descending, page ascending), the first `selected`.
+    order = sorted(range(pages), key=lambda page: (-scores[1, 2, page].item(), page))[:selected]
+    assert chosen[1, 2].tolist() == order
+    for head_scores, head_chosen in zip(scores.flatten(0, 1), chosen.flatten(0, 1)):
+        expected = head_scores.topk(selected).values
+        assert torch.equal(head_scores[head_chosen].sort(descending=True).values, expected)
+        assert len(set(head_chosen.tolist())) == selected
+
+
+def test_top_pages_refuses_a_count_outside_the_pages():
+    with pytest.raises(ValueError, match="selected must lie in"):
+        triton_decode.top_pages(torch.zeros(1, 1, 4, device=DEVICE), 5)
