@@ -402,18 +402,23 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def split_count(programs: int, selected_slots: int, device: torch.device) -> tuple[int, int]:
+#: Split-K programs per multiprocessor the decode attention aims for (`split_count`).
+PROGRAMS_PER_MULTIPROCESSOR = 4
+
+
+def split_count(programs: int, selected_slots: int, device: torch.device,
+                per_multiprocessor: int = PROGRAMS_PER_MULTIPROCESSOR) -> tuple[int, int]:
     """``(splits, slots_per_split)``: how the selected slots of each of ``programs`` key/value heads split over programs.
 
-    Enough splits to give every multiprocessor four programs, each a whole number of tiles. Off
-    CUDA (Triton's interpreter, tests) the device counts as eight multiprocessors, so small cases
-    still split and exercise the combine.
+    Enough splits to give every multiprocessor ``per_multiprocessor`` programs, each a whole number
+    of tiles (more splits: shorter programs, a longer combine). Off CUDA (Triton's interpreter,
+    tests) the device counts as eight multiprocessors, so small cases still split and exercise the combine.
 
     Example:
         >>> split_count(8, 6720, torch.device("cpu"))
         (4, 1728)
     """
-    target = 4 * (_multiprocessors(device.index or 0) if device.type == "cuda" else 8)
+    target = per_multiprocessor * (_multiprocessors(device.index or 0) if device.type == "cuda" else 8)
     tiles = triton.cdiv(max(selected_slots, 1), BLOCK_N)
     splits = max(1, min(tiles, triton.cdiv(target, programs)))
     tiles_per_split = triton.cdiv(tiles, splits)
@@ -438,12 +443,13 @@ def _user_mask(attention_mask: torch.Tensor | None, batch: int, rows: int, k_len
 
 def selected_pages_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chosen: torch.Tensor,
                              end: torch.Tensor | None, attention_mask: torch.Tensor | None, scale: float,
-                             page_size: int) -> torch.Tensor:
+                             page_size: int, per_multiprocessor: int = PROGRAMS_PER_MULTIPROCESSOR) -> torch.Tensor:
     """``[B, H, rows, Dv]``: attention of the step's rows over the ``chosen`` pages ``[B, Hkv, count]`` of the cache.
 
     Reads the pages in place (no gather); row ``r`` sees the slots before ``end - rows + r + 1``
     (``end`` ``None``: the cache's size) that ``attention_mask`` (bool, or additive: visible above
-    half the dtype's minimum) shows. Two launches: the split-K pass and the combine.
+    half the dtype's minimum) shows. Two launches: the split-K pass (``per_multiprocessor``: its
+    programs per multiprocessor, `split_count`) and the combine.
 
     Example:
         >>> out = selected_pages_attention(q, keys, values, chosen, end, None, 0.125, 32)   # doctest: +SKIP
@@ -453,7 +459,7 @@ def selected_pages_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     group = heads // kv_heads
     selected = chosen.shape[-1]
     block_r, block_dv = _padded(group * rows), _padded(dim_v)
-    splits, slots_per_split = split_count(batch * kv_heads, selected * page_size, query.device)
+    splits, slots_per_split = split_count(batch * kv_heads, selected * page_size, query.device, per_multiprocessor)
     partial = torch.empty(batch * kv_heads * splits * block_r, block_dv, dtype=torch.float32, device=query.device)
     max_score = torch.empty(batch * kv_heads * splits * block_r, dtype=torch.float32, device=query.device)
     total = torch.empty_like(max_score)

@@ -22,7 +22,9 @@ the model (every layer, MLPs included) with a cache filled with random keys, den
 (split-K pass + combine) and ``combine_graph_us`` — where a batch-1 step's time goes; the pieces'
 sum against ``quest_graph_us`` is what running them in one graph saves or costs. ``top_pages_graph_us``
 times the candidate replacement of torch's top-k, `triton_decode.top_pages` (one in-register sort
-per head; the step adopts it where it wins).
+per head; the step adopts it where it wins); ``attention_<n>_per_sm_graph_us`` the attention with
+``n`` split-K programs per multiprocessor instead of `triton_decode.PROGRAMS_PER_MULTIPROCESSOR`
+(fewer, longer programs and a shorter combine).
 
     python benchmarks/llm_decode_bench.py                                   # 32K/64K/128K, batch 1 and 8 (~1-2 min on an H100)
     python benchmarks/llm_decode_bench.py --budget 0.05 --page-size 16 --model-step
@@ -247,8 +249,13 @@ def step_breakdown(timer: StepTimer, decoder: QueryAwareDecoder, query, keys, va
     max_score = torch.randn(batch * kv_heads * splits * block_r, device=query.device)
     total = torch.rand_like(max_score) + 1.0
     out = query.new_empty(batch, heads, rows, values.shape[-1])
+    per_multiprocessor = {f"attention_{count}_per_sm_graph_us": timer.graph_us(
+        lambda count=count: triton_decode.selected_pages_attention(query, keys, values, chosen, None, None, scale, page,
+                                                                   per_multiprocessor=count))
+        for count in (1, 2, 8) if count != triton_decode.PROGRAMS_PER_MULTIPROCESSOR}
     return {
         "splits": splits,
+        **per_multiprocessor,
         "scores_graph_us": timer.graph_us(scores),
         "topk_graph_us": timer.graph_us(lambda: bounds.topk(selected, dim=-1, sorted=False)),
         "top_pages_graph_us": (timer.graph_us(lambda: triton_decode.top_pages(bounds, selected))

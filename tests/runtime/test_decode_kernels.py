@@ -204,6 +204,19 @@ def test_many_splits_merge_into_the_attention_over_every_chosen_page():
     assert rel_err(out.cpu(), _restricted_reference(q, keys, values, chosen, 2304, 32, scale=0.125)) < 1e-5
 
 
+@pytest.mark.parametrize("per_multiprocessor", [1, 8])
+def test_fewer_or_more_split_programs_give_the_same_attention(per_multiprocessor):
+    keys, values = _cache(14, 1, 2, 2048, 64, torch.float32)
+    chosen = torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(15 + h))[:40] for h in range(2)])
+    chosen = chosen.view(1, 2, 40)
+    splits = {count: triton_decode.split_count(2, 40 * 32, torch.device(DEVICE), count)[0] for count in (1, 4, 8)}
+    assert HAS_CUDA or splits[1] < splits[4] < splits[8]                 # the count changes the split
+    q = torch.randn(1, 8, 1, 64, generator=torch.Generator().manual_seed(16)).to(DEVICE)
+    out = triton_decode.selected_pages_attention(q, keys, values, chosen.to(DEVICE), None, None, 0.125, 32,
+                                                 per_multiprocessor=per_multiprocessor)
+    assert rel_err(out.cpu(), _restricted_reference(q, keys, values, chosen, 2048, 32, scale=0.125)) < 1e-5
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_triton_decoder_selects_the_torch_pages_and_equals_the_restricted_reference_step_after_step(masked):
     batch, heads, kv_heads, capacity, dim, page = 2, 8, 2, 192, 64, 8
