@@ -11,12 +11,13 @@ At each target density (default 0.3, 0.4, 0.5, 0.6, 0.7) the script measures the
 * ``oracle_top_k`` — a static per-head oracle: each head's block top-k read off the search's
   profile at the uniform target density (`sparsify.search.candidates.profile_top_k`, ``row_share``:
   every query block keeps the same share of its keys, its diagonal block and the sink first);
-* ``exact_coverage`` — **a bound, not an anchor**: per input, head and query block, the fewest key
-  blocks whose *exact* attention mass (mean over the block's rows, from the full attention matrix)
-  reaches a coverage ``c`` shared by every head, plus the diagonal block (`ExactCoverage`). No
-  estimator can select better blocks per row (it would need the attention it is meant to skip), so
-  it shows how far the search's realisable patterns are from the block selection itself; ``c`` is
-  fitted so the density on a calibration window is the target.
+* ``exact_coverage`` — **a reference, not an anchor** (it cannot run fast): per input, head and
+  query block, the fewest key blocks whose *exact* attention mass (mean over the block's rows, from
+  the full attention matrix) reaches a coverage ``c`` shared by every head, plus the diagonal block
+  (`ExactCoverage`). No estimator picks a row's blocks better at a given coverage (it would need
+  the attention it is meant to skip); what it does not do is spend the density where the model
+  feels it — one ``c`` for every head — which is the search's other half. ``c`` is fitted so the
+  density on a calibration window is the target.
 
 It is cheap: the model is captured once and searched once (profile, candidate scores and site
 sensitivities measured once); each density of ``ours`` is then one allocation of those
@@ -28,8 +29,8 @@ Each row (method, target, realised density, ppl ratio, model-level relative L2 a
 logits against dense on the evaluation windows, and for ``ours`` the error the search promised)
 is printed and written as it is measured (``RowLog``); at the end a table and a PNG (ppl ratio
 against density, one line per method; ``sparsify-cli report --quality-png X.png --rows Y.json``
-draws the same from the JSON). Target: ours <= each anchor at every density (the bound is
-reported beside them, never counted as an anchor). The texts are
+draws the same from the JSON). Target: ours <= each anchor at every density (the exact-coverage
+reference is reported beside them, never counted as an anchor). The texts are
 those of ``examples/smollm2_perplexity.py`` (calibrate on ``python-docs``, evaluate on
 ``licenses`` and ``vim-manual``, or on ``python-docs-held-out`` where those are missing).
 
@@ -68,8 +69,8 @@ from sparsify.search.output_budget import sparse_replacement  # noqa: E402
 from sparsify.strategy import Strategy  # noqa: E402
 
 METHODS = ("ours", "streaming_llm", "minference", "oracle_top_k", "exact_coverage")
-#: Methods that bound what block selection can do rather than compete with the search (not counted as anchors).
-BOUNDS = ("exact_coverage",)
+#: References that cannot run fast (exact attention to choose blocks): reported, never counted as anchors.
+REFERENCES = ("exact_coverage",)
 
 
 class ExactCoverage:
@@ -77,7 +78,8 @@ class ExactCoverage:
 
     A site observer (`StrategyRunner.run`'s ``attention``) that replaces every causal
     self-attention by attention over those blocks, computing the full attention matrix to choose
-    them: an unattainable bound for estimated block selection, not a method. A block's mass is the
+    them: what exact knowledge of each row's attention gives at one coverage for every head, not a
+    method (it costs more than dense attention). A block's mass is the
     mean over its rows of their attention to it; a query block keeps its blocks in decreasing mass
     until the kept mass before the last one reaches ``coverage``. Counts kept and causal blocks
     (`density`). `record` keeps the dense choices of a window so `coverage_for` fits ``coverage`` to a
@@ -109,9 +111,9 @@ class ExactCoverage:
                 is_causal: bool, scale: float | None, softcap: Any, sinks: Any) -> torch.Tensor:
         """float32 ``[B, H, S, S]`` attention logits, causal and user masks applied (``-inf`` where hidden)."""
         if softcap is not None or sinks is not None:
-            raise NotImplementedError(f"site {site.name!r}: the exact-coverage bound takes no softcap or sinks")
+            raise NotImplementedError(f"site {site.name!r}: the exact-coverage reference takes no softcap or sinks")
         if q.shape[-2] != k.shape[-2]:
-            raise NotImplementedError(f"site {site.name!r}: the exact-coverage bound takes self-attention only "
+            raise NotImplementedError(f"site {site.name!r}: the exact-coverage reference takes self-attention only "
                                       f"(query {q.shape[-2]} rows, keys {k.shape[-2]})")
         k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
         scores = (q.float() @ k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
@@ -373,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not exact.recorded:  # one dense run of a calibration window: its sorted block masses fit every coverage
             runner.run(None, calibration[:1], lambda index, logits: None, attention=exact.record)
         exact.coverage = exact.coverage_for(target)
-        return exact, {"coverage": round(exact.coverage, 5), "bound": True}
+        return exact, {"coverage": round(exact.coverage, 5), "reference": True}
 
     builders: dict[str, Callable[[float], tuple[Strategy | ExactCoverage, dict]]] = dict(
         ours=ours, streaming_llm=streaming_llm, minference=minference, oracle_top_k=oracle_top_k,
@@ -401,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows = {row["method"]: row["ppl_ratio"] for row in log.rows if row["target_density"] == target}
         if "ours" in rows:
             beaten = [method for method, value in rows.items()
-                      if method != "ours" and method not in BOUNDS and value < rows["ours"]]
+                      if method != "ours" and method not in REFERENCES and value < rows["ours"]]
             wins.append(not beaten)
             losing += [f"{target}: {method}" for method in beaten]
     ratios = [row["relative_l2"] / row["promised_relative_l2"] for row in log.rows
