@@ -115,6 +115,9 @@ class ExactCoverage:
         if q.shape[-2] != k.shape[-2]:
             raise NotImplementedError(f"site {site.name!r}: the exact-coverage reference takes self-attention only "
                                       f"(query {q.shape[-2]} rows, keys {k.shape[-2]})")
+        if not is_causal and attn_mask is None:
+            raise NotImplementedError(f"site {site.name!r}: the exact-coverage reference keeps the lower triangle of "
+                                      f"blocks (causal attention); this site attends both ways")
         k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
         scores = (q.float() @ k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
         length = q.shape[-2]
@@ -135,6 +138,12 @@ class ExactCoverage:
         summed = padded.view(batch, heads, blocks, self.block_size, blocks, self.block_size).sum((3, 5))
         rows = (length - torch.arange(blocks, device=summed.device) * self.block_size).clamp(max=self.block_size)
         return summed / rows.view(blocks, 1)
+
+    @staticmethod
+    def _causal_blocks(kept: torch.Tensor) -> int:
+        """The blocks of the lower triangles of ``kept`` ``[B, H, Qb, Kb]`` (what dense causal attention computes)."""
+        blocks = kept.shape[-1]
+        return kept.shape[0] * kept.shape[1] * blocks * (blocks + 1) // 2
 
     def _kept(self, before: torch.Tensor, order: torch.Tensor, coverage: float) -> torch.Tensor:
         """bool ``[B, H, Qb, Kb]``: the causal blocks kept at ``coverage`` from the sorted masses' exclusive cumsum."""
@@ -163,9 +172,8 @@ class ExactCoverage:
         def density(coverage: float) -> float:
             kept = total = 0
             for before, order in self.recorded:
-                blocks = before.shape[-1]
                 kept += int(self._kept(before, order, coverage).sum())
-                total += before.shape[0] * before.shape[1] * blocks * (blocks + 1) // 2
+                total += self._causal_blocks(before)
             return kept / total
 
         low, high = 0.0, 1.0
@@ -178,9 +186,9 @@ class ExactCoverage:
         scores = self._scores(site, q, k, attn_mask, is_causal, scale, softcap, sinks)
         before, order = self._choices(scores)
         kept = self._kept(before, order, self.coverage)
-        blocks, length = kept.shape[-1], q.shape[-2]
+        length = q.shape[-2]
         self.kept += int(kept.sum())
-        self.total += kept.shape[0] * kept.shape[1] * blocks * (blocks + 1) // 2
+        self.total += self._causal_blocks(kept)
         visible = kept.repeat_interleave(self.block_size, 2).repeat_interleave(self.block_size, 3)[..., :length, :length]
         weights = scores.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)

@@ -308,19 +308,18 @@ class QueryAwareDecoder(torch.nn.Module):
             raise RuntimeError("query-aware decode needs the prefill's key summaries: run the prompt through the "
                                "attached model with use_cache=True before decoding")
         pages = -(-k_len // page)
-        if self.uses_triton(query, key, value):
+        use_triton = self.uses_triton(query, key, value)
+        if end is None and (not use_triton or self.read_log is not None):
+            end = torch.full((), k_len, dtype=torch.long, device=key.device)    # the torch step and the log read it
+        if use_triton:
             self.summaries.reserve(key, pages)
             output, chosen = torch.ops.sparsify.query_aware_decode_step(
                 query, key, value, self.summaries.minimum, self.summaries.maximum, end, attention_mask,
                 dim ** -0.5 if scale is None else scale, page, self.pattern.sink_pages, self.pattern.window_pages,
                 self.pattern.selected_pages(pages))
         else:
-            if end is None:
-                end = torch.full((), k_len, dtype=torch.long, device=key.device)
             output, chosen = self._torch_step(query, key, value, attention_mask, scale, end)
         if self.read_log is not None:
-            if end is None:
-                end = torch.full((), k_len, dtype=torch.long, device=key.device)
             slots_read = (end - chosen * page).clamp(min=0, max=page).sum(-1)
             self.read_log.append(slots_read.float().mean() / end.clamp(min=1))
         return output

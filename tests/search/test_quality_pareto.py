@@ -95,6 +95,8 @@ def test_exact_coverage_attends_over_the_fewest_blocks_whose_exact_mass_reaches_
     assert oracle.kept == kept and oracle.total == 4 * 8 * 9 // 2
     assert 0.3 < oracle.density() < 1.0                                   # it did drop blocks
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="attends both ways"):
+        oracle(_Site(), q, k, v, None, False, None)                       # a bidirectional site has no lower triangle
 
 
 def test_exact_coverage_fits_its_coverage_to_a_density_and_keeps_everything_at_full_coverage():
