@@ -21,7 +21,9 @@
 # summary printed to stdout: card, pass/fail counts, key rows). Limits can be changed: LIMIT_TESTS=300 bash ... 1;
 # SKIP_INSTALL=1 skips `pip install -e .` (already installed); TESTS="tests/a.py tests/b.py" runs only those
 # GPU tests in parts 1 and 2 (a re-check of what changed; the whole suite is the default); XDIST=4 runs the suite in
-# 4 pytest-xdist processes sharing the GPU (the GPU image has pytest-xdist; kernel compilation dominates the suite).
+# 4 pytest-xdist processes sharing the GPU (the GPU image has pytest-xdist; kernel compilation dominates the suite;
+# the workers shuffle with the controller's seed — tests/conftest.py — else xdist refuses their differing orders;
+# not yet run on the GPU: the first try, before that fix, stopped at collection).
 set -uo pipefail
 PART=${1:-1}
 OUT=${OUT:-benchmarks/results/gpu}
@@ -78,7 +80,8 @@ card() {
   python3 -c "import sparsify.backends as b; [print(r) for r in b.describe_backends('cuda')]" 2>&1 | tee -a "$SUMMARY"
 }
 gpu_suite() {  # gpu_suite NAME SECONDS: the whole GPU-marked suite, counts to the summary
-  TAIL=15 step "$1" "$2" python3 -m pytest -q -p no:cacheprovider -m gpu --tb=line -rf ${XDIST:+-n "$XDIST"} \
+  # pytest-benchmark (in the GPU image) warns that xdist disables it, which the suite's -W error makes fatal.
+  TAIL=15 step "$1" "$2" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -m gpu --tb=line -rf ${XDIST:+-n "$XDIST"} \
     --junitxml="$WORK/json/$1.xml" ${TESTS:-tests}
   counts "$1"
 }

@@ -53,9 +53,18 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     seed = config.getoption("--random-order-seed")
-    if seed is None:
+    worker_input = getattr(config, "workerinput", None)   # a pytest-xdist worker: the controller's seed
+    if worker_input is not None and "random_order_seed" in worker_input:
+        seed = worker_input["random_order_seed"]
+    elif seed is None:
         seed = int(os.environ.get("SPARSIFY_TEST_ORDER_SEED", random.SystemRandom().randrange(1, 2**31)))
     config.random_order_seed = seed
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    # pytest-xdist: every worker must collect the same order, so each one shuffles with the controller's seed.
+    node.workerinput["random_order_seed"] = node.config.random_order_seed
 
 
 def pytest_report_header(config):

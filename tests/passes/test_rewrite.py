@@ -142,7 +142,7 @@ def test_a_weightless_model_compiled_with_cuda_inputs_runs_on_cuda():
     sites = sparsify.find_attention(WeightlessAttention(), (q, k, v))
     strategy = Strategy.uniform(sites, patterns.sliding_window(128) | patterns.attention_sinks(64), block_size=64)
     sparse = sparsify.compile(WeightlessAttention(), strategy=strategy, example_inputs=(q, k, v), backend="torch")
-    keep = element_keep_mask(strategy.sites[sites[0].name].heads[0], 512, 512, 64, causal=True)
+    keep = element_keep_mask(strategy.sites[sites[0].name].heads[0], 512, 512, 64, causal=True).to(q.device)
     reference = masked_attention_reference(q, k, v, keep)
     assert max_relative_error(sparse(q, k, v), reference) < 1e-4
 
