@@ -9,7 +9,8 @@ with no host read and no copy of the cache:
    ``Σ_d max(q_d · min_d, q_d · max_d)`` (largest over the group's query heads and the step's
    rows), reading the summaries only; pages past the cache's end score ``-inf``, the sink and
    window pages ``+inf`` (so they are always chosen). One launch covers every head of every batch entry;
-2. ``torch.topk`` of those scores: the selected pages (one launch);
+2. `top_pages` — per key/value head the pages of the largest scores by a radix select in one
+   program's registers (``torch.topk`` took two to three times as long in the H100's decode graph);
 3. `selected_pages_attention` — split-K flash decode: each program walks a share of one key/value
    head's selected pages, loading every key/value tile straight from the cache by page index
    (no gather copy) once for all the group's query heads and rows (they are the rows of one tile);
@@ -29,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_SORTED_PAGES", "combine_splits", "decode_step", "page_scores", "selected_pages_attention",
+__all__ = ["MAX_PAGES_IN_REGISTERS", "combine_splits", "decode_step", "page_scores", "selected_pages_attention",
            "split_count", "top_pages", "update_summaries"]
 
 LOG2E = 1.4426950408889634
@@ -281,46 +282,60 @@ def _combine_splits_kernel(ACC, MAX_SCORE, SUM, O,
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=offs_dv < HEAD_DV)
 
 
-#: Most pages `top_pages` sorts in one program's registers (128K tokens at pages of 32); beyond, torch's top-k.
-MAX_SORTED_PAGES = 4096
+#: Most pages `top_pages` selects in one program's registers (128K tokens at pages of 16); beyond, torch's top-k.
+MAX_PAGES_IN_REGISTERS = 8192
 
 
 @triton.jit
 def _top_pages_kernel(SCORES, CHOSEN, pages, selected, PAD: tl.constexpr):
-    """Program (b·Hkv + h): the indices of the ``selected`` largest scores of one head (ties: lower page first)."""
+    """Program (b·Hkv + h): the pages of the ``selected`` largest scores of one head, in page order (ties: lower page).
+
+    A radix select in registers: the scores become unsigned 32-bit keys in float order, 32 rounds
+    of one count each find the ``selected``-th largest key bit by bit from the top, then every page
+    above it and the lowest pages equal to it are stored at their rank among the chosen (a prefix sum).
+    """
     pid_bh = tl.program_id(0)
     index = tl.arange(0, PAD)
-    scores = tl.load(SCORES + pid_bh.to(tl.int64) * pages + index, mask=index < pages, other=float("-inf"))
+    valid = index < pages
+    scores = tl.load(SCORES + pid_bh.to(tl.int64) * pages + index, mask=valid, other=float("-inf"))
     scores = tl.where(scores == 0.0, 0.0, scores)                      # -0.0 ties with +0.0, as in torch
     bits = scores.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)                       # float order as signed integer order
-    key = (ordered.to(tl.int64) << 32) + (PAD - 1 - index)
-    key = tl.where(index < pages, key, -9223372036854775807 - 1)
-    top = tl.sort(key, descending=True)
-    page = (PAD - 1) - (top & 0xFFFFFFFF)
-    tl.store(CHOSEN + pid_bh.to(tl.int64) * selected + index, page, mask=index < selected)
+    keys = tl.where(valid, ordered.to(tl.int64) + 2147483648, -1)      # [0, 2^32) in float order; padding lowest
+    threshold = tl.zeros([], dtype=tl.int64)                           # the selected-th largest key, bit by bit
+    for round_ in tl.static_range(32):
+        candidate = threshold | (tl.full([], 1, tl.int64) << (31 - round_))
+        above = tl.sum((keys >= candidate).to(tl.int32), axis=0)
+        threshold = tl.where(above >= selected, candidate, threshold)
+    greater = keys > threshold
+    equal = keys == threshold
+    ties_taken = selected - tl.sum(greater.to(tl.int32), axis=0)
+    take = greater | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= ties_taken))
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(CHOSEN + pid_bh.to(tl.int64) * selected + slot, index.to(tl.int64), mask=take)
 
 
 def top_pages(scores: torch.Tensor, selected: int) -> torch.Tensor:
     """int64 ``[B, Hkv, selected]``: per head the pages of the ``selected`` largest ``scores`` ``[B, Hkv, pages]``.
 
-    The same set as ``scores.topk(selected).indices`` (ties: the lower page), in decreasing score
-    order: one launch of one program per (batch, head) that sorts the head's scores in registers,
-    up to `MAX_SORTED_PAGES` pages; more go to ``torch.topk``.
+    The same set as ``scores.topk(selected).indices`` (ties: the lower page), in page order: one
+    launch of one program per (batch, head) that radix-selects in registers, up to
+    `MAX_PAGES_IN_REGISTERS` pages; more go to ``torch.topk`` (whose order is unspecified). The
+    decode step's page selection.
 
     Example:
         >>> top_pages(torch.tensor([[[0.5, 2.0, -1.0, 3.0]]], device="cuda"), 2).tolist()   # doctest: +SKIP
-        [[[3, 1]]]
+        [[[1, 3]]]
     """
     batch, kv_heads, pages = scores.shape
     if not 0 < selected <= pages:
         raise ValueError(f"top_pages: selected must lie in [1, {pages}] (the pages scored), got {selected}")
-    if pages > MAX_SORTED_PAGES:
+    if pages > MAX_PAGES_IN_REGISTERS:
         return scores.topk(selected, dim=-1, sorted=False).indices
     chosen = torch.empty(batch, kv_heads, selected, dtype=torch.int64, device=scores.device)
     pad = max(16, triton.next_power_of_2(pages))
     _top_pages_kernel[(batch * kv_heads,)](scores.contiguous(), chosen, pages, selected, PAD=pad,
-                                           num_warps=4 if pad <= 1024 else 8)
+                                           num_warps=4 if pad <= 2048 else 8)
     return chosen
 
 
@@ -504,5 +519,5 @@ def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, min
     pages = triton.cdiv(k_len, page_size)
     scores = page_scores(query, minimum, maximum, end, pages, page_size, sink_pages, window_pages, key=key,
                          new_tokens=rows)                             # the summary update happens in this launch
-    chosen = scores.topk(selected, dim=-1, sorted=False).indices
+    chosen = top_pages(scores, selected)
     return selected_pages_attention(query, key, value, chosen, end, attention_mask, scale, page_size), chosen

@@ -18,11 +18,12 @@ fraction of the cache's pages one step reads (sink, window and budget pages); ``
 the model (every layer, MLPs included) with a cache filled with random keys, dense vs attached with
 ``decode=query_aware_decode(...)``. ``--compile`` times the quest step under ``torch.compile`` too.
 ``--breakdown`` (CUDA) also times each launch of the Triton step alone as a CUDA graph (L2 flushed):
-``scores_graph_us`` (summary update + page bounds), ``topk_graph_us``, ``attention_graph_us``
+``scores_graph_us`` (summary update + page bounds), ``top_pages_graph_us`` (the step's page selection,
+`triton_decode.top_pages`: a radix select in registers per head), ``attention_graph_us``
 (split-K pass + combine) and ``combine_graph_us`` — where a batch-1 step's time goes; the pieces'
-sum against ``quest_graph_us`` is what running them in one graph saves or costs. ``top_pages_graph_us``
-times the candidate replacement of torch's top-k, `triton_decode.top_pages` (one in-register sort
-per head; the step adopts it where it wins); ``attention_<n>_per_sm_graph_us`` the attention with
+sum against ``quest_graph_us`` is what running them in one graph saves or costs. ``topk_graph_us``
+times what the selection replaced, ``torch.topk`` (the step went back to it if it won);
+``attention_<n>_per_sm_graph_us`` the attention with
 ``n`` split-K programs per multiprocessor instead of `triton_decode.PROGRAMS_PER_MULTIPROCESSOR`
 (fewer, longer programs and a shorter combine).
 
@@ -238,7 +239,7 @@ def step_breakdown(timer: StepTimer, decoder: QueryAwareDecoder, query, keys, va
                                          pattern.sink_pages, pattern.window_pages, key=keys, new_tokens=rows)
 
     bounds = scores()
-    chosen = bounds.topk(selected, dim=-1, sorted=False).indices
+    chosen = triton_decode.top_pages(bounds, selected)
     batch, heads = query.shape[:2]
     kv_heads = keys.shape[1]
     group = heads // kv_heads
@@ -257,9 +258,8 @@ def step_breakdown(timer: StepTimer, decoder: QueryAwareDecoder, query, keys, va
         "splits": splits,
         **per_multiprocessor,
         "scores_graph_us": timer.graph_us(scores),
+        "top_pages_graph_us": timer.graph_us(lambda: triton_decode.top_pages(bounds, selected)),
         "topk_graph_us": timer.graph_us(lambda: bounds.topk(selected, dim=-1, sorted=False)),
-        "top_pages_graph_us": (timer.graph_us(lambda: triton_decode.top_pages(bounds, selected))
-                               if pages <= triton_decode.MAX_SORTED_PAGES else None),
         "attention_graph_us": timer.graph_us(lambda: triton_decode.selected_pages_attention(
             query, keys, values, chosen, None, None, scale, page)),
         "combine_graph_us": timer.graph_us(lambda: triton_decode.combine_splits(

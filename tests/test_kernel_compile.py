@@ -40,7 +40,7 @@ KERNELS = [
     ("sparsify.backends.triton_decode", "_page_scores_kernel",
      dict(Q=BF16, MIN=BF16, MAX=BF16, END=I64, SCORES=F32, K=BF16),
      dict(HEAD_D=64, BLOCK_D=64, BLOCK_R=16, BLOCK_P=64, TOUCHED=1, CHUNK=16, HAS_END=False)),
-    ("sparsify.backends.triton_decode", "_top_pages_kernel", dict(SCORES=F32, CHOSEN=I64), dict(PAD=4096)),
+    ("sparsify.backends.triton_decode", "_top_pages_kernel", dict(SCORES=F32, CHOSEN=I64), dict(PAD=8192)),
     ("sparsify.block_list_kernels", "_compress_kernel",
      dict(BLOCKS=I64, FULL_COUNTS=I32, FULL_INDICES=I32, COUNTS=I32, INDICES=I32),
      dict(CAUSAL=True, BLOCK_SIZE=128, SLOTS_PAD=128, FULL_PAD=128, PARTIAL_PAD=16)),
