@@ -17,6 +17,9 @@ of the sparse attention time at >= 32K"), for the patterns of `llm_prefill_bench
 ``estimate_share`` (estimate / attend) and the estimator's main step alone with the fused Triton
 kernel and with the torch path: the vertical-slash probe (``probe_triton_ms``, ``probe_torch_ms``),
 pooled scoring and coverage (``coverage_triton_ms``, ``coverage_torch_ms``).
+``host_ms`` is the host time to issue one attend from an idle GPU (``host_bound``: at least 0.9 of
+``attention_ms``, the GPU waits on Python and launches); ``--trace`` adds a `torch.profiler` view of one
+attend (``launches``, ``host_ops``, the heaviest ``kernels``).
 ``--shape llama-1b`` is Llama-3.2-1B's attention (32 query / 8 key-value heads of 64, block 128).
 
     python benchmarks/adaptive_bench.py                         # CUDA: 16K and 32K
@@ -41,7 +44,7 @@ from sparsify import patterns
 from sparsify.cost import CostModel
 from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
-from timing import device_description, median_ms
+from timing import device_description, host_issue_ms, kernel_table, median_ms
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "adaptive_bench.json"
 
@@ -81,6 +84,9 @@ def main(argv=None) -> None:
     parser.add_argument("--split", action="store_true",
                         help="time estimation, kernel and glue of each adaptive pattern apart (issue 19)")
     parser.add_argument("--density", type=float, default=0.08, help="--split: target share of the causal blocks")
+    parser.add_argument("--trace", action="store_true",
+                        help="--split: also profile one attend (torch.profiler): its kernel launches, aten operators "
+                             "and heaviest kernels, in the row")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default=None, help="default: cuda when available (cpu with --smoke)")
@@ -172,7 +178,10 @@ def run_split(args, device: torch.device, dtype: torch.dtype, log: RowLog) -> No
             layer = SparseAttention(site, [pattern] * args.heads, block_size=args.block, backend=args.backend).to(device)
             source = layer.adaptive_source
             with torch.no_grad():
-                attention_ms = timed(lambda: layer.attend(q, k, v, None, scale, is_causal=True), device, args.repeats)
+                attend = lambda: layer.attend(q, k, v, None, scale, is_causal=True)  # noqa: E731
+                attention_ms = timed(attend, device, args.repeats)
+                host_ms = host_issue_ms(attend, device, args.repeats)
+                trace = kernel_table(attend, device) if args.trace else {}
                 estimate_ms = timed(lambda: source.mask(q, k, scale=scale), device, args.repeats)
                 mask = source.mask(q, k, scale=scale)
                 backend = layer.backend_for(dtype, device)
@@ -201,11 +210,12 @@ def run_split(args, device: torch.device, dtype: torch.dtype, log: RowLog) -> No
             density = float(mask.kept_counts().sum()) / (mask.num_heads * blocks * (blocks + 1) / 2)
             log.add(seq=length, pattern=name, backend=backend.name, attention_ms=round(attention_ms, 4),
                     estimate_ms=round(estimate_ms, 4), kernel_ms=round(kernel_ms, 4), prepare_ms=round(prepare_ms, 4),
-                    glue_ms=round(attention_ms - kernel_ms - estimate_ms, 4),
+                    glue_ms=round(attention_ms - kernel_ms - estimate_ms, 4), host_ms=round(host_ms, 4),
+                    host_bound=host_ms >= 0.9 * attention_ms,
                     estimate_share=round(estimate_ms / attention_ms, 4), **parts,
                     widths=f"{mask.full_width}/{mask.partial_width}", causal_density=round(density, 4),
                     dense_ms=round(dense_ms, 4), attention_speedup=round(dense_ms / attention_ms, 3),
-                    attention_of_ideal=round(density * dense_ms / attention_ms, 3))
+                    attention_of_ideal=round(density * dense_ms / attention_ms, 3), **trace)
             del layer, source, mask, plan
             if device.type == "cuda":
                 torch.cuda.empty_cache()

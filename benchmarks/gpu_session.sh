@@ -114,7 +114,7 @@ case "$PART" in
   card
   step kernel_host "${LIMIT_KERNEL:-150}" python3 benchmarks/kernel_bench.py --host-time-only --backends fa4 triton \
     --json "$WORK/json/kernel_host.json"
-  show "$WORK/json/kernel_host.json" call host_us gpu_us wall_us host_bound
+  show "$WORK/json/kernel_host.json" call host_us gpu_us device_us wall_us host_bound
   # Wan 1.3B config at 32760 tokens: eager, then torch.compile (two compilations of the 30-layer model); the
   # self-attention-skipped column is left out (a third compilation), the graph-break count runs last.
   [ "${WAN:-1}" = 0 ] && { say "== wan: skipped (WAN=0)"; pack; say "part $PART done in $SECONDS s"; exit 0; }
@@ -132,9 +132,9 @@ case "$PART" in
   STEPS=${STEPS:-split prefill decode pages}
   has() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
   has split && step adaptive_split "${LIMIT_SPLIT:-150}" python3 benchmarks/adaptive_bench.py --split --shape llama-1b \
-    --seq 32768 131072 --out "$WORK/json/adaptive_split_cuda.json"
-  has split && show "$WORK/json/adaptive_split_cuda.json" seq pattern backend attention_ms estimate_ms kernel_ms \
-    glue_ms estimate_share causal_density
+    --seq 32768 131072 --trace --out "$WORK/json/adaptive_split_cuda.json"
+  has split && show "$WORK/json/adaptive_split_cuda.json" seq pattern backend attention_ms host_ms estimate_ms kernel_ms \
+    glue_ms estimate_share causal_density launches kernels
   for bench in llm_prefill llm_decode; do
     has "${bench#llm_}" || continue
     script=benchmarks/${bench}_bench.py

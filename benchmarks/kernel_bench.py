@@ -16,7 +16,9 @@ back-to-back calls (no synchronisation between them; the clock stops when the la
 before the final synchronise), divided by the number of calls, best of three, after warm-up. At
 1K tokens a call's kernels are shorter than its host work, so the GPU never throttles the loop and
 this is the host's cost per call. Each row also gives the GPU time per call over the same loop
-(CUDA events: kernels plus the idle gaps the host leaves) and ``host_bound`` (host >= GPU time).
+(``gpu_us``, CUDA events: kernels plus the idle gaps the host leaves — equal to the host time when the
+host is the bottleneck), the device time alone (``device_us``: calls queued behind a sleeping kernel,
+then run back to back) and ``host_bound`` (host time >= device time: the GPU waits on the host).
 
 Every row is printed and written to the JSON file (``{"meta", "rows", "complete"}``) as soon as it
 is measured; rows carry ``table``: ``grid``, ``host`` or ``tune``.
@@ -231,8 +233,29 @@ def issue_time_us(function, device: torch.device, calls: int, warmup: int = 20, 
             gpu_us = start_event.elapsed_time(end_event) / calls * 1e3 if cuda else None
     result = {"host_us": round(best_host, 2), "wall_us": round(best_wall, 2)}
     if gpu_us is not None:
-        result.update(gpu_us=round(gpu_us, 2), host_bound=best_host >= gpu_us)
+        device_us = queued_device_us(function, device, calls=min(calls, 40), host_us=best_host)
+        result.update(gpu_us=round(gpu_us, 2), device_us=round(device_us, 2), host_bound=best_host >= device_us)
     return result
+
+
+def queued_device_us(function, device: torch.device, calls: int, host_us: float) -> float:
+    """GPU microseconds per call with no host gaps: the calls are queued behind a sleeping kernel first.
+
+    In the issue loop the GPU time per call equals the host's whenever the host is the bottleneck
+    (the GPU waits in between), so it cannot tell host-bound from device-bound. Here the device
+    sleeps while the host queues ``calls`` calls (few enough not to fill the launch queue), then
+    runs them back to back: the events time the kernels alone.
+    """
+    torch.cuda.synchronize(device)
+    sleep_cycles = int(2.0e9 * max(0.05, 3 * calls * host_us / 1e6))   # ~3x the issue time at <= 2 GHz
+    start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(sleep_cycles)
+    start_event.record()
+    for _ in range(calls):
+        function()
+    end_event.record()
+    torch.cuda.synchronize(device)
+    return start_event.elapsed_time(end_event) / calls * 1e3
 
 
 def host_time(args, log: RowLog) -> list[dict]:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["device_description", "error_text", "median_ms", "relative_error"]
+__all__ = ["device_description", "error_text", "host_issue_ms", "kernel_table", "median_ms", "relative_error"]
 
 
 def median_ms(function: Callable[[], Any], device: torch.device | str, repeats: int, warmup: int = 3) -> float:
@@ -46,6 +46,71 @@ def median_ms(function: Callable[[], Any], device: torch.device | str, repeats: 
             function()
             times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times)
+
+
+def host_issue_ms(function: Callable[[], Any], device: torch.device | str, repeats: int, warmup: int = 3) -> float:
+    """Median host milliseconds to *issue* one call of ``function`` (from an idle device; no wait for its kernels).
+
+    Beside `median_ms` it tells whether a call is bound by its host side: a call whose issue time
+    is close to its device time leaves the GPU waiting on Python and launches.
+
+    Example:
+        >>> host_issue_ms(lambda: sum(range(1000)), "cpu", repeats=3, warmup=1) > 0
+        True
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    device = torch.device(device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda _device: None)
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        begin = time.perf_counter()
+        function()
+        times.append((time.perf_counter() - begin) * 1e3)
+    synchronize(device)
+    return statistics.median(times)
+
+
+def kernel_table(function: Callable[[], Any], device: torch.device | str, top: int = 10) -> dict:
+    """Where one call's time goes, by `torch.profiler`: its device kernels (count, heaviest) and its host operators.
+
+    Returns ``{"launches", "host_ops", "kernels"}``: the call's number of device kernels (0 on CPU), of
+    aten operators, and its ``top`` heaviest kernels as ``[name, calls, microseconds]`` (on CPU: the
+    heaviest operators by self time).
+
+    Example:
+        >>> kernel_table(lambda: torch.ones(3) + 1, "cpu")["host_ops"] >= 1
+        True
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    function()                                       # compiled, cached, warm
+    if cuda:
+        torch.cuda.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        function()
+        if cuda:
+            torch.cuda.synchronize(device)
+    averages = profiler.key_averages()
+
+    def self_us(event, on_device: bool) -> float:
+        names = ("self_device_time_total", "self_cuda_time_total") if on_device else ("self_cpu_time_total",)
+        return next((float(getattr(event, name)) for name in names if hasattr(event, name)), 0.0)
+
+    on_device = [event for event in averages
+                 if cuda and getattr(event, "device_type", None) == DeviceType.CUDA and self_us(event, True) > 0]
+    host_ops = sum(event.count for event in averages if event.key.startswith("aten::"))
+    ranked = on_device if cuda else [event for event in averages if event.key.startswith("aten::")]
+    ranked = sorted(ranked, key=lambda event: self_us(event, cuda), reverse=True)
+    return {"launches": sum(event.count for event in on_device), "host_ops": host_ops,
+            "kernels": [[event.key[:80], event.count, round(self_us(event, cuda), 1)] for event in ranked[:top]]}
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:

@@ -1,9 +1,11 @@
 """The block-sparse kernel as a ``torch.library`` custom op, and the handles by which the op reaches the site that owns its plans.
 
 `SparseAttention.attend` (``sparsify.runtime.sparse_attention``) has one attend path for eager
-and compiled calls; every group of heads that runs on a backend goes through one call of
+and compiled calls; every group of heads that runs on a backend is one call of
 ``torch.ops.sparsify.block_sparse_attention``. A fake kernel gives the op's shape, so dynamo and
-Inductor treat it as one opaque call, and in eager mode the dispatcher runs its implementation.
+Inductor treat it as one opaque call. In eager mode with nothing for autograd to record, the site
+calls the op's implementation (`SparseAttention.run_kernel`) itself, sparing the dispatcher's
+custom-op machinery (host time on every call).
 
 Plans are prepared once per (mask, call shape), not per call: the op takes a *site handle*, a
 small int naming the `SparseAttention` that made the call (`SiteHandles`), and the slot of its

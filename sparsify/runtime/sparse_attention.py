@@ -493,6 +493,10 @@ class SparseAttention(torch.nn.Module):
         if heads is not None and not self.one_group:  # (one group: every head, in order)
             q = q.index_select(1, heads)
             sinks = sinks.index_select(0, heads) if sinks is not None else None
+        if not torch.compiler.is_compiling() and _plain_inference(q, k, v, sinks):
+            # Eager and without autograd, the op's implementation directly: the dispatcher's custom-op
+            # machinery costs more host time per call than everything else a site does around its kernel.
+            return self.run_kernel(mask_slot, mask, backend, q, k, v, head_mask, scale, softcap, sinks)
         if mask_slot and torch.compiler.is_compiling():   # the plan, prepared while tracing (`ensure_plan`); its
             sizes = (guard_scalar(size) for t in (q, k, v) for size in t.shape)  # shapes specialise, as the lengths do
             self._trace_time_calls.ensure_plan(mask_slot, backend, q.dtype, mask.q_offset, str(q.device), *sizes)
@@ -671,6 +675,15 @@ def estimate_adaptive_mask(layer: SparseAttention, q: torch.Tensor, k: torch.Ten
     if layer.adaptive_density_log is not None:
         layer.adaptive_density_log.append(mask.kept_counts().float().mean((0, 2)) / mask.k_blocks)
     return mask
+
+
+def _plain_inference(*tensors: torch.Tensor | None) -> bool:
+    """Whether a kernel call may skip the custom op: plain tensors (no fake, functional or other subclass, no
+    proxy) and nothing for autograd to record."""
+    grad = torch.is_grad_enabled()
+    return all(tensor is None or (type(tensor) in (torch.Tensor, torch.nn.Parameter)
+                                  and not (grad and tensor.requires_grad))
+               for tensor in tensors)
 
 
 def _mask_key(slot: str, q_len: int, k_len: int, q_offset: int, device: str) -> tuple:
