@@ -162,6 +162,32 @@ def test_a_backend_without_gradients_trains_by_recomputing_with_the_torch_backen
         assert rel_err(ours, expected) < 3e-3
 
 
+class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
+    """The operators dispatched while active (names), to see whether the kernel op was called."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("needs_gradients", [False, True])
+def test_eager_calls_skip_the_kernel_op_only_when_autograd_records_nothing(needs_gradients):
+    layer = _layer(causal=True, backend="torch")
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, heads, 64, 16, generator=gen, dtype=torch.float64) for heads in (4, 2, 2))
+    q.requires_grad_(needs_gradients)
+    with _OpsSeen() as seen:
+        output = layer(q, k, v, None, True, None)
+    assert ("sparsify.block_sparse_attention" in seen.names) == needs_gradients
+    sparse = layer.runtime_mask(64, 64, "cpu")
+    expected = mask_reference(q.detach().index_select(1, layer.sparse_heads), k, v, sparse)
+    assert rel_err(output.detach().index_select(1, layer.sparse_heads), expected) < 1e-12
+
+
 def test_unavailable_backend_names_what_is_missing():
     layer = _layer(backend="flex")
     q = torch.randn(1, 4, 64, 16)
