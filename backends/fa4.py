@@ -183,10 +183,22 @@ class FA4Plan(BackendPlan):
     sparse_args: tuple | None = None
     base_spec: _KernelSpec | None = None  # the lean path's kernel; None: FA4's own entry
     calls: dict[tuple, Any] = dataclasses.field(default_factory=dict)  # (softcap, sink dtype) -> callable
-    # Zero-count block lists with the mask's stride-0 pattern, for the warm-up launch of a new kernel.
-    warmup_sparse: tuple | None = None
     entry_block_sparse: Any = None      # what FA4's `_flash_attn_fwd` takes (the entry path)
     empty: bool = False
+
+
+def _warmup_block_lists(plan: FA4Plan) -> tuple | None:
+    """Zero-count block lists with ``plan``'s stride-0 pattern, for the warm-up launch of a new kernel (made only
+    then: a per-call plan of an estimated mask would otherwise allocate four tensors on every call).
+
+    CHECK(gpu): a kernel compiled with these (and tiny q/k/v) serves the real tensors (dynamic shapes).
+    """
+    if plan.sparse_args is None or plan.entry_block_sparse is None:
+        return None
+    lists = plan.entry_block_sparse
+    bases = (lists.mask_block_cnt, lists.mask_block_idx, lists.full_block_cnt, lists.full_block_idx)
+    return tuple(None if t is None else torch.zeros_like(base).expand(t.shape)
+                 for t, base in zip(plan.sparse_args[:4], bases)) + (None,) * 4
 
 
 @register_backend("fa4")
@@ -347,12 +359,6 @@ class FA4Backend(Backend):
             q_subtile_factor=normalized.q_subtile_factor, pack_gqa=False,
             sparse_broadcast_pattern=normalized.broadcast_pattern, softcap=None, sink_dtype=None,
         )
-        # Zero-count lists with the same stride-0 pattern: the warm-up launch then writes zeros only.
-        # CHECK(gpu): a kernel compiled with these (and tiny q/k/v) serves the real tensors (dynamic shapes).
-        plan.warmup_sparse = tuple(
-            None if t is None else torch.zeros_like(base).expand(t.shape)
-            for t, base in zip(sparse_args[:4], (partial_count, partial_index, full_count, full_index))
-        ) + (None,) * 4
         self._add_variant(plan, softcap, sinks_dtype)
         return plan
 
@@ -472,7 +478,7 @@ class FA4Backend(Backend):
         make = lambda h, d: torch.zeros(batch, h, length, d, dtype=spec.dtype, device=plan.device).transpose(1, 2)  # noqa: E731
         q, k, v, out = make(heads, head_dim), make(kv_heads, head_dim), make(kv_heads, spec.value_head_dim), make(heads, spec.value_head_dim)
         sinks = None if spec.sink_dtype is None else torch.zeros(heads, dtype=spec.sink_dtype, device=plan.device)
-        warmup_sparse = plan.warmup_sparse
+        warmup_sparse = _warmup_block_lists(plan)
         # One compile per kernel configuration, kept on this backend instance.
         kernel = fa4.FlashAttentionForwardSm90(
             fa4.torch2cute_dtype_map[spec.dtype], spec.head_dim, spec.value_head_dim, spec.group,
