@@ -9,7 +9,9 @@ Python documentation's topic pages; nothing else in this script looks at it):
   share of steps whose greedy token equals the dense one, ``ppl_ratio`` the perplexity of the dense
   continuation under the sparse steps over the dense perplexity, ``read`` the share of the cache
   each step read. ``free_run_prefix`` is how many tokens a free-running sparse generation keeps
-  equal to the dense one.
+  equal to the dense one. ``--page-choice exact`` ranks the pages by their exact attention mass
+  instead of the summaries' bound (`ExactMassDecoder`, a reference that reads every key): how much
+  of the loss is the page choice's.
 * ``chunked`` — the prompt's logits from one call and from a chunked prefill (``--chunk`` tokens
   per call through the cache), each with input-adaptive heads (estimated per chunk from what the
   chunk sees: estimated vertical-slash, whose probe rows are the chunk's last block, and pooled
@@ -39,7 +41,8 @@ import torch
 import sparsify
 from sparsify import patterns
 from sparsify.patterns import query_aware_decode
-from sparsify.integrations.transformers import attention_sites
+from sparsify.integrations.transformers import DECODER_ATTRIBUTE, attention_sites
+from sparsify.runtime.decode import QueryAwareDecoder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.normpath(os.path.join(HERE, os.pardir, "benchmarks", "results"))
@@ -102,11 +105,36 @@ def teacher_forced(model, prompt: torch.Tensor, reference: torch.Tensor) -> tupl
     return torch.cat(greedy), torch.cat(log_probabilities)
 
 
-def decode_check(model, prompt: torch.Tensor, new_tokens: int, pattern, dense_layers: int) -> dict[str, Any]:
+class ExactMassDecoder(QueryAwareDecoder):
+    """Query-aware decode that ranks pages by their exact attention mass: what no summary-based bound can beat.
+
+    Reads every key per step (a measurement of the page *choice*, not a fast path): per key/value
+    head, the largest over its query heads of the softmax mass each page holds.
+    """
+
+    def page_scores(self, grouped_query, key, end, scale):
+        rows, dim, k_len = grouped_query.shape[2], grouped_query.shape[3], key.shape[2]
+        page = self.pattern.page_size
+        pages = -(-k_len // page)
+        scores = (grouped_query.double() @ key.double().transpose(-1, -2)) * (dim ** -0.5 if scale is None else scale)
+        scores = scores.masked_fill(torch.arange(k_len, device=key.device) >= end, float("-inf"))
+        mass = torch.nn.functional.pad(scores.softmax(-1), (0, pages * page - k_len))
+        return mass.view(*mass.shape[:2], rows, pages, page).sum(-1).amax(2).float()
+
+
+def decode_check(model, prompt: torch.Tensor, new_tokens: int, pattern, dense_layers: int,
+                 page_choice: str = "bound") -> dict[str, Any]:
     sites = attention_sites(model, tokens=prompt.shape[1])
     # Quest's choice: the first layers (whose attention is rarely sparse) decode dense.
     decode = {site.name: pattern for site in sites[dense_layers:]}
     attached = sparsify.attach(model, sparsify.Strategy.dense(sites, block_size=128), decode=decode)
+    if page_choice == "exact":   # the same decoders, ranking pages by exact mass (torch step)
+        for module in attached.modules():
+            decoder = module._modules.get(DECODER_ATTRIBUTE)
+            if decoder is not None:
+                module.add_module(DECODER_ATTRIBUTE, ExactMassDecoder(
+                    decoder.pattern, num_heads=decoder.num_heads, num_kv_heads=decoder.num_kv_heads,
+                    block_size=decoder.block_size, kernels="torch"))
     decoders = [module.sparse_decoder for module in attached.modules() if hasattr(module, "sparse_decoder")]
     with torch.no_grad():
         tokens, dense_log_probabilities = greedy_dense(model, prompt, new_tokens)
@@ -167,6 +195,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--sink-pages", type=int, default=1)
     parser.add_argument("--window-pages", type=int, default=4)
+    parser.add_argument("--page-choice", choices=["bound", "exact"], default="bound",
+                        help="rank pages by the summaries' bound (the decoder's own choice) or by their exact "
+                             "attention mass (a reference: reads every key, torch step)")
     parser.add_argument("--chunk-tokens", type=int, default=8192, help="prompt length of the chunked check (0: skip)")
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--block-size", type=int, default=128)
@@ -197,9 +228,10 @@ def main(argv=None) -> list[dict[str, Any]]:
             for index, prompt in enumerate(prompts(tokenizer, arguments.source, arguments.prompt_tokens,
                                                    arguments.prompts, device)):
                 start = time.perf_counter()
-                row = decode_check(model, prompt, arguments.new_tokens, pattern, arguments.dense_layers)
+                row = decode_check(model, prompt, arguments.new_tokens, pattern, arguments.dense_layers,
+                                   arguments.page_choice)
                 log.add(check="decode", prompt=index, tokens=arguments.prompt_tokens, new_tokens=arguments.new_tokens,
-                        **row, seconds=time.perf_counter() - start)
+                        page_choice=arguments.page_choice, **row, seconds=time.perf_counter() - start)
         if "chunked" in arguments.checks and arguments.chunk_tokens:
             # A window the decode prompts did not use: the one after them.
             ids = prompts(tokenizer, arguments.source, arguments.chunk_tokens, arguments.prompts + 1, device)[-1]

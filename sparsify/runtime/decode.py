@@ -324,6 +324,26 @@ class QueryAwareDecoder(torch.nn.Module):
             self.read_log.append(slots_read.float().mean() / end.clamp(min=1))
         return output
 
+    def page_scores(self, grouped_query: torch.Tensor, key: torch.Tensor, end: torch.Tensor,
+                    scale: float | None) -> torch.Tensor:
+        """``[B, Hkv, pages]``: how the torch step ranks the cache's pages for ``grouped_query`` ``[B, Hkv, rows, D]``.
+
+        The bound `page_bounds` of the page summaries (the Triton step computes the same in its
+        kernel). A subclass may rank pages otherwise to study the choice against the bound, e.g. by
+        their exact attention mass (``examples/long_context.py --page-choice exact``); `select_pages`
+        then adds the sinks and the window and takes the top of the rest.
+
+        Example:
+            >>> from sparsify.patterns import query_aware_decode
+            >>> decoder = QueryAwareDecoder(query_aware_decode(1.0, page_size=4), num_heads=1, num_kv_heads=1)
+            >>> keys = torch.randn(1, 1, 16, 8)
+            >>> decoder.observe_prefill(keys, 0, 16)
+            >>> decoder.page_scores(torch.randn(1, 1, 1, 8), keys, torch.tensor(16), None).shape
+            torch.Size([1, 1, 4])
+        """
+        pages = -(-key.shape[2] // self.pattern.page_size)
+        return page_bounds(grouped_query, self.summaries.minimum[:, :, :pages], self.summaries.maximum[:, :, :pages])
+
     def _torch_step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scale: float | None,
                     end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,8 +355,7 @@ class QueryAwareDecoder(torch.nn.Module):
         self.summaries.update(key, end, rows)
         pages = -(-k_len // page)
         grouped = query.reshape(batch, kv_heads, group * rows, dim)
-        bounds = page_bounds(grouped, self.summaries.minimum[:, :, :pages], self.summaries.maximum[:, :, :pages])
-        chosen = select_pages(bounds, end, self.pattern, page)                        # [B, Hkv, count]
+        chosen = select_pages(self.page_scores(grouped, key, end, scale), end, self.pattern, page)   # [B, Hkv, count]
         slots = (chosen.unsqueeze(-1) * page + torch.arange(page, device=key.device)).flatten(2)   # [B, Hkv, n]
         in_range = slots < k_len
         base = torch.arange(batch * kv_heads, device=key.device).view(batch, kv_heads, 1) * k_len
