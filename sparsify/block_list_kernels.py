@@ -1,9 +1,9 @@
 """Triton kernel that turns block lists into a runtime mask's index form (`RuntimeBlockMask.from_block_lists`).
 
-One program per (batch, head, query block) row classifies its slots (full or partial block),
-de-duplicates and orders them by pairwise comparison, in one launch instead of the few dozen small
-torch ops (two sorts among them) of the torch path in `sparsify.block_mask`. Rows of up to
-`MAX_LIST_SLOTS` slots. The interpreter (``TRITON_INTERPRET=1``) runs it on CPU tensors (tests).
+One program per (batch, head, query block) row sorts its slots, classifies them (full or partial
+block) and ranks the distinct blocks of each kind with one prefix scan, in one launch instead of
+the few dozen small torch ops (two sorts among them) of the torch path in `sparsify.block_mask`.
+Rows of up to `MAX_LIST_SLOTS` slots. The interpreter (``TRITON_INTERPRET=1``) runs it on CPU tensors (tests).
 """
 
 from __future__ import annotations
@@ -14,8 +14,18 @@ import triton.language as tl
 
 __all__ = ["MAX_LIST_SLOTS", "compress_block_lists"]
 
-#: Slots of a block-list row the kernel compares pairwise (its work grows with their square).
+#: Slots of a block-list row the kernel sorts in one program's registers.
 MAX_LIST_SLOTS = 256
+
+
+@triton.jit
+def _first_last_and_counts(left_first, left_first_full, left_first_partial, left_last, left_full, left_partial,
+                           right_first, right_first_full, right_first_partial, right_last, right_full, right_partial):
+    """Scan step over a sorted row: counts of distinct full / partial blocks (a block on both sides of the seam once)."""
+    seam = left_last == right_first
+    return (left_first, left_first_full, left_first_partial, right_last,
+            left_full + right_full - (seam & (right_first_full != 0)).to(tl.int32),
+            left_partial + right_partial - (seam & (right_first_partial != 0)).to(tl.int32))
 
 
 @triton.jit
@@ -29,30 +39,31 @@ def _compress_kernel(BLOCKS, FULL_COUNTS, FULL_INDICES, COUNTS, INDICES,
     in_row = slot < slots
     blocks = tl.load(BLOCKS + row.to(tl.int64) * slots + slot, mask=in_row, other=-1).to(tl.int32)
     kept = in_row & (blocks >= 0) & (blocks < k_blocks)
-    key_first = blocks * BLOCK_SIZE
-    full = key_first + BLOCK_SIZE <= k_len                               # inside k_len
     if CAUSAL:
-        query_first = query_block * BLOCK_SIZE + q_offset
         query_last = tl.minimum(query_block * BLOCK_SIZE + BLOCK_SIZE - 1, q_len - 1) + q_offset
-        kept = kept & (key_first <= query_last)
-        full = full & (key_first + BLOCK_SIZE - 1 <= query_first)
-    # A repeat: the same block in an earlier slot. Ranks: kept blocks of the same kind with a lower index.
-    same = (blocks[:, None] == blocks[None, :]) & kept[None, :] & (slot[None, :] < slot[:, None])
-    kept = kept & (tl.max(same.to(tl.int32), 1) == 0)
-    kept_full = kept & full
-    kept_partial = kept & (full == 0)
-    lower = blocks[None, :] < blocks[:, None]
-    full_rank = tl.sum((lower & kept_full[None, :]).to(tl.int32), 1)
-    partial_rank = tl.sum((lower & kept_partial[None, :]).to(tl.int32), 1)
-    full_count = tl.minimum(tl.sum(kept_full.to(tl.int32), 0), full_width)
-    partial_count = tl.minimum(tl.sum(kept_partial.to(tl.int32), 0), partial_width)
+        kept = kept & (blocks * BLOCK_SIZE <= query_last)
+    # Sorted, the kept blocks come first in ascending order and repeats sit side by side; what is not kept sorts last.
+    blocks = tl.sort(tl.where(kept, blocks, 2147483647))
+    kept = blocks < 2147483647
+    full = kept & (blocks * BLOCK_SIZE + BLOCK_SIZE <= k_len)             # inside k_len
+    if CAUSAL:
+        full = full & (blocks * BLOCK_SIZE + BLOCK_SIZE - 1 <= query_block * BLOCK_SIZE + q_offset)
+    partial = kept & (full == 0)
+    full_flag, partial_flag = full.to(tl.int32), partial.to(tl.int32)
+    # Inclusive counts of distinct full / partial blocks up to each sorted slot: one scan, no pairwise comparison.
+    _, _, _, _, full_seen, partial_seen = tl.associative_scan(
+        (blocks, full_flag, partial_flag, blocks, full_flag, partial_flag), 0, _first_last_and_counts)
+    full_count = tl.minimum(tl.max(full_seen, 0), full_width)
+    partial_count = tl.minimum(tl.max(partial_seen, 0), partial_width)
     full_out = FULL_INDICES + row.to(tl.int64) * full_width
     partial_out = INDICES + row.to(tl.int64) * partial_width
-    tl.store(full_out + full_rank, blocks, mask=kept_full & (full_rank < full_width))
-    tl.store(partial_out + partial_rank, blocks, mask=kept_partial & (partial_rank < partial_width))
+    # A repeat lands on its first copy's rank with the same value: the stores agree.
+    tl.store(full_out + full_seen - 1, blocks, mask=full & (full_seen <= full_width))
+    tl.store(partial_out + partial_seen - 1, blocks, mask=partial & (partial_seen <= partial_width))
     # Slots past a row's count repeat its last (largest) index, 0 for an empty row.
-    full_last = tl.where(full_count > 0, tl.max(tl.where(kept_full, blocks, -1), 0), 0)
-    partial_last = tl.where(partial_count > 0, tl.max(tl.where(kept_partial, blocks, -1), 0), 0)
+    full_last = tl.where(full_count > 0, tl.max(tl.where(full & (full_seen <= full_width), blocks, -1), 0), 0)
+    partial_last = tl.where(partial_count > 0,
+                            tl.max(tl.where(partial & (partial_seen <= partial_width), blocks, -1), 0), 0)
     full_slot = tl.arange(0, FULL_PAD)
     partial_slot = tl.arange(0, PARTIAL_PAD)
     tl.store(full_out + full_slot, tl.zeros([FULL_PAD], dtype=tl.int32) + full_last,
@@ -69,7 +80,8 @@ def compress_block_lists(blocks: torch.Tensor, *, block_size: int, q_len: int, k
 
     What `RuntimeBlockMask.from_block_lists` computes with a chain of torch ops (classification,
     repeats dropped, ascending order, padding slots repeating the last index): one program per
-    row compares its ``slots`` entries pairwise (no sort). Rows of up to `MAX_LIST_SLOTS` slots.
+    row sorts its ``slots`` entries and counts the distinct ones by a scan (before: a pairwise
+    comparison, whose work grew with the square of the slots). Rows of up to `MAX_LIST_SLOTS` slots.
 
     Example:
         >>> lists = torch.tensor([[[[0, -1], [1, 0]]]], device="cuda")                       # doctest: +SKIP
@@ -91,5 +103,5 @@ def compress_block_lists(blocks: torch.Tensor, *, block_size: int, q_len: int, k
                                   CAUSAL=bool(causal), BLOCK_SIZE=block_size, SLOTS_PAD=slots_pad,
                                   FULL_PAD=max(16, triton.next_power_of_2(full_width)),
                                   PARTIAL_PAD=max(16, triton.next_power_of_2(partial_width)),
-                                  num_warps=4 if slots_pad <= 64 else 8)   # slots x slots comparisons per row
+                                  num_warps=4)
     return full_counts, full_indices, counts, indices
