@@ -45,7 +45,6 @@ INSTALL_HINT = 'pip install "sparsify-attention[fa4]"'
 VERIFIED_FA4_VERSION = "4.0.0b36"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _SINK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INT32_MAX = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,21 +122,24 @@ def kv_head_layout(kv_head_index: Sequence[int], num_kv_heads: int) -> KVHeadLay
     return KVHeadLayout(group=1, head_slice=None, gather=tuple(int(kv) for kv in kv_head_index))
 
 
-def ordered_block_list(count: torch.Tensor, indices: torch.Tensor, num_key_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 ``(count, indices)`` with each row's first ``count`` indices ascending.
+def fa4_block_list(count: torch.Tensor, indices: torch.Tensor, num_key_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 contiguous ``(count, indices)`` of a runtime mask's rows, as FA4 takes them (no copy when they already are).
 
     FA4 visits a list from its last entry down and applies the key-end mask only to the first block it
-    visits, so the block holding the last key must be last. Entries
-    past ``count`` become ``INT32_MAX`` (never read). Device-only work, no host sync.
+    visits, so the block holding the last key must be last: the rows of a `RuntimeBlockMask` ascend
+    (its invariant), so they need no sort. Slots past ``count`` are never read; a mask with no slots
+    gets one (FA4 takes no zero-width list). Device-only work, no host sync.
+
+    Example:
+        >>> count, indices = fa4_block_list(torch.tensor([[[2]]]), torch.tensor([[[[1, 3, 3]]]]), 2)
+        >>> count.dtype, indices.tolist()
+        (torch.int32, [[[[1, 3]]]])
     """
     count = count.to(torch.int32)
     indices = indices[..., :num_key_blocks].to(torch.int32)
     if indices.shape[-1] == 0:
         indices = torch.zeros(*indices.shape[:-1], 1, dtype=torch.int32, device=indices.device)
-    position = torch.arange(indices.shape[-1], dtype=torch.int32, device=indices.device)
-    valid = position < count.unsqueeze(-1)
-    ordered = torch.where(valid, indices, _INT32_MAX).sort(dim=-1).values
-    return count.contiguous(), ordered.contiguous()
+    return count.contiguous(), indices.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,9 +310,9 @@ class FA4Backend(Backend):
                                 k_shape[1])
         num_key_blocks = math.ceil(k_shape[2] / block)
         # CHECK(gpu): with ascending lists the key-end block is masked (k_len % block != 0) in both lists.
-        partial_count, partial_index = ordered_block_list(
+        partial_count, partial_index = fa4_block_list(
             mask.kv_num_blocks.to(device), mask.kv_indices.to(device), num_key_blocks)
-        full_count, full_index = ordered_block_list(
+        full_count, full_index = fa4_block_list(
             mask.full_kv_num_blocks.to(device), mask.full_kv_indices.to(device), num_key_blocks)
         fa4 = self._fa4()
         block_sparse = fa4.BlockSparseTensorsTorch(

@@ -8,7 +8,7 @@ import torch
 
 from sparsify import patterns
 from sparsify.backends import BackendUnavailableError, get_backend, require_backend
-from sparsify.backends.fa4 import attention_window, kv_head_layout, ordered_block_list
+from sparsify.backends.fa4 import attention_window, fa4_block_list, kv_head_layout
 from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 
@@ -53,12 +53,20 @@ def test_kv_head_layouts():
         kv_head_layout([0, 5], 2)
 
 
-def test_block_lists_come_out_ascending_with_unused_slots_past_the_end():
-    counts = torch.tensor([[[2, 0, 3]]], dtype=torch.int32)
-    indices = torch.tensor([[[[3, 1, 7], [0, 0, 0], [2, 0, 1]]]], dtype=torch.int32)
-    counts, ordered = ordered_block_list(counts, indices, 4)
-    assert ordered[0, 0, 0, :2].tolist() == [1, 3]
-    assert ordered[0, 0, 2].tolist() == [0, 1, 2]
+def test_block_lists_pass_as_the_mask_keeps_them_in_int32_cut_to_the_key_blocks():
+    # A runtime mask's rows ascend (its invariant): FA4 takes them as they are, widths cut to the key blocks.
+    from sparsify.block_mask import RuntimeBlockMask
+
+    kept = torch.rand(2, 5, 4, generator=torch.Generator().manual_seed(0)) < 0.6
+    mask = RuntimeBlockMask.from_block_masks(kept, block_size=16, q_len=80, k_len=64, causal=False)
+    for counts, indices in ((mask.kv_num_blocks, mask.kv_indices), (mask.full_kv_num_blocks, mask.full_kv_indices)):
+        fa4_counts, fa4_indices = fa4_block_list(counts, indices.long(), 4)
+        assert fa4_counts.dtype == fa4_indices.dtype == torch.int32 and fa4_indices.is_contiguous()
+        assert torch.equal(fa4_counts, counts) and torch.equal(fa4_indices, indices[..., :4])
+        for row_count, row in zip(fa4_counts.flatten().tolist(), fa4_indices.flatten(0, -2).tolist()):
+            assert row[:row_count] == sorted(row[:row_count])          # ascending: the last key block is last
+    counts, indices = fa4_block_list(torch.zeros(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 0), 4)
+    assert indices.shape == (1, 1, 2, 1)                                 # FA4 takes no zero-width list
 
 
 # ---------------------------------------------------------------- GPU
