@@ -11,7 +11,8 @@ Python documentation's topic pages; nothing else in this script looks at it):
   each step read. ``free_run_prefix`` is how many tokens a free-running sparse generation keeps
   equal to the dense one. ``--page-choice exact`` ranks the pages by their exact attention mass
   instead of the summaries' bound (`ExactMassDecoder`, a reference that reads every key): how much
-  of the loss is the page choice's.
+  of the loss is the page choice's; ``--page-choice rerank`` re-ranks the bound's top
+  ``--rerank-factor``× candidates by their exact scores (`RerankedDecoder`).
 * ``chunked`` — the prompt's logits from one call and from a chunked prefill (``--chunk`` tokens
   per call through the cache), each with input-adaptive heads (estimated per chunk from what the
   chunk sees: estimated vertical-slash, whose probe rows are the chunk's last block, and pooled
@@ -122,19 +123,51 @@ class ExactMassDecoder(QueryAwareDecoder):
         return mass.view(*mass.shape[:2], rows, pages, page).sum(-1).amax(2).float()
 
 
+class RerankedDecoder(QueryAwareDecoder):
+    """Query-aware decode that re-ranks the bound's top ``factor``× candidate pages by their exact scores.
+
+    Reads the keys of the candidates only (about ``factor``× the keys the step attends over): per
+    candidate page the log-sum-exp of its scores, normalised over the candidates' and the largest over a
+    key/value head's query heads — with every page a candidate, the ranking of `ExactMassDecoder`.
+    A measurement of what a second, exact pass over a few candidates would buy; the kernels do not do it.
+    """
+
+    def __init__(self, *args, factor: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.factor = factor
+
+    def page_scores(self, grouped_query, key, end, scale):
+        bounds = super().page_scores(grouped_query, key, end, scale)
+        batch, kv_heads, pages = bounds.shape
+        rows, dim, k_len = grouped_query.shape[2], grouped_query.shape[3], key.shape[2]
+        page = self.pattern.page_size
+        valid = torch.arange(pages, device=key.device) * page < end
+        candidates = bounds.masked_fill(~valid, float("-inf")).topk(
+            min(pages, self.factor * self.pattern.selected_pages(pages)), dim=-1).indices      # [B, Hkv, C]
+        slots = (candidates.unsqueeze(-1) * page + torch.arange(page, device=key.device)).flatten(2)   # [B, Hkv, C·page]
+        picked = key.gather(2, slots.clamp(max=k_len - 1).unsqueeze(-1).expand(-1, -1, -1, dim))
+        scores = (grouped_query.double() @ picked.double().transpose(-1, -2)) * (dim ** -0.5 if scale is None else scale)
+        scores = scores.masked_fill((slots >= end).unsqueeze(2), float("-inf"))                 # [B, Hkv, rows, C·page]
+        per_page = scores.view(batch, kv_heads, rows, -1, page).logsumexp(-1)                    # [B, Hkv, rows, C]
+        mass = (per_page - scores.logsumexp(-1, keepdim=True)).amax(2).float()
+        return torch.full_like(bounds, float("-inf")).scatter(-1, candidates, mass)
+
+
 def decode_check(model, prompt: torch.Tensor, new_tokens: int, pattern, dense_layers: int,
-                 page_choice: str = "bound") -> dict[str, Any]:
+                 page_choice: str = "bound", rerank_factor: int = 2) -> dict[str, Any]:
     sites = attention_sites(model, tokens=prompt.shape[1])
     # Quest's choice: the first layers (whose attention is rarely sparse) decode dense.
     decode = {site.name: pattern for site in sites[dense_layers:]}
     attached = sparsify.attach(model, sparsify.Strategy.dense(sites, block_size=128), decode=decode)
-    if page_choice == "exact":   # the same decoders, ranking pages by exact mass (torch step)
+    if page_choice != "bound":   # the same decoders, ranking pages otherwise (torch step)
         for module in attached.modules():
             decoder = module._modules.get(DECODER_ATTRIBUTE)
             if decoder is not None:
-                module.add_module(DECODER_ATTRIBUTE, ExactMassDecoder(
-                    decoder.pattern, num_heads=decoder.num_heads, num_kv_heads=decoder.num_kv_heads,
-                    block_size=decoder.block_size, kernels="torch"))
+                settings = dict(num_heads=decoder.num_heads, num_kv_heads=decoder.num_kv_heads,
+                                block_size=decoder.block_size, kernels="torch")
+                replacement = (ExactMassDecoder(decoder.pattern, **settings) if page_choice == "exact" else
+                               RerankedDecoder(decoder.pattern, factor=rerank_factor, **settings))
+                module.add_module(DECODER_ATTRIBUTE, replacement)
     decoders = [module.sparse_decoder for module in attached.modules() if hasattr(module, "sparse_decoder")]
     with torch.no_grad():
         tokens, dense_log_probabilities = greedy_dense(model, prompt, new_tokens)
@@ -195,9 +228,11 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--sink-pages", type=int, default=1)
     parser.add_argument("--window-pages", type=int, default=4)
-    parser.add_argument("--page-choice", choices=["bound", "exact"], default="bound",
-                        help="rank pages by the summaries' bound (the decoder's own choice) or by their exact "
-                             "attention mass (a reference: reads every key, torch step)")
+    parser.add_argument("--page-choice", choices=["bound", "exact", "rerank"], default="bound",
+                        help="rank pages by the summaries' bound (the decoder's own choice), by their exact "
+                             "attention mass (a reference: reads every key) or by exact scores among the bound's "
+                             "top --rerank-factor x candidates (reads their keys); the last two on the torch step")
+    parser.add_argument("--rerank-factor", type=int, default=2)
     parser.add_argument("--chunk-tokens", type=int, default=8192, help="prompt length of the chunked check (0: skip)")
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--block-size", type=int, default=128)
@@ -229,9 +264,11 @@ def main(argv=None) -> list[dict[str, Any]]:
                                                    arguments.prompts, device)):
                 start = time.perf_counter()
                 row = decode_check(model, prompt, arguments.new_tokens, pattern, arguments.dense_layers,
-                                   arguments.page_choice)
+                                   arguments.page_choice, arguments.rerank_factor)
                 log.add(check="decode", prompt=index, tokens=arguments.prompt_tokens, new_tokens=arguments.new_tokens,
-                        page_choice=arguments.page_choice, **row, seconds=time.perf_counter() - start)
+                        page_choice=arguments.page_choice + (f" x{arguments.rerank_factor}"
+                                                             if arguments.page_choice == "rerank" else ""),
+                        **row, seconds=time.perf_counter() - start)
         if "chunked" in arguments.checks and arguments.chunk_tokens:
             # A window the decode prompts did not use: the one after them.
             ids = prompts(tokenizer, arguments.source, arguments.chunk_tokens, arguments.prompts + 1, device)[-1]

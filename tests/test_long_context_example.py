@@ -69,3 +69,20 @@ def test_decode_check_with_exact_page_choice_reads_the_same_share_and_agrees_at_
     bound = long_context.decode_check(model, prompt, 4, pattern, dense_layers=1)
     exact = long_context.decode_check(model, prompt, 4, pattern, dense_layers=1, page_choice="exact")
     assert exact["read"] == pytest.approx(bound["read"]) and exact["read"] < 0.5
+
+
+def test_reranking_every_page_ranks_as_the_exact_mass_and_few_candidates_score_only_them():
+    pattern = query_aware_decode(0.25, page_size=4, min_pages=1, window_pages=1, sink_pages=0)
+    gen = torch.Generator().manual_seed(5)
+    grouped, keys = torch.randn(1, 2, 2, 8, generator=gen), torch.randn(1, 2, 30, 8, generator=gen)
+    end = torch.tensor(27)
+    exact = long_context.ExactMassDecoder(pattern, num_heads=4, num_kv_heads=2, kernels="torch")
+    every = long_context.RerankedDecoder(pattern, num_heads=4, num_kv_heads=2, kernels="torch", factor=100)
+    few = long_context.RerankedDecoder(pattern, num_heads=4, num_kv_heads=2, kernels="torch", factor=1)
+    for decoder in (exact, every, few):
+        decoder.observe_prefill(keys, 0, 27)
+    valid = slice(0, 7)                                                    # pages holding a slot before the end
+    expected = exact.page_scores(grouped, keys, end, None)[..., valid]
+    assert torch.equal(every.page_scores(grouped, keys, end, None)[..., valid].argsort(-1), expected.argsort(-1))
+    scored = few.page_scores(grouped, keys, end, None).isfinite().sum(-1)
+    assert scored.tolist() == [[pattern.selected_pages(8)] * 2]            # only the bound's candidates
