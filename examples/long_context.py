@@ -107,7 +107,7 @@ def teacher_forced(model, prompt: torch.Tensor, reference: torch.Tensor) -> tupl
 
 
 class ExactMassDecoder(QueryAwareDecoder):
-    """Query-aware decode that ranks pages by their exact attention mass: what no summary-based bound can beat.
+    """Query-aware decode that ranks pages by their exact attention mass: the quantity the summaries' bound stands in for.
 
     Reads every key per step (a measurement of the page *choice*, not a fast path): per key/value
     head, the largest over its query heads of the softmax mass each page holds.

@@ -61,9 +61,8 @@ def _compress_kernel(BLOCKS, FULL_COUNTS, FULL_INDICES, COUNTS, INDICES,
     tl.store(full_out + full_seen - 1, blocks, mask=full & (full_seen <= full_width))
     tl.store(partial_out + partial_seen - 1, blocks, mask=partial & (partial_seen <= partial_width))
     # Slots past a row's count repeat its last (largest) index, 0 for an empty row.
-    full_last = tl.where(full_count > 0, tl.max(tl.where(full & (full_seen <= full_width), blocks, -1), 0), 0)
-    partial_last = tl.where(partial_count > 0,
-                            tl.max(tl.where(partial & (partial_seen <= partial_width), blocks, -1), 0), 0)
+    full_last = tl.where(full_count > 0, tl.max(tl.where(full, blocks, -1), 0), 0)
+    partial_last = tl.where(partial_count > 0, tl.max(tl.where(partial, blocks, -1), 0), 0)
     full_slot = tl.arange(0, FULL_PAD)
     partial_slot = tl.arange(0, PARTIAL_PAD)
     tl.store(full_out + full_slot, tl.zeros([FULL_PAD], dtype=tl.int32) + full_last,
