@@ -44,6 +44,7 @@ import torch
 import sparsify
 from bench_rows import RowLog
 from llm_bench_tools import SHAPES, attention_sites, build_model, machine, time_ms
+from sparsify.integrations.transformers import cache_keyword
 from sparsify.patterns import query_aware_decode
 from sparsify.runtime.decode import QueryAwareDecoder, read_fraction
 
@@ -101,7 +102,7 @@ def model_step_ms(model, attached, batch: int, tokens: int, device: str, dtype: 
         position = torch.full((batch, 1), tokens, device=device)
 
         def step():
-            output = runner(token, cache=cache, use_cache=True, position_ids=position)
+            output = runner(token, **{cache_keyword(runner): cache}, use_cache=True, position_ids=position)
             for layer in cache.layers:                       # drop the new slot: every step sees the same cache
                 layer.keys, layer.values = layer.keys[:, :, :tokens], layer.values[:, :, :tokens]
             return output

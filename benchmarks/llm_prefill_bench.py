@@ -38,6 +38,7 @@ from bench_rows import RowLog
 from llm_bench_tools import attention_sites, build_model, machine, synchronize, time_ms
 from sparsify import patterns
 from sparsify.integrations import attached_sites
+from sparsify.integrations.transformers import cache_keyword
 
 MODES = ("a_shape", "vertical_slash", "pooled")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -98,7 +99,8 @@ def chunked_prefill(model, ids: torch.Tensor, chunk: int):
     cache = transformers.DynamicCache(config=model.config)
     logits = None
     for start in range(0, ids.shape[1], chunk):
-        logits = model(ids[:, start:start + chunk], cache=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(ids[:, start:start + chunk], **{cache_keyword(model): cache}, use_cache=True,
+                       logits_to_keep=1).logits
     return logits
 
 

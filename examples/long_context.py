@@ -42,7 +42,7 @@ import torch
 import sparsify
 from sparsify import patterns
 from sparsify.patterns import query_aware_decode
-from sparsify.integrations.transformers import DECODER_ATTRIBUTE, attention_sites
+from sparsify.integrations.transformers import DECODER_ATTRIBUTE, attention_sites, cache_keyword, returned_cache
 from sparsify.runtime.decode import QueryAwareDecoder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,27 +82,27 @@ def prompts(tokenizer, source: str, tokens: int, count: int, device: str) -> lis
 def greedy_dense(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense greedy continuation: ``(tokens [new], log-probabilities of those tokens [new])``."""
     output = model(prompt, use_cache=True, logits_to_keep=1)
-    cache, logits = output.past_key_values, output.logits[:, -1]
+    cache, logits = returned_cache(output), output.logits[:, -1]
     tokens, log_probabilities = [], []
     for _ in range(new_tokens):
         token = logits.argmax(-1)
         tokens.append(token)
         log_probabilities.append(torch.log_softmax(logits.float(), -1).gather(-1, token.unsqueeze(-1)).squeeze(-1))
-        output = model(token.unsqueeze(-1), cache=cache, use_cache=True)
-        cache, logits = output.past_key_values, output.logits[:, -1]
+        output = model(token.unsqueeze(-1), **{cache_keyword(model): cache}, use_cache=True)
+        cache, logits = returned_cache(output), output.logits[:, -1]
     return torch.cat(tokens), torch.cat(log_probabilities)
 
 
 def teacher_forced(model, prompt: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per step of ``reference``: the model's greedy token and its log-probability of the reference token."""
     output = model(prompt, use_cache=True, logits_to_keep=1)
-    cache, logits = output.past_key_values, output.logits[:, -1]
+    cache, logits = returned_cache(output), output.logits[:, -1]
     greedy, log_probabilities = [], []
     for token in reference:
         greedy.append(logits.argmax(-1))
         log_probabilities.append(torch.log_softmax(logits.float(), -1)[:, token])
-        output = model(token.view(1, 1), cache=cache, use_cache=True)
-        cache, logits = output.past_key_values, output.logits[:, -1]
+        output = model(token.view(1, 1), **{cache_keyword(model): cache}, use_cache=True)
+        cache, logits = returned_cache(output), output.logits[:, -1]
     return torch.cat(greedy), torch.cat(log_probabilities)
 
 
@@ -189,7 +189,8 @@ def chunked_logits(model, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     import transformers
 
     cache = transformers.DynamicCache(config=model.config)
-    return torch.cat([model(ids[:, start:start + chunk], cache=cache, use_cache=True).logits
+    return torch.cat([model(ids[:, start:start + chunk], **{cache_keyword(model): cache},
+                            use_cache=True).logits
                       for start in range(0, ids.shape[1], chunk)], 1)
 
 

@@ -35,6 +35,7 @@ a ``StaticCache`` is one graph for every step.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Mapping
 
@@ -60,8 +61,8 @@ from sparsify.strategy import Strategy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ATTENTION_IMPLEMENTATION", "DECODE_MODES", "attach_transformers", "attention_sites",
-           "sparsify_attention_forward", "sparsify_causal_mask"]
+__all__ = ["ATTENTION_IMPLEMENTATION", "DECODE_MODES", "attach_transformers", "attention_sites", "cache_keyword",
+           "returned_cache", "sparsify_attention_forward", "sparsify_causal_mask"]
 
 #: The name the door registers in ``AttentionInterface`` and ``AttentionMaskInterface``.
 ATTENTION_IMPLEMENTATION = "sparsify"
@@ -70,6 +71,37 @@ DECODE_MODES = ("dense", "sparse")
 DECODE_ATTRIBUTE = "decode_mode"
 #: Name under which an attention module of the attached copy holds its `QueryAwareDecoder`.
 DECODER_ATTRIBUTE = "sparse_decoder"
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword under which ``model``'s ``forward`` takes its key/value cache: ``"cache"`` or ``"past_key_values"``.
+
+    transformers renamed ``past_key_values`` to ``cache`` (5.2x; the old name is deprecated there),
+    and a forward that predates the rename swallows ``cache=`` into its ``**kwargs`` without a word:
+    every chunk or decode step would then run without the cache. Pass the cache under this name.
+    A ``torch.compile``-d model is read through its original module.
+
+    Example:
+        >>> output = model(ids, use_cache=True)                                      # doctest: +SKIP
+        >>> step = model(token, **{cache_keyword(model): returned_cache(output)})   # doctest: +SKIP
+    """
+    forward = getattr(model, "_orig_mod", model).forward
+    parameters = inspect.signature(forward).parameters
+    if "cache" in parameters:
+        return "cache"
+    if "past_key_values" in parameters:
+        return "past_key_values"
+    raise TypeError(f"{type(getattr(model, '_orig_mod', model)).__name__}.forward takes neither 'cache' nor "
+                    f"'past_key_values': it is not a transformers model with a key/value cache")
+
+
+def returned_cache(output: Any) -> Any:
+    """The key/value cache a transformers model call returned (``output.cache``, or ``past_key_values`` before 5.2x).
+
+    Example:
+        >>> cache = returned_cache(model(ids, use_cache=True))   # doctest: +SKIP
+    """
+    return getattr(output, "cache" if "cache" in getattr(output, "__dataclass_fields__", {}) else "past_key_values")
 
 
 def sparsify_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -20,6 +20,7 @@ import model_zoo
 import sparsify
 from backend_helpers import HAS_CUDA, rel_err
 from sparsify import patterns
+from sparsify.integrations.transformers import cache_keyword
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
@@ -31,10 +32,10 @@ def _greedy(prefill_model, step_model, ids, cache):
     """``(tokens [B, STEPS], logits [B, STEPS, V])`` of greedy decode after prefilling ``ids`` through ``cache``."""
     tokens, logits = [], []
     with torch.no_grad():
-        out = prefill_model(ids, cache=cache, use_cache=True)
+        out = prefill_model(ids, **{cache_keyword(prefill_model): cache}, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         for position in range(ids.shape[1], ids.shape[1] + STEPS):
-            step = step_model(token, cache=cache, use_cache=True,
+            step = step_model(token, **{cache_keyword(step_model): cache}, use_cache=True,
                               position_ids=torch.full((ids.shape[0], 1), position, device=ids.device))
             logits.append(step.logits[:, -1].clone())                      # CUDA graph outputs are overwritten
             token = step.logits[:, -1:].argmax(-1)

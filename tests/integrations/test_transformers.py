@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ import sparsify
 from helpers import call, first_tensor
 from sparsify import StrategyError, UnsupportedError, patterns
 from sparsify.integrations import attached_sites
-from sparsify.integrations.transformers import ATTENTION_IMPLEMENTATION
+from sparsify.integrations.transformers import ATTENTION_IMPLEMENTATION, cache_keyword, returned_cache
 
 from backend_helpers import rel_err
 
@@ -107,11 +109,11 @@ def test_sparse_decode_rows_equal_the_rows_of_the_full_sequence():
     ids = inputs["input_ids"]
     with torch.no_grad():
         full = attached(ids, use_cache=False).logits                           # one call, every row
-        cache = attached(ids[:, :64], use_cache=True).past_key_values          # prefill 64 tokens (a DynamicCache)
+        cache = returned_cache(attached(ids[:, :64], use_cache=True))  # prefill 64 tokens (a DynamicCache)
         rows = []
         for position in range(64, 80):                                          # then one token at a time
-            step = attached(ids[:, position:position + 1], cache=cache, use_cache=True)
-            cache = step.past_key_values
+            step = attached(ids[:, position:position + 1], **{cache_keyword(attached): cache}, use_cache=True)
+            cache = returned_cache(step)
             rows.append(step.logits[:, -1])
     decode_offsets = {key[2] for runtime in attached_sites(attached).values() for key in runtime._masks}
     assert set(range(64, 80)) <= decode_offsets                                 # decode ran the pattern's rows
@@ -183,8 +185,45 @@ def _chunked_logits(model, ids, chunk, cache):
     pieces = []
     with torch.no_grad():
         for start in range(0, ids.shape[1], chunk):
-            pieces.append(model(ids[:, start:start + chunk], cache=cache, use_cache=True).logits)
+            pieces.append(model(ids[:, start:start + chunk], **{cache_keyword(model): cache}, use_cache=True).logits)
     return torch.cat(pieces, 1)
+
+
+def test_the_cache_goes_in_under_the_keyword_the_installed_forward_takes():
+    import dataclasses
+
+    import transformers
+
+    model, _ = model_zoo.llama(seq=32, batch=1)
+    keyword = cache_keyword(model)
+    assert keyword in inspect.signature(model.forward).parameters
+    assert cache_keyword(torch.compile(model)) == keyword                      # read through the compiled wrapper
+
+    class BeforeTheRename(torch.nn.Module):                                    # transformers < 5.2x: the old name
+        def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
+            return input_ids
+
+    class NoCache(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    assert cache_keyword(BeforeTheRename()) == "past_key_values"
+    with pytest.raises(TypeError, match="NoCache.*neither 'cache' nor 'past_key_values'"):
+        cache_keyword(NoCache())
+    # The cache a call returns, whichever field holds it; then a step through it equals the one call.
+    ids = torch.randint(0, model_zoo.VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = model(ids, use_cache=False).logits
+        cache = returned_cache(model(ids[:, :20], use_cache=True))
+        assert isinstance(cache, transformers.Cache) and cache.get_seq_length() == 20
+        tail = model(ids[:, 20:], **{keyword: cache}, use_cache=True).logits
+    assert rel_err(tail, whole[:, 20:]) < 1e-5
+
+    @dataclasses.dataclass
+    class OldOutput:                                                           # an output of before the rename
+        past_key_values: object = None
+
+    assert returned_cache(OldOutput(past_key_values=cache)) is cache
 
 
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
@@ -208,8 +247,8 @@ def test_chunked_prefill_with_static_patterns_equals_one_call(cache_kind):
     cache = (transformers.DynamicCache(config=model.config) if cache_kind == "dynamic"
              else transformers.StaticCache(config=model.config, max_cache_len=256))
     with torch.no_grad():
-        keeps_all(ids[:, :150], cache=cache, use_cache=True)
-        tail = keeps_all(ids[:, 150:], cache=cache, use_cache=True).logits
+        keeps_all(ids[:, :150], **{cache_keyword(keeps_all): cache}, use_cache=True)
+        tail = keeps_all(ids[:, 150:], **{cache_keyword(keeps_all): cache}, use_cache=True).logits
     assert rel_err(tail, dense[:, 150:]) < 1e-5
     assert rel_err(whole, dense) > 1e-3                         # the strategy really is sparse
     offsets = {key[2] for runtime in attached_sites(attached).values() for key in runtime._masks}
@@ -269,12 +308,12 @@ def test_query_aware_decode_reads_its_budget_of_pages_and_stays_close_to_dense()
     rows, dense_rows = [], []
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        cache = attached(ids[:, :80], use_cache=True).past_key_values
+        cache = returned_cache(attached(ids[:, :80], use_cache=True))
         for decoder in decoders:
             decoder.read_log = []
         for position in range(80, 96):
-            step = attached(ids[:, position:position + 1], cache=cache, use_cache=True)
-            cache = step.past_key_values
+            step = attached(ids[:, position:position + 1], **{cache_keyword(attached): cache}, use_cache=True)
+            cache = returned_cache(step)
             rows.append(step.logits[:, -1])
     reads = torch.stack([torch.stack(decoder.read_log) for decoder in decoders])
     assert reads.shape == (2, 16) and bool((reads < 0.6).all())          # 3 or 4 of 10-12 pages
@@ -296,11 +335,11 @@ def test_query_aware_decode_compiles_once_for_every_step_of_a_static_cache():
         cache = transformers.StaticCache(config=model.config, max_cache_len=128)
         outputs = []
         with torch.no_grad():
-            attached(ids[:, :64], cache=cache, use_cache=True) if compiled else reference(
-                ids[:, :64], cache=cache, use_cache=True)
+            attached(ids[:, :64], **{cache_keyword(attached): cache}, use_cache=True) if compiled else reference(
+                ids[:, :64], **{cache_keyword(reference): cache}, use_cache=True)
             for position in range(64, 64 + steps):
-                outputs.append(step_model(ids[:, position:position + 1], cache=cache, use_cache=True,
-                                          position_ids=torch.tensor([[position]])).logits)
+                outputs.append(step_model(ids[:, position:position + 1], **{cache_keyword(step_model): cache},
+                                          use_cache=True, position_ids=torch.tensor([[position]])).logits)
         return torch.cat(outputs, 1)
 
     torch._dynamo.reset()
