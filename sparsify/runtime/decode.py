@@ -33,6 +33,7 @@ import torch
 
 from sparsify.errors import UnsupportedError
 from sparsify.patterns import QueryAwareDecode
+from sparsify.runtime.kernel_op import may_skip_custom_op
 
 __all__ = ["DECODE_KERNELS", "KeyPageSummaries", "QueryAwareDecoder", "page_bounds", "pattern_rows_decode",
            "query_aware_decode_step", "read_fraction", "select_pages", "triton_decode_available", "visible_key_end"]
@@ -91,10 +92,15 @@ def query_aware_decode_step(query: torch.Tensor, key: torch.Tensor, value: torch
         >>> out, chosen = torch.ops.sparsify.query_aware_decode_step(q, keys, values, low, high, end, None,
         ...                                                     0.125, 32, 1, 2, 106)   # doctest: +SKIP
     """
+    return _triton_decode_step(query, key, value, minimum, maximum, end, attention_mask, scale, page_size, sink_pages,
+                               window_pages, selected)
+
+
+def _triton_decode_step(*arguments) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's implementation: `sparsify.backends.triton_decode.decode_step` (imported on first use: Triton may be absent)."""
     from sparsify.backends import triton_decode
 
-    return triton_decode.decode_step(query, key, value, minimum, maximum, end, attention_mask, scale, page_size,
-                                     sink_pages, window_pages, selected)
+    return triton_decode.decode_step(*arguments)
 
 
 @query_aware_decode_step.register_fake
@@ -313,7 +319,11 @@ class QueryAwareDecoder(torch.nn.Module):
             end = torch.full((), k_len, dtype=torch.long, device=key.device)    # the torch step and the log read it
         if use_triton:
             self.summaries.reserve(key, pages)
-            output, chosen = torch.ops.sparsify.query_aware_decode_step(
+            # Eager and without autograd, the op's implementation directly (the op runs exactly it; its dispatch
+            # costs host time on every step, and an eager decode step at batch 1 is host-bound).
+            step = _triton_decode_step if may_skip_custom_op(query, key, value, attention_mask) else \
+                torch.ops.sparsify.query_aware_decode_step
+            output, chosen = step(
                 query, key, value, self.summaries.minimum, self.summaries.maximum, end, attention_mask,
                 dim ** -0.5 if scale is None else scale, page, self.pattern.sink_pages, self.pattern.window_pages,
                 self.pattern.selected_pages(pages))

@@ -54,7 +54,30 @@ from sparsify.block_mask import RuntimeBlockMask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KernelOwner", "SiteHandles", "block_sparse_attention", "block_sparse_attention_backward"]
+__all__ = ["KernelOwner", "SiteHandles", "block_sparse_attention", "block_sparse_attention_backward",
+           "may_skip_custom_op"]
+
+
+def may_skip_custom_op(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call on ``tensors`` may run a custom op's implementation directly instead of the op.
+
+    True in eager mode (not while dynamo traces) for plain tensors (no fake, functional or other
+    subclass, no proxy) with nothing for autograd to record: the op would run exactly its
+    implementation, and the dispatcher's custom-op machinery only costs host time on every call.
+    Under ``torch.compile`` the op stays (it is what keeps the kernel one opaque node).
+
+    Example:
+        >>> may_skip_custom_op(torch.zeros(2), None)
+        True
+        >>> may_skip_custom_op(torch.zeros(2, requires_grad=True))
+        False
+    """
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(tensor is None or (type(tensor) in (torch.Tensor, torch.nn.Parameter)
+                                  and not (grad and tensor.requires_grad))
+               for tensor in tensors)
 
 
 class KernelOwner(Protocol):

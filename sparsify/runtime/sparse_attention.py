@@ -14,7 +14,7 @@ from torch.fx.experimental.symbolic_shapes import guard_scalar
 from sparsify.errors import StrategyError, UnsupportedError
 from sparsify.ops import dense_attention
 from sparsify.block_mask import RuntimeBlockMask, causal_element_mask
-from sparsify.runtime.kernel_op import SITE_HANDLES
+from sparsify.runtime.kernel_op import SITE_HANDLES, may_skip_custom_op
 from sparsify.runtime.mask_source import AdaptiveMaskSource, StaticMaskSource
 from sparsify.site import AttentionSite
 
@@ -493,7 +493,7 @@ class SparseAttention(torch.nn.Module):
         if heads is not None and not self.one_group:  # (one group: every head, in order)
             q = q.index_select(1, heads)
             sinks = sinks.index_select(0, heads) if sinks is not None else None
-        if not torch.compiler.is_compiling() and _plain_inference(q, k, v, sinks):
+        if may_skip_custom_op(q, k, v, sinks):
             # Eager and without autograd, the op's implementation directly, sparing the dispatcher's custom-op
             # machinery its host time on every call (the same result: the op runs exactly this).
             return self.run_kernel(mask_slot, mask, backend, q, k, v, head_mask, scale, softcap, sinks)
@@ -675,15 +675,6 @@ def estimate_adaptive_mask(layer: SparseAttention, q: torch.Tensor, k: torch.Ten
     if layer.adaptive_density_log is not None:
         layer.adaptive_density_log.append(mask.kept_counts().float().mean((0, 2)) / mask.k_blocks)
     return mask
-
-
-def _plain_inference(*tensors: torch.Tensor | None) -> bool:
-    """Whether a kernel call may skip the custom op: plain tensors (no fake, functional or other subclass, no
-    proxy) and nothing for autograd to record."""
-    grad = torch.is_grad_enabled()
-    return all(tensor is None or (type(tensor) in (torch.Tensor, torch.nn.Parameter)
-                                  and not (grad and tensor.requires_grad))
-               for tensor in tensors)
 
 
 def _mask_key(slot: str, q_len: int, k_len: int, q_offset: int, device: str) -> tuple:

@@ -341,3 +341,43 @@ def test_top_pages_are_torch_topks_pages_with_ties_to_the_lower_page(pages, sele
 def test_top_pages_refuses_a_count_outside_the_pages():
     with pytest.raises(ValueError, match="selected must lie in"):
         triton_decode.top_pages(torch.zeros(1, 1, 4, device=DEVICE), 5)
+
+
+class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
+    """The operators dispatched while active (names), to see whether the decode op was called."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_eager_step_runs_the_kernels_without_the_op_and_gives_the_ops_answer():
+    batch, heads, kv_heads, length, dim, page = 1, 4, 2, 200, 32, 16
+    keys, values = _cache(9, batch, kv_heads, length, dim, torch.float32)
+    pattern = query_aware_decode(0.2, page_size=page, min_pages=1)
+    direct, through_op = (QueryAwareDecoder(pattern, num_heads=heads, num_kv_heads=kv_heads, kernels="triton")
+                          for _ in range(2))
+    for decoder in (direct, through_op):
+        decoder.observe_prefill(keys, 0, length - 1)
+    q = torch.randn(batch, heads, 1, dim, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    with torch.no_grad(), _OpsSeen() as seen:
+        out = direct(q, keys, values, None, None)
+    assert "sparsify.query_aware_decode_step" not in seen.names
+    with torch.no_grad():
+        expected, _ = torch.ops.sparsify.query_aware_decode_step(
+            q, keys, values, through_op.summaries.minimum, through_op.summaries.maximum,
+            torch.tensor(length, device=DEVICE), None, dim ** -0.5, page, pattern.sink_pages, pattern.window_pages,
+            pattern.selected_pages(math.ceil(length / page)))
+    assert torch.equal(out, expected)
+    pages = math.ceil(length / page)                     # (slots past the cache's pages hold stale values)
+    for summary in ("minimum", "maximum"):                # both re-summarised the new slot's page
+        assert torch.equal(getattr(direct.summaries, summary)[:, :, :pages],
+                           getattr(through_op.summaries, summary)[:, :, :pages])
+    # With something for autograd to record, the step goes through the op (as under torch.compile).
+    with _OpsSeen() as seen:
+        direct(q.clone().requires_grad_(), keys, values, None, None)
+    assert "sparsify.query_aware_decode_step" in seen.names
