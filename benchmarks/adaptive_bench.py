@@ -19,7 +19,8 @@ kernel and with the torch path: the vertical-slash probe (``probe_triton_ms``, `
 pooled scoring and coverage (``coverage_triton_ms``, ``coverage_torch_ms``).
 ``host_ms`` is the host time to issue one attend from an idle GPU (``host_bound``: at least 0.9 of
 ``attention_ms``, the GPU waits on Python and launches); ``--trace`` adds a `torch.profiler` view of one
-attend (``launches``, ``host_ops``, the heaviest ``kernels``).
+attend (``launches``, ``host_ops``, the heaviest ``kernels``) and a `cProfile` view of the estimate's host
+side (``estimate_host_top``: the functions with the most own time per call).
 ``--shape llama-1b`` is Llama-3.2-1B's attention (32 query / 8 key-value heads of 64, block 128).
 
     python benchmarks/adaptive_bench.py                         # CUDA: 16K and 32K
@@ -44,7 +45,7 @@ from sparsify import patterns
 from sparsify.cost import CostModel
 from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
-from timing import device_description, host_issue_ms, kernel_table, median_ms
+from timing import device_description, host_issue_ms, host_profile, kernel_table, median_ms
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "adaptive_bench.json"
 
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
     parser.add_argument("--density", type=float, default=0.08, help="--split: target share of the causal blocks")
     parser.add_argument("--trace", action="store_true",
                         help="--split: also profile one attend (torch.profiler): its kernel launches, aten operators "
-                             "and heaviest kernels, in the row")
+                             "and heaviest kernels; and the estimate's host side (cProfile), in the row")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default=None, help="default: cuda when available (cpu with --smoke)")
@@ -183,6 +184,8 @@ def run_split(args, device: torch.device, dtype: torch.dtype, log: RowLog) -> No
                 host_ms = host_issue_ms(attend, device, args.repeats)
                 trace = kernel_table(attend, device) if args.trace else {}
                 estimate_ms = timed(lambda: source.mask(q, k, scale=scale), device, args.repeats)
+                if args.trace:   # the estimate's host side: what holds it when its kernels take less than it does
+                    trace["estimate_host_top"] = host_profile(lambda: source.mask(q, k, scale=scale))
                 mask = source.mask(q, k, scale=scale)
                 backend = layer.backend_for(dtype, device)
                 shapes = dict(q_shape=tuple(q.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape), dtype=dtype,

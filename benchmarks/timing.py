@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["device_description", "error_text", "host_issue_ms", "kernel_table", "median_ms", "relative_error"]
+__all__ = ["device_description", "error_text", "host_issue_ms", "host_profile", "kernel_table", "median_ms",
+           "relative_error"]
 
 
 def median_ms(function: Callable[[], Any], device: torch.device | str, repeats: int, warmup: int = 3) -> float:
@@ -72,6 +73,39 @@ def host_issue_ms(function: Callable[[], Any], device: torch.device | str, repea
         times.append((time.perf_counter() - begin) * 1e3)
     synchronize(device)
     return statistics.median(times)
+
+
+def host_profile(function: Callable[[], Any], top: int = 8, calls: int = 5) -> list:
+    """Where one call's *host* time goes, by `cProfile`: the ``top`` functions by own time, ``[name, calls, ms]`` per call.
+
+    Beside `kernel_table` (which counts launches and operators) it names the Python and C functions
+    that hold the host: a call whose issue time exceeds its kernels' time shows here what to cut
+    (Triton's launcher, a tensor copy, a host read). The function is called once to warm up, then
+    ``calls`` times under the profiler; times are per call.
+
+    Example:
+        >>> host_profile(lambda: sorted(range(1000)), top=1)[0][0]
+        '<built-in method builtins.sorted>'
+    """
+    import cProfile
+    import pstats
+
+    function()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        function()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats          # {(file, line, name): (calls, primitive calls, own s, total s, ...)}
+
+    def label(where: tuple) -> str:
+        file, line, name = where
+        return name if file == "~" else f"{'/'.join(file.rsplit('/', 2)[-2:])}:{line}({name})"
+
+    ranked = sorted(((where, numbers) for where, numbers in stats.items() if "_lsprof.Profiler" not in where[2]),
+                    key=lambda item: item[1][2], reverse=True)[:top]
+    return [[label(where)[:90], round(numbers[0] / calls, 1), round(numbers[2] / calls * 1e3, 4)]
+            for where, numbers in ranked]
 
 
 def kernel_table(function: Callable[[], Any], device: torch.device | str, top: int = 10) -> dict:
