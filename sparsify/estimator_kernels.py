@@ -4,7 +4,7 @@ The probe (the last ``probe_rows`` queries) attends to every key; `vertical_slas
 needs, per key block ``J``, its probability mass split by offset class (which block diagonal
 each (row, key) pair lies on). In plain torch that is a ``[B, H, probe_rows, k_len]`` score
 tensor written, softmaxed and read again (gigabytes at 128K tokens). Here (`probe_block_split`)
-two launches over (chunk of key blocks, batch x head): the first keeps each probe row's maximum
+two launches over (batch x head, chunk of key blocks): the first keeps each probe row's maximum
 and sum of exponentials per chunk, the second combines them into the rows' totals, recomputes the
 chunk's scores and writes the ``[B, H, Kb, classes]`` split itself. `top_lines_of_split` turns
 the split into the per-head top key blocks and block diagonals (an in-register sort per batch x
@@ -103,9 +103,9 @@ def _probe_stats_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, ROW_SUM,
                         CHUNK_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     # Pass 1: per probe row, the maximum and the sum of 2^(score - maximum) over this program's chunk of keys.
-    chunk = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    chunks = tl.num_programs(0)
+    batch_head = tl.program_id(0)      # heads vary fastest: the heads sharing a key/value head read a chunk together
+    chunk = tl.program_id(1)
+    chunks = tl.num_programs(1)
     batch, q_rows, k_rows, dims, dim_ok = _probe_head(Q, K, KV_INDEX, batch_head, heads, stride_qb, stride_qh,
                                                       stride_kb, stride_kh, probe_offset, HEAD_DIM, D_PAD)
     out_rows = (batch_head.to(tl.int64) * chunks + chunk) * probe_rows
@@ -138,9 +138,9 @@ def _probe_split_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, ROW_SUM, SPLIT,
                         CLASSES: tl.constexpr, CLASSES_PAD: tl.constexpr):
     # Pass 2: each row's total over every chunk (pass 1's partials), then the probabilities of this chunk's keys
     # summed over the probe rows per key block and offset class: the split itself, one writer per element.
-    chunk = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    chunks = tl.num_programs(0)
+    batch_head = tl.program_id(0)
+    chunk = tl.program_id(1)
+    chunks = tl.num_programs(1)
     batch, q_rows, k_rows, dims, dim_ok = _probe_head(Q, K, KV_INDEX, batch_head, heads, stride_qb, stride_qh,
                                                       stride_kb, stride_kh, probe_offset, HEAD_DIM, D_PAD)
     stats = batch_head.to(tl.int64) * chunks * probe_rows
@@ -203,11 +203,14 @@ def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
     ``classes = (base % block + probe_rows - 1) // block + 2``. What `sparsify.estimators`'s
     torch path computes, with float32 scores instead of the inputs' dtype.
 
-    Two launches over a grid of (chunk of key blocks, batch x head): the first writes, per probe
+    Two launches over a grid of (batch x head, chunk of key blocks): the first writes, per probe
     row and chunk, the scores' maximum and sum of exponentials; the second combines them into each
     row's total, recomputes the chunk's scores and writes the split itself (no per-row tensor of
     key-block size, no torch ops after). ``chunk_blocks`` (a power of two; default: by the grid's
-    size) sets the key blocks per program.
+    size) sets the key blocks per program. The heads vary fastest in the grid, so the query heads
+    of one key/value head read each chunk of keys at about the same time (from L2 after the first),
+    and a program holds all its probe rows in one tile where they fit (<= 128 rows, head dim <= 128):
+    each pass reads its keys once per head, not once per tile of rows.
 
     Example:
         >>> q = torch.randn(1, 2, 64, 16, device="cuda")                                   # doctest: +SKIP
@@ -225,7 +228,10 @@ def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
     kv_index = kv_head_index.to(device, torch.int64, non_blocking=True)
     valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else kv_index
     block_n = min(block_size, 64)
-    block_m = max(16, min(64, block_size, triton.next_power_of_2(probe_rows)))   # <= block: 3 classes a tile
+    # Every probe row in one tile where it fits (<= 128 rows of <= 128 dims): each pass then reads its keys once;
+    # <= block: a tile spans 3 offset classes.
+    block_m = max(16, min(128 if head_dim <= 128 else 64, block_size, triton.next_power_of_2(probe_rows)))
+    warps = 8 if block_m * max(16, triton.next_power_of_2(head_dim)) >= 8192 else 4
     chunk_blocks = chunk_blocks or _chunk_blocks(k_blocks, batch * heads)
     chunks = -(-k_blocks // chunk_blocks)
     row_max = torch.empty(batch * heads, chunks, probe_rows, device=device, dtype=torch.float32)
@@ -235,12 +241,12 @@ def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
               (q_len - probe_rows) * q.stride(2), k_len)
     flags = dict(CAUSAL=bool(causal), HAS_VALID=key_valid is not None, IEEE=q.dtype == torch.float32,
                  BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)))
-    grid = (chunks, batch * heads)
+    grid = (batch * heads, chunks)
     _probe_stats_kernel[grid](q, k, kv_index, valid, row_max, row_sum, *common, probe_rows, base, scale * LOG2E,
-                              CHUNK_KEYS=chunk_blocks * block_size, num_warps=4, **flags)
+                              CHUNK_KEYS=chunk_blocks * block_size, num_warps=warps, **flags)
     _probe_split_kernel[grid](q, k, kv_index, valid, row_max, row_sum, split, *common, k_blocks, probe_rows, base,
                               shift, scale * LOG2E, BLOCK_SIZE=block_size, CHUNK_BLOCKS=chunk_blocks, CLASSES=classes,
-                              CLASSES_PAD=max(2, triton.next_power_of_2(classes)), num_warps=4, **flags)
+                              CLASSES_PAD=max(2, triton.next_power_of_2(classes)), num_warps=warps, **flags)
     return split
 
 

@@ -27,6 +27,14 @@ KERNELS = [
      dict(Q=BF16, K=BF16, KV_INDEX=I64, VALID=U8, ROW_MAX=F32, ROW_SUM=F32, SPLIT=F32, qk_scale="fp32"),
      dict(CAUSAL=True, HAS_VALID=False, IEEE=False, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=128, D_PAD=128, BLOCK_SIZE=128,
           CHUNK_BLOCKS=8, CLASSES=3, CLASSES_PAD=4)),
+    ("sparsify.estimator_kernels", "_probe_stats_kernel",     # every probe row of a head in one tile
+     dict(Q=BF16, K=BF16, KV_INDEX=I64, VALID=U8, ROW_MAX=F32, ROW_SUM=F32, qk_scale="fp32"),
+     dict(CAUSAL=True, HAS_VALID=False, IEEE=False, BLOCK_M=128, BLOCK_N=64, HEAD_DIM=128, D_PAD=128,
+          CHUNK_KEYS=2048)),
+    ("sparsify.estimator_kernels", "_probe_split_kernel",
+     dict(Q=BF16, K=BF16, KV_INDEX=I64, VALID=U8, ROW_MAX=F32, ROW_SUM=F32, SPLIT=F32, qk_scale="fp32"),
+     dict(CAUSAL=True, HAS_VALID=False, IEEE=False, BLOCK_M=128, BLOCK_N=64, HEAD_DIM=64, D_PAD=64, BLOCK_SIZE=128,
+          CHUNK_BLOCKS=16, CLASSES=3, CLASSES_PAD=4)),
     ("sparsify.estimator_kernels", "_top_lines_kernel",
      dict(SPLIT=F32, COLUMN_COUNT=I32, SLASH_COUNT=I32, COLUMNS=I64, DIAGONALS=I64), dict(CLASSES=3, PAD=2048)),
     ("sparsify.estimator_kernels", "_vertical_slash_lists_kernel",
@@ -55,7 +63,8 @@ def _ptxas_present() -> bool:
 
 
 @pytest.mark.skipif(not _ptxas_present(), reason="needs Triton with its bundled ptxas")
-@pytest.mark.parametrize("module, kernel, types, constexprs", KERNELS, ids=[kernel for _, kernel, _, _ in KERNELS])
+@pytest.mark.parametrize("module, kernel, types, constexprs", KERNELS,
+                         ids=[f"{kernel}-{index}" for index, (_, kernel, _, _) in enumerate(KERNELS)])
 def test_the_kernel_compiles_for_hopper(module, kernel, types, constexprs):
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, __file__, module, kernel, repr(types), repr(constexprs)],

@@ -356,6 +356,30 @@ def test_the_probe_kernel_over_chunks_of_key_blocks_equals_the_torch_split(chunk
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("probe_rows, q_offset", [(128, 0), (100, 37)])
+def test_the_probe_kernel_with_every_probe_row_in_one_tile_equals_the_torch_split(probe_rows, q_offset):
+    # Block 128 (a model's): all probe rows of a head in one tile of up to 128 rows, the heads of a key/value head
+    # side by side in the grid; the first probe row off a block edge (q_offset 37) spans three offset classes.
+    from sparsify.estimator_kernels import probe_block_split
+    from sparsify.estimators import _probe_split_torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(probe_rows + q_offset)
+    q_len = 300
+    k_len = q_len + q_offset
+    q = torch.randn(1, 4, q_len, 64, generator=gen)
+    k = torch.randn(1, 2, k_len, 64, generator=gen)
+    arguments = dict(block_size=128, kv_head_index=torch.tensor([0, 0, 1, 1]), probe_rows=probe_rows, scale=0.125,
+                     causal=True, q_offset=q_offset)
+    fused = probe_block_split(q.to(device), k.to(device), key_valid=None, chunk_blocks=2, **arguments)
+    expected = _probe_split_torch(q, k, key_valid=None, **arguments).double()
+    assert fused.shape == expected.shape
+    assert torch.allclose(fused.cpu().double(), expected, atol=1e-5)
+    assert torch.allclose(fused.sum((-1, -2)).cpu().double(), torch.full((1, 4), float(probe_rows),
+                                                                          dtype=torch.float64), rtol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("q_len, k_len, q_offset, causal, padded", [
     (100, 100, 0, True, True),          # a cut last block, padding (a row of blocks that sees no valid key)
     (40, 170, 130, True, False),        # a chunk at the end of a longer cache
