@@ -43,6 +43,20 @@ def _greedy(prefill_model, step_model, ids, cache):
     return torch.cat(tokens, 1), torch.stack(logits, 1)
 
 
+def _greedy_counting_decoder_steps(model, ids, cache) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`_greedy` eagerly, and how many times the attached model's query-aware decoders ran a step: one per layer and
+    step when the cache really reaches attention (a forward that ignores its cache argument runs none)."""
+    calls = []
+    hooks = [module.register_forward_hook(lambda *_: calls.append(1))
+             for module in model.modules() if type(module).__name__ == "QueryAwareDecoder"]
+    try:
+        tokens, logits = _greedy(model, model, ids, cache)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return tokens, logits, len(calls)
+
+
 # (The torch path of a decode pattern under a compiled static cache: test_transformers.py.)
 @pytest.mark.parametrize("decode", ["sparse", "query_aware_triton"])
 def test_compiled_static_cache_decode_gives_the_eager_tokens_without_recompiling(decode):
@@ -69,7 +83,8 @@ def test_compiled_static_cache_decode_gives_the_eager_tokens_without_recompiling
     # cache's pages, and a static cache's page count is its capacity: its eager reference is the same static cache.
     reference_cache = (transformers.DynamicCache(config=model.config) if decode == "sparse"
                        else transformers.StaticCache(config=model.config, max_cache_len=CAPACITY))
-    expected_tokens, expected_logits = _greedy(reference, reference, ids, reference_cache)
+    expected_tokens, expected_logits, decoder_steps = _greedy_counting_decoder_steps(reference, ids, reference_cache)
+    assert decoder_steps == (0 if decode == "sparse" else STEPS * model.config.num_hidden_layers)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -111,8 +126,9 @@ def test_query_aware_decode_replays_as_cuda_graphs_under_reduce_overhead():
     attached = sparsify.attach(model, strategy, decode=pattern)
     reference = sparsify.attach(model, strategy, decode=pattern)
     ids = torch.randint(2, model_zoo.VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(23)).to("cuda")
-    expected_tokens, expected_logits = _greedy(
-        reference, reference, ids, transformers.StaticCache(config=model.config, max_cache_len=CAPACITY))
+    expected_tokens, expected_logits, decoder_steps = _greedy_counting_decoder_steps(
+        reference, ids, transformers.StaticCache(config=model.config, max_cache_len=CAPACITY))
+    assert decoder_steps == STEPS * model.config.num_hidden_layers         # each step decoded through the cache
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
