@@ -60,6 +60,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--page-size", type=int, default=32)
     parser.add_argument("--sink-pages", type=int, default=1)
     parser.add_argument("--window-pages", type=int, default=4)
+    parser.add_argument("--min-pages", type=int, default=4,
+                        help="pages the bound chooses at least, whatever --budget; with --budget 0 a budget in "
+                             "tokens as Quest's: --min-pages 128 --page-size 32 reads 4096 tokens at any length")
     parser.add_argument("--layers", type=int, default=None, help="layers of the model for --model-step")
     parser.add_argument("--model-step", action="store_true", help="also time a whole decode step of the model")
     parser.add_argument("--compile", action="store_true", help="also time the quest step under torch.compile")
@@ -160,7 +163,7 @@ def main(argv=None) -> None:
     device = arguments.device
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     pattern = query_aware_decode(arguments.budget, page_size=arguments.page_size, sink_pages=arguments.sink_pages,
-                                 window_pages=arguments.window_pages)
+                                 window_pages=arguments.window_pages, min_pages=arguments.min_pages)
     out = arguments.out or os.path.join(RESULTS, f"llm_decode_{'gpu' if device != 'cpu' else 'cpu'}.json")
     timer = StepTimer(device, arguments.repeats, flush_l2=not arguments.warm_l2)
     meta = {"device": machine(), "torch": torch.__version__, "dtype": str(dtype), "pattern": pattern.to_dict(),

@@ -229,6 +229,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--sink-pages", type=int, default=1)
     parser.add_argument("--window-pages", type=int, default=4)
+    parser.add_argument("--min-pages", type=int, default=4,
+                        help="pages the bound chooses at least, whatever --budget; with --budget 0 a budget in "
+                             "tokens as Quest's: --min-pages 128 --page-size 32 reads 4096 tokens at any length")
     parser.add_argument("--page-choice", choices=["bound", "exact", "rerank"], default="bound",
                         help="rank pages by the summaries' bound (the decoder's own choice), by their exact "
                              "attention mass (a reference: reads every key) or by exact scores among the bound's "
@@ -254,7 +257,7 @@ def main(argv=None) -> list[dict[str, Any]]:
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     tokenizer, model = load_smollm2(device, dtype, arguments.gguf)
     pattern = query_aware_decode(arguments.budget, page_size=arguments.page_size, sink_pages=arguments.sink_pages,
-                                 window_pages=arguments.window_pages)
+                                 window_pages=arguments.window_pages, min_pages=arguments.min_pages)
     out = arguments.out or os.path.join(RESULTS, f"long_context_smollm2_{'gpu' if device != 'cpu' else 'cpu'}.json")
     meta = {"device": torch.cuda.get_device_name() if device != "cpu" else "cpu", "dtype": str(dtype),
             "source": arguments.source, "pattern": pattern.to_dict(), "dense_layers": arguments.dense_layers,
