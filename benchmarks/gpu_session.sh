@@ -151,7 +151,12 @@ case "$PART" in
     step "llm_decode_page$page" "${LIMIT_PAGE:-90}" python3 benchmarks/llm_decode_bench.py --lengths 131072 \
       --batches 1 --page-size "$page" --no-torch-path --breakdown --out "$WORK/json/llm_decode_page${page}_cuda.json"
     show "$WORK/json/llm_decode_page${page}_cuda.json"
-  done;;
+  done
+  # The pattern quality_gpu.sh checks on real weights: a 4096-token budget (Quest's kind) in pages of 16.
+  has pages && step llm_decode_tokens4096 "${LIMIT_PAGE:-90}" python3 benchmarks/llm_decode_bench.py --lengths 32768 \
+    131072 --batches 1 8 --page-size 16 --budget 0 --min-pages 256 --window-pages 4 --no-torch-path --breakdown \
+    --out "$WORK/json/llm_decode_tokens4096_cuda.json"
+  has pages && show "$WORK/json/llm_decode_tokens4096_cuda.json";;
 6)
   install_fa4
   export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site2

@@ -97,10 +97,10 @@ def chunked_prefill(model, ids: torch.Tensor, chunk: int):
     import transformers
 
     cache = transformers.DynamicCache(config=model.config)
+    keyword = cache_keyword(model)
     logits = None
     for start in range(0, ids.shape[1], chunk):
-        logits = model(ids[:, start:start + chunk], **{cache_keyword(model): cache}, use_cache=True,
-                       logits_to_keep=1).logits
+        logits = model(ids[:, start:start + chunk], **{keyword: cache}, use_cache=True, logits_to_keep=1).logits
     return logits
 
 

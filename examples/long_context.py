@@ -81,6 +81,7 @@ def prompts(tokenizer, source: str, tokens: int, count: int, device: str) -> lis
 
 def greedy_dense(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense greedy continuation: ``(tokens [new], log-probabilities of those tokens [new])``."""
+    keyword = cache_keyword(model)
     output = model(prompt, use_cache=True, logits_to_keep=1)
     cache, logits = returned_cache(output), output.logits[:, -1]
     tokens, log_probabilities = [], []
@@ -88,20 +89,21 @@ def greedy_dense(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Te
         token = logits.argmax(-1)
         tokens.append(token)
         log_probabilities.append(torch.log_softmax(logits.float(), -1).gather(-1, token.unsqueeze(-1)).squeeze(-1))
-        output = model(token.unsqueeze(-1), **{cache_keyword(model): cache}, use_cache=True)
+        output = model(token.unsqueeze(-1), **{keyword: cache}, use_cache=True)
         cache, logits = returned_cache(output), output.logits[:, -1]
     return torch.cat(tokens), torch.cat(log_probabilities)
 
 
 def teacher_forced(model, prompt: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per step of ``reference``: the model's greedy token and its log-probability of the reference token."""
+    keyword = cache_keyword(model)
     output = model(prompt, use_cache=True, logits_to_keep=1)
     cache, logits = returned_cache(output), output.logits[:, -1]
     greedy, log_probabilities = [], []
     for token in reference:
         greedy.append(logits.argmax(-1))
         log_probabilities.append(torch.log_softmax(logits.float(), -1)[:, token])
-        output = model(token.view(1, 1), **{cache_keyword(model): cache}, use_cache=True)
+        output = model(token.view(1, 1), **{keyword: cache}, use_cache=True)
         cache, logits = returned_cache(output), output.logits[:, -1]
     return torch.cat(greedy), torch.cat(log_probabilities)
 
@@ -188,9 +190,8 @@ def decode_check(model, prompt: torch.Tensor, new_tokens: int, pattern, dense_la
 def chunked_logits(model, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     import transformers
 
-    cache = transformers.DynamicCache(config=model.config)
-    return torch.cat([model(ids[:, start:start + chunk], **{cache_keyword(model): cache},
-                            use_cache=True).logits
+    cache, keyword = transformers.DynamicCache(config=model.config), cache_keyword(model)
+    return torch.cat([model(ids[:, start:start + chunk], **{keyword: cache}, use_cache=True).logits
                       for start in range(0, ids.shape[1], chunk)], 1)
 
 
@@ -231,7 +232,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--window-pages", type=int, default=4)
     parser.add_argument("--min-pages", type=int, default=4,
                         help="pages the bound chooses at least, whatever --budget; with --budget 0 a budget in "
-                             "tokens as Quest's: --min-pages 128 --page-size 32 reads 4096 tokens at any length")
+                             "tokens as Quest's: --min-pages 128 --page-size 32 reads 4096 tokens at any length, "
+                             "plus the sink and window pages")
     parser.add_argument("--page-choice", choices=["bound", "exact", "rerank"], default="bound",
                         help="rank pages by the summaries' bound (the decoder's own choice), by their exact "
                              "attention mass (a reference: reads every key) or by exact scores among the bound's "

@@ -184,10 +184,17 @@ def _probe_split_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, ROW_SUM, SPLIT,
              mask=(blocks < k_blocks)[:, None] & (class_index[None, :] < CLASSES))
 
 
+#: The most programs a CUDA grid's second dimension takes (the probe's chunks of key blocks).
+MAX_GRID_CHUNKS = 65535
+
+
 def _chunk_blocks(k_blocks: int, programs_per_chunk: int) -> int:
-    """Key blocks per program of the probe: a power of two up to 16, fewer while the grid would drop below ~2K programs."""
+    """Key blocks per program of the probe: a power of two up to 16, fewer while the grid would drop below ~2K programs
+    (more than 16 only where the chunks would overflow the grid's second dimension)."""
     chunk = 1
     while chunk < 16 and (k_blocks // (2 * chunk)) * programs_per_chunk >= 2048:
+        chunk *= 2
+    while -(-k_blocks // chunk) > MAX_GRID_CHUNKS:
         chunk *= 2
     return chunk
 
@@ -209,7 +216,8 @@ def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
     key-block size, no torch ops after). ``chunk_blocks`` (a power of two; default: by the grid's
     size) sets the key blocks per program. The heads vary fastest in the grid, so the query heads
     of one key/value head read each chunk of keys at about the same time (from L2 after the first),
-    and a program holds all its probe rows in one tile where they fit (<= 128 rows, head dim <= 128):
+    and a program holds all its probe rows in one tile where they fit (<= 128 rows, head dim <= 128;
+    float32 tiles of more than 64 dims keep 64 rows):
     each pass reads its keys once per head, not once per tile of rows.
 
     Example:
@@ -230,10 +238,16 @@ def probe_block_split(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_h
     block_n = min(block_size, 64)
     # Every probe row in one tile where it fits (<= 128 rows of <= 128 dims): each pass then reads its keys once;
     # <= block: a tile spans 3 offset classes.
-    block_m = max(16, min(128 if head_dim <= 128 else 64, block_size, triton.next_power_of_2(probe_rows)))
+    # (float32 tiles of more than 64 dims stay at 64 rows: 128 would outgrow an A100's shared memory.)
+    row_cap = 128 if head_dim <= 64 or (head_dim <= 128 and q.dtype != torch.float32) else 64
+    block_m = max(16, min(row_cap, block_size, triton.next_power_of_2(probe_rows)))
     warps = 8 if block_m * max(16, triton.next_power_of_2(head_dim)) >= 8192 else 4
     chunk_blocks = chunk_blocks or _chunk_blocks(k_blocks, batch * heads)
     chunks = -(-k_blocks // chunk_blocks)
+    if chunks > MAX_GRID_CHUNKS:
+        raise ValueError(f"probe_block_split: {k_blocks} key blocks in chunks of {chunk_blocks} make {chunks} programs "
+                         f"along the grid's second dimension, more than CUDA's {MAX_GRID_CHUNKS}; pass a larger "
+                         f"chunk_blocks (or none: the default grows with the keys)")
     row_max = torch.empty(batch * heads, chunks, probe_rows, device=device, dtype=torch.float32)
     row_sum = torch.empty_like(row_max)
     split = torch.empty(batch, heads, k_blocks, classes, device=device, dtype=torch.float32)

@@ -124,3 +124,12 @@ def load_triton_kernels():
     from sparsify.backends import triton_kernels
 
     return triton_kernels
+
+
+def ops_called(function) -> set[str]:
+    """The operators ``function()`` called, by the profiler (no dispatch mode: one would itself keep a custom op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        function()
+    return {event.key for event in profiler.key_averages()}

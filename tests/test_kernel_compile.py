@@ -27,14 +27,18 @@ KERNELS = [
      dict(Q=BF16, K=BF16, KV_INDEX=I64, VALID=U8, ROW_MAX=F32, ROW_SUM=F32, SPLIT=F32, qk_scale="fp32"),
      dict(CAUSAL=True, HAS_VALID=False, IEEE=False, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=128, D_PAD=128, BLOCK_SIZE=128,
           CHUNK_BLOCKS=8, CLASSES=3, CLASSES_PAD=4)),
-    ("sparsify.estimator_kernels", "_probe_stats_kernel",     # every probe row of a head in one tile
+    ("sparsify.estimator_kernels", "_probe_stats_kernel",     # every probe row of a head in one tile (8 warps)
      dict(Q=BF16, K=BF16, KV_INDEX=I64, VALID=U8, ROW_MAX=F32, ROW_SUM=F32, qk_scale="fp32"),
      dict(CAUSAL=True, HAS_VALID=False, IEEE=False, BLOCK_M=128, BLOCK_N=64, HEAD_DIM=128, D_PAD=128,
-          CHUNK_KEYS=2048)),
+          CHUNK_KEYS=2048, num_warps=8)),
     ("sparsify.estimator_kernels", "_probe_split_kernel",
      dict(Q=BF16, K=BF16, KV_INDEX=I64, VALID=U8, ROW_MAX=F32, ROW_SUM=F32, SPLIT=F32, qk_scale="fp32"),
      dict(CAUSAL=True, HAS_VALID=False, IEEE=False, BLOCK_M=128, BLOCK_N=64, HEAD_DIM=64, D_PAD=64, BLOCK_SIZE=128,
-          CHUNK_BLOCKS=16, CLASSES=3, CLASSES_PAD=4)),
+          CHUNK_BLOCKS=16, CLASSES=3, CLASSES_PAD=4, num_warps=8)),
+    ("sparsify.estimator_kernels", "_probe_split_kernel",     # the heaviest tile: 128 rows of 128 dims, padding
+     dict(Q=BF16, K=BF16, KV_INDEX=I64, VALID=U8, ROW_MAX=F32, ROW_SUM=F32, SPLIT=F32, qk_scale="fp32"),
+     dict(CAUSAL=True, HAS_VALID=True, IEEE=False, BLOCK_M=128, BLOCK_N=64, HEAD_DIM=128, D_PAD=128, BLOCK_SIZE=128,
+          CHUNK_BLOCKS=16, CLASSES=3, CLASSES_PAD=4, num_warps=8)),
     ("sparsify.estimator_kernels", "_top_lines_kernel",
      dict(SPLIT=F32, COLUMN_COUNT=I32, SLASH_COUNT=I32, COLUMNS=I64, DIAGONALS=I64), dict(CLASSES=3, PAD=2048)),
     ("sparsify.estimator_kernels", "_vertical_slash_lists_kernel",
@@ -80,8 +84,11 @@ def _compile(module: str, kernel: str, types: dict, constexprs: dict) -> None:
     from triton.compiler import ASTSource
 
     function = getattr(importlib.import_module(module), kernel)
+    constexprs = dict(constexprs)
+    options = {"num_warps": constexprs.pop("num_warps")} if "num_warps" in constexprs else {}   # as the launch sets it
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in function.arg_names}
-    compiled = triton.compile(ASTSource(function, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(ASTSource(function, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
     assert compiled.asm.get("cubin"), f"{kernel}: no cubin"
     print("compiled", kernel)
 

@@ -49,6 +49,7 @@ import weakref
 from typing import Protocol
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from sparsify.block_mask import RuntimeBlockMask
 
@@ -61,10 +62,13 @@ __all__ = ["KernelOwner", "SiteHandles", "block_sparse_attention", "block_sparse
 def may_skip_custom_op(*tensors: torch.Tensor | None) -> bool:
     """Whether a call on ``tensors`` may run a custom op's implementation directly instead of the op.
 
-    True in eager mode (not while dynamo traces) for plain tensors (no fake, functional or other
-    subclass, no proxy) with nothing for autograd to record: the op would run exactly its
-    implementation, and the dispatcher's custom-op machinery only costs host time on every call.
-    Under ``torch.compile`` the op stays (it is what keeps the kernel one opaque node).
+    True in eager mode for plain tensors (no fake, functional or other subclass, no proxy) with
+    nothing for autograd to record and nothing else watching the dispatcher: the op would run
+    exactly its implementation, and the dispatcher's custom-op machinery only costs host time on
+    every call. The op stays under ``torch.compile`` (it is what keeps the kernel one opaque node),
+    under ``torch.jit.trace``, a ``TorchDispatchMode`` (``make_fx``, ``FlopCounterMode``) and
+    functorch transforms (``vmap``): each of them would otherwise see the kernel's allocations but
+    not the kernel.
 
     Example:
         >>> may_skip_custom_op(torch.zeros(2), None)
@@ -72,7 +76,8 @@ def may_skip_custom_op(*tensors: torch.Tensor | None) -> bool:
         >>> may_skip_custom_op(torch.zeros(2, requires_grad=True))
         False
     """
-    if torch.compiler.is_compiling():
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
+            or torch._C._are_functorch_transforms_active()):
         return False
     grad = torch.is_grad_enabled()
     return all(tensor is None or (type(tensor) in (torch.Tensor, torch.nn.Parameter)

@@ -40,6 +40,7 @@ def _greedy(prefill_model, step_model, ids, cache):
             logits.append(step.logits[:, -1].clone())                      # CUDA graph outputs are overwritten
             token = step.logits[:, -1:].argmax(-1)
             tokens.append(token)
+    assert cache.get_seq_length() == ids.shape[1] + STEPS        # every call wrote into the cache it was handed
     return torch.cat(tokens, 1), torch.stack(logits, 1)
 
 

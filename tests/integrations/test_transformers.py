@@ -207,9 +207,21 @@ def test_the_cache_goes_in_under_the_keyword_the_installed_forward_takes():
         def forward(self, x):
             return x
 
+    class PassesKeywordsThrough(torch.nn.Module):                              # DDP, PEFT: **kwargs to the model
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs, **kwargs):
+            return self.inner(*inputs, **kwargs)
+
     assert cache_keyword(BeforeTheRename()) == "past_key_values"
-    with pytest.raises(TypeError, match="NoCache.*neither 'cache' nor 'past_key_values'"):
+    assert cache_keyword(PassesKeywordsThrough(BeforeTheRename())) == "past_key_values"
+    assert cache_keyword(PassesKeywordsThrough(model)) == keyword
+    with pytest.raises(TypeError, match="NoCache takes 'cache' or 'past_key_values'"):
         cache_keyword(NoCache())
+    with pytest.raises(TypeError, match="return_dict=True"):
+        returned_cache((torch.zeros(1),))
     # The cache a call returns, whichever field holds it; then a step through it equals the one call.
     ids = torch.randint(0, model_zoo.VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -356,6 +356,19 @@ def test_the_probe_kernel_over_chunks_of_key_blocks_equals_the_torch_split(chunk
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_the_probes_chunks_stay_within_the_grid_and_an_explicit_chunk_that_overflows_it_is_refused():
+    from sparsify.estimator_kernels import MAX_GRID_CHUNKS, _chunk_blocks, probe_block_split
+
+    k_blocks = MAX_GRID_CHUNKS * 16 + 1                  # 16M keys at block 16
+    assert -(-k_blocks // _chunk_blocks(k_blocks, 1)) <= MAX_GRID_CHUNKS
+    assert _chunk_blocks(1024, 32) == 16 and _chunk_blocks(10, 1) == 1
+    keys = torch.zeros(1, 1, 1, 16).expand(1, 1, (MAX_GRID_CHUNKS + 1) * 16, 16)   # shapes only: refused before work
+    with pytest.raises(ValueError, match="65536 programs along the grid's second dimension"):
+        probe_block_split(torch.zeros(1, 1, 16, 16), keys, block_size=16, kv_head_index=torch.tensor([0]),
+                          probe_rows=16, scale=0.25, causal=False, q_offset=0, key_valid=None, chunk_blocks=1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("probe_rows, q_offset", [(128, 0), (100, 37)])
 def test_the_probe_kernel_with_every_probe_row_in_one_tile_equals_the_torch_split(probe_rows, q_offset):
     # Block 128 (a model's): all probe rows of a head in one tile of up to 128 rows, the heads of a key/value head

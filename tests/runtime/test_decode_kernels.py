@@ -17,7 +17,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install triton): the decode kernels cannot run",
                 allow_module_level=True)
 
-from backend_helpers import HAS_CUDA, rel_err  # noqa: E402
+from backend_helpers import HAS_CUDA, ops_called, rel_err  # noqa: E402
 from sparsify.backends import triton_decode  # noqa: E402
 from sparsify.patterns import query_aware_decode  # noqa: E402
 from sparsify.runtime.decode import QueryAwareDecoder, page_bounds, select_pages  # noqa: E402
@@ -343,18 +343,6 @@ def test_top_pages_refuses_a_count_outside_the_pages():
         triton_decode.top_pages(torch.zeros(1, 1, 4, device=DEVICE), 5)
 
 
-class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
-    """The operators dispatched while active (names), to see whether the decode op was called."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def test_an_eager_step_runs_the_kernels_without_the_op_and_gives_the_ops_answer():
     batch, heads, kv_heads, length, dim, page = 1, 4, 2, 200, 32, 16
     keys, values = _cache(9, batch, kv_heads, length, dim, torch.float32)
@@ -364,9 +352,11 @@ def test_an_eager_step_runs_the_kernels_without_the_op_and_gives_the_ops_answer(
     for decoder in (direct, through_op):
         decoder.observe_prefill(keys, 0, length - 1)
     q = torch.randn(batch, heads, 1, dim, generator=torch.Generator().manual_seed(10)).to(DEVICE)
-    with torch.no_grad(), _OpsSeen() as seen:
-        out = direct(q, keys, values, None, None)
-    assert "sparsify.query_aware_decode_step" not in seen.names
+    outputs = []
+    with torch.no_grad():
+        seen = ops_called(lambda: outputs.append(direct(q, keys, values, None, None)))
+    out = outputs[0]
+    assert "sparsify::query_aware_decode_step" not in seen
     with torch.no_grad():
         expected, _ = torch.ops.sparsify.query_aware_decode_step(
             q, keys, values, through_op.summaries.minimum, through_op.summaries.maximum,
@@ -378,6 +368,5 @@ def test_an_eager_step_runs_the_kernels_without_the_op_and_gives_the_ops_answer(
         assert torch.equal(getattr(direct.summaries, summary)[:, :, :pages],
                            getattr(through_op.summaries, summary)[:, :, :pages])
     # With something for autograd to record, the step goes through the op (as under torch.compile).
-    with _OpsSeen() as seen:
-        direct(q.clone().requires_grad_(), keys, values, None, None)
-    assert "sparsify.query_aware_decode_step" in seen.names
+    assert "sparsify::query_aware_decode_step" in ops_called(
+        lambda: direct(q.clone().requires_grad_(), keys, values, None, None))

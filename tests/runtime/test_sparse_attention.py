@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from sparsify import patterns
 from sparsify.backends import BackendUnavailableError
@@ -15,7 +16,7 @@ from sparsify.runtime import sparse_attention as sparse_attention_module
 from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
 
-from backend_helpers import mask_reference, rel_err
+from backend_helpers import mask_reference, ops_called, rel_err
 
 
 def _layer(causal=True, heads=4, kv_heads=2, backend="auto", length=128):
@@ -162,27 +163,18 @@ def test_a_backend_without_gradients_trains_by_recomputing_with_the_torch_backen
         assert rel_err(ours, expected) < 3e-3
 
 
-class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
-    """The operators dispatched while active (names), to see whether the kernel op was called."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("needs_gradients", [False, True])
 def test_eager_calls_skip_the_kernel_op_only_when_autograd_records_nothing(needs_gradients):
     layer = _layer(causal=True, backend="torch")
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, heads, 64, 16, generator=gen, dtype=torch.float64) for heads in (4, 2, 2))
     q.requires_grad_(needs_gradients)
-    with _OpsSeen() as seen:
-        output = layer(q, k, v, None, True, None)
-    assert ("sparsify.block_sparse_attention" in seen.names) == needs_gradients
+    outputs = []
+    seen = ops_called(lambda: outputs.append(layer(q, k, v, None, True, None)))
+    output = outputs[0]
+    assert ("sparsify::block_sparse_attention" in seen) == needs_gradients
+    with FlopCounterMode(display=False):                     # a dispatch mode watching: the op stays
+        assert "sparsify::block_sparse_attention" in ops_called(lambda: layer(q.detach(), k, v, None, True, None))
     sparse = layer.runtime_mask(64, 64, "cpu")
     expected = mask_reference(q.detach().index_select(1, layer.sparse_heads), k, v, sparse)
     assert rel_err(output.detach().index_select(1, layer.sparse_heads), expected) < 1e-12
