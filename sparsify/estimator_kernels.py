@@ -20,8 +20,10 @@ Pooled coverage: `block_means` pools queries and keys per block (one launch each
 scores once, adds the key bias, hides causal blocks, takes the softmax in registers and picks
 the best blocks one by one (largest mass first, ties to the lower block) until the coverage is
 reached, then appends the sink blocks: the block lists come out directly, with no
-``[B, H, Qb, Kb]`` probability or sort-key tensor and no sort. Rows of up to
-`MAX_COVERAGE_BLOCKS` key blocks (`supports_coverage`).
+``[B, H, Qb, Kb]`` probability or sort-key tensor and no sort. Where a row is much wider than
+the ranks it may keep (long contexts at low density: 1,024 blocks, ≤ 64 ranks at 128K), a radix
+select first takes each row's ``limit`` best blocks into a small tile and the ranking runs over
+that tile alone. Rows of up to `MAX_COVERAGE_BLOCKS` key blocks (`supports_coverage`).
 
 The interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors (tests);
 ``tests/test_kernel_compile.py`` compiles them for sm_90 without a GPU.
@@ -41,6 +43,9 @@ __all__ = ["block_means", "coverage_lists_of_scores", "probe_block_split", "supp
 LOG2E = 1.4426950408889634
 #: Key blocks a row of the coverage kernel holds in registers (2048 blocks: 256K tokens at block 128).
 MAX_COVERAGE_BLOCKS = 2048
+#: The coverage kernel ranks a row's blocks over a pre-selected candidate tile where the row (padded) is at least
+#: this many times wider than the ranks it may keep (the padded ``limit``); narrower rows are ranked whole.
+PRESELECT_WIDTH_RATIO = 4
 
 
 def supports(block_size: int, head_dim: int, dtype: torch.dtype) -> bool:
@@ -467,10 +472,36 @@ def supports_coverage(k_blocks: int) -> bool:
 
 
 @triton.jit
-def _coverage_kernel(SCORES, KEY_BIAS, COVERAGE, MIN_BLOCKS, MAX_BLOCKS, SINKS, LISTS,
+def _preselect(mass, columns, rows, row_ok, CANDIDATE_MASS, CANDIDATE_INDEX, batch_head, q_blocks, limit,
+               LIMIT_PAD: tl.constexpr):
+    """Per row the ``limit`` largest masses (ties: lower block) with their blocks, in block order, as ``[ROWS, LIMIT_PAD]``
+    tiles (the rest ``-1``): a radix select over the masses' bits, then a compaction through the scratch rows."""
+    keys = tl.where(mass >= 0, mass.to(tl.int32, bitcast=True), -1)      # masses >= +0: bits in float order
+    threshold = tl.zeros_like(rows)                                      # the limit-th largest key, bit by bit
+    for round_ in tl.static_range(31):
+        candidate = threshold | (1 << (30 - round_))
+        above = tl.sum((keys >= candidate[:, None]).to(tl.int32), 1)
+        threshold = tl.where(above >= limit, candidate, threshold)
+    greater = keys > threshold[:, None]
+    equal = keys == threshold[:, None]
+    ties_taken = limit - tl.sum(greater.to(tl.int32), 1)
+    take = (greater | (equal & (tl.cumsum(equal.to(tl.int32), 1) <= ties_taken[:, None]))) & row_ok[:, None]
+    slot = tl.cumsum(take.to(tl.int32), 1) - 1
+    scratch = (batch_head.to(tl.int64) * q_blocks + rows) * LIMIT_PAD
+    tl.store(CANDIDATE_MASS + scratch[:, None] + slot, mass, mask=take)
+    tl.store(CANDIDATE_INDEX + scratch[:, None] + slot, tl.broadcast_to(columns[None, :], mass.shape), mask=take)
+    tl.debug_barrier()                                                   # the block's stores, seen by all its threads
+    lanes = tl.arange(0, LIMIT_PAD)
+    filled = (lanes[None, :] < tl.sum(take.to(tl.int32), 1)[:, None]) & row_ok[:, None]
+    return (tl.load(CANDIDATE_MASS + scratch[:, None] + lanes[None, :], mask=filled, other=-1.0),
+            tl.load(CANDIDATE_INDEX + scratch[:, None] + lanes[None, :], mask=filled, other=0), lanes)
+
+
+@triton.jit
+def _coverage_kernel(SCORES, KEY_BIAS, COVERAGE, MIN_BLOCKS, MAX_BLOCKS, SINKS, LISTS, CANDIDATE_MASS, CANDIDATE_INDEX,
                      heads, q_blocks, k_blocks, q_len, q_offset, limit, sink_width,
                      CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, K_PAD: tl.constexpr,
-                     SINK_PAD: tl.constexpr):
+                     SINK_PAD: tl.constexpr, PRESELECT: tl.constexpr, LIMIT_PAD: tl.constexpr):
     row_tile = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // heads
@@ -501,6 +532,12 @@ def _coverage_kernel(SCORES, KEY_BIAS, COVERAGE, MIN_BLOCKS, MAX_BLOCKS, SINKS, 
     tl.store(out[:, None] + columns[None, :], tl.full([ROWS, K_PAD], -1, tl.int64),
              mask=row_ok[:, None] & (columns < limit)[None, :])
     _store_sink_slots(out, limit, row_ok, SINKS, head, sink_width, ROWS, SINK_PAD)
+    # Only the `limit` best blocks of a row can be kept: with rows much wider than that, they are selected first
+    # (31 counting rounds) and the ranking below runs over them alone (in block order: ties still go to the
+    # lower block), instead of over the whole row once per rank.
+    if PRESELECT:
+        mass, blocks, lanes = _preselect(mass, columns, rows, row_ok, CANDIDATE_MASS, CANDIDATE_INDEX, batch_head,
+                                         q_blocks, limit, LIMIT_PAD)
     # A row keeps its ranks up to the first one it does not keep (the mass before a rank only grows, the
     # rank's own mass only shrinks): the loop ends when no row of the tile keeps its rank (the lists hold -1).
     rank = 0
@@ -511,8 +548,12 @@ def _coverage_kernel(SCORES, KEY_BIAS, COVERAGE, MIN_BLOCKS, MAX_BLOCKS, SINKS, 
         before = covered - value                                         # mass of the better blocks
         keep = ((before < coverage) & (value > 0)) | (rank < min_blocks)
         keep = keep & (rank < max_blocks) & row_ok
+        if PRESELECT:
+            mass = tl.where(lanes[None, :] == best[:, None], -1.0, mass)
+            best = tl.sum(tl.where(lanes[None, :] == best[:, None], blocks, 0), 1)   # the lane's block
+        else:
+            mass = tl.where(columns[None, :] == best[:, None], -1.0, mass)
         tl.store(out + rank, best.to(tl.int64), mask=keep)
-        mass = tl.where(columns[None, :] == best[:, None], -1.0, mass)
         rank += 1
         going = (rank < limit) & (tl.max(keep.to(tl.int32), 0) > 0)
 
@@ -545,10 +586,19 @@ def coverage_lists_of_scores(scores: torch.Tensor, key_bias: torch.Tensor, *, co
         sink_count, sink_width = min_blocks, 0                          # any int tensor: no sink slot is read
     rows = max(1, min(4, 4096 // pad))                                   # about 4K logits per program
     grid = (triton.cdiv(q_blocks, rows), batch * heads)
+    limit_pad = triton.next_power_of_2(limit)
+    preselect = PRESELECT_WIDTH_RATIO * limit_pad <= pad                 # rows much wider than the ranks kept
+    if preselect:   # scratch rows for the compaction of each row's candidates (one writer each, read back at once)
+        candidate_mass = torch.empty(batch * heads * q_blocks * limit_pad, device=scores.device, dtype=torch.float32)
+        candidate_index = torch.empty(batch * heads * q_blocks * limit_pad, device=scores.device, dtype=torch.int32)
+    else:
+        candidate_mass, candidate_index = lists, lists                     # never read
     _coverage_kernel[grid](scores.contiguous(), key_bias.to(torch.float32).contiguous(),
                            coverage.to(torch.float32).contiguous(), min_blocks.to(torch.int32).contiguous(),
                            max_blocks.to(torch.int32).contiguous(), sink_count.to(torch.int32).contiguous(), lists,
+                           candidate_mass, candidate_index,
                            heads, q_blocks, k_blocks, q_len, q_offset, limit, sink_width, CAUSAL=bool(causal),
                            BLOCK_SIZE=block_size, ROWS=rows, K_PAD=pad,
-                           SINK_PAD=triton.next_power_of_2(max(sink_width, 1)), num_warps=4 if pad <= 1024 else 8)
+                           SINK_PAD=triton.next_power_of_2(max(sink_width, 1)), PRESELECT=preselect,
+                           LIMIT_PAD=limit_pad, num_warps=4 if pad < 1024 or (pad == 1024 and not preselect) else 8)
     return lists

@@ -424,6 +424,41 @@ def test_the_coverage_kernel_equals_the_torch_path(q_len, k_len, q_offset, causa
         assert torch.equal(fused.cpu(), expected)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("causal, padded", [(True, False), (False, True)])
+def test_the_coverage_kernel_ranking_a_preselected_tile_equals_the_torch_path(causal, padded):
+    # Rows of 82 blocks (padded to 128) keeping at most 20: the kernel first radix-selects each row's 20 best blocks
+    # (PRESELECT_WIDTH_RATIO); heads with zero queries score every block alike, so the ties at the selection's edge
+    # must go to the lower blocks, as in the torch path's ranking; early causal rows see fewer blocks than 20.
+    from sparsify.estimator_kernels import PRESELECT_WIDTH_RATIO
+    from sparsify.estimators import pooled_coverage_block_lists
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(82)
+    length = 1300
+    q = torch.randn(1, 4, length, 8, generator=gen)
+    q[:, 1] = 0                                              # every block alike: ties everywhere
+    k = torch.randn(1, 2, length, 8, generator=gen)
+    valid = None
+    if padded:
+        valid = torch.ones(1, length, dtype=torch.bool)
+        valid[0, 100:400] = False
+    k_blocks = blocks_for(length, 16)
+    assert PRESELECT_WIDTH_RATIO * 32 <= 128                 # (the kernel takes the pre-selecting path here)
+    arguments = dict(block_size=16, kv_head_index=torch.tensor([0, 0, 1, 1]),
+                     # (0.537 of n equal masses is never a whole count: no float32 tie at the coverage line)
+                     coverage=torch.tensor([0.9, 0.537, 0.99, 0.7]), min_blocks=torch.tensor([1, 3, 2, 1]),
+                     max_blocks=torch.tensor([20, 8, 3, 12]), scale=0.3, causal=causal, q_offset=0,
+                     temperature=torch.tensor([1.0, 1.0, 0.5, 2.0]).view(1, -1, 1, 1))
+    expected = pooled_coverage_block_lists(q, k, key_valid=valid, kernel="torch", sink_blocks=torch.tensor([1, 0, 2, 0]),
+                                           **arguments)
+    fused = pooled_coverage_block_lists(
+        q.to(device), k.to(device), key_valid=None if valid is None else valid.to(device), kernel="triton",
+        sink_blocks=torch.tensor([1, 0, 2, 0]), **{**arguments, "temperature": arguments["temperature"].to(device)})
+    assert expected.shape[-1] == 20 + 2 and k_blocks == 82
+    assert torch.equal(fused.cpu(), expected)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
