@@ -133,6 +133,10 @@ def _output_budget_lines(record: dict[str, Any]) -> list[str]:
     verdict = "within" if record.get("within_budget", True) else "OVER"
     lines = [f"model-level {record.get('metric')}: budget {record.get('budget'):g}, promised {record['promised']:.3e}, "
              f"measured {record['measured']:.3e} on held-out batches ({verdict} budget)"]
+    if "noise_floor" in record:
+        lines.append(f"the model computes in 16-bit floats: any change at a site moves its output by a rounding-noise "
+                     f"floor besides what the change causes; taken out (largest of this allocation's sites "
+                     f"{record['noise_floor']:.3e}; measured with it {record['measured_with_noise']:.3e})")
     trail = record.get("verifications") or []
     if len(trail) > 1:
         steps = ", ".join(f"scale {entry['scale']:.3g} → {entry['measured']:.2e}" for entry in trail)

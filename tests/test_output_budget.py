@@ -289,3 +289,66 @@ def test_the_model_level_search_runs_on_a_cuda_model():
     assert compiled.strategy.summary()["mean_density"] < 1.0
     x = tokens(101).cuda()
     assert relative_error(call(compiled, (x,)), call(model, (x,))) <= 1.5 * 0.05
+
+
+class _RoundingModel:
+    """A verifier stand-in: a perturbation of relative size ``e`` at site ``s`` moves the output by ``κ_s e² + ν_s``
+    (additive form) — the growing part and a rounding-noise floor, as a bfloat16 model behaves."""
+
+    def __init__(self, kappa: dict[str, float], floor: dict[str, float]):
+        generator = torch.Generator().manual_seed(5)
+        self.q, self.k, self.v = (torch.randn(1, 2, 64, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+        self.kappa, self.floor = kappa, floor
+
+    def measure_each_alone(self, replacements):
+        from sparsify.ops import dense_attention
+
+        dense = dense_attention(self.q, self.k, self.v, None, True, None)
+        errors = {name: relative_error(replacement(self.q, self.k, self.v, None, True, None), dense)
+                  for name, replacement in replacements.items()}
+        return {name: self.kappa[name] * error**2 + self.floor[name] for name, error in errors.items()}
+
+
+def test_the_rounding_noise_floor_is_taken_out_of_the_sensitivities():
+    from types import SimpleNamespace
+
+    from sparsify.ops import dense_attention
+    from sparsify.search.output_budget import measure_noise_floors, measure_sensitivities
+
+    sites = [SimpleNamespace(name="early"), SimpleNamespace(name="late"), SimpleNamespace(name="dense only")]
+    kappa, floor = {"early": 0.2, "late": 0.01}, {"early": 4e-4, "late": 1e-5}
+    verifier = _RoundingModel(kappa, floor)
+    noise = torch.randn(1, 2, 64, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    def probe(q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):   # a sparse output: dense + a change
+        return dense_attention(q, k, v, attn_mask, is_causal, scale) + 0.1 * noise
+
+    probes = {"early": probe, "late": probe}
+    floors = measure_noise_floors(verifier, sites, probes)
+    assert floors["dense only"] == 0.0
+    for name in probes:   # the floor probe's own growing part is one rounding step's: small against the floor
+        assert floor[name] <= floors[name] <= floor[name] + kappa[name] * 0.005**2 * 1.01
+    with_floor = measure_sensitivities(verifier, sites, probes, floors=floors)
+    without = measure_sensitivities(verifier, sites, probes)
+    for name in probes:
+        assert math.isclose(with_floor[name], kappa[name], rel_tol=1e-6)
+        assert without[name] > kappa[name] + 0.9 * floor[name] / 0.05**2       # the floor read as sensitivity
+    assert with_floor["dense only"] == without["dense only"] == 0.0
+
+
+def test_a_bfloat16_search_takes_the_rounding_floor_out_and_records_it(loud_and_quiet):
+    # In bfloat16 the floor is measured per site and recorded; the budget bounds what the sparsity adds beyond it.
+    # In float32 (the fixture) nothing is measured or recorded.
+    assert "noise_floor" not in loud_and_quiet[2].strategy.metadata["output_budget"]
+    model = LoudAndQuiet(loud=1.0, quiet=0.3).eval().to(torch.bfloat16)
+    batches = [tokens(seed).to(torch.bfloat16) for seed in range(1, 5)]
+    compiled = sparsify.compile(model, batches, max_output_error=0.05, block_size=16, progress=False,
+                                cost_model=WORK_ONLY, adaptive=False)
+    record = compiled.strategy.metadata["output_budget"]
+    floors = record["noise_floors"]
+    assert set(floors) == {site.name for site in compiled.sites} and all(value > 0 for value in floors.values())
+    assert record["noise_floor"] in floors.values() or record["noise_floor"] == 0.0
+    assert record["measured"] <= 0.05 and record["within_budget"]
+    assert math.isclose(record["measured"] ** 2, max(0.0, record["measured_with_noise"] ** 2 - record["noise_floor"] ** 2),
+                        rel_tol=1e-4, abs_tol=1e-10)
+    assert "rounding-noise floor" in compiled.report()

@@ -66,6 +66,8 @@ from sparsify.search.candidates import (
 from sparsify.output_metrics import OUTPUT_METRICS, OutputMetric, output_metric, register_output_metric
 from sparsify.search.output_budget import (
     OutputVerifier,
+    is_low_precision,
+    measure_noise_floors,
     measure_sensitivities,
     sparse_replacement,
     tighten_until_within,
@@ -270,9 +272,16 @@ def _allocate_for_output(captured: Captured, sites: Sequence[AttentionSite], opt
         probe = runtime(site, heads)
         if probe is not None:
             probes[site.name] = probe
-    verifier.dense_outputs()
+    dense_outputs = verifier.dense_outputs()
     clock.lap("dense outputs")
-    sensitivities = measure_sensitivities(verifier, sites, probes)
+    # In 16-bit floats any change at a site moves the output by a rounding-noise floor besides what the change causes:
+    # measured per site, it is taken out of the sensitivities and out of each verification (the budget bounds what
+    # the sparsity adds; the floor is recorded beside it).
+    floors = (measure_noise_floors(verifier, sites, probes)
+              if probes and is_low_precision(captured.graph_module, dense_outputs) else {})
+    if floors:
+        clock.lap("noise floors")
+    sensitivities = measure_sensitivities(verifier, sites, probes, floors=floors)
     clock.lap("sensitivities")
     dense_work_total = {site.name: site.q_len * site.k_len * (0.5 if site.causal else 1.0) for site in sites}
 
@@ -284,6 +293,8 @@ def _allocate_for_output(captured: Captured, sites: Sequence[AttentionSite], opt
                 total += dense_work_total[site.name]
         return kept / max(total, 1e-30)
 
+    with_noise: dict[Any, tuple[float, float]] = {}   # allocation key -> (measured with the noise, the floor)
+
     def measure(allocation: Allocation) -> tuple[float, float]:
         replacements = {}
         for site in sites:
@@ -291,7 +302,11 @@ def _allocate_for_output(captured: Captured, sites: Sequence[AttentionSite], opt
             replacement = runtime(site, heads, config.dense_steps)
             if replacement is not None:
                 replacements[site.name] = replacement
-        return verifier.measure(replacements), density(allocation)
+        measured = verifier.measure(replacements)
+        # The earliest perturbed site sets how much of the model rounds differently: the largest of their floors.
+        floor = max((floors.get(name, 0.0) for name in replacements), default=0.0)
+        with_noise[allocation.key()] = (measured, floor)
+        return max(0.0, measured - floor), density(allocation)
 
     budget = float(config.output_budget) ** metric.power
     if config.has_target:  # the target fixes the work: the least model-level error there, measured once
@@ -320,8 +335,14 @@ def _allocate_for_output(captured: Captured, sites: Sequence[AttentionSite], opt
         "verifications": [entry.to_json(metric) for entry in trail],
         "forward_passes": verifier.passes,
     }
-    logger.info("model-level %s: promised %.3e, measured %.3e (budget %g) after %d verification(s), %d forward passes",
-                metric.name, record["promised"], record["measured"], config.output_budget, len(trail), verifier.passes)
+    if floors:   # measured above is what the sparsity adds; with the rounding noise it was measured_with_noise
+        measured_with_noise, floor = with_noise.get(allocation.key(), (chosen.measured, 0.0))
+        record.update(noise_floor=round(floor**unit, 8), measured_with_noise=round(measured_with_noise**unit, 8),
+                      noise_floors={name: round(value**unit, 8) for name, value in floors.items()})
+    logger.info("model-level %s: promised %.3e, measured %.3e (budget %g) after %d verification(s), %d forward passes%s",
+                metric.name, record["promised"], record["measured"], config.output_budget, len(trail), verifier.passes,
+                f"; rounding-noise floor {record['noise_floor']:.3e} taken out (with it: "
+                f"{record['measured_with_noise']:.3e})" if floors else "")
     return allocation, record
 
 

@@ -33,11 +33,14 @@ from sparsify.site import AttentionSite
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_VERIFICATIONS", "OutputVerifier", "PROBE_SITE_ERROR", "measure_sensitivities",
-           "tighten_until_within"]
+__all__ = ["FLOOR_PROBE_ERROR", "MAX_VERIFICATIONS", "OutputVerifier", "PROBE_SITE_ERROR", "is_low_precision",
+           "measure_noise_floors", "measure_sensitivities", "tighten_until_within"]
 
 #: Site relative error the sensitivity probe injects (small enough to stay in the linear regime).
 PROBE_SITE_ERROR = 0.05
+
+#: Site relative error of the rounding-noise probe (`measure_noise_floors`): about one bfloat16 rounding step.
+FLOOR_PROBE_ERROR = 0.005
 
 #: Most verifications (held-out passes of the whole sparsified model) the tightening loop runs.
 MAX_VERIFICATIONS = 6
@@ -205,35 +208,77 @@ def sparse_replacement(site: AttentionSite, heads: Sequence[Pattern], block_size
                            step_counter=step_counter, cost_model=cost_model).to(device)
 
 
+def _injected(probe: Callable[..., torch.Tensor], error: float) -> Callable[..., torch.Tensor]:
+    """A site replacement: dense attention plus ``probe``'s difference from it, scaled per call to relative error ``error``."""
+
+    def replacement(q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
+        dense = dense_attention(q, k, v, attn_mask, is_causal, scale, softcap, sinks)
+        difference = probe(q, k, v, attn_mask, is_causal, scale, softcap, sinks).double() - dense.double()
+        size = float(difference.pow(2).sum().sqrt())
+        if size == 0.0:
+            return dense
+        factor = error * float(dense.double().pow(2).sum().sqrt()) / size
+        return (dense.double() + factor * difference).to(dense.dtype)
+
+    return replacement
+
+
+def measure_noise_floors(verifier: OutputVerifier, sites: Sequence[AttentionSite],
+                         probes: dict[str, Callable[..., torch.Tensor]],
+                         probe_error: float = FLOOR_PROBE_ERROR) -> dict[str, float]:
+    """Per site: the model-level error (additive form) a perturbation at that site causes *whatever its size*.
+
+    In bfloat16 or float16 any change at a site, however small, changes how every later value
+    rounds, and the model's output moves by a roughly fixed amount (SmolLM2-135M's bf16 logits:
+    relative L2 ~0.015, as much as switching SDPA's backend) on top of what the change itself
+    causes. A site's probe direction scaled to ``probe_error`` (about one rounding step of
+    bfloat16, so the part that grows with the error is negligible) measures that floor. Sites
+    without a probe get 0. (In float32 the floor is ~1e-12: the search measures it only for
+    low-precision models, `is_low_precision`.)
+
+    Example:
+        >>> measure_noise_floors(verifier, sites, {"attn": sparse_module})   # doctest: +SKIP
+        {'attn': 0.00021}
+    """
+    probed = {site.name: _injected(probes[site.name], probe_error) for site in sites if probes.get(site.name) is not None}
+    measured = verifier.measure_each_alone(probed) if probed else {}
+    floors = {site.name: measured.get(site.name, 0.0) for site in sites}
+    logger.info("rounding-noise floors (model-level error of a perturbation of %g at one site): %s", probe_error,
+                ", ".join(f"{name} {value:.3g}" for name, value in floors.items()))
+    return floors
+
+
+def is_low_precision(graph_module: torch.nn.Module, outputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the model computes in a 16-bit float type (its floating parameters or its outputs): where the
+    rounding-noise floor (`measure_noise_floors`) is large enough to matter."""
+    low = (torch.float16, torch.bfloat16)
+    return (any(parameter.dtype in low for parameter in graph_module.parameters())
+            or any(output.dtype in low for output in outputs))
+
+
 def measure_sensitivities(verifier: OutputVerifier, sites: Sequence[AttentionSite],
                           probes: dict[str, Callable[..., torch.Tensor]],
-                          probe_error: float = PROBE_SITE_ERROR) -> dict[str, float]:
+                          probe_error: float = PROBE_SITE_ERROR, floors: dict[str, float] | None = None,
+                          floor_error: float = FLOOR_PROBE_ERROR) -> dict[str, float]:
     """Per site: model-level error (additive form) per unit of squared site relative error.
 
     ``probes[site]`` computes a sparse output of the site (the runtime output of candidates the
     search would pick there); its difference from the dense output, scaled per batch so that the
     site's relative L2 error is ``probe_error``, is injected alone and the model's output measured.
-    A site without a probe (nothing but dense to choose from) gets sensitivity 0.
+    A site without a probe (nothing but dense to choose from) gets sensitivity 0. With ``floors``
+    (`measure_noise_floors`, measured at ``floor_error``) the rounding-noise floor is taken out:
+    ``(measured - floor) / (probe_error² - floor_error²)``, the part that grows with the error.
 
     Example:
         >>> measure_sensitivities(verifier, sites, {"attn": sparse_module})   # doctest: +SKIP
         {'attn': 0.42}
     """
-    def injected(probe):
-        def replacement(q, k, v, attn_mask, is_causal, scale, softcap=None, sinks=None):
-            dense = dense_attention(q, k, v, attn_mask, is_causal, scale, softcap, sinks)
-            difference = probe(q, k, v, attn_mask, is_causal, scale, softcap, sinks).double() - dense.double()
-            size = float(difference.pow(2).sum().sqrt())
-            if size == 0.0:
-                return dense
-            factor = probe_error * float(dense.double().pow(2).sum().sqrt()) / size
-            return (dense.double() + factor * difference).to(dense.dtype)
-
-        return replacement
-
-    probed = {site.name: injected(probes[site.name]) for site in sites if probes.get(site.name) is not None}
+    probed = {site.name: _injected(probes[site.name], probe_error) for site in sites if probes.get(site.name) is not None}
     measured = verifier.measure_each_alone(probed) if probed else {}
-    sensitivities = {site.name: measured.get(site.name, 0.0) / probe_error**2 for site in sites}
+    floors = floors or {}
+    span = probe_error**2 - (floor_error**2 if floors else 0.0)
+    sensitivities = {site.name: max(0.0, measured.get(site.name, 0.0) - floors.get(site.name, 0.0)) / span
+                     for site in sites}
     logger.info("sensitivities (model-level error per squared site error): %s",
                 ", ".join(f"{name} {value:.3g}" for name, value in sensitivities.items()))
     return sensitivities
