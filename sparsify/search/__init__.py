@@ -275,13 +275,13 @@ def _allocate_for_output(captured: Captured, sites: Sequence[AttentionSite], opt
     dense_outputs = verifier.dense_outputs()
     clock.lap("dense outputs")
     # In 16-bit floats any change at a site moves the output by a rounding-noise floor besides what the change causes:
-    # measured per site, it is taken out of the sensitivities and out of each verification (the budget bounds what
-    # the sparsity adds; the floor is recorded beside it).
+    # measured per site, it is taken out of each verification (the budget bounds what the sparsity adds; the floor
+    # is recorded beside it). The sensitivities keep it (they err high; `measure_sensitivities`).
     floors = (measure_noise_floors(verifier, sites, probes)
               if probes and is_low_precision(captured.graph_module, dense_outputs) else {})
     if floors:
         clock.lap("noise floors")
-    sensitivities = measure_sensitivities(verifier, sites, probes, floors=floors)
+    sensitivities = measure_sensitivities(verifier, sites, probes)
     clock.lap("sensitivities")
     dense_work_total = {site.name: site.q_len * site.k_len * (0.5 if site.causal else 1.0) for site in sites}
 

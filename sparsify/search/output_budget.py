@@ -233,7 +233,8 @@ def measure_noise_floors(verifier: OutputVerifier, sites: Sequence[AttentionSite
     relative L2 ~0.015, as much as switching SDPA's backend) on top of what the change itself
     causes. A site's probe direction scaled to ``probe_error`` (about one rounding step of
     bfloat16, so the part that grows with the error is negligible) measures that floor. Sites
-    without a probe get 0. (In float32 the floor is ~1e-12: the search measures it only for
+    without a probe get 0. The search takes the largest floor of the sites an allocation perturbs
+    out of its verified error. (In float32 the floor is ~1e-12: the search measures it only for
     low-precision models, `is_low_precision`.)
 
     Example:
@@ -258,16 +259,17 @@ def is_low_precision(graph_module: torch.nn.Module, outputs: Sequence[torch.Tens
 
 def measure_sensitivities(verifier: OutputVerifier, sites: Sequence[AttentionSite],
                           probes: dict[str, Callable[..., torch.Tensor]],
-                          probe_error: float = PROBE_SITE_ERROR, floors: dict[str, float] | None = None,
-                          floor_error: float = FLOOR_PROBE_ERROR) -> dict[str, float]:
+                          probe_error: float = PROBE_SITE_ERROR) -> dict[str, float]:
     """Per site: model-level error (additive form) per unit of squared site relative error.
 
     ``probes[site]`` computes a sparse output of the site (the runtime output of candidates the
     search would pick there); its difference from the dense output, scaled per batch so that the
     site's relative L2 error is ``probe_error``, is injected alone and the model's output measured.
-    A site without a probe (nothing but dense to choose from) gets sensitivity 0. With ``floors``
-    (`measure_noise_floors`, measured at ``floor_error``) the rounding-noise floor is taken out:
-    ``(measured - floor) / (probe_error² - floor_error²)``, the part that grows with the error.
+    A site without a probe (nothing but dense to choose from) gets sensitivity 0. In a 16-bit model
+    the measurement includes the site's rounding-noise floor (`measure_noise_floors`): it is left
+    in, so the sensitivities err high (a site whose floor were subtracted could come out at 0 by
+    the noise of two measurements, and the allocation would spend it without limit); the
+    verification takes the floor out of the whole model's measured error instead.
 
     Example:
         >>> measure_sensitivities(verifier, sites, {"attn": sparse_module})   # doctest: +SKIP
@@ -275,10 +277,7 @@ def measure_sensitivities(verifier: OutputVerifier, sites: Sequence[AttentionSit
     """
     probed = {site.name: _injected(probes[site.name], probe_error) for site in sites if probes.get(site.name) is not None}
     measured = verifier.measure_each_alone(probed) if probed else {}
-    floors = floors or {}
-    span = probe_error**2 - (floor_error**2 if floors else 0.0)
-    sensitivities = {site.name: max(0.0, measured.get(site.name, 0.0) - floors.get(site.name, 0.0)) / span
-                     for site in sites}
+    sensitivities = {site.name: measured.get(site.name, 0.0) / probe_error**2 for site in sites}
     logger.info("sensitivities (model-level error per squared site error): %s",
                 ", ".join(f"{name} {value:.3g}" for name, value in sensitivities.items()))
     return sensitivities
