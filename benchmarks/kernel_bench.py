@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_rows import RowLog
-from timing import error_text
+from timing import error_text, profiled
 
 PATTERNS = ("window", "random", "mixed")
 
@@ -315,21 +315,12 @@ def host_time(args, log: RowLog) -> list[dict]:
 
 def profile_host(label: str, function, device: torch.device, calls: int = 500) -> None:
     """Print cProfile's top entries for ``calls`` calls of ``function`` (where a call's host time goes)."""
-    import cProfile
-    import pstats
-
     with torch.no_grad():
-        for _ in range(10):
-            function()
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(calls):
-            function()
-        profiler.disable()
+        stats = profiled(function, calls, warmup=10)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     print(f"--- cProfile, {label}, {calls} calls")
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+    stats.sort_stats("tottime").print_stats(12)
 
 
 def format_row(row: dict, names: list[str]) -> str:

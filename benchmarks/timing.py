@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["device_description", "error_text", "host_issue_ms", "host_profile", "kernel_table", "median_ms",
-           "relative_error"]
+           "profiled", "relative_error"]
 
 
 def median_ms(function: Callable[[], Any], device: torch.device | str, repeats: int, warmup: int = 3) -> float:
@@ -75,6 +75,26 @@ def host_issue_ms(function: Callable[[], Any], device: torch.device | str, repea
     return statistics.median(times)
 
 
+def profiled(function: Callable[[], Any], calls: int, warmup: int = 1) -> "pstats.Stats":
+    """`cProfile` statistics of ``calls`` calls of ``function``, after ``warmup`` unprofiled ones.
+
+    Example:
+        >>> profiled(lambda: sorted(range(10)), calls=3).total_calls >= 3
+        True
+    """
+    import cProfile
+    import pstats
+
+    for _ in range(warmup):
+        function()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        function()
+    profiler.disable()
+    return pstats.Stats(profiler)
+
+
 def host_profile(function: Callable[[], Any], top: int = 8, calls: int = 5) -> list:
     """Where one call's *host* time goes, by `cProfile`: the ``top`` functions by own time, ``[name, calls, ms]`` per call.
 
@@ -87,16 +107,7 @@ def host_profile(function: Callable[[], Any], top: int = 8, calls: int = 5) -> l
         >>> host_profile(lambda: sorted(range(1000)), top=1)[0][0]
         '<built-in method builtins.sorted>'
     """
-    import cProfile
-    import pstats
-
-    function()
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(calls):
-        function()
-    profiler.disable()
-    stats = pstats.Stats(profiler).stats          # {(file, line, name): (calls, primitive calls, own s, total s, ...)}
+    stats = profiled(function, calls).stats     # {(file, line, name): (calls, primitive calls, own s, total s, ...)}
 
     def label(where: tuple) -> str:
         file, line, name = where

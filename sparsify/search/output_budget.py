@@ -223,6 +223,15 @@ def _injected(probe: Callable[..., torch.Tensor], error: float) -> Callable[...,
     return replacement
 
 
+def _measured_alone(verifier: OutputVerifier, sites: Sequence[AttentionSite],
+                    probes: dict[str, Callable[..., torch.Tensor]], error: float) -> dict[str, float]:
+    """Per site: the model-level error (additive form) with its probe's direction injected alone at relative ``error``
+    (0 for a site without a probe)."""
+    probed = {site.name: _injected(probes[site.name], error) for site in sites if probes.get(site.name) is not None}
+    measured = verifier.measure_each_alone(probed) if probed else {}
+    return {site.name: measured.get(site.name, 0.0) for site in sites}
+
+
 def measure_noise_floors(verifier: OutputVerifier, sites: Sequence[AttentionSite],
                          probes: dict[str, Callable[..., torch.Tensor]],
                          probe_error: float = FLOOR_PROBE_ERROR) -> dict[str, float]:
@@ -241,9 +250,7 @@ def measure_noise_floors(verifier: OutputVerifier, sites: Sequence[AttentionSite
         >>> measure_noise_floors(verifier, sites, {"attn": sparse_module})   # doctest: +SKIP
         {'attn': 0.00021}
     """
-    probed = {site.name: _injected(probes[site.name], probe_error) for site in sites if probes.get(site.name) is not None}
-    measured = verifier.measure_each_alone(probed) if probed else {}
-    floors = {site.name: measured.get(site.name, 0.0) for site in sites}
+    floors = _measured_alone(verifier, sites, probes, probe_error)
     logger.info("rounding-noise floors (model-level error of a perturbation of %g at one site): %s", probe_error,
                 ", ".join(f"{name} {value:.3g}" for name, value in floors.items()))
     return floors
@@ -275,9 +282,8 @@ def measure_sensitivities(verifier: OutputVerifier, sites: Sequence[AttentionSit
         >>> measure_sensitivities(verifier, sites, {"attn": sparse_module})   # doctest: +SKIP
         {'attn': 0.42}
     """
-    probed = {site.name: _injected(probes[site.name], probe_error) for site in sites if probes.get(site.name) is not None}
-    measured = verifier.measure_each_alone(probed) if probed else {}
-    sensitivities = {site.name: measured.get(site.name, 0.0) / probe_error**2 for site in sites}
+    sensitivities = {name: value / probe_error**2
+                     for name, value in _measured_alone(verifier, sites, probes, probe_error).items()}
     logger.info("sensitivities (model-level error per squared site error): %s",
                 ", ".join(f"{name} {value:.3g}" for name, value in sensitivities.items()))
     return sensitivities
