@@ -1,4 +1,4 @@
-"""What the long-context LLM benchmarks share: model shapes built from configs, their attention sites, and timers.
+"""What the long-context LLM benchmarks share: model shapes built from configs, their attention sites, timers, decode pattern options.
 
 Shapes (random weights, no download):
 
@@ -11,6 +11,7 @@ Shapes (random weights, no download):
 
 from __future__ import annotations
 
+import argparse
 from typing import Any, Callable
 
 import torch
@@ -68,3 +69,23 @@ def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return "cpu"
+
+
+def add_decode_pattern_arguments(parser: argparse.ArgumentParser, *, budget: float, page_size: int) -> None:
+    """The options of a ``query_aware_decode`` pattern (`decode_pattern`), with this script's default budget and page size."""
+    parser.add_argument("--budget", type=float, default=budget, help="share of pages chosen by the bound")
+    parser.add_argument("--page-size", type=int, default=page_size)
+    parser.add_argument("--sink-pages", type=int, default=1)
+    parser.add_argument("--window-pages", type=int, default=4)
+    parser.add_argument("--min-pages", type=int, default=4,
+                        help="pages the bound chooses at least, whatever --budget; with --budget 0 a budget in "
+                             "tokens as Quest's: --min-pages 128 --page-size 32 reads 4096 tokens at any length, "
+                             "plus the sink and window pages")
+
+
+def decode_pattern(arguments: argparse.Namespace):
+    """The ``query_aware_decode`` pattern of the options `add_decode_pattern_arguments` declared."""
+    from sparsify.patterns import query_aware_decode
+
+    return query_aware_decode(arguments.budget, page_size=arguments.page_size, sink_pages=arguments.sink_pages,
+                              window_pages=arguments.window_pages, min_pages=arguments.min_pages)

@@ -43,9 +43,9 @@ import torch
 
 import sparsify
 from bench_rows import RowLog
-from llm_bench_tools import SHAPES, attention_sites, build_model, machine, time_ms
+from llm_bench_tools import (SHAPES, add_decode_pattern_arguments, attention_sites, build_model, decode_pattern,
+                             machine, time_ms)
 from sparsify.integrations.transformers import cache_keyword
-from sparsify.patterns import query_aware_decode
 from sparsify.runtime.decode import QueryAwareDecoder, read_fraction
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -56,14 +56,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--shapes", nargs="+", default=["llama-1b"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--budget", type=float, default=0.05, help="share of pages chosen by the bound")
-    parser.add_argument("--page-size", type=int, default=32)
-    parser.add_argument("--sink-pages", type=int, default=1)
-    parser.add_argument("--window-pages", type=int, default=4)
-    parser.add_argument("--min-pages", type=int, default=4,
-                        help="pages the bound chooses at least, whatever --budget; with --budget 0 a budget in "
-                             "tokens as Quest's: --min-pages 128 --page-size 32 reads 4096 tokens at any length, "
-                             "plus the sink and window pages")
+    add_decode_pattern_arguments(parser, budget=0.05, page_size=32)
     parser.add_argument("--layers", type=int, default=None, help="layers of the model for --model-step")
     parser.add_argument("--model-step", action="store_true", help="also time a whole decode step of the model")
     parser.add_argument("--compile", action="store_true", help="also time the quest step under torch.compile")
@@ -165,8 +158,7 @@ def main(argv=None) -> None:
     arguments = parse_arguments(argv)
     device = arguments.device
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
-    pattern = query_aware_decode(arguments.budget, page_size=arguments.page_size, sink_pages=arguments.sink_pages,
-                                 window_pages=arguments.window_pages, min_pages=arguments.min_pages)
+    pattern = decode_pattern(arguments)
     out = arguments.out or os.path.join(RESULTS, f"llm_decode_{'gpu' if device != 'cpu' else 'cpu'}.json")
     timer = StepTimer(device, arguments.repeats, flush_l2=not arguments.warm_l2)
     meta = {"device": machine(), "torch": torch.__version__, "dtype": str(dtype), "pattern": pattern.to_dict(),

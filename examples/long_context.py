@@ -41,7 +41,6 @@ import torch
 
 import sparsify
 from sparsify import patterns
-from sparsify.patterns import query_aware_decode
 from sparsify.integrations.transformers import DECODER_ATTRIBUTE, attention_sites, cache_keyword, returned_cache
 from sparsify.runtime.decode import QueryAwareDecoder
 
@@ -218,22 +217,25 @@ def chunked_check(model, ids: torch.Tensor, chunk: int, block_size: int, adaptiv
                 static_difference=relative_error(static_chunks, static_one_call))
 
 
+def _benchmarks_on_path() -> None:
+    """The benchmarks' helpers (row log, the decode pattern's options) are importable (run as a script)."""
+    for folder in (HERE, os.path.join(HERE, os.pardir, "benchmarks")):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+
+
 def parse_arguments(argv=None) -> argparse.Namespace:
+    _benchmarks_on_path()
+    from llm_bench_tools import add_decode_pattern_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--source", default="python-docs", help="python-docs, licenses or vim-manual")
     parser.add_argument("--prompt-tokens", type=int, default=8192)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompts", type=int, default=2)
-    parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--dense-layers", type=int, default=2, help="first layers that decode dense (Quest: 2)")
-    parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--sink-pages", type=int, default=1)
-    parser.add_argument("--window-pages", type=int, default=4)
-    parser.add_argument("--min-pages", type=int, default=4,
-                        help="pages the bound chooses at least, whatever --budget; with --budget 0 a budget in "
-                             "tokens as Quest's: --min-pages 128 --page-size 32 reads 4096 tokens at any length, "
-                             "plus the sink and window pages")
+    add_decode_pattern_arguments(parser, budget=0.1, page_size=16)
     parser.add_argument("--page-choice", choices=["bound", "exact", "rerank"], default="bound",
                         help="rank pages by the summaries' bound (the decoder's own choice), by their exact "
                              "attention mass (a reference: reads every key) or by exact scores among the bound's "
@@ -250,16 +252,15 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> list[dict[str, Any]]:
-    sys.path.insert(0, HERE)
-    sys.path.insert(0, os.path.join(HERE, os.pardir, "benchmarks"))
+    _benchmarks_on_path()
     from bench_rows import RowLog
+    from llm_bench_tools import decode_pattern
 
     arguments = parse_arguments(argv)
     device = arguments.device
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     tokenizer, model = load_smollm2(device, dtype, arguments.gguf)
-    pattern = query_aware_decode(arguments.budget, page_size=arguments.page_size, sink_pages=arguments.sink_pages,
-                                 window_pages=arguments.window_pages, min_pages=arguments.min_pages)
+    pattern = decode_pattern(arguments)
     out = arguments.out or os.path.join(RESULTS, f"long_context_smollm2_{'gpu' if device != 'cpu' else 'cpu'}.json")
     meta = {"device": torch.cuda.get_device_name() if device != "cpu" else "cpu", "dtype": str(dtype),
             "source": arguments.source, "pattern": pattern.to_dict(), "dense_layers": arguments.dense_layers,

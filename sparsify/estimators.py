@@ -38,6 +38,7 @@ __all__ = [
     "key_validity",
     "pooled_block_mass",
     "pooled_coverage_block_lists",
+    "query_mean_block_mass",
     "self_blocks",
     "sink_block_lists",
     "vertical_slash_block_lists",
@@ -213,8 +214,8 @@ def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int
     qs = torch.nn.functional.pad(q.float(), (0, 0, 0, q_pad - q_len))
     ks = torch.nn.functional.pad(k.float(), (0, 0, 0, k_pad - k_len)).index_select(1, _on(kv_head_index, k.device))
     # Tile rows: queries t = 0..stride-1 of a tile against keys stride-1-t (the antidiagonal).
-    q_tiles = qs.view(batch, heads, q_pad // stride, stride * dim)
-    k_tiles = ks.view(batch, heads, k_pad // stride, stride, dim).flip(3).reshape(batch, heads, k_pad // stride,
+    q_tiles = qs.reshape(batch, heads, q_pad // stride, stride * dim)       # reshape: projections come transposed
+    k_tiles = ks.reshape(batch, heads, k_pad // stride, stride, dim).flip(3).reshape(batch, heads, k_pad // stride,
                                                                                   stride * dim)
     tile_scores = (q_tiles @ k_tiles.transpose(-1, -2)) * (scale / stride) * temperature  # antidiagonal mean
     valid = torch.arange(k_pad, device=k.device) < k_len
@@ -232,6 +233,73 @@ def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int
     per_block = block_size // stride
     mass = probabilities.view(batch, heads, q_blocks, per_block, k_blocks, per_block).sum((3, 5))
     return mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+#: Largest float32 score tile (elements) `query_mean_block_mass` builds at once: 64 Mi, 256 MiB.
+QUERY_MEAN_TILE_ELEMENTS = 1 << 26
+
+
+def query_mean_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                          scale: float | None = None, causal: bool = False, q_offset: int = 0,
+                          key_valid: torch.Tensor | None = None, temperature: torch.Tensor | float = 1.0,
+                          copies: "DeviceCopies | None" = None) -> torch.Tensor:
+    """Estimated attention mass ``float32 [B, H, q_blocks, k_blocks]`` of each query block's mean query against every key.
+
+    Only the queries are pooled: a block's mean query is scored against each key (scale and
+    ``temperature`` in), softmax-normalised over the keys its last query may see, and the
+    probabilities are summed per key block. A key block's mass then reflects the keys it holds,
+    not their mean — a few strong keys in a block are found where pooled keys (``"mean"``
+    scoring) average them away. Costs ``q_blocks x k_len x D`` per head (about ``1 / block``
+    of dense attention's scores), built in tiles of at most `QUERY_MEAN_TILE_ELEMENTS` scores
+    (never ``[Sq, Sk]``); the query heads of one key/value head share its keys (no GQA copy).
+    ``kv_head_index`` is a CPU tensor (it groups the heads on the host; ``copies`` keeps the groups'
+    device index tensors across calls).
+
+    Example:
+        >>> q = torch.randn(1, 2, 64, 8)
+        >>> mass = query_mean_block_mass(q, q[:, :1], block_size=16, kv_head_index=torch.tensor([0, 0]), causal=True)
+        >>> mass.shape, bool(torch.allclose(mass.sum(-1), torch.ones(1, 2, 4)))
+        (torch.Size([1, 2, 4, 4]), True)
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    batch, heads, q_len, dim = q.shape
+    k_len = k.shape[2]
+    q_blocks, k_blocks = blocks_for(q_len, block_size), blocks_for(k_len, block_size)
+    query_means, _ = _blocked_mean(q, block_size)                                # float32 [B, H, Qb, D]
+    if isinstance(temperature, torch.Tensor):
+        query_means = query_means * temperature.to(query_means.device, torch.float32).expand(1, heads, 1, 1)
+    else:
+        query_means = query_means * float(temperature)
+    query_means = query_means * scale
+    # The last query of each block: the keys after it are hidden from the whole block (causal).
+    last_query = q_offset + torch.clamp((torch.arange(q_blocks, device=q.device) + 1) * block_size, max=q_len) - 1
+    hidden = None
+    if causal:
+        hidden = torch.arange(k_len, device=k.device).view(1, k_len) > last_query.view(q_blocks, 1)   # [Qb, Sk]
+    invalid = None if key_valid is None else ~key_valid.view(batch, 1, k_len)
+    mass = torch.empty(batch, heads, q_blocks, k_blocks, dtype=torch.float32, device=q.device)
+    pad = k_blocks * block_size - k_len
+    rows_per_tile = max(1, QUERY_MEAN_TILE_ELEMENTS // max(1, batch * k_len))
+    grouped: dict[int, list[int]] = collections.defaultdict(list)
+    for head, kv_head in enumerate(kv_head_index.tolist()):
+        grouped[kv_head].append(head)
+    for kv_head, members in grouped.items():
+        index = _on(torch.tensor(members), q.device, copies)
+        rows = query_means.index_select(1, index).reshape(batch, len(members) * q_blocks, dim)   # [B, g * Qb, D]
+        keys_t = k[:, kv_head].float().transpose(-1, -2)                                         # [B, D, Sk]
+        block_of_row = torch.arange(rows.shape[1], device=q.device) % q_blocks
+        tiles = []
+        for start in range(0, rows.shape[1], rows_per_tile):
+            stop = min(rows.shape[1], start + rows_per_tile)
+            scores = rows[:, start:stop] @ keys_t                                                  # [B, r, Sk]
+            if hidden is not None:
+                scores = scores.masked_fill(hidden.index_select(0, block_of_row[start:stop]), _NEG_INF)
+            if invalid is not None:
+                scores = scores.masked_fill(invalid, _NEG_INF)
+            probabilities = torch.nn.functional.pad(_softmax_rows(scores), (0, pad))
+            tiles.append(probabilities.view(batch, stop - start, k_blocks, block_size).sum(-1))
+        mass[:, index] = torch.cat(tiles, 1).view(batch, len(members), q_blocks, k_blocks)
+    return mass
 
 
 def _softmax_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,10 @@ def anchored_batch(seed: int, length: int = 4096, dim: int = 32) -> torch.Tensor
 
 def test_adaptive_heads_are_chosen_where_the_inputs_move_the_attention():
     model = AnchoredAttention()
-    batches = [anchored_batch(seed) for seed in range(6)]
+    batches = [anchored_batch(seed) for seed in range(10)]
     # Half the batches held out: anchors move from input to input, and tables fitted to the profile's
-    # anchors must be seen to fail on other inputs.
+    # anchors must be seen to fail on other inputs. (With 3 held-out inputs the error measured on them
+    # was a noisy stand-in: fresh inputs then ranged 0.08-0.24 at a 0.08 budget; 5 keep them 0.06-0.12.)
     compiled = sparsify.compile(model, batches, max_error=0.08, block_size=64, holdout_fraction=0.5, progress=False)
     heads = [p for site in compiled.strategy.sites.values() for p in site.heads]
     assert any(p.is_adaptive for p in heads), [str(p) for p in heads]

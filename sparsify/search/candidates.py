@@ -265,9 +265,10 @@ MIN_QUERY_BLOCKS = 4
 def adaptive_candidates(site: AttentionSite, block_size: int) -> list[Pattern]:
     """The input-adaptive patterns every head of ``site`` is scored with (none for short sequences).
 
-    Pooled coverage at several coverages and temperatures (with a sink block), and estimated
-    vertical-slash at several budgets; the search keeps a head's adaptive choice only where it
-    is cheaper than the best static one at the same error.
+    Pooled coverage at several coverages (with a sink block) — pooled keys at several
+    temperatures, and mean queries against every key — and estimated vertical-slash at several
+    budgets; the search keeps a head's adaptive choice only where it is cheaper than the best
+    static one at the same error.
 
     Example:
         >>> site = AttentionSite("attn", 0, num_heads=2, num_kv_heads=2, head_dim=64, q_len=4096, k_len=4096, causal=True)
@@ -281,6 +282,8 @@ def adaptive_candidates(site: AttentionSite, block_size: int) -> list[Pattern]:
     for coverage in (0.9, 0.95, 0.98):
         for temperature in (1.0, 0.5, 0.25):
             found.append(pattern_library.pooled_coverage(coverage, sink_blocks=1, temperature=temperature))
+        # Mean queries against every key: a key block's strong keys count (about 1 / block of dense scoring).
+        found.append(pattern_library.pooled_coverage(coverage, sink_blocks=1, scoring="query_mean"))
     budgets = sorted({max(1.0 / blocks_for(site.k_len, block_size), fraction) for fraction in (0.02, 0.05, 0.1, 0.2)})
     for fraction in budgets:
         found.append(pattern_library.estimated_vertical_slash(vertical=fraction, slash=fraction, sink_blocks=1))

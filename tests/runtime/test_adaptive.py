@@ -12,8 +12,10 @@ from sparsify import patterns
 from sparsify.errors import PatternError
 from sparsify.patterns import pattern_from_dict
 from sparsify.block_mask import blocks_for
+from sparsify import estimators
 from sparsify.estimators import (antidiagonal_block_mass, coverage_block_mask, key_validity,
-                                       pooled_block_mass, self_blocks, vertical_slash_block_mask)
+                                       pooled_block_mass, query_mean_block_mass, self_blocks,
+                                       vertical_slash_block_mask)
 from sparsify.runtime.mask_source import AdaptiveMaskSource
 from sparsify.runtime.sparse_attention import SparseAttention
 from sparsify.site import AttentionSite
@@ -59,6 +61,73 @@ def test_antidiagonal_mass_equals_strided_antidiagonal_sums():
     assert torch.allclose(mass[0, 0], expected / expected.sum(-1, keepdim=True), atol=1e-5)
 
 
+def _query_mean_reference(q, k, kv_head_index, block, scale, temperature, causal, q_offset, valid):
+    """Per batch, head and query block: the block's mean query against every key, softmax, summed per key block."""
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    q_blocks, k_blocks = blocks_for(q_len, block), blocks_for(k_len, block)
+    expected = torch.zeros(batch, heads, q_blocks, k_blocks, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(q_blocks):
+                query = q[b, h, i * block:(i + 1) * block].double().mean(0)
+                last = q_offset + min((i + 1) * block, q_len) - 1
+                logits = k[b, kv_head_index[h]].double() @ query * scale * temperature[h]
+                hidden = ~valid[b] | (torch.arange(k_len) > last if causal else torch.zeros(k_len, dtype=torch.bool))
+                probabilities = torch.softmax(logits.masked_fill(hidden, -math.inf), 0)
+                for j in range(k_blocks):
+                    expected[b, h, i, j] = probabilities[j * block:(j + 1) * block].sum()
+    return expected
+
+
+@pytest.mark.parametrize("causal, q_offset", [(False, 0), (True, 0), (True, 24)])
+@pytest.mark.parametrize("tile", [None, 7])
+def test_query_mean_mass_equals_an_explicit_loop(causal, q_offset, tile, monkeypatch):
+    if tile is not None:   # a tile of a few score rows: the tiled loop must give the same as one tile
+        monkeypatch.setattr(estimators, "QUERY_MEAN_TILE_ELEMENTS", tile * 50)
+    gen = torch.Generator().manual_seed(5)
+    # Projections come transposed (non-contiguous), GQA with an uneven head order, a cut last block.
+    q_len = 26 if q_offset else 70          # a chunk at an offset ends inside the keys (keys 50 + offset)
+    q = torch.randn(2, q_len, 4, 8, generator=gen).transpose(1, 2)
+    k = torch.randn(2, 50 + q_offset, 2, 8, generator=gen).transpose(1, 2)
+    kv_head_index = torch.tensor([1, 0, 1, 0])
+    temperature = torch.tensor([1.0, 0.5, 2.0, 1.0])
+    valid = torch.ones(2, k.shape[2], dtype=torch.bool)
+    valid[1, 30:40] = False
+    scale = 0.3
+    mass = query_mean_block_mass(q, k, block_size=16, kv_head_index=kv_head_index, scale=scale, causal=causal,
+                                 q_offset=q_offset, key_valid=valid, temperature=temperature.view(1, -1, 1, 1))
+    expected = _query_mean_reference(q, k, kv_head_index, 16, scale, temperature, causal, q_offset, valid)
+    assert mass.dtype == torch.float32 and mass.shape == expected.shape
+    assert torch.allclose(mass.double(), expected, atol=1e-5)
+    assert torch.allclose(mass.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_query_mean_finds_a_strong_key_that_pooled_keys_average_away():
+    torch.manual_seed(0)
+    dim, block = 16, 16
+    direction = torch.nn.functional.normalize(torch.randn(dim), dim=0)
+    q = direction.expand(1, 1, 64, dim).clone()
+    k = torch.randn(1, 1, 64, dim) * 0.05
+    k[0, 0, 20] = direction * 12           # one strong key in block 1; block 1's other keys point away from it
+    k[0, 0, 16:20] -= direction * 3
+    k[0, 0, 21:32] -= direction * 3
+    common = dict(block_size=block, kv_head_index=torch.tensor([0]), scale=1.0, causal=True)
+    query_mean = query_mean_block_mass(q, k, **common)[0, 0, 3]
+    pooled = pooled_block_mass(q, k, **common)[0, 0, 3]
+    assert int(query_mean.argmax()) == 1 and query_mean[1] > 0.9       # the strong key's block holds the mass
+    assert int(pooled.argmax()) != 1                                    # its block mean points the other way
+
+
+def test_antidiagonal_mass_takes_transposed_projections():
+    q, k = _qk(4, batch=1, heads=2, q_len=32, k_len=32)
+    transposed_q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    transposed_k = k.transpose(1, 2).contiguous().transpose(1, 2)
+    common = dict(block_size=8, kv_head_index=torch.tensor([0, 0]), stride=4, causal=True)
+    assert torch.allclose(antidiagonal_block_mass(transposed_q, transposed_k, **common),
+                          antidiagonal_block_mass(q, k, **common))
+
+
 def test_coverage_keeps_the_fewest_blocks_within_bounds():
     mass = torch.tensor([[[[0.5, 0.3, 0.15, 0.05]], [[0.25, 0.25, 0.25, 0.25]]]])
     keep = coverage_block_mask(mass, torch.tensor([0.75, 0.6]), torch.tensor([1, 1]), torch.tensor([4, 2]))
@@ -98,6 +167,7 @@ def test_key_validity_and_self_blocks():
 
 @pytest.mark.parametrize("pattern", [patterns.pooled_coverage(0.9), patterns.pooled_coverage(0.8, scoring="antidiagonal",
                                                                                               stride=4),
+                                     patterns.pooled_coverage(0.8, scoring="query_mean", sink_blocks=1),
                                      patterns.estimated_vertical_slash(0.1, 0.1),
                                      patterns.sliding_window(32) | patterns.pooled_coverage(0.5, max_fraction=0.3)])
 @pytest.mark.parametrize("causal", [False, True])
