@@ -16,7 +16,7 @@ of the sparse attention time at >= 32K"), for the patterns of `llm_prefill_bench
 ``prepare_ms`` (the backend's plan of a per-call mask), ``glue_ms`` (attend - kernel - estimate),
 ``estimate_share`` (estimate / attend) and the estimator's main step alone with the fused Triton
 kernel and with the torch path: the vertical-slash probe (``probe_triton_ms``, ``probe_torch_ms``),
-pooled scoring and coverage (``coverage_triton_ms``, ``coverage_torch_ms``).
+pooled (or query-mean) scoring and coverage (``coverage_triton_ms``, ``coverage_torch_ms``).
 ``host_ms`` is the host time to issue one attend from an idle GPU (``host_bound``: at least 0.9 of
 ``attention_ms``, the GPU waits on Python and launches); ``--trace`` adds a `torch.profiler` view of one
 attend (``launches``, ``host_ops``, the heaviest ``kernels``) and a `cProfile` view of the estimate's host
@@ -125,6 +125,7 @@ def run(args, device: torch.device, dtype: torch.dtype, log: RowLog) -> None:
             f"sliding_window({window}) (static)": patterns.sliding_window(window),
             "pooled_coverage(0.9)": patterns.pooled_coverage(0.9, sink_blocks=1),
             "pooled_coverage(0.95, temperature=0.5)": patterns.pooled_coverage(0.95, sink_blocks=1, temperature=0.5),
+            "pooled_coverage(0.9, query_mean)": patterns.pooled_coverage(0.9, sink_blocks=1, scoring="query_mean"),
             "estimated_vertical_slash(0.05, 0.05)": patterns.estimated_vertical_slash(0.05, 0.05, sink_blocks=1),
         }
         group = args.heads // args.kv_heads
@@ -159,7 +160,9 @@ def run(args, device: torch.device, dtype: torch.dtype, log: RowLog) -> None:
 def split_patterns(density: float) -> dict:
     """The input-adaptive patterns of `llm_prefill_bench.py` at about ``density`` of the causal blocks."""
     return {"vertical_slash": patterns.estimated_vertical_slash(density / 4, density / 4, sink_blocks=1),
-            "pooled": patterns.pooled_coverage(0.9, max_fraction=min(1.0, density / 2), sink_blocks=1)}
+            "pooled": patterns.pooled_coverage(0.9, max_fraction=min(1.0, density / 2), sink_blocks=1),
+            "query_mean": patterns.pooled_coverage(0.9, max_fraction=min(1.0, density / 2), sink_blocks=1,
+                                                   scoring="query_mean")}
 
 
 def run_split(args, device: torch.device, dtype: torch.dtype, log: RowLog) -> None:
@@ -207,7 +210,7 @@ def run_split(args, device: torch.device, dtype: torch.dtype, log: RowLog) -> No
                             q, k, block_size=args.block, kv_head_index=kv_head_index, coverage=0.9 * heads,
                             min_blocks=heads.long(), max_blocks=torch.full((args.heads,), max(1, math.ceil(
                                 pattern.max_fraction * blocks)), dtype=torch.long), scale=scale, causal=True,
-                            kernel=kernel)
+                            kernel=kernel, scoring=pattern.scoring)
                         parts[f"coverage_{kernel}_ms"] = round(timed(step, device, args.repeats), 4)
             blocks = math.ceil(length / args.block)
             density = float(mask.kept_counts().sum()) / (mask.num_heads * blocks * (blocks + 1) / 2)

@@ -23,7 +23,9 @@ reached, then appends the sink blocks: the block lists come out directly, with n
 ``[B, H, Qb, Kb]`` probability or sort-key tensor and no sort. Where a row is much wider than
 the ranks it may keep (long contexts at low density: 1,024 blocks, ≤ 64 ranks at 128K), a radix
 select first takes each row's ``limit`` best blocks into a small tile and the ranking runs over
-that tile alone. Rows of up to `MAX_COVERAGE_BLOCKS` key blocks (`supports_coverage`).
+that tile alone. Rows of up to `MAX_COVERAGE_BLOCKS` key blocks (`supports_coverage`). Query-mean
+scoring (`query_mean_logits`) replaces the pooled scores by each query block's mean query against
+every key, reduced per key block to its log-sum-exp in one launch; the coverage kernel takes those.
 
 The interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors (tests);
 ``tests/test_kernel_compile.py`` compiles them for sm_90 without a GPU.
@@ -37,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["block_means", "coverage_lists_of_scores", "probe_block_split", "supports", "supports_coverage",
-           "supports_lines", "top_lines_of_split", "vertical_slash_lists_of_lines"]
+__all__ = ["block_means", "coverage_lists_of_scores", "probe_block_split", "query_mean_logits", "supports",
+           "supports_coverage", "supports_lines", "top_lines_of_split", "vertical_slash_lists_of_lines"]
 
 LOG2E = 1.4426950408889634
 #: Key blocks a row of the coverage kernel holds in registers (2048 blocks: 256K tokens at block 128).
@@ -459,6 +461,113 @@ def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = N
             HAS_VALID=valid is not None, BLOCK_SIZE=block_size, DIM=dim, D_PAD=max(16, triton.next_power_of_2(dim)),
             num_warps=8 if block_size * dim >= 8192 else 4)
     return means, counts
+
+
+@triton.jit
+def _query_mean_logits_kernel(MEANS, K, KV_INDEX, VALID, LOGITS,
+                              stride_mb, stride_mh, stride_mq, stride_md,
+                              stride_kb, stride_kh, stride_ks, stride_kd, stride_valid,
+                              heads, q_blocks, k_blocks, q_len, k_len, q_offset, row_tiles, chunks,
+                              CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
+                              BLOCK_SIZE: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, ROWS: tl.constexpr,
+                              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    # Row tiles vary fastest, then heads: the programs reading one chunk of keys run together (L2 serves the rest).
+    tile_head = tl.program_id(0)
+    row_tile = tile_head % row_tiles
+    head = tile_head // row_tiles
+    batch_chunk = tl.program_id(1)
+    batch = (batch_chunk // chunks).to(tl.int64)
+    chunk = batch_chunk % chunks
+    kv = tl.load(KV_INDEX + head).to(tl.int64)
+    rows = row_tile * ROWS + tl.arange(0, ROWS)                          # query blocks
+    row_ok = rows < q_blocks
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(MEANS + batch * stride_mb + head.to(tl.int64) * stride_mh + rows.to(tl.int64)[:, None] * stride_mq
+                + dims[None, :] * stride_md, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    k_rows = K + batch * stride_kb + kv * stride_kh
+    if not IEEE:
+        q = q.to(K.dtype.element_ty)                                     # 16-bit keys: a 16-bit product, float32 sums
+    last_query = q_offset + tl.minimum((rows + 1) * BLOCK_SIZE, q_len) - 1    # the last query of each block
+    tile_last = q_offset + tl.minimum((row_tile * ROWS + ROWS) * BLOCK_SIZE, q_len) - 1
+    out = LOGITS + ((batch * heads + head) * q_blocks + rows.to(tl.int64)) * k_blocks
+    for block in range(CHUNK_BLOCKS):                                    # a loop, not unrolled: compile time
+        key_block = chunk * CHUNK_BLOCKS + block
+        block_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        block_sum = tl.zeros([ROWS], dtype=tl.float32)
+        seen = key_block < k_blocks
+        if CAUSAL:
+            seen = seen & (key_block * BLOCK_SIZE <= tile_last)          # a block after every query: -inf, no read
+        if seen:
+            for column_start in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
+                keys = key_block * BLOCK_SIZE + column_start + tl.arange(0, BLOCK_N)
+                key_ok = keys < k_len
+                k = tl.load(k_rows + keys.to(tl.int64)[:, None] * stride_ks + dims[None, :] * stride_kd,
+                            mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+                if IEEE:
+                    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * 1.4426950408889634   # base 2
+                else:
+                    scores = tl.dot(q, tl.trans(k)) * 1.4426950408889634
+                visible = row_ok[:, None] & key_ok[None, :]
+                if CAUSAL:
+                    visible = visible & (keys[None, :] <= last_query[:, None])
+                if HAS_VALID:
+                    valid = tl.load(VALID + batch * stride_valid + keys, mask=key_ok, other=0)
+                    visible = visible & (valid != 0)[None, :]
+                scores = tl.where(visible, scores, float("-inf"))
+                new_max = tl.maximum(block_max, tl.max(scores, 1))
+                safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+                block_sum = block_sum * tl.exp2(block_max - safe_max) + tl.sum(tl.exp2(scores - safe_max[:, None]), 1)
+                block_max = new_max
+        filled = block_sum > 0
+        logit = tl.where(filled, (block_max + tl.log2(tl.where(filled, block_sum, 1.0))) * 0.6931471805599453,
+                         float("-inf"))                                    # natural log
+        tl.store(out + key_block, logit, mask=row_ok & (key_block < k_blocks))
+
+
+def query_mean_logits(means: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                      q_len: int, causal: bool, q_offset: int, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """``float32 [B, H, Qb, Kb]``: per query block and key block, ``log Σ exp(mean query · key)`` over the block's keys.
+
+    ``means`` ``[B, H, Qb, D]`` are the query blocks' means with the scale (and any temperature)
+    already in; a key block's keys after the query block's last query (causal), past ``k_len``
+    or invalid (``key_valid [B, Sk]``) are left out, and a block with none gets ``-inf``. Their
+    softmax over a row is `sparsify.estimators.query_mean_block_mass`'s; `coverage_lists_of_scores`
+    takes them as scores (key bias 0). One launch over (row tile x head, batch x chunk of key
+    blocks), reading every visible key once per row tile (from L2 for all but the first tile
+    and head of a chunk); blocks after a tile's last query are not read.
+
+    Example:
+        >>> means = torch.randn(1, 2, 4, 16, device="cuda")                                  # doctest: +SKIP
+        >>> query_mean_logits(means, torch.randn(1, 1, 64, 16, device="cuda"), block_size=16,  # doctest: +SKIP
+        ...                   kv_head_index=torch.tensor([0, 0]), q_len=64, causal=True, q_offset=0,
+        ...                   key_valid=None).shape
+        torch.Size([1, 2, 4, 4])
+    """
+    batch, heads, q_blocks, head_dim = means.shape
+    k_len = k.shape[2]
+    device = means.device
+    k_blocks = -(-k_len // block_size)
+    kv_index = kv_head_index.to(device, torch.int64, non_blocking=True)
+    valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else kv_index
+    ieee = k.dtype == torch.float32
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    rows = max(16, min(64, triton.next_power_of_2(q_blocks)))
+    row_tiles = triton.cdiv(q_blocks, rows)
+    chunk_blocks = _chunk_blocks(k_blocks, row_tiles * heads)
+    chunks = -(-k_blocks // chunk_blocks)
+    if batch * chunks > MAX_GRID_CHUNKS:
+        raise ValueError(f"query_mean_logits: {batch} inputs x {chunks} chunks of {chunk_blocks} key blocks exceed "
+                         f"CUDA's {MAX_GRID_CHUNKS} programs along the grid's second dimension; estimate fewer inputs "
+                         f"at once")
+    logits = torch.empty(batch, heads, q_blocks, k_blocks, device=device, dtype=torch.float32)
+    _query_mean_logits_kernel[(row_tiles * heads, batch * chunks)](
+        means, k, kv_index, valid, logits, *means.stride(), *k.stride(),
+        valid.stride(0) if key_valid is not None else 0, heads, q_blocks, k_blocks, q_len, k_len, q_offset,
+        row_tiles, chunks, CAUSAL=bool(causal), HAS_VALID=key_valid is not None, IEEE=ieee, BLOCK_SIZE=block_size,
+        CHUNK_BLOCKS=chunk_blocks, ROWS=rows, BLOCK_N=min(block_size, 64), HEAD_DIM=head_dim, D_PAD=d_pad,
+        num_warps=8 if rows * d_pad >= 8192 else 4)
+    return logits
 
 
 def supports_coverage(k_blocks: int) -> bool:

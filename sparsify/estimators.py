@@ -38,6 +38,7 @@ __all__ = [
     "key_validity",
     "pooled_block_mass",
     "pooled_coverage_block_lists",
+    "query_mean_block_logits",
     "query_mean_block_mass",
     "self_blocks",
     "sink_block_lists",
@@ -145,8 +146,12 @@ def pooled_coverage_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size:
                                 scale: float | None = None, causal: bool = False, q_offset: int = 0,
                                 key_valid: torch.Tensor | None = None, temperature: torch.Tensor | float = 1.0,
                                 kernel: str = "auto", copies: "DeviceCopies | None" = None,
-                                sink_blocks: torch.Tensor | None = None) -> torch.Tensor:
+                                sink_blocks: torch.Tensor | None = None, scoring: str = "mean") -> torch.Tensor:
     """`coverage_block_lists` of `pooled_block_mass`: block lists ``int64 [B, H, Qb, max(max_blocks) (+ sinks)]``.
+
+    ``scoring="query_mean"`` ranks by `query_mean_block_mass` instead (each query block's mean
+    query against every key; on the Triton path its per-block log-sum-exp, `query_mean_block_logits`,
+    feeds the same coverage kernel).
 
     ``kernel``: ``"triton"`` runs softmax, ranking and coverage in one fused kernel over the pooled
     scores (`sparsify.estimator_kernels`: each row read once, no ``[B, H, Qb, Kb]`` probability
@@ -163,20 +168,31 @@ def pooled_coverage_block_lists(q: torch.Tensor, k: torch.Tensor, *, block_size:
         ...                             causal=True).shape
         torch.Size([1, 2, 4, 2])
     """
+    if scoring not in ("mean", "query_mean"):
+        raise ValueError(f"pooled_coverage_block_lists: scoring must be 'mean' or 'query_mean', got {scoring!r}")
     k_blocks = blocks_for(k.shape[2], block_size)
     kernel = _chosen_kernel(kernel, lambda: q.device.type == "cuda" and _TRITON_INSTALLED
-                            and _coverage_kernel_serves(k_blocks))
+                            and _coverage_kernel_serves(k_blocks)
+                            and (scoring == "mean" or _triton_serves(q, block_size)))
     common = dict(block_size=block_size, kv_head_index=kv_head_index, scale=scale, key_valid=key_valid,
                   temperature=temperature)
     if kernel == "torch":
-        mass = pooled_block_mass(q, k, causal=causal, q_offset=q_offset, **common)
+        if scoring == "mean":
+            mass = pooled_block_mass(q, k, causal=causal, q_offset=q_offset, **common)
+        else:
+            mass = query_mean_block_mass(q, k, causal=causal, q_offset=q_offset, copies=copies, **common)
         lists = coverage_block_lists(mass, coverage, min_blocks, max_blocks)
         if sink_blocks is None:
             return lists
         return torch.cat([lists, sink_block_lists(sink_blocks, lists, k_blocks, copies)], -1)
     from sparsify.estimator_kernels import coverage_lists_of_scores
 
-    scores, key_bias = _pooled_scores(q, k, copies=copies, **common)
+    if scoring == "mean":
+        scores, key_bias = _pooled_scores(q, k, copies=copies, **common)
+    else:   # the blocks' log-sum-exp already holds their key counts: no bias
+        scores = query_mean_block_logits(q, k, causal=causal, q_offset=q_offset, copies=copies, kernel="triton",
+                                         **common)
+        key_bias = torch.zeros(q.shape[0], k_blocks, device=q.device, dtype=torch.float32)
     limit = max(1, min(int(max_blocks.max()), k_blocks))
     sinks = torch.zeros(0, dtype=torch.int32) if sink_blocks is None else sink_blocks.cpu().to(torch.int32)
     sink_width = max(0, min(int(sinks.max()), k_blocks)) if sinks.numel() else 0
@@ -250,10 +266,7 @@ def query_mean_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, 
     probabilities are summed per key block. A key block's mass then reflects the keys it holds,
     not their mean — a few strong keys in a block are found where pooled keys (``"mean"``
     scoring) average them away. Costs ``q_blocks x k_len x D`` per head (about ``1 / block``
-    of dense attention's scores), built in tiles of at most `QUERY_MEAN_TILE_ELEMENTS` scores
-    (never ``[Sq, Sk]``); the query heads of one key/value head share its keys (no GQA copy).
-    ``kv_head_index`` is a CPU tensor (it groups the heads on the host; ``copies`` keeps the groups'
-    device index tensors across calls).
+    of dense attention's scores); the softmax of `query_mean_block_logits` (plain torch).
 
     Example:
         >>> q = torch.randn(1, 2, 64, 8)
@@ -261,23 +274,56 @@ def query_mean_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, 
         >>> mass.shape, bool(torch.allclose(mass.sum(-1), torch.ones(1, 2, 4)))
         (torch.Size([1, 2, 4, 4]), True)
     """
+    return _softmax_rows(query_mean_block_logits(q, k, block_size=block_size, kv_head_index=kv_head_index, scale=scale,
+                                                 causal=causal, q_offset=q_offset, key_valid=key_valid,
+                                                 temperature=temperature, copies=copies, kernel="torch"))
+
+
+def query_mean_block_logits(q: torch.Tensor, k: torch.Tensor, *, block_size: int, kv_head_index: torch.Tensor,
+                            scale: float | None = None, causal: bool = False, q_offset: int = 0,
+                            key_valid: torch.Tensor | None = None, temperature: torch.Tensor | float = 1.0,
+                            copies: "DeviceCopies | None" = None, kernel: str = "auto") -> torch.Tensor:
+    """``float32 [B, H, q_blocks, k_blocks]``: ``log Σ exp(s)`` of each query block's mean-query scores ``s`` per key block.
+
+    The scores are the block's mean query against each key, times ``scale`` and ``temperature``;
+    keys after the block's last query (causal), invalid keys (``key_valid``) and padding are left
+    out, and a key block with none gets ``-inf``. Their softmax over a row is
+    `query_mean_block_mass`. ``kernel``: ``"triton"`` — one launch
+    (`sparsify.estimator_kernels.query_mean_logits`); ``"torch"`` builds the scores in tiles of at
+    most `QUERY_MEAN_TILE_ELEMENTS` (never ``[Sq, Sk]``), the query heads of one key/value head
+    sharing its keys (no GQA copy); ``"auto"`` takes Triton for CUDA inputs it supports.
+    ``kv_head_index`` is a CPU tensor (the torch path groups the heads on the host; ``copies``
+    keeps the groups' device index tensors across calls).
+
+    Example:
+        >>> q = torch.randn(1, 2, 64, 8)
+        >>> query_mean_block_logits(q, q[:, :1], block_size=16, kv_head_index=torch.tensor([0, 0]),
+        ...                         causal=True)[0, 0, 0, 1].item()
+        -inf
+    """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     batch, heads, q_len, dim = q.shape
     k_len = k.shape[2]
     q_blocks, k_blocks = blocks_for(q_len, block_size), blocks_for(k_len, block_size)
+    kernel = _chosen_kernel(kernel, lambda: _triton_serves(q, block_size))
     query_means, _ = _blocked_mean(q, block_size)                                # float32 [B, H, Qb, D]
     if isinstance(temperature, torch.Tensor):
-        query_means = query_means * temperature.to(query_means.device, torch.float32).expand(1, heads, 1, 1)
+        query_means = query_means * (temperature.to(query_means.device, torch.float32).expand(1, heads, 1, 1) * scale)
     else:
-        query_means = query_means * float(temperature)
-    query_means = query_means * scale
+        query_means = query_means * (float(temperature) * scale)
+    if kernel == "triton":
+        from sparsify.estimator_kernels import query_mean_logits
+
+        return query_mean_logits(query_means, k, block_size=block_size, kv_head_index=_on(kv_head_index, q.device,
+                                                                                           copies),
+                                 q_len=q_len, causal=causal, q_offset=q_offset, key_valid=key_valid)
     # The last query of each block: the keys after it are hidden from the whole block (causal).
     last_query = q_offset + torch.clamp((torch.arange(q_blocks, device=q.device) + 1) * block_size, max=q_len) - 1
     hidden = None
     if causal:
         hidden = torch.arange(k_len, device=k.device).view(1, k_len) > last_query.view(q_blocks, 1)   # [Qb, Sk]
     invalid = None if key_valid is None else ~key_valid.view(batch, 1, k_len)
-    mass = torch.empty(batch, heads, q_blocks, k_blocks, dtype=torch.float32, device=q.device)
+    logits = torch.empty(batch, heads, q_blocks, k_blocks, dtype=torch.float32, device=q.device)
     pad = k_blocks * block_size - k_len
     rows_per_tile = max(1, QUERY_MEAN_TILE_ELEMENTS // max(1, batch * k_len))
     grouped: dict[int, list[int]] = collections.defaultdict(list)
@@ -296,10 +342,10 @@ def query_mean_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, 
                 scores = scores.masked_fill(hidden.index_select(0, block_of_row[start:stop]), _NEG_INF)
             if invalid is not None:
                 scores = scores.masked_fill(invalid, _NEG_INF)
-            probabilities = torch.nn.functional.pad(_softmax_rows(scores), (0, pad))
-            tiles.append(probabilities.view(batch, stop - start, k_blocks, block_size).sum(-1))
-        mass[:, index] = torch.cat(tiles, 1).view(batch, len(members), q_blocks, k_blocks)
-    return mass
+            scores = torch.nn.functional.pad(scores, (0, pad), value=_NEG_INF)
+            tiles.append(scores.view(batch, stop - start, k_blocks, block_size).logsumexp(-1))
+        logits[:, index] = torch.cat(tiles, 1).view(batch, len(members), q_blocks, k_blocks)
+    return logits
 
 
 def _softmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -435,7 +481,8 @@ def _line_mass_of_split(split: torch.Tensor, first_block: int, total_blocks: int
 
 
 def _triton_serves(q: torch.Tensor, block_size: int) -> bool:
-    """Whether the fused probe kernel takes these inputs (CUDA, Triton installed, a block size it supports)."""
+    """Whether the estimator kernels (probe, block means, query-mean logits) take these inputs (CUDA, Triton installed,
+    a block size, head dim and dtype they support)."""
     if q.device.type != "cuda" or not _TRITON_INSTALLED:
         return False
     from sparsify.estimator_kernels import supports

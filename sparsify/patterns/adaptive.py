@@ -201,15 +201,15 @@ class PooledCoverage(AdaptivePattern):
         else:
             scores = q_blocks * k_blocks * head_dim
         # Block means, pooled scores, then per row a softmax and the blocks picked best first; on the device (Triton
-        # path) two block-mean launches, a head gather, a matmul, a log and the coverage kernel. The query-mean
-        # scoring runs about a dozen torch operators per key/value head group (no fused kernel yet).
-        return pooling + scores + 8 * q_blocks * k_blocks, 24 if self.scoring == "query_mean" else 6
+        # path) two block-mean launches, a head gather, a matmul, a log and the coverage kernel; query-mean scoring
+        # one block-mean launch, a scaling, the logits kernel and the coverage kernel.
+        return pooling + scores + 8 * q_blocks * k_blocks, 6
 
     @classmethod
     def estimate(cls, q, k, *, parameters, settings, block_size, kv_head_index, scale, causal, q_offset, key_valid,
                  copies=None):
         from sparsify.estimators import (_on, antidiagonal_block_mass, coverage_block_lists,
-                                         pooled_coverage_block_lists, query_mean_block_mass, sink_block_lists)
+                                         pooled_coverage_block_lists, sink_block_lists)
         from sparsify.block_mask import blocks_for
 
         scale = (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
@@ -220,12 +220,10 @@ class PooledCoverage(AdaptivePattern):
         max_blocks = torch.ceil(parameters["max_fraction"] * k_blocks).clamp(min=1).long()
         bounds = dict(coverage=parameters["coverage"], min_blocks=parameters["min_blocks"].long(), max_blocks=max_blocks)
         sinks = parameters["sink_blocks"].long()
-        if settings["scoring"] == "mean":
-            return pooled_coverage_block_lists(q, k, copies=copies, sink_blocks=sinks, **common, **bounds)
-        if settings["scoring"] == "query_mean":
-            mass = query_mean_block_mass(q, k, copies=copies, **common)
-        else:
-            mass = antidiagonal_block_mass(q, k, stride=min(settings["stride"], block_size), **common)
+        if settings["scoring"] in ("mean", "query_mean"):
+            return pooled_coverage_block_lists(q, k, copies=copies, sink_blocks=sinks, scoring=settings["scoring"],
+                                               **common, **bounds)
+        mass = antidiagonal_block_mass(q, k, stride=min(settings["stride"], block_size), **common)
         lists = coverage_block_lists(mass, **bounds)
         return torch.cat([lists, sink_block_lists(sinks, lists, k_blocks, copies)], -1)
 

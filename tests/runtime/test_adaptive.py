@@ -469,7 +469,8 @@ def test_the_probe_kernel_with_every_probe_row_in_one_tile_equals_the_torch_spli
     (96, 120, 0, False, False),         # not causal
     (1, 97, 96, True, False),           # a decode step
 ])
-def test_the_coverage_kernel_equals_the_torch_path(q_len, k_len, q_offset, causal, padded):
+@pytest.mark.parametrize("scoring", ["mean", "query_mean"])
+def test_the_coverage_kernel_equals_the_torch_path(q_len, k_len, q_offset, causal, padded, scoring):
     # On CPU the Triton kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
     from sparsify.estimators import pooled_coverage_block_lists
 
@@ -487,11 +488,48 @@ def test_the_coverage_kernel_equals_the_torch_path(q_len, k_len, q_offset, causa
                      max_blocks=torch.tensor([k_blocks, k_blocks, max(1, k_blocks // 5), k_blocks // 2]), scale=0.3,
                      causal=causal, q_offset=q_offset, temperature=torch.tensor([1.0, 1.0, 0.5, 2.0]).view(1, -1, 1, 1))
     for sinks in (None, torch.tensor([0, 2, 1, 0])):                 # the sink slots come out of the kernel too
-        expected = pooled_coverage_block_lists(q, k, key_valid=valid, kernel="torch", sink_blocks=sinks, **arguments)
+        expected = pooled_coverage_block_lists(q, k, key_valid=valid, kernel="torch", sink_blocks=sinks,
+                                               scoring=scoring, **arguments)
         fused = pooled_coverage_block_lists(
             q.to(device), k.to(device), key_valid=None if valid is None else valid.to(device), kernel="triton",
-            sink_blocks=sinks, **{**arguments, "temperature": arguments["temperature"].to(device)})
+            sink_blocks=sinks, scoring=scoring, **{**arguments, "temperature": arguments["temperature"].to(device)})
         assert torch.equal(fused.cpu(), expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("q_len, k_len, q_offset, causal, padded, dtype", [
+    (100, 100, 0, True, True, torch.float32),      # a cut last block, padding (a block with no valid key: -inf)
+    (40, 170, 130, True, False, torch.float32),    # a chunk at the end of a longer cache
+    (96, 120, 0, False, False, torch.float32),     # not causal
+    (1, 97, 96, True, False, torch.float32),       # a decode step
+    (600, 600, 0, True, False, torch.float16),     # several tiles of 16 query blocks; 16-bit keys
+])
+def test_the_query_mean_kernel_equals_the_torch_logits(q_len, k_len, q_offset, causal, padded, dtype):
+    # One launch per call: each query block's mean query against every key, reduced per key block to its
+    # log-sum-exp. On CPU in Triton's interpreter.
+    from sparsify.estimators import query_mean_block_logits
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(q_len + 7 * k_len)
+    q = torch.randn(2, 4, q_len, 16, generator=gen).to(dtype)
+    k = torch.randn(2, 2, k_len, 16, generator=gen).to(dtype)
+    valid = None
+    if padded:
+        valid = torch.ones(2, k_len, dtype=torch.bool)
+        valid[1, :40] = False                                      # batch 1: its first key blocks hold no valid key
+    arguments = dict(block_size=16, kv_head_index=torch.tensor([1, 0, 1, 0]), scale=0.3, causal=causal,
+                     q_offset=q_offset)
+    temperature = torch.tensor([1.0, 0.5, 2.0, 1.0]).view(1, -1, 1, 1)
+    expected = query_mean_block_logits(q.float(), k.float(), key_valid=valid, temperature=temperature, kernel="torch",
+                                       **arguments)
+    fused = query_mean_block_logits(q.to(device), k.to(device), key_valid=None if valid is None else valid.to(device),
+                                    temperature=temperature.to(device), kernel="triton", **arguments).cpu()
+    assert fused.shape == expected.shape == (2, 4, blocks_for(q_len, 16), blocks_for(k_len, 16))
+    hidden = expected == -math.inf
+    assert torch.equal(fused == -math.inf, hidden)
+    assert bool(hidden.any()) == (causal and q_len > 16)           # blocks after every query of a row: -inf
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(fused[~hidden], expected[~hidden], atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -556,7 +594,8 @@ def test_the_probe_kernel_on_the_gpu_matches_the_torch_path_and_the_masks_agree(
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_the_coverage_kernel_on_the_gpu_agrees_with_the_torch_path():
+@pytest.mark.parametrize("scoring", ["mean", "query_mean"])
+def test_the_coverage_kernel_on_the_gpu_agrees_with_the_torch_path(scoring):
     from sparsify.estimators import pooled_coverage_block_lists
 
     gen = torch.Generator().manual_seed(20)
@@ -565,8 +604,8 @@ def test_the_coverage_kernel_on_the_gpu_agrees_with_the_torch_path():
     heads = torch.ones(32)
     arguments = dict(block_size=128, kv_head_index=torch.arange(32) // 4, coverage=0.9 * heads,
                      min_blocks=heads.long(), max_blocks=6 * heads.long(), causal=True)
-    fused = pooled_coverage_block_lists(q, k, kernel="triton", **arguments)
-    reference = pooled_coverage_block_lists(q, k, kernel="torch", **arguments)
+    fused = pooled_coverage_block_lists(q, k, kernel="triton", scoring=scoring, **arguments)
+    reference = pooled_coverage_block_lists(q, k, kernel="torch", scoring=scoring, **arguments)
     assert fused.shape == reference.shape == (1, 32, 128, 6)
     assert (fused == reference).float().mean() > 0.999
 
@@ -574,7 +613,8 @@ def test_the_coverage_kernel_on_the_gpu_agrees_with_the_torch_path():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("pattern", [patterns.estimated_vertical_slash(0.05, 0.05, sink_blocks=1),
-                                     patterns.pooled_coverage(0.9, max_fraction=0.1, sink_blocks=1)])
+                                     patterns.pooled_coverage(0.9, max_fraction=0.1, sink_blocks=1),
+                                     patterns.pooled_coverage(0.9, max_fraction=0.1, sink_blocks=1, scoring="query_mean")])
 def test_a_site_of_adaptive_heads_on_the_gpu_equals_dense_math_under_its_estimated_mask(pattern):
     # The whole path on the GPU, bf16: estimators (Triton), per-call block lists, the backend `auto` picks.
     site = AttentionSite("model.layers.0.self_attn", 0, num_heads=8, num_kv_heads=2, head_dim=64, q_len=4096,
