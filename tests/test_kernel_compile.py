@@ -62,6 +62,10 @@ KERNELS = [
      dict(MEANS=F32, K=F32, KV_INDEX=I64, VALID=U8, LOGITS=F32),
      dict(CAUSAL=True, HAS_VALID=False, IEEE=True, BLOCK_SIZE=128, CHUNK_BLOCKS=8, ROWS=64, BLOCK_N=64, HEAD_DIM=128,
           D_PAD=128, num_warps=8)),
+    ("sparsify.estimator_kernels", "_query_mean_logits_kernel",     # the widest tile: head dim 256, block 256
+     dict(MEANS=F32, K=BF16, KV_INDEX=I64, VALID=U8, LOGITS=F32),
+     dict(CAUSAL=True, HAS_VALID=True, IEEE=False, BLOCK_SIZE=256, CHUNK_BLOCKS=16, ROWS=64, BLOCK_N=64, HEAD_DIM=256,
+          D_PAD=256, num_warps=8)),
     ("sparsify.backends.triton_decode", "_page_scores_kernel",
      dict(Q=BF16, MIN=BF16, MAX=BF16, END=I64, SCORES=F32, K=BF16),
      dict(HEAD_D=64, BLOCK_D=64, BLOCK_R=16, BLOCK_P=64, TOUCHED=1, CHUNK=16, HAS_END=False)),
