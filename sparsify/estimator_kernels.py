@@ -33,7 +33,6 @@ The interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors (tests)
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
