@@ -33,7 +33,6 @@ The interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors (tests)
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -61,9 +60,10 @@ def supports(block_size: int, head_dim: int, dtype: torch.dtype) -> bool:
 
 
 @triton.jit
-def _probe_scores(q, K, k_rows, VALID, batch, stride_ks, stride_kd, stride_valid, keys, dims, dim_ok, rows, row_ok,
-                  k_len, base, qk_scale, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr):
-    """Scores (base 2) of a tile of probe rows against a tile of keys; hidden pairs are -inf."""
+def _key_tile_scores(q, K, k_rows, VALID, batch, stride_ks, stride_kd, stride_valid, keys, dims, dim_ok, row_ok,
+                     k_len, row_last, qk_scale, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr):
+    """Scores (base 2) of a tile of query rows against a tile of keys; hidden pairs are -inf (causal: a row sees the
+    keys up to ``row_last``, its absolute position or its block's last query)."""
     key_ok = keys < k_len
     k = tl.load(k_rows + keys.to(tl.int64)[:, None] * stride_ks + dims[None, :] * stride_kd,
                 mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -73,11 +73,19 @@ def _probe_scores(q, K, k_rows, VALID, batch, stride_ks, stride_kd, stride_valid
         scores = tl.dot(q, tl.trans(k)) * qk_scale
     visible = row_ok[:, None] & key_ok[None, :]
     if CAUSAL:
-        visible = visible & (keys[None, :] <= (base + rows)[:, None])
+        visible = visible & (keys[None, :] <= row_last[:, None])
     if HAS_VALID:
         valid = tl.load(VALID + batch * stride_valid + keys, mask=key_ok, other=0)
         visible = visible & (valid != 0)[None, :]
     return tl.where(visible, scores, float("-inf"))
+
+
+@triton.jit
+def _running_exp2_sum(running_max, running_sum, scores):
+    """Rows' running maximum and sum of ``2^(score - maximum)`` after one more tile of base-2 ``scores`` (-inf: none)."""
+    new_max = tl.maximum(running_max, tl.max(scores, 1))
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    return new_max, running_sum * tl.exp2(running_max - safe_max) + tl.sum(tl.exp2(scores - safe_max[:, None]), 1)
 
 
 @triton.jit
@@ -123,12 +131,9 @@ def _probe_stats_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, ROW_SUM,
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         for column_start in range(0, CHUNK_KEYS, BLOCK_N):                # a loop, not unrolled: compile time
             keys = chunk * CHUNK_KEYS + column_start + tl.arange(0, BLOCK_N)
-            scores = _probe_scores(q, K, k_rows, VALID, batch, stride_ks, stride_kd, stride_valid, keys, dims, dim_ok,
-                                   rows, row_ok, k_len, base, qk_scale, CAUSAL, HAS_VALID, IEEE)
-            new_max = tl.maximum(row_max, tl.max(scores, 1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(scores - safe_max[:, None]), 1)
-            row_max = new_max
+            scores = _key_tile_scores(q, K, k_rows, VALID, batch, stride_ks, stride_kd, stride_valid, keys, dims,
+                                      dim_ok, row_ok, k_len, base + rows, qk_scale, CAUSAL, HAS_VALID, IEEE)
+            row_max, row_sum = _running_exp2_sum(row_max, row_sum, scores)
         tl.store(ROW_MAX + out_rows + rows, row_max, mask=row_ok)
         tl.store(ROW_SUM + out_rows + rows, row_sum, mask=row_ok)
 
@@ -174,8 +179,8 @@ def _probe_split_kernel(Q, K, KV_INDEX, VALID, ROW_MAX, ROW_SUM, SPLIT,
             key_block = chunk * CHUNK_BLOCKS + block
             for column_start in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
                 keys = key_block * BLOCK_SIZE + column_start + column_offsets
-                scores = _probe_scores(q, K, k_rows, VALID, batch, stride_ks, stride_kd, stride_valid, keys, dims,
-                                       dim_ok, rows, row_ok, k_len, base, qk_scale, CAUSAL, HAS_VALID, IEEE)
+                scores = _key_tile_scores(q, K, k_rows, VALID, batch, stride_ks, stride_kd, stride_valid, keys, dims,
+                                          dim_ok, row_ok, k_len, base + rows, qk_scale, CAUSAL, HAS_VALID, IEEE)
                 probabilities = tl.exp2(scores - total[:, None])               # hidden pairs, blind rows: 0
                 # Offset class of (row r, key c of the block): floor((shift + r - c) / block) + 1, here >= 0.
                 offset_class = (shift + rows[:, None] - (column_start + column_offsets)[None, :] + BLOCK_SIZE) \
@@ -500,24 +505,10 @@ def _query_mean_logits_kernel(MEANS, K, KV_INDEX, VALID, LOGITS,
         if seen:
             for column_start in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
                 keys = key_block * BLOCK_SIZE + column_start + tl.arange(0, BLOCK_N)
-                key_ok = keys < k_len
-                k = tl.load(k_rows + keys.to(tl.int64)[:, None] * stride_ks + dims[None, :] * stride_kd,
-                            mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-                if IEEE:
-                    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * 1.4426950408889634   # base 2
-                else:
-                    scores = tl.dot(q, tl.trans(k)) * 1.4426950408889634
-                visible = row_ok[:, None] & key_ok[None, :]
-                if CAUSAL:
-                    visible = visible & (keys[None, :] <= last_query[:, None])
-                if HAS_VALID:
-                    valid = tl.load(VALID + batch * stride_valid + keys, mask=key_ok, other=0)
-                    visible = visible & (valid != 0)[None, :]
-                scores = tl.where(visible, scores, float("-inf"))
-                new_max = tl.maximum(block_max, tl.max(scores, 1))
-                safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-                block_sum = block_sum * tl.exp2(block_max - safe_max) + tl.sum(tl.exp2(scores - safe_max[:, None]), 1)
-                block_max = new_max
+                scores = _key_tile_scores(q, K, k_rows, VALID, batch, stride_ks, stride_kd, stride_valid, keys, dims,
+                                          dim_ok, row_ok, k_len, last_query, 1.4426950408889634,   # base 2
+                                          CAUSAL, HAS_VALID, IEEE)
+                block_max, block_sum = _running_exp2_sum(block_max, block_sum, scores)
         filled = block_sum > 0
         logit = tl.where(filled, (block_max + tl.log2(tl.where(filled, block_sum, 1.0))) * 0.6931471805599453,
                          float("-inf"))                                    # natural log
