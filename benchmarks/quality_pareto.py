@@ -152,6 +152,12 @@ class ExactCoverage:
         lower = torch.ones(blocks, blocks, dtype=torch.bool, device=before.device).tril()
         return (keep | torch.eye(blocks, dtype=torch.bool, device=before.device)) & lower
 
+    def block_masses(self, site: Any, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                     scale: float | None) -> torch.Tensor:
+        """``[B, H, Qb, Kb]``: the exact block masses of one call (what `record` ranks), from its full attention."""
+        return self._block_masses(self._scores(site, q, k, attn_mask, is_causal, scale, None, None).softmax(-1)
+                                  .nan_to_num(0.0))
+
     def _choices(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mass before each block in decreasing order, that order)`` per query block, from the logits."""
         masses = self._block_masses(scores.softmax(-1).nan_to_num(0.0))
